@@ -1,0 +1,221 @@
+"""Guest physical memory: mmap-backed regions and one bounds-checked access type.
+
+Every access the VMM makes to guest RAM goes through :class:`GuestMemory`.  A
+guest-physical address that is not RAM, or a range that runs off the end of a
+region, raises :class:`GuestMemoryError`; no access can reach host memory
+outside the regions.  The same type serves tests: regions may be backed by
+any writable buffer (``bytearray`` or ``mmap``), so devices are tested on
+exactly the code that runs in production.
+
+No KVM here: the builder registers :meth:`GuestMemory.regions` with
+``KVM_SET_USER_MEMORY_REGION`` using :attr:`GuestRegion.host_addr`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical range that is not (entirely) guest RAM."""
+
+    def __init__(self, gpa: int, length: int, why: str = "not in guest memory") -> None:
+        super().__init__(f"guest range {gpa:#x}+{length:#x}: {why}")
+        self.gpa = gpa
+        self.length = length
+
+
+@dataclass(eq=False)
+class GuestRegion:
+    """One contiguous stretch of guest RAM backed by a host buffer."""
+
+    guest_addr: int
+    buffer: mmap.mmap | bytearray
+    view: memoryview = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.buffer).cast("B")
+        if self.view.readonly:
+            raise ValueError("guest memory must be writable")
+
+    @property
+    def size(self) -> int:
+        return len(self.view)
+
+    @property
+    def end(self) -> int:
+        return self.guest_addr + len(self.view)
+
+    @property
+    def host_addr(self) -> int:
+        """Host virtual address of the buffer, for KVM_SET_USER_MEMORY_REGION.
+
+        ``from_buffer`` pins the buffer (a bytearray cannot be resized and an
+        mmap cannot be closed while it is exported), so the address stays valid
+        for the region's lifetime.
+        """
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+
+
+class GuestMemory:
+    """Guest RAM as a sorted set of non-overlapping regions."""
+
+    def __init__(self, regions: Iterable[GuestRegion]) -> None:
+        self._regions = sorted(regions, key=lambda r: r.guest_addr)
+        for a, b in zip(self._regions, self._regions[1:]):
+            if a.end > b.guest_addr:
+                raise ValueError(f"guest regions overlap at {b.guest_addr:#x}")
+        self._starts = [r.guest_addr for r in self._regions]
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def anonymous(cls, layout: Iterable[tuple[int, int]]) -> "GuestMemory":
+        """Private anonymous mappings for each ``(guest_addr, size)``.
+
+        Pages are only committed when touched, so a 4 GiB guest costs nothing
+        until the guest writes to it.
+        """
+        regions = []
+        for gpa, size in layout:
+            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                            | getattr(mmap, "MAP_NORESERVE", 0))
+            regions.append(GuestRegion(gpa, buf))
+        return cls(regions)
+
+    @classmethod
+    def from_file(cls, fd: int, layout: Iterable[tuple[int, int]], *, private: bool) -> "GuestMemory":
+        """Map regions of a file laid out back to back (snapshot restore).
+
+        ``private`` gives copy-on-write pages, so the guest never writes the file.
+        """
+        regions = []
+        offset = 0
+        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+        for gpa, size in layout:
+            buf = mmap.mmap(fd, size, flags=flags, offset=offset)
+            regions.append(GuestRegion(gpa, buf))
+            offset += size
+        return cls(regions)
+
+    @classmethod
+    def from_buffers(cls, layout: Iterable[tuple[int, bytearray | mmap.mmap]]) -> "GuestMemory":
+        return cls(GuestRegion(gpa, buf) for gpa, buf in layout)
+
+    # -- queries ------------------------------------------------------------
+
+    @property
+    def regions(self) -> list[GuestRegion]:
+        return list(self._regions)
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    @property
+    def end(self) -> int:
+        """One past the highest guest RAM address."""
+        return self._regions[-1].end if self._regions else 0
+
+    def _find(self, gpa: int, length: int) -> tuple[GuestRegion, int]:
+        if gpa < 0 or length < 0:
+            raise GuestMemoryError(gpa, length, "negative address or length")
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0:
+            region = self._regions[i]
+            off = gpa - region.guest_addr
+            if off + length <= region.size:
+                return region, off
+        raise GuestMemoryError(gpa, length)
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self._find(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    # -- access -------------------------------------------------------------
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy window on guest RAM; the range must lie in one region.
+
+        Use it for I/O straight into or out of the guest (``os.preadv``).
+        """
+        region, off = self._find(gpa, length)
+        return region.view[off:off + length]
+
+    def views(self, gpa: int, length: int) -> Iterator[memoryview]:
+        """Zero-copy windows covering a range that may span adjacent regions."""
+        while length:
+            i = bisect.bisect_right(self._starts, gpa) - 1
+            if i < 0 or gpa >= self._regions[i].end:
+                raise GuestMemoryError(gpa, length)
+            region = self._regions[i]
+            off = gpa - region.guest_addr
+            n = min(length, region.size - off)
+            yield region.view[off:off + n]
+            gpa += n
+            length -= n
+
+    def read(self, gpa: int, length: int) -> bytes:
+        region, off = self._find(gpa, length)
+        return bytes(region.view[off:off + length])
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        region, off = self._find(gpa, length)
+        region.view[off:off + length] = data
+
+    def fill(self, gpa: int, length: int, value: int = 0) -> None:
+        region, off = self._find(gpa, length)
+        region.view[off:off + length] = bytes([value]) * length
+
+    def _read_fmt(self, fmt: struct.Struct, gpa: int) -> int:
+        region, off = self._find(gpa, fmt.size)
+        return fmt.unpack_from(region.view, off)[0]
+
+    def _write_fmt(self, fmt: struct.Struct, gpa: int, value: int) -> None:
+        region, off = self._find(gpa, fmt.size)
+        fmt.pack_into(region.view, off, value)
+
+    def read_u8(self, gpa: int) -> int:
+        return self._read_fmt(_U8, gpa)
+
+    def read_u16(self, gpa: int) -> int:
+        return self._read_fmt(_U16, gpa)
+
+    def read_u32(self, gpa: int) -> int:
+        return self._read_fmt(_U32, gpa)
+
+    def read_u64(self, gpa: int) -> int:
+        return self._read_fmt(_U64, gpa)
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self._write_fmt(_U8, gpa, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self._write_fmt(_U16, gpa, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self._write_fmt(_U32, gpa, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self._write_fmt(_U64, gpa, value)
+
+    def read_struct(self, gpa: int, ctype: type[ctypes.Structure]) -> ctypes.Structure:
+        """A copy of a C struct read from guest memory."""
+        return ctype.from_buffer_copy(self.read(gpa, ctypes.sizeof(ctype)))
+
+    def write_struct(self, gpa: int, value: ctypes.Structure) -> None:
+        self.write(gpa, bytes(value))

@@ -1,0 +1,1 @@
+"""Test doubles shared by the unit tier (no KVM, no real devices)."""
