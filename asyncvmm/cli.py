@@ -1,0 +1,274 @@
+"""The ``asyncvmm`` command: Firecracker's flags, API socket, ``--config-file`` boot, exit codes.
+
+Exit codes (Firecracker's): 0 ok, 1 generic error, 2 unexpected error,
+152 bad configuration (config file, metadata, log level), 153 bad arguments;
+after boot the code is the one the VMM reports through ``on_exit`` (guest
+reset 0).  Heavy imports (aiohttp, uvloop, the VMM core) happen only after
+the arguments are known good, so ``--help``/``--version`` stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from asyncvmm import FIRECRACKER_API_VERSION, __version__
+
+# Taken at import, the earliest point Python code runs: start-up time is measured from here
+# unless the jailer passes --start-time-us / --start-time-cpu-us.
+_START_US = time.monotonic_ns() // 1000
+_START_CPU_US = time.process_time_ns() // 1000
+
+EXIT_OK = 0
+EXIT_GENERIC = 1
+EXIT_UNEXPECTED = 2
+EXIT_BAD_CONFIGURATION = 152
+EXIT_ARG_PARSING = 153
+
+DEFAULT_API_SOCK = "/run/firecracker.socket"
+DEFAULT_INSTANCE_ID = "anonymous-instance"
+HTTP_MAX_PAYLOAD_SIZE = 51200
+_INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
+class ArgumentsError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        raise ArgumentsError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="asyncvmm", add_help=False, allow_abbrev=False)
+    a = p.add_argument
+    a("--api-sock", default=DEFAULT_API_SOCK, help="Path to unix domain socket used by the API.")
+    a("--id", default=DEFAULT_INSTANCE_ID, help="MicroVM unique identifier.")
+    seccomp = p.add_mutually_exclusive_group()
+    seccomp.add_argument("--seccomp-filter", help="Path to a custom seccomp filter (accepted; see docs/cli.md).")
+    seccomp.add_argument("--no-seccomp", action="store_true", help="Start without seccomp filtering.")
+    a("--start-time-us", type=int, help="Process start time (monotonic clock, microseconds).")
+    a("--start-time-cpu-us", type=int, help="Process start CPU time (microseconds).")
+    a("--parent-cpu-time-us", type=int, help="Parent process CPU time (microseconds).")
+    a("--config-file", help="Path to a file that contains the microVM configuration in JSON format.")
+    a("--metadata", help="Path to a file that contains metadata in JSON format to add to the mmds.")
+    a("--no-api", action="store_true", help="Start without an API socket (requires --config-file).")
+    a("--log-path", help="Path to a fifo or a file used for configuring the logger on startup.")
+    a("--level", help="Set the logger level (Error, Warning, Info, Debug, Trace, Off).")
+    a("--module", help="Set the logger module filter.")
+    a("--show-level", action="store_true", help="Whether or not to output the level in the logs.")
+    a("--show-log-origin", action="store_true", help="Include the file path and line number of each log.")
+    a("--metrics-path", help="Path to a fifo or a file used for configuring the metrics on startup.")
+    a("--boot-timer", action="store_true", help="Log the time from InstanceStart to the guest's boot-done write.")
+    a("--version", action="store_true", help="Print the binary version number.")
+    a("--snapshot-version", action="store_true", help="Print the supported snapshot data format version.")
+    a("--describe-snapshot", help="Print the data format version of the provided snapshot state file.")
+    a("--http-api-max-payload-size", type=int, default=HTTP_MAX_PAYLOAD_SIZE,
+      help="Http API request payload max size, in bytes.")
+    a("--mmds-size-limit", type=int, help="Mmds data store limit, in bytes (default: the payload size).")
+    a("--enable-pci", action="store_true", help="Enable PCIe support (not available; refused).")
+    a("--help", "-h", action="store_true", help="Print this help.")
+    return p
+
+
+def _normalize(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Accept Firecracker-style single-dash long flags (``-api-sock``) as ``--api-sock``."""
+    longs = {s for action in parser._actions for s in action.option_strings if s.startswith("--")}
+    return ["-" + arg if "-" + arg.split("=", 1)[0] in longs else arg for arg in argv]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(_normalize(argv, parser))
+    if args.no_api and not args.config_file:
+        raise ArgumentsError("Argument 'no-api' requires the following arguments: 'config-file'")
+    for name in ("http_api_max_payload_size", "mmds_size_limit"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ArgumentsError(f"'{name.replace('_', '-')}' must be a positive number of bytes")
+    if not _INSTANCE_ID_RE.fullmatch(args.id):
+        raise ArgumentsError(
+            f"Invalid instance ID: {args.id!r}: up to 64 alphanumeric characters or '-'"
+        )
+    return args
+
+
+def version_text() -> str:
+    return f"Firecracker v{FIRECRACKER_API_VERSION}\nasyncvmm v{__version__}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+    except ArgumentsError as err:
+        print(f"Arguments parsing error: {err} \n\nFor more information try --help.", file=sys.stderr)
+        return EXIT_ARG_PARSING
+    if args.help:
+        print(version_text())
+        print(build_parser().format_help())
+        return EXIT_OK
+    if args.version:
+        print(version_text())
+        return EXIT_OK
+    if args.snapshot_version or args.describe_snapshot:
+        print("Error: snapshots are not supported yet by asyncvmm", file=sys.stderr)
+        return EXIT_GENERIC
+    if args.enable_pci:
+        print("Error: --enable-pci: PCIe is not supported by asyncvmm", file=sys.stderr)
+        return EXIT_GENERIC
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Configure logging and metrics, then serve the API and/or boot the config file."""
+    import asyncio
+
+    from asyncvmm.config import ConfigError, LoggerConfig
+    from asyncvmm.logger import Logger
+    from asyncvmm.metrics import MetricsRegistry
+    from asyncvmm.metrics_writer import MetricsWriter
+
+    logger = Logger(args.id)
+    try:
+        logger.apply(LoggerConfig(log_path=args.log_path, level=args.level, module=args.module,
+                                  show_level=args.show_level or None,
+                                  show_log_origin=args.show_log_origin or None))
+    except ValueError:
+        print(f"Error: Invalid value for logger level: {args.level}.Possible values: "
+              "[Error, Warning, Info, Debug]", file=sys.stderr)
+        return EXIT_BAD_CONFIGURATION
+    except OSError as err:
+        print(f"Error: Could not initialize logger: {err}", file=sys.stderr)
+        return EXIT_GENERIC
+    log = logging.getLogger(__name__)
+    log.info("Running Firecracker v%s (asyncvmm v%s)", FIRECRACKER_API_VERSION, __version__)
+    if args.seccomp_filter is not None and not os.access(args.seccomp_filter, os.R_OK):
+        log.error("Seccomp error: cannot read the seccomp filter file %s", args.seccomp_filter)
+        return EXIT_GENERIC
+    if not args.no_seccomp:
+        log.warning("asyncvmm does not install seccomp filters; see docs/cli.md")
+
+    registry = MetricsRegistry()
+    writer = MetricsWriter(registry)
+    if args.metrics_path is not None:
+        try:
+            writer.init(args.metrics_path)
+        except OSError as err:
+            log.error("Could not initialize metrics: %s", err)
+            return EXIT_GENERIC
+    texts: dict[str, str] = {}
+    for flag in ("config_file", "metadata"):
+        path = getattr(args, flag)
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    texts[flag] = f.read()
+            except (OSError, UnicodeDecodeError) as err:
+                log.error("Unable to open or read from the %s file: %s", flag.replace("_", " "), err)
+                return EXIT_BAD_CONFIGURATION
+    session = _Session(args, logger, registry, writer, texts)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(session.run())
+    return uvloop.run(session.run())
+
+
+class _Session:
+    """One process lifetime: the controller, its backend, the API server."""
+
+    def __init__(self, args: argparse.Namespace, logger: Any, registry: Any, writer: Any,
+                 texts: dict[str, str]) -> None:
+        self.args, self.logger, self.registry, self.writer, self.texts = args, logger, registry, writer, texts
+        self.log = logging.getLogger(__name__)
+
+    def _backend(self, loop: Any, on_exit: Any) -> Any:
+        try:
+            from asyncvmm.vmm import Vmm
+        except ImportError as err:
+            from asyncvmm.controller import UnavailableBackend
+
+            self.log.warning("The VMM core is not available (%s); the API will refuse to boot.", err)
+            return UnavailableBackend(str(err))
+        return Vmm(loop, instance_id=self.args.id, boot_timer=self.args.boot_timer,
+                   metrics=self.registry, on_exit=on_exit)
+
+    def _report_startup(self, api_metrics: Any) -> None:
+        start_us = self.args.start_time_us if self.args.start_time_us is not None else _START_US
+        api_metrics.api_server.process_startup_time_us = time.monotonic_ns() // 1000 - start_us
+        cpu_start = self.args.start_time_cpu_us if self.args.start_time_cpu_us is not None else _START_CPU_US
+        cpu_us = time.process_time_ns() // 1000 - cpu_start + (self.args.parent_cpu_time_us or 0)
+        api_metrics.api_server.process_startup_time_cpu_us = cpu_us
+        self.log.info("Process start-up took %d us (%d CPU us).",
+                      api_metrics.api_server.process_startup_time_us, cpu_us)
+
+    async def run(self) -> int:
+        import asyncio
+
+        from asyncvmm.config import ConfigError, VmConfig, decode
+        from asyncvmm.config.mmds_store import MmdsStore, MmdsStoreError
+        from asyncvmm.controller import Action, ActionKind, Controller, ControllerError
+        from asyncvmm.http.metrics import ApiMetrics
+
+        loop = asyncio.get_running_loop()
+        exit_code: asyncio.Future[int] = loop.create_future()
+
+        def on_exit(code: int) -> None:
+            if not exit_code.done():
+                exit_code.set_result(code)
+
+        args = self.args
+        mmds = MmdsStore(args.mmds_size_limit or args.http_api_max_payload_size)
+        if "metadata" in self.texts:
+            try:
+                mmds.put(decode(self.texts["metadata"].encode(), Any))
+            except ConfigError as err:
+                self.log.error("MMDS error: metadata provided not valid json: %s", err)
+                return EXIT_BAD_CONFIGURATION
+            except MmdsStoreError as err:
+                self.log.error("Populating MMDS from file failed: %s", err)
+                return EXIT_GENERIC
+            self.log.info("Successfully added metadata to mmds from file")
+        controller = Controller(self._backend(loop, on_exit), instance_id=args.id, mmds=mmds,
+                                metrics=self.writer, configure_logger=self.logger.apply)
+        api_metrics = ApiMetrics()
+        api_metrics.register(self.registry)
+        server = None
+        if not args.no_api:
+            from asyncvmm.http.server import ApiServer
+
+            server = ApiServer(controller, max_payload=args.http_api_max_payload_size, metrics=api_metrics)
+            try:
+                await server.start(args.api_sock)
+            except OSError as err:
+                self.log.error("%s", err)
+                return EXIT_GENERIC
+        self._report_startup(api_metrics)
+        try:
+            if "config_file" in self.texts:
+                try:
+                    cfg = decode(self.texts["config_file"].encode(), VmConfig)
+                    await controller.configure(cfg)
+                    await controller.handle(Action(ActionKind.START_MICRO_VM))
+                except (ConfigError, ControllerError) as err:
+                    self.log.error("Configuration for VMM from one single json failed: %s", err)
+                    return EXIT_BAD_CONFIGURATION
+                self.log.info("Successfully started microvm that was configured from one single json")
+            code = await exit_code
+            self.log.info("Firecracker exiting with code %d", code)
+            return code
+        finally:
+            if server is not None:
+                await server.stop()
+            self.writer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""JSON bodies in, typed configs out; typed configs out as JSON-ready objects.
+
+:func:`decode` turns bytes into a schema Struct and reports failures in the
+words of serde (``unknown field `x`, expected one of ...``, ``missing field
+`x```, ``unknown variant ...``), because Firecracker clients match on them.
+It also runs every ``check()`` in the decoded tree: syntax rules Firecracker
+applies while deserializing (MAC addresses, CPU template bitmaps ...).
+:func:`to_builtins` drops unset optional fields, as Firecracker's serializer does.
+No I/O here.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from typing import Any, TypeVar
+
+import msgspec
+
+from asyncvmm.config.errors import ConfigError
+
+T = TypeVar("T")
+
+_PATH_SEGMENT = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_DECODERS: dict[Any, msgspec.json.Decoder] = {}
+
+
+def decode(body: bytes, type_: type[T]) -> T:
+    """Decode ``body`` as ``type_``; raise :class:`ConfigError` with a serde-like message."""
+    decoder = _DECODERS.get(type_)
+    if decoder is None:
+        decoder = _DECODERS[type_] = msgspec.json.Decoder(type_)
+    try:
+        value = decoder.decode(body)
+    except msgspec.ValidationError as err:
+        raise ConfigError(_serde_message(str(err), type_)) from None
+    except msgspec.DecodeError as err:
+        raise ConfigError(_syntax_message(str(err))) from None
+    check_tree(value)
+    return value
+
+
+def check_tree(value: Any) -> None:
+    """Call ``check()`` on every Struct in ``value``, depth first."""
+    if isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            check_tree(getattr(value, name))
+        check = getattr(value, "check", None)
+        if check is not None:
+            check()
+    elif isinstance(value, list):
+        for item in value:
+            check_tree(item)
+
+
+def to_builtins(value: Any, keep_top_level_nulls: bool = False) -> Any:
+    """Plain JSON values; unset (``None``) optional fields are left out below the top level."""
+    plain = msgspec.to_builtins(value)
+    if keep_top_level_nulls and isinstance(plain, dict):
+        return {k: (None if v is None else _drop_nulls(v)) for k, v in plain.items()}
+    return _drop_nulls(plain)
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _syntax_message(text: str) -> str:
+    if "truncated" in text:
+        return "EOF while parsing a value"
+    match = re.search(r"\(byte (\d+)\)", text)
+    where = f" at byte {match.group(1)}" if match else ""
+    return f"expected value{where}"
+
+
+def _serde_message(text: str, root: Any) -> str:
+    body, _, where = text.partition(" - at `")
+    where = where.rstrip("`")
+    if m := re.fullmatch(r"Object contains unknown field `(.*)`", body):
+        fields = _field_names(_type_at(root, where))
+        expected = ", ".join(f"`{f}`" for f in fields)
+        msg = f"unknown field `{m.group(1)}`" + (f", expected one of {expected}" if fields else "")
+    elif m := re.fullmatch(r"Object missing required field `(.*)`", body):
+        msg = f"missing field `{m.group(1)}`"
+    elif m := re.fullmatch(r"Invalid enum value (.*)", body):
+        choices = _literal_choices(_type_at(root, where))
+        expected = ", ".join(f"`{c}`" for c in choices)
+        msg = f"unknown variant `{m.group(1).strip(chr(39))}`" + (
+            f", expected one of {expected}" if choices else ""
+        )
+    elif m := re.fullmatch(r"Expected `(.*)`, got `(.*)`", body):
+        msg = f"invalid type: {m.group(2)}, expected {m.group(1)}"
+    elif m := re.fullmatch(r"Expected `int` ([<>]=?) (-?\d+)", body):
+        msg = f"invalid value: integer out of range, expected an integer {m.group(1)} {m.group(2)}"
+    else:
+        msg = body
+    return f"{msg} at `{where}`" if where and where != "$" else msg
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Optional/Annotated wrappers down to the interesting type."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else tp
+            if len(args) != 1:
+                return tp
+        else:
+            return tp
+
+
+def _type_at(root: Any, path: str) -> Any:
+    tp = _unwrap(root)
+    for name, index in _PATH_SEGMENT.findall(path[1:] if path.startswith("$") else ""):
+        if index:
+            args = typing.get_args(tp)
+            tp = _unwrap(args[0]) if args else None
+        else:
+            fields = {f.encode_name: f for f in _struct_fields(tp)}
+            tp = _unwrap(fields[name].type) if name in fields else None
+    return tp
+
+
+def _struct_fields(tp: Any) -> tuple[Any, ...]:
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return msgspec.structs.fields(tp)
+    return ()
+
+
+def _field_names(tp: Any) -> list[str]:
+    return [f.encode_name for f in _struct_fields(tp)]
+
+
+def _literal_choices(tp: Any) -> list[str]:
+    return [str(a) for a in typing.get_args(tp)] if typing.get_origin(tp) is typing.Literal else []

@@ -1,0 +1,229 @@
+"""Schemas of the machine itself: vCPUs and memory, boot source, CPU templates, memory hotplug.
+
+Field names are the JSON names of Firecracker's swagger definitions
+(``MachineConfiguration``, ``BootSource``, ``CpuConfig``, ``MemoryHotplugConfig``).
+``check()`` is the syntax Firecracker's deserializer enforces (it fails as a
+bad request body); ``validate()`` is the semantic rule whose message carries
+Firecracker's category prefix ("Machine config error: ...").  No I/O here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import msgspec
+
+from asyncvmm.config.common import I32, U8, U64, Base
+from asyncvmm.config.errors import ConfigError
+
+MAX_SUPPORTED_VCPUS = 32
+DEFAULT_MEM_SIZE_MIB = 128
+# x86_64 boot protocol: the command line buffer holds 2048 bytes including its NUL.
+CMDLINE_MAX_SIZE = 2048
+DEFAULT_KERNEL_CMDLINE = (
+    "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 "
+    "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+)
+
+CpuTemplate = Literal["C3", "T2", "T2S", "T2CL", "T2A", "V1N1", "None"]
+HugePages = Literal["None", "2M"]
+
+INVALID_VCPU_COUNT = (
+    "Machine config error: The number of vCPUs must be greater than 0, less than "
+    f"{MAX_SUPPORTED_VCPUS} and must be 1 or an even number if SMT is enabled."
+)
+INVALID_MEM_SIZE = (
+    "Machine config error: The memory size (MiB) is either 0, or not a multiple of the "
+    "configured page size."
+)
+
+
+class MachineConfig(Base):
+    """``MachineConfiguration`` as stored: every field has its value (defaults 1 vCPU, 128 MiB)."""
+
+    vcpu_count: U8 = 1
+    mem_size_mib: U64 = DEFAULT_MEM_SIZE_MIB
+    smt: bool = False
+    # Deprecated static template; None means "no template" and is not serialized.
+    cpu_template: CpuTemplate | None = None
+    track_dirty_pages: bool = False
+    huge_pages: HugePages = "None"
+
+    def validate(self) -> None:
+        if not 1 <= self.vcpu_count <= MAX_SUPPORTED_VCPUS:
+            raise ConfigError(INVALID_VCPU_COUNT)
+        if self.smt and self.vcpu_count > 1 and self.vcpu_count % 2 == 1:
+            raise ConfigError(INVALID_VCPU_COUNT)
+        page_mib = 2 if self.huge_pages == "2M" else 1
+        if self.mem_size_mib == 0 or self.mem_size_mib % page_mib:
+            raise ConfigError(INVALID_MEM_SIZE)
+
+
+class MachineConfigPut(Base):
+    """Body of ``PUT /machine-config``: both sizes required, the rest back to defaults."""
+
+    vcpu_count: U8
+    mem_size_mib: U64
+    smt: bool = False
+    cpu_template: CpuTemplate | None = None
+    track_dirty_pages: bool = False
+    huge_pages: HugePages = "None"
+
+    def to_config(self) -> MachineConfig:
+        template = None if self.cpu_template in (None, "None") else self.cpu_template
+        return MachineConfig(
+            vcpu_count=self.vcpu_count,
+            mem_size_mib=self.mem_size_mib,
+            smt=self.smt,
+            cpu_template=template,
+            track_dirty_pages=self.track_dirty_pages,
+            huge_pages=self.huge_pages,
+        )
+
+
+class MachineConfigUpdate(Base):
+    """Body of ``PATCH /machine-config``: only the given fields change; ``{}`` is an error."""
+
+    vcpu_count: U8 | None = None
+    mem_size_mib: U64 | None = None
+    smt: bool | None = None
+    cpu_template: CpuTemplate | None = None
+    track_dirty_pages: bool | None = None
+    huge_pages: HugePages | None = None
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f) is None for f in self.__struct_fields__)
+
+    def apply(self, current: MachineConfig) -> MachineConfig:
+        changes = {f: getattr(self, f) for f in self.__struct_fields__ if getattr(self, f) is not None}
+        if changes.get("cpu_template") == "None":
+            changes["cpu_template"] = None
+        return msgspec.structs.replace(current, **changes)
+
+
+class BootSourceConfig(Base):
+    """``BootSource``: the kernel, an optional initrd and command line."""
+
+    kernel_image_path: str
+    boot_args: str | None = None
+    initrd_path: str | None = None
+
+    def validate(self) -> None:
+        args = self.boot_args if self.boot_args is not None else DEFAULT_KERNEL_CMDLINE
+        if "\0" in args or not args.isascii():
+            raise ConfigError(
+                "Boot source error: The kernel command line is invalid: "
+                "String contains an invalid character"
+            )
+        if len(args.encode()) >= CMDLINE_MAX_SIZE:
+            raise ConfigError(
+                "Boot source error: The kernel command line is invalid: "
+                "Command line string is too large"
+            )
+
+
+_NUMBER_RE = re.compile(r"0x[0-9a-fA-F]+|0b[01]+|[0-9]+")
+
+
+def _check_number(text: str, bits: int, what: str) -> None:
+    if not _NUMBER_RE.fullmatch(text):
+        raise ConfigError(f"Failed to parse string [{text}] as a number for {what}")
+    if int(text, 0) >= 1 << bits:
+        raise ConfigError(f"{what} value [{text}] does not fit in {bits} bits")
+
+
+def _check_bitmap(text: str, bits: int, what: str, exact: bool = True) -> None:
+    digits = text[2:].replace("_", "") if text.startswith("0b") else None
+    if digits is None or not re.fullmatch(r"[01xX]*", digits):
+        raise ConfigError(f"Invalid bitmap [{text}] for {what}: expected 0b followed by 0, 1 or x")
+    if (exact and len(digits) != bits) or len(digits) > bits or not digits:
+        raise ConfigError(f"Invalid bitmap [{text}] for {what}: expected {bits} bits")
+
+
+class CpuidRegisterModifier(Base):
+    register: Literal["eax", "ebx", "ecx", "edx"]
+    bitmap: str
+
+    def check(self) -> None:
+        _check_bitmap(self.bitmap, 32, "CPUID register")
+
+
+class CpuidLeafModifier(Base):
+    leaf: str
+    subleaf: str
+    flags: I32
+    modifiers: list[CpuidRegisterModifier]
+
+    def check(self) -> None:
+        _check_number(self.leaf, 32, "CPUID leaf")
+        _check_number(self.subleaf, 32, "CPUID subleaf")
+        for m in self.modifiers:
+            m.check()
+
+
+class MsrModifier(Base):
+    addr: str
+    bitmap: str
+
+    def check(self) -> None:
+        _check_number(self.addr, 32, "MSR address")
+        _check_bitmap(self.bitmap, 64, "MSR")
+
+
+class ArmRegisterModifier(Base):
+    addr: str
+    bitmap: str
+
+    def check(self) -> None:
+        _check_number(self.addr, 64, "register address")
+        _check_bitmap(self.bitmap, 128, "register", exact=False)
+
+
+class VcpuFeatures(Base):
+    index: I32
+    bitmap: str
+
+    def check(self) -> None:
+        _check_bitmap(self.bitmap, 32, "vCPU features")
+
+
+class CpuConfig(Base):
+    """``CpuConfig``: a custom CPU template (x86_64 uses CPUID and MSR modifiers)."""
+
+    kvm_capabilities: list[str] | None = None
+    cpuid_modifiers: list[CpuidLeafModifier] | None = None
+    msr_modifiers: list[MsrModifier] | None = None
+    reg_modifiers: list[ArmRegisterModifier] | None = None
+    vcpu_features: list[VcpuFeatures] | None = None
+
+    def check(self) -> None:
+        for cap in self.kvm_capabilities or ():
+            if not re.fullmatch(r"!?[0-9]+", cap) or int(cap.lstrip("!")) >= 1 << 32:
+                raise ConfigError(f"Invalid KVM capability [{cap}]: expected a number, optionally prefixed with '!'")
+        for group in (self.cpuid_modifiers, self.msr_modifiers, self.reg_modifiers, self.vcpu_features):
+            for modifier in group or ():
+                modifier.check()
+
+
+class MemoryHotplugConfig(Base):
+    """``MemoryHotplugConfig``: a virtio-mem region of ``total_size_mib``."""
+
+    total_size_mib: U64 | None = None
+    slot_size_mib: U64 = 128
+    block_size_mib: U64 = 2
+
+    def validate(self) -> None:
+        prefix = "Memory hotplug config error: "
+        if self.block_size_mib < 2 or self.block_size_mib & (self.block_size_mib - 1):
+            raise ConfigError(prefix + "Block size must be a power of 2 and at least 2 MiB.")
+        if self.slot_size_mib < 128 or self.slot_size_mib % self.block_size_mib:
+            raise ConfigError(prefix + "Slot size must be at least 128 MiB and a multiple of the block size.")
+        if not self.total_size_mib or self.total_size_mib % self.slot_size_mib:
+            raise ConfigError(prefix + "Total size must be non-zero and a multiple of the slot size.")
+
+
+class MemoryHotplugSizeUpdateConfig(Base):
+    """``MemoryHotplugSizeUpdate``: the new target size of the hotplug region."""
+
+    requested_size_mib: U64 | None = None

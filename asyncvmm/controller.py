@@ -1,0 +1,645 @@
+"""The controller: Firecracker's actions with their phase rules, over a VMM backend.
+
+Contract.  The HTTP layer (and ``--config-file``) hands the controller an
+:class:`Action`; the controller checks the phase rule of that action kind
+(pre-boot only, post-boot only, any time), applies pre-boot configuration to
+the :class:`~asyncvmm.config.VmConfig` it owns, and delegates everything that
+needs a VM to a :class:`VmmBackend`.  It returns ``None`` (204) or JSON-ready
+data (200), or raises :class:`ControllerError` carrying Firecracker's exact
+``fault_message`` and status (400, or 413 for the MMDS limit).  Requests are
+handled one at a time, like Firecracker's single VMM thread.
+
+The VM lifecycle is the table :data:`TRANSITIONS` (Not started -> Running
+<-> Paused).  A failed InstanceStart leaves the VM configurable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from asyncvmm import FIRECRACKER_API_VERSION
+from asyncvmm.config import (
+    BalloonStartCmdConfig,
+    ConfigError,
+    LoggerConfig,
+    RateLimiterConfig,
+    SnapshotCreateConfig,
+    SnapshotLoadConfig,
+    VmConfig,
+    to_builtins,
+)
+from asyncvmm.config import resources
+from asyncvmm.config.mmds_store import MmdsLimitExceededError, MmdsStore, MmdsStoreError
+
+log = logging.getLogger(__name__)
+_replace = msgspec.structs.replace
+
+NOT_SUPPORTED_POST_BOOT = "The requested operation is not supported after starting the microVM."
+NOT_SUPPORTED_PRE_BOOT = "The requested operation is not supported before starting the microVM."
+MISSING_KERNEL = "Start microvm error: Cannot start microvm without kernel configuration."
+LOAD_NOT_ALLOWED = (
+    "Load snapshot error: Loading a microVM snapshot not allowed after configuring "
+    "boot-specific resources."
+)
+NO_BALLOON = "No balloon device found."
+
+
+class BackendError(Exception):
+    """A host-side failure in the VMM; the message reaches the API client."""
+
+
+class StartError(BackendError):
+    """Building or booting the microVM failed."""
+
+
+class ControllerError(Exception):
+    """A request failed; ``message`` is the ``fault_message``, ``status`` the HTTP status."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class VmmBackend(Protocol):
+    """What the controller needs from the VMM (implemented by :class:`asyncvmm.vmm.Vmm`).
+
+    Every method raises :class:`BackendError` (``start`` raises :class:`StartError`)
+    with a message for the API client; the controller adds Firecracker's category prefix.
+    """
+
+    async def start(self, config: VmConfig) -> None: ...
+    async def load_snapshot(self, params: SnapshotLoadConfig) -> None: ...
+    async def create_snapshot(self, params: SnapshotCreateConfig) -> None: ...
+    async def pause(self) -> None: ...
+    async def resume(self) -> None: ...
+    async def send_ctrl_alt_del(self) -> None: ...
+    async def update_drive(
+        self, drive_id: str, path_on_host: str | None, rate_limiter: RateLimiterConfig | None
+    ) -> None: ...
+    async def update_network_interface(
+        self, iface_id: str, rx: RateLimiterConfig | None, tx: RateLimiterConfig | None
+    ) -> None: ...
+    async def update_pmem(self, pmem_id: str, rate_limiter: RateLimiterConfig | None) -> None: ...
+    async def update_balloon(self, amount_mib: int) -> None: ...
+    async def balloon_stats(self) -> dict[str, Any]: ...
+    async def update_balloon_stats(self, interval_s: int) -> None: ...
+    async def start_balloon_hinting(self, cmd: BalloonStartCmdConfig) -> None: ...
+    async def balloon_hinting_status(self) -> dict[str, Any]: ...
+    async def stop_balloon_hinting(self) -> None: ...
+    async def memory_hotplug_status(self) -> dict[str, Any]: ...
+    async def update_memory_hotplug(self, requested_size_mib: int | None) -> None: ...
+
+
+class MetricsSink(Protocol):
+    """The metrics writer as the controller sees it (see :mod:`asyncvmm.metrics_writer`)."""
+
+    def init(self, path: str) -> None: ...
+    def flush(self) -> None: ...
+    def start_periodic(self) -> None: ...
+
+
+class VmState(enum.Enum):
+    NOT_STARTED = "Not started"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+
+
+class Event(enum.Enum):
+    START = "start"
+    LOAD = "load"
+    LOAD_AND_RESUME = "load and resume"
+    PAUSE = "pause"
+    RESUME = "resume"
+
+
+# The VM lifecycle.  Pausing a paused VM and resuming a running one are no-ops.
+TRANSITIONS: dict[tuple[VmState, Event], VmState] = {
+    (VmState.NOT_STARTED, Event.START): VmState.RUNNING,
+    (VmState.NOT_STARTED, Event.LOAD): VmState.PAUSED,
+    (VmState.NOT_STARTED, Event.LOAD_AND_RESUME): VmState.RUNNING,
+    (VmState.RUNNING, Event.PAUSE): VmState.PAUSED,
+    (VmState.PAUSED, Event.PAUSE): VmState.PAUSED,
+    (VmState.PAUSED, Event.RESUME): VmState.RUNNING,
+    (VmState.RUNNING, Event.RESUME): VmState.RUNNING,
+}
+
+
+class Phase(enum.Enum):
+    PRE_BOOT = "pre-boot"
+    POST_BOOT = "post-boot"
+    ANY = "any"
+
+
+PRE, POST, ANY = Phase.PRE_BOOT, Phase.POST_BOOT, Phase.ANY
+
+
+class ActionKind(enum.Enum):
+    """Firecracker's ``VmmAction``s, one per thing a client can ask for."""
+
+    GET_INSTANCE_INFO = enum.auto()
+    GET_VMM_VERSION = enum.auto()
+    GET_MACHINE_CONFIG = enum.auto()
+    GET_FULL_VM_CONFIG = enum.auto()
+    GET_MMDS = enum.auto()
+    PUT_MMDS = enum.auto()
+    PATCH_MMDS = enum.auto()
+    GET_BALLOON_CONFIG = enum.auto()
+    CONFIGURE_BOOT_SOURCE = enum.auto()
+    CONFIGURE_LOGGER = enum.auto()
+    CONFIGURE_METRICS = enum.auto()
+    CONFIGURE_SERIAL = enum.auto()
+    PUT_CPU_CONFIGURATION = enum.auto()
+    INSERT_BLOCK_DEVICE = enum.auto()
+    INSERT_NETWORK_DEVICE = enum.auto()
+    INSERT_PMEM_DEVICE = enum.auto()
+    SET_BALLOON_DEVICE = enum.auto()
+    SET_VSOCK_DEVICE = enum.auto()
+    SET_ENTROPY_DEVICE = enum.auto()
+    SET_MMDS_CONFIGURATION = enum.auto()
+    SET_MEMORY_HOTPLUG_DEVICE = enum.auto()
+    UPDATE_MACHINE_CONFIGURATION = enum.auto()
+    START_MICRO_VM = enum.auto()
+    LOAD_SNAPSHOT = enum.auto()
+    CREATE_SNAPSHOT = enum.auto()
+    FLUSH_METRICS = enum.auto()
+    PAUSE = enum.auto()
+    RESUME = enum.auto()
+    SEND_CTRL_ALT_DEL = enum.auto()
+    GET_BALLOON_STATS = enum.auto()
+    UPDATE_BALLOON = enum.auto()
+    UPDATE_BALLOON_STATISTICS = enum.auto()
+    START_FREE_PAGE_HINTING = enum.auto()
+    GET_FREE_PAGE_HINTING_STATUS = enum.auto()
+    STOP_FREE_PAGE_HINTING = enum.auto()
+    UPDATE_BLOCK_DEVICE = enum.auto()
+    UPDATE_NETWORK_INTERFACE = enum.auto()
+    UPDATE_PMEM_DEVICE = enum.auto()
+    GET_MEMORY_HOTPLUG_STATUS = enum.auto()
+    UPDATE_MEMORY_HOTPLUG_SIZE = enum.auto()
+
+
+# Phase rule of every action, and whether it configures a boot-specific resource
+# (after which a snapshot may no longer be loaded into this process).
+RULES: dict[ActionKind, tuple[Phase, bool]] = {
+    ActionKind.GET_INSTANCE_INFO: (ANY, False),
+    ActionKind.GET_VMM_VERSION: (ANY, False),
+    ActionKind.GET_MACHINE_CONFIG: (ANY, False),
+    ActionKind.GET_FULL_VM_CONFIG: (ANY, False),
+    ActionKind.GET_MMDS: (ANY, False),
+    ActionKind.PUT_MMDS: (ANY, False),
+    ActionKind.PATCH_MMDS: (ANY, False),
+    ActionKind.GET_BALLOON_CONFIG: (ANY, False),
+    ActionKind.CONFIGURE_BOOT_SOURCE: (PRE, True),
+    ActionKind.CONFIGURE_LOGGER: (PRE, False),
+    ActionKind.CONFIGURE_METRICS: (PRE, False),
+    ActionKind.CONFIGURE_SERIAL: (PRE, False),
+    ActionKind.PUT_CPU_CONFIGURATION: (PRE, False),
+    ActionKind.INSERT_BLOCK_DEVICE: (PRE, True),
+    ActionKind.INSERT_NETWORK_DEVICE: (PRE, True),
+    ActionKind.INSERT_PMEM_DEVICE: (PRE, True),
+    ActionKind.SET_BALLOON_DEVICE: (PRE, True),
+    ActionKind.SET_VSOCK_DEVICE: (PRE, True),
+    ActionKind.SET_ENTROPY_DEVICE: (PRE, True),
+    ActionKind.SET_MMDS_CONFIGURATION: (PRE, True),
+    ActionKind.SET_MEMORY_HOTPLUG_DEVICE: (PRE, True),
+    ActionKind.UPDATE_MACHINE_CONFIGURATION: (PRE, True),
+    ActionKind.START_MICRO_VM: (PRE, False),
+    ActionKind.LOAD_SNAPSHOT: (PRE, False),
+    ActionKind.CREATE_SNAPSHOT: (POST, False),
+    ActionKind.FLUSH_METRICS: (POST, False),
+    ActionKind.PAUSE: (POST, False),
+    ActionKind.RESUME: (POST, False),
+    ActionKind.SEND_CTRL_ALT_DEL: (POST, False),
+    ActionKind.GET_BALLOON_STATS: (POST, False),
+    ActionKind.UPDATE_BALLOON: (POST, False),
+    ActionKind.UPDATE_BALLOON_STATISTICS: (POST, False),
+    ActionKind.START_FREE_PAGE_HINTING: (POST, False),
+    ActionKind.GET_FREE_PAGE_HINTING_STATUS: (POST, False),
+    ActionKind.STOP_FREE_PAGE_HINTING: (POST, False),
+    ActionKind.UPDATE_BLOCK_DEVICE: (POST, False),
+    ActionKind.UPDATE_NETWORK_INTERFACE: (POST, False),
+    ActionKind.UPDATE_PMEM_DEVICE: (POST, False),
+    ActionKind.GET_MEMORY_HOTPLUG_STATUS: (POST, False),
+    ActionKind.UPDATE_MEMORY_HOTPLUG_SIZE: (POST, False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    """One request for the controller; ``payload`` is the decoded body (a Config or JSON)."""
+
+    kind: ActionKind
+    payload: Any = None
+
+
+def os_error_text(err: OSError) -> str:
+    """An OS error the way Rust's ``io::Error`` prints it, which Firecracker clients see."""
+    if err.errno is None:
+        return str(err)
+    return f"{os.strerror(err.errno)} (os error {err.errno})"
+
+
+def _check_openable(path: str, writable: bool) -> None:
+    fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+    os.close(fd)
+
+
+class Controller:
+    """Owns the pre-boot :class:`VmConfig`, the VM state and the MMDS store."""
+
+    def __init__(
+        self,
+        backend: VmmBackend,
+        *,
+        instance_id: str = "anonymous-instance",
+        mmds: MmdsStore | None = None,
+        metrics: MetricsSink | None = None,
+        configure_logger: Callable[[LoggerConfig], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.instance_id = instance_id
+        self.mmds = mmds if mmds is not None else MmdsStore()
+        self.metrics = metrics
+        self.configure_logger = configure_logger
+        self.config = VmConfig()
+        self.state = VmState.NOT_STARTED
+        self._boot_path = False
+        self._lock = asyncio.Lock()
+        self._handlers: dict[ActionKind, Callable[[Any], Awaitable[Any]]] = {
+            kind: getattr(self, "_" + kind.name.lower()) for kind in ActionKind
+        }
+
+    async def handle(self, action: Action) -> Any:
+        """Run one action; ``None`` means 204, anything else is the 200 JSON body."""
+        async with self._lock:
+            phase, boot_specific = RULES[action.kind]
+            self._check_phase(phase)
+            try:
+                result = await self._handlers[action.kind](action.payload)
+            except ConfigError as err:
+                raise ControllerError(err.message) from None
+            if boot_specific:
+                self._boot_path = True
+            return result
+
+    def _check_phase(self, phase: Phase) -> None:
+        started = self.state is not VmState.NOT_STARTED
+        if phase is PRE and started:
+            raise ControllerError(NOT_SUPPORTED_POST_BOOT)
+        if phase is POST and not started:
+            raise ControllerError(NOT_SUPPORTED_PRE_BOOT)
+
+    def _transition(self, event: Event) -> None:
+        new = TRANSITIONS.get((self.state, event))
+        if new is None:  # the phase rules make this unreachable; keep the table honest
+            raise ControllerError(f"Cannot {event.value} a microVM that is {self.state.value}.")
+        log.info("microVM state %s -> %s", self.state.value, new.value)
+        self.state = new
+
+    async def _backend_call(self, prefix: str, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except BackendError as err:
+            raise ControllerError(prefix + str(err)) from None
+
+    # -- any time ---------------------------------------------------------------
+
+    async def _get_instance_info(self, _: None) -> dict[str, str]:
+        return {
+            "app_name": "Firecracker",
+            "id": self.instance_id,
+            "state": self.state.value,
+            "vmm_version": FIRECRACKER_API_VERSION,
+        }
+
+    async def _get_vmm_version(self, _: None) -> dict[str, str]:
+        return {"firecracker_version": FIRECRACKER_API_VERSION}
+
+    async def _get_machine_config(self, _: None) -> Any:
+        return to_builtins(self.config.machine_config)
+
+    async def _get_full_vm_config(self, _: None) -> Any:
+        out = to_builtins(self.config, keep_top_level_nulls=True)
+        if out.get("serial") is None:  # not part of FullVmConfiguration
+            out.pop("serial", None)
+        return out
+
+    async def _get_mmds(self, _: None) -> Any:
+        return self.mmds.get()
+
+    async def _put_mmds(self, data: Any) -> None:
+        self._mmds_call(self.mmds.put, data)
+
+    async def _patch_mmds(self, data: Any) -> None:
+        self._mmds_call(self.mmds.patch, data)
+
+    @staticmethod
+    def _mmds_call(op: Callable[[Any], None], data: Any) -> None:
+        try:
+            op(data)
+        except MmdsLimitExceededError as err:
+            raise ControllerError(f"MMDS limit exceeded error: {err}", status=413) from None
+        except MmdsStoreError as err:
+            raise ControllerError(f"MMDS error: {err}") from None
+
+    async def _get_balloon_config(self, _: None) -> Any:
+        if self.config.balloon is None:
+            raise ControllerError("Balloon config error: " + NO_BALLOON)
+        return to_builtins(self.config.balloon)
+
+    # -- pre-boot configuration ------------------------------------------------
+
+    async def _configure_boot_source(self, boot: Any) -> None:
+        boot.validate()
+        try:
+            _check_openable(boot.kernel_image_path, writable=False)
+        except OSError as err:
+            raise ConfigError(f"Boot source error: The kernel file cannot be opened: {os_error_text(err)}") from None
+        if boot.initrd_path is not None:
+            try:
+                _check_openable(boot.initrd_path, writable=False)
+            except OSError as err:
+                raise ConfigError(
+                    "Boot source error: The initrd file cannot be opened due to invalid path or "
+                    f"invalid permissions. {os_error_text(err)}"
+                ) from None
+        self.config = _replace(self.config, boot_source=boot)
+
+    async def _configure_logger(self, logger: LoggerConfig) -> None:
+        if self.configure_logger is not None:
+            try:
+                self.configure_logger(logger)
+            except OSError as err:
+                raise ConfigError(f"Logger error: Failed to open target file: {os_error_text(err)}") from None
+        self.config = _replace(self.config, logger=logger)
+
+    async def _configure_metrics(self, metrics: Any) -> None:
+        if self.metrics is not None:
+            try:
+                self.metrics.init(metrics.metrics_path)
+            except OSError as err:
+                raise ConfigError(f"Metrics error: {os_error_text(err)}") from None
+            except RuntimeError as err:
+                raise ConfigError(f"Metrics error: {err}") from None
+        self.config = _replace(self.config, metrics=metrics)
+
+    async def _configure_serial(self, serial: Any) -> None:
+        self.config = _replace(self.config, serial=serial)
+
+    async def _put_cpu_configuration(self, cpu: Any) -> None:
+        self.config = _replace(self.config, cpu_config=cpu)
+
+    async def _insert_block_device(self, drive: Any) -> None:
+        new = resources.insert_drive(self.config, drive)
+        if drive.path_on_host is not None:
+            try:
+                _check_openable(drive.path_on_host, writable=not drive.is_read_only)
+            except OSError as err:
+                raise ConfigError(
+                    "Drive config error: Unable to create the virtio block device: Virtio backend "
+                    f"error: Error manipulating the backing file: {os_error_text(err)} {drive.path_on_host}"
+                ) from None
+        self.config = new
+
+    async def _insert_network_device(self, iface: Any) -> None:
+        self.config = resources.insert_network_interface(self.config, iface)
+
+    async def _insert_pmem_device(self, pmem: Any) -> None:
+        new = resources.insert_pmem(self.config, pmem)
+        try:
+            _check_openable(pmem.path_on_host, writable=not pmem.read_only)
+        except OSError as err:
+            raise ConfigError(
+                f"Pmem device error: Unable to open the backing file: {os_error_text(err)} {pmem.path_on_host}"
+            ) from None
+        self.config = new
+
+    async def _set_balloon_device(self, balloon: Any) -> None:
+        self.config = resources.set_balloon(self.config, balloon)
+
+    async def _set_vsock_device(self, vsock: Any) -> None:
+        vsock.validate()
+        self.config = _replace(self.config, vsock=vsock)
+
+    async def _set_entropy_device(self, entropy: Any) -> None:
+        self.config = _replace(self.config, entropy=entropy)
+
+    async def _set_mmds_configuration(self, mmds: Any) -> None:
+        self.config = resources.set_mmds_config(self.config, mmds)
+
+    async def _set_memory_hotplug_device(self, hotplug: Any) -> None:
+        hotplug.validate()
+        self.config = _replace(self.config, memory_hotplug=hotplug)
+
+    async def _update_machine_configuration(self, update: Any) -> None:
+        machine = update.apply(self.config.machine_config) if hasattr(update, "apply") else update
+        self.config = resources.set_machine_config(self.config, machine)
+
+    async def _start_micro_vm(self, _: None) -> None:
+        if self.config.boot_source is None:
+            raise ControllerError(MISSING_KERNEL)
+        await self._backend_call("Start microvm error: ", self.backend.start(self.config))
+        self._transition(Event.START)
+        self._after_boot()
+
+    async def _load_snapshot(self, params: SnapshotLoadConfig) -> None:
+        if self._boot_path:
+            raise ControllerError(LOAD_NOT_ALLOWED)
+        await self._backend_call(
+            "Load snapshot error: Failed to restore from snapshot: ", self.backend.load_snapshot(params)
+        )
+        self._transition(Event.LOAD_AND_RESUME if params.resume_vm else Event.LOAD)
+        self._after_boot()
+
+    def _after_boot(self) -> None:
+        if self.metrics is not None:
+            self.metrics.flush()
+            self.metrics.start_periodic()
+
+    # -- post-boot operations --------------------------------------------------
+
+    async def _create_snapshot(self, params: SnapshotCreateConfig) -> None:
+        if self.state is not VmState.PAUSED:
+            raise ControllerError(
+                "Create snapshot error: Cannot create a snapshot of a running microVM; pause it first."
+            )
+        await self._backend_call("Create snapshot error: ", self.backend.create_snapshot(params))
+
+    async def _flush_metrics(self, _: None) -> None:
+        if self.metrics is not None:
+            try:
+                self.metrics.flush()
+            except OSError as err:
+                raise ControllerError(f"Internal VMM error: Metrics error: {os_error_text(err)}") from None
+
+    async def _pause(self, _: None) -> None:
+        if self.state is VmState.RUNNING:
+            await self._backend_call("Internal VMM error: ", self.backend.pause())
+        self._transition(Event.PAUSE)
+
+    async def _resume(self, _: None) -> None:
+        if self.state is VmState.PAUSED:
+            await self._backend_call("Internal VMM error: ", self.backend.resume())
+        self._transition(Event.RESUME)
+
+    async def _send_ctrl_alt_del(self, _: None) -> None:
+        await self._backend_call("Internal VMM error: ", self.backend.send_ctrl_alt_del())
+
+    def _balloon(self) -> Any:
+        if self.config.balloon is None:
+            raise ControllerError("Balloon update error: " + NO_BALLOON)
+        return self.config.balloon
+
+    async def _get_balloon_stats(self, _: None) -> Any:
+        if self._balloon().stats_polling_interval_s == 0:
+            raise ControllerError("Balloon config error: Statistics for the balloon device are not enabled")
+        return await self._backend_call("Balloon update error: ", self.backend.balloon_stats())
+
+    async def _update_balloon(self, update: Any) -> None:
+        balloon = self._balloon()
+        if update.amount_mib > self.config.machine_config.mem_size_mib:
+            raise ControllerError(resources.BALLOON_TOO_LARGE)
+        await self._backend_call("Balloon update error: ", self.backend.update_balloon(update.amount_mib))
+        self.config = _replace(self.config, balloon=_replace(balloon, amount_mib=update.amount_mib))
+
+    async def _update_balloon_statistics(self, update: Any) -> None:
+        balloon = self._balloon()
+        if (balloon.stats_polling_interval_s == 0) != (update.stats_polling_interval_s == 0):
+            raise ControllerError("Balloon update error: Cannot enable/disable the statistics after boot.")
+        await self._backend_call(
+            "Balloon update error: ", self.backend.update_balloon_stats(update.stats_polling_interval_s)
+        )
+        self.config = _replace(
+            self.config, balloon=_replace(balloon, stats_polling_interval_s=update.stats_polling_interval_s)
+        )
+
+    async def _start_free_page_hinting(self, cmd: BalloonStartCmdConfig) -> None:
+        self._balloon()
+        await self._backend_call("Balloon update error: ", self.backend.start_balloon_hinting(cmd))
+
+    async def _get_free_page_hinting_status(self, _: None) -> Any:
+        self._balloon()
+        return await self._backend_call("Balloon update error: ", self.backend.balloon_hinting_status())
+
+    async def _stop_free_page_hinting(self, _: None) -> None:
+        self._balloon()
+        await self._backend_call("Balloon update error: ", self.backend.stop_balloon_hinting())
+
+    async def _update_block_device(self, update: Any) -> None:
+        index = next((i for i, d in enumerate(self.config.drives) if d.drive_id == update.drive_id), None)
+        prefix = "Drive config error: Unable to patch the block device: "
+        if index is None:
+            raise ControllerError(prefix + f"Drive `{update.drive_id}` not found. Please verify the request arguments.")
+        drive = self.config.drives[index]
+        if update.path_on_host is not None:
+            try:
+                _check_openable(update.path_on_host, writable=not drive.is_read_only)
+            except OSError as err:
+                raise ControllerError(prefix + f"{os_error_text(err)} {update.path_on_host}") from None
+        await self._backend_call(
+            prefix, self.backend.update_drive(update.drive_id, update.path_on_host, update.rate_limiter)
+        )
+        changes = {k: v for k in ("path_on_host", "rate_limiter") if (v := getattr(update, k)) is not None}
+        drives = list(self.config.drives)
+        drives[index] = _replace(drive, **changes)
+        self.config = _replace(self.config, drives=drives)
+
+    async def _update_network_interface(self, update: Any) -> None:
+        ifaces = list(self.config.network_interfaces)
+        index = next((i for i, n in enumerate(ifaces) if n.iface_id == update.iface_id), None)
+        if index is None:
+            raise ControllerError("Network config error: Invalid interface ID - not found.")
+        await self._backend_call(
+            "Network config error: ",
+            self.backend.update_network_interface(update.iface_id, update.rx_rate_limiter, update.tx_rate_limiter),
+        )
+        changes = {k: v for k in ("rx_rate_limiter", "tx_rate_limiter") if (v := getattr(update, k)) is not None}
+        ifaces[index] = _replace(ifaces[index], **changes)
+        self.config = _replace(self.config, network_interfaces=ifaces)
+
+    async def _update_pmem_device(self, update: Any) -> None:
+        if not any(p.id == update.id for p in self.config.pmem):
+            raise ControllerError(f"Pmem device error: Pmem device `{update.id}` not found.")
+        await self._backend_call("Pmem device error: ", self.backend.update_pmem(update.id, update.rate_limiter))
+
+    async def _get_memory_hotplug_status(self, _: None) -> Any:
+        return await self._backend_call("Memory hotplug update error: ", self.backend.memory_hotplug_status())
+
+    async def _update_memory_hotplug_size(self, update: Any) -> None:
+        await self._backend_call(
+            "Memory hotplug update error: ", self.backend.update_memory_hotplug(update.requested_size_mib)
+        )
+
+    # -- --config-file ------------------------------------------------------------
+
+    async def configure(self, cfg: VmConfig) -> None:
+        """Apply a whole ``--config-file`` through the same rules as the API calls, in Firecracker's order."""
+        from asyncvmm.config import check_id
+
+        try:
+            for drive in cfg.drives:
+                check_id(drive.drive_id)
+            for iface in cfg.network_interfaces:
+                check_id(iface.iface_id)
+            for pmem in cfg.pmem:
+                check_id(pmem.id)
+        except ConfigError as err:
+            raise ControllerError(err.message) from None
+        K = ActionKind
+        steps: list[tuple[ActionKind, Any]] = [
+            (K.CONFIGURE_LOGGER, cfg.logger),
+            (K.CONFIGURE_METRICS, cfg.metrics),
+            (K.UPDATE_MACHINE_CONFIGURATION, cfg.machine_config),
+            (K.PUT_CPU_CONFIGURATION, cfg.cpu_config),
+            (K.CONFIGURE_BOOT_SOURCE, cfg.boot_source),
+            *[(K.INSERT_BLOCK_DEVICE, d) for d in cfg.drives],
+            *[(K.INSERT_NETWORK_DEVICE, n) for n in cfg.network_interfaces],
+            *[(K.INSERT_PMEM_DEVICE, p) for p in cfg.pmem],
+            (K.SET_VSOCK_DEVICE, cfg.vsock),
+            (K.SET_BALLOON_DEVICE, cfg.balloon),
+            (K.SET_ENTROPY_DEVICE, cfg.entropy),
+            (K.SET_MMDS_CONFIGURATION, cfg.mmds_config),
+            (K.SET_MEMORY_HOTPLUG_DEVICE, cfg.memory_hotplug),
+            (K.CONFIGURE_SERIAL, cfg.serial),
+        ]
+        for kind, payload in steps:
+            if payload is not None:
+                await self.handle(Action(kind, payload))
+
+
+class UnavailableBackend:
+    """The backend when the VMM core cannot be imported: configuration works, running does not.
+
+    Every operation fails with a clear :class:`BackendError` naming the cause;
+    nothing pretends to succeed.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _fail(self, *_: Any, **__: Any) -> Any:
+        raise StartError(f"the VMM core (asyncvmm.vmm) is not available: {self.reason}")
+
+    async def start(self, config: VmConfig) -> None:
+        self._fail()
+
+    async def load_snapshot(self, params: SnapshotLoadConfig) -> None:
+        self._fail()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        async def unavailable(*args: Any, **kwargs: Any) -> Any:
+            self._fail()
+
+        return unavailable

@@ -1,0 +1,144 @@
+"""The API socket: aiohttp on a Unix socket, translating HTTP to controller actions.
+
+Contract: every request goes through :meth:`ApiServer.handle`, which reads
+the body within ``--http-api-max-payload-size`` (refusing a larger one from
+its Content-Length, without reading it), parses it with
+:func:`asyncvmm.http.parse.parse_request`, runs the action on the controller
+and turns the outcome into a response in :func:`to_response`, the one place
+that knows the wire format: 204 without body, 200 JSON, 400/413
+``{"fault_message": ...}``, always ``Server: Firecracker API``.  Binding
+fails with :class:`SocketInUseError` when the path exists, as in Firecracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from asyncvmm.controller import Controller, ControllerError
+from asyncvmm.http.metrics import ApiMetrics
+from asyncvmm.http.parse import RequestError, parse_request, split_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PAYLOAD = 51200
+SERVER_HEADER = "Firecracker API"
+
+
+class SocketInUseError(OSError):
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"Failed to open the API socket at: {path}. Check that it is not already used."
+        )
+
+
+class PayloadTooLargeError(Exception):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"Request payload with size {size} is larger than the limit of {limit} allowed by server."
+        )
+
+
+def to_response(result: Any = None, error: Exception | None = None, deprecation: str | None = None) -> web.Response:
+    """The only place that maps an outcome to HTTP."""
+    headers = {"Server": SERVER_HEADER}
+    if deprecation:
+        headers["Deprecation"] = "true"
+    if error is not None:
+        status = error.status if isinstance(error, ControllerError) else 400
+        body = msgspec.json.encode({"fault_message": str(error)})
+        return web.Response(status=status, body=body, headers=headers, content_type="application/json")
+    if result is None:
+        return web.Response(status=204, headers=headers)
+    return web.Response(status=200, body=msgspec.json.encode(result), headers=headers, content_type="application/json")
+
+
+class ApiServer:
+    def __init__(
+        self,
+        controller: Controller,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        metrics: ApiMetrics | None = None,
+    ) -> None:
+        self.controller = controller
+        self.max_payload = max_payload
+        self.metrics = metrics or ApiMetrics()
+        self._runner: web.AppRunner | None = None
+        self._path: str | None = None
+
+    def app(self) -> web.Application:
+        # aiohttp's own cap must not undercut ours; ours answers first with Firecracker's words.
+        app = web.Application(client_max_size=self.max_payload + 1)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        length = request.content_length
+        if length is not None and length > self.max_payload:
+            raise PayloadTooLargeError(length, self.max_payload)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > self.max_payload:
+                raise PayloadTooLargeError(size, self.max_payload)
+            chunks.append(chunk)
+        return b"".join(chunks) or None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        method, path = request.method, request.rel_url.raw_path
+        resource = split_path(path)[0]
+        deprecation = None
+        try:
+            body = await self._read_body(request)
+            log.info("The API server received a %s request on %r.", method.capitalize(), path)
+            parsed = parse_request(method, path, body)
+            deprecation = parsed.deprecation
+            if deprecation:
+                log.warning("%s", deprecation)
+                self.metrics.deprecated_api.deprecated_http_api_calls += 1
+            result = await self.controller.handle(parsed.action)
+        except PayloadTooLargeError as err:
+            self.metrics.count(method, resource, failed=True)
+            response = to_response(error=err)
+            response.force_close()  # the unread body makes the connection unusable
+            return response
+        except (RequestError, ControllerError) as err:
+            self.metrics.count(method, resource, failed=True)
+            log.error("Received Error. Status code: %s. Message: %s", getattr(err, "status", 400), err)
+            return to_response(error=err, deprecation=deprecation)
+        self.metrics.count(method, resource, failed=False)
+        return to_response(result, deprecation=deprecation)
+
+    async def start(self, path: str) -> None:
+        """Bind ``path`` (refusing an existing one) and serve."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError as err:
+            sock.close()
+            if err.errno == getattr(os, "EADDRINUSE", 98):
+                raise SocketInUseError(path) from None
+            raise
+        self._path = path
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        log.info("Listening on API socket (%r).", path)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._path is not None:
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass
+            self._path = None
