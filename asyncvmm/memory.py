@@ -56,6 +56,15 @@ class GuestRegion:
     def end(self) -> int:
         return self.guest_addr + len(self.view)
 
+    def close(self) -> None:
+        """Unmap now if nothing else still views the buffer; otherwise at garbage collection."""
+        self.view.release()
+        if isinstance(self.buffer, mmap.mmap):
+            try:
+                self.buffer.close()
+            except BufferError:
+                pass
+
     @property
     def host_addr(self) -> int:
         """Host virtual address of the buffer, for KVM_SET_USER_MEMORY_REGION.
@@ -88,8 +97,9 @@ class GuestMemory:
         """
         regions = []
         for gpa, size in layout:
-            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                            | getattr(mmap, "MAP_NORESERVE", 0))
+            # No MAP_NORESERVE: the kernel's overcommit check then refuses a guest
+            # larger than the host can ever back, and InstanceStart fails cleanly.
+            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             regions.append(GuestRegion(gpa, buf))
         return cls(regions)
 
@@ -111,6 +121,10 @@ class GuestMemory:
     @classmethod
     def from_buffers(cls, layout: Iterable[tuple[int, bytearray | mmap.mmap]]) -> "GuestMemory":
         return cls(GuestRegion(gpa, buf) for gpa, buf in layout)
+
+    def close(self) -> None:
+        for region in self._regions:
+            region.close()
 
     # -- queries ------------------------------------------------------------
 

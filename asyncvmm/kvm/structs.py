@@ -178,7 +178,7 @@ KVM_APIC_REG_SIZE = 0x400
 
 class kvm_lapic_state(_Struct):
     """struct kvm_lapic_state { char regs[KVM_APIC_REG_SIZE]; };"""
-    _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
+    _fields_ = [("regs", u8 * KVM_APIC_REG_SIZE)]
 
 
 class kvm_pit_config(_Struct):
@@ -214,7 +214,7 @@ class kvm_irqchip(_Struct):
 
     The chip state is kept as opaque bytes: the VMM only saves and restores it.
     """
-    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", ctypes.c_char * 512)]
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", u8 * 512)]
 
 
 class _exception(_Struct):

@@ -1,0 +1,239 @@
+"""The composition root: a :class:`~asyncvmm.config.VmConfig` becomes a running microVM.
+
+This is the one place that knows every part: it creates the KVM VM and its
+memory, loads the kernel, writes the boot tables (zero page or PVH start
+info, ACPI, MP table), creates the legacy and virtio devices with their
+irqfds and ioeventfds, and the vCPUs.  Everything it acquires is registered
+on an ``ExitStack`` so a failure part-way releases it all and leaves the
+VMM configurable (Firecracker's rule for a failed InstanceStart).
+
+Order matters to KVM: the TSS address and the in-kernel irqchip come before
+any vCPU; the PIT after the irqchip; irqfds after the irqchip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+from typing import Callable
+
+from .arch.x86_64 import layout, regs
+from .arch.x86_64.acpi import AcpiError, create_acpi_tables
+from .arch.x86_64.bootparams import BootParamsError, build_boot_params, write_cmdline
+from .arch.x86_64.loader import KernelLoad, LoaderError, load_initrd, load_kernel
+from .arch.x86_64.mptable import MpTableError, create_mptable
+from .arch.x86_64.pvh import write_pvh_start_info
+from .config import VmConfig
+from .devices.bus import Bus
+from .devices.irq import EventFdIrqLine
+from .devices.legacy.acpi_pm import ACPI_PM_PORT_BASE, ACPI_PM_PORT_SIZE, AcpiPm
+from .devices.legacy.boot_timer import BootTimer
+from .devices.legacy.i8042 import I8042, I8042Metrics
+from .devices.legacy.serial import Serial, SerialMetrics
+from .kvm import Kvm, KvmError, VmFd
+from .memory import GuestMemory
+from .metrics import MetricsRegistry
+from .vcpu import Vcpu, VcpuMetrics, VcpuStopReason
+
+log = logging.getLogger(__name__)
+
+# Firecracker's command line when boot_args is not given.
+DEFAULT_KERNEL_CMDLINE = ("reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 "
+                          "i8042.noaux i8042.nomux i8042.dumbkbd")
+KVM_TSS_ADDRESS = 0xFFFB_D000
+KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+MiB = 1 << 20
+
+
+class BuildError(Exception):
+    """The microVM could not be built; the message is for the API client."""
+
+
+@dataclasses.dataclass
+class BuildContext:
+    """What the builder needs from the VMM process besides the configuration."""
+
+    loop: asyncio.AbstractEventLoop
+    metrics: MetricsRegistry
+    on_vcpu_stop: Callable[[int, VcpuStopReason, str], None]
+    on_guest_reset: Callable[[], None]        # i8042 reset: ends the VMM with 0
+    on_guest_poweroff: Callable[[], None]     # ACPI S5: ends the VMM with 0
+    serial_out: Callable[[bytes], None] | None
+    serial_on_rx_space: Callable[[], None] | None = None
+    boot_timer: bool = False
+    start_ns: int = 0
+    start_cpu_ns: int = 0
+    kvm_path: str = "/dev/kvm"
+
+
+@dataclasses.dataclass
+class MicroVm:
+    """A built machine; :meth:`close` releases everything it holds."""
+
+    vm: VmFd
+    mem: GuestMemory
+    vcpus: list[Vcpu]
+    pio_bus: Bus
+    mmio_bus: Bus
+    serial: Serial
+    i8042: I8042
+    boot_timer: BootTimer | None
+    kernel: KernelLoad
+    cmdline: str
+    resources: contextlib.ExitStack
+
+    def close(self) -> None:
+        self.resources.close()
+
+
+def kernel_cmdline(config: VmConfig, virtio_windows: list[tuple[int, int, int]]) -> str:
+    """boot_args (or Firecracker's default), the root device and virtio-mmio devices.
+
+    ``virtio_mmio.device=`` entries serve kernels built with
+    VIRTIO_MMIO_CMDLINE_DEVICES; others find the same devices in the DSDT.
+    """
+    boot = config.boot_source
+    parts = [boot.boot_args if boot and boot.boot_args is not None else DEFAULT_KERNEL_CMDLINE]
+    root = next((d for d in config.drives if d.is_root_device), None)
+    if root is not None:
+        dev = f"PARTUUID={root.partuuid}" if root.partuuid else "/dev/vda"
+        parts.append(f"root={dev} {'ro' if root.is_read_only else 'rw'}")
+    for base, size, gsi in virtio_windows:
+        parts.append(f"virtio_mmio.device={size // 1024}K@{base:#x}:{gsi}")
+    return " ".join(p for p in parts if p)
+
+
+def _create_memory(vm: VmFd, mem_size_mib: int, stack: contextlib.ExitStack) -> GuestMemory:
+    size = mem_size_mib * MiB
+    try:
+        ram = layout.ram_layout(size)
+        mem = GuestMemory.anonymous(ram)
+    except (ValueError, OSError) as e:
+        raise BuildError(f"Cannot allocate {mem_size_mib} MiB of guest memory: {e}") from e
+    stack.callback(mem.close)
+    for slot, region in enumerate(mem.regions):
+        vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
+    return mem
+
+
+def _irq_line(vm: VmFd, gsi: int, stack: contextlib.ExitStack) -> EventFdIrqLine:
+    line = EventFdIrqLine(gsi)
+    stack.callback(line.eventfd.close)
+    vm.register_irqfd(line.eventfd.fd, gsi)
+    return line
+
+
+def _load_boot_image(config: VmConfig, mem: GuestMemory, cmdline: str, rsdp_addr: int
+                     ) -> tuple[KernelLoad, regs.BootEntry]:
+    boot = config.boot_source
+    try:
+        kernel = load_kernel(mem, boot.kernel_image_path)
+        initrd = None
+        if boot.initrd_path:
+            initrd = load_initrd(mem, boot.initrd_path, kernel_end=kernel.kernel_end,
+                                 initrd_addr_max=kernel.initrd_addr_max).as_tuple()
+        cmdline_len = write_cmdline(mem, cmdline, max_len=kernel.cmdline_max_len)
+        ram = [(r.guest_addr, r.size) for r in mem.regions]
+        if kernel.pvh_entry is not None:
+            write_pvh_start_info(mem, mem_layout=ram, cmdline_addr=layout.CMDLINE_START,
+                                 initrd=initrd, rsdp_addr=rsdp_addr)
+            return kernel, regs.BootEntry(kernel.pvh_entry, pvh=True)
+        zero_page = build_boot_params(mem_layout=ram, cmdline_addr=layout.CMDLINE_START,
+                                      cmdline_len=cmdline_len, initrd=initrd,
+                                      setup_header=kernel.setup_header, acpi_rsdp_addr=rsdp_addr)
+        mem.write(layout.ZERO_PAGE_START, zero_page)
+        return kernel, regs.BootEntry(kernel.entry)
+    except OSError as e:
+        raise BuildError(f"Cannot load kernel due to invalid memory configuration or invalid "
+                         f"kernel image: {e}") from e
+    except (LoaderError, BootParamsError) as e:
+        raise BuildError(f"Cannot load kernel due to invalid memory configuration or invalid "
+                         f"kernel image: {e}") from e
+
+
+def build_microvm(config: VmConfig, ctx: BuildContext) -> MicroVm:
+    """Create everything for ``config``; vCPU threads exist but stay paused."""
+    try:
+        return _build(config, ctx)
+    except KvmError as e:
+        raise BuildError(f"KVM refused the VM set-up: {e}") from e
+
+
+def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
+    if config.boot_source is None:
+        raise BuildError("Cannot start microvm without kernel configuration.")
+    mc = config.machine_config
+    with contextlib.ExitStack() as stack:
+        try:
+            kvm = Kvm(ctx.kvm_path)
+        except KvmError as e:
+            raise BuildError(f"Cannot open /dev/kvm: {e}") from e
+        stack.callback(kvm.close)
+        vm = kvm.create_vm()
+        stack.callback(vm.close)
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        vm.create_irqchip()
+        vm.create_pit2()
+        mem = _create_memory(vm, mc.mem_size_mib, stack)
+
+        pio_bus, mmio_bus = Bus("pio"), Bus("mmio")
+        serial = Serial(_irq_line(vm, layout.IRQ_COM1, stack), ctx.serial_out,
+                        metrics=_register(ctx.metrics, "uart", SerialMetrics()),
+                        on_rx_space=ctx.serial_on_rx_space)
+        pio_bus.insert(layout.COM1_PORT, 8, serial)
+        i8042 = I8042(_irq_line(vm, layout.IRQ_I8042, stack), ctx.on_guest_reset,
+                      metrics=_register(ctx.metrics, "i8042", I8042Metrics()))
+        pio_bus.insert(layout.I8042_PORT, 5, i8042)
+        pio_bus.insert(ACPI_PM_PORT_BASE, ACPI_PM_PORT_SIZE, AcpiPm(ctx.on_guest_poweroff))
+        boot_timer = None
+        if ctx.boot_timer:
+            boot_timer = BootTimer(ctx.start_ns, ctx.start_cpu_ns)
+            mmio_bus.insert(layout.BOOT_TIMER_ADDR, layout.BOOT_TIMER_SIZE, boot_timer)
+
+        virtio_windows: list[tuple[int, int, int]] = []
+        if config.drives or config.network_interfaces or config.vsock or config.entropy:
+            raise BuildError("virtio devices are not supported yet")
+
+        try:
+            acpi = create_acpi_tables(vcpus=mc.vcpu_count, virtio_devices=virtio_windows,
+                                      serial=True, i8042=True)
+            acpi.write_into(mem)
+            mp_addr, mp_table = create_mptable(vcpus=mc.vcpu_count,
+                                               extra_gsis=[gsi for _, _, gsi in virtio_windows])
+            mem.write(mp_addr, mp_table)
+        except (AcpiError, MpTableError) as e:
+            raise BuildError(str(e)) from e
+
+        cmdline = kernel_cmdline(config, virtio_windows)
+        kernel, entry = _load_boot_image(config, mem, cmdline, acpi.rsdp_addr)
+        log.info("Kernel %s loaded at %#x, entry %#x (%s)", config.boot_source.kernel_image_path,
+                 kernel.load_addr, entry.entry_addr, "PVH" if entry.pvh else "64-bit boot protocol")
+
+        supported_cpuid = kvm.supported_cpuid()
+        vcpu_metrics = _register(ctx.metrics, "vcpu", VcpuMetrics())
+        vcpus = []
+        for index in range(mc.vcpu_count):
+            fd = vm.create_vcpu(index)
+            stack.callback(fd.close)
+            regs.configure_vcpu(fd, supported_cpuid, vcpu_count=mc.vcpu_count, smt=mc.smt)
+            if index == 0:
+                regs.set_boot_registers(fd, mem, entry)
+            vcpus.append(Vcpu(fd, pio_bus=pio_bus, mmio_bus=mmio_bus, loop=ctx.loop,
+                              on_stop=ctx.on_vcpu_stop, metrics=vcpu_metrics))
+        resources = stack.pop_all()
+    # KVM's fd for /dev/kvm is not needed once the VM exists.
+    return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus, serial=serial,
+                   i8042=i8042, boot_timer=boot_timer, kernel=kernel, cmdline=cmdline,
+                   resources=resources)
+
+
+def _register(metrics: MetricsRegistry, name: str, group):
+    existing = metrics.get(name)
+    if existing is not None:
+        return existing
+    metrics.register(name, group)
+    return group

@@ -1,0 +1,229 @@
+"""vCPU threads: ``KVM_RUN`` in a loop, exits dispatched to the buses.
+
+Each vCPU has a thread (named ``fc_vcpu <n>`` as in Firecracker) and an
+explicit run state.  Requests from the loop (pause, resume, exit) move the
+state through :data:`TRANSITIONS`; a thread blocked in ``KVM_RUN`` is kicked
+out by setting ``immediate_exit`` and sending it :data:`KICK_SIGNAL` (the
+signal has a no-op handler, so the only effect is ``EINTR``).  Setting
+``immediate_exit`` first closes the race with a thread that is about to
+enter ``KVM_RUN``: it returns at once instead of missing the signal.
+
+Port and MMIO exits are answered on the thread through the buses (device
+register handlers are quick by contract).  Exits that end the VM are
+reported to the loop with ``call_soon_threadsafe``; the thread then stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import enum
+import logging
+import signal
+import threading
+from typing import Callable
+
+from .devices.bus import Bus
+from .kvm import KvmError, VcpuFd
+from .kvm import exits as x
+from .metrics import MetricGroup
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGRTMIN + 2
+
+
+def install_kick_handler() -> None:
+    """Give :data:`KICK_SIGNAL` a no-op handler (main thread only, once per process)."""
+    signal.signal(KICK_SIGNAL, lambda *_: None)
+
+
+class RunState(enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    EXITING = "exiting"
+
+
+class Request(enum.Enum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    EXIT = "exit"
+
+
+# (state, request) -> next state.  Pausing a paused vCPU and resuming a running
+# one are no-ops; EXITING is final.
+TRANSITIONS: dict[tuple[RunState, Request], RunState] = {
+    (RunState.RUNNING, Request.PAUSE): RunState.PAUSED,
+    (RunState.RUNNING, Request.RESUME): RunState.RUNNING,
+    (RunState.RUNNING, Request.EXIT): RunState.EXITING,
+    (RunState.PAUSED, Request.PAUSE): RunState.PAUSED,
+    (RunState.PAUSED, Request.RESUME): RunState.RUNNING,
+    (RunState.PAUSED, Request.EXIT): RunState.EXITING,
+    (RunState.EXITING, Request.PAUSE): RunState.EXITING,
+    (RunState.EXITING, Request.RESUME): RunState.EXITING,
+    (RunState.EXITING, Request.EXIT): RunState.EXITING,
+}
+
+
+class VcpuStopReason(enum.Enum):
+    """Why a vCPU stopped the VM; the VMM maps these to process exit codes."""
+    GUEST_SHUTDOWN = "guest shutdown"        # KVM_SYSTEM_EVENT_SHUTDOWN, HLT without irqchip
+    GUEST_RESET = "guest reset"              # KVM_SYSTEM_EVENT_RESET
+    TRIPLE_FAULT = "guest triple fault"      # KVM_EXIT_SHUTDOWN
+    GUEST_CRASH = "guest crash"              # KVM_SYSTEM_EVENT_CRASH
+    KVM_FAILURE = "KVM failure"              # entry failure, internal error, unknown exit
+
+
+@dataclasses.dataclass
+class VcpuMetrics(MetricGroup):
+    """Firecracker's ``vcpu`` metrics group."""
+    exit_io_in: int = 0
+    exit_io_out: int = 0
+    exit_mmio_read: int = 0
+    exit_mmio_write: int = 0
+    failures: int = 0
+
+
+class Vcpu:
+    def __init__(self, fd: VcpuFd, *, pio_bus: Bus, mmio_bus: Bus,
+                 loop: asyncio.AbstractEventLoop,
+                 on_stop: Callable[[int, VcpuStopReason, str], None],
+                 metrics: VcpuMetrics) -> None:
+        self.fd = fd
+        self.index = fd.vcpu_id
+        self._pio = pio_bus
+        self._mmio = mmio_bus
+        self._loop = loop
+        self._on_stop = on_stop
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._state = RunState.PAUSED        # started paused; resume() lets it run
+        self._parked = False                 # the thread is waiting in PAUSED
+        self._waiters: list[concurrent.futures.Future] = []
+        self._thread: threading.Thread | None = None
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._thread_main, name=f"fc_vcpu {self.index}",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- requests from the loop ------------------------------------------------
+
+    def request(self, req: Request) -> concurrent.futures.Future:
+        """Apply ``req``; the future completes when the thread has acted on it."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._state = TRANSITIONS[(self._state, req)]
+            if self._state is RunState.RUNNING:
+                self.fd.set_immediate_exit(False)
+                self._parked = False
+                done.set_result(None)
+            elif self._thread is None or not self._thread.is_alive() or (
+                    self._state is RunState.PAUSED and self._parked):
+                done.set_result(None)
+            else:
+                self._waiters.append(done)
+                self.fd.set_immediate_exit(True)
+            self._cond.notify_all()
+        if not done.done():
+            self._kick()
+        return done
+
+    def _kick(self) -> None:
+        t = self._thread
+        if t is not None and t.ident is not None and t.is_alive():
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the thread --------------------------------------------------------------
+
+    def _ack(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def _thread_main(self) -> None:
+        try:
+            while self._wait_until_runnable():
+                if not self._run_once():
+                    break
+        except Exception:  # a bug here must not leave a silent, stuck vCPU
+            log.exception("vCPU %d: unexpected error", self.index)
+            self._stop(VcpuStopReason.KVM_FAILURE, "unexpected error in the vCPU thread")
+        finally:
+            with self._cond:
+                self._state = RunState.EXITING
+                self._ack()
+
+    def _wait_until_runnable(self) -> bool:
+        with self._cond:
+            while self._state is RunState.PAUSED:
+                self._parked = True
+                self._ack()
+                self._cond.wait()
+            self._parked = False
+            return self._state is RunState.RUNNING
+
+    def _stop(self, reason: VcpuStopReason, detail: str) -> None:
+        self._loop.call_soon_threadsafe(self._on_stop, self.index, reason, detail)
+
+    def _run_once(self) -> bool:
+        """One KVM_RUN and its exit; False when this vCPU is done."""
+        try:
+            exit_ = self.fd.run()
+        except KvmError as e:
+            self.metrics.failures += 1
+            self._stop(VcpuStopReason.KVM_FAILURE, str(e))
+            return False
+        match exit_:
+            case x.MmioWrite(addr, data):
+                self.metrics.exit_mmio_write += 1
+                self._mmio.write(addr, data)
+            case x.MmioRead(addr, size):
+                self.metrics.exit_mmio_read += 1
+                exit_.complete(self._mmio.read(addr, size) or b"\xff" * size)
+            case x.IoOut(port, data, size):
+                self.metrics.exit_io_out += 1
+                for i in range(0, len(data), size):
+                    self._pio.write(port, data[i:i + size])
+            case x.IoIn(port, size, count):
+                self.metrics.exit_io_in += 1
+                exit_.complete(b"".join(self._pio.read(port, size) or b"\xff" * size
+                                        for _ in range(count)))
+            case x.Interrupted():
+                pass
+            case x.SystemEvent(type=x.KVM_SYSTEM_EVENT_SHUTDOWN):
+                self._stop(VcpuStopReason.GUEST_SHUTDOWN, "KVM_SYSTEM_EVENT_SHUTDOWN")
+                return False
+            case x.SystemEvent(type=x.KVM_SYSTEM_EVENT_RESET):
+                self._stop(VcpuStopReason.GUEST_RESET, "KVM_SYSTEM_EVENT_RESET")
+                return False
+            case x.SystemEvent(type=x.KVM_SYSTEM_EVENT_CRASH):
+                self._stop(VcpuStopReason.GUEST_CRASH, "KVM_SYSTEM_EVENT_CRASH")
+                return False
+            case x.Shutdown():
+                self._stop(VcpuStopReason.TRIPLE_FAULT, "KVM_EXIT_SHUTDOWN")
+                return False
+            case x.Hlt():
+                self._stop(VcpuStopReason.GUEST_SHUTDOWN, "KVM_EXIT_HLT")
+                return False
+            case _:
+                self.metrics.failures += 1
+                self._stop(VcpuStopReason.KVM_FAILURE, repr(exit_))
+                return False
+        return True

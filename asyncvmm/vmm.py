@@ -1,0 +1,197 @@
+"""The VMM: one microVM's lifetime in this process, as the controller drives it.
+
+:class:`Vmm` implements :class:`asyncvmm.controller.VmmBackend`.  It builds
+the machine (through :mod:`asyncvmm.builder`), runs and pauses its vCPUs,
+forwards device operations, and turns the ways a guest can end (reset,
+power-off, triple fault, KVM failure) into one call of ``on_exit(code)``
+after stopping every vCPU thread.  Everything here runs on the loop; vCPU
+threads reach it only through ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from .builder import BuildContext, BuildError, MicroVm, build_microvm
+from .config import VmConfig
+from .console import SerialConsole
+from .controller import BackendError, StartError
+from .exitcodes import ExitCode
+from .metrics import MetricsRegistry
+from .vcpu import Request, VcpuStopReason, install_kick_handler
+
+log = logging.getLogger(__name__)
+
+EXIT_CODES = {
+    VcpuStopReason.GUEST_SHUTDOWN: ExitCode.OK,
+    VcpuStopReason.GUEST_RESET: ExitCode.OK,
+    VcpuStopReason.TRIPLE_FAULT: ExitCode.GENERIC_ERROR,
+    VcpuStopReason.GUEST_CRASH: ExitCode.GENERIC_ERROR,
+    VcpuStopReason.KVM_FAILURE: ExitCode.UNEXPECTED_ERROR,
+}
+
+VCPU_JOIN_TIMEOUT_S = 2.0
+
+
+def _not_yet(feature: str) -> BackendError:
+    return BackendError(f"{feature} is not supported yet by asyncvmm")
+
+
+class Vmm:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, instance_id: str, boot_timer: bool,
+                 metrics: MetricsRegistry, on_exit: Callable[[int], None],
+                 stdin_fd: int | None = 0, stdout_fd: int = 1) -> None:
+        self._loop = loop
+        self.instance_id = instance_id
+        self._boot_timer = boot_timer
+        self._metrics = metrics
+        self._on_exit = on_exit
+        self._stdin_fd = stdin_fd
+        self._stdout_fd = stdout_fd
+        self._serial_file: int | None = None
+        self.machine: MicroVm | None = None
+        self._console: SerialConsole | None = None
+        self._exiting = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self, config: VmConfig) -> None:
+        start_ns, start_cpu_ns = time.monotonic_ns(), time.process_time_ns()
+        install_kick_handler()
+        console = SerialConsole(self._loop, self._stdin_fd)
+        ctx = BuildContext(
+            loop=self._loop, metrics=self._metrics, on_vcpu_stop=self._on_vcpu_stop,
+            on_guest_reset=lambda: self._from_vcpu(ExitCode.OK, "the guest reset the i8042"),
+            on_guest_poweroff=lambda: self._from_vcpu(ExitCode.OK, "the guest powered off (ACPI S5)"),
+            serial_out=self._serial_sink(config), serial_on_rx_space=console.on_rx_space,
+            boot_timer=self._boot_timer, start_ns=start_ns, start_cpu_ns=start_cpu_ns)
+        try:
+            machine = build_microvm(config, ctx)
+        except BuildError as e:
+            self._close_serial_file()
+            raise StartError(str(e)) from e
+        self.machine, self._console = machine, console
+        console.attach(machine.serial)
+        for vcpu in machine.vcpus:
+            vcpu.start()
+        await self._request_all(Request.RESUME)
+        log.info("Started microVM with %d vCPU(s), %d MiB; command line: %s",
+                 len(machine.vcpus), config.machine_config.mem_size_mib, machine.cmdline)
+
+    def _serial_sink(self, config: VmConfig) -> Callable[[bytes], None]:
+        path = config.serial.serial_out_path if config.serial else None
+        if path:
+            try:
+                self._serial_file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                                            0o600)
+            except OSError as e:
+                raise StartError(f"Cannot open the serial output file {path}: {e}") from e
+            fd = self._serial_file
+        else:
+            fd = self._stdout_fd
+        return lambda data: os.write(fd, data)
+
+    def _close_serial_file(self) -> None:
+        if self._serial_file is not None:
+            os.close(self._serial_file)
+            self._serial_file = None
+
+    async def _request_all(self, req: Request) -> None:
+        assert self.machine is not None
+        futures = [vcpu.request(req) for vcpu in self.machine.vcpus]
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+
+    async def pause(self) -> None:
+        await self._request_all(Request.PAUSE)
+
+    async def resume(self) -> None:
+        await self._request_all(Request.RESUME)
+
+    async def send_ctrl_alt_del(self) -> None:
+        assert self.machine is not None
+        self.machine.i8042.send_ctrl_alt_del()
+
+    # -- the end ------------------------------------------------------------------
+
+    def _from_vcpu(self, code: int, why: str) -> None:
+        """A device on a vCPU thread asks to end the VMM."""
+        self._loop.call_soon_threadsafe(self.exit, code, why)
+
+    def _on_vcpu_stop(self, index: int, reason: VcpuStopReason, detail: str) -> None:
+        code = EXIT_CODES[reason]
+        level = logging.INFO if code == ExitCode.OK else logging.ERROR
+        log.log(level, "vCPU %d stopped the microVM: %s (%s)", index, reason.value, detail)
+        self.exit(code, reason.value)
+
+    def exit(self, code: int, why: str) -> None:
+        """Stop every vCPU, release the machine and report ``code`` once."""
+        if self._exiting:
+            return
+        self._exiting = True
+        log.info("Vmm is stopping: %s; exit code %d", why, code)
+        self.close()
+        self._on_exit(int(code))
+
+    def close(self) -> None:
+        machine, self.machine = self.machine, None
+        if machine is not None:
+            for vcpu in machine.vcpus:
+                vcpu.request(Request.EXIT)
+            deadline = time.monotonic() + VCPU_JOIN_TIMEOUT_S
+            for vcpu in machine.vcpus:
+                vcpu.join(max(0.0, deadline - time.monotonic()))
+            stuck = [v.index for v in machine.vcpus if v.is_alive()]
+            if stuck:
+                log.error("vCPU thread(s) %s did not stop; leaving their resources to process exit",
+                          stuck)
+            else:
+                machine.close()
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+        self._close_serial_file()
+
+    # -- operations of later features ---------------------------------------------
+
+    async def update_drive(self, drive_id: str, path_on_host: str | None, rate_limiter) -> None:
+        raise _not_yet("Updating block devices")
+
+    async def update_network_interface(self, iface_id: str, rx, tx) -> None:
+        raise _not_yet("Updating network interfaces")
+
+    async def update_pmem(self, pmem_id: str, rate_limiter) -> None:
+        raise _not_yet("The pmem device")
+
+    async def load_snapshot(self, params) -> None:
+        raise _not_yet("Loading snapshots")
+
+    async def create_snapshot(self, params) -> None:
+        raise _not_yet("Creating snapshots")
+
+    async def update_balloon(self, amount_mib: int) -> None:
+        raise _not_yet("The balloon device")
+
+    async def balloon_stats(self) -> dict[str, Any]:
+        raise _not_yet("The balloon device")
+
+    async def update_balloon_stats(self, interval_s: int) -> None:
+        raise _not_yet("The balloon device")
+
+    async def start_balloon_hinting(self, cmd) -> None:
+        raise _not_yet("The balloon device")
+
+    async def balloon_hinting_status(self) -> dict[str, Any]:
+        raise _not_yet("The balloon device")
+
+    async def stop_balloon_hinting(self) -> None:
+        raise _not_yet("The balloon device")
+
+    async def memory_hotplug_status(self) -> dict[str, Any]:
+        raise _not_yet("Memory hotplug")
+
+    async def update_memory_hotplug(self, requested_size_mib: int | None) -> None:
+        raise _not_yet("Memory hotplug")
