@@ -1,0 +1,109 @@
+"""The aiohttp layer: wire format, headers, payload limit, metrics; a real server on a Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from typing import Any
+
+import pytest
+
+from asyncvmm.config.mmds_store import MmdsStore
+from asyncvmm.controller import Controller
+from asyncvmm.http.metrics import ApiMetrics
+from asyncvmm.http.server import ApiServer, SocketInUseError
+from tests.unit.test_controller import FakeBackend
+
+
+async def request(path: str, method: str, url: str, body: bytes | None = None,
+                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A minimal HTTP/1.1 client, so the test sees exactly what goes over the socket."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    lines = [f"{method} {url} HTTP/1.1", "Host: localhost", "Connection: close"]
+    for k, v in (headers or {}).items():
+        lines.append(f"{k}: {v}")
+    if body is not None and "Content-Length" not in (headers or {}):
+        lines.append(f"Content-Length: {len(body)}")
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    hdrs = {k.lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}
+    return int(status_line.split()[1]), hdrs, payload
+
+
+@pytest.fixture
+async def served(tmp_path: Any) -> Any:
+    path = str(tmp_path / "api.sock")
+    metrics = ApiMetrics()
+    server = ApiServer(Controller(FakeBackend(), mmds=MmdsStore(limit=64)), max_payload=200, metrics=metrics)
+    await server.start(path)
+    yield path, metrics
+    await server.stop()
+
+
+async def test_success_with_data_and_headers(served: Any) -> None:
+    path, metrics = served
+    status, hdrs, body = await request(path, "GET", "/")
+    assert status == 200 and hdrs["server"] == "Firecracker API"
+    assert hdrs["content-type"].startswith("application/json")
+    assert json.loads(body)["state"] == "Not started"
+    assert metrics.by_method["GET"].instance_info_count == 1
+
+
+async def test_no_content_has_no_body(served: Any) -> None:
+    status, hdrs, body = await request(served[0], "PUT", "/mmds", b'{"a": 1}')
+    assert (status, body) == (204, b"")
+    assert hdrs["server"] == "Firecracker API"
+
+
+async def test_errors_are_400_with_fault_message(served: Any) -> None:
+    path, metrics = served
+    status, _, body = await request(path, "PATCH", "/boot-source", b"{}")
+    assert status == 400
+    assert json.loads(body) == {"fault_message": "Invalid request method and/or path: PATCH boot-source."}
+    status, _, body = await request(path, "PUT", "/drives/x", b'{"drive_id": "x"}')
+    assert status == 400 and json.loads(body)["fault_message"].endswith("missing field `is_root_device`.")
+    assert metrics.by_method["PUT"].drive_fails == 1
+
+
+async def test_empty_put_and_get_with_body(served: Any) -> None:
+    path, _ = served
+    assert json.loads((await request(path, "PUT", "/actions", b""))[2])["fault_message"] == "Empty PUT request."
+    assert json.loads((await request(path, "GET", "/", b"{}"))[2])["fault_message"] == (
+        "GET request cannot have a body."
+    )
+
+
+async def test_payload_limit_is_refused_from_content_length(served: Any) -> None:
+    path, _ = served
+    status, _, body = await request(path, "PUT", "/mmds", b"", headers={"Content-Length": "100000"})
+    assert status == 400 and "larger than the limit of 200" in json.loads(body)["fault_message"]
+    status, _, _ = await request(path, "PUT", "/mmds", b'{"a": "' + b"x" * 300 + b'"}')
+    assert status == 400
+
+
+async def test_mmds_limit_is_413(served: Any) -> None:
+    status, _, body = await request(served[0], "PUT", "/mmds", b'{"a": "' + b"x" * 100 + b'"}')
+    assert status == 413 and "doesn't fit" in json.loads(body)["fault_message"]
+
+
+async def test_deprecation_header(served: Any) -> None:
+    status, hdrs, _ = await request(served[0], "PUT", "/machine-config",
+                                    b'{"vcpu_count": 1, "mem_size_mib": 64, "cpu_template": "None"}')
+    assert status == 204 and hdrs["deprecation"] == "true"
+
+
+async def test_existing_socket_path_is_refused(tmp_path: Any) -> None:
+    path = str(tmp_path / "busy.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)  # bound, nobody listening: Firecracker refuses this too
+    server = ApiServer(Controller(FakeBackend()))
+    with pytest.raises(SocketInUseError, match="Failed to open the API socket at: .*busy.sock"):
+        await server.start(path)
+    stale.close()
+    assert os.path.exists(path)

@@ -1,0 +1,330 @@
+"""Controller: phase rules, lifecycle table, pre-boot resource rules, backend delegation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from asyncvmm.config import (
+    BalloonConfig,
+    BalloonUpdateConfig,
+    BootSourceConfig,
+    DriveConfig,
+    DriveUpdateConfig,
+    LoggerConfig,
+    MachineConfig,
+    MachineConfigUpdate,
+    MetricsConfig,
+    MmdsConfig,
+    NetworkInterfaceConfig,
+    NetworkInterfaceUpdateConfig,
+    SnapshotLoadConfig,
+    VmConfig,
+    decode,
+)
+from asyncvmm.controller import (
+    NOT_SUPPORTED_POST_BOOT,
+    NOT_SUPPORTED_PRE_BOOT,
+    RULES,
+    TRANSITIONS,
+    Action,
+    ActionKind,
+    BackendError,
+    Controller,
+    ControllerError,
+    Event,
+    Phase,
+    StartError,
+    UnavailableBackend,
+    VmState,
+)
+
+K = ActionKind
+
+
+class FakeBackend:
+    """Records calls; ``fail`` maps a method name to the BackendError it raises."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.fail: dict[str, BackendError] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        async def method(*args: Any) -> Any:
+            self.calls.append((name, args))
+            if name in self.fail:
+                raise self.fail[name]
+            if name in ("balloon_stats", "balloon_hinting_status", "memory_hotplug_status"):
+                return {"called": name}
+            return None
+
+        return method
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.flushes = 0
+        self.periodic = False
+
+    def init(self, path: str) -> None:
+        if self.paths:
+            raise RuntimeError("Reinitialization of metrics not allowed.")
+        self.paths.append(path)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def start_periodic(self) -> None:
+        self.periodic = True
+
+
+@pytest.fixture
+def kernel(tmp_path: Any) -> str:
+    path = tmp_path / "vmlinux"
+    path.write_bytes(b"\x7fELF")
+    return str(path)
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def ctl(backend: FakeBackend) -> Controller:
+    return Controller(backend, instance_id="vm1", metrics=FakeMetrics())
+
+
+async def boot(ctl: Controller, kernel: str) -> None:
+    await ctl.handle(Action(K.CONFIGURE_BOOT_SOURCE, BootSourceConfig(kernel_image_path=kernel)))
+    await ctl.handle(Action(K.START_MICRO_VM))
+
+
+def test_every_action_has_a_rule_and_a_handler(ctl: Controller) -> None:
+    assert set(RULES) == set(ActionKind)
+
+
+def test_lifecycle_table_only_moves_forward_from_not_started() -> None:
+    assert all(new is not VmState.NOT_STARTED for new in TRANSITIONS.values())
+    assert TRANSITIONS[(VmState.PAUSED, Event.PAUSE)] is VmState.PAUSED
+
+
+@pytest.mark.parametrize("kind", [k for k, (phase, _) in RULES.items() if phase is Phase.POST_BOOT])
+async def test_post_boot_actions_fail_before_boot(ctl: Controller, kind: ActionKind) -> None:
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(kind))
+    assert err.value.message == NOT_SUPPORTED_PRE_BOOT
+
+
+@pytest.mark.parametrize("kind", [k for k, (phase, _) in RULES.items() if phase is Phase.PRE_BOOT])
+async def test_pre_boot_actions_fail_after_boot(ctl: Controller, kernel: str, kind: ActionKind) -> None:
+    await boot(ctl, kernel)
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(kind, None))
+    assert err.value.message == NOT_SUPPORTED_POST_BOOT
+
+
+async def test_instance_info_and_version(ctl: Controller) -> None:
+    info = await ctl.handle(Action(K.GET_INSTANCE_INFO))
+    assert info == {"app_name": "Firecracker", "id": "vm1", "state": "Not started", "vmm_version": "1.16.1"}
+    assert await ctl.handle(Action(K.GET_VMM_VERSION)) == {"firecracker_version": "1.16.1"}
+
+
+async def test_start_without_kernel_is_refused(ctl: Controller, backend: FakeBackend) -> None:
+    with pytest.raises(ControllerError, match="Cannot start microvm without kernel configuration"):
+        await ctl.handle(Action(K.START_MICRO_VM))
+    assert backend.calls == []
+
+
+async def test_failed_start_leaves_vm_configurable(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    backend.fail["start"] = StartError("Cannot allocate memory")
+    with pytest.raises(ControllerError) as err:
+        await boot(ctl, kernel)
+    assert err.value.message == "Start microvm error: Cannot allocate memory"
+    assert ctl.state is VmState.NOT_STARTED
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(vcpu_count=1, mem_size_mib=64)))
+    del backend.fail["start"]
+    await ctl.handle(Action(K.START_MICRO_VM))
+    assert ctl.state is VmState.RUNNING
+    assert ctl.metrics.flushes == 1 and ctl.metrics.periodic  # type: ignore[union-attr]
+
+
+async def test_start_passes_the_built_config(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(vcpu_count=2, mem_size_mib=256)))
+    await boot(ctl, kernel)
+    name, (cfg,) = backend.calls[-1]
+    assert name == "start" and isinstance(cfg, VmConfig)
+    assert cfg.machine_config.vcpu_count == 2 and cfg.boot_source.kernel_image_path == kernel
+
+
+async def test_pause_resume_cycle(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    await boot(ctl, kernel)
+    await ctl.handle(Action(K.PAUSE))
+    await ctl.handle(Action(K.PAUSE))  # pausing twice is fine and does not pause twice
+    assert ctl.state is VmState.PAUSED
+    assert [c for c, _ in backend.calls].count("pause") == 1
+    assert (await ctl.handle(Action(K.GET_INSTANCE_INFO)))["state"] == "Paused"
+    await ctl.handle(Action(K.RESUME))
+    assert ctl.state is VmState.RUNNING
+
+
+async def test_backend_error_reaches_client_with_prefix(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    await boot(ctl, kernel)
+    backend.fail["send_ctrl_alt_del"] = BackendError("i8042 is not supported yet")
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.SEND_CTRL_ALT_DEL))
+    assert err.value.message == "Internal VMM error: i8042 is not supported yet"
+
+
+async def test_machine_config_rules(ctl: Controller) -> None:
+    for bad in (MachineConfig(vcpu_count=0), MachineConfig(vcpu_count=33), MachineConfig(vcpu_count=3, smt=True),
+                MachineConfig(mem_size_mib=0), MachineConfig(mem_size_mib=3, huge_pages="2M")):
+        with pytest.raises(ControllerError, match="Machine config error"):
+            await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, bad))
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(vcpu_count=2, smt=True)))
+    # PATCH keeps the other fields and validates the merged result.
+    with pytest.raises(ControllerError):
+        await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfigUpdate(vcpu_count=3)))
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfigUpdate(mem_size_mib=512)))
+    got = await ctl.handle(Action(K.GET_MACHINE_CONFIG))
+    assert got == {"vcpu_count": 2, "mem_size_mib": 512, "smt": True, "track_dirty_pages": False, "huge_pages": "None"}
+
+
+async def test_drives_root_rules_and_missing_file(ctl: Controller, tmp_path: Any) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"\0" * 512)
+    root = DriveConfig(drive_id="root", is_root_device=True, path_on_host=str(disk))
+    await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, DriveConfig(drive_id="data", is_root_device=False, path_on_host=str(disk))))
+    await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, root))
+    assert [d.drive_id for d in ctl.config.drives] == ["root", "data"]
+    await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, root))  # updating the root device is fine
+    with pytest.raises(ControllerError, match="A root block device already exists"):
+        await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, DriveConfig(drive_id="r2", is_root_device=True, path_on_host=str(disk))))
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, DriveConfig(drive_id="x", is_root_device=False, path_on_host="/nope")))
+    assert "No such file or directory (os error 2)" in err.value.message
+
+
+async def test_patch_drive_after_boot(ctl: Controller, backend: FakeBackend, kernel: str, tmp_path: Any) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"")
+    await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, DriveConfig(drive_id="d", is_root_device=False, path_on_host=str(disk))))
+    await boot(ctl, kernel)
+    new = tmp_path / "disk2"
+    new.write_bytes(b"")
+    await ctl.handle(Action(K.UPDATE_BLOCK_DEVICE, DriveUpdateConfig(drive_id="d", path_on_host=str(new))))
+    assert backend.calls[-1] == ("update_drive", ("d", str(new), None))
+    assert ctl.config.drives[0].path_on_host == str(new)
+    with pytest.raises(ControllerError, match="not found"):
+        await ctl.handle(Action(K.UPDATE_BLOCK_DEVICE, DriveUpdateConfig(drive_id="zz")))
+
+
+async def test_network_uniqueness_and_mmds_config(ctl: Controller) -> None:
+    eth0 = NetworkInterfaceConfig(iface_id="eth0", host_dev_name="tap0", guest_mac="AA:FC:00:00:00:01")
+    await ctl.handle(Action(K.INSERT_NETWORK_DEVICE, eth0))
+    with pytest.raises(ControllerError, match="The host device name tap0 is already in use."):
+        await ctl.handle(Action(K.INSERT_NETWORK_DEVICE, NetworkInterfaceConfig(iface_id="eth1", host_dev_name="tap0")))
+    with pytest.raises(ControllerError, match="guest MAC address aa:fc:00:00:00:01 is already in use"):
+        await ctl.handle(Action(K.INSERT_NETWORK_DEVICE, NetworkInterfaceConfig(
+            iface_id="eth1", host_dev_name="tap1", guest_mac="aa:fc:00:00:00:01")))
+    with pytest.raises(ControllerError, match="does not correspond to any existing network interface"):
+        await ctl.handle(Action(K.SET_MMDS_CONFIGURATION, MmdsConfig(network_interfaces=["eth9"])))
+    with pytest.raises(ControllerError, match="not link local"):
+        await ctl.handle(Action(K.SET_MMDS_CONFIGURATION, MmdsConfig(network_interfaces=["eth0"], ipv4_address="10.0.0.1")))
+    with pytest.raises(ControllerError, match="is empty"):
+        await ctl.handle(Action(K.SET_MMDS_CONFIGURATION, MmdsConfig(network_interfaces=[])))
+    await ctl.handle(Action(K.SET_MMDS_CONFIGURATION, MmdsConfig(network_interfaces=["eth0"])))
+    assert ctl.config.mmds_config.ipv4_address == "169.254.169.254"
+
+
+async def test_patch_network_after_boot(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    await ctl.handle(Action(K.INSERT_NETWORK_DEVICE, NetworkInterfaceConfig(iface_id="eth0", host_dev_name="tap0")))
+    await boot(ctl, kernel)
+    await ctl.handle(Action(K.UPDATE_NETWORK_INTERFACE, NetworkInterfaceUpdateConfig(iface_id="eth0")))
+    assert backend.calls[-1][0] == "update_network_interface"
+    with pytest.raises(ControllerError, match="Invalid interface ID - not found."):
+        await ctl.handle(Action(K.UPDATE_NETWORK_INTERFACE, NetworkInterfaceUpdateConfig(iface_id="eth1")))
+
+
+async def test_mmds_store_errors(backend: FakeBackend) -> None:
+    from asyncvmm.config.mmds_store import MmdsStore
+
+    ctl = Controller(backend, mmds=MmdsStore(limit=20))
+    assert await ctl.handle(Action(K.GET_MMDS)) == {}
+    with pytest.raises(ControllerError, match="MMDS error: The MMDS data store is not initialized."):
+        await ctl.handle(Action(K.PATCH_MMDS, {"a": 1}))
+    await ctl.handle(Action(K.PUT_MMDS, {"a": 1}))
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.PUT_MMDS, {"a": "x" * 100}))
+    assert err.value.status == 413 and "doesn't fit" in err.value.message
+    assert await ctl.handle(Action(K.GET_MMDS)) == {"a": 1}
+
+
+async def test_snapshot_load_only_on_fresh_process(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    params = SnapshotLoadConfig(snapshot_path="s", mem_file_path="m", resume_vm=True)
+    await ctl.handle(Action(K.CONFIGURE_LOGGER, LoggerConfig(level="Info")))  # allowed before a load
+    fresh = Controller(FakeBackend())
+    await fresh.handle(Action(K.LOAD_SNAPSHOT, SnapshotLoadConfig(snapshot_path="s", mem_file_path="m")))
+    assert fresh.state is VmState.PAUSED
+    await ctl.handle(Action(K.LOAD_SNAPSHOT, params))
+    assert ctl.state is VmState.RUNNING
+    dirty = Controller(FakeBackend())
+    await dirty.handle(Action(K.CONFIGURE_BOOT_SOURCE, BootSourceConfig(kernel_image_path=kernel)))
+    with pytest.raises(ControllerError, match="Loading a microVM snapshot not allowed"):
+        await dirty.handle(Action(K.LOAD_SNAPSHOT, params))
+
+
+async def test_balloon_rules(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    with pytest.raises(ControllerError, match="No balloon device found."):
+        await ctl.handle(Action(K.GET_BALLOON_CONFIG))
+    with pytest.raises(ControllerError, match="Amount of pages requested is too large."):
+        await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=4096, deflate_on_oom=True)))
+    await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=64, deflate_on_oom=True)))
+    with pytest.raises(ControllerError, match="smaller than the previously set balloon"):
+        await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfigUpdate(mem_size_mib=32)))
+    await boot(ctl, kernel)
+    with pytest.raises(ControllerError, match="Statistics for the balloon device are not enabled"):
+        await ctl.handle(Action(K.GET_BALLOON_STATS))
+    await ctl.handle(Action(K.UPDATE_BALLOON, BalloonUpdateConfig(amount_mib=10)))
+    assert (await ctl.handle(Action(K.GET_BALLOON_CONFIG)))["amount_mib"] == 10
+
+
+async def test_metrics_only_once(ctl: Controller, tmp_path: Any) -> None:
+    await ctl.handle(Action(K.CONFIGURE_METRICS, MetricsConfig(metrics_path=str(tmp_path / "m"))))
+    with pytest.raises(ControllerError, match="Metrics error: Reinitialization of metrics not allowed."):
+        await ctl.handle(Action(K.CONFIGURE_METRICS, MetricsConfig(metrics_path=str(tmp_path / "m"))))
+
+
+async def test_full_vm_config_shape(ctl: Controller) -> None:
+    out = await ctl.handle(Action(K.GET_FULL_VM_CONFIG))
+    assert out["boot-source"] is None and out["drives"] == [] and out["balloon"] is None
+    assert out["machine-config"]["vcpu_count"] == 1
+    assert "serial" not in out
+    # The output is a valid --config-file.
+    decode(__import__("msgspec").json.encode(out), VmConfig)
+
+
+async def test_configure_from_file_uses_the_api_rules(ctl: Controller, kernel: str) -> None:
+    cfg = decode(
+        ('{"boot-source": {"kernel_image_path": "%s"}, "machine-config": {"vcpu_count": 2, "mem_size_mib": 64},'
+         ' "network-interfaces": [{"iface_id": "a", "host_dev_name": "t"}, {"iface_id": "b", "host_dev_name": "t"}]}'
+         % kernel).encode(),
+        VmConfig,
+    )
+    with pytest.raises(ControllerError, match="already in use"):
+        await ctl.configure(cfg)
+    bad_id = decode(b'{"drives": [{"drive_id": "a-b", "is_root_device": true, "path_on_host": "/x"}]}', VmConfig)
+    with pytest.raises(ControllerError, match="API Resource IDs"):
+        await Controller(FakeBackend()).configure(bad_id)
+
+
+async def test_unavailable_backend_fails_clearly(kernel: str) -> None:
+    ctl = Controller(UnavailableBackend("No module named 'asyncvmm.vmm'"))
+    with pytest.raises(ControllerError, match="not available"):
+        await boot(ctl, kernel)
+    assert ctl.state is VmState.NOT_STARTED
