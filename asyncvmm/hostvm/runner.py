@@ -1,0 +1,212 @@
+"""Run a command inside the emulated KVM host and collect what it left.
+
+``run_in_hostvm(argv, timeout=..., env=..., console_log=...)`` boots QEMU
+(TCG, ``-cpu max`` so the guest sees SVM, ``-smp 1``: with 2 vCPUs the
+emulated host hung in 2 of 25 boots) on Debian's cloud kernel with the
+host initramfs of :mod:`.hostinit`, the cached runtime disk of
+:mod:`.hostdisk` and a fresh job disk holding ``job.sh``.  The command runs
+in the project directory with the same paths as on the host; whatever it
+writes under ``$ASYNCVMM_HOSTVM_RESULTS`` comes back in
+``HostVmResult.results_dir``.  QEMU is killed on timeout, on any exception,
+on SIGINT/SIGTERM/SIGHUP and (PDEATHSIG) when this process dies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+from ..images import GuestImages, ensure_images
+from ..images.cache import cache_root, content_key, publishing, sha256_file
+from ..images.kernel import KernelArtifact
+from ..images.rootfs import make_ext4
+from .detect import tsc_khz
+from .hostdisk import ensure_host_disk, project_root
+from .hostinit import JOB_MOUNT, JOB_SERIAL, ROOT_SERIAL, host_init_script, host_initramfs_tree
+from .process import Child, terminate_on_signals
+from .qemu import Disk, MachineSpec, host_cmdline, machine_argv
+
+log = logging.getLogger(__name__)
+
+IN_HOSTVM_ENV = "ASYNCVMM_IN_HOSTVM"
+RESULTS_ENV = "ASYNCVMM_HOSTVM_RESULTS"
+JOB_DISK_MIB = 2048
+MARK_KVM = "asyncvmm-hostvm: kvm "
+MARK_START = "asyncvmm-hostvm: job start"
+MARK_EXIT = "asyncvmm-hostvm: job exit="
+
+
+class HostVmError(RuntimeError):
+    """The emulated host could not be prepared or did not report a result."""
+
+
+@dataclass
+class HostVmResult:
+    returncode: int | None          # None: the job never reported (timeout, crash)
+    console: str                    # the whole serial console
+    stdout: str                     # the console between the job's start and exit markers
+    results_dir: Path | None
+    timed_out: bool = False
+    kvm_line: str = ""              # "kvm ready: /dev/kvm present, nested=1" or "kvm missing..."
+    timings: dict = field(default_factory=dict)   # seconds: prepare, boot (to job start), job, total
+
+
+def in_hostvm() -> bool:
+    return os.environ.get(IN_HOSTVM_ENV) == "1"
+
+
+def job_script(argv: list[str], env: dict[str, str], cwd: str) -> str:
+    """The ``job.sh`` the host init runs chrooted: environment, cwd, then ``exec argv``."""
+    if not argv:
+        raise ValueError("empty command")
+    lines = ["#!/bin/sh", "# written by asyncvmm.hostvm.runner"]
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.path.expanduser("~"),
+            "LANG": "C.UTF-8", IN_HOSTVM_ENV: "1", RESULTS_ENV: f"{JOB_MOUNT}/results",
+            "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
+    for key, value in {**base, **env}.items():
+        if not key.isidentifier():
+            raise ValueError(f"bad environment variable name {key!r}")
+        lines.append(f"export {key}={shlex.quote(value)}")
+    lines.append(f"cd {shlex.quote(cwd)} || exit 125")
+    lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
+    return "\n".join(lines) + "\n"
+
+
+def split_console(console: str) -> tuple[str, int | None, str]:
+    """``(stdout between the markers, exit status from the marker or None, kvm line)``."""
+    text = console.replace("\r\n", "\n")
+    kvm = next((l[len("asyncvmm-hostvm: "):] for l in text.splitlines() if l.startswith(MARK_KVM)), "")
+    start = text.find(MARK_START + "\n")
+    if start < 0:
+        return "", None, kvm
+    body = text[start + len(MARK_START) + 1:]
+    end = body.rfind(MARK_EXIT)
+    if end < 0:
+        return body, None, kvm
+    status = body[end + len(MARK_EXIT):].split("\n", 1)[0].strip()
+    return body[:end], int(status) if status.isdigit() else None, kvm
+
+
+def host_initramfs(cache: Path, kernel: KernelArtifact, busybox: Path) -> Path:
+    key = content_key(["hostinit", kernel.root.name, sha256_file(busybox), host_init_script().decode()])
+    out = cache / "hostvm" / f"initramfs-{key}.cpio"
+    if not out.exists():
+        with publishing(out) as target:
+            target.write_bytes(host_initramfs_tree(kernel, busybox).to_cpio())
+    return out
+
+
+def make_job_disk(path: Path, script: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "job.sh").write_text(script)
+        (Path(tmp) / "results").mkdir()
+        (Path(tmp) / "results").chmod(0o1777)
+        make_ext4(Path(tmp), path, JOB_DISK_MIB, label="avmjob", key=content_key(script))
+
+
+def read_job_disk(path: Path, dest: Path) -> int | None:
+    """Copy ``/results`` out of the job disk with debugfs (no mount); the recorded exit status."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        subprocess.run(["debugfs", "-R", f"rdump /results {tmp}", str(path)], capture_output=True)
+        if (Path(tmp) / "results").is_dir():
+            for item in (Path(tmp) / "results").iterdir():
+                os.replace(item, dest / item.name)
+    r = subprocess.run(["debugfs", "-R", "cat /exitcode", str(path)], capture_output=True, text=True)
+    text = r.stdout.strip()
+    return int(text) if text.isdigit() else None
+
+
+@dataclass
+class HostVm:
+    """Everything a boot needs, prepared once per session."""
+    kernel: KernelArtifact
+    initramfs: Path
+    root_disk: Path
+    images: GuestImages
+
+    @classmethod
+    def prepare(cls, progress: Callable[[str], None] = log.info) -> "HostVm":
+        if shutil.which("qemu-system-x86_64") is None:
+            raise HostVmError("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+        images = ensure_images(progress=progress)
+        cache = cache_root()
+        kernel = KernelArtifact(images.kernel_dir)
+        from ..images import _busybox
+        initramfs = host_initramfs(cache, kernel, _busybox(cache))
+        extra = [p for p in (images.bzimage, images.vmlinux, images.initramfs, images.rootfs,
+                             images.minikernel, images.minikernel_bzimage, cache / "images.json",
+                             images.initramfs.with_suffix(".modules")) if p]
+        root = ensure_host_disk(cache, extra, progress)
+        return cls(kernel, initramfs, root, images)
+
+
+def run_in_hostvm(argv: list[str], *, timeout: float, env: dict[str, str] | None = None,
+                  console_log: Path | None = None, cwd: str | None = None,
+                  echo: TextIO | None = None, mem_mib: int = 4096, results_dir: Path | None = None,
+                  prepared: HostVm | None = None, interactive: bool = False,
+                  progress: Callable[[str], None] = log.info) -> HostVmResult:
+    t0 = time.monotonic()
+    vm = prepared or HostVm.prepare(progress)
+    workdir = Path(tempfile.mkdtemp(prefix="asyncvmm-hostvm-"))
+    job_disk = workdir / "job.ext4"
+    make_job_disk(job_disk, job_script(argv, env or {}, cwd or str(project_root())))
+    spec = MachineSpec(
+        kernel=vm.kernel.bzimage, initrd=vm.initramfs, accel="tcg", cpu="max", vcpus=1, mem_mib=mem_mib,
+        cmdline=host_cmdline(tsc_khz(), [f"avm.epoch={int(time.time())}"]),
+        disks=(Disk(vm.root_disk, ROOT_SERIAL, readonly=True), Disk(job_disk, JOB_SERIAL)),
+        serial="stdio,signal=off" if not interactive else "stdio,signal=off")
+    chunks: list[bytes] = []
+    log_file = open(console_log, "wb") if console_log else None
+    marks: dict[str, float] = {}
+    tail = [b""]
+
+    def sink(data: bytes) -> None:
+        chunks.append(data)
+        if log_file:
+            log_file.write(data)
+            log_file.flush()
+        if echo is not None:
+            echo.write(data.decode(errors="replace"))
+            echo.flush()
+        if "start" not in marks:
+            tail[0] = (tail[0] + data)[-4096:]
+            if MARK_START.encode() in tail[0]:
+                marks["start"] = time.monotonic()
+
+    t_boot = time.monotonic()
+    child = None
+    timed_out = False
+    try:
+        with terminate_on_signals():
+            child = Child(machine_argv(spec), sink, stdin=sys.stdin if interactive else None)
+            rc = child.wait(timeout)
+            timed_out = rc is None
+    finally:
+        if child is not None:
+            child.kill()
+        if log_file:
+            log_file.close()
+    t_end = time.monotonic()
+    console = b"".join(chunks).decode(errors="replace")
+    stdout, marker_rc, kvm = split_console(console)
+    dest = results_dir or (workdir / "results")
+    disk_rc = read_job_disk(job_disk, dest) if not timed_out else None
+    job_disk.unlink(missing_ok=True)
+    returncode = disk_rc if disk_rc is not None else marker_rc
+    timings = {"prepare": t_boot - t0, "total": t_end - t0, "vm": t_end - t_boot}
+    if "start" in marks:
+        timings["boot"] = marks["start"] - t_boot
+        timings["job"] = t_end - marks["start"]
+    (dest / "hostvm-timings.json").write_text(json.dumps(timings))
+    return HostVmResult(returncode, console, stdout, dest, timed_out, kvm, timings)
