@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Iterable
 
 __all__ = [
     "AmlError", "pkg_length", "name_seg", "name_string", "integer", "string", "buffer",
@@ -150,10 +149,9 @@ def integer(value: int) -> bytes:
 
 def string(text: str) -> bytes:
     """A String object: ASCII characters 0x01-0x7F and a terminating NUL."""
-    raw = text.encode("ascii", errors="strict") if text.isascii() else None
-    if raw is None or 0 in raw:
+    if not text.isascii() or "\x00" in text:
         raise AmlError(f"AML string must be ASCII without NUL: {text!r}")
-    return bytes([STRING_PREFIX]) + raw + b"\x00"
+    return bytes([STRING_PREFIX]) + text.encode("ascii") + b"\x00"
 
 
 def buffer(data: bytes) -> bytes:
@@ -219,8 +217,3 @@ def eisa_id_value(pnp_id: str) -> int:
 def eisa_id(pnp_id: str) -> bytes:
     """``EISAID("PNP0501")`` as an encoded integer."""
     return integer(eisa_id_value(pnp_id))
-
-
-def terms(items: Iterable[bytes]) -> bytes:
-    """Concatenate a TermList."""
-    return b"".join(items)
