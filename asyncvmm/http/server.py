@@ -127,7 +127,8 @@ class ApiServer:
                 raise SocketInUseError(path) from None
             raise
         self._path = path
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # No lingering: a refused oversized body ends the connection at once, as in Firecracker.
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, lingering_time=0)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
         log.info("Listening on API socket (%r).", path)

@@ -1,0 +1,125 @@
+"""CLI flags and exit codes, the logger's line format, the metrics writer."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from typing import Any
+
+import pytest
+
+from asyncvmm import cli
+from asyncvmm.config import LoggerConfig
+from asyncvmm.logger import Logger, format_timestamp, parse_level
+from asyncvmm.metrics import MetricsRegistry
+from asyncvmm.metrics_writer import MetricsWriter
+from asyncvmm.http.metrics import ApiMetrics
+
+
+def test_defaults_are_firecrackers() -> None:
+    args = cli.parse_args([])
+    assert args.api_sock == "/run/firecracker.socket"
+    assert args.id == "anonymous-instance"
+    assert args.http_api_max_payload_size == 51200
+    assert args.mmds_size_limit is None and not args.no_api and not args.boot_timer
+
+
+def test_single_dash_long_flags() -> None:
+    args = cli.parse_args(["-api-sock", "/tmp/x.sock", "-id", "vm-1", "--boot-timer"])
+    assert (args.api_sock, args.id, args.boot_timer) == ("/tmp/x.sock", "vm-1", True)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--no-api"],
+    ["--bogus"],
+    ["--seccomp-filter", "f", "--no-seccomp"],
+    ["--id", "bad id!"],
+    ["--id", "x" * 65],
+    ["--http-api-max-payload-size", "zero"],
+    ["--mmds-size-limit", "0"],
+])
+def test_bad_arguments_exit_153(argv: list[str], capsys: Any) -> None:
+    assert cli.main(argv) == cli.EXIT_ARG_PARSING
+    assert "Arguments parsing error" in capsys.readouterr().err
+
+
+def test_version_and_help(capsys: Any) -> None:
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Firecracker v1.16.1" and out[1].startswith("asyncvmm v")
+    assert cli.main(["--help"]) == 0
+    assert "--api-sock" in capsys.readouterr().out
+
+
+def test_bad_log_level_exits_152(tmp_path: Any, capsys: Any) -> None:
+    assert cli.main(["--level", "Loud", "--api-sock", str(tmp_path / "s")]) == cli.EXIT_BAD_CONFIGURATION
+
+
+def test_unreadable_config_file_exits_152(tmp_path: Any) -> None:
+    argv = ["--api-sock", str(tmp_path / "s"), "--config-file", str(tmp_path / "missing.json"), "--no-api"]
+    assert cli.main(argv) == cli.EXIT_BAD_CONFIGURATION
+
+
+def test_log_levels() -> None:
+    assert parse_level("warning") == logging.WARNING and parse_level("TRACE") < logging.DEBUG
+    with pytest.raises(ValueError):
+        parse_level("chatty")
+
+
+def test_timestamp_is_rfc3339_with_nanoseconds() -> None:
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}", format_timestamp(1_700_000_000.5))
+
+
+def test_log_line_format(tmp_path: Any) -> None:
+    stream = io.StringIO()
+    logger = Logger("vm-7", stream=stream)
+    logging.getLogger("asyncvmm.test").info("hello %s", "world")
+    logger.apply(LoggerConfig(show_level=True, show_log_origin=True))
+    logging.getLogger("asyncvmm.test").warning("careful")
+    lines = stream.getvalue().splitlines()
+    assert re.fullmatch(r"\S+ \[vm-7:main\] hello world", lines[0])
+    assert re.fullmatch(r"\S+ \[vm-7:main:WARN:.*test_cli\.py:\d+\] careful", lines[1])
+    log_path = tmp_path / "fc.log"
+    logger.apply(LoggerConfig(log_path=str(log_path), level="Error"))
+    logging.getLogger("asyncvmm.test").warning("dropped")
+    logging.getLogger("asyncvmm.test").error("kept")
+    assert "kept" in log_path.read_text() and "dropped" not in log_path.read_text()
+    with pytest.raises(OSError):
+        logger.apply(LoggerConfig(log_path=str(tmp_path / "no" / "dir")))
+    logger.apply(LoggerConfig(log_path=os.devnull, level="Info"))
+
+
+def test_metrics_writer_lines_are_deltas(tmp_path: Any) -> None:
+    registry = MetricsRegistry()
+    api = ApiMetrics()
+    api.register(registry)
+    writer = MetricsWriter(registry, clock_ms=lambda: 1234)
+    assert writer.flush() is False  # no destination yet: nothing written, nothing consumed
+    path = tmp_path / "metrics.json"
+    writer.init(str(path))
+    with pytest.raises(RuntimeError, match="Reinitialization of metrics not allowed."):
+        writer.init(str(path))
+    api.count("PUT", "drives", failed=True)
+    api.api_server.process_startup_time_us = 500
+    writer.flush()
+    writer.flush()
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    assert first["utc_timestamp_ms"] == 1234
+    assert first["put_api_requests"]["drive_count"] == 1 and first["put_api_requests"]["drive_fails"] == 1
+    assert second["put_api_requests"]["drive_count"] == 0
+    assert second["api_server"]["process_startup_time_us"] == 500  # a store, not a counter
+    writer.close()
+
+
+def test_metrics_writer_drops_lines_to_a_full_fifo(tmp_path: Any) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = MetricsWriter(MetricsRegistry(), clock_ms=lambda: 0)
+    writer.init(str(fifo))  # no reader: must not block
+    for _ in range(5000):
+        writer.flush()
+    assert writer.missed_lines > 0
+    writer.close()
