@@ -1,0 +1,386 @@
+"""Every behaviour of API-BEHAVIOUR.md against a live ``asyncvmm`` process on its Unix socket.
+
+Every response is validated against the swagger response schema.  Checks that
+need a booted guest use the real VMM core (``asyncvmm.vmm``) and a kernel named
+by ``ASYNCVMM_TEST_KERNEL``; they go through ``require()``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.conftest import require
+from tests.integration.apiclient import Process, Response, SpecValidator, asyncvmm_command
+
+SPEC = SpecValidator()
+
+
+class Api:
+    """A process plus spec validation of everything it answers."""
+
+    def __init__(self, proc: Process) -> None:
+        self.proc = proc
+
+    def __call__(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
+        resp = self.proc.request(method, path, body, **kw)
+        SPEC.check(method, path, resp)
+        return resp
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    proc = Process(tmp_path)
+    yield Api(proc)
+    proc.stop()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> str:
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"\0" * 4096)
+    return str(path)
+
+
+def vmm_available() -> bool:
+    return importlib.util.find_spec("asyncvmm.vmm") is not None
+
+
+# -- transport and responses -----------------------------------------------------------
+
+
+def test_get_root_describes_the_instance(api: Api) -> None:
+    resp = api("GET", "/")
+    assert resp.status == 200
+    assert resp.json() == {"app_name": "Firecracker", "id": "anonymous-instance",
+                           "state": "Not started", "vmm_version": "1.16.1"}
+
+
+def test_version_is_stable(api: Api) -> None:
+    assert api("GET", "/version").json() == {"firecracker_version": "1.16.1"}
+
+
+def test_success_without_data_is_204(api: Api) -> None:
+    resp = api("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 256})
+    assert resp.status == 204 and resp.body == b""
+
+
+@pytest.mark.parametrize("method,path,resource", [
+    ("PATCH", "/boot-source", "boot-source"), ("PATCH", "/logger", "logger"),
+    ("PUT", "/vm", "vm"), ("POST", "/actions", "actions"), ("DELETE", "/drives/root", "drives"),
+    ("GET", "/nonexistent", "nonexistent"),
+])
+def test_unknown_method_or_path_is_400(api: Api, method: str, path: str, resource: str) -> None:
+    body = None if method in ("GET", "DELETE") else {}
+    resp = api(method, path, body)
+    assert resp.status == 400
+    assert resp.fault == f"Invalid request method and/or path: {method} {resource}."
+
+
+def test_get_with_body_and_empty_put_patch(api: Api) -> None:
+    assert api("GET", "/", raw=b"{}").fault == "GET request cannot have a body."
+    assert api("PUT", "/boot-source", raw=b"").fault == "Empty PUT request."
+    assert api("PATCH", "/machine-config", raw=b"").fault == "Empty PATCH request."
+
+
+def test_resource_ids(api: Api, disk: str) -> None:
+    drive = {"drive_id": "root", "path_on_host": disk, "is_root_device": True, "is_read_only": False}
+    assert api("PUT", "/drives/", drive).fault == "The ID cannot be empty."
+    assert api("PUT", "/drives/ro-ot", drive).fault == (
+        "API Resource IDs can only contain alphanumeric characters and underscores.")
+    assert api("PUT", "/drives/other", drive).status == 400
+    assert api("PUT", "/drives/root", drive).status == 204
+
+
+def test_unknown_and_missing_fields(api: Api) -> None:
+    resp = api("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "bogus": 1})
+    assert resp.status == 400 and "unknown field `bogus`" in resp.fault
+    resp = api("PUT", "/boot-source", {"boot_args": "x"})
+    assert resp.status == 400 and "missing field `kernel_image_path`" in resp.fault
+
+
+def test_deprecated_fields_set_the_deprecation_header(api: Api, tmp_path: Path) -> None:
+    resp = api("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "None"})
+    assert resp.status == 204 and resp.headers.get("deprecation") == "true"
+    resp = api("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v.sock"), "vsock_id": "v"})
+    assert resp.status == 204 and resp.headers.get("deprecation") == "true"
+    resp = api("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})
+    assert "deprecation" not in resp.headers
+
+
+def test_payload_limit(api: Api) -> None:
+    big = {"k": "x" * 52000}
+    resp = api("PUT", "/mmds", big)
+    assert resp.status == 400 and "larger than the limit of 51200" in resp.fault
+    assert api("GET", "/").status == 200  # the server survives
+
+
+def test_custom_payload_and_mmds_limits(tmp_path: Path) -> None:
+    proc = Process(tmp_path, "--http-api-max-payload-size", "1000", "--mmds-size-limit", "100")
+    try:
+        api = Api(proc)
+        assert api("PUT", "/mmds", {"k": "x" * 2000}).status == 400
+        resp = api("PUT", "/mmds", {"k": "x" * 200})
+        assert resp.status == 413 and "MMDS" in resp.fault
+        assert api("PUT", "/mmds", {"k": "v"}).status == 204
+    finally:
+        proc.stop()
+
+
+# -- phases ---------------------------------------------------------------------------
+
+POST_BOOT_ONLY = [
+    ("PATCH", "/drives/root", {"drive_id": "root", "path_on_host": "/x"}),
+    ("PATCH", "/network-interfaces/eth0", {"iface_id": "eth0"}),
+    ("PATCH", "/balloon", {"amount_mib": 1}),
+    ("GET", "/balloon/statistics", None),
+    ("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 1}),
+    ("PATCH", "/vm", {"state": "Paused"}),
+    ("PATCH", "/vm", {"state": "Resumed"}),
+    ("PUT", "/snapshot/create", {"mem_file_path": "m", "snapshot_path": "s"}),
+    ("PUT", "/actions", {"action_type": "FlushMetrics"}),
+    ("PUT", "/actions", {"action_type": "SendCtrlAltDel"}),
+]
+
+
+@pytest.mark.parametrize("method,path,body", POST_BOOT_ONLY)
+def test_post_boot_only_operations_fail_before_boot(api: Api, method: str, path: str, body: Any) -> None:
+    resp = api(method, path, body)
+    assert resp.status == 400
+    assert resp.fault == "The requested operation is not supported before starting the microVM."
+
+
+def test_any_time_operations_before_boot(api: Api) -> None:
+    assert api("GET", "/machine-config").json()["mem_size_mib"] == 128
+    assert api("GET", "/mmds").json() == {}
+    assert api("PUT", "/mmds", {"latest": {"meta-data": {"ami-id": "ami-1"}}}).status == 204
+    assert api("PATCH", "/mmds", {"latest": {"meta-data": {"ami-id": None, "id": 7}}}).status == 204
+    assert api("GET", "/mmds").json() == {"latest": {"meta-data": {"id": 7}}}
+
+
+def test_failed_instance_start_leaves_vm_configurable(api: Api, disk: str) -> None:
+    # A "kernel" that is no kernel, and far more memory than can be mapped: the start must fail.
+    assert api("PUT", "/boot-source", {"kernel_image_path": disk}).status == 204
+    assert api("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 1 << 40}).status == 204
+    resp = api("PUT", "/actions", {"action_type": "InstanceStart"})
+    assert resp.status == 400 and resp.fault.startswith("Start microvm error: ")
+    assert api("GET", "/").json()["state"] == "Not started"
+    assert api("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128}).status == 204
+
+
+def test_snapshot_load_only_on_a_fresh_process(api: Api, disk: str, tmp_path: Path) -> None:
+    assert api("PUT", "/logger", {"level": "Info"}).status == 204  # logger and metrics are fine
+    assert api("PUT", "/boot-source", {"kernel_image_path": disk}).status == 204
+    resp = api("PUT", "/snapshot/load", {"snapshot_path": "s", "mem_backend": {
+        "backend_type": "File", "backend_path": "m"}})
+    assert resp.fault == ("Load snapshot error: Loading a microVM snapshot not allowed after "
+                          "configuring boot-specific resources.")
+
+
+# -- resources --------------------------------------------------------------------------
+
+
+def test_machine_config_put_patch_and_limits(api: Api) -> None:
+    assert api("GET", "/machine-config").json() == {
+        "vcpu_count": 1, "mem_size_mib": 128, "smt": False, "track_dirty_pages": False, "huge_pages": "None"}
+    assert api("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 256, "smt": True,
+                                          "track_dirty_pages": True}).status == 204
+    assert api("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 256}).status == 204
+    assert api("GET", "/machine-config").json()["smt"] is False  # PUT resets omitted fields
+    assert api("PATCH", "/machine-config", {"mem_size_mib": 512}).status == 204
+    assert api("GET", "/machine-config").json()["vcpu_count"] == 2
+    for body in ({"vcpu_count": 0, "mem_size_mib": 128}, {"vcpu_count": 33, "mem_size_mib": 128},
+                 {"vcpu_count": 3, "mem_size_mib": 128, "smt": True}, {"vcpu_count": 1, "mem_size_mib": 0}):
+        resp = api("PUT", "/machine-config", body)
+        assert resp.status == 400 and resp.fault.startswith("Machine config error: ")
+
+
+def test_drives(api: Api, disk: str) -> None:
+    root = {"drive_id": "root", "path_on_host": disk, "is_root_device": True, "is_read_only": False,
+            "rate_limiter": {}}
+    assert api("PUT", "/drives/root", root).status == 204
+    assert api("PUT", "/drives/root", root).status == 204  # update by id
+    second = {**root, "drive_id": "root2"}
+    assert "A root block device already exists" in api("PUT", "/drives/root2", second).fault
+    missing = {**root, "drive_id": "data", "is_root_device": False, "path_on_host": "/no/such/file"}
+    assert "No such file or directory (os error 2)" in api("PUT", "/drives/data", missing).fault
+
+
+def test_network_interfaces(api: Api) -> None:
+    eth0 = {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}
+    assert api("PUT", "/network-interfaces/eth0", eth0).status == 204
+    dup_tap = {"iface_id": "eth1", "host_dev_name": "tap0"}
+    assert "already in use" in api("PUT", "/network-interfaces/eth1", dup_tap).fault
+    dup_mac = {"iface_id": "eth1", "host_dev_name": "tap1", "guest_mac": "06:00:ac:10:00:02"}
+    assert "already in use" in api("PUT", "/network-interfaces/eth1", dup_mac).fault
+    limited = {"iface_id": "eth1", "host_dev_name": "tap1", "rx_rate_limiter": {
+        "bandwidth": {"size": 1000, "refill_time": 100, "one_time_burst": 10}, "ops": {"size": 1, "refill_time": 1}}}
+    assert api("PUT", "/network-interfaces/eth1", limited).status == 204
+
+
+def test_mmds_config(api: Api) -> None:
+    assert "does not correspond" in api("PUT", "/mmds/config", {"network_interfaces": ["eth0"]}).fault
+    api("PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "tap0"})
+    assert "is empty" in api("PUT", "/mmds/config", {"network_interfaces": []}).fault
+    bad = {"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}
+    assert "not link local" in api("PUT", "/mmds/config", bad).fault
+    good = {"network_interfaces": ["eth0"], "version": "V2", "ipv4_address": "169.254.170.2"}
+    assert api("PUT", "/mmds/config", good).status == 204
+    assert api("GET", "/vm/config").json()["mmds-config"]["version"] == "V2"
+
+
+def test_vsock(api: Api, tmp_path: Path) -> None:
+    assert api("PUT", "/vsock", {"guest_cid": 2, "uds_path": str(tmp_path / "v")}).status == 400
+    assert api("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v")}).status == 204
+
+
+def test_balloon_before_boot(api: Api) -> None:
+    assert api("GET", "/balloon").status == 400
+    assert api("PUT", "/balloon", {"amount_mib": 64, "deflate_on_oom": True}).status == 204
+    assert api("GET", "/balloon").json()["amount_mib"] == 64
+
+
+def test_full_vm_config_has_config_file_shape(api: Api, disk: str) -> None:
+    api("PUT", "/boot-source", {"kernel_image_path": disk, "boot_args": "console=ttyS0"})
+    out = api("GET", "/vm/config").json()
+    assert out["boot-source"] == {"kernel_image_path": disk, "boot_args": "console=ttyS0"}
+    for key in ("balloon", "cpu-config", "logger", "metrics", "mmds-config", "vsock", "entropy", "memory-hotplug"):
+        assert out[key] is None, key
+    assert out["drives"] == [] and out["network-interfaces"] == []
+
+
+def test_metrics_only_once(api: Api, tmp_path: Path) -> None:
+    assert api("PUT", "/metrics", {"metrics_path": str(tmp_path / "m.json")}).status == 204
+    resp = api("PUT", "/metrics", {"metrics_path": str(tmp_path / "m.json")})
+    assert resp.status == 400 and "Reinitialization of metrics not allowed." in resp.fault
+
+
+def test_logger_line_format(tmp_path: Path) -> None:
+    log = tmp_path / "fc.log"
+    log.write_text("")
+    proc = Process(tmp_path, "--id", "vm-42", "--log-path", str(log), "--show-level", "--level", "Info")
+    try:
+        Api(proc)("GET", "/")
+    finally:
+        proc.stop()
+    lines = log.read_text().splitlines()
+    assert lines, "nothing was logged"
+    for line in lines:
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+ \[vm-42:[^:\]]+:(ERROR|WARN|INFO|DEBUG|TRACE)\] ", line), line
+
+
+# -- process ---------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*asyncvmm_command(), *args], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_version_flag() -> None:
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.splitlines()[0] == "Firecracker v1.16.1"
+
+
+def test_bad_arguments_exit_153() -> None:
+    assert run_cli("--no-such-flag").returncode == 153
+    assert run_cli("--no-api").returncode == 153
+
+
+def test_bad_config_file_exits_152(tmp_path: Path) -> None:
+    cfg = tmp_path / "vm.json"
+    cfg.write_text(json.dumps({"boot-source": {"kernel_image_path": "/no/kernel"}}))
+    assert run_cli("--api-sock", str(tmp_path / "s"), "--config-file", str(cfg), "--no-api").returncode == 152
+    cfg.write_text("{not json")
+    assert run_cli("--api-sock", str(tmp_path / "s"), "--config-file", str(cfg)).returncode == 152
+
+
+def test_socket_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "api.sock"
+    holder = socket.socket(socket.AF_UNIX)
+    holder.bind(str(path))
+    try:
+        out = run_cli("--api-sock", str(path))
+    finally:
+        holder.close()
+    assert out.returncode == 1
+    assert f"Failed to open the API socket at: {path}. Check that it is not already used." in out.stdout + out.stderr
+
+
+def test_metadata_prefills_mmds(tmp_path: Path) -> None:
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"latest": {"meta-data": {"instance-id": "i-1"}}}))
+    proc = Process(tmp_path, "--metadata", str(meta))
+    try:
+        assert Api(proc)("GET", "/mmds").json() == {"latest": {"meta-data": {"instance-id": "i-1"}}}
+    finally:
+        proc.stop()
+
+
+def test_instance_id_flag(tmp_path: Path) -> None:
+    proc = Process(tmp_path, "--id", "my-vm-1")
+    try:
+        assert Api(proc)("GET", "/").json()["id"] == "my-vm-1"
+    finally:
+        proc.stop()
+
+
+# -- after boot (needs the VMM core and a guest kernel) -----------------------------------------
+
+
+@pytest.fixture
+def booted(api: Api, tmp_path: Path) -> Api:
+    require(vmm_available(), "asyncvmm.vmm (the VMM core) is not importable yet")
+    kernel = os.environ.get("ASYNCVMM_TEST_KERNEL", "")
+    require(bool(kernel) and os.path.exists(kernel), "ASYNCVMM_TEST_KERNEL names no guest kernel")
+    require(os.path.exists("/dev/kvm"), "/dev/kvm is missing")
+    api("PUT", "/metrics", {"metrics_path": str(tmp_path / "metrics.json")})
+    api("PUT", "/boot-source", {"kernel_image_path": kernel, "boot_args": "console=ttyS0 reboot=k panic=1"})
+    resp = api("PUT", "/actions", {"action_type": "InstanceStart"})
+    assert resp.status == 204, resp.body
+    return api
+
+
+PRE_BOOT_ONLY = [
+    ("PUT", "/boot-source", {"kernel_image_path": "/k"}),
+    ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128}),
+    ("PATCH", "/machine-config", {"vcpu_count": 1}),
+    ("PUT", "/mmds/config", {"network_interfaces": ["eth0"]}),
+    ("PUT", "/vsock", {"guest_cid": 3, "uds_path": "/v"}),
+    ("PUT", "/entropy", {}),
+    ("PUT", "/balloon", {"amount_mib": 1, "deflate_on_oom": False}),
+    ("PUT", "/logger", {"level": "Info"}),
+    ("PUT", "/metrics", {"metrics_path": "/m"}),
+    ("PUT", "/serial", {}),
+    ("PUT", "/cpu-config", {}),
+    ("PUT", "/drives/d", {"drive_id": "d", "is_root_device": False, "path_on_host": "/x"}),
+    ("PUT", "/network-interfaces/n", {"iface_id": "n", "host_dev_name": "t"}),
+    ("PUT", "/actions", {"action_type": "InstanceStart"}),
+    ("PUT", "/snapshot/load", {"snapshot_path": "s", "mem_file_path": "m"}),
+]
+
+
+@pytest.mark.parametrize("method,path,body", PRE_BOOT_ONLY)
+def test_pre_boot_only_operations_fail_after_boot(booted: Api, method: str, path: str, body: Any) -> None:
+    resp = booted(method, path, body)
+    assert resp.fault == "The requested operation is not supported after starting the microVM."
+
+
+def test_pause_resume_and_metrics_after_boot(booted: Api, tmp_path: Path) -> None:
+    assert booted("GET", "/").json()["state"] == "Running"
+    assert booted("PATCH", "/vm", {"state": "Paused"}).status == 204
+    assert booted("PATCH", "/vm", {"state": "Paused"}).status == 204
+    assert booted("GET", "/").json()["state"] == "Paused"
+    assert booted("PATCH", "/vm", {"state": "Resumed"}).status == 204
+    assert booted("PUT", "/actions", {"action_type": "FlushMetrics"}).status == 204
+    lines = (tmp_path / "metrics.json").read_text().splitlines()
+    assert len(lines) >= 2 and all("utc_timestamp_ms" in json.loads(line) for line in lines)
+    assert booted("GET", "/version").json() == {"firecracker_version": "1.16.1"}
