@@ -1,0 +1,169 @@
+"""virtio-block requests (§5.2.6): parsing is pure validation, one error per failure.
+
+Primer.  A request is one chain carrying ``struct virtio_blk_req``::
+
+    le32 type; le32 reserved; le64 sector;   16 bytes, device-readable
+    u8 data[];                               readable (OUT) or writable (IN, GET_ID)
+    u8 status;                               the last device-writable byte
+
+§2.6.4 forbids assuming how that is split into descriptors, so the parser
+sees the chain as two byte streams (readable, writable): the header is the
+first 16 readable bytes, the status is the last writable byte and the data is
+whatever lies between.  ``sector`` counts 512-byte units whatever the
+block size.
+
+:func:`parse` returns a :class:`Request` or raises a :class:`RequestError`
+whose ``status`` is what the device answers and whose ``status_at`` says
+where (``None`` when the chain has no writable byte at all, so nothing can be
+answered but the used-ring entry).  No I/O here.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from asyncvmm.devices.virtio.chain import ChainBuffers, Segments
+from asyncvmm.memory import GuestMemory
+
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_ID_BYTES = 20
+SECTOR_SHIFT = 9
+SECTOR_SIZE = 1 << SECTOR_SHIFT
+
+_HEADER = struct.Struct("<IIQ")
+
+
+class RequestError(Exception):
+    status = VIRTIO_BLK_S_IOERR
+
+    def __init__(self, message: str, status_at: Segments | None = None) -> None:
+        super().__init__(message)
+        self.status_at = status_at
+
+
+class MissingStatusError(RequestError):
+    """No device-writable byte for the status (§5.2.6)."""
+
+
+class HeaderLengthError(RequestError):
+    """Fewer than 16 device-readable bytes for the header."""
+
+
+class UnexpectedReadableDataError(RequestError):
+    """Device-readable bytes after the header of a request that carries none (IN, GET_ID)."""
+
+
+class UnexpectedWritableDataError(RequestError):
+    """Device-writable bytes besides the status in a request that returns none (OUT)."""
+
+
+class DataLengthError(RequestError):
+    """IN/OUT data that is not a whole number of 512-byte sectors (§5.2.6.1)."""
+
+
+class SectorRangeError(RequestError):
+    """IN/OUT data that runs past the end of the disk."""
+
+
+class ReadOnlyError(RequestError):
+    """OUT to a VIRTIO_BLK_F_RO device (§5.2.6.2: IOERR, no data written)."""
+
+
+class IdBufferError(RequestError):
+    """GET_ID without room for the id."""
+
+
+class UnsupportedRequestError(RequestError):
+    """A type the device does not implement, or FLUSH without VIRTIO_BLK_F_FLUSH (§5.2.6.2)."""
+
+    status = VIRTIO_BLK_S_UNSUPP
+
+
+@dataclass(frozen=True, slots=True)
+class Disk:
+    """What the parser needs to know about the backing disk."""
+
+    capacity: int          # in 512-byte sectors
+    read_only: bool
+    flush: bool            # VIRTIO_BLK_F_FLUSH offered
+
+
+@dataclass(slots=True)
+class Request:
+    head: int
+    type: int
+    sector: int
+    data: Segments
+    status_at: Segments
+
+    @property
+    def offset(self) -> int:
+        return self.sector << SECTOR_SHIFT
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.length
+
+    def used_len(self, status: int) -> int:
+        """Bytes the device wrote into the chain (§2.7.8): data for a successful IN, then status."""
+        if status == VIRTIO_BLK_S_OK and self.type in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID):
+            written = self.data.length if self.type == VIRTIO_BLK_T_IN else min(self.data.length, VIRTIO_BLK_ID_BYTES)
+            return written + 1
+        return 1
+
+
+def parse(mem: GuestMemory, bufs: ChainBuffers, disk: Disk) -> Request:
+    readable, writable = bufs.readable, bufs.writable
+    if writable.length == 0:
+        raise MissingStatusError("no device-writable status byte")
+    status_at = writable.slice(writable.length - 1, 1)
+    if readable.length < _HEADER.size:
+        raise HeaderLengthError(f"header of {readable.length} bytes", status_at)
+    req_type, _reserved, sector = _HEADER.unpack(readable.slice(0, _HEADER.size).read(mem))
+    payload_in = writable.slice(0, writable.length - 1)
+    payload_out = readable.slice(_HEADER.size, readable.length - _HEADER.size)
+
+    if req_type == VIRTIO_BLK_T_IN:
+        if payload_out.length:
+            raise UnexpectedReadableDataError(f"IN with {payload_out.length} readable data bytes", status_at)
+        data = payload_in
+    elif req_type == VIRTIO_BLK_T_OUT:
+        if disk.read_only:
+            raise ReadOnlyError("OUT to a read-only device", status_at)
+        if payload_in.length:
+            raise UnexpectedWritableDataError(f"OUT with {payload_in.length} writable data bytes", status_at)
+        data = payload_out
+    elif req_type == VIRTIO_BLK_T_FLUSH:
+        if not disk.flush:
+            raise UnsupportedRequestError("FLUSH without VIRTIO_BLK_F_FLUSH", status_at)
+        # §5.2.6.1: the driver SHOULD NOT send data with a flush; whatever it sent is ignored.
+        return Request(bufs.head, req_type, 0, Segments(), status_at)
+    elif req_type == VIRTIO_BLK_T_GET_ID:
+        if payload_out.length:
+            raise UnexpectedReadableDataError(f"GET_ID with {payload_out.length} readable data bytes", status_at)
+        if payload_in.length == 0:
+            raise IdBufferError("GET_ID without an id buffer", status_at)
+        return Request(bufs.head, req_type, 0, payload_in, status_at)
+    else:
+        raise UnsupportedRequestError(f"request type {req_type}", status_at)
+
+    if data.length % SECTOR_SIZE:
+        raise DataLengthError(f"{data.length} data bytes is not a multiple of {SECTOR_SIZE}", status_at)
+    end = sector + (data.length >> SECTOR_SHIFT)
+    if end > disk.capacity:
+        raise SectorRangeError(f"sectors {sector}..{end} beyond capacity {disk.capacity}", status_at)
+    return Request(bufs.head, req_type, sector, data, status_at)
+
+
+def device_id(drive_id: str) -> bytes:
+    """The GET_ID answer: the drive id, NUL-padded or cut to VIRTIO_BLK_ID_BYTES (§5.2.6)."""
+    return drive_id.encode("utf-8", "replace")[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")

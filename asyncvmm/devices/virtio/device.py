@@ -1,0 +1,119 @@
+"""What a virtio device is, as the transport sees it.
+
+A device (block, rng, net ...) describes itself (``device_type``, queue
+sizes, offered features, config space) and is started and stopped by its
+transport:
+
+* :meth:`VirtioDevice.activate` runs **on the asyncio loop** once the driver
+  set DRIVER_OK and the transport validated the queues.  It receives an
+  :class:`Activation`: guest memory, the live queues, their notification
+  eventfds, the negotiated features, a :class:`DmaGate` and the
+  :class:`Interrupts` it may raise.  The device's event handler adds its loop
+  readers there.
+* :meth:`VirtioDevice.deactivate` runs on the loop after a reset; by then the
+  gate is closed, so nothing of the old activation can touch guest memory.
+* :meth:`VirtioDevice.read_config` / ``write_config`` run on vCPU threads under
+  the bus lock and must be quick.
+
+A device reports a configuration change (e.g. a block device's new size) with
+:meth:`VirtioDevice.config_changed`, which the transport turns into a
+ConfigGeneration bump and a configuration-change interrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from asyncvmm.devices.irq import EventFd
+from asyncvmm.devices.virtio.gate import DmaGate
+from asyncvmm.devices.virtio.queue import Queue
+from asyncvmm.devices.virtio.spec import VIRTIO_F_VERSION_1, bit
+from asyncvmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+
+class ActivationError(Exception):
+    """A device could not start (a host failure while activating)."""
+
+
+class Interrupts(Protocol):
+    """The device's side of the transport's interrupt logic (§4.2.3.4)."""
+
+    def signal_used(self) -> None:
+        """A used buffer notification (InterruptStatus bit 0)."""
+
+    def signal_config(self) -> None:
+        """A configuration change notification (InterruptStatus bit 1)."""
+
+    def needs_reset(self, reason: str) -> None:
+        """The driver broke the protocol: set DEVICE_NEEDS_RESET (§2.1.2)."""
+
+
+@dataclass(eq=False)
+class Activation:
+    """Everything one activation of a device works with; dropped on reset."""
+
+    mem: GuestMemory
+    queues: list[Queue]
+    queue_events: list[EventFd]
+    acked_features: int
+    interrupts: Interrupts
+    loop: asyncio.AbstractEventLoop
+    gate: DmaGate = field(default_factory=DmaGate)
+
+    def has_feature(self, feature_bit: int) -> bool:
+        return bool(self.acked_features & bit(feature_bit))
+
+
+class VirtioDevice:
+    """Base class: subclasses set the class attributes and implement the hooks."""
+
+    device_type: int = 0
+    queue_max_sizes: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        self._config_listener: Callable[[], None] | None = None
+
+    @property
+    def num_queues(self) -> int:
+        return len(self.queue_max_sizes)
+
+    @property
+    def avail_features(self) -> int:
+        """Feature bits offered to the driver; every device offers VIRTIO_F_VERSION_1."""
+        return bit(VIRTIO_F_VERSION_1)
+
+    # -- config space (vCPU threads) ----------------------------------------
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """Bytes of the device-specific configuration; outside it, zeros."""
+        return bytes(size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        log.warning("%s: ignored write of %d bytes to config offset %#x",
+                    type(self).__name__, len(data), offset)
+
+    def set_config_listener(self, listener: Callable[[], None] | None) -> None:
+        self._config_listener = listener
+
+    def config_changed(self) -> None:
+        if self._config_listener is not None:
+            self._config_listener()
+
+    # -- lifecycle (loop) ---------------------------------------------------
+
+    def activate(self, activation: Activation) -> None:
+        raise NotImplementedError
+
+    def deactivate(self) -> None:
+        raise NotImplementedError
+
+    def activation_failed(self, reason: str) -> None:
+        """The transport could not activate (bad queue setup); count it."""
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None and hasattr(metrics, "activate_fails"):
+            metrics.activate_fails += 1

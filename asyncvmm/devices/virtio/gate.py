@@ -1,0 +1,76 @@
+"""A gate that fences a device's guest-memory accesses against a reset.
+
+A virtio device touches guest buffers from two places: the asyncio loop
+(queue processing, the Sync block engine, used-ring updates) and worker
+threads (the Async block engine).  The driver resets the device from a vCPU
+thread, and once its status write returns it may reuse every buffer and ring
+page it had given the device.  So the reset must not return while any access
+of the old activation is in progress, and none may start afterwards.
+
+:class:`DmaGate` does that: each access runs between :meth:`enter` (which
+refuses once the gate is closed) and :meth:`exit`; :meth:`close` refuses new
+entries and waits for the ones inside.  Accesses are short (one request's
+syscall or one ring update), so the vCPU waits at most that long.  Nothing
+ever waits on a vCPU while inside, so closing cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+
+class GateClosedError(Exception):
+    """The activation this access belonged to has been reset."""
+
+
+class DmaGate:
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._open = True
+        self._inside = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def enter(self) -> bool:
+        """Start an access; ``False`` (and no access) once the gate is closed."""
+        with self._cond:
+            if not self._open:
+                return False
+            self._inside += 1
+            return True
+
+    def exit(self) -> None:
+        with self._cond:
+            self._inside -= 1
+            if self._inside == 0:
+                self._cond.notify_all()
+
+    @contextmanager
+    def access(self) -> Iterator[None]:
+        """``with gate.access():`` an access; raises :class:`GateClosedError` if closed."""
+        if not self.enter():
+            raise GateClosedError("device was reset")
+        try:
+            yield
+        finally:
+            self.exit()
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Refuse new accesses and wait for current ones; ``False`` on timeout.
+
+        A timeout means a host syscall is stuck (e.g. a hung NFS backing
+        file); the reset proceeds anyway and the late access is logged.
+        """
+        with self._cond:
+            self._open = False
+            done = self._cond.wait_for(lambda: self._inside == 0, timeout)
+        if not done:
+            log.error("device reset while %d guest-memory accesses were still running", self._inside)
+        return done

@@ -1,0 +1,363 @@
+"""The virtio-mmio transport, version 2 (§4.2), as a bus device.
+
+Primer.  Each device gets a 4 KiB window of 32-bit little-endian registers
+(names below as in Linux's ``virtio_mmio.h``; the spec's QueueDriver/
+QueueDevice are ``QUEUE_AVAIL``/``QUEUE_USED`` there) and, from 0x100, its
+device-specific configuration space.  The driver identifies the device
+(MagicValue "virt", Version 2, DeviceID), walks the status byte through
+§3.1.1, reads and writes 64-bit feature words 32 bits at a time through the
+``*_SEL`` registers, and sets up each queue through QueueSel (§4.2.3.2).
+
+Threads.  :meth:`read`/:meth:`write` run on vCPU threads under the bus's
+per-device lock.  Queue kicks do not come here: KVM signals the queue's
+eventfd directly (an ioeventfd on QueueNotify); a QueueNotify that does
+reach us signals the same eventfd.  Activation (DRIVER_OK) and deactivation
+(reset) hop to the asyncio loop with ``call_soon_threadsafe``; a reset first
+closes the activation's :class:`DmaGate`, so when the driver's status write
+returns nothing of the old activation touches guest memory any more.  The
+loop raises interrupts through :class:`_Interrupts`; InterruptStatus is
+shared with the vCPUs, hence the small lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import struct
+import threading
+
+from asyncvmm.devices.irq import EventFd, IrqLine
+from asyncvmm.devices.virtio import status as st
+from asyncvmm.devices.virtio.device import Activation, VirtioDevice
+from asyncvmm.devices.virtio.gate import DmaGate
+from asyncvmm.devices.virtio.queue import Queue, QueueConfigError
+from asyncvmm.devices.virtio.spec import (
+    DEVICE_NEEDS_RESET,
+    DRIVER_OK,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    bit,
+)
+from asyncvmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+MMIO_MAGIC_VALUE = 0x74726976      # "virt"
+MMIO_VERSION = 2                   # the non-legacy interface only
+VENDOR_ID = 0x4D4D5641             # "AVMM"
+
+VIRTIO_MMIO_MAGIC_VALUE = 0x000
+VIRTIO_MMIO_VERSION = 0x004
+VIRTIO_MMIO_DEVICE_ID = 0x008
+VIRTIO_MMIO_VENDOR_ID = 0x00C
+VIRTIO_MMIO_DEVICE_FEATURES = 0x010
+VIRTIO_MMIO_DEVICE_FEATURES_SEL = 0x014
+VIRTIO_MMIO_DRIVER_FEATURES = 0x020
+VIRTIO_MMIO_DRIVER_FEATURES_SEL = 0x024
+VIRTIO_MMIO_QUEUE_SEL = 0x030
+VIRTIO_MMIO_QUEUE_NUM_MAX = 0x034
+VIRTIO_MMIO_QUEUE_NUM = 0x038
+VIRTIO_MMIO_QUEUE_READY = 0x044
+VIRTIO_MMIO_QUEUE_NOTIFY = 0x050
+VIRTIO_MMIO_INTERRUPT_STATUS = 0x060
+VIRTIO_MMIO_INTERRUPT_ACK = 0x064
+VIRTIO_MMIO_STATUS = 0x070
+VIRTIO_MMIO_QUEUE_DESC_LOW = 0x080
+VIRTIO_MMIO_QUEUE_DESC_HIGH = 0x084
+VIRTIO_MMIO_QUEUE_AVAIL_LOW = 0x090
+VIRTIO_MMIO_QUEUE_AVAIL_HIGH = 0x094
+VIRTIO_MMIO_QUEUE_USED_LOW = 0x0A0
+VIRTIO_MMIO_QUEUE_USED_HIGH = 0x0A4
+VIRTIO_MMIO_SHM_SEL = 0x0AC
+VIRTIO_MMIO_SHM_LEN_LOW = 0x0B0
+VIRTIO_MMIO_SHM_LEN_HIGH = 0x0B4
+VIRTIO_MMIO_SHM_BASE_LOW = 0x0B8
+VIRTIO_MMIO_SHM_BASE_HIGH = 0x0BC
+VIRTIO_MMIO_QUEUE_RESET = 0x0C0
+VIRTIO_MMIO_CONFIG_GENERATION = 0x0FC
+VIRTIO_MMIO_CONFIG = 0x100
+
+VIRTIO_MMIO_INT_VRING = 1
+VIRTIO_MMIO_INT_CONFIG = 2
+
+# Queue address registers: (attribute, high half?).
+_QUEUE_ADDR_REGS = {
+    VIRTIO_MMIO_QUEUE_DESC_LOW: ("desc_table", False),
+    VIRTIO_MMIO_QUEUE_DESC_HIGH: ("desc_table", True),
+    VIRTIO_MMIO_QUEUE_AVAIL_LOW: ("avail_ring", False),
+    VIRTIO_MMIO_QUEUE_AVAIL_HIGH: ("avail_ring", True),
+    VIRTIO_MMIO_QUEUE_USED_LOW: ("used_ring", False),
+    VIRTIO_MMIO_QUEUE_USED_HIGH: ("used_ring", True),
+}
+_U32 = struct.Struct("<I")
+
+
+class VirtioMmioTransport:
+    """One virtio-mmio window driving one :class:`VirtioDevice`."""
+
+    def __init__(self, device: VirtioDevice, *, mem: GuestMemory, irq: IrqLine,
+                 queue_events: list[EventFd], loop: asyncio.AbstractEventLoop) -> None:
+        if len(queue_events) != device.num_queues:
+            raise ValueError(f"{device.num_queues} queues but {len(queue_events)} eventfds")
+        self.device = device
+        self.mem = mem
+        self.irq = irq
+        self.queue_events = queue_events
+        self.loop = loop
+        self._lock = threading.Lock()          # interrupt_status, config_generation
+        self.interrupt_status = 0
+        self.config_generation = 0
+        self.activation: Activation | None = None
+        self._reset_registers()
+        device.set_config_listener(self._on_config_change)
+
+    def _reset_registers(self) -> None:
+        self.status = st.RESET
+        self.needs_reset = False
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.unoffered_feature_written = False   # a bit beyond the 64 any device offers
+        self.queue_sel = 0
+        self.shm_sel = 0
+        self.queues = [Queue(max_size=n) for n in self.device.queue_max_sizes]
+        with self._lock:
+            self.interrupt_status = 0
+
+    @property
+    def device_status(self) -> int:
+        """The Status register: the driver's bits plus the device's DEVICE_NEEDS_RESET."""
+        return self.status | (DEVICE_NEEDS_RESET if self.needs_reset else 0)
+
+    # -- BusDevice ----------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset >= VIRTIO_MMIO_CONFIG:
+            data = self.device.read_config(offset - VIRTIO_MMIO_CONFIG, size)
+            return bytes(data[:size]).ljust(size, b"\0")
+        if size != 4 or offset % 4:
+            log.warning("virtio-mmio: %d-byte read at register offset %#x ignored", size, offset)
+            return bytes(size)
+        return _U32.pack(self._read_register(offset) & 0xFFFF_FFFF)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset >= VIRTIO_MMIO_CONFIG:
+            self.device.write_config(offset - VIRTIO_MMIO_CONFIG, bytes(data))
+            return
+        if len(data) != 4 or offset % 4:
+            log.warning("virtio-mmio: %d-byte write at register offset %#x ignored", len(data), offset)
+            return
+        self._write_register(offset, _U32.unpack(data)[0])
+
+    # -- registers ----------------------------------------------------------
+
+    def _selected_queue(self) -> Queue | None:
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def _read_register(self, offset: int) -> int:
+        q = self._selected_queue()
+        if offset == VIRTIO_MMIO_MAGIC_VALUE:
+            return MMIO_MAGIC_VALUE
+        if offset == VIRTIO_MMIO_VERSION:
+            return MMIO_VERSION
+        if offset == VIRTIO_MMIO_DEVICE_ID:
+            return self.device.device_type
+        if offset == VIRTIO_MMIO_VENDOR_ID:
+            return VENDOR_ID
+        if offset == VIRTIO_MMIO_DEVICE_FEATURES:
+            # Feature words beyond the second are all zero: no device offers bits above 63.
+            return self.device.avail_features >> (32 * self.device_features_sel) if self.device_features_sel < 2 else 0
+        if offset == VIRTIO_MMIO_QUEUE_NUM_MAX:
+            return q.max_size if q else 0   # 0: no such queue (§4.2.3.2)
+        if offset == VIRTIO_MMIO_QUEUE_READY:
+            return int(q.ready) if q else 0
+        if offset == VIRTIO_MMIO_INTERRUPT_STATUS:
+            with self._lock:
+                return self.interrupt_status
+        if offset == VIRTIO_MMIO_STATUS:
+            return self.device_status
+        if offset in (VIRTIO_MMIO_SHM_LEN_LOW, VIRTIO_MMIO_SHM_LEN_HIGH,
+                      VIRTIO_MMIO_SHM_BASE_LOW, VIRTIO_MMIO_SHM_BASE_HIGH):
+            return 0xFFFF_FFFF              # all ones: no shared memory region (§4.2.2)
+        if offset == VIRTIO_MMIO_CONFIG_GENERATION:
+            with self._lock:
+                return self.config_generation
+        # Write-only registers and holes read as zero (§4.2.2.1 leaves them undefined).
+        return 0
+
+    def _write_register(self, offset: int, value: int) -> None:
+        if offset == VIRTIO_MMIO_DEVICE_FEATURES_SEL:
+            self.device_features_sel = value
+        elif offset == VIRTIO_MMIO_DRIVER_FEATURES_SEL:
+            self.driver_features_sel = value
+        elif offset == VIRTIO_MMIO_DRIVER_FEATURES:
+            self._write_driver_features(value)
+        elif offset == VIRTIO_MMIO_QUEUE_SEL:
+            self.queue_sel = value
+        elif offset == VIRTIO_MMIO_QUEUE_NOTIFY:
+            if value < len(self.queue_events):
+                self.queue_events[value].write(1)
+        elif offset == VIRTIO_MMIO_INTERRUPT_ACK:
+            with self._lock:
+                self.interrupt_status &= ~value
+        elif offset == VIRTIO_MMIO_STATUS:
+            self._write_status(value)
+        elif offset == VIRTIO_MMIO_SHM_SEL:
+            self.shm_sel = value
+        elif offset in (VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_READY) or offset in _QUEUE_ADDR_REGS:
+            self._write_queue_register(offset, value)
+        else:
+            log.warning("virtio-mmio: write of %#x to read-only or unknown register %#x ignored", value, offset)
+
+    def _write_driver_features(self, value: int) -> None:
+        # §3.1.1 step 4 (and §2.2.1): features are only written between DRIVER and FEATURES_OK.
+        if self.status != st.S_DRIVER:
+            log.warning("virtio-mmio: DriverFeatures written in status %#x ignored", self.status)
+            return
+        if self.driver_features_sel >= 2:
+            self.unoffered_feature_written |= value != 0
+            return
+        shift = 32 * self.driver_features_sel
+        self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
+
+    def _write_queue_register(self, offset: int, value: int) -> None:
+        q = self._selected_queue()
+        # §4.2.3.2: queues are set up after FEATURES_OK and before DRIVER_OK.
+        if q is None or self.status != st.S_FEATURES_OK:
+            log.warning("virtio-mmio: queue register %#x written for queue %d in status %#x ignored",
+                        offset, self.queue_sel, self.status)
+            return
+        if offset == VIRTIO_MMIO_QUEUE_READY:
+            q.ready = bool(value & 1)
+        elif q.ready:
+            # §4.2.2.2: a ready queue's configuration must not change.
+            log.warning("virtio-mmio: queue %d reconfigured while ready; ignored", self.queue_sel)
+        elif offset == VIRTIO_MMIO_QUEUE_NUM:
+            q.size = value
+        else:
+            attr, high = _QUEUE_ADDR_REGS[offset]
+            old = getattr(q, attr)
+            new = (old & 0xFFFF_FFFF) | (value << 32) if high else (old & ~0xFFFF_FFFF) | value
+            setattr(q, attr, new)
+
+    # -- the status state machine -------------------------------------------
+
+    def _write_status(self, value: int) -> None:
+        action = st.transition(self.status, value)
+        if action is None:
+            log.warning("virtio-mmio: status %#x -> %#x is not a valid transition; ignored", self.status, value)
+            return
+        if action is st.Action.RESET:
+            self._reset()
+        elif action is st.Action.NEGOTIATE:
+            self._negotiate()
+        elif action is st.Action.ACTIVATE:
+            self.status = value & ~DEVICE_NEEDS_RESET
+            self._activate()
+        else:
+            self.status = value & ~DEVICE_NEEDS_RESET & 0xFF
+
+    def _negotiate(self) -> None:
+        offered = self.device.avail_features
+        extra = self.driver_features & ~offered
+        if extra or self.unoffered_feature_written or not self.driver_features & bit(VIRTIO_F_VERSION_1):
+            # §3.1.1 step 6: the driver re-reads the status and sees FEATURES_OK clear.
+            log.warning("virtio-mmio: refusing driver features %#x (offered %#x)", self.driver_features, offered)
+            return
+        self.status = st.S_FEATURES_OK
+
+    def _activate(self) -> None:
+        features = self.driver_features
+        queues = [dataclasses.replace(q, event_idx=bool(features & bit(VIRTIO_F_EVENT_IDX)),
+                                      indirect_desc=bool(features & bit(VIRTIO_F_INDIRECT_DESC)))
+                  for q in self.queues]
+        try:
+            for q in queues:
+                if q.ready:
+                    q.validate(self.mem)
+        except QueueConfigError as e:
+            log.error("virtio-mmio: cannot activate %s: %s", type(self.device).__name__, e)
+            self.device.activation_failed(str(e))
+            self.set_needs_reset()
+            return
+        gate = DmaGate()
+        act = Activation(mem=self.mem, queues=queues, queue_events=self.queue_events,
+                         acked_features=features, interrupts=_Interrupts(self, gate),
+                         loop=self.loop, gate=gate)
+        self.activation = act
+        self._post(self._activate_on_loop, act)
+
+    def _activate_on_loop(self, act: Activation) -> None:
+        if not act.gate.is_open:
+            return                       # reset before the loop got here
+        try:
+            self.device.activate(act)
+        except Exception as e:           # a host failure (e.g. opening a file); the VMM lives on
+            log.error("virtio-mmio: activating %s failed: %s", type(self.device).__name__, e)
+            self.device.activation_failed(str(e))
+            act.interrupts.needs_reset(str(e))
+
+    def _reset(self) -> None:
+        act, self.activation = self.activation, None
+        if act is not None:
+            act.gate.close()
+            self._post(self._deactivate_on_loop, act)
+        self._reset_registers()
+
+    def _deactivate_on_loop(self, act: Activation) -> None:
+        try:
+            self.device.deactivate()
+        except Exception:
+            log.exception("virtio-mmio: deactivating %s failed", type(self.device).__name__)
+
+    def _post(self, fn, act: Activation) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, act)
+        except RuntimeError:             # the loop is closed: the VMM is shutting down
+            log.warning("virtio-mmio: loop closed; %s dropped", fn.__name__)
+
+    # -- interrupts (any thread) --------------------------------------------
+
+    def raise_interrupt(self, bits: int) -> None:
+        with self._lock:
+            self.interrupt_status |= bits
+        self.irq.trigger()
+
+    def set_needs_reset(self) -> None:
+        self.needs_reset = True
+        # §2.1.2: a device that is live tells the driver with a configuration change notification.
+        if self.status & DRIVER_OK:
+            self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
+
+    def _on_config_change(self) -> None:
+        """The device's configuration changed (loop thread)."""
+        with self._lock:
+            self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
+        if self.status & DRIVER_OK:
+            self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
+
+
+class _Interrupts:
+    """The interrupts one activation may raise; silent once that activation is reset."""
+
+    def __init__(self, transport: VirtioMmioTransport, gate: DmaGate) -> None:
+        self.transport = transport
+        self.gate = gate
+
+    def _live(self) -> bool:
+        return self.gate.is_open
+
+    def signal_used(self) -> None:
+        if self._live():
+            self.transport.raise_interrupt(VIRTIO_MMIO_INT_VRING)
+
+    def signal_config(self) -> None:
+        if self._live():
+            self.transport.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
+
+    def needs_reset(self, reason: str) -> None:
+        if self._live():
+            log.error("virtio-mmio: %s needs reset: %s", type(self.transport.device).__name__, reason)
+            self.transport.set_needs_reset()

@@ -1,0 +1,187 @@
+"""Descriptor chains: walking, indirect tables, and every way a chain can be wrong."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from asyncvmm.devices.virtio.chain import (
+    ChainError,
+    ChainLoopError,
+    DescriptorChain,
+    DescriptorDirectionError,
+    DescriptorIndexError,
+    DescriptorRangeError,
+    IndirectNotNegotiatedError,
+    IndirectTableError,
+    NestedIndirectError,
+    Segments,
+    collect,
+)
+from asyncvmm.devices.virtio.spec import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from asyncvmm.memory import GuestMemory
+from tests.fakes.virtio_driver import Allocator, Buf, FakeVirtqueue
+
+N = VIRTQ_DESC_F_NEXT
+W = VIRTQ_DESC_F_WRITE
+I = VIRTQ_DESC_F_INDIRECT
+SIZE = 8
+
+
+@pytest.fixture
+def vq(guest_mem) -> FakeVirtqueue:
+    return FakeVirtqueue(guest_mem, Allocator(0x1000, guest_mem.end), 0, SIZE)
+
+
+def chain(vq: FakeVirtqueue, head: int, *, indirect_ok: bool = True) -> DescriptorChain:
+    return DescriptorChain(vq.mem, vq.desc, vq.size, head, indirect_ok=indirect_ok)
+
+
+def test_direct_chain_splits_into_readable_then_writable(vq):
+    head = vq.add_chain([Buf(0x10000, 16), Buf(0x20000, 100), Buf(0x30000, 1, True)])
+    bufs = collect(chain(vq, head))
+    assert bufs.head == head
+    assert bufs.readable.parts == [(0x10000, 16), (0x20000, 100)]
+    assert bufs.writable.parts == [(0x30000, 1)]
+
+
+def test_indirect_chain_after_direct_descriptors(vq):
+    head = vq.add_indirect_chain([Buf(0x20000, 8), Buf(0x30000, 4, True)], direct=[Buf(0x10000, 16)])
+    bufs = collect(chain(vq, head))
+    assert bufs.readable.parts == [(0x10000, 16), (0x20000, 8)]
+    assert bufs.writable.parts == [(0x30000, 4)]
+
+
+def test_cycle_ends_in_loop_error(vq):
+    vq.write_desc(0, 0x10000, 1, N, 1)
+    vq.write_desc(1, 0x10000, 1, N, 0)
+    with pytest.raises(ChainLoopError):
+        collect(chain(vq, 0))
+
+
+def test_self_loop_in_indirect_table_ends(vq):
+    table = vq.alloc.alloc(32)
+    vq.mem.write(table, struct.pack("<QIHH", 0x10000, 1, N, 1) + struct.pack("<QIHH", 0x10000, 1, N, 0))
+    vq.write_desc(0, table, 32, I)
+    with pytest.raises(ChainLoopError):
+        collect(chain(vq, 0))
+
+
+def test_next_outside_table(vq):
+    vq.write_desc(0, 0x10000, 1, N, SIZE)
+    with pytest.raises(DescriptorIndexError):
+        collect(chain(vq, 0))
+
+
+def test_buffer_outside_guest_memory(vq):
+    vq.write_desc(0, vq.mem.end - 4, 8, 0)
+    with pytest.raises(DescriptorRangeError):
+        collect(chain(vq, 0))
+
+
+def test_huge_length_is_a_range_error_not_a_huge_allocation(vq):
+    vq.write_desc(0, 0, 0xFFFF_FFFF, W)
+    with pytest.raises(DescriptorRangeError):
+        collect(chain(vq, 0))
+
+
+def test_readable_after_writable(vq):
+    vq.write_desc(0, 0x10000, 1, W | N, 1)
+    vq.write_desc(1, 0x10000, 1, 0)
+    with pytest.raises(DescriptorDirectionError):
+        collect(chain(vq, 0))
+
+
+def test_indirect_requires_the_feature(vq):
+    head = vq.add_indirect_chain([Buf(0x10000, 1)])
+    with pytest.raises(IndirectNotNegotiatedError):
+        collect(chain(vq, head, indirect_ok=False))
+
+
+def test_nested_indirect(vq):
+    inner = vq.alloc.alloc(16)
+    vq.mem.write(inner, struct.pack("<QIHH", 0x10000, 1, 0, 0))
+    outer = vq.alloc.alloc(16)
+    vq.mem.write(outer, struct.pack("<QIHH", inner, 16, I, 0))
+    vq.write_desc(0, outer, 16, I)
+    with pytest.raises(NestedIndirectError):
+        collect(chain(vq, 0))
+
+
+@pytest.mark.parametrize("length", [0, 8, 17, 16 * (SIZE + 1)])
+def test_bad_indirect_table_lengths(vq, length):
+    vq.write_desc(0, vq.alloc.alloc(1024), length, I)
+    with pytest.raises(IndirectTableError):
+        collect(chain(vq, 0))
+
+
+def test_indirect_with_next_is_refused(vq):
+    vq.write_desc(0, vq.alloc.alloc(16), 16, I | N, 1)
+    with pytest.raises(IndirectTableError):
+        collect(chain(vq, 0))
+
+
+def test_indirect_table_outside_memory(vq):
+    vq.write_desc(0, vq.mem.end - 8, 16, I)
+    with pytest.raises(IndirectTableError):
+        collect(chain(vq, 0))
+
+
+def test_indirect_descriptor_write_flag_is_ignored(vq):
+    # §2.7.5.3.2: the device ignores VIRTQ_DESC_F_WRITE on the descriptor naming the table.
+    table = vq.alloc.alloc(16)
+    vq.mem.write(table, struct.pack("<QIHH", 0x10000, 4, 0, 0))
+    vq.write_desc(0, table, 16, I | W)
+    assert collect(chain(vq, 0)).readable.parts == [(0x10000, 4)]
+
+
+def test_zero_length_descriptors_are_walked_but_carry_nothing(vq):
+    head = vq.add_chain([Buf(0, 0), Buf(0x10000, 0, True)])
+    bufs = collect(chain(vq, head))
+    assert bufs.readable.length == 0 and bufs.writable.length == 0
+
+
+def test_buffer_spanning_two_adjacent_regions_is_fine():
+    mem = GuestMemory.from_buffers([(0, bytearray(0x20000)), (0x20000, bytearray(0x10000))])
+    vq = FakeVirtqueue(mem, Allocator(0x1000, 0x10000), 0, SIZE)
+    head = vq.add_chain([Buf(0x1F000, 0x2000)])
+    assert collect(chain(vq, head)).readable.length == 0x2000
+
+
+def test_segments_slice_read_write(guest_mem):
+    seg = Segments([(0x10000, 3), (0x20000, 5), (0x30000, 2)])
+    assert seg.length == 10
+    assert seg.slice(2, 4).parts == [(0x10002, 1), (0x20000, 3)]
+    assert seg.write(guest_mem, b"abcdefghijkl") == 10
+    assert seg.read(guest_mem) == b"abcdefghij"
+    assert seg.slice(9, 1).read(guest_mem) == b"j"
+    with pytest.raises(ValueError):
+        seg.slice(8, 3)
+
+
+# -- hostile tables -----------------------------------------------------------
+
+descriptor = st.tuples(
+    st.one_of(st.integers(0, 0x20000), st.integers(0, 2**64 - 1)),     # addr: mostly in memory
+    st.one_of(st.integers(0, 64), st.integers(0, 2**32 - 1)),           # len
+    st.integers(0, 7),                                                  # flags: NEXT/WRITE/INDIRECT
+    st.integers(0, SIZE + 2),                                           # next: sometimes outside
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.lists(descriptor, min_size=SIZE, max_size=SIZE), head=st.integers(0, SIZE - 1),
+       indirect_ok=st.booleans())
+def test_random_tables_give_buffers_or_a_chain_error(guest_mem, table, head, indirect_ok):
+    vq = FakeVirtqueue(guest_mem, Allocator(0x1000, guest_mem.end), 0, SIZE)
+    for i, (addr, length, flags, nxt) in enumerate(table):
+        vq.write_desc(i, addr, length, flags, nxt)
+    try:
+        bufs = collect(chain(vq, head, indirect_ok=indirect_ok))
+    except ChainError:
+        return
+    for addr, length in bufs.readable.parts + bufs.writable.parts:
+        assert guest_mem.contains(addr, length)

@@ -1,0 +1,290 @@
+"""The virtio-mmio transport driven through its registers by the fake driver."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from asyncvmm.devices.virtio import mmio as r
+from asyncvmm.devices.virtio.chain import ChainError, collect
+from asyncvmm.devices.virtio.device import VirtioDevice
+from asyncvmm.devices.virtio.handler import QueueHandler
+from asyncvmm.devices.virtio.spec import (
+    ACKNOWLEDGE,
+    DEVICE_NEEDS_RESET,
+    DRIVER,
+    DRIVER_OK,
+    FAILED,
+    FEATURES_OK,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    bit,
+)
+from tests.fakes.virtio_driver import Buf, settle
+from tests.unit.devices.virtio.conftest import make_rig
+
+CUSTOM_FEATURE = 3
+
+
+class _EchoHandler(QueueHandler):
+    def handle_chain(self, queue_index, chain):
+        try:
+            bufs = collect(chain)
+        except ChainError:
+            self.act.queues[queue_index].add_used(self.mem, chain.head, 0)
+            return True
+        n = bufs.writable.write(self.mem, bufs.readable.read(self.mem))
+        self.act.queues[queue_index].add_used(self.mem, chain.head, n)
+        return True
+
+
+class EchoDevice(VirtioDevice):
+    """Copies each chain's readable bytes into its writable part."""
+
+    device_type = 42
+    queue_max_sizes = (16, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.config = bytearray(b"ABCDEFGH")
+        self.handler = None
+        self.activations = 0
+        self.deactivations = 0
+        self.failures = []
+
+    @property
+    def avail_features(self):
+        return (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC)
+                | bit(CUSTOM_FEATURE))
+
+    def read_config(self, offset, size):
+        return bytes(self.config[offset:offset + size])
+
+    def write_config(self, offset, data):
+        self.config[offset:offset + len(data)] = data
+
+    def activate(self, act):
+        self.activations += 1
+        self.act = act
+        self.handler = _EchoHandler(act, "echo")
+        self.handler.start()
+
+    def deactivate(self):
+        self.deactivations += 1
+        if self.handler:
+            self.handler.stop()
+            self.handler = None
+
+    def activation_failed(self, reason):
+        self.failures.append(reason)
+
+
+@pytest.fixture
+async def rig():
+    rig = make_rig(EchoDevice())
+    yield rig
+    rig.close()
+
+
+def test_identification_registers(rig):
+    d = rig.driver
+    assert d.read32(r.VIRTIO_MMIO_MAGIC_VALUE) == 0x74726976
+    assert d.read32(r.VIRTIO_MMIO_VERSION) == 2
+    assert d.read32(r.VIRTIO_MMIO_DEVICE_ID) == 42
+    assert d.read32(r.VIRTIO_MMIO_VENDOR_ID) == r.VENDOR_ID
+
+
+def test_device_features_are_read_32_bits_at_a_time(rig):
+    assert rig.driver.device_features() == rig.transport.device.avail_features
+    rig.driver.write32(r.VIRTIO_MMIO_DEVICE_FEATURES_SEL, 7)
+    assert rig.driver.read32(r.VIRTIO_MMIO_DEVICE_FEATURES) == 0
+
+
+def test_queue_num_max_per_queue_and_zero_beyond(rig):
+    d = rig.driver
+    for sel, expect in ((0, 16), (1, 8), (2, 0), (0xFFFF_FFFF, 0)):
+        d.write32(r.VIRTIO_MMIO_QUEUE_SEL, sel)
+        assert d.read32(r.VIRTIO_MMIO_QUEUE_NUM_MAX) == expect
+
+
+async def test_full_init_activates_on_the_loop_and_echoes(rig):
+    d = rig.driver
+    vq0, vq1 = await d.init()
+    assert d.status == ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+    assert rig.transport.device.activations == 1
+    rig.mem.write(0x200000, b"hello")
+    vq0.offer(vq0.add_chain([Buf(0x200000, 5), Buf(0x300000, 5, True)]))
+    d.kick(vq0)
+    assert await d.wait_used(vq0, 1) == [(0, 5)]
+    assert rig.mem.read(0x300000, 5) == b"hello"
+    assert d.ack_interrupts() == r.VIRTIO_MMIO_INT_VRING
+    assert rig.irq.count == 1
+    assert d.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS) == 0
+
+
+async def test_queue_notify_register_signals_the_same_eventfd(rig):
+    d = rig.driver
+    vq0, _ = await d.init()
+    vq0.offer(vq0.add_chain([Buf(0x200000, 1), Buf(0x300000, 1, True)]))
+    d.kick(vq0, via_mmio=True)
+    assert len(await d.wait_used(vq0, 1)) == 1
+    d.write32(r.VIRTIO_MMIO_QUEUE_NOTIFY, 99)           # no such queue: ignored
+
+
+def test_features_the_device_did_not_offer_are_refused(rig):
+    d = rig.driver
+    assert not d.negotiate(rig.transport.device.avail_features | bit(40))
+    assert d.status == ACKNOWLEDGE | DRIVER                 # FEATURES_OK stays clear
+
+
+def test_feature_words_beyond_64_bits_are_refused(rig):
+    d = rig.driver
+    d.write32(r.VIRTIO_MMIO_STATUS, 0)
+    d.add_status(ACKNOWLEDGE)
+    d.add_status(DRIVER)
+    d.write_features(bit(VIRTIO_F_VERSION_1))
+    d.write32(r.VIRTIO_MMIO_DRIVER_FEATURES_SEL, 2)
+    d.write32(r.VIRTIO_MMIO_DRIVER_FEATURES, 1)
+    d.add_status(FEATURES_OK)
+    assert not d.status & FEATURES_OK
+
+
+def test_version_1_is_required(rig):
+    assert not rig.driver.negotiate(bit(CUSTOM_FEATURE))
+    assert rig.driver.negotiate(bit(VIRTIO_F_VERSION_1) | bit(CUSTOM_FEATURE))
+    assert rig.transport.driver_features == bit(VIRTIO_F_VERSION_1) | bit(CUSTOM_FEATURE)
+
+
+def test_driver_features_are_ignored_outside_the_driver_state(rig):
+    d = rig.driver
+    assert d.negotiate(bit(VIRTIO_F_VERSION_1))
+    d.write_features(bit(VIRTIO_F_VERSION_1) | bit(CUSTOM_FEATURE))    # after FEATURES_OK
+    assert rig.transport.driver_features == bit(VIRTIO_F_VERSION_1)
+
+
+def test_queue_registers_only_between_features_ok_and_driver_ok(rig):
+    d = rig.driver
+    d.write32(r.VIRTIO_MMIO_QUEUE_SEL, 0)
+    d.write32(r.VIRTIO_MMIO_QUEUE_NUM, 4)                   # status 0: ignored
+    assert rig.transport.queues[0].size == 16
+    assert d.negotiate()
+    d.write32(r.VIRTIO_MMIO_QUEUE_NUM, 4)
+    d.write32(r.VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000)
+    d.write32(r.VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x2)
+    q = rig.transport.queues[0]
+    assert (q.size, q.desc_table) == (4, 0x2_0000_1000)
+    d.write32(r.VIRTIO_MMIO_QUEUE_READY, 1)
+    d.write32(r.VIRTIO_MMIO_QUEUE_NUM, 8)                   # ready: frozen
+    assert q.size == 4 and d.read32(r.VIRTIO_MMIO_QUEUE_READY) == 1
+
+
+async def test_skipped_status_steps_are_ignored(rig):
+    d = rig.driver
+    d.write32(r.VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
+    assert d.status == 0
+    await settle()
+    assert rig.transport.device.activations == 0
+
+
+async def test_bad_queue_address_at_driver_ok_sets_needs_reset(rig):
+    d = rig.driver
+    assert d.negotiate()
+    d.setup_queue(0)
+    d.write32(r.VIRTIO_MMIO_QUEUE_SEL, 1)
+    d.write32(r.VIRTIO_MMIO_QUEUE_USED_LOW, 0x3)             # misaligned used ring
+    d.write32(r.VIRTIO_MMIO_QUEUE_READY, 1)
+    d.add_status(DRIVER_OK)
+    await settle()
+    assert d.status & DEVICE_NEEDS_RESET
+    assert rig.transport.device.activations == 0
+    assert rig.transport.device.failures
+    assert d.ack_interrupts() == r.VIRTIO_MMIO_INT_CONFIG    # §2.1.2: told by a config interrupt
+
+
+async def test_avail_index_jump_sets_needs_reset(rig):
+    d = rig.driver
+    vq0, _ = await d.init()
+    vq0.set_avail_idx(100)
+    d.kick(vq0)
+    await settle()
+    assert d.status & DEVICE_NEEDS_RESET
+    assert d.ack_interrupts() & r.VIRTIO_MMIO_INT_CONFIG
+    # The device stopped: further kicks do nothing, and a reset brings it back.
+    await d.reset()
+    assert d.status == 0
+    vq0, _ = await d.init()
+    vq0.offer(vq0.add_chain([Buf(0x200000, 1), Buf(0x300000, 1, True)]))
+    d.kick(vq0)
+    assert len(await d.wait_used(vq0, 1)) == 1
+
+
+async def test_reset_deactivates_and_returns_registers_to_initial_values(rig):
+    d = rig.driver
+    await d.init()
+    rig.transport.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)
+    await d.reset()
+    t = rig.transport
+    assert t.device.deactivations == 1
+    assert (d.status, d.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS), t.driver_features) == (0, 0, 0)
+    assert all(not q.ready and q.size == q.max_size for q in t.queues)
+    assert t.activation is None
+
+
+async def test_failed_is_latched_until_reset(rig):
+    d = rig.driver
+    d.add_status(ACKNOWLEDGE)
+    d.add_status(FAILED)
+    d.add_status(DRIVER)
+    assert d.status == ACKNOWLEDGE | FAILED
+    await d.reset()
+    assert d.status == 0
+
+
+def test_config_space_and_generation(rig):
+    d = rig.driver
+    assert rig.transport.read(r.VIRTIO_MMIO_CONFIG + 2, 2) == b"CD"
+    rig.transport.write(r.VIRTIO_MMIO_CONFIG, b"xy")
+    assert rig.transport.read(r.VIRTIO_MMIO_CONFIG, 4) == b"xyCD"
+    gen = d.read32(r.VIRTIO_MMIO_CONFIG_GENERATION)
+    rig.transport.device.config_changed()
+    assert d.read32(r.VIRTIO_MMIO_CONFIG_GENERATION) == gen + 1
+    assert rig.irq.count == 0                                # not live: no interrupt
+
+
+async def test_config_change_interrupts_a_live_device(rig):
+    d = rig.driver
+    await d.init()
+    rig.transport.device.config_changed()
+    assert d.ack_interrupts() == r.VIRTIO_MMIO_INT_CONFIG
+
+
+@pytest.mark.parametrize("offset,size", [(0x70, 2), (0x71, 4), (0x00, 1), (0x04, 8)])
+def test_odd_register_accesses_are_harmless(rig, offset, size):
+    assert rig.transport.read(offset, size) == bytes(size)
+    rig.transport.write(offset, bytes(size))
+    assert rig.driver.status == 0
+
+
+def test_shared_memory_registers_report_no_region(rig):
+    for off in (r.VIRTIO_MMIO_SHM_LEN_LOW, r.VIRTIO_MMIO_SHM_LEN_HIGH):
+        assert rig.driver.read32(off) == 0xFFFF_FFFF
+
+
+def test_eventfd_count_must_match_queues(guest_mem):
+    import asyncio
+
+    from asyncvmm.devices.irq import EventFd
+    from tests.fakes.irq import CountingIrqLine
+    with pytest.raises(ValueError):
+        r.VirtioMmioTransport(EchoDevice(), mem=guest_mem, irq=CountingIrqLine(),
+                              queue_events=[EventFd()], loop=asyncio.new_event_loop())
+
+
+async def test_interrupt_ack_clears_only_acknowledged_bits(rig):
+    t = rig.transport
+    t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING | r.VIRTIO_MMIO_INT_CONFIG)
+    rig.driver.write32(r.VIRTIO_MMIO_INTERRUPT_ACK, r.VIRTIO_MMIO_INT_VRING)
+    assert rig.driver.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS) == r.VIRTIO_MMIO_INT_CONFIG
+    assert struct.unpack("<I", t.read(r.VIRTIO_MMIO_INTERRUPT_STATUS, 4))[0] == 2
