@@ -1,0 +1,1 @@
+"""Host networking: tap devices (``tap``) and namespace/interface helpers (``netns``)."""
