@@ -69,16 +69,16 @@ class ApiServer:
         self.controller = controller
         self.max_payload = max_payload
         self.metrics = metrics or ApiMetrics()
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self._path: str | None = None
 
-    def app(self) -> web.Application:
-        # aiohttp's own cap must not undercut ours; ours answers first with Firecracker's words.
-        app = web.Application(client_max_size=self.max_payload + 1)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
+    def low_level_server(self) -> web.Server:
+        """aiohttp's bare server: no router, so no request (even one whose path holds a
+        newline) is answered by anything but :meth:`handle`.  No lingering: a refused
+        oversized body ends the connection at once, as in Firecracker."""
+        return web.Server(self.handle, lingering_time=0)
 
-    async def _read_body(self, request: web.Request) -> bytes | None:
+    async def _read_body(self, request: web.BaseRequest) -> bytes | None:
         length = request.content_length
         if length is not None and length > self.max_payload:
             raise PayloadTooLargeError(length, self.max_payload)
@@ -91,7 +91,7 @@ class ApiServer:
             chunks.append(chunk)
         return b"".join(chunks) or None
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.BaseRequest) -> web.Response:
         method, path = request.method, request.rel_url.raw_path
         resource = split_path(path)[0]
         deprecation = None
@@ -127,8 +127,7 @@ class ApiServer:
                 raise SocketInUseError(path) from None
             raise
         self._path = path
-        # No lingering: a refused oversized body ends the connection at once, as in Firecracker.
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, lingering_time=0)
+        self._runner = web.ServerRunner(self.low_level_server(), handle_signals=False)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
         log.info("Listening on API socket (%r).", path)
