@@ -22,7 +22,7 @@ class MmdsMetrics(MetricGroup):
     rx_count: int = 0               # TCP segments processed by a connection or the listener
     tx_bytes: int = 0               # bytes of frames handed to the guest
     tx_count: int = 0               # frames handed to the guest
-    tx_errors: int = 0              # frames that could not be built
+    tx_errors: int = 0              # ARP replies / RSTs owed but dropped: queue full
     tx_frames: int = 0              # frames handed to the guest (net device view)
     connections_created: int = 0
     connections_destroyed: int = 0

@@ -47,9 +47,9 @@ import time
 from typing import Callable
 
 from asyncvmm.mmds.metrics import MmdsMetrics
-from asyncvmm.mmds.pdu import (ARP_LEN, ARP_TPA_OFFSET, ARPOP_REPLY, ARPOP_REQUEST, ETH_HLEN,
+from asyncvmm.mmds.pdu import (ARP_TPA_OFFSET, ARPOP_REPLY, ARPOP_REQUEST, ETH_HLEN,
                                ETHERTYPE_ARP, ETHERTYPE_IPV4, IPPROTO_TCP, IPV4_DST_OFFSET,
-                               IPV4_MIN_HLEN, TCP_ACK, TCP_RST, TCP_SYN, MalformedPacketError,
+                               TCP_ACK, TCP_RST, TCP_SYN, MalformedPacketError,
                                TcpSegment, build_arp, build_ethernet, build_ipv4, build_tcp,
                                is_unicast_mac, parse_arp, parse_ethernet, parse_ipv4, parse_tcp)
 from asyncvmm.mmds.tcp import RequestHandler, TcpConfig, TcpConnection, seq_add
@@ -97,8 +97,8 @@ class MmdsNetworkStack:
         self._conns: dict[ConnKey, TcpConnection] = {}
         self._conn_macs: dict[ConnKey, bytes] = {}
         self._arp_replies: collections.deque[tuple[bytes, bytes]] = collections.deque()
-        self._resets: collections.deque[tuple[bytes, bytes, TcpSegment]] = collections.deque(
-            maxlen=max_pending_resets)
+        self._resets: collections.deque[tuple[bytes, bytes, TcpSegment]] = collections.deque()
+        self.max_pending_resets = max_pending_resets
         self._ip_ident = 0
 
     # -- guest -> stack -----------------------------------------------------
@@ -137,6 +137,11 @@ class MmdsNetworkStack:
         except MalformedPacketError as err:
             self.metrics.rx_accepted_err += 1
             log.debug("MMDS dropped a malformed frame: %s", err)
+        except Exception:
+            # This is where guest bytes enter; a bug below must cost the
+            # frame, not the VMM.
+            self.metrics.rx_accepted_err += 1
+            log.exception("MMDS failed on a guest frame; dropped")
         return True
 
     def _on_arp(self, payload: bytes) -> None:
@@ -144,8 +149,12 @@ class MmdsNetworkStack:
         if arp.oper != ARPOP_REQUEST or not is_unicast_mac(arp.sha):
             raise MalformedPacketError("not an ARP request from a unicast address")
         reply = (arp.sha, arp.spa)
-        if reply not in self._arp_replies and len(self._arp_replies) < MAX_PENDING_ARP_REPLIES:
+        if reply in self._arp_replies:
+            return
+        if len(self._arp_replies) < MAX_PENDING_ARP_REPLIES:
             self._arp_replies.append(reply)
+        else:
+            self.metrics.tx_errors += 1  # a reply we owe but have no room for
 
     def _on_ipv4(self, src_mac: bytes, packet: bytes, csum_offloaded: bool) -> None:
         ip, payload = parse_ipv4(packet)
@@ -177,8 +186,7 @@ class MmdsNetworkStack:
             if victim is None:
                 self._queue_reset(src_mac, src_ip, syn)
                 return
-            old = self._conns[victim]
-            self._resets.append((self._conn_macs[victim], victim[0], old.rst_segment()))
+            self._push_reset(self._conn_macs[victim], victim[0], self._conns[victim].rst_segment())
             self._forget(victim)
         self._conns[key] = TcpConnection(syn, secrets.randbits(32), now, self.handler,
                                          self.tcp_config)
@@ -194,7 +202,13 @@ class MmdsNetworkStack:
         else:
             rst = TcpSegment(seg.dst_port, seg.src_port, 0, seq_add(seg.seq, seg.seg_len),
                              TCP_RST | TCP_ACK, 0)
-        self._resets.append((mac, ip, rst))
+        self._push_reset(mac, ip, rst)
+
+    def _push_reset(self, mac: bytes, ip: bytes, rst: TcpSegment) -> None:
+        if len(self._resets) < self.max_pending_resets:
+            self._resets.append((mac, ip, rst))
+        else:
+            self.metrics.tx_errors += 1  # a RST we owe but have no room for
 
     def _forget(self, key: ConnKey) -> None:
         del self._conns[key]
@@ -203,7 +217,7 @@ class MmdsNetworkStack:
 
     def _reap(self, key: ConnKey, conn: TcpConnection) -> None:
         if conn.reset_needed:
-            self._resets.append((self._conn_macs[key], key[0], conn.rst_segment()))
+            self._push_reset(self._conn_macs[key], key[0], conn.rst_segment())
             conn.reset_needed = False
         if conn.done:
             self._forget(key)

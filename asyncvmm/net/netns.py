@@ -24,10 +24,14 @@ import errno
 import ipaddress
 import os
 import secrets
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from pyroute2 import IPRoute, NetNS, netns as _pyroute2_netns
-from pyroute2.netlink.exceptions import NetlinkError
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
+# pyroute2 is imported inside the functions that use it: importing it costs
+# about half a second, and the VMM imports this module (through the tap
+# module, for enter_netns) on every start.
 
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
@@ -57,8 +61,10 @@ def create_netns(name: str) -> None:
     """Create the named namespace; :class:`NetnsError` (EEXIST) if it exists."""
     if netns_exists(name):
         raise NetnsError(errno.EEXIST, f"network namespace {name!r} already exists")
+    from pyroute2 import netns as pyroute2_netns
+
     try:
-        _pyroute2_netns.create(name)
+        pyroute2_netns.create(name)
     except OSError as err:
         raise NetnsError(err.errno or errno.EIO, f"create network namespace {name!r}: {err}") from None
 
@@ -67,8 +73,10 @@ def delete_netns(name: str) -> None:
     """Remove the named namespace; interfaces in it (taps included) go with it."""
     if not netns_exists(name):
         raise NetnsError(errno.ENOENT, f"no network namespace {name!r}")
+    from pyroute2 import netns as pyroute2_netns
+
     try:
-        _pyroute2_netns.remove(name)
+        pyroute2_netns.remove(name)
     except OSError as err:
         raise NetnsError(err.errno or errno.EIO, f"remove network namespace {name!r}: {err}") from None
 
@@ -88,7 +96,10 @@ def enter_netns(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _rtnl(netns: str | None) -> Iterator[IPRoute]:
+def _rtnl(netns: str | None) -> Iterator["IPRoute"]:
+    from pyroute2 import IPRoute, NetNS
+    from pyroute2.netlink.exceptions import NetlinkError
+
     if netns is not None and not netns_exists(netns):
         raise NetnsError(errno.ENOENT, f"no network namespace {netns!r}")
     ipr = NetNS(netns) if netns is not None else IPRoute()
@@ -100,7 +111,7 @@ def _rtnl(netns: str | None) -> Iterator[IPRoute]:
         ipr.close()
 
 
-def _index(ipr: IPRoute, ifname: str) -> int:
+def _index(ipr: "IPRoute", ifname: str) -> int:
     found = ipr.link_lookup(ifname=ifname)
     if not found:
         raise NetnsError(errno.ENODEV, f"no interface {ifname!r}")

@@ -16,7 +16,9 @@ the MTU; it must mirror the ``VIRTIO_NET_F_GUEST_*`` features the guest
 acknowledged (:func:`offload_for_guest_features`).
 
 The fd is non-blocking and close-on-exec; reads and writes return None
-instead of raising when the device has nothing or is full.  Failures are
+instead of raising when the device has nothing or is full, and raise the
+plain ``OSError`` otherwise (e.g. ``EIO`` while the interface is down), which
+the net device counts as a tap failure.  Opening and ioctls fail with
 :class:`TapError` subclasses carrying the errno and the interface name.
 """
 

@@ -57,6 +57,17 @@ def test_arp_replies_are_deduplicated_and_bounded():
     for i in range(100):
         stack.handle_guest_frame(arp_request(sender_ip=bytes([10, 0, 0, i % 50])))
     assert len(stack.pop_frames_for_guest()) == 16
+    assert stack.metrics.tx_errors == 68  # 34 distinct requesters per round found the queue full
+
+
+def test_reset_queue_is_bounded():
+    stack, _, _ = make_stack(max_pending_resets=3)
+    for port in range(5):
+        seg = TcpSegment(42000 + port, 80, 1, 1, TCP_ACK, 100)
+        assert stack.handle_guest_frame(tcp_frame(seg))
+    frames = stack.pop_frames_for_guest()
+    assert [decode(f)[1].dst_port for f in frames] == [42000, 42001, 42002]
+    assert stack.metrics.tx_errors == 2
 
 
 def test_arp_reply_or_broadcast_sender_is_consumed_but_not_answered():
@@ -354,6 +365,17 @@ def test_fragments_and_non_tcp_to_the_mmds_are_dropped():
     assert stack.handle_guest_frame(_ipv4_frame(build_ipv4(GUEST_IP, MMDS_IP, 17, 1, bytes(8))))
     assert stack.pop_frames_for_guest() == []
     assert stack.metrics.rx_accepted_unusual == 1 and stack.metrics.rx_accepted_err == 1
+
+
+def test_a_bug_below_the_frame_boundary_costs_the_frame_not_the_vmm(monkeypatch, caplog):
+    stack, _, _ = make_stack()
+
+    def broken(*_args):
+        raise KeyError("bug")
+    monkeypatch.setattr(stack, "_on_ipv4", broken)
+    assert stack.handle_guest_frame(_valid_syn_frame())
+    assert stack.metrics.rx_accepted_err == 1
+    assert "MMDS failed on a guest frame" in caplog.text
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
