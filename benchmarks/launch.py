@@ -1,0 +1,258 @@
+"""Start a VMM process with a precise start time and timestamp what it prints.
+
+Contract:
+
+* ``launch(argv)`` takes ``time.monotonic_ns()`` immediately before
+  ``subprocess.Popen`` (which execs through vfork/posix_spawn when, as here,
+  no ``preexec_fn`` is given: the fork cost is small and the same for every
+  VMM).  That instant is the "process start" every benchmark measures from.
+* One reader thread per output pipe records the arrival time of every chunk
+  it reads (``os.read`` returning), so a marker's time is the time its last
+  byte reached us.  Threads, not the asyncio loop, because the benchmark's
+  own loop must not add latency to the VMM's output; each thread blocks in
+  ``read`` and costs nothing while the VMM is quiet.
+* Every child started here is killed when the benchmark exits, however it
+  exits (normal return, exception, SIGINT, SIGTERM, SIGHUP): ``atexit`` plus
+  signal handlers that turn the signal into ``SystemExit``.  A SIGKILL of
+  the benchmark itself cannot be caught and leaves the children orphaned
+  (``PR_SET_PDEATHSIG`` would need a ``preexec_fn``, which forces a full
+  fork and would change what the start time measures).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+CHUNK = 65536
+STOP_GRACE_S = 5.0
+
+_live: set[subprocess.Popen] = set()
+_live_lock = threading.Lock()
+_cleanup_installed = False
+
+
+class LaunchError(RuntimeError):
+    """A VMM did not start, did not print an expected marker, or did not open its socket."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    t_ns: int
+    data: bytes
+
+
+def arrival_of(chunks: Sequence[Chunk], offset: int) -> int | None:
+    """Arrival time of the chunk holding byte ``offset`` of the stream, if it arrived."""
+    end = 0
+    for c in chunks:
+        end += len(c.data)
+        if offset < end:
+            return c.t_ns
+    return None
+
+
+def first_arrivals(chunks: Sequence[Chunk], markers: Iterable[bytes], *,
+                   edge: str = "end") -> dict[bytes, int]:
+    """For each marker found in the stream, when its first occurrence arrived.
+
+    ``edge="end"``: the arrival of its last byte (the marker is complete);
+    ``edge="start"``: the arrival of its first byte.  A marker may straddle
+    chunks; markers never seen (or empty) are absent from the result.
+    """
+    if edge not in ("start", "end"):
+        raise ValueError(f"edge must be 'start' or 'end', not {edge!r}")
+    stream = b"".join(c.data for c in chunks)
+    found: dict[bytes, int] = {}
+    for marker in markers:
+        at = stream.find(marker) if marker else -1
+        if at < 0:
+            continue
+        t = arrival_of(chunks, at if edge == "start" else at + len(marker) - 1)
+        assert t is not None                    # the byte is inside the stream we searched
+        found[marker] = t
+    return found
+
+
+class StreamRecorder(threading.Thread):
+    """Reads one pipe to EOF, keeping every chunk with its arrival time."""
+
+    def __init__(self, fd: int, name: str, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        super().__init__(name=f"bench-reader-{name}", daemon=True)
+        self._fd = fd
+        self._clock = clock
+        self._cond = threading.Condition()
+        self.chunks: list[Chunk] = []
+        self._data = bytearray()
+        self.eof = False
+
+    def run(self) -> None:
+        try:
+            while True:
+                data = os.read(self._fd, CHUNK)
+                t = self._clock()
+                with self._cond:
+                    if not data:
+                        break
+                    self.chunks.append(Chunk(t, data))
+                    self._data += data
+                    self._cond.notify_all()
+        except OSError:
+            pass                                 # the pipe was closed under us by stop()
+        finally:
+            with self._cond:
+                self.eof = True
+                self._cond.notify_all()
+
+    @property
+    def data(self) -> bytes:
+        with self._cond:
+            return bytes(self._data)
+
+    def wait_for(self, marker: bytes, timeout: float) -> bool:
+        """Block until ``marker`` has arrived (True) or EOF/timeout (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while marker not in self._data:
+                left = deadline - time.monotonic()
+                if self.eof or left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def arrivals(self, markers: Iterable[bytes], *, edge: str = "end") -> dict[bytes, int]:
+        with self._cond:
+            chunks = list(self.chunks)
+        return first_arrivals(chunks, markers, edge=edge)
+
+
+@dataclasses.dataclass
+class Launched:
+    """A running child: its start instant, its pipes' recorders."""
+
+    argv: list[str]
+    t_start_ns: int
+    proc: subprocess.Popen
+    stdout: StreamRecorder
+    stderr: StreamRecorder
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, grace: float = STOP_GRACE_S) -> int:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit status."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            _forget(self.proc)
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            self.stdout.join(grace)
+            self.stderr.join(grace)
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+        return self.proc.returncode
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise LaunchError(f"{self.argv[0]} did not exit within {timeout} s") from None
+        self.stop()
+        return code
+
+    def __enter__(self) -> "Launched":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def launch(argv: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+           clock: Callable[[], int] = time.monotonic_ns) -> Launched:
+    """Start ``argv`` with stdin an idle pipe and stdout/stderr recorded."""
+    install_cleanup()
+    t_start = clock()
+    proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=cwd, env=env, bufsize=0)
+    with _live_lock:
+        _live.add(proc)
+    assert proc.stdout is not None and proc.stderr is not None
+    out = StreamRecorder(proc.stdout.fileno(), "stdout", clock)
+    err = StreamRecorder(proc.stderr.fileno(), "stderr", clock)
+    out.start()
+    err.start()
+    return Launched(list(argv), t_start, proc, out, err)
+
+
+def connect_unix(path: Path, deadline_s: float, *, poll_s: float = 0.0005,
+                 clock: Callable[[], int] = time.monotonic_ns,
+                 alive: Callable[[], bool] = lambda: True) -> tuple[socket.socket, int]:
+    """Connect to a Unix socket as soon as it accepts; returns the socket and the instant.
+
+    Polls every ``poll_s`` (0.5 ms), so the instant is late by at most that
+    plus scheduling delay.  Raises LaunchError if ``alive()`` turns false or
+    the deadline passes.
+    """
+    end = time.monotonic() + deadline_s
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock, clock()
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+        if not alive():
+            raise LaunchError(f"the process exited before {path} accepted connections")
+        if time.monotonic() > end:
+            raise LaunchError(f"{path} did not accept connections within {deadline_s} s")
+        time.sleep(poll_s)
+
+
+def install_cleanup() -> None:
+    """Kill live children at exit and on SIGTERM/SIGHUP (SIGINT already raises)."""
+    global _cleanup_installed
+    if _cleanup_installed:
+        return
+    _cleanup_installed = True
+    atexit.register(kill_all)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, _raise_exit)
+
+
+def kill_all() -> None:
+    with _live_lock:
+        procs = list(_live)
+        _live.clear()
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _forget(proc: subprocess.Popen) -> None:
+    with _live_lock:
+        _live.discard(proc)
+
+
+def _raise_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)

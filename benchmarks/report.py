@@ -1,0 +1,177 @@
+"""Benchmark results: the JSON document, the ratio table, and SUMMARY.md.
+
+A result document (``benchmarks/results/<name>.json``) holds everything a
+reader needs to trust or redo a number: the raw samples of every metric of
+every variant, their summaries (``benchmarks.stats``), the comparisons
+(subject median / peer median, measured in the same run), the machine, the
+load, the exact commands and the git commit.  ``SUMMARY.md`` is regenerated
+from all the JSON files after each run, so it never disagrees with them.
+
+Formatting is pure (documents in, text out); only ``write_result`` and
+``regenerate_summary`` touch files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from benchmarks import stats
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SUMMARY_NAME = "SUMMARY.md"
+SCHEMA = 1
+
+# unit -> (scale for display, display unit, decimals)
+DISPLAY = {
+    "ms": (1.0, "ms", 1),
+    "us": (1.0, "us", 0),
+    "KiB": (1 / 1024, "MiB", 1),
+    "MiB/s": (1.0, "MiB/s", 1),
+    "count": (1.0, "", 0),
+}
+
+
+class ResultError(ValueError):
+    """A result document lacks what a comparison or the summary needs."""
+
+
+def metric(samples: Sequence[float], unit: str) -> dict[str, Any]:
+    """A metric entry: unit, raw samples, and their summary."""
+    if unit not in DISPLAY:
+        raise ResultError(f"unknown unit {unit!r}")
+    return {"unit": unit, "samples": list(samples), **stats.summarize(samples).as_dict()}
+
+
+def compare(variants: Mapping[str, Any], subject: str, peer: str, name: str) -> dict[str, Any]:
+    """Compare one metric of two variants by their medians."""
+    try:
+        a = variants[subject]["metrics"][name]
+        b = variants[peer]["metrics"][name]
+    except KeyError as err:
+        raise ResultError(f"cannot compare {name}: {subject} or {peer} lacks it ({err})") from None
+    if a["unit"] != b["unit"]:
+        raise ResultError(f"{name}: units differ ({a['unit']} vs {b['unit']})")
+    return {"metric": name, "unit": a["unit"], "subject": subject, "peer": peer,
+            "subject_median": a["median"], "peer_median": b["median"],
+            "ratio": stats.ratio(a["median"], b["median"])}
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    scale, shown, decimals = DISPLAY[unit]
+    text = f"{value * scale:,.{decimals}f}"
+    return f"{text} {shown}".rstrip()
+
+
+def format_comparisons(comparisons: Iterable[Mapping[str, Any]]) -> str:
+    """A plain-text table of ratios, for the terminal."""
+    rows = [("metric", "asyncvmm", "median", "peer", "median", "ratio")]
+    for c in comparisons:
+        rows.append((c["metric"], c["subject"], fmt(c["subject_median"], c["unit"]),
+                     c["peer"], fmt(c["peer_median"], c["unit"]), stats.format_ratio(c["ratio"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def render_document(doc: Mapping[str, Any]) -> list[str]:
+    """The markdown section of one result document."""
+    git = doc.get("git", {})
+    machine = doc.get("machine", {})
+    load = doc.get("load", {})
+    commit = (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+    lines = [f"## {doc.get('title', doc['benchmark'])}", "",
+             f"`{doc.get('command', 'python -m benchmarks.' + doc['benchmark'])}` on {doc.get('date', '?')}, "
+             f"commit {commit}.", "",
+             f"Machine: {machine.get('cpu_model')}, {machine.get('cpus')} CPUs, kernel {machine.get('kernel')}, "
+             f"KVM module `{machine.get('kvm')}`, {machine.get('qemu')}. "
+             f"Load average (1/5/15 min) before {load.get('before')}, after {load.get('after')}.", ""]
+    comparisons = doc.get("comparisons", [])
+    if comparisons:
+        lines += _md_table(
+            ("metric", "asyncvmm", "median", "peer", "median", "ratio"),
+            ((c["metric"], f"`{c['subject']}`", fmt(c["subject_median"], c["unit"]), f"`{c['peer']}`",
+              fmt(c["peer_median"], c["unit"]), stats.format_ratio(c["ratio"])) for c in comparisons))
+        lines.append("")
+    detail = []
+    for vname, variant in doc.get("variants", {}).items():
+        for mname, m in variant.get("metrics", {}).items():
+            u = m["unit"]
+            detail.append((f"`{vname}`", mname, str(m["n"]), fmt(m["median"], u), fmt(m["p99"], u),
+                           fmt(m["min"], u), fmt(m["max"], u), fmt(m["stdev"], u)))
+    if detail:
+        lines += ["<details><summary>All metrics (p99 is nearest-rank: the maximum below 100 samples)"
+                  "</summary>", ""]
+        lines += _md_table(("variant", "metric", "n", "median", "p99", "min", "max", "stdev"), detail)
+        lines += ["", "</details>", ""]
+    for note in doc.get("notes", []):
+        lines.append(f"- {note}")
+    if doc.get("notes"):
+        lines.append("")
+    return lines
+
+
+def render_summary(docs: Iterable[Mapping[str, Any]]) -> str:
+    lines = ["# Benchmark results", "",
+             "Generated from `benchmarks/results/*.json` by `python -m benchmarks.report`; "
+             "do not edit by hand. Ratios are asyncvmm median / peer median measured in the same "
+             "run (below 1.0: asyncvmm is faster or smaller). How to run and read them: "
+             "[docs/benchmarks.md](../../docs/benchmarks.md).", ""]
+    for doc in sorted(docs, key=lambda d: d["benchmark"]):
+        lines += render_document(doc)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def new_document(benchmark: str, title: str, command: str, **fields: Any) -> dict[str, Any]:
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return {"schema": SCHEMA, "benchmark": benchmark, "title": title, "command": command,
+            "date": now.isoformat(), **fields}
+
+
+def load_results(results_dir: Path = RESULTS_DIR) -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(results_dir.glob("*.json")):
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        if isinstance(doc, dict) and "benchmark" in doc:
+            docs.append(doc)
+    return docs
+
+
+def regenerate_summary(results_dir: Path = RESULTS_DIR) -> Path:
+    path = results_dir / SUMMARY_NAME
+    _atomic_write(path, render_summary(load_results(results_dir)))
+    return path
+
+
+def write_result(doc: Mapping[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
+    """Write ``<benchmark>.json`` and regenerate SUMMARY.md; returns the JSON path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{doc['benchmark']}.json"
+    _atomic_write(path, json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    regenerate_summary(results_dir)
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def main() -> int:
+    print(regenerate_summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+import os
+import signal
+import sys
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks.launch import Chunk, StreamRecorder, arrival_of, first_arrivals, launch
+
+
+def chunks_of(*parts: bytes) -> list[Chunk]:
+    return [Chunk(t_ns=(i + 1) * 100, data=p) for i, p in enumerate(parts)]
+
+
+def test_marker_inside_one_chunk():
+    chunks = chunks_of(b"noise ", b"testguest: hello\n", b"more")
+    assert first_arrivals(chunks, [b"testguest: hello"]) == {b"testguest: hello": 200}
+
+
+def test_marker_straddling_chunks_arrives_with_its_last_byte():
+    chunks = chunks_of(b"test", b"guest: he", b"llo\n")
+    assert first_arrivals(chunks, [b"testguest: hello"]) == {b"testguest: hello": 300}
+    assert first_arrivals(chunks, [b"testguest: hello"], edge="start") == {b"testguest: hello": 100}
+
+
+def test_first_occurrence_wins_and_missing_markers_are_absent():
+    chunks = chunks_of(b"done\n", b"done\n")
+    assert first_arrivals(chunks, [b"done", b"never", b""]) == {b"done": 100}
+
+
+def test_arrival_of_offset_past_the_end_is_none():
+    chunks = chunks_of(b"ab", b"c")
+    assert [arrival_of(chunks, i) for i in range(4)] == [100, 100, 200, None]
+
+
+@given(st.binary(min_size=1, max_size=200), st.data())
+def test_arrival_does_not_depend_on_how_the_stream_was_chunked(stream, data):
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(stream) - 1)), max_size=20)))
+    bounds = [0, *[c for c in cuts if c < len(stream)], len(stream)]
+    chunks = [Chunk(t_ns=i, data=stream[a:b]) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    start = data.draw(st.integers(0, len(stream) - 1))
+    marker = stream[start:start + data.draw(st.integers(1, 8))]
+    last = stream.find(marker) + len(marker) - 1
+    expected = next(i for i, (a, b) in enumerate(zip(bounds, bounds[1:])) if a <= last < b)
+    assert first_arrivals(chunks, [marker]) == {marker: expected}
+
+
+def test_recorder_stamps_each_read_with_the_injected_clock():
+    r, w = os.pipe()
+    ticks = iter(range(1000, 2000))
+    rec = StreamRecorder(r, "test", clock=lambda: next(ticks))
+    os.write(w, b"testguest: hello\n")
+    rec.start()
+    assert rec.wait_for(b"hello", timeout=30)
+    os.write(w, b"testguest: done\n")
+    os.close(w)
+    rec.join(30)
+    os.close(r)
+    assert rec.eof
+    assert rec.data == b"testguest: hello\ntestguest: done\n"
+    assert rec.arrivals([b"hello"]) == {b"hello": rec.chunks[0].t_ns}
+    assert not rec.wait_for(b"absent", timeout=30)     # EOF answers at once, no waiting
+
+
+def test_launch_records_output_and_stop_kills_the_child():
+    code = "import sys, time; sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(600)"
+    vmm = launch([sys.executable, "-c", code])
+    assert vmm.stdout.wait_for(b"ready", timeout=60)
+    assert vmm.stdout.arrivals([b"ready"])[b"ready"] >= vmm.t_start_ns
+    assert vmm.stop() == -signal.SIGTERM
+    assert vmm.proc.poll() is not None
