@@ -226,6 +226,23 @@ def connect_unix(path: Path, deadline_s: float, *, poll_s: float = 0.0005,
         time.sleep(poll_s)
 
 
+def parse_stat_cpu_ticks(stat: str) -> int:
+    """utime + stime (clock ticks) from a ``/proc/<pid>/stat`` line.
+
+    The command name (field 2) may hold spaces and parentheses, so fields
+    are counted from the last ')': utime and stime are fields 14 and 15.
+    """
+    rest = stat[stat.rindex(")") + 2:].split()
+    return int(rest[11]) + int(rest[12])
+
+
+def process_cpu_ms(pid: int) -> float:
+    """CPU time (user + system) a live process has used, in ms (resolution 1/CLK_TCK)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        ticks = parse_stat_cpu_ticks(f.read())
+    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def install_cleanup() -> None:
     """Kill live children at exit and on SIGTERM/SIGHUP (SIGINT already raises)."""
     global _cleanup_installed

@@ -69,3 +69,9 @@ def test_launch_records_output_and_stop_kills_the_child():
     assert vmm.stdout.arrivals([b"ready"])[b"ready"] >= vmm.t_start_ns
     assert vmm.stop() == -signal.SIGTERM
     assert vmm.proc.poll() is not None
+
+
+def test_stat_cpu_ticks_survive_a_command_name_with_spaces_and_parens():
+    from benchmarks.launch import parse_stat_cpu_ticks
+    fields = ["S", "1", "2", "3", "0", "-1", "4194560", "10", "0", "0", "0", "37", "5"] + ["0"] * 30
+    assert parse_stat_cpu_ticks("1234 (qemu) sys (x)) " + " ".join(fields)) == 42

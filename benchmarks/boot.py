@@ -1,0 +1,346 @@
+"""Boot benchmark: asyncvmm against QEMU microvm booting the same test guest.
+
+Every run starts a fresh VMM process with the kvm-tier test guest
+(``tests/guest``, PVH ELF by default, 1 vCPU, 128 MiB, command line
+``boottimer=1 exit=halt``) and measures, from the instant just before the
+process is spawned (``benchmarks.launch``):
+
+``start_to_first_output``
+    the first byte of the guest's first console line (``testguest: hello``)
+    reaching us on stdout: the earliest guest action both VMMs expose alike.
+``start_to_boottimer``
+    the line ``testguest: boottimer written``, which the guest prints right
+    after its boot-timer write.  A console marker rather than asyncvmm's
+    ``Guest-boot-time`` log, because QEMU has no boot timer: the same
+    observation, through the same path, for both.  asyncvmm's own figure
+    (from InstanceStart, its clock) is kept as ``reported_boot_time``.
+``vmm_rss`` / ``vmm_pss`` / ``vmm_anon``
+    the process's memory minus its guest-RAM mapping (``benchmarks.smaps``),
+    read once the guest has printed ``testguest: done`` and halted, after a
+    short settle.
+``cpu_to_idle``
+    the CPU time (user + system, 10 ms ticks) the VMM process used from its
+    start to that idle point, guest ring-3 time included.
+API variants also measure ``start_to_socket`` (the API socket, or QMP
+socket, first accepts a connection: a listening socket queues connections
+before the server can answer them), ``start_to_first_response`` (the first
+request answered: ``PUT /boot-source``, or ``qmp_capabilities``),
+``socket_to_running`` (socket accepts → InstanceStart / ``cont`` response,
+configuration requests included), ``instance_start_request`` (that last
+request's round trip) and ``start_request_to_boottimer``.
+
+Variants run interleaved (a round runs each once, in a rotated order), so
+load from other work on the machine spreads over all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks import machine, report
+from benchmarks.launch import Launched, LaunchError, connect_unix, launch, process_cpu_ms
+from benchmarks.smaps import SmapsError, read_process_memory
+from benchmarks.vmms import (BOOTTIMER_WRITTEN, DONE, GUEST_PREFIX, ApiClient, ControlError,
+                             GuestSpec, QmpClient, asyncvmm_api_argv, asyncvmm_config,
+                             asyncvmm_config_argv, parse_boot_time_us, parse_startup_us,
+                             qemu_microvm_argv)
+
+NAME = "boot"
+DEFAULT_RUNS = 10
+QUICK_RUNS = 3
+CMDLINE = "boottimer=1 exit=halt"
+MS = 1e6                                 # ns per ms
+
+COMPARISONS = [
+    ("asyncvmm-config", "qemu-microvm",
+     ["start_to_first_output", "start_to_boottimer", "vmm_rss", "vmm_pss", "vmm_anon",
+      "cpu_to_idle"]),
+    ("asyncvmm-api", "qemu-microvm-qmp",
+     ["start_to_socket", "start_to_first_response", "socket_to_running", "instance_start_request",
+      "start_request_to_boottimer", "start_to_boottimer", "vmm_rss", "cpu_to_idle"]),
+]
+UNITS = {"vmm_rss": "KiB", "vmm_pss": "KiB", "vmm_anon": "KiB", "guest_rss": "KiB"}
+
+
+class RunFailed(RuntimeError):
+    """One run did not produce its markers; the message carries the output tail."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    guest: GuestSpec
+    settle_s: float
+    timeout_s: float
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    description: str
+    run: Callable[[Options, Path], tuple[dict[str, float], list[str]]]
+    samples: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    failures: list[str] = dataclasses.field(default_factory=list)
+    command: list[str] | None = None
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.samples.setdefault(key, []).append(value)
+
+
+def _tail(data: bytes, n: int = 600) -> str:
+    return data[-n:].decode(errors="replace")
+
+
+def _finish(vmm: Launched, opts: Options, t_ref: dict[str, int]) -> dict[str, float]:
+    """Wait for the guest to finish, read memory, stop the VMM; console + memory metrics."""
+    if not vmm.stdout.wait_for(DONE, opts.timeout_s):
+        raise RunFailed(f"no {DONE.decode()!r} within {opts.timeout_s} s "
+                        f"(exit {vmm.proc.poll()}); stdout: {_tail(vmm.stdout.data)!r} "
+                        f"stderr: {_tail(vmm.stderr.data)!r}")
+    time.sleep(opts.settle_s)
+    if vmm.proc.poll() is not None:
+        raise RunFailed(f"the VMM exited ({vmm.proc.returncode}) while the guest should idle")
+    try:
+        mem = read_process_memory(vmm.pid, opts.guest.region_sizes_kib)
+        cpu_ms = process_cpu_ms(vmm.pid)
+    except (OSError, ValueError, SmapsError) as err:
+        raise RunFailed(f"memory: {err}") from err
+    first = vmm.stdout.arrivals([GUEST_PREFIX], edge="start")[GUEST_PREFIX]
+    booted = vmm.stdout.arrivals([BOOTTIMER_WRITTEN])
+    if BOOTTIMER_WRITTEN not in booted:
+        raise RunFailed("the guest finished without printing the boot-timer line")
+    t_start = vmm.t_start_ns
+    out = {"start_to_first_output": (first - t_start) / MS,
+           "start_to_boottimer": (booted[BOOTTIMER_WRITTEN] - t_start) / MS,
+           "vmm_rss": mem.vmm_rss_kib, "vmm_pss": mem.vmm_pss_kib, "vmm_anon": mem.vmm_anon_kib,
+           "guest_rss": mem.guest_rss_kib, "cpu_to_idle": cpu_ms}
+    if "ready" in t_ref:
+        out["start_to_socket"] = (t_ref["ready"] - t_start) / MS
+        out["start_to_first_response"] = (t_ref["first_response"] - t_start) / MS
+        out["socket_to_running"] = (t_ref["running"] - t_ref["ready"]) / MS
+        out["instance_start_request"] = (t_ref["running"] - t_ref["start_sent"]) / MS
+        out["start_request_to_boottimer"] = (booted[BOOTTIMER_WRITTEN] - t_ref["start_sent"]) / MS
+    return out
+
+
+def _asyncvmm_log_metrics(log_path: Path) -> dict[str, float]:
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    out: dict[str, float] = {}
+    boot_us, startup_us = parse_boot_time_us(text), parse_startup_us(text)
+    if boot_us is None:
+        raise RunFailed(f"no Guest-boot-time line in the log: {text[-600:]!r}")
+    out["reported_boot_time"] = boot_us / 1000
+    if startup_us is not None:
+        out["reported_startup"] = startup_us / 1000
+    return out
+
+
+def run_asyncvmm_config(opts: Options, tmp: Path) -> tuple[dict[str, float], list[str]]:
+    config, log = tmp / "vm.json", tmp / "vmm.log"
+    config.write_text(json.dumps(asyncvmm_config(opts.guest)))
+    argv = asyncvmm_config_argv(config, log)
+    with launch(argv) as vmm:
+        metrics = _finish(vmm, opts, {})
+    return metrics | _asyncvmm_log_metrics(log), argv
+
+
+def run_asyncvmm_api(opts: Options, tmp: Path) -> tuple[dict[str, float], list[str]]:
+    sock_path, log = tmp / "api.sock", tmp / "vmm.log"
+    argv = asyncvmm_api_argv(sock_path, log)
+    config = asyncvmm_config(opts.guest)
+    with launch(argv) as vmm:
+        sock, t_ready = connect_unix(sock_path, opts.timeout_s, alive=lambda: vmm.proc.poll() is None)
+        api = ApiClient(sock, opts.timeout_s)
+        try:
+            api.put("/boot-source", config["boot-source"])
+            t_first = time.monotonic_ns()
+            api.put("/machine-config", config["machine-config"])
+            t_sent = time.monotonic_ns()
+            api.put("/actions", {"action_type": "InstanceStart"})
+            t_running = time.monotonic_ns()
+        finally:
+            api.close()
+        metrics = _finish(vmm, opts, {"ready": t_ready, "first_response": t_first,
+                                      "start_sent": t_sent, "running": t_running})
+    return metrics | _asyncvmm_log_metrics(log), argv
+
+
+def run_qemu(opts: Options, tmp: Path) -> tuple[dict[str, float], list[str]]:
+    argv = qemu_microvm_argv(opts.guest)
+    with launch(argv) as vmm:
+        return _finish(vmm, opts, {}), argv
+
+
+def run_qemu_qmp(opts: Options, tmp: Path) -> tuple[dict[str, float], list[str]]:
+    sock_path = tmp / "qmp.sock"
+    argv = qemu_microvm_argv(opts.guest, qmp_sock=sock_path)
+    with launch(argv) as vmm:
+        sock, t_ready = connect_unix(sock_path, opts.timeout_s, alive=lambda: vmm.proc.poll() is None)
+        qmp = QmpClient(sock, opts.timeout_s)
+        try:
+            qmp.execute("qmp_capabilities")
+            t_first = t_sent = time.monotonic_ns()
+            qmp.execute("cont")
+            t_running = time.monotonic_ns()
+        finally:
+            qmp.close()
+        return _finish(vmm, opts, {"ready": t_ready, "first_response": t_first,
+                                   "start_sent": t_sent, "running": t_running}), argv
+
+
+def make_variants() -> list[Variant]:
+    return [
+        Variant("asyncvmm-config", "asyncvmm --no-api --config-file vm.json --boot-timer",
+                run_asyncvmm_config),
+        Variant("asyncvmm-api", "asyncvmm --api-sock; PUT /boot-source, /machine-config, "
+                "/actions InstanceStart", run_asyncvmm_api),
+        Variant("qemu-microvm", "qemu-system-x86_64 -M microvm ... -kernel (starts running)", run_qemu),
+        Variant("qemu-microvm-qmp", "qemu-system-x86_64 -M microvm ... -S -qmp; qmp_capabilities, cont",
+                run_qemu_qmp),
+    ]
+
+
+def run_once(variant: Variant, opts: Options) -> dict[str, float] | None:
+    with tempfile.TemporaryDirectory(prefix=f"bench-boot-{variant.name}-") as tmpdir:
+        try:
+            metrics, argv = variant.run(opts, Path(tmpdir))
+        except (RunFailed, LaunchError, ControlError, OSError) as err:
+            return _failed(variant, str(err))
+        if variant.command is None:
+            variant.command = [a.replace(tmpdir, "$TMP") for a in argv]
+    return metrics
+
+
+def _failed(variant: Variant, message: str) -> None:
+    variant.failures.append(message)
+    print(f"  {variant.name}: run failed: {message}", file=sys.stderr)
+    return None
+
+
+def run_rounds(variants: list[Variant], opts: Options, runs: int, warmup: int,
+               log: Callable[[str], None] = print) -> list[list[float]]:
+    """Warm-up runs (discarded), then ``runs`` rounds; returns the load average per round."""
+    for i in range(warmup):
+        for v in variants:
+            run_once(v, opts)
+            v.failures.clear()
+    loads = []
+    for i in range(runs):
+        loads.append(machine.load_average())
+        order = variants[i % len(variants):] + variants[:i % len(variants)]
+        for v in order:
+            metrics = run_once(v, opts)
+            if metrics is not None:
+                v.add(metrics)
+        log(f"round {i + 1}/{runs}: load {loads[-1]}; " + ", ".join(
+            f"{v.name} {v.samples.get('start_to_boottimer', [float('nan')])[-1]:.0f} ms" for v in variants))
+    return loads
+
+
+def build_document(variants: list[Variant], opts: Options, runs: int, argv: list[str],
+                   load_before: list[float], loads: list[list[float]]) -> dict[str, Any]:
+    vdocs: dict[str, Any] = {}
+    for v in variants:
+        vdocs[v.name] = {"description": v.description, "command": v.command,
+                         "failures": v.failures,
+                         "metrics": {k: report.metric(s, UNITS.get(k, "ms")) for k, s in v.samples.items()}}
+    comparisons, notes = [], []
+    for subject, peer, names in COMPARISONS:
+        for name in names:
+            try:
+                comparisons.append(report.compare(vdocs, subject, peer, name))
+            except report.ResultError as err:
+                notes.append(f"comparison skipped: {err}")
+    notes += [
+        "Process start = time.monotonic_ns() just before Popen; output times = arrival of the "
+        "pipe chunk on the benchmark's reader thread.",
+        "Boot-timer time for both VMMs = arrival of the guest's 'testguest: boottimer written' line, "
+        "printed right after its write of 123 to 0xC000_0000; asyncvmm's own Guest-boot-time log "
+        "(from InstanceStart) is `reported_boot_time`.",
+        "Memory = smaps Rss/Pss/Anonymous of the process minus its guest-RAM mapping, read after "
+        f"the guest halted plus {opts.settle_s} s.",
+        "QEMU -S loads the kernel before QMP is up; asyncvmm loads it on InstanceStart, so "
+        "`socket_to_running` and `instance_start_request` include kernel loading and VM creation "
+        "for asyncvmm only.",
+        "`start_to_socket` is when the socket first accepts a connection; a server that binds "
+        "early queues it before it can answer, so `start_to_first_response` is the readiness figure.",
+        "Variants ran interleaved, one warm-up round discarded; other engineers' jobs shared the "
+        "machine (see the load average per round in the JSON).",
+    ]
+    return report.new_document(
+        NAME, "Boot: asyncvmm vs QEMU microvm, same test guest",
+        "python -m benchmarks.boot " + " ".join(argv),
+        git=machine.git_state(), machine=machine.describe(),
+        load={"before": load_before, "after": machine.load_average(), "per_round_1_5_15": loads},
+        settings={"runs": runs, "kernel": str(opts.guest.kernel), "cmdline": opts.guest.cmdline,
+                  "mem_mib": opts.guest.mem_mib, "vcpus": opts.guest.vcpus,
+                  "settle_s": opts.settle_s},
+        variants=vdocs, comparisons=comparisons, notes=notes)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.boot", description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=int, help=f"rounds (default {DEFAULT_RUNS}, {QUICK_RUNS} with --quick)")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_RUNS} rounds, no warm-up")
+    p.add_argument("--kernel", choices=("elf_pvh", "bzimage"), default="elf_pvh",
+                   help="test guest image (both VMMs boot the same one)")
+    p.add_argument("--mem-mib", type=int, default=128)
+    p.add_argument("--settle", type=float, default=0.5, help="seconds idle before reading memory")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per boot")
+    p.add_argument("--variants", help="comma-separated subset of variants")
+    p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
+    p.add_argument("--no-write", action="store_true", help="print only, write no results")
+    args = p.parse_args(argv)
+    if args.runs is not None and args.runs < 1:
+        p.error("--runs must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
+    from tests.guest.build import TestGuestBuildError, build_test_guest
+    try:
+        images = build_test_guest()
+    except TestGuestBuildError as err:
+        print(f"cannot build the test guest: {err}", file=sys.stderr)
+        return 1
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("/dev/kvm is missing or not accessible", file=sys.stderr)
+        return 1
+    opts = Options(GuestSpec(images.variants()[args.kernel], CMDLINE, mem_mib=args.mem_mib),
+                   settle_s=args.settle, timeout_s=args.timeout)
+    variants = make_variants()
+    if args.variants:
+        wanted = args.variants.split(",")
+        unknown = set(wanted) - {v.name for v in variants}
+        if unknown:
+            print(f"unknown variants: {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        variants = [v for v in variants if v.name in wanted]
+    load_before = machine.load_average()
+    print(f"boot benchmark: {runs} rounds of {', '.join(v.name for v in variants)}; load {load_before}")
+    loads = run_rounds(variants, opts, runs, warmup=0 if args.quick else 1)
+    doc = build_document(variants, opts, runs, argv, load_before, loads)
+    print()
+    print(report.format_comparisons(doc["comparisons"]))
+    for v in variants:
+        if v.failures:
+            print(f"{v.name}: {len(v.failures)} failed run(s)")
+    if not args.no_write:
+        path = report.write_result(doc, args.results_dir)
+        print(f"\nwrote {path} and {args.results_dir / report.SUMMARY_NAME}")
+    return 0 if all(v.samples for v in variants) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
