@@ -51,8 +51,12 @@ static int is_rsdp(uint64_t a)
 
 uint64_t acpi_find_rsdp(void)
 {
+        static uint64_t found;          /* looked up (and reported) once */
         uint64_t hint = 0;
         const char *source = "scan";
+
+        if (found)
+                return found;
 
         if (boot_kind == BOOT_PVH)
                 hint = rd64(boot_info + HVM_RSDP_PADDR);
@@ -78,6 +82,7 @@ uint64_t acpi_find_rsdp(void)
         con_puts(" source=");
         con_puts(source);
         con_end();
+        found = hint;
         return hint;
 }
 

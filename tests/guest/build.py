@@ -148,11 +148,14 @@ def pack_bzimage(payload: bytes, stub: bytes, init_size: int) -> bytes:
     """A bzImage: boot sector + setup sectors (header, real-mode stub), then payload.
 
     The payload must be the flat image linked at LOAD_ADDRESS with its
-    64-bit entry at offset 0x200.  ``init_size`` is the memory the payload
+    64-bit entry at offset 0x200; it is zero-padded to a multiple of 16.  ``init_size`` is the memory the payload
     needs from LOAD_ADDRESS, .bss included.
     """
     if len(payload) <= ENTRY64_OFFSET:
         raise ValueError("payload has no 64-bit entry at offset 0x200")
+    # syssize counts 16-byte paragraphs and loaders check it against the file,
+    # so the protected-mode part is padded to a whole number of them.
+    payload = payload + bytes(-len(payload) % 16)
     version_at = STUB_OFFSET + len(stub)
     setup_end = version_at + len(KERNEL_VERSION)
     setup_sects = max(1, -(-setup_end // SECTOR) - 1)
@@ -161,7 +164,7 @@ def pack_bzimage(payload: bytes, stub: bytes, init_size: int) -> bytes:
     setup[version_at:setup_end] = KERNEL_VERSION
     values = {
         "setup_sects": setup_sects,
-        "syssize": -(-len(payload) // 16),
+        "syssize": len(payload) // 16,
         "vid_mode": VID_MODE_NORMAL,
         "boot_flag": BOOT_FLAG,
         "jump": 0xEB | (STUB_OFFSET - 0x202) << 8,     # jmp short to the stub
@@ -184,11 +187,25 @@ def pack_bzimage(payload: bytes, stub: bytes, init_size: int) -> bytes:
     return bytes(setup) + payload
 
 
+def _compile_all(out: Path) -> None:
+    """One gcc per source, all at once: a build is mostly compiler start-up."""
+    jobs = [["gcc", *CFLAGS, "-c", str(SOURCE_DIR / n)]
+            for n in (*OBJECTS_C, *OBJECTS_S, PVH_NOTE)]
+    jobs.append(["gcc", *CFLAGS, f"-DSTUB_OFFSET={STUB_OFFSET:#x}", "-c",
+                 str(SOURCE_DIR / SETUP_STUB), "-o", "setup.o"])
+    procs = [(argv, subprocess.Popen(argv, cwd=out, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)) for argv in jobs]
+    failures = []
+    for argv, proc in procs:
+        output, _ = proc.communicate()
+        if proc.returncode != 0:
+            failures.append(f"{' '.join(argv)} failed:\n{output}")
+    if failures:
+        raise TestGuestBuildError("\n".join(failures))
+
+
 def _compile_and_link(out: Path) -> None:
-    src = [str(SOURCE_DIR / n) for n in (*OBJECTS_C, *OBJECTS_S, PVH_NOTE)]
-    _run(["gcc", *CFLAGS, "-c", *src], out)
-    _run(["gcc", *CFLAGS, f"-DSTUB_OFFSET={STUB_OFFSET:#x}", "-c",
-          str(SOURCE_DIR / SETUP_STUB), "-o", "setup.o"], out)
+    _compile_all(out)
     objs = [Path(n).with_suffix(".o").name for n in (*OBJECTS_C, *OBJECTS_S)]
     script = ["-T", str(SOURCE_DIR / LINKER_SCRIPT)]
     _run(["ld", *LDFLAGS, *script, "-o", "testguest-pvh.elf", *objs, "pvhnote.o"], out)
@@ -224,6 +241,7 @@ def build_test_guest(cache_root: Path | None = None, *, force: bool = False) -> 
         return images
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="build-", dir=root))
+    tmp.chmod(0o755)            # mkdtemp's 0700 would hide the images from other users
     try:
         _compile_and_link(tmp)
         if images.directory.exists() and (force or not _complete(images)):

@@ -131,6 +131,13 @@ ud_entry:
         ud2     /* no IDT left: #UD -> #DF -> triple fault */
 
         .text
+/* exit=triplefault from ring 3: hlt is privileged, so #GP, which has no
+ * gate -> #DF -> triple fault without ever entering ring 0. */
+        .globl  ring3_triple_fault
+ring3_triple_fault:
+        hlt
+        jmp     ring3_triple_fault
+
 /* Ring-3 entry of the BSP and of every AP: a call keeps the ABI's stack
  * alignment; the C mains never return (and ud2 would triple-fault). */
 ring3_start:

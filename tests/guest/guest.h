@@ -83,6 +83,7 @@ static inline void mmio_write8(uint64_t addr, uint8_t v)
 }
 
 __attribute__((noreturn)) void guest_syscall(uint64_t nr);
+__attribute__((noreturn)) void ring3_triple_fault(void);       /* entry.S */
 
 /* ---- lib.c ---- */
 void *memcpy(void *dst, const void *src, size_t n);

@@ -49,7 +49,7 @@ static void read_boot_info(void)
         static const char *const kinds[] = {"unknown", "linux64", "pvh", "linux32"};
         uint64_t info = boot_info, ptr = 0;
 
-        con_begin("boot=");
+        con_begin("boot entry=");
         con_puts(kinds[boot_kind <= BOOT_LINUX32 ? boot_kind : 0]);
         con_kvx("info", info);
         if (boot_kind == BOOT_PVH) {
@@ -220,9 +220,7 @@ static void __attribute__((noreturn)) do_exit(void)
         if (key_is(k, n, "triplefault")) {
                 con_line("exit triplefault ring=3");
                 con_line("done");
-                /* hlt is privileged: #GP, which has no gate -> #DF -> shutdown */
-                __asm__ __volatile__("hlt");
-                __builtin_unreachable();
+                ring3_triple_fault();
         }
         if (key_is(k, n, "triplefault0")) {
                 con_line("exit triplefault ring=0");
