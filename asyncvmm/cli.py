@@ -123,10 +123,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.enable_pci:
         print("Error: --enable-pci: PCIe is not supported by asyncvmm", file=sys.stderr)
         return EXIT_GENERIC
-    return run(args)
+    # Bind first, before the heavy imports: clients polling for the socket can connect at
+    # once (their requests queue until the server runs).  A failure is logged once the
+    # logger exists, as Firecracker does.
+    api_sock: Any = None
+    bind_error: OSError | None = None
+    if not args.no_api:
+        from asyncvmm.http import bind_api_socket
+
+        try:
+            api_sock = bind_api_socket(args.api_sock)
+        except OSError as err:
+            bind_error = err
+    try:
+        return run(args, api_sock, bind_error)
+    finally:
+        if api_sock is not None:  # ours: remove it so the path can be reused
+            api_sock.close()
+            try:
+                os.unlink(args.api_sock)
+            except OSError:
+                pass
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | None = None) -> int:
     """Configure logging and metrics, then serve the API and/or boot the config file."""
     import asyncio
 
@@ -173,7 +193,10 @@ def run(args: argparse.Namespace) -> int:
             except (OSError, UnicodeDecodeError) as err:
                 log.error("Unable to open or read from the %s file: %s", flag.replace("_", " "), err)
                 return EXIT_BAD_CONFIGURATION
-    session = _Session(args, logger, registry, writer, texts)
+    if bind_error is not None:
+        log.error("%s", bind_error)
+        return EXIT_GENERIC
+    session = _Session(args, logger, registry, writer, texts, api_sock)
     try:
         import uvloop
     except ImportError:
@@ -185,8 +208,9 @@ class _Session:
     """One process lifetime: the controller, its backend, the API server."""
 
     def __init__(self, args: argparse.Namespace, logger: Any, registry: Any, writer: Any,
-                 texts: dict[str, str]) -> None:
+                 texts: dict[str, str], api_sock: Any) -> None:
         self.args, self.logger, self.registry, self.writer, self.texts = args, logger, registry, writer, texts
+        self.api_sock = api_sock
         self.log = logging.getLogger(__name__)
 
     def _backend(self, loop: Any, on_exit: Any) -> Any:
@@ -241,15 +265,11 @@ class _Session:
         api_metrics = ApiMetrics()
         api_metrics.register(self.registry)
         server = None
-        if not args.no_api:
+        if self.api_sock is not None:
             from asyncvmm.http.server import ApiServer
 
             server = ApiServer(controller, max_payload=args.http_api_max_payload_size, metrics=api_metrics)
-            try:
-                await server.start(args.api_sock)
-            except OSError as err:
-                self.log.error("%s", err)
-                return EXIT_GENERIC
+            await server.start(args.api_sock, self.api_sock)
         self._report_startup(api_metrics)
         try:
             if "config_file" in self.texts:

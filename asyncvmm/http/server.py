@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from asyncvmm.controller import Controller, ControllerError
+from asyncvmm.http import SocketInUseError, bind_api_socket
 from asyncvmm.http.metrics import ApiMetrics
 from asyncvmm.http.parse import RequestError, parse_request, split_path
 
@@ -28,13 +29,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PAYLOAD = 51200
 SERVER_HEADER = "Firecracker API"
-
-
-class SocketInUseError(OSError):
-    def __init__(self, path: str) -> None:
-        super().__init__(
-            f"Failed to open the API socket at: {path}. Check that it is not already used."
-        )
 
 
 class PayloadTooLargeError(Exception):
@@ -116,16 +110,11 @@ class ApiServer:
         self.metrics.count(method, resource, failed=False)
         return to_response(result, deprecation=deprecation)
 
-    async def start(self, path: str) -> None:
-        """Bind ``path`` (refusing an existing one) and serve."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-        except OSError as err:
-            sock.close()
-            if err.errno == getattr(os, "EADDRINUSE", 98):
-                raise SocketInUseError(path) from None
-            raise
+    async def start(self, path: str, sock: socket.socket | None = None) -> None:
+        """Serve on ``sock``, a socket already bound to ``path``, or bind ``path`` now
+        (refusing an existing one with :class:`SocketInUseError`)."""
+        if sock is None:
+            sock = bind_api_socket(path)
         self._path = path
         self._runner = web.ServerRunner(self.low_level_server(), handle_signals=False)
         await self._runner.setup()

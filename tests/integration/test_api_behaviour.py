@@ -1,8 +1,8 @@
 """Every behaviour of API-BEHAVIOUR.md against a live ``asyncvmm`` process on its Unix socket.
 
 Every response is validated against the swagger response schema.  Checks that
-need a booted guest use the real VMM core (``asyncvmm.vmm``) and a kernel named
-by ``ASYNCVMM_TEST_KERNEL``; they go through ``require()``.
+need a booted guest use the real VMM core (``asyncvmm.vmm``), ``/dev/kvm`` and
+the freestanding test guest of ``tests/guest``; they go through ``require()``.
 """
 
 from __future__ import annotations
@@ -336,16 +336,27 @@ def test_instance_id_flag(tmp_path: Path) -> None:
 # -- after boot (needs the VMM core and a guest kernel) -----------------------------------------
 
 
-@pytest.fixture
-def booted(api: Api, tmp_path: Path) -> Api:
+@pytest.fixture(scope="session")
+def guest_kernel() -> str:
     require(vmm_available(), "asyncvmm.vmm (the VMM core) is not importable yet")
-    kernel = os.environ.get("ASYNCVMM_TEST_KERNEL", "")
-    require(bool(kernel) and os.path.exists(kernel), "ASYNCVMM_TEST_KERNEL names no guest kernel")
-    require(os.path.exists("/dev/kvm"), "/dev/kvm is missing")
-    api("PUT", "/metrics", {"metrics_path": str(tmp_path / "metrics.json")})
-    api("PUT", "/boot-source", {"kernel_image_path": kernel, "boot_args": "console=ttyS0 reboot=k panic=1"})
+    require(os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK),
+            "/dev/kvm is missing or not accessible")
+    from tests.guest.build import build_test_guest
+
+    return str(build_test_guest().elf_pvh)
+
+
+def boot(api: Api, kernel: str, cmdline: str = "console=ttyS0") -> None:
+    api("PUT", "/boot-source", {"kernel_image_path": kernel, "boot_args": cmdline})
+    api("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64})
     resp = api("PUT", "/actions", {"action_type": "InstanceStart"})
     assert resp.status == 204, resp.body
+
+
+@pytest.fixture
+def booted(api: Api, tmp_path: Path, guest_kernel: str) -> Api:
+    api("PUT", "/metrics", {"metrics_path": str(tmp_path / "metrics.json")})
+    boot(api, guest_kernel)  # the test guest halts and stays up by default
     return api
 
 
@@ -384,3 +395,9 @@ def test_pause_resume_and_metrics_after_boot(booted: Api, tmp_path: Path) -> Non
     lines = (tmp_path / "metrics.json").read_text().splitlines()
     assert len(lines) >= 2 and all("utc_timestamp_ms" in json.loads(line) for line in lines)
     assert booted("GET", "/version").json() == {"firecracker_version": "1.16.1"}
+
+
+def test_guest_reset_ends_the_process_with_code_0(api: Api, guest_kernel: str) -> None:
+    boot(api, guest_kernel, "console=ttyS0 exit=reset")
+    assert api.proc.proc.wait(timeout=120) == 0
+    assert "testguest: exit reset" in api.proc.output()

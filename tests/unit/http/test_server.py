@@ -13,7 +13,8 @@ import pytest
 from asyncvmm.config.mmds_store import MmdsStore
 from asyncvmm.controller import Controller
 from asyncvmm.http.metrics import ApiMetrics
-from asyncvmm.http.server import ApiServer, SocketInUseError
+from asyncvmm.http import SocketInUseError
+from asyncvmm.http.server import ApiServer
 from tests.unit.test_controller import FakeBackend
 
 

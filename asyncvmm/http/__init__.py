@@ -1,0 +1,32 @@
+"""The Firecracker-compatible REST API: pure parsing (:mod:`.parse`), the aiohttp server
+(:mod:`.server`) and its metrics (:mod:`.metrics`).
+
+This package's ``__init__`` stays import-light: :func:`bind_api_socket` runs before
+aiohttp is imported, so the socket exists (and queues connections) while the rest loads.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+
+class SocketInUseError(OSError):
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"Failed to open the API socket at: {path}. Check that it is not already used."
+        )
+
+
+def bind_api_socket(path: str, backlog: int = 128) -> socket.socket:
+    """Bind and listen on ``path``; an existing path (even a stale socket) is refused, as in Firecracker."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise SocketInUseError(path) from None
+        raise
+    return sock
