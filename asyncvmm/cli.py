@@ -237,7 +237,7 @@ class _Session:
         import asyncio
 
         from asyncvmm.config import ConfigError, VmConfig, decode
-        from asyncvmm.config.mmds_store import MmdsStore, MmdsStoreError
+        from asyncvmm.mmds.store import MmdsStore, MmdsStoreError
         from asyncvmm.controller import Action, ActionKind, Controller, ControllerError
         from asyncvmm.http.metrics import ApiMetrics
 
@@ -249,7 +249,7 @@ class _Session:
                 exit_code.set_result(code)
 
         args = self.args
-        mmds = MmdsStore(args.mmds_size_limit or args.http_api_max_payload_size)
+        mmds = MmdsStore(limit_bytes=args.mmds_size_limit or args.http_api_max_payload_size)
         if "metadata" in self.texts:
             try:
                 mmds.put(decode(self.texts["metadata"].encode(), Any))

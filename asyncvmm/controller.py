@@ -37,7 +37,7 @@ from asyncvmm.config import (
     to_builtins,
 )
 from asyncvmm.config import resources
-from asyncvmm.config.mmds_store import MmdsLimitExceededError, MmdsStore, MmdsStoreError
+from asyncvmm.mmds.store import DataStoreLimitExceededError, MmdsStore, MmdsStoreError
 
 log = logging.getLogger(__name__)
 _replace = msgspec.structs.replace
@@ -346,7 +346,7 @@ class Controller:
     def _mmds_call(op: Callable[[Any], None], data: Any) -> None:
         try:
             op(data)
-        except MmdsLimitExceededError as err:
+        except DataStoreLimitExceededError as err:
             raise ControllerError(f"MMDS limit exceeded error: {err}", status=413) from None
         except MmdsStoreError as err:
             raise ControllerError(f"MMDS error: {err}") from None

@@ -252,9 +252,9 @@ async def test_patch_network_after_boot(ctl: Controller, backend: FakeBackend, k
 
 
 async def test_mmds_store_errors(backend: FakeBackend) -> None:
-    from asyncvmm.config.mmds_store import MmdsStore
+    from asyncvmm.mmds.store import MmdsStore
 
-    ctl = Controller(backend, mmds=MmdsStore(limit=20))
+    ctl = Controller(backend, mmds=MmdsStore(limit_bytes=20))
     assert await ctl.handle(Action(K.GET_MMDS)) == {}
     with pytest.raises(ControllerError, match="MMDS error: The MMDS data store is not initialized."):
         await ctl.handle(Action(K.PATCH_MMDS, {"a": 1}))

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from asyncvmm.config.mmds_store import MmdsStore
+from asyncvmm.mmds.store import MmdsStore
 from asyncvmm.controller import Controller
 from asyncvmm.http.metrics import ApiMetrics
 from asyncvmm.http import SocketInUseError
@@ -41,7 +41,7 @@ async def request(path: str, method: str, url: str, body: bytes | None = None,
 async def served(tmp_path: Any) -> Any:
     path = str(tmp_path / "api.sock")
     metrics = ApiMetrics()
-    server = ApiServer(Controller(FakeBackend(), mmds=MmdsStore(limit=64)), max_payload=200, metrics=metrics)
+    server = ApiServer(Controller(FakeBackend(), mmds=MmdsStore(limit_bytes=64)), max_payload=200, metrics=metrics)
     await server.start(path)
     yield path, metrics
     await server.stop()
