@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -277,10 +278,12 @@ def build_document(variants: list[Variant], opts: Options, runs: int, argv: list
     ]
     return report.new_document(
         NAME, "Boot: asyncvmm vs QEMU microvm, same test guest",
-        "python -m benchmarks.boot " + " ".join(argv),
+        " ".join(["python -m benchmarks.boot", *argv]),
         git=machine.git_state(), machine=machine.describe(),
         load={"before": load_before, "after": machine.load_average(), "per_round_1_5_15": loads},
-        settings={"runs": runs, "kernel": str(opts.guest.kernel), "cmdline": opts.guest.cmdline,
+        settings={"runs": runs, "kernel": str(opts.guest.kernel),
+                  "kernel_sha256": hashlib.sha256(opts.guest.kernel.read_bytes()).hexdigest(),
+                  "cmdline": opts.guest.cmdline,
                   "mem_mib": opts.guest.mem_mib, "vcpus": opts.guest.vcpus,
                   "settle_s": opts.settle_s},
         variants=vdocs, comparisons=comparisons, notes=notes)
@@ -329,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         variants = [v for v in variants if v.name in wanted]
     load_before = machine.load_average()
     print(f"boot benchmark: {runs} rounds of {', '.join(v.name for v in variants)}; load {load_before}")
+    if load_before[0] > (os.cpu_count() or 1):
+        print("note: the load average exceeds the CPU count; absolute times include waiting for a CPU, "
+              "ratios are fairer (variants are interleaved) but noisier")
     loads = run_rounds(variants, opts, runs, warmup=0 if args.quick else 1)
     doc = build_document(variants, opts, runs, argv, load_before, loads)
     print()

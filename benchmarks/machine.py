@@ -46,18 +46,24 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def git_state(repo: Path = REPO) -> dict[str, object]:
+# What a benchmark result depends on; other engineers' uncommitted work elsewhere does not count.
+RESULT_PATHS = ("asyncvmm", "benchmarks", "tests/guest", "pyproject.toml")
+
+
+def git_state(repo: Path = REPO, paths: tuple[str, ...] = RESULT_PATHS) -> dict[str, object]:
+    """HEAD, and whether ``paths`` had uncommitted changes (then the numbers are for HEAD plus those)."""
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True,
                                  text=True, timeout=10, check=True)
         except (OSError, subprocess.SubprocessError):
             return None
-        return out.stdout.strip()
+        return out.stdout.rstrip("\n")     # keep porcelain's leading status column
 
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"),
-            "dirty": None if status is None else bool(status)}
+    status = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
+    changed = [] if not status else [line[3:] for line in status.splitlines()]
+    return {"commit": (git("rev-parse", "HEAD") or "").strip() or None,
+            "dirty": None if status is None else bool(changed), "dirty_paths": changed}
 
 
 def tool_version(argv: list[str]) -> str | None:

@@ -88,7 +88,9 @@ def render_document(doc: Mapping[str, Any]) -> list[str]:
     git = doc.get("git", {})
     machine = doc.get("machine", {})
     load = doc.get("load", {})
-    commit = (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+    dirty = git.get("dirty_paths") or []
+    commit = (git.get("commit") or "unknown")[:12] + (
+        f" plus uncommitted changes to {len(dirty)} file(s) (listed in the JSON)" if git.get("dirty") else "")
     lines = [f"## {doc.get('title', doc['benchmark'])}", "",
              f"`{doc.get('command', 'python -m benchmarks.' + doc['benchmark'])}` on {doc.get('date', '?')}, "
              f"commit {commit}.", "",
@@ -157,9 +159,20 @@ def write_result(doc: Mapping[str, Any], results_dir: Path = RESULTS_DIR) -> Pat
     """Write ``<benchmark>.json`` and regenerate SUMMARY.md; returns the JSON path."""
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{doc['benchmark']}.json"
-    _atomic_write(path, json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    _atomic_write(path, dumps(doc) + "\n")
     regenerate_summary(results_dir)
     return path
+
+
+def dumps(value: Any, indent: int = 0) -> str:
+    """JSON with one key per line but lists of numbers or strings on one line (samples stay readable)."""
+    pad, inner = " " * indent, " " * (indent + 1)
+    if isinstance(value, Mapping) and value:
+        items = [f"{inner}{json.dumps(str(k))}: {dumps(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple)) for v in value):
+        return "[\n" + ",\n".join(inner + dumps(v, indent + 1) for v in value) + "\n" + pad + "]"
+    return json.dumps(value)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -58,7 +58,7 @@ def test_write_result_writes_json_and_regenerates_the_summary(tmp_path):
     assert json.loads(path.read_text())["variants"]["qemu-x"]["metrics"]["boot"]["samples"] == [10, 20, 30]
     summary = (tmp_path / report.SUMMARY_NAME).read_text()
     assert "| boot | `asyncvmm-x` | 40.0 ms | `qemu-x` | 20.0 ms | 2.00x |" in summary
-    assert "abcdef123456 (uncommitted changes)" in summary and "kvm_pvm" in summary
+    assert "abcdef123456 plus uncommitted changes" in summary and "kvm_pvm" in summary
     assert "- a note" in summary
 
 
@@ -70,3 +70,10 @@ def test_summary_covers_every_result_file_in_name_order(tmp_path):
     (tmp_path / "unrelated.json").write_text("[1, 2]")
     summary = (tmp_path / report.SUMMARY_NAME).read_text()
     assert summary.index("## Alpha") < summary.index("## Zeta")
+
+
+def test_dumps_round_trips_and_keeps_sample_lists_on_one_line():
+    doc = {"a": {"samples": [1, 2.5, 3], "nested": [[1, 2], {"x": None}]}, "empty": {}, "s": "t"}
+    text = report.dumps(doc)
+    assert json.loads(text) == doc
+    assert '"samples": [1, 2.5, 3]' in text
