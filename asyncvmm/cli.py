@@ -200,8 +200,14 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(session.run())
-    return uvloop.run(session.run())
+        runner: Any = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        return runner(session.run())
+    except Exception:
+        log.exception("Firecracker exiting with an unexpected error")
+        return EXIT_UNEXPECTED
 
 
 class _Session:

@@ -107,6 +107,11 @@ class ApiServer:
             self.metrics.count(method, resource, failed=True)
             log.error("Received Error. Status code: %s. Message: %s", getattr(err, "status", 400), err)
             return to_response(error=err, deprecation=deprecation)
+        except Exception as err:  # a bug must cost one request, never the process
+            log.exception("Internal error while handling %s %s", method, path)
+            self.metrics.count(method, resource, failed=True)
+            self.metrics.api_server.sync_response_fails += 1
+            return to_response(error=ControllerError(f"Internal error: {err}"))
         self.metrics.count(method, resource, failed=False)
         return to_response(result, deprecation=deprecation)
 

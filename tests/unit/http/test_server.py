@@ -108,3 +108,19 @@ async def test_existing_socket_path_is_refused(tmp_path: Any) -> None:
         await server.start(path)
     stale.close()
     assert os.path.exists(path)
+
+
+async def test_a_handler_bug_costs_one_request_not_the_server(tmp_path: Any) -> None:
+    class Broken(Controller):
+        async def handle(self, action: Any) -> Any:
+            raise KeyError("boom")
+
+    path = str(tmp_path / "api.sock")
+    server = ApiServer(Broken(FakeBackend()))
+    await server.start(path)
+    try:
+        status, hdrs, body = await request(path, "GET", "/")
+        assert status == 400 and "Internal error" in json.loads(body)["fault_message"]
+        assert hdrs["server"] == "Firecracker API"
+    finally:
+        await server.stop()
