@@ -84,6 +84,7 @@ class HttpResponse:
     content_type: str = "text/plain"
     allow: tuple[str, ...] = ()
     close: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def text(cls, status: int, message: str, **kwargs: object) -> "HttpResponse":
@@ -99,7 +100,9 @@ class HttpResponse:
         ]
         if self.allow:
             lines.append(f"Allow: {', '.join(self.allow)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + self.body
+        lines += [f"{name}: {value}" for name, value in self.headers]
+        # latin-1: a header name echoed from the request is bytes as received.
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
 
 
 class HttpParseError(Exception):

@@ -10,7 +10,8 @@ V1 serves it either way, counting ``rx_no_token`` / ``rx_invalid_token``;
 V2 answers ``401`` without a valid one.  A token PUT must carry
 ``X-metadata-token-ttl-seconds`` or ``X-aws-ec2-metadata-token-ttl-seconds``
 (1..21600) and must not carry ``X-Forwarded-For`` (a token request relayed by
-a proxy in the guest is refused).  Header names match case-insensitively.
+a proxy in the guest is refused); the response echoes the TTL header.
+Header names match case-insensitively.
 
 Paths: the request target's path (an absolute-form ``http://host/path`` is
 reduced to ``/path``; a query is dropped), with ``//`` runs collapsed, is a
@@ -185,4 +186,5 @@ class MmdsHttpHandler:
             token = self.tokens.generate(int(raw))
         except TokenTtlError as err:
             return HttpResponse.text(400, str(err))
-        return HttpResponse.text(200, token)
+        # The TTL is echoed under the header name the guest used, as EC2 and Firecracker do.
+        return HttpResponse.text(200, token, headers=((key, str(int(raw))),))

@@ -44,8 +44,8 @@ class MmdsStoreError(Exception):
 
 class DataStoreLimitExceededError(MmdsStoreError):
     def __init__(self, size: int, limit: int) -> None:
-        super().__init__(
-            f"The MMDS data store would be {size} bytes, over the limit of {limit} bytes.")
+        # Firecracker's text (for PUT too); the API prefixes "MMDS limit exceeded error: ".
+        super().__init__("The MMDS patch request doesn't fit.")
         self.size = size
         self.limit = limit
 

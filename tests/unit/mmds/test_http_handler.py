@@ -147,8 +147,9 @@ def test_v2_requires_a_token():
 ])
 def test_v2_token_flow_and_expiry(ttl_header, token_header):
     h, clock, metrics = make(MmdsVersion.V2)
-    put = h(req("PUT", "/latest/api/token", (ttl_header, "1")))
+    put = h(req("PUT", "/latest/api/token", (ttl_header, "01")))
     assert put.status == 200 and put.content_type == "text/plain"
+    assert put.headers == ((ttl_header, "1"),)
     token = put.body.decode()
     ok = h(req("GET", "/latest/meta-data/ami-id", (token_header, token)))
     assert (ok.status, ok.body) == (200, b"ami-12345678")

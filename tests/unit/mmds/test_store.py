@@ -96,6 +96,7 @@ def test_put_over_the_limit_is_refused_and_leaves_the_store_unchanged():
     with pytest.raises(DataStoreLimitExceededError) as exc:
         store.put({"latest": {"meta-data": {"ami-id": "smth", "secret_key": "a" * 51200}}})
     assert exc.value.limit == 51200 and exc.value.size > 51200
+    assert str(exc.value) == "The MMDS patch request doesn't fit."
     assert store.get() == small
 
 
