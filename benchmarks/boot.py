@@ -100,12 +100,20 @@ def _tail(data: bytes, n: int = 600) -> str:
     return data[-n:].decode(errors="replace")
 
 
-def _finish(vmm: Launched, opts: Options, t_ref: dict[str, int]) -> dict[str, float]:
+def _diagnosis(vmm: Launched, log: Path | None = None) -> str:
+    """Exit status and output tails, for a failed run's message."""
+    vmm.stop()
+    text = f"(exit {vmm.proc.returncode}); stdout: {_tail(vmm.stdout.data)!r} stderr: {_tail(vmm.stderr.data)!r}"
+    if log is not None and log.exists():
+        text += f" log: {_tail(log.read_bytes())!r}"
+    return text
+
+
+def _finish(vmm: Launched, opts: Options, t_ref: dict[str, int], log: Path | None = None) -> dict[str, float]:
     """Wait for the guest to finish, read memory, stop the VMM; console + memory metrics."""
     if not vmm.stdout.wait_for(DONE, opts.timeout_s):
-        raise RunFailed(f"no {DONE.decode()!r} within {opts.timeout_s} s "
-                        f"(exit {vmm.proc.poll()}); stdout: {_tail(vmm.stdout.data)!r} "
-                        f"stderr: {_tail(vmm.stderr.data)!r}")
+        why = "before the VMM exited" if vmm.stdout.eof else f"within {opts.timeout_s} s"
+        raise RunFailed(f"no {DONE.decode()!r} {why} {_diagnosis(vmm, log)}")
     time.sleep(opts.settle_s)
     if vmm.proc.poll() is not None:
         raise RunFailed(f"the VMM exited ({vmm.proc.returncode}) while the guest should idle")
@@ -149,7 +157,7 @@ def run_asyncvmm_config(opts: Options, tmp: Path) -> tuple[dict[str, float], lis
     config.write_text(json.dumps(asyncvmm_config(opts.guest)))
     argv = asyncvmm_config_argv(config, log)
     with launch(argv) as vmm:
-        metrics = _finish(vmm, opts, {})
+        metrics = _finish(vmm, opts, {}, log)
     return metrics | _asyncvmm_log_metrics(log), argv
 
 
@@ -158,19 +166,22 @@ def run_asyncvmm_api(opts: Options, tmp: Path) -> tuple[dict[str, float], list[s
     argv = asyncvmm_api_argv(sock_path, log)
     config = asyncvmm_config(opts.guest)
     with launch(argv) as vmm:
-        sock, t_ready = connect_unix(sock_path, opts.timeout_s, alive=lambda: vmm.proc.poll() is None)
-        api = ApiClient(sock, opts.timeout_s)
         try:
-            api.put("/boot-source", config["boot-source"])
-            t_first = time.monotonic_ns()
-            api.put("/machine-config", config["machine-config"])
-            t_sent = time.monotonic_ns()
-            api.put("/actions", {"action_type": "InstanceStart"})
-            t_running = time.monotonic_ns()
-        finally:
-            api.close()
+            sock, t_ready = connect_unix(sock_path, opts.timeout_s, alive=lambda: vmm.proc.poll() is None)
+            api = ApiClient(sock, opts.timeout_s)
+            try:
+                api.put("/boot-source", config["boot-source"])
+                t_first = time.monotonic_ns()
+                api.put("/machine-config", config["machine-config"])
+                t_sent = time.monotonic_ns()
+                api.put("/actions", {"action_type": "InstanceStart"})
+                t_running = time.monotonic_ns()
+            finally:
+                api.close()
+        except (LaunchError, ControlError) as err:
+            raise RunFailed(f"{err} {_diagnosis(vmm, log)}") from err
         metrics = _finish(vmm, opts, {"ready": t_ready, "first_response": t_first,
-                                      "start_sent": t_sent, "running": t_running})
+                                      "start_sent": t_sent, "running": t_running}, log)
     return metrics | _asyncvmm_log_metrics(log), argv
 
 
@@ -184,15 +195,18 @@ def run_qemu_qmp(opts: Options, tmp: Path) -> tuple[dict[str, float], list[str]]
     sock_path = tmp / "qmp.sock"
     argv = qemu_microvm_argv(opts.guest, qmp_sock=sock_path)
     with launch(argv) as vmm:
-        sock, t_ready = connect_unix(sock_path, opts.timeout_s, alive=lambda: vmm.proc.poll() is None)
-        qmp = QmpClient(sock, opts.timeout_s)
         try:
-            qmp.execute("qmp_capabilities")
-            t_first = t_sent = time.monotonic_ns()
-            qmp.execute("cont")
-            t_running = time.monotonic_ns()
-        finally:
-            qmp.close()
+            sock, t_ready = connect_unix(sock_path, opts.timeout_s, alive=lambda: vmm.proc.poll() is None)
+            qmp = QmpClient(sock, opts.timeout_s)
+            try:
+                qmp.execute("qmp_capabilities")
+                t_first = t_sent = time.monotonic_ns()
+                qmp.execute("cont")
+                t_running = time.monotonic_ns()
+            finally:
+                qmp.close()
+        except (LaunchError, ControlError) as err:
+            raise RunFailed(f"{err} {_diagnosis(vmm)}") from err
         return _finish(vmm, opts, {"ready": t_ready, "first_response": t_first,
                                    "start_sent": t_sent, "running": t_running}), argv
 

@@ -115,6 +115,10 @@ def render_document(doc: Mapping[str, Any]) -> list[str]:
                   "</summary>", ""]
         lines += _md_table(("variant", "metric", "n", "median", "p99", "min", "max", "stdev"), detail)
         lines += ["", "</details>", ""]
+    failed = {name: len(v.get("failures", [])) for name, v in doc.get("variants", {}).items()}
+    if any(failed.values()):
+        lines += ["Failed runs (left out of the statistics; messages in the JSON): " + ", ".join(
+            f"`{name}` {n}" for name, n in failed.items() if n) + ".", ""]
     for note in doc.get("notes", []):
         lines.append(f"- {note}")
     if doc.get("notes"):

@@ -77,3 +77,10 @@ def test_dumps_round_trips_and_keeps_sample_lists_on_one_line():
     text = report.dumps(doc)
     assert json.loads(text) == doc
     assert '"samples": [1, 2.5, 3]' in text
+
+
+def test_summary_counts_failed_runs():
+    doc = doc_with([1], [1])
+    doc["variants"]["asyncvmm-x"]["failures"] = ["boom", "bang"]
+    text = "\n".join(report.render_document(doc))
+    assert "`asyncvmm-x` 2" in text
