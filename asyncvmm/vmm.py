@@ -19,6 +19,7 @@ from typing import Any, Callable
 from .builder import BuildContext, BuildError, MicroVm, build_microvm
 from .config import VmConfig
 from .console import SerialConsole
+from .devices.virtio.block import BlockFileError
 from .controller import BackendError, StartError
 from .exitcodes import ExitCode
 from .metrics import MetricsRegistry
@@ -158,7 +159,17 @@ class Vmm:
     # -- operations of later features ---------------------------------------------
 
     async def update_drive(self, drive_id: str, path_on_host: str | None, rate_limiter) -> None:
-        raise _not_yet("Updating block devices")
+        assert self.machine is not None
+        block = self.machine.blocks.get(drive_id)
+        if block is None:
+            raise BackendError(f"Invalid block device ID: {drive_id}")
+        try:
+            if path_on_host is not None:
+                block.update_path(path_on_host)
+            if rate_limiter is not None:
+                block.update_rate_limiter(rate_limiter)
+        except (BlockFileError, OSError, ValueError) as e:
+            raise BackendError(f"Unable to patch the block device: {e}") from e
 
     async def update_network_interface(self, iface_id: str, rx, tx) -> None:
         raise _not_yet("Updating network interfaces")
