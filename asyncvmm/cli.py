@@ -210,6 +210,29 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
         return EXIT_UNEXPECTED
 
 
+class _LazyBackend:
+    """Builds the VMM backend on first use: importing the VMM core (KVM bindings, devices,
+    builder) then costs InstanceStart, not the API socket's readiness."""
+
+    def __init__(self, factory: Any) -> None:
+        self._factory = factory
+        self._backend: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._backend is None:
+            self._backend = self._factory()
+        return getattr(self._backend, name)
+
+
+def _warm_up_vmm_import() -> None:
+    try:
+        import asyncvmm.vmm  # noqa: F401  (imported for its side effect of loading the core)
+    except ImportError:
+        pass  # reported when the backend is first used
+
+
 class _Session:
     """One process lifetime: the controller, its backend, the API server."""
 
@@ -266,7 +289,8 @@ class _Session:
                 self.log.error("Populating MMDS from file failed: %s", err)
                 return EXIT_GENERIC
             self.log.info("Successfully added metadata to mmds from file")
-        controller = Controller(self._backend(loop, on_exit), instance_id=args.id, mmds=mmds,
+        backend = _LazyBackend(lambda: self._backend(loop, on_exit))
+        controller = Controller(backend, instance_id=args.id, mmds=mmds,
                                 metrics=self.writer, configure_logger=self.logger.apply)
         api_metrics = ApiMetrics()
         api_metrics.register(self.registry)
@@ -277,6 +301,8 @@ class _Session:
             server = ApiServer(controller, max_payload=args.http_api_max_payload_size, metrics=api_metrics)
             await server.start(args.api_sock, self.api_sock)
         self._report_startup(api_metrics)
+        if server is not None:  # load the VMM core while clients configure the VM
+            loop.run_in_executor(None, _warm_up_vmm_import)
         try:
             if "config_file" in self.texts:
                 try:
