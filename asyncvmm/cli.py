@@ -151,11 +151,12 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
     import asyncio
 
     from asyncvmm.config import ConfigError, LoggerConfig
-    from asyncvmm.logger import Logger
+    from asyncvmm.logger import Logger, LoggerMetrics
     from asyncvmm.metrics import MetricsRegistry
     from asyncvmm.metrics_writer import MetricsWriter
 
-    logger = Logger(args.id)
+    logger_metrics = LoggerMetrics()
+    logger = Logger(args.id, metrics=logger_metrics)
     try:
         logger.apply(LoggerConfig(log_path=args.log_path, level=args.level, module=args.module,
                                   show_level=args.show_level or None,
@@ -176,7 +177,8 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
         log.warning("asyncvmm does not install seccomp filters; see docs/cli.md")
 
     registry = MetricsRegistry()
-    writer = MetricsWriter(registry)
+    registry.register("logger", logger_metrics)
+    writer = MetricsWriter(registry, logger_metrics=logger_metrics)
     if args.metrics_path is not None:
         try:
             writer.init(args.metrics_path)
@@ -267,7 +269,7 @@ class _Session:
 
         from asyncvmm.config import ConfigError, VmConfig, decode
         from asyncvmm.mmds.store import MmdsStore, MmdsStoreError
-        from asyncvmm.controller import Action, ActionKind, Controller, ControllerError
+        from asyncvmm.controller import Action, ActionKind, Controller, ControllerError, LatenciesMetrics
         from asyncvmm.http.metrics import ApiMetrics
 
         loop = asyncio.get_running_loop()
@@ -290,7 +292,9 @@ class _Session:
                 return EXIT_GENERIC
             self.log.info("Successfully added metadata to mmds from file")
         backend = _LazyBackend(lambda: self._backend(loop, on_exit))
-        controller = Controller(backend, instance_id=args.id, mmds=mmds,
+        latencies = LatenciesMetrics()
+        self.registry.register("latencies_us", latencies)
+        controller = Controller(backend, instance_id=args.id, mmds=mmds, latencies=latencies,
                                 metrics=self.writer, configure_logger=self.logger.apply)
         api_metrics = ApiMetrics()
         api_metrics.register(self.registry)

@@ -20,8 +20,9 @@ import dataclasses
 import enum
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import msgspec
 
@@ -37,6 +38,7 @@ from asyncvmm.config import (
     to_builtins,
 )
 from asyncvmm.config import resources
+from asyncvmm.metrics import MetricGroup
 from asyncvmm.mmds.store import DataStoreLimitExceededError, MmdsStore, MmdsStoreError
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,31 @@ class MetricsSink(Protocol):
     def init(self, path: str) -> None: ...
     def flush(self) -> None: ...
     def start_periodic(self) -> None: ...
+
+
+@dataclasses.dataclass
+class LatenciesMetrics(MetricGroup):
+    """Firecracker's ``latencies_us``: how long the last lifecycle operations took (stores)."""
+
+    STORE_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "full_create_snapshot", "diff_create_snapshot", "load_snapshot", "pause_vm", "resume_vm",
+        "vmm_full_create_snapshot", "vmm_diff_create_snapshot", "vmm_load_snapshot",
+        "vmm_pause_vm", "vmm_resume_vm",
+    })
+    full_create_snapshot: int = 0
+    diff_create_snapshot: int = 0
+    load_snapshot: int = 0
+    pause_vm: int = 0
+    resume_vm: int = 0
+    vmm_full_create_snapshot: int = 0
+    vmm_diff_create_snapshot: int = 0
+    vmm_load_snapshot: int = 0
+    vmm_pause_vm: int = 0
+    vmm_resume_vm: int = 0
+
+
+def _monotonic_us() -> int:
+    return time.monotonic_ns() // 1000
 
 
 class VmState(enum.Enum):
@@ -264,8 +291,12 @@ class Controller:
         mmds: MmdsStore | None = None,
         metrics: MetricsSink | None = None,
         configure_logger: Callable[[LoggerConfig], None] | None = None,
+        latencies: LatenciesMetrics | None = None,
+        clock_us: Callable[[], int] = _monotonic_us,
     ) -> None:
         self.backend = backend
+        self.latencies = latencies if latencies is not None else LatenciesMetrics()
+        self.clock_us = clock_us
         self.instance_id = instance_id
         self.mmds = mmds if mmds is not None else MmdsStore()
         self.metrics = metrics
@@ -305,11 +336,17 @@ class Controller:
         log.info("microVM state %s -> %s", self.state.value, new.value)
         self.state = new
 
-    async def _backend_call(self, prefix: str, call: Awaitable[Any]) -> Any:
+    async def _backend_call(self, prefix: str, call: Awaitable[Any], *timed: str) -> Any:
+        """Await a backend call, prefixing its error; store its duration in the ``timed`` latencies."""
+        start = self.clock_us()
         try:
-            return await call
+            result = await call
         except BackendError as err:
             raise ControllerError(prefix + str(err)) from None
+        elapsed = self.clock_us() - start
+        for name in timed:
+            setattr(self.latencies, name, elapsed)
+        return result
 
     # -- any time ---------------------------------------------------------------
 
@@ -455,7 +492,8 @@ class Controller:
         if self._boot_path:
             raise ControllerError(LOAD_NOT_ALLOWED)
         await self._backend_call(
-            "Load snapshot error: Failed to restore from snapshot: ", self.backend.load_snapshot(params)
+            "Load snapshot error: Failed to restore from snapshot: ", self.backend.load_snapshot(params),
+            "load_snapshot", "vmm_load_snapshot",
         )
         self._transition(Event.LOAD_AND_RESUME if params.resume_vm else Event.LOAD)
         self._after_boot()
@@ -472,7 +510,11 @@ class Controller:
             raise ControllerError(
                 "Create snapshot error: Cannot create a snapshot of a running microVM; pause it first."
             )
-        await self._backend_call("Create snapshot error: ", self.backend.create_snapshot(params))
+        kind = "full" if params.snapshot_type == "Full" else "diff"
+        await self._backend_call(
+            "Create snapshot error: ", self.backend.create_snapshot(params),
+            f"{kind}_create_snapshot", f"vmm_{kind}_create_snapshot",
+        )
 
     async def _flush_metrics(self, _: None) -> None:
         if self.metrics is not None:
@@ -483,12 +525,12 @@ class Controller:
 
     async def _pause(self, _: None) -> None:
         if self.state is VmState.RUNNING:
-            await self._backend_call("Internal VMM error: ", self.backend.pause())
+            await self._backend_call("Internal VMM error: ", self.backend.pause(), "pause_vm", "vmm_pause_vm")
         self._transition(Event.PAUSE)
 
     async def _resume(self, _: None) -> None:
         if self.state is VmState.PAUSED:
-            await self._backend_call("Internal VMM error: ", self.backend.resume())
+            await self._backend_call("Internal VMM error: ", self.backend.resume(), "resume_vm", "vmm_resume_vm")
         self._transition(Event.RESUME)
 
     async def _send_ctrl_alt_del(self, _: None) -> None:

@@ -14,6 +14,7 @@ drops lines instead of stalling the VMM) replaces it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ from typing import Any, TextIO
 
 from asyncvmm.config import LoggerConfig
 from asyncvmm.config.service import LOG_LEVELS
+from asyncvmm.metrics import MetricGroup
 
 ROOT = "asyncvmm"
 TRACE = 5
@@ -70,16 +72,31 @@ class FirecrackerFormatter(logging.Formatter):
         return text
 
 
+@dataclasses.dataclass
+class LoggerMetrics(MetricGroup):
+    """Firecracker's ``logger`` group: lines the log and metrics writers lost or failed."""
+
+    missed_metrics_count: int = 0
+    metrics_fails: int = 0
+    missed_log_count: int = 0
+    log_fails: int = 0
+
+
 class _FdStream:
     """A write-only text stream over a non-blocking fd; a full pipe drops the line."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, metrics: LoggerMetrics) -> None:
         self.fd = fd
+        self.metrics = metrics
 
     def write(self, text: str) -> int:
         try:
             return os.write(self.fd, text.encode(errors="replace"))
         except BlockingIOError:
+            self.metrics.missed_log_count += 1
+            return 0
+        except OSError:
+            self.metrics.log_fails += 1
             return 0
 
     def flush(self) -> None:
@@ -108,8 +125,10 @@ class _ModuleFilter(logging.Filter):
 class Logger:
     """The process's log configuration; :meth:`apply` takes a ``LoggerConfig`` (unset fields stay)."""
 
-    def __init__(self, instance_id: str = "anonymous-instance", stream: TextIO | None = None) -> None:
+    def __init__(self, instance_id: str = "anonymous-instance", stream: TextIO | None = None,
+                 metrics: LoggerMetrics | None = None) -> None:
         self.instance_id = instance_id
+        self.metrics = metrics if metrics is not None else LoggerMetrics()
         self.level = logging.INFO
         self.show_level = False
         self.show_origin = False
@@ -122,7 +141,7 @@ class Logger:
     def apply(self, cfg: LoggerConfig) -> None:
         """Raises ``OSError`` if ``log_path`` cannot be opened (then nothing changes)."""
         if cfg.log_path is not None:
-            stream = _FdStream(open_nonblocking(cfg.log_path))
+            stream = _FdStream(open_nonblocking(cfg.log_path), self.metrics)
             if self._owned is not None:
                 self._owned.close()
             self._owned = self._stream = stream

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from asyncvmm.logger import open_nonblocking
+from asyncvmm.logger import LoggerMetrics, open_nonblocking
 from asyncvmm.metrics import MetricsRegistry
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,11 @@ def _utc_ms() -> int:
 
 
 class MetricsWriter:
-    def __init__(self, registry: MetricsRegistry, *, clock_ms: Callable[[], int] = _utc_ms) -> None:
+    def __init__(self, registry: MetricsRegistry, *, clock_ms: Callable[[], int] = _utc_ms,
+                 logger_metrics: LoggerMetrics | None = None) -> None:
         self.registry = registry
         self.clock_ms = clock_ms
-        self.missed_lines = 0
+        self.logger_metrics = logger_metrics if logger_metrics is not None else LoggerMetrics()
         self._fd: int | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -57,8 +58,11 @@ class MetricsWriter:
         try:
             os.write(self._fd, data)
         except BlockingIOError:
-            self.missed_lines += 1
+            self.logger_metrics.missed_metrics_count += 1
             log.warning("Metrics line dropped: the metrics destination is full.")
+        except OSError:
+            self.logger_metrics.metrics_fails += 1
+            raise
         return True
 
     def start_periodic(self, period_s: float = WRITE_METRICS_PERIOD_S) -> None:

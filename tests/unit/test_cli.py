@@ -121,5 +121,5 @@ def test_metrics_writer_drops_lines_to_a_full_fifo(tmp_path: Any) -> None:
     writer.init(str(fifo))  # no reader: must not block
     for _ in range(5000):
         writer.flush()
-    assert writer.missed_lines > 0
+    assert writer.logger_metrics.missed_metrics_count > 0
     writer.close()

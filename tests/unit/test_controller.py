@@ -162,7 +162,9 @@ async def test_start_passes_the_built_config(ctl: Controller, backend: FakeBacke
     assert cfg.machine_config.vcpu_count == 2 and cfg.boot_source.kernel_image_path == kernel
 
 
-async def test_pause_resume_cycle(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+async def test_pause_resume_cycle(backend: FakeBackend, kernel: str) -> None:
+    ticks = iter(range(0, 10_000, 7))
+    ctl = Controller(backend, clock_us=lambda: next(ticks))
     await boot(ctl, kernel)
     await ctl.handle(Action(K.PAUSE))
     await ctl.handle(Action(K.PAUSE))  # pausing twice is fine and does not pause twice
@@ -171,6 +173,7 @@ async def test_pause_resume_cycle(ctl: Controller, backend: FakeBackend, kernel:
     assert (await ctl.handle(Action(K.GET_INSTANCE_INFO)))["state"] == "Paused"
     await ctl.handle(Action(K.RESUME))
     assert ctl.state is VmState.RUNNING
+    assert ctl.latencies.pause_vm == 7 and ctl.latencies.vmm_resume_vm == 7
 
 
 async def test_backend_error_reaches_client_with_prefix(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
