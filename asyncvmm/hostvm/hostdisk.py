@@ -9,10 +9,12 @@ would cost more than the test tier itself.
 
 What goes in: ``sys.base_prefix`` without its test suite (and without its own
 site-packages when running from a venv that does not use them), the venv,
-the project tree (minus .git and caches), the files of a few Debian
+the files of a few Debian
 packages (:data:`PACKAGES`: QEMU, shells, coreutils, e2fsprogs, iproute2,
 socat, iperf3...), every shared library those ELF files need, ``/etc``, and
-the guest images of the manifest.
+the guest images of the manifest.  The project tree itself changes with
+every commit, so it is not here: :func:`copy_project` puts it on the small
+per-run job disk, and the host init copies it to its host path.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ PACKAGES = ["coreutils", "bash", "dash", "e2fsprogs", "iproute2", "socat", "iper
 # Made by maintainer scripts, so no package lists them.
 EXTRA_FILES = ["/usr/bin/sh", "/usr/bin/awk", "/usr/bin/which"]
 SKIP_DIRS = {".git", ".hypothesis", ".pytest_cache", "__pycache__/.notimportant"}
-PROJECT_SKIP = {".git", ".hypothesis", ".pytest_cache", "results"}
+PROJECT_SKIP = {".git", ".hypothesis", ".pytest_cache", "__pycache__", ".venv", "results"}
 
 
 class HostDiskError(RuntimeError):
@@ -102,11 +104,6 @@ def host_path(path: str) -> str:
 def collect(extra_paths: list[Path]) -> list[str]:
     """The runtime's files (host paths, directories resolved), without the library closure."""
     files = set(python_files())
-    proj = project_root()
-    skip = set(PROJECT_SKIP)
-    if Path(sys.prefix).is_relative_to(proj):
-        skip.add(os.path.relpath(sys.prefix, proj))   # the venv is walked on its own
-    files.update(walk(proj, skip))
     files.update(package_files(PACKAGES))
     files.update(walk(Path("/etc"), set()))
     files.update(f for f in EXTRA_FILES if os.path.lexists(f))
@@ -121,7 +118,8 @@ def with_link_targets(paths: set[str]) -> list[str]:
     for p in paths:
         if os.path.islink(p):
             target = os.path.realpath(p)
-            if os.path.isfile(target):
+            # /etc/mtab -> /proc/self/mounts: kernel files are not runtime files
+            if os.path.isfile(target) and not target.startswith(("/proc/", "/sys/", "/dev/", "/run/")):
                 out.add(target)
     return sorted(out)
 
@@ -141,9 +139,28 @@ def libraries_of(files: list[str]) -> list[str]:
     return sorted(set(with_link_targets({host_path(lib) for lib in libs})) - set(files))
 
 
+def copy_project(dest: Path) -> None:
+    """The project tree (no .git, venv or caches) under ``dest``, hard-linked where possible."""
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    shutil.copytree(project_root(), dest, symlinks=True, copy_function=link_or_copy,
+                    ignore=lambda d, names: [n for n in names if n in PROJECT_SKIP])
+
+
 def fingerprint(files: list[str]) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of each file, bytecode caches left out.
+
+    Every first import writes new ``.pyc`` files into the runtime; counting
+    them would rebuild the disk after nearly every run.  A disk with older
+    bytecode is still right (Python checks each ``.pyc`` against its source).
+    """
     out = []
     for f in files:
+        if "/__pycache__/" in f:
+            continue
         st = os.lstat(f)
         out.append((f, st.st_size, st.st_mtime_ns))
     return out

@@ -8,7 +8,8 @@ tmpfs overlay, so everything is writable and nothing persists) and ``avmjob``
 (``job.sh`` in, ``results/`` and ``exitcode`` out) -- runs
 ``/hostvm-job/job.sh`` chrooted into the overlay with the console as its
 controlling tty, records the exit status, syncs and powers off.
-``avm.epoch=<seconds>`` sets the clock (a microvm has no RTC).
+``avm.epoch=<seconds>`` sets the clock (a microvm has no RTC);
+``avm.project=<path>`` copies the job disk's ``project/`` there (into the overlay).
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 mount -t ext4 "$jobdev" "/newroot@JOBDIR@" || die "cannot mount the job disk $jobdev"
+if project=$(param avm.project); then
+    # Copied, not bind-mounted: a venv inside the project lives on the root disk.
+    mkdir -p "/newroot$project" && cp -a "/newroot@JOBDIR@/project/." "/newroot$project/" \
+        || die "cannot copy the project to $project"
+fi
 ip link set lo up
 hostname asyncvmm-hostvm
 say "job start"

@@ -31,7 +31,7 @@ from ..images.cache import cache_root, content_key, publishing, sha256_file
 from ..images.kernel import KernelArtifact
 from ..images.rootfs import make_ext4
 from .detect import tsc_khz
-from .hostdisk import ensure_host_disk, project_root
+from .hostdisk import copy_project, ensure_host_disk, project_root
 from .hostinit import JOB_MOUNT, JOB_SERIAL, ROOT_SERIAL, host_init_script, host_initramfs_tree
 from .process import Child, terminate_on_signals
 from .qemu import Disk, MachineSpec, host_cmdline, machine_argv
@@ -107,8 +107,10 @@ def host_initramfs(cache: Path, kernel: KernelArtifact, busybox: Path) -> Path:
 
 
 def make_job_disk(path: Path, script: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    """``job.sh``, an empty ``results/`` and a copy of the project, as ext4."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         (Path(tmp) / "job.sh").write_text(script)
+        copy_project(Path(tmp) / "project")
         (Path(tmp) / "results").mkdir()
         (Path(tmp) / "results").chmod(0o1777)
         make_ext4(Path(tmp), path, JOB_DISK_MIB, label="avmjob", key=content_key(script))
@@ -139,7 +141,7 @@ class HostVm:
     def prepare(cls, progress: Callable[[str], None] = log.info) -> "HostVm":
         if shutil.which("qemu-system-x86_64") is None:
             raise HostVmError("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-        images = ensure_images(progress=progress)
+        images = ensure_images(progress=progress, refresh=False)
         cache = cache_root()
         kernel = KernelArtifact(images.kernel_dir)
         from ..images import _busybox
@@ -163,7 +165,7 @@ def run_in_hostvm(argv: list[str], *, timeout: float, env: dict[str, str] | None
     make_job_disk(job_disk, job_script(argv, env or {}, cwd or str(project_root())))
     spec = MachineSpec(
         kernel=vm.kernel.bzimage, initrd=vm.initramfs, accel="tcg", cpu="max", vcpus=1, mem_mib=mem_mib,
-        cmdline=host_cmdline(tsc_khz(), [f"avm.epoch={int(time.time())}"]),
+        cmdline=host_cmdline(tsc_khz(), [f"avm.epoch={int(time.time())}", f"avm.project={project_root()}"]),
         disks=(Disk(vm.root_disk, ROOT_SERIAL, readonly=True), Disk(job_disk, JOB_SERIAL)),
         serial="stdio,signal=off" if not interactive else "stdio,signal=off")
     chunks: list[bytes] = []

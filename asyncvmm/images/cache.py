@@ -36,6 +36,33 @@ def content_key(inputs: object) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, remembered by (path, size, mtime) in ``sha256.json``.
+
+    Warm runs check several large inputs (the kernel .deb is 27 MB); hashing
+    them again each time is most of a warm run's cost.
+    """
+    st = os.stat(path)
+    memo_key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    memo_file = cache_root() / "sha256.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo_key in memo:
+        return memo[memo_key]
+    digest = _sha256(path)
+    memo[memo_key] = digest
+    try:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_file)
+    except OSError:
+        pass   # a read-only cache (inside the emulated host) just hashes again
+    return digest
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

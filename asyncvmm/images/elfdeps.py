@@ -21,8 +21,12 @@ _ARROW = re.compile(r"^\s*(\S+)\s+=>\s+(\S+)(?:\s+\(0x[0-9a-f]+\))?\s*$")
 _PLAIN = re.compile(r"^\s*(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
 
 
-def parse_ldd(text: str) -> list[str]:
-    """Absolute paths of the libraries in ``ldd`` output (vdso skipped)."""
+def parse_ldd(text: str, strict: bool = True) -> list[str]:
+    """Absolute paths of the libraries in ``ldd`` output (vdso skipped).
+
+    With ``strict`` a missing library raises :class:`LddError`; without, it is
+    left out.  Output for several files (``path:`` headers) is accepted.
+    """
     libs: list[str] = []
     for line in text.splitlines():
         if "statically linked" in line or "not a dynamic executable" in line:
@@ -30,6 +34,8 @@ def parse_ldd(text: str) -> list[str]:
         m = _ARROW.match(line)
         if m:
             if m.group(2) == "not":
+                if not strict:
+                    continue
                 raise LddError(f"library not found: {m.group(1)}")
             if m.group(2).startswith("/"):
                 libs.append(m.group(2))
@@ -37,7 +43,7 @@ def parse_ldd(text: str) -> list[str]:
         m = _PLAIN.match(line)
         if m:
             libs.append(m.group(1))
-        elif "not found" in line:
+        elif "not found" in line and strict:
             raise LddError(f"library not found: {line.strip()}")
     return libs
 

@@ -1,0 +1,249 @@
+"""The linux tier: tests that boot real Linux guests on a real /dev/kvm.
+
+Every test here is marked ``linux``.  How they run depends on the machine:
+
+* **direct** -- ``kvm_kind() == "hardware"`` (or we are already inside the
+  emulated host, ``ASYNCVMM_IN_HOSTVM=1``): the tests run here, each with a
+  per-test timeout (``ASYNCVMM_LINUX_TEST_TIMEOUT``, default 300 s).
+* **hostvm** -- anywhere else (``kvm_pvm``, no KVM): each selected test is
+  replaced by a proxy item with the same node id.  The first proxy boots the
+  emulated KVM host once and runs all selected linux tests inside it
+  (``pytest <ids> --junitxml``); every proxy then reports its test's inner
+  outcome.  A test the inner run did not report (it hung, the host was
+  killed, the junit file is missing) fails with the host console's tail --
+  never passes.  The whole inner run has an outer timeout
+  (``ASYNCVMM_HOSTVM_TIMEOUT``, default: boot allowance + per-test timeout
+  per test).
+
+``ASYNCVMM_LINUX_TIER=direct|hostvm`` forces a mode.  Missing prerequisites
+(qemu, images, KVM) go through ``require()``: skips locally, failures under
+``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from asyncvmm.hostvm import in_hostvm, kvm_kind
+from tests.conftest import require
+from asyncvmm.hostvm.junit import InnerOutcome, junit_key, parse_junit
+
+HERE = Path(__file__).resolve().parent
+PER_TEST_TIMEOUT = float(os.environ.get("ASYNCVMM_LINUX_TEST_TIMEOUT", "300"))
+BOOT_ALLOWANCE = 240.0
+INNER_RESULTS = "/hostvm-job/results"   # asyncvmm.hostvm.hostinit.JOB_MOUNT + /results
+
+
+def tier_mode() -> str:
+    forced = os.environ.get("ASYNCVMM_LINUX_TIER", "")
+    if forced in ("direct", "hostvm"):
+        return forced
+    if in_hostvm() or kvm_kind() == "hardware":
+        return "direct"
+    return "hostvm"
+
+
+def _is_linux_item(item: pytest.Item) -> bool:
+    return Path(str(item.path)).resolve().is_relative_to(HERE)
+
+
+# --------------------------------------------------------------------------- collection
+
+@pytest.hookimpl(trylast=True)   # after -m/-k deselection: proxy only what will run
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    for item in items:
+        if _is_linux_item(item):
+            item.add_marker(pytest.mark.linux)
+    if tier_mode() != "hostvm":
+        return
+    linux = [i for i in items if _is_linux_item(i)]
+    if not linux:
+        return
+    runner = InnerRun([i.nodeid for i in linux], config)
+    config.stash[RUNNER_KEY] = runner
+    for idx, item in enumerate(items):
+        if _is_linux_item(item):
+            proxy = HostVmProxy.from_parent(item.parent, name=item.name, runner=runner)
+            proxy.own_markers.extend(item.own_markers)   # parents' marks come with the parent
+            items[idx] = proxy
+
+
+RUNNER_KEY = pytest.StashKey["InnerRun"]()
+
+
+class InnerFailure(Exception):
+    """An inner test that failed, errored, or never reported."""
+
+
+class HostVmProxy(pytest.Item):
+    """Stands for a linux-tier test that runs inside the emulated KVM host."""
+
+    def __init__(self, *, runner: "InnerRun", **kw) -> None:
+        super().__init__(**kw)
+        self.runner = runner
+
+    def runtest(self) -> None:
+        outcome = self.runner.outcome(self.nodeid)
+        if outcome.outcome == "passed":
+            return
+        if outcome.outcome == "skipped":
+            pytest.skip(f"inside the emulated host: {outcome.message}")
+        raise InnerFailure(outcome.describe())
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, InnerFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.name} [in emulated KVM host]"
+
+
+class InnerRun:
+    """Boots the emulated host once, on first use, for all selected linux tests."""
+
+    def __init__(self, nodeids: list[str], config: pytest.Config) -> None:
+        self.nodeids = nodeids
+        self.config = config
+        self.lock = threading.Lock()
+        self.outcomes: dict[tuple[str, str], InnerOutcome] | None = None
+        self.failure: str = ""
+        self.workdir = Path(tempfile.mkdtemp(prefix="asyncvmm-linux-tier-"))
+
+    def outcome(self, nodeid: str) -> InnerOutcome:
+        with self.lock:
+            if self.outcomes is None:
+                self._run()
+        assert self.outcomes is not None
+        found = self.outcomes.get(junit_key(nodeid))
+        if found is not None:
+            return found
+        return InnerOutcome("failed", "the inner run did not report this test (hung, killed or not run)",
+                            self.failure, "", "")
+
+    def _run(self) -> None:
+        self.outcomes = {}
+        require(shutil.which("qemu-system-x86_64") is not None,
+                "qemu-system-x86_64 is needed to run the linux tier in an emulated KVM host")
+        from asyncvmm.hostvm import HostVm, HostVmError, run_in_hostvm
+        from asyncvmm.images import ImagesMissingError
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+
+        def say(msg: str) -> None:
+            if reporter is not None:
+                reporter.write_line(msg)
+
+        try:
+            prepared = HostVm.prepare(progress=say)
+        except (HostVmError, ImagesMissingError, OSError) as exc:
+            require(False, f"cannot prepare the emulated KVM host: {exc}")
+            raise
+        outer = float(os.environ.get("ASYNCVMM_HOSTVM_TIMEOUT", "0")) or \
+            BOOT_ALLOWANCE + PER_TEST_TIMEOUT * len(self.nodeids)
+        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "-v",
+                f"--junitxml={INNER_RESULTS}/junit.xml", "-o", "junit_logging=all",
+                "-o", "junit_family=xunit1", *self.nodeids]
+        env = {"CI": os.environ.get("CI", ""), "ASYNCVMM_LINUX_TEST_TIMEOUT": str(PER_TEST_TIMEOUT)}
+        say(f"[linux tier] running {len(self.nodeids)} test(s) inside the emulated KVM host "
+            f"(outer timeout {outer:.0f} s; console: {self.workdir / 'hostvm-console.log'})")
+        result = run_in_hostvm(argv, timeout=outer, env=env, prepared=prepared,
+                               console_log=self.workdir / "hostvm-console.log",
+                               results_dir=self.workdir / "results", progress=say)
+        say(f"[linux tier] emulated host: {result.kvm_line or 'no kvm status line'}; "
+            f"exit {result.returncode}; timings {fmt_timings(result.timings)}")
+        junit = self.workdir / "results" / "junit.xml"
+        tail = result.console[-6000:]
+        if result.timed_out:
+            self.failure = f"the emulated host was killed after the outer timeout of {outer:.0f} s"
+        elif not junit.exists():
+            self.failure = f"the inner pytest wrote no junit report (exit {result.returncode})"
+        self.failure += f"\n--- emulated host console (tail) ---\n{tail}"
+        if junit.exists():
+            try:
+                self.outcomes = parse_junit(junit.read_text(errors="replace"))
+            except ValueError as exc:
+                self.failure = f"unreadable junit report: {exc}\n{self.failure}"
+
+
+def fmt_timings(t: dict) -> str:
+    return ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    runner = config.stash.get(RUNNER_KEY, None)
+    if runner is not None and runner.outcomes is not None:
+        terminalreporter.write_line(f"linux tier ran in the emulated KVM host; logs and junit: {runner.workdir}")
+
+
+# --------------------------------------------------------------------------- per-test timeout
+
+class TestTimeoutError(Exception):
+    """The test ran past ASYNCVMM_LINUX_TEST_TIMEOUT."""
+
+
+def _alarm(signum, frame):
+    raise TestTimeoutError(f"linux-tier test exceeded {PER_TEST_TIMEOUT:.0f} s")
+
+
+def _with_timeout(item):
+    timed = (_is_linux_item(item) and not isinstance(item, HostVmProxy)
+             and threading.current_thread() is threading.main_thread())
+    if timed:
+        old = signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, PER_TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from _with_timeout(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from _with_timeout(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    yield from _with_timeout(item)
+
+
+# --------------------------------------------------------------------------- fixtures (direct mode)
+
+@pytest.fixture(scope="session")
+def guest_images():
+    from asyncvmm.images import ImagesMissingError, ensure_images
+    require(kvm_kind() == "hardware", f"needs hardware KVM (this machine: {kvm_kind()})")
+    try:
+        return ensure_images(build=not in_hostvm(), refresh=False)
+    except ImagesMissingError as exc:
+        require(False, str(exc))
+
+
+@pytest.fixture
+def guests(guest_images, tmp_path):
+    from tests.linux.harness import GuestFactory
+    factory = GuestFactory(guest_images, tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def qemu_available():
+    require(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 is not installed")
