@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from asyncvmm.devices.virtio.spec import (
     VIRTQ_DESC_F_INDIRECT,
@@ -78,8 +78,7 @@ class ChainLengthError(ChainError):
     """More bytes than a used-ring length can report."""
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     addr: int
     len: int
     flags: int
@@ -91,7 +90,7 @@ class Descriptor:
 
 def in_guest_memory(mem: GuestMemory, addr: int, length: int) -> bool:
     """Whether ``[addr, addr+length)`` is RAM, possibly across adjacent regions."""
-    if length == 0:
+    if length == 0 or mem.contains(addr, length):
         return True
     try:
         for _ in mem.views(addr, length):
@@ -102,19 +101,22 @@ def in_guest_memory(mem: GuestMemory, addr: int, length: int) -> bool:
 
 
 class DescriptorChain:
-    """The descriptors of one chain, starting at ``head``; an iterator."""
+    """The descriptors of one chain, starting at ``head``; an iterator.
+
+    ``table`` is the queue's descriptor table as a view of guest memory
+    (``GuestMemory.view``, so it was bounds-checked when taken).
+    """
 
     __slots__ = ("mem", "head", "_table", "_table_len", "_index", "_ttl",
                  "_indirect_ok", "_in_indirect", "_done", "_seen_write")
 
-    def __init__(self, mem: GuestMemory, desc_table: int, queue_size: int, head: int,
-                 *, indirect_ok: bool) -> None:
+    def __init__(self, mem: GuestMemory, table: memoryview, head: int, *, indirect_ok: bool) -> None:
         self.mem = mem
         self.head = head
-        self._table = desc_table
-        self._table_len = queue_size
+        self._table = table
+        self._table_len = len(table) // VIRTQ_DESC_SIZE
         self._index = head
-        self._ttl = queue_size
+        self._ttl = self._table_len
         self._indirect_ok = indirect_ok
         self._in_indirect = False
         self._done = False
@@ -142,13 +144,7 @@ class DescriptorChain:
         if self._ttl == 0:
             raise ChainLoopError(f"chain from head {self.head} is longer than its table")
         self._ttl -= 1
-        # The main table was validated at activation and an indirect one on entry,
-        # so this read is in bounds; should that ever be wrong, it is still a chain error.
-        try:
-            raw = self.mem.read(self._table + index * VIRTQ_DESC_SIZE, VIRTQ_DESC_SIZE)
-        except GuestMemoryError as e:
-            raise DescriptorRangeError(str(e)) from None
-        return _DESC.unpack(raw)
+        return _DESC.unpack_from(self._table, index * VIRTQ_DESC_SIZE)
 
     def _enter_indirect(self, addr: int, length: int, flags: int) -> None:
         if self._in_indirect:
@@ -163,13 +159,15 @@ class DescriptorChain:
         # A chain may not be longer than the queue (§2.7.5.2), indirect or not.
         if count > self._table_len:
             raise IndirectTableError(f"indirect table of {count} descriptors, queue has {self._table_len}")
-        if not self.mem.contains(addr, length):
-            raise IndirectTableError(f"indirect table at {addr:#x}+{length:#x} outside guest memory")
+        try:
+            table = self.mem.view(addr, length)
+        except GuestMemoryError:
+            raise IndirectTableError(f"indirect table at {addr:#x}+{length:#x} not in one RAM region") from None
         self._in_indirect = True
-        self._table, self._table_len, self._index, self._ttl = addr, count, 0, count
+        self._table, self._table_len, self._index, self._ttl = table, count, 0, count
 
     def _checked(self, desc: Descriptor) -> Descriptor:
-        if desc.is_write_only:
+        if desc.flags & VIRTQ_DESC_F_WRITE:
             self._seen_write = True
         elif self._seen_write:
             raise DescriptorDirectionError("device-readable descriptor after a device-writable one")
@@ -186,8 +184,9 @@ class Segments:
     def __init__(self, parts: list[tuple[int, int]] | None = None) -> None:
         self.parts: list[tuple[int, int]] = []
         self.length = 0
-        for addr, n in parts or ():
-            self.append(addr, n)
+        if parts:
+            for addr, n in parts:
+                self.append(addr, n)
 
     def append(self, addr: int, length: int) -> None:
         if length:
@@ -202,6 +201,9 @@ class Segments:
         if offset < 0 or length < 0 or offset + length > self.length:
             raise ValueError(f"slice {offset}+{length} of a {self.length}-byte stream")
         out = Segments()
+        if offset == 0 and length == self.length:
+            out.parts, out.length = list(self.parts), length
+            return out
         for addr, n in self.parts:
             if length == 0:
                 break
@@ -215,10 +217,16 @@ class Segments:
 
     def views(self, mem: GuestMemory) -> list[memoryview]:
         """Zero-copy windows on the whole stream, for ``os.preadv``/``os.pwritev``."""
-        return [v for addr, n in self.parts for v in mem.views(addr, n)]
+        out = []
+        for addr, n in self.parts:
+            try:
+                out.append(mem.view(addr, n))
+            except GuestMemoryError:         # spans adjacent regions
+                out.extend(mem.views(addr, n))
+        return out
 
     def read(self, mem: GuestMemory) -> bytes:
-        return b"".join(bytes(v) for v in self.views(mem))
+        return b"".join([bytes(v) for v in self.views(mem)])
 
     def write(self, mem: GuestMemory, data: bytes | memoryview) -> int:
         """Copy ``data`` to the front of the stream; returns the bytes written."""
@@ -245,8 +253,8 @@ class ChainBuffers:
 def collect(chain: DescriptorChain) -> ChainBuffers:
     """Walk ``chain`` to its end; raises a :class:`ChainError` on any defect."""
     readable, writable = Segments(), Segments()
-    for desc in chain:
-        (writable if desc.is_write_only else readable).append(desc.addr, desc.len)
-        if readable.length > MAX_CHAIN_BYTES or writable.length > MAX_CHAIN_BYTES:
-            raise ChainLengthError(f"chain from head {chain.head} exceeds {MAX_CHAIN_BYTES} bytes")
+    for addr, length, flags in chain:
+        (writable if flags & VIRTQ_DESC_F_WRITE else readable).append(addr, length)
+    if readable.length > MAX_CHAIN_BYTES or writable.length > MAX_CHAIN_BYTES:
+        raise ChainLengthError(f"chain from head {chain.head} exceeds {MAX_CHAIN_BYTES} bytes")
     return ChainBuffers(chain.head, readable, writable)

@@ -46,6 +46,7 @@ class QueueHandler:
         self.loop = activation.loop
         self.name = name
         self.stopped = False
+        self._torn_down = False
         self.chains_seen = 0
         self._readers: list[int] = []
         self._scheduled: set[int] = set()
@@ -76,13 +77,19 @@ class QueueHandler:
                 # draining now also covers chains offered without a kick.
                 self.schedule(index)
 
-    def stop(self) -> None:
-        if self.stopped:
-            return
+    def halt(self) -> None:
+        """Stop processing: no more readers, no more ring updates."""
         self.stopped = True
         for fd in self._readers:
             self.loop.remove_reader(fd)
         self._readers.clear()
+
+    def stop(self) -> None:
+        """Halt and release everything (on the loop, outside the gate: on_stop may close it)."""
+        if self._torn_down:
+            return
+        self._torn_down = True
+        self.halt()
         self.on_stop()
 
     # -- processing ---------------------------------------------------------
@@ -146,11 +153,15 @@ class QueueHandler:
             self.act.interrupts.signal_used()
 
     def fail(self, reason: str) -> None:
-        """Stop for good and tell the driver it must reset the device (§2.1.2)."""
+        """Halt and tell the driver it must reset the device (§2.1.2).
+
+        Called inside the gate, so only :meth:`halt`: the teardown waits for
+        the driver's reset (or the VMM's), which deactivates the device.
+        """
         log.error("%s: %s; device needs reset", self.name, reason)
         self.on_event_failure()
-        self.stop()
         self.act.interrupts.needs_reset(reason)
+        self.halt()
 
     def guarded(self, fn, *args) -> None:
         """Run ``fn(*args)`` inside the gate with the same failure handling as :meth:`process`."""

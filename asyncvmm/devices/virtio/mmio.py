@@ -122,7 +122,8 @@ class VirtioMmioTransport:
         self.unoffered_feature_written = False   # a bit beyond the 64 any device offers
         self.queue_sel = 0
         self.shm_sel = 0
-        self.queues = [Queue(max_size=n) for n in self.device.queue_max_sizes]
+        # QueueNum reads back as the maximum until the driver picks a size (§4.2.3.2).
+        self.queues = [Queue(max_size=n, size=n) for n in self.device.queue_max_sizes]
         with self._lock:
             self.interrupt_status = 0
 

@@ -23,8 +23,10 @@ DEVICE_NEEDS_RESET (§2.1.2); a bad configuration at activation gets
 
 from __future__ import annotations
 
+import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 from asyncvmm.devices.virtio.chain import DescriptorChain
 from asyncvmm.devices.virtio.spec import (
@@ -37,6 +39,10 @@ from asyncvmm.devices.virtio.spec import (
     VIRTQ_USED_ELEM_SIZE,
 )
 from asyncvmm.memory import GuestMemory, GuestMemoryError
+
+
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")      # struct virtq_used_elem { le32 id; le32 len; }
 
 
 class QueueConfigError(Exception):
@@ -73,12 +79,21 @@ def full_memory_barrier() -> None:
         pass
 
 
+class _Rings(NamedTuple):
+    """Views of one queue's three areas, taken once through GuestMemory.view."""
+
+    key: tuple
+    desc: memoryview
+    avail: memoryview
+    used: memoryview
+
+
 @dataclass
 class Queue:
     """One split virtqueue's configuration and the device's position in it."""
 
     max_size: int
-    size: int = 0
+    size: int                  # QueueNum: the driver's choice, validated at activation
     ready: bool = False
     desc_table: int = 0
     avail_ring: int = 0
@@ -92,41 +107,61 @@ class Queue:
     next_used: int = 0
     signalled_used: int = 0
     avail_idx_seen: int = 0
+    # Not state: a cache of views derived from the fields above and the memory.
+    _rings: _Rings | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.max_size <= VIRTQ_MAX_SIZE or self.max_size & (self.max_size - 1):
             raise ValueError(f"queue max size {self.max_size} is not a power of two <= {VIRTQ_MAX_SIZE}")
-        if self.size == 0:
-            self.size = self.max_size
+
+    def state(self) -> dict[str, int | bool]:
+        """The queue as plain numbers (for snapshots); the view cache is not state."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
     # -- activation ---------------------------------------------------------
+
+    def _areas(self) -> tuple[tuple[str, int, int, int], ...]:
+        size = self.size
+        tail = 2 if self.event_idx else 0       # used_event / avail_event exist with EVENT_IDX
+        return (
+            ("descriptor table", self.desc_table, VIRTQ_DESC_SIZE * size, VIRTQ_DESC_ALIGN),
+            ("available ring", self.avail_ring, 4 + 2 * size + tail, VIRTQ_AVAIL_ALIGN),
+            ("used ring", self.used_ring, 4 + VIRTQ_USED_ELEM_SIZE * size + tail, VIRTQ_USED_ALIGN),
+        )
 
     def validate(self, mem: GuestMemory) -> None:
         """Check the driver's configuration against §2.7 before the queue goes live."""
         size = self.size
         if not 0 < size <= self.max_size or size & (size - 1):
             raise QueueConfigError(f"queue size {size} is not a power of two <= {self.max_size}")
-        tail = 2 if self.event_idx else 0
-        areas = (
-            ("descriptor table", self.desc_table, VIRTQ_DESC_SIZE * size, VIRTQ_DESC_ALIGN),
-            ("available ring", self.avail_ring, 4 + 2 * size + tail, VIRTQ_AVAIL_ALIGN),
-            ("used ring", self.used_ring, 4 + VIRTQ_USED_ELEM_SIZE * size + tail, VIRTQ_USED_ALIGN),
-        )
-        for name, addr, length, align in areas:
+        for name, addr, length, align in self._areas():
             if addr % align:
                 raise QueueConfigError(f"{name} at {addr:#x} is not {align}-byte aligned")
-            # One region each: the ring accessors read fixed-size fields with single-region lookups.
+            # One region each, so each area is one bounds-checked view.
             if not mem.contains(addr, length):
                 raise QueueConfigError(f"{name} at {addr:#x}+{length:#x} is not in guest memory")
 
-    # -- the available side -------------------------------------------------
+    def rings(self, mem: GuestMemory) -> _Rings:
+        """Views of the three areas, taken once per configuration and memory.
 
-    def _avail_idx(self, mem: GuestMemory) -> int:
-        return self._read_u16(mem, self.avail_ring + 2)
+        Field offsets below stay inside these views because every slot is
+        ``idx % size``; a queue that was not validated fails here instead.
+        """
+        key = (mem, self.size, self.desc_table, self.avail_ring, self.used_ring, self.event_idx)
+        rings = self._rings
+        if rings is None or rings.key != key:
+            try:
+                desc, avail, used = (mem.view(addr, n) for _, addr, n, _ in self._areas())
+            except GuestMemoryError as e:
+                raise QueueContractError(f"queue areas not in guest memory: {e}") from None
+            rings = self._rings = _Rings(key, desc, avail, used)
+        return rings
+
+    # -- the available side -------------------------------------------------
 
     def pending(self, mem: GuestMemory) -> int:
         """Chains the driver has made available and the device has not popped."""
-        idx = self._avail_idx(mem)
+        idx = _U16.unpack_from(self.rings(mem).avail, 2)[0]
         count = (idx - self.next_avail) & 0xFFFF
         if count > self.size:
             # §2.1.2 / §2.7.13: the driver can have at most `size` chains outstanding.
@@ -138,14 +173,15 @@ class Queue:
         """The next available chain, or ``None`` when the driver has offered nothing new."""
         if self.avail_idx_seen == self.next_avail and self.pending(mem) == 0:
             return None
+        rings = self.rings(mem)
         # Loads are not reordered with loads on x86, so the ring slot read here
         # is at least as new as the idx read that announced it.
         slot = self.next_avail % self.size
-        head = self._read_u16(mem, self.avail_ring + 4 + 2 * slot)
+        head = _U16.unpack_from(rings.avail, 4 + 2 * slot)[0]
         if head >= self.size:
             raise QueueContractError(f"avail ring slot {slot} names descriptor {head}, queue size {self.size}")
         self.next_avail = (self.next_avail + 1) & 0xFFFF
-        return DescriptorChain(mem, self.desc_table, self.size, head, indirect_ok=self.indirect_desc)
+        return DescriptorChain(mem, rings.desc, head, indirect_ok=self.indirect_desc)
 
     def undo_pop(self) -> None:
         """Give the last popped chain back (e.g. the rate limiter refused it)."""
@@ -160,7 +196,7 @@ class Queue:
         """
         if not self.event_idx:
             return self.pending(mem) > 0
-        self._write_u16(mem, self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * self.size, self.next_avail)
+        _U16.pack_into(self.rings(mem).used, 4 + VIRTQ_USED_ELEM_SIZE * self.size, self.next_avail)
         # Dekker: our avail_event store must be visible before we re-read avail idx,
         # or a chain added in between is neither seen now nor kicked later.
         full_memory_barrier()
@@ -170,15 +206,13 @@ class Queue:
 
     def add_used(self, mem: GuestMemory, head: int, length: int) -> None:
         """Return chain ``head`` to the driver with ``length`` bytes written into it."""
-        slot = self.next_used % self.size
-        elem = self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * slot
-        self._write_u32(mem, elem, head)
-        self._write_u32(mem, elem + 4, length)
+        used = self.rings(mem).used
+        _USED_ELEM.pack_into(used, 4 + VIRTQ_USED_ELEM_SIZE * (self.next_used % self.size), head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
         # x86 keeps stores in order and the GIL keeps ours in program order, so
         # the driver, which reads idx and then the element, never sees the new
         # idx before the element it covers.
-        self._write_u16(mem, self.used_ring + 2, self.next_used)
+        _U16.pack_into(used, 2, self.next_used)
 
     def needs_notification(self, mem: GuestMemory) -> bool:
         """Whether the used entries added since the last call deserve an interrupt."""
@@ -189,30 +223,8 @@ class Queue:
         # Dekker again: the used idx store must be visible before we read the
         # driver's suppression state, which it writes before re-reading used idx.
         full_memory_barrier()
+        avail = self.rings(mem).avail
         if self.event_idx:
-            used_event = self._read_u16(mem, self.avail_ring + 4 + 2 * self.size)
+            used_event = _U16.unpack_from(avail, 4 + 2 * self.size)[0]
             return vring_need_event(used_event, new, old)
-        return not self._read_u16(mem, self.avail_ring) & VIRTQ_AVAIL_F_NO_INTERRUPT
-
-    # -- accessors: validated areas, so a failure here is a broken contract --
-
-    @staticmethod
-    def _read_u16(mem: GuestMemory, addr: int) -> int:
-        try:
-            return mem.read_u16(addr)
-        except GuestMemoryError as e:
-            raise QueueContractError(str(e)) from None
-
-    @staticmethod
-    def _write_u16(mem: GuestMemory, addr: int, value: int) -> None:
-        try:
-            mem.write_u16(addr, value)
-        except GuestMemoryError as e:
-            raise QueueContractError(str(e)) from None
-
-    @staticmethod
-    def _write_u32(mem: GuestMemory, addr: int, value: int) -> None:
-        try:
-            mem.write_u32(addr, value)
-        except GuestMemoryError as e:
-            raise QueueContractError(str(e)) from None
+        return not _U16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT

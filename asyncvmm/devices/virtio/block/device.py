@@ -51,6 +51,8 @@ _CONFIG = struct.Struct("<QII")        # capacity, size_max, seg_max
 
 CacheType = Literal["Unsafe", "Writeback"]
 IoEngine = Literal["Sync", "Async"]
+# How "Async" runs: io_uring if the host allows it ("auto"), or always/never.
+AsyncBackend = Literal["auto", "io_uring", "threads"]
 
 
 class Block(VirtioDevice):
@@ -62,6 +64,7 @@ class Block(VirtioDevice):
                  io_engine: IoEngine = "Sync", rate_limiter: RateLimiter | None = None,
                  metrics: BlockMetrics | None = None,
                  fdatasync: Callable[[int], None] = os.fdatasync,
+                 async_backend: AsyncBackend = "auto",
                  async_workers: int = 4, async_depth: int = 64) -> None:
         super().__init__()
         if cache_type not in ("Unsafe", "Writeback"):
@@ -77,11 +80,11 @@ class Block(VirtioDevice):
         self.rate_limiter = rate_limiter or RateLimiter()
         self.metrics = metrics or BlockMetrics()
         self.fdatasync = fdatasync
+        self.async_backend = async_backend
         self.async_workers = async_workers
         self.async_depth = async_depth
         self.file = BackingFile(path, read_only=read_only)
         self.handler: BlockHandler | None = None
-        self._activation: Activation | None = None
         self._refresh()
 
     @property
@@ -124,18 +127,13 @@ class Block(VirtioDevice):
         if not activation.queues[0].ready:
             raise ActivationError(f"block {self.drive_id}: request queue not ready")
         self.deactivate()
-        self._activation = activation
         self.handler = BlockHandler(self, activation)
         self.handler.start()
 
     def deactivate(self) -> None:
         if self.handler is not None:
-            # On a guest reset the transport already closed the gate; on VMM
-            # teardown this closes it, so no in-flight op outlives the handler.
-            self._activation.gate.close()
             self.handler.stop()
             self.handler = None
-            self._activation = None
 
     def close(self) -> None:
         self.deactivate()

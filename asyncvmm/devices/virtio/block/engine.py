@@ -123,6 +123,9 @@ class SyncEngine:
         result = _run(op, self.gate, self.fdatasync)
         self.on_complete([(op, result)])
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -157,6 +160,9 @@ class AsyncEngine:
         fut = self._pool.submit(self._work, op)
         self._futures.add(fut)
         fut.add_done_callback(self._futures.discard)
+
+    def flush(self) -> None:
+        pass
 
     def _work(self, op: IoOp) -> None:
         """On a worker thread: run the op, queue the result, wake the loop once per burst."""

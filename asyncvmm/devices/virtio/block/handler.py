@@ -16,10 +16,12 @@ DEVICE_NEEDS_RESET (the base class); a host I/O failure is IOERR plus
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from asyncvmm.devices.rate_limiter import ThrottleTimer
 from asyncvmm.devices.virtio.block.engine import CANCELLED, AsyncEngine, IoKind, IoOp, SyncEngine
+from asyncvmm.devices.virtio.block.uring import UringEngine
 from asyncvmm.devices.virtio.block.request import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
@@ -38,6 +40,8 @@ from asyncvmm.devices.virtio.handler import Drain, QueueHandler
 if TYPE_CHECKING:
     from asyncvmm.devices.virtio.block.device import Block
 
+log = logging.getLogger(__name__)
+
 _KIND = {VIRTIO_BLK_T_IN: IoKind.READ, VIRTIO_BLK_T_FLUSH: IoKind.FLUSH}
 
 
@@ -47,12 +51,7 @@ class BlockHandler(QueueHandler):
         self.dev = device
         self.metrics = device.metrics
         self.queue = act.queues[0]
-        if device.io_engine == "Async":
-            self.engine = AsyncEngine(act.loop, act.gate, self._on_io_complete,
-                                      workers=device.async_workers, depth=device.async_depth,
-                                      fdatasync=device.fdatasync)
-        else:
-            self.engine = SyncEngine(act.gate, self._on_io_complete, fdatasync=device.fdatasync)
+        self.engine = make_engine(device, act, self._on_io_complete)
         self.timer = ThrottleTimer(act.loop, device.rate_limiter, self._on_throttle_timer)
         self._draining = False
         self._engine_stalled = False
@@ -68,9 +67,12 @@ class BlockHandler(QueueHandler):
     def process(self, index: int) -> Drain | None:
         self._draining = True
         try:
-            return super().process(index)
+            result = super().process(index)
         finally:
             self._draining = False
+        if not self.stopped:
+            self.guarded(self.engine.flush)        # one io_uring_enter per drain
+        return result
 
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> bool:
         try:
@@ -175,7 +177,24 @@ class BlockHandler(QueueHandler):
     def on_stop(self) -> None:
         self.timer.cancel()
         self.engine.close()
-        # The gate is closed and drained, so no op still uses these descriptors.
+        # After a guest reset the gate is already closed and drained; on VMM
+        # teardown this waits for running ops, so no op still uses these files.
+        self.act.gate.close()
         for op in self._in_flight:
             op.token[1].release()
         self._in_flight.clear()
+
+
+def make_engine(device: "Block", act: Activation, on_complete):
+    """The engine ``device.io_engine`` asks for; Async is io_uring where the host allows it."""
+    if device.io_engine == "Sync":
+        return SyncEngine(act.gate, on_complete, fdatasync=device.fdatasync)
+    if device.async_backend in ("auto", "io_uring"):
+        try:
+            return UringEngine(act.loop, act.gate, on_complete, depth=device.async_depth)
+        except OSError as e:
+            if device.async_backend == "io_uring":
+                raise
+            log.warning("block %s: io_uring unavailable (%s); using worker threads", device.drive_id, e)
+    return AsyncEngine(act.loop, act.gate, on_complete, workers=device.async_workers,
+                       depth=device.async_depth, fdatasync=device.fdatasync)

@@ -1,8 +1,8 @@
 """Counters of one virtio-block device, named as Firecracker names them.
 
 Registered by the builder as ``block_<drive_id>`` with aggregate ``block``.
-Only the device's own handler bumps them (on the loop); every field is a
-counter.  Firecracker's ``read_agg``/``write_agg`` latency objects are nested
+Only the device bumps them: ``cfg_fails`` on vCPU threads (config-space
+accesses), everything else on the loop; every field is a counter.  Firecracker's ``read_agg``/``write_agg`` latency objects are nested
 JSON, which a flat :class:`MetricGroup` cannot express, so they are absent.
 """
 

@@ -128,31 +128,31 @@ def parse(mem: GuestMemory, bufs: ChainBuffers, disk: Disk) -> Request:
     status_at = writable.slice(writable.length - 1, 1)
     if readable.length < _HEADER.size:
         raise HeaderLengthError(f"header of {readable.length} bytes", status_at)
-    req_type, _reserved, sector = _HEADER.unpack(readable.slice(0, _HEADER.size).read(mem))
-    payload_in = writable.slice(0, writable.length - 1)
-    payload_out = readable.slice(_HEADER.size, readable.length - _HEADER.size)
+    req_type, _reserved, sector = _HEADER.unpack(_read_header(mem, readable))
+    in_len = writable.length - 1                    # device-writable data bytes
+    out_len = readable.length - _HEADER.size        # device-readable data bytes
 
     if req_type == VIRTIO_BLK_T_IN:
-        if payload_out.length:
-            raise UnexpectedReadableDataError(f"IN with {payload_out.length} readable data bytes", status_at)
-        data = payload_in
+        if out_len:
+            raise UnexpectedReadableDataError(f"IN with {out_len} readable data bytes", status_at)
+        data = writable.slice(0, in_len)
     elif req_type == VIRTIO_BLK_T_OUT:
         if disk.read_only:
             raise ReadOnlyError("OUT to a read-only device", status_at)
-        if payload_in.length:
-            raise UnexpectedWritableDataError(f"OUT with {payload_in.length} writable data bytes", status_at)
-        data = payload_out
+        if in_len:
+            raise UnexpectedWritableDataError(f"OUT with {in_len} writable data bytes", status_at)
+        data = readable.slice(_HEADER.size, out_len)
     elif req_type == VIRTIO_BLK_T_FLUSH:
         if not disk.flush:
             raise UnsupportedRequestError("FLUSH without VIRTIO_BLK_F_FLUSH", status_at)
         # §5.2.6.1: the driver SHOULD NOT send data with a flush; whatever it sent is ignored.
         return Request(bufs.head, req_type, 0, Segments(), status_at)
     elif req_type == VIRTIO_BLK_T_GET_ID:
-        if payload_out.length:
-            raise UnexpectedReadableDataError(f"GET_ID with {payload_out.length} readable data bytes", status_at)
-        if payload_in.length == 0:
+        if out_len:
+            raise UnexpectedReadableDataError(f"GET_ID with {out_len} readable data bytes", status_at)
+        if in_len == 0:
             raise IdBufferError("GET_ID without an id buffer", status_at)
-        return Request(bufs.head, req_type, 0, payload_in, status_at)
+        return Request(bufs.head, req_type, 0, writable.slice(0, in_len), status_at)
     else:
         raise UnsupportedRequestError(f"request type {req_type}", status_at)
 
@@ -162,6 +162,13 @@ def parse(mem: GuestMemory, bufs: ChainBuffers, disk: Disk) -> Request:
     if end > disk.capacity:
         raise SectorRangeError(f"sectors {sector}..{end} beyond capacity {disk.capacity}", status_at)
     return Request(bufs.head, req_type, sector, data, status_at)
+
+
+def _read_header(mem: GuestMemory, readable: Segments) -> bytes:
+    addr, n = readable.parts[0]
+    if n >= _HEADER.size and mem.contains(addr, _HEADER.size):
+        return mem.read(addr, _HEADER.size)     # the usual framing: a descriptor of its own
+    return readable.slice(0, _HEADER.size).read(mem)
 
 
 def device_id(drive_id: str) -> bytes:

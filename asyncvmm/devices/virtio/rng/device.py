@@ -29,7 +29,6 @@ class Rng(VirtioDevice):
         self.metrics = metrics or EntropyMetrics()
         self.random_bytes = random_bytes
         self.handler: RngHandler | None = None
-        self._activation: Activation | None = None
 
     @property
     def avail_features(self) -> int:
@@ -39,13 +38,10 @@ class Rng(VirtioDevice):
         if not activation.queues[0].ready:
             raise ActivationError("entropy: request queue not ready")
         self.deactivate()
-        self._activation = activation
         self.handler = RngHandler(self, activation)
         self.handler.start()
 
     def deactivate(self) -> None:
         if self.handler is not None:
-            self._activation.gate.close()
             self.handler.stop()
             self.handler = None
-            self._activation = None

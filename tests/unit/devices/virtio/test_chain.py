@@ -37,7 +37,7 @@ def vq(guest_mem) -> FakeVirtqueue:
 
 
 def chain(vq: FakeVirtqueue, head: int, *, indirect_ok: bool = True) -> DescriptorChain:
-    return DescriptorChain(vq.mem, vq.desc, vq.size, head, indirect_ok=indirect_ok)
+    return DescriptorChain(vq.mem, vq.mem.view(vq.desc, 16 * vq.size), head, indirect_ok=indirect_ok)
 
 
 def test_direct_chain_splits_into_readable_then_writable(vq):

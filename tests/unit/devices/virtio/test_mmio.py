@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
+
+from asyncvmm.devices.irq import EventFd
 
 from asyncvmm.devices.virtio import mmio as r
 from asyncvmm.devices.virtio.chain import ChainError, collect
@@ -22,6 +25,7 @@ from asyncvmm.devices.virtio.spec import (
     VIRTIO_F_VERSION_1,
     bit,
 )
+from tests.fakes.irq import CountingIrqLine
 from tests.fakes.virtio_driver import Buf, settle
 from tests.unit.devices.virtio.conftest import make_rig
 
@@ -272,14 +276,22 @@ def test_shared_memory_registers_report_no_region(rig):
         assert rig.driver.read32(off) == 0xFFFF_FFFF
 
 
-def test_eventfd_count_must_match_queues(guest_mem):
-    import asyncio
-
-    from asyncvmm.devices.irq import EventFd
-    from tests.fakes.irq import CountingIrqLine
+async def test_eventfd_count_must_match_queues(guest_mem):
     with pytest.raises(ValueError):
         r.VirtioMmioTransport(EchoDevice(), mem=guest_mem, irq=CountingIrqLine(),
-                              queue_events=[EventFd()], loop=asyncio.new_event_loop())
+                              queue_events=[EventFd()], loop=asyncio.get_running_loop())
+
+
+async def test_queue_num_zero_fails_activation(rig):
+    d = rig.driver
+    assert d.negotiate()
+    d.setup_queue(0)
+    d.write32(r.VIRTIO_MMIO_QUEUE_SEL, 1)
+    d.write32(r.VIRTIO_MMIO_QUEUE_NUM, 0)
+    d.write32(r.VIRTIO_MMIO_QUEUE_READY, 1)
+    d.add_status(DRIVER_OK)
+    await settle()
+    assert d.status & DEVICE_NEEDS_RESET and rig.transport.device.activations == 0
 
 
 async def test_interrupt_ack_clears_only_acknowledged_bits(rig):

@@ -9,7 +9,9 @@ import pytest
 
 from asyncvmm.devices.virtio.block import Block
 from asyncvmm.devices.virtio.block import request as rq
+from asyncvmm.devices.virtio.block.uring import uring_available
 from asyncvmm.devices.virtio.spec import DEVICE_NEEDS_RESET
+from tests.conftest import require
 from tests.fakes.virtio_driver import Buf, FakeVirtqueue
 from tests.unit.devices.virtio.block.helpers import header, lay_out
 from tests.unit.devices.virtio.conftest import Rig, make_rig
@@ -85,9 +87,18 @@ async def make_block_rig(path, *, features_mask: int = ~0, **kw) -> BlockRig:
     return BlockRig(rig, dev, vq)
 
 
-@pytest.fixture(params=["Sync", "Async"])
+ENGINES = {
+    "Sync": {"io_engine": "Sync"},
+    "io_uring": {"io_engine": "Async", "async_backend": "io_uring"},
+    "threads": {"io_engine": "Async", "async_backend": "threads"},
+}
+
+
+@pytest.fixture(params=list(ENGINES))
 async def blk(request, disk):
-    b = await make_block_rig(disk, io_engine=request.param)
+    if request.param == "io_uring":
+        require(uring_available(), "io_uring is not available on this host")
+    b = await make_block_rig(disk, **ENGINES[request.param])
     yield b
     b.dev.close()
     b.rig.close()

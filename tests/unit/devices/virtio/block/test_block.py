@@ -22,7 +22,7 @@ from asyncvmm.devices.virtio.spec import (
     bit,
 )
 from tests.fakes.virtio_driver import settle
-from tests.unit.devices.virtio.block.conftest import SECTORS, disk_bytes, make_block_rig
+from tests.unit.devices.virtio.block.conftest import ENGINES, SECTORS, disk_bytes, make_block_rig
 from tests.unit.devices.virtio.block.helpers import cuts
 
 OK, IOERR, UNSUPP = rq.VIRTIO_BLK_S_OK, rq.VIRTIO_BLK_S_IOERR, rq.VIRTIO_BLK_S_UNSUPP
@@ -111,9 +111,9 @@ async def test_chain_without_any_writable_byte_is_returned_with_length_zero(blk)
     assert blk.dev.metrics.invalid_reqs_count == 1
 
 
-@pytest.mark.parametrize("engine", ["Sync", "Async"])
+@pytest.mark.parametrize("engine", list(ENGINES))
 async def test_read_only_drive_refuses_writes(disk, engine):
-    b = await make_block_rig(disk, read_only=True, io_engine=engine)
+    b = await make_block_rig(disk, **{**ENGINES[engine], "read_only": True})
     assert b.driver.device_features() & bit(VIRTIO_BLK_F_RO)
     assert await b.write(0, b"x" * 512) == IOERR
     assert disk.read_bytes() == disk_bytes()
@@ -123,7 +123,7 @@ async def test_read_only_drive_refuses_writes(disk, engine):
     b.rig.close()
 
 
-@pytest.mark.parametrize("engine", ["Sync", "Async"])
+@pytest.mark.parametrize("engine", ["Sync", "threads"])
 async def test_writeback_flush_reaches_fdatasync_before_completion(disk, engine):
     calls = []
 
@@ -131,7 +131,7 @@ async def test_writeback_flush_reaches_fdatasync_before_completion(disk, engine)
         calls.append(fd)
         os.fdatasync(fd)
 
-    b = await make_block_rig(disk, cache_type="Writeback", io_engine=engine, fdatasync=fdatasync)
+    b = await make_block_rig(disk, **ENGINES[engine], cache_type="Writeback", fdatasync=fdatasync)
     assert b.driver.device_features() & bit(VIRTIO_BLK_F_FLUSH)
     assert await b.write(0, b"y" * 512) == OK
     assert calls == []                                      # a write alone does not sync
@@ -183,7 +183,7 @@ async def test_two_drives_side_by_side(tmp_path):
         p = tmp_path / f"d{i}.img"
         p.write_bytes(disk_bytes(seed=i * 50))
         paths.append(p)
-    a = await make_block_rig(paths[0], drive_id="a", io_engine="Async")
+    a = await make_block_rig(paths[0], drive_id="a", io_engine="Async")     # io_uring if possible
     b = await make_block_rig(paths[1], drive_id="b", io_engine="Sync")
     (sa, da), (sb, db) = await a.read(1, 512), await b.read(1, 512)
     assert da == disk_bytes(seed=0)[512:1024] and db == disk_bytes(seed=50)[512:1024]

@@ -41,7 +41,7 @@ def flush_request(b):
 
 async def test_reset_waits_for_in_flight_io_and_drops_its_completion(disk):
     sync = BlockingSync()
-    b = await make_block_rig(disk, cache_type="Writeback", io_engine="Async", fdatasync=sync)
+    b = await make_block_rig(disk, cache_type="Writeback", io_engine="Async", async_backend="threads", fdatasync=sync)
     _, answer = flush_request(b)
     loop = asyncio.get_running_loop()
     assert await loop.run_in_executor(None, sync.entered.wait, 10)
@@ -66,7 +66,7 @@ async def test_reset_waits_for_in_flight_io_and_drops_its_completion(disk):
 
 async def test_ops_queued_behind_a_reset_never_start(disk):
     sync = BlockingSync()
-    b = await make_block_rig(disk, cache_type="Writeback", io_engine="Async", fdatasync=sync,
+    b = await make_block_rig(disk, cache_type="Writeback", io_engine="Async", async_backend="threads", fdatasync=sync,
                              async_workers=1)
     for _ in range(3):
         flush_request(b)
@@ -85,7 +85,7 @@ async def test_ops_queued_behind_a_reset_never_start(disk):
 
 async def test_full_engine_stalls_the_queue_then_resumes(disk):
     sync = BlockingSync()
-    b = await make_block_rig(disk, cache_type="Writeback", io_engine="Async", fdatasync=sync,
+    b = await make_block_rig(disk, cache_type="Writeback", io_engine="Async", async_backend="threads", fdatasync=sync,
                              async_workers=2, async_depth=2)
     for _ in range(5):
         flush_request(b)

@@ -1,0 +1,280 @@
+"""An io_uring engine for virtio-block, through ctypes and raw syscalls.
+
+Primer (io_uring(7)).  ``io_uring_setup`` returns a ring fd; three mmaps of
+it give the submission ring (head, tail, mask, and an array of SQE indices),
+the 64-byte SQEs themselves, and the completion ring of 16-byte CQEs.  The
+application fills an SQE, puts its index in the array, advances the SQ tail
+and calls ``io_uring_enter`` to submit; the kernel posts a CQE (``user_data``,
+``res``) per operation and advances the CQ tail; the application consumes
+CQEs and advances the CQ head.  An eventfd registered with
+``IORING_REGISTER_EVENTFD`` is signalled for every CQE, so the asyncio loop
+waits on it like any other fd: no threads of ours.
+
+Memory ordering: the kernel reads the SQ tail with acquire semantics and we
+write SQE, array slot, then tail in program order; x86 keeps stores in
+order, so the kernel never sees the tail before the entry.  Symmetrically we
+read the CQ tail before the CQEs it covers and loads are not reordered.
+
+Each op enters the activation's :class:`DmaGate` when submitted and exits
+when its CQE is reaped, because the kernel writes guest memory on its own
+time.  :meth:`UringEngine.close` waits for every op still in the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import struct
+from typing import Callable
+
+from asyncvmm.devices.virtio.block.engine import CANCELLED, IoKind, IoOp, _advance
+from asyncvmm.devices.virtio.gate import DmaGate
+
+log = logging.getLogger(__name__)
+
+SYS_io_uring_setup = 425
+SYS_io_uring_enter = 426
+SYS_io_uring_register = 427
+
+IORING_OFF_SQ_RING = 0
+IORING_OFF_CQ_RING = 0x8000000
+IORING_OFF_SQES = 0x10000000
+IORING_FEAT_SINGLE_MMAP = 1 << 0
+IORING_ENTER_GETEVENTS = 1 << 0
+IORING_REGISTER_EVENTFD = 4
+IORING_OP_READV = 1
+IORING_OP_WRITEV = 2
+IORING_OP_FSYNC = 3
+IORING_FSYNC_DATASYNC = 1 << 0
+
+_OPCODE = {IoKind.READ: IORING_OP_READV, IoKind.WRITE: IORING_OP_WRITEV, IoKind.FLUSH: IORING_OP_FSYNC}
+
+
+class io_sqring_offsets(ctypes.Structure):
+    """struct io_sqring_offsets { __u32 head, tail, ring_mask, ring_entries, flags, dropped,
+    array, resv1; __u64 user_addr; };"""
+    _fields_ = [(n, ctypes.c_uint32) for n in
+                ("head", "tail", "ring_mask", "ring_entries", "flags", "dropped", "array", "resv1")] \
+        + [("user_addr", ctypes.c_uint64)]
+
+
+class io_cqring_offsets(ctypes.Structure):
+    """struct io_cqring_offsets { __u32 head, tail, ring_mask, ring_entries, overflow, cqes,
+    flags, resv1; __u64 user_addr; };"""
+    _fields_ = [(n, ctypes.c_uint32) for n in
+                ("head", "tail", "ring_mask", "ring_entries", "overflow", "cqes", "flags", "resv1")] \
+        + [("user_addr", ctypes.c_uint64)]
+
+
+class io_uring_params(ctypes.Structure):
+    """struct io_uring_params { __u32 sq_entries, cq_entries, flags, sq_thread_cpu,
+    sq_thread_idle, features, wq_fd, resv[3]; struct io_sqring_offsets sq_off;
+    struct io_cqring_offsets cq_off; };"""
+    _fields_ = [(n, ctypes.c_uint32) for n in
+                ("sq_entries", "cq_entries", "flags", "sq_thread_cpu", "sq_thread_idle",
+                 "features", "wq_fd")] \
+        + [("resv", ctypes.c_uint32 * 3), ("sq_off", io_sqring_offsets), ("cq_off", io_cqring_offsets)]
+
+
+class iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+# struct io_uring_sqe: opcode, flags, ioprio, fd, off, addr, len, rw_flags, user_data,
+# buf_index, personality, splice_fd_in, addr3, __pad2[1] -- 64 bytes.
+_SQE = struct.Struct("<BBHiQQIIQHHiQQ")
+_CQE = struct.Struct("<QiI")
+_U32 = struct.Struct("<I")
+assert _SQE.size == 64 and _CQE.size == 16 and ctypes.sizeof(io_uring_params) == 120
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _sys(*args: int | ctypes.c_void_p) -> int:
+    ret = _syscall(*[a if isinstance(a, ctypes.c_void_p) else ctypes.c_long(a) for a in args])
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return ret
+
+
+class _Pending:
+    __slots__ = ("op", "done", "pins", "iovs")
+
+    def __init__(self, op: IoOp) -> None:
+        self.op = op
+        self.done = 0
+        self.pins: list = []
+        self.iovs = None
+
+
+class UringEngine:
+    """Up to ``depth`` ops in the kernel at once; completions arrive on the loop."""
+
+    name = "Async"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, gate: DmaGate,
+                 on_complete: Callable[[list], None], *, depth: int = 64) -> None:
+        self.loop = loop
+        self.gate = gate
+        self.on_complete = on_complete
+        params = io_uring_params()
+        self.fd = _sys(SYS_io_uring_setup, depth, ctypes.c_void_p(ctypes.addressof(params)))
+        try:
+            self._map(params)
+            self.event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            efd = ctypes.c_int32(self.event)
+            _sys(SYS_io_uring_register, self.fd, IORING_REGISTER_EVENTFD,
+                 ctypes.c_void_p(ctypes.addressof(efd)), 1)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.depth = params.sq_entries
+        self.in_flight = 0
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 1
+        self._unsubmitted = 0
+        self._closed = False
+        loop.add_reader(self.event, self._on_event)
+
+    def _map(self, p: io_uring_params) -> None:
+        sq_len = p.sq_off.array + p.sq_entries * 4
+        cq_len = p.cq_off.cqes + p.cq_entries * _CQE.size
+        flags, prot = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ | mmap.PROT_WRITE
+        if p.features & IORING_FEAT_SINGLE_MMAP:
+            self.sq_ring = self.cq_ring = mmap.mmap(self.fd, max(sq_len, cq_len), flags, prot,
+                                                    offset=IORING_OFF_SQ_RING)
+        else:
+            self.sq_ring = mmap.mmap(self.fd, sq_len, flags, prot, offset=IORING_OFF_SQ_RING)
+            self.cq_ring = mmap.mmap(self.fd, cq_len, flags, prot, offset=IORING_OFF_CQ_RING)
+        self.sqes = mmap.mmap(self.fd, p.sq_entries * _SQE.size, flags, prot, offset=IORING_OFF_SQES)
+        self.sq, self.cq = p.sq_off, p.cq_off
+        self.sq_mask = _U32.unpack_from(self.sq_ring, p.sq_off.ring_mask)[0]
+        self.cq_mask = _U32.unpack_from(self.cq_ring, p.cq_off.ring_mask)[0]
+
+    @property
+    def full(self) -> bool:
+        return self.in_flight >= self.depth
+
+    # -- submission ---------------------------------------------------------
+
+    def submit(self, op: IoOp) -> None:
+        if not self.gate.enter():
+            self.on_complete([(op, CANCELLED)])
+            return
+        self.in_flight += 1
+        key, self._next_id = self._next_id, self._next_id + 1
+        pend = self._pending[key] = _Pending(op)
+        self._queue_sqe(key, pend)
+
+    def _queue_sqe(self, key: int, pend: _Pending) -> None:
+        op = pend.op
+        addr = length = rw_flags = 0
+        if op.kind is IoKind.FLUSH:
+            rw_flags = IORING_FSYNC_DATASYNC
+        else:
+            bufs = _advance(op.buffers, pend.done)
+            # from_buffer pins each guest-memory view until the CQE is reaped.
+            pend.pins = [ctypes.c_char.from_buffer(b) for b in bufs]
+            pend.iovs = (iovec * len(bufs))(*[iovec(ctypes.addressof(c), len(b))
+                                              for c, b in zip(pend.pins, bufs)])
+            addr, length = ctypes.addressof(pend.iovs), len(bufs)
+        tail = _U32.unpack_from(self.sq_ring, self.sq.tail)[0]
+        index = tail & self.sq_mask
+        _SQE.pack_into(self.sqes, index * _SQE.size, _OPCODE[op.kind], 0, 0, op.fd,
+                       op.offset + pend.done, addr, length, rw_flags, key, 0, 0, 0, 0, 0)
+        _U32.pack_into(self.sq_ring, self.sq.array + 4 * index, index)
+        _U32.pack_into(self.sq_ring, self.sq.tail, (tail + 1) & 0xFFFF_FFFF)
+        self._unsubmitted += 1
+
+    def flush(self) -> None:
+        """Hand the queued SQEs to the kernel in one io_uring_enter."""
+        while self._unsubmitted:
+            try:
+                n = _sys(SYS_io_uring_enter, self.fd, self._unsubmitted, 0, 0, 0, 0)
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
+                    self._reap()            # make room in the CQ ring, then retry
+                    continue
+                raise
+            self._unsubmitted -= n
+        self._reap()                        # cached reads often complete during the enter
+
+    # -- completion ---------------------------------------------------------
+
+    def _on_event(self) -> None:
+        try:
+            os.eventfd_read(self.event)
+        except BlockingIOError:
+            pass
+        self._reap()
+
+    def _reap(self) -> None:
+        batch = []
+        head = _U32.unpack_from(self.cq_ring, self.cq.head)[0]
+        tail = _U32.unpack_from(self.cq_ring, self.cq.tail)[0]
+        while head != tail:
+            key, res, _flags = _CQE.unpack_from(self.cq_ring, self.cq.cqes + (head & self.cq_mask) * _CQE.size)
+            head = (head + 1) & 0xFFFF_FFFF
+            result = self._finish(key, res)
+            if result is not None:
+                batch.append(result)
+        _U32.pack_into(self.cq_ring, self.cq.head, head)
+        if self._unsubmitted:
+            self.flush()                    # short transfers were requeued
+        if batch and not self._closed:
+            self.on_complete(batch)
+
+    def _finish(self, key: int, res: int):
+        pend = self._pending.get(key)
+        if pend is None:
+            return None
+        op = pend.op
+        if res == -errno.EAGAIN or res == -errno.EINTR or (0 < res and op.kind is not IoKind.FLUSH
+                                                           and pend.done + res < op.length):
+            pend.done += max(res, 0)
+            self._queue_sqe(key, pend)      # continue the transfer from where it stopped
+            return None
+        del self._pending[key]
+        self.in_flight -= 1
+        self.gate.exit()
+        if res < 0:
+            return op, OSError(-res, os.strerror(-res))
+        if res == 0 and op.kind is not IoKind.FLUSH and pend.done < op.length:
+            return op, OSError(errno.EIO, f"{op.kind.value} at {op.offset + pend.done} hit end of file")
+        return op, pend.done + res
+
+    def close(self) -> None:
+        """Wait for the kernel to finish every op (they write guest memory), then release the ring."""
+        if self.fd < 0:
+            return
+        self._closed = True
+        while self._pending:
+            if self._unsubmitted:
+                self.flush()
+            else:
+                _sys(SYS_io_uring_enter, self.fd, 0, 1, IORING_ENTER_GETEVENTS, 0, 0)
+                self._reap()
+        self.loop.remove_reader(self.event)
+        os.close(self.event)
+        for m in {id(x): x for x in (self.sq_ring, self.cq_ring, self.sqes)}.values():
+            m.close()
+        os.close(self.fd)
+        self.fd = -1
+
+
+def uring_available() -> bool:
+    """Whether this kernel (and seccomp, and io_uring_disabled) lets us set up a ring."""
+    params = io_uring_params()
+    try:
+        fd = _sys(SYS_io_uring_setup, 2, ctypes.c_void_p(ctypes.addressof(params)))
+    except OSError:
+        return False
+    os.close(fd)
+    return True

@@ -1,0 +1,332 @@
+"""The loop side of one virtio-net activation: the tap, both queues, the MMDS, the limiters.
+
+Transmit (queue 1, per kick): every available chain is parsed
+(:func:`parse_tx`), charged to the TX rate limiter, and either handed to the
+MMDS stack (frames addressed to the MMDS, on an interface listed in
+``mmds_config``) or gathered straight from guest memory into the tap with one
+``writev``.  Used entries carry length 0; one interrupt per batch.  A
+throttled chain goes back to the ring until the throttle timer fires; a full
+tap (EAGAIN) puts it back until the tap is writable.  A malformed chain or a
+failed tap write costs that frame only (counted), never the device.
+
+Receive: frames come from the MMDS stack first, then from the tap, whose fd
+is a loop reader *only while the guest can take frames*.  Each frame is read
+into one host buffer, charged to the RX rate limiter, and copied into the
+guest's chains (:class:`RxBuffers`).  When the guest has no room, or the
+limiter is empty, the frame is *held* and the tap reader removed: later
+frames wait in the tap's own queue, so nothing is dropped or reordered here
+(back-pressure).  An RX kick (new buffers), the throttle timer, or an MMDS
+retransmission deadline resumes receiving.
+
+Errors, as the three kinds of STYLE.md: a bad chain or frame is counted and
+answered (used length 0); a broken ring stops the device with
+DEVICE_NEEDS_RESET (the base class); a tap failure is counted and, for reads,
+retried after :data:`TAP_RETRY_S`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from asyncvmm.devices.rate_limiter import ThrottleTimer, TokenType
+from asyncvmm.devices.virtio.chain import DescriptorChain
+from asyncvmm.devices.virtio.device import Activation
+from asyncvmm.devices.virtio.handler import Drain, QueueHandler
+from asyncvmm.devices.virtio.net.header import (ETH_HLEN, FLAGS_OFFSET, RX_QUEUE, TX_QUEUE,
+                                                VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF,
+                                                VNET_HDR_SIZE)
+from asyncvmm.devices.virtio.net.rx import Fit, RxBuffers
+from asyncvmm.devices.virtio.net.tx import TxFrameError, parse_tx
+
+if TYPE_CHECKING:
+    from asyncvmm.devices.virtio.net.device import Net
+
+log = logging.getLogger(__name__)
+
+# After a failed tap read, wait this long before reading again, so a tap
+# that keeps failing (e.g. EBADFD after the interface was deleted) does not
+# spin the loop.
+TAP_RETRY_S = 0.1
+# The earliest an MMDS retransmission timer may fire again: a floor against
+# a deadline that is already past.
+MMDS_TIMER_MIN_S = 0.001
+
+
+class NetHandler(QueueHandler):
+    def __init__(self, device: "Net", act: Activation) -> None:
+        super().__init__(act, f"net {device.iface_id}")
+        self.dev = device
+        self.tap = device.tap
+        self.mmds = device.mmds
+        self.metrics = device.metrics
+        self.rxq = act.queues[RX_QUEUE]
+        self.txq = act.queues[TX_QUEUE]
+        self.guest_csum = act.has_feature(VIRTIO_NET_F_GUEST_CSUM)
+        self.rx = RxBuffers(mergeable=act.has_feature(VIRTIO_NET_F_MRG_RXBUF), metrics=self.metrics)
+        self._rxbuf = device.rx_buffer
+        self.held: memoryview | None = None       # a frame taken in, waiting for room or tokens
+        self.reading = False                      # the tap fd is a loop reader
+        self.waiting_for_buffers = False
+        self._waiting_writable = False
+        self.rx_timer = ThrottleTimer(act.loop, device.rx_rate_limiter, self._on_rx_timer)
+        self.tx_timer = ThrottleTimer(act.loop, device.tx_rate_limiter, self._on_tx_timer)
+        self._tap_retry: asyncio.TimerHandle | None = None
+        self._mmds_timer: asyncio.TimerHandle | None = None
+        self._mmds_deadline: float | None = None
+
+    # -- queue events -------------------------------------------------------
+
+    def process(self, index: int) -> Drain | None:
+        if index == RX_QUEUE:
+            self.guarded(self._pump_rx)
+            return None
+        result = super().process(index)
+        # Frames the guest sent to the MMDS usually have answers now.
+        if self.mmds is not None and self.mmds.has_pending():
+            self.guarded(self._pump_rx)
+        return result
+
+    def on_queue_event(self, queue_index: int, chains: int) -> None:
+        if queue_index == RX_QUEUE:
+            self.metrics.rx_queue_event_count += 1
+            return
+        self.metrics.tx_queue_event_count += 1
+        if chains == 0 and not self.tx_timer.armed and not self._waiting_writable:
+            self.metrics.no_tx_avail_buffer += 1
+
+    def on_event_failure(self) -> None:
+        self.metrics.event_fails += 1
+
+    # -- transmit -----------------------------------------------------------
+
+    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> bool:
+        try:
+            pkt = parse_tx(self.mem, chain)
+        except TxFrameError as e:
+            log.debug("%s: dropped a TX chain: %s", self.name, e)
+            self.metrics.tx_malformed_frames += 1
+            self.metrics.tx_fails += 1
+            self.txq.add_used(self.mem, chain.head, 0)
+            return True
+        limiter = self.dev.tx_rate_limiter
+        if not limiter.consume_request(pkt.length):
+            self.metrics.tx_rate_limiter_throttled += 1
+            # The refused chain is popped but not yet put back, hence the +1.
+            self.metrics.tx_remaining_reqs_count += self.txq.pending(self.mem) + 1
+            self.tx_timer.arm()
+            return False
+        if self.dev.guest_mac_configured and pkt.src_mac != self.dev.mac:
+            self.metrics.tx_spoofed_mac_count += 1
+        if not self._to_mmds(pkt):
+            try:
+                written = self.tap.writev(pkt.segments.views(self.mem))
+            except OSError as e:
+                log.debug("%s: tap write failed: %s", self.name, e)
+                self.metrics.tap_write_fails += 1
+                self.metrics.tx_fails += 1
+                self.txq.add_used(self.mem, chain.head, 0)
+                return True
+            if written is None:                   # the tap's queue is full: wait, keep the frame
+                limiter.refund(1, TokenType.OPS)
+                limiter.refund(pkt.length, TokenType.BYTES)
+                self._wait_writable()
+                return False
+            self.metrics.tx_count += 1
+        self.metrics.tx_packets_count += 1
+        self.metrics.tx_bytes_count += pkt.frame_length
+        self.txq.add_used(self.mem, chain.head, 0)
+        return True
+
+    def _to_mmds(self, pkt) -> bool:
+        """Give ``pkt`` to the MMDS stack if it is the stack's; True if it was."""
+        if self.mmds is None or not self.mmds.is_mmds_frame(pkt.head[VNET_HDR_SIZE:]):
+            return False
+        return self.mmds.handle_guest_frame(pkt.frame(self.mem), csum_offloaded=pkt.needs_csum)
+
+    def _wait_writable(self) -> None:
+        if not self._waiting_writable:
+            self.loop.add_writer(self.tap.fileno(), self._on_tap_writable)
+            self._waiting_writable = True
+
+    def _on_tap_writable(self) -> None:
+        self.loop.remove_writer(self.tap.fileno())
+        self._waiting_writable = False
+        self.process(TX_QUEUE)
+
+    def _on_tx_timer(self) -> None:
+        self.metrics.tx_rate_limiter_event_count += 1
+        self.process(TX_QUEUE)
+
+    # -- receive ------------------------------------------------------------
+
+    def _on_tap_readable(self) -> None:
+        self.metrics.rx_tap_event_count += 1
+        self.guarded(self._pump_rx)
+
+    def _on_rx_timer(self) -> None:
+        self.metrics.rx_event_rate_limiter_count += 1
+        self.guarded(self._pump_rx)
+
+    def _pump_rx(self) -> None:
+        """Deliver frames until there are none, or the guest or the limiter says wait."""
+        budget = self.BATCH_PER_WAKEUP_FACTOR * self.rxq.size
+        stalled = False
+        while budget:
+            if self.held is None:
+                if not self._have_buffers():
+                    stalled = True
+                    break
+                if self.dev.rx_rate_limiter.is_blocked():
+                    self.rx_timer.arm()
+                    stalled = True
+                    break
+                self.held = self._next_frame()
+                if self.held is None:
+                    break
+            if not self._deliver_held():
+                stalled = True
+                break
+            budget -= 1
+        self.notify(RX_QUEUE)
+        self._set_reading(not stalled and self._tap_retry is None)
+        if not budget:
+            self.schedule(RX_QUEUE)
+        if not stalled:
+            self._arm_mmds_timer()
+
+    def _have_buffers(self) -> bool:
+        """At least one usable receive chain, or notifications on for the next one."""
+        while self.rx.reserve(self.mem, self.rxq, 1) is Fit.SHORT:
+            if not self.rxq.enable_notification(self.mem):
+                self._out_of_buffers()
+                return False
+        self.waiting_for_buffers = False
+        return True
+
+    def _out_of_buffers(self) -> None:
+        if not self.waiting_for_buffers:
+            self.waiting_for_buffers = True
+            self.metrics.no_rx_avail_buffer += 1
+
+    def _deliver_held(self) -> bool:
+        """Deliver (or drop, if it can never fit) the held frame; False to wait."""
+        frame = self.held
+        fit = self.rx.reserve(self.mem, self.rxq, len(frame))
+        while fit is Fit.SHORT:
+            if not self.rxq.enable_notification(self.mem):
+                self._out_of_buffers()
+                return False
+            fit = self.rx.reserve(self.mem, self.rxq, len(frame))
+        self.waiting_for_buffers = False
+        if fit is Fit.TOO_LARGE:
+            log.debug("%s: dropped a %d-byte frame larger than the guest's receive buffers",
+                      self.name, len(frame))
+            self.metrics.rx_fails += 1
+            self.held = None
+            return True
+        if not self.dev.rx_rate_limiter.consume_request(len(frame)):
+            self.metrics.rx_rate_limiter_throttled += 1
+            self.rx_timer.arm()
+            return False
+        if not self.guest_csum:
+            frame[FLAGS_OFFSET] = 0   # §5.1.6.4: no checksum flags for a driver that cannot take them
+        self.rx.commit(self.mem, self.rxq, frame)
+        self.metrics.rx_packets_count += 1
+        self.metrics.rx_bytes_count += len(frame) - VNET_HDR_SIZE
+        self.held = None
+        return True
+
+    def _next_frame(self) -> memoryview | None:
+        """The next frame for the guest, header included: MMDS first, then the tap."""
+        if self.mmds is not None and self.mmds.has_pending():
+            frames = self.mmds.pop_frames_for_guest(1)
+            if frames:
+                buf = bytearray(VNET_HDR_SIZE + len(frames[0]))   # a zero header: no offloads
+                buf[VNET_HDR_SIZE:] = frames[0]
+                self.metrics.rx_count += 1
+                return memoryview(buf)
+        if self._tap_retry is not None:
+            return None
+        while True:
+            try:
+                n = self.tap.read_into(self._rxbuf)
+            except OSError as e:
+                self._tap_read_failed(e)
+                return None
+            if n is None:
+                return None
+            if n < VNET_HDR_SIZE + ETH_HLEN:
+                self.metrics.rx_fails += 1            # a runt: nothing the guest could use
+                continue
+            self.metrics.rx_count += 1
+            return memoryview(self._rxbuf)[:n]
+
+    def _tap_read_failed(self, err: OSError) -> None:
+        self.metrics.tap_read_fails += 1
+        log.warning("%s: tap read failed: %s; retrying in %.1fs", self.name, err, TAP_RETRY_S)
+        self._tap_retry = self.loop.call_later(TAP_RETRY_S, self._on_tap_retry)
+
+    def _on_tap_retry(self) -> None:
+        self._tap_retry = None
+        self.guarded(self._pump_rx)
+
+    def _set_reading(self, on: bool) -> None:
+        if on == self.reading or self.stopped:
+            return
+        if on:
+            self.loop.add_reader(self.tap.fileno(), self._on_tap_readable)
+        else:
+            self.loop.remove_reader(self.tap.fileno())
+        self.reading = on
+
+    def _arm_mmds_timer(self) -> None:
+        """A loop timer for the MMDS stack's next retransmission, if it has one."""
+        deadline = self.mmds.next_deadline() if self.mmds is not None else None
+        if deadline == self._mmds_deadline and (deadline is None or self._mmds_timer is not None):
+            return
+        self._cancel_mmds_timer()
+        if deadline is not None and not self.stopped:
+            delay = max(MMDS_TIMER_MIN_S, deadline - self.mmds.clock())
+            self._mmds_timer = self.loop.call_later(delay, self._on_mmds_timer)
+            self._mmds_deadline = deadline
+
+    def _cancel_mmds_timer(self) -> None:
+        if self._mmds_timer is not None:
+            self._mmds_timer.cancel()
+        self._mmds_timer = None
+        self._mmds_deadline = None
+
+    def _on_mmds_timer(self) -> None:
+        self._mmds_timer = None
+        self._mmds_deadline = None
+        self.guarded(self._pump_rx)
+
+    # -- updates and teardown -----------------------------------------------
+
+    def rate_limiter_updated(self) -> None:
+        """New buckets start full: whatever waited on a limiter may go on now."""
+        if self.rx_timer.armed:
+            self.rx_timer.cancel()
+            self.schedule(RX_QUEUE)
+        if self.tx_timer.armed:
+            self.tx_timer.cancel()
+            self.schedule(TX_QUEUE)
+
+    def on_stop(self) -> None:
+        self.rx_timer.cancel()
+        self.tx_timer.cancel()
+        self._cancel_mmds_timer()
+        if self._tap_retry is not None:
+            self._tap_retry.cancel()
+            self._tap_retry = None
+        if self.reading:
+            self.loop.remove_reader(self.tap.fileno())
+            self.reading = False
+        if self._waiting_writable:
+            self.loop.remove_writer(self.tap.fileno())
+            self._waiting_writable = False
+        # After a guest reset the gate is already closed; on VMM teardown this
+        # makes sure nothing of this activation touches guest memory again.
+        self.act.gate.close()
