@@ -371,7 +371,8 @@ class Controller:
         return out
 
     async def _get_mmds(self, _: None) -> Any:
-        return self.mmds.get()
+        doc = self.mmds.get()
+        return {} if doc is None else doc  # a stored JSON null reads as {}, as in Firecracker
 
     async def _put_mmds(self, data: Any) -> None:
         self._mmds_call(self.mmds.put, data)

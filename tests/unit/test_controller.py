@@ -266,6 +266,8 @@ async def test_mmds_store_errors(backend: FakeBackend) -> None:
         await ctl.handle(Action(K.PUT_MMDS, {"a": "x" * 100}))
     assert err.value.status == 413 and "doesn't fit" in err.value.message
     assert await ctl.handle(Action(K.GET_MMDS)) == {"a": 1}
+    await ctl.handle(Action(K.PUT_MMDS, None))
+    assert await ctl.handle(Action(K.GET_MMDS)) == {}  # never a 204
 
 
 async def test_snapshot_load_only_on_fresh_process(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
