@@ -6,6 +6,8 @@ import asyncio
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from asyncvmm.devices.irq import EventFd
 
@@ -300,3 +302,32 @@ async def test_interrupt_ack_clears_only_acknowledged_bits(rig):
     rig.driver.write32(r.VIRTIO_MMIO_INTERRUPT_ACK, r.VIRTIO_MMIO_INT_VRING)
     assert rig.driver.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS) == r.VIRTIO_MMIO_INT_CONFIG
     assert struct.unpack("<I", t.read(r.VIRTIO_MMIO_INTERRUPT_STATUS, 4))[0] == 2
+
+
+register_ops = st.lists(st.tuples(
+    st.booleans(),                                            # write?
+    st.one_of(st.sampled_from([0x14, 0x20, 0x24, 0x30, 0x38, 0x44, 0x50, 0x64, 0x70, 0x80, 0x84,
+                               0x90, 0x94, 0xA0, 0xA4, 0xAC, 0xC0, 0xFC, 0x100, 0x104]),
+              st.integers(0, 0xFFF)),
+    st.sampled_from([1, 2, 4, 8]),
+    st.one_of(st.sampled_from([0, 1, 3, 11, 15, 0x80, 0xFFFF_FFFF]), st.integers(0, 2**32 - 1)),
+), max_size=60)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=register_ops)
+async def test_random_register_traffic_never_raises(ops):
+    rig = make_rig(EchoDevice())
+    try:
+        for write, offset, size, value in ops:
+            if write:
+                rig.transport.write(offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+            else:
+                assert len(rig.transport.read(offset, size)) == size
+        await settle()
+        status = rig.driver.status & ~(DEVICE_NEEDS_RESET | FAILED)
+        assert status in (0, ACKNOWLEDGE, ACKNOWLEDGE | DRIVER, ACKNOWLEDGE | DRIVER | FEATURES_OK,
+                          ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
+    finally:
+        await rig.driver.reset()
+        rig.close()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from asyncvmm.devices.rate_limiter import RateLimiter, TokenBucket
 from asyncvmm.devices.virtio.rng import Rng
 from asyncvmm.devices.virtio.rng.handler import MAX_BYTES_PER_REQUEST
-from asyncvmm.devices.virtio.spec import VIRTIO_ID_RNG
+from asyncvmm.devices.virtio.spec import DEVICE_NEEDS_RESET, VIRTIO_ID_RNG
 from tests.fakes.virtio_driver import Buf, settle
 from tests.unit.devices.virtio.conftest import make_rig
 
@@ -100,3 +104,29 @@ async def test_rate_limited_entropy():
     assert dev.metrics.rate_limiter_event_count >= 1
     dev.deactivate()
     rig.close()
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.lists(st.tuples(st.integers(0, 255), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+                                st.integers(0, 7), st.integers(0, 300)), max_size=10),
+       heads=st.lists(st.integers(0, 300), min_size=1, max_size=6))
+async def test_hostile_chains_are_answered_or_need_reset(table, heads):
+    errors = []
+    asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: errors.append(ctx))
+    dev = Rng()
+    rig = make_rig(dev)
+    try:
+        [vq] = await rig.driver.init()
+        for index, addr, length, flags, nxt in table:
+            vq.write_desc(index, addr % (rig.mem.end + 0x1000), length % 0x20000, flags, nxt)
+        for h in heads:
+            vq.offer(h)
+        rig.driver.kick(vq)
+        await settle(10)
+        assert errors == []
+        if not rig.driver.status & DEVICE_NEEDS_RESET:
+            assert [h for h, _ in vq.take_used()] == heads
+    finally:
+        asyncio.get_running_loop().set_exception_handler(None)
+        dev.deactivate()
+        rig.close()
