@@ -64,6 +64,9 @@ class BlockHandler(QueueHandler):
         if chains == 0 and not self.timer.armed and not self._engine_stalled:
             self.metrics.no_avail_buffer += 1
 
+    def on_event_failure(self) -> None:
+        self.metrics.event_fails += 1
+
     def process(self, index: int) -> Drain | None:
         self._draining = True
         try:

@@ -244,3 +244,14 @@ async def test_kick_with_nothing_available_counts_no_avail_buffer(blk):
     await settle()
     assert blk.dev.metrics.queue_event_count == 1
     assert blk.dev.metrics.no_avail_buffer == 1
+
+
+async def test_avail_index_jump_needs_reset_and_counts_event_fails(blk):
+    blk.vq.set_avail_idx(1000)
+    blk.driver.kick(blk.vq)
+    await settle()
+    assert blk.needs_reset()
+    assert blk.dev.metrics.event_fails == 1
+    assert blk.driver.ack_interrupts() == r.VIRTIO_MMIO_INT_CONFIG
+    await blk.driver.reset()
+    assert blk.dev.handler is None
