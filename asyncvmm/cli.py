@@ -283,7 +283,7 @@ class _Session:
         mmds = MmdsStore(limit_bytes=args.mmds_size_limit or args.http_api_max_payload_size)
         if "metadata" in self.texts:
             try:
-                mmds.put(decode(self.texts["metadata"].encode(), Any))
+                mmds.put(decode(self.texts["metadata"].encode(), dict[str, Any]))
             except ConfigError as err:
                 self.log.error("MMDS error: metadata provided not valid json: %s", err)
                 return EXIT_BAD_CONFIGURATION

@@ -45,6 +45,19 @@ def _decode(body: bytes, type_: Any) -> Any:
         ) from None
 
 
+def _mmds_document(body: bytes) -> dict[str, Any]:
+    """MMDS bodies are ``MmdsContentsObject``: a JSON object.  Firecracker would store any JSON
+    value, but a non-object could then never be read back within the spec, so it is refused."""
+    doc = _decode(body, Any)
+    if not isinstance(doc, dict):
+        kind = "null" if doc is None else type(doc).__name__
+        raise RequestError(
+            "An error occurred when deserializing the json body of a request: "
+            f"invalid type: {kind}, expected a JSON object."
+        )
+    return doc
+
+
 def _id(token: str | None) -> str:
     try:
         return c.check_id(token or "")
@@ -170,7 +183,7 @@ def parse_put_metrics(tokens: list[str], body: bytes) -> ParsedRequest:
 def parse_put_mmds(tokens: list[str], body: bytes) -> ParsedRequest:
     sub = tokens[1] if len(tokens) > 1 else None
     if sub is None:
-        return _sync(K.PUT_MMDS, _decode(body, Any))
+        return _sync(K.PUT_MMDS, _mmds_document(body))
     if sub == "config":
         return _sync(K.SET_MMDS_CONFIGURATION, _decode(body, c.MmdsConfig))
     raise RequestError(f"Unrecognized PUT request path `{sub}`.")
@@ -259,7 +272,7 @@ def parse_patch_machine_config(tokens: list[str], body: bytes) -> ParsedRequest:
 
 
 def parse_patch_mmds(tokens: list[str], body: bytes) -> ParsedRequest:
-    return _sync(K.PATCH_MMDS, _decode(body, Any))
+    return _sync(K.PATCH_MMDS, _mmds_document(body))
 
 
 def parse_patch_network_interfaces(tokens: list[str], body: bytes) -> ParsedRequest:

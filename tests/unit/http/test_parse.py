@@ -133,6 +133,12 @@ def test_unknown_paths_and_methods() -> None:
     assert err("PUT", "/snapshot", {}) == "Missing snapshot operation type."
 
 
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+@pytest.mark.parametrize("doc", [[1, 2], "text", 3, None])
+def test_mmds_documents_must_be_objects(method: str, doc: object) -> None:
+    assert "expected a JSON object" in err(method, "/mmds", json.dumps(doc).encode())
+
+
 def test_resource_ids() -> None:
     assert err("PUT", "/drives", DRIVE) == "The ID cannot be empty."
     assert err("PUT", "/drives/", DRIVE) == "The ID cannot be empty."
