@@ -34,9 +34,11 @@ from asyncvmm.devices.rate_limiter import ThrottleTimer, TokenType
 from asyncvmm.devices.virtio.chain import DescriptorChain
 from asyncvmm.devices.virtio.device import Activation
 from asyncvmm.devices.virtio.handler import Drain, QueueHandler
-from asyncvmm.devices.virtio.net.header import (ETH_HLEN, FLAGS_OFFSET, RX_QUEUE, TX_QUEUE,
-                                                VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF,
-                                                VNET_HDR_SIZE)
+from asyncvmm.devices.virtio.net.header import (ETH_HLEN, FLAGS_OFFSET, GSO_TYPE_OFFSET,
+                                                RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_GUEST_CSUM,
+                                                VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+                                                VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MRG_RXBUF,
+                                                VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_SIZE)
 from asyncvmm.devices.virtio.net.rx import Fit, RxBuffers
 from asyncvmm.devices.virtio.net.tx import TxFrameError, parse_tx
 
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 # that keeps failing (e.g. EBADFD after the interface was deleted) does not
 # spin the loop.
 TAP_RETRY_S = 0.1
+GUEST_GSO_FEATURES = (VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO)
 # The earliest an MMDS retransmission timer may fire again: a floor against
 # a deadline that is already past.
 MMDS_TIMER_MIN_S = 0.001
@@ -64,6 +67,7 @@ class NetHandler(QueueHandler):
         self.rxq = act.queues[RX_QUEUE]
         self.txq = act.queues[TX_QUEUE]
         self.guest_csum = act.has_feature(VIRTIO_NET_F_GUEST_CSUM)
+        self.guest_gso = any(act.has_feature(f) for f in GUEST_GSO_FEATURES)
         self.rx = RxBuffers(mergeable=act.has_feature(VIRTIO_NET_F_MRG_RXBUF), metrics=self.metrics)
         self._rxbuf = device.rx_buffer
         self.held: memoryview | None = None       # a frame taken in, waiting for room or tokens
@@ -175,7 +179,9 @@ class NetHandler(QueueHandler):
         stalled = False
         while budget:
             if self.held is None:
-                if not self._have_buffers():
+                # Receiving was going on (not merely waiting for the first buffers)?
+                receiving = self.reading or budget < self.BATCH_PER_WAKEUP_FACTOR * self.rxq.size
+                if not self._have_buffers(receiving):
                     stalled = True
                     break
                 if self.dev.rx_rate_limiter.is_blocked():
@@ -196,16 +202,18 @@ class NetHandler(QueueHandler):
         if not stalled:
             self._arm_mmds_timer()
 
-    def _have_buffers(self) -> bool:
+    def _have_buffers(self, receiving: bool) -> bool:
         """At least one usable receive chain, or notifications on for the next one."""
         while self.rx.reserve(self.mem, self.rxq, 1) is Fit.SHORT:
             if not self.rxq.enable_notification(self.mem):
-                self._out_of_buffers()
+                if receiving:
+                    self._out_of_buffers()
                 return False
         self.waiting_for_buffers = False
         return True
 
     def _out_of_buffers(self) -> None:
+        """Receiving waits for the guest's buffers (counted once per wait)."""
         if not self.waiting_for_buffers:
             self.waiting_for_buffers = True
             self.metrics.no_rx_avail_buffer += 1
@@ -220,9 +228,11 @@ class NetHandler(QueueHandler):
                 return False
             fit = self.rx.reserve(self.mem, self.rxq, len(frame))
         self.waiting_for_buffers = False
-        if fit is Fit.TOO_LARGE:
-            log.debug("%s: dropped a %d-byte frame larger than the guest's receive buffers",
-                      self.name, len(frame))
+        if fit is Fit.TOO_LARGE or (frame[GSO_TYPE_OFFSET] != VIRTIO_NET_HDR_GSO_NONE
+                                    and not self.guest_gso):
+            # Too large for the guest's buffers, or a GSO frame the tap queued
+            # before a reset renegotiated offloads: the guest cannot take it.
+            log.debug("%s: dropped a %d-byte frame the guest cannot receive", self.name, len(frame))
             self.metrics.rx_fails += 1
             self.held = None
             return True
@@ -314,7 +324,13 @@ class NetHandler(QueueHandler):
             self.tx_timer.cancel()
             self.schedule(TX_QUEUE)
 
-    def on_stop(self) -> None:
+    def halt(self) -> None:
+        # A device that needs a reset halts inside the gate and waits for the
+        # reset; its tap reader must go now, or a readable tap spins the loop.
+        super().halt()
+        self._release_io()
+
+    def _release_io(self) -> None:
         self.rx_timer.cancel()
         self.tx_timer.cancel()
         self._cancel_mmds_timer()
@@ -327,6 +343,9 @@ class NetHandler(QueueHandler):
         if self._waiting_writable:
             self.loop.remove_writer(self.tap.fileno())
             self._waiting_writable = False
+
+    def on_stop(self) -> None:
+        self._release_io()
         # After a guest reset the gate is already closed; on VMM teardown this
         # makes sure nothing of this activation touches guest memory again.
         self.act.gate.close()

@@ -60,6 +60,7 @@ VNET_HDR_SIZE = VIRTIO_NET_HDR.size            # 12
 assert VNET_HDR_SIZE == 12
 NUM_BUFFERS_OFFSET = 10                         # offsetof(struct virtio_net_hdr_v1, num_buffers)
 FLAGS_OFFSET = 0
+GSO_TYPE_OFFSET = 1
 
 # The receive and transmit queues of a single queue pair (§5.1.2).
 RX_QUEUE = 0

@@ -18,7 +18,7 @@ class NetMetrics(MetricGroup):
     activate_fails: int = 0                 # the device could not start (e.g. TUNSETOFFLOAD failed)
     cfg_fails: int = 0                      # config-space accesses outside the config / to read-only fields
     mac_address_updates: int = 0            # driver writes to the mac field
-    no_rx_avail_buffer: int = 0             # a frame waited because the guest had no receive buffer
+    no_rx_avail_buffer: int = 0             # receiving paused: the guest had no receive buffer
     no_tx_avail_buffer: int = 0             # a TX kick found nothing to send
     event_fails: int = 0                    # the device stopped: broken ring or internal error
     rx_queue_event_count: int = 0           # RX kicks (new receive buffers)
