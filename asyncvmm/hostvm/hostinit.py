@@ -31,6 +31,7 @@ JOB_SERIAL = "avmjob"
 HOST_INIT = r"""#!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 say() { echo "asyncvmm-hostvm: $*"; }
+stamp() { read -r up _ < /proc/uptime; echo "asyncvmm-hostvm: at $up s: $*"; }
 param() { for w in $(cat /proc/cmdline); do case "$w" in "$1="*) echo "${w#*=}"; return 0;; esac; done; return 1; }
 die() { say "FATAL: $*"; sync; poweroff -f; while true; do sleep 3600; done; }
 find_disk() {
@@ -51,6 +52,7 @@ if [ -e /dev/kvm ]; then
 else
     say "kvm missing: no /dev/kvm (is SVM exposed by -cpu max?)"
 fi
+stamp "modules loaded"
 tries=0
 until rootdev=$(find_disk @ROOT@) && jobdev=$(find_disk @JOB@); do
     tries=$((tries + 1)); [ $tries -gt 300 ] && die "disks @ROOT@/@JOB@ not found"; sleep 0.1
@@ -70,17 +72,20 @@ mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 mount -t ext4 "$jobdev" "/newroot@JOBDIR@" || die "cannot mount the job disk $jobdev"
+stamp "disks mounted"
 if project=$(param avm.project); then
     # Copied, not bind-mounted: a venv inside the project lives on the root disk.
     mkdir -p "/newroot$project" && cp -a "/newroot@JOBDIR@/project/." "/newroot$project/" \
         || die "cannot copy the project to $project"
 fi
+stamp "project copied"
 ip link set lo up
 hostname asyncvmm-hostvm
 say "job start"
 setsid cttyhack chroot /newroot /bin/sh @JOBDIR@/job.sh
 rc=$?
 say "job exit=$rc"
+stamp "job done"
 echo "$rc" > "/newroot@JOBDIR@/exitcode"
 sync
 umount "/newroot@JOBDIR@" || say "job disk busy; relying on sync"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from asyncvmm.images.guestinit import run_flag
 from tests.linux.harness import QemuMicrovmLauncher, default_spec
 
-BOOT_TIMEOUT = 120
+BOOT_TIMEOUT = 240   # nested under TCG on a loaded 2-core machine: ~30 s typical
 
 
 def test_console_markers_and_root_on_vda(guests, guest_images, qemu_available):
