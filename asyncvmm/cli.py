@@ -244,7 +244,7 @@ class _Session:
         self.api_sock = api_sock
         self.log = logging.getLogger(__name__)
 
-    def _backend(self, loop: Any, on_exit: Any) -> Any:
+    def _backend(self, loop: Any, on_exit: Any, mmds: Any) -> Any:
         try:
             from asyncvmm.vmm import Vmm
         except ImportError as err:
@@ -252,8 +252,14 @@ class _Session:
 
             self.log.warning("The VMM core is not available (%s); the API will refuse to boot.", err)
             return UnavailableBackend(str(err))
+        import inspect
+
+        extra = {}
+        # The guest must read the store the API writes; older VMM cores took no store.
+        if "mmds_store" in inspect.signature(Vmm).parameters:
+            extra["mmds_store"] = mmds
         return Vmm(loop, instance_id=self.args.id, boot_timer=self.args.boot_timer,
-                   metrics=self.registry, on_exit=on_exit)
+                   metrics=self.registry, on_exit=on_exit, **extra)
 
     def _report_startup(self, api_metrics: Any) -> None:
         start_us = self.args.start_time_us if self.args.start_time_us is not None else _START_US
@@ -291,7 +297,7 @@ class _Session:
                 self.log.error("Populating MMDS from file failed: %s", err)
                 return EXIT_GENERIC
             self.log.info("Successfully added metadata to mmds from file")
-        backend = _LazyBackend(lambda: self._backend(loop, on_exit))
+        backend = _LazyBackend(lambda: self._backend(loop, on_exit, mmds))
         latencies = LatenciesMetrics()
         self.registry.register("latencies_us", latencies)
         controller = Controller(backend, instance_id=args.id, mmds=mmds, latencies=latencies,
