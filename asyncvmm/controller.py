@@ -71,6 +71,18 @@ class ControllerError(Exception):
         self.status = status
 
 
+@dataclasses.dataclass(frozen=True)
+class StartRequest:
+    """When InstanceStart was asked for: the boot timer measures from here."""
+
+    monotonic_ns: int
+    cpu_ns: int
+
+    @classmethod
+    def now(cls) -> "StartRequest":
+        return cls(time.monotonic_ns(), time.process_time_ns())
+
+
 class VmmBackend(Protocol):
     """What the controller needs from the VMM (implemented by :class:`asyncvmm.vmm.Vmm`).
 
@@ -78,7 +90,7 @@ class VmmBackend(Protocol):
     with a message for the API client; the controller adds Firecracker's category prefix.
     """
 
-    async def start(self, config: VmConfig) -> None: ...
+    async def start(self, config: VmConfig, requested_at: StartRequest) -> None: ...
     async def load_snapshot(self, params: SnapshotLoadConfig) -> None: ...
     async def create_snapshot(self, params: SnapshotCreateConfig) -> None: ...
     async def pause(self) -> None: ...
@@ -485,7 +497,9 @@ class Controller:
     async def _start_micro_vm(self, _: None) -> None:
         if self.config.boot_source is None:
             raise ControllerError(MISSING_KERNEL)
-        await self._backend_call("Start microvm error: ", self.backend.start(self.config))
+        requested_at = StartRequest.now()
+        await self._backend_call("Start microvm error: ",
+                                 self.backend.start(self.config, requested_at))
         self._transition(Event.START)
         self._after_boot()
 
@@ -672,7 +686,7 @@ class UnavailableBackend:
     def _fail(self, *_: Any, **__: Any) -> Any:
         raise StartError(f"the VMM core (asyncvmm.vmm) is not available: {self.reason}")
 
-    async def start(self, config: VmConfig) -> None:
+    async def start(self, config: VmConfig, requested_at: StartRequest) -> None:
         self._fail()
 
     async def load_snapshot(self, params: SnapshotLoadConfig) -> None:

@@ -20,7 +20,7 @@ from .builder import BuildContext, BuildError, MicroVm, build_microvm
 from .config import VmConfig
 from .console import SerialConsole
 from .devices.virtio.block import BlockFileError
-from .controller import BackendError, StartError
+from .controller import BackendError, StartError, StartRequest
 from .exitcodes import ExitCode
 from .metrics import MetricsRegistry
 from .vcpu import Request, VcpuStopReason, install_kick_handler
@@ -60,8 +60,8 @@ class Vmm:
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def start(self, config: VmConfig) -> None:
-        start_ns, start_cpu_ns = time.monotonic_ns(), time.process_time_ns()
+    async def start(self, config: VmConfig, requested_at: StartRequest | None = None) -> None:
+        requested_at = requested_at or StartRequest.now()
         install_kick_handler()
         console = SerialConsole(self._loop, self._stdin_fd)
         ctx = BuildContext(
@@ -69,7 +69,8 @@ class Vmm:
             on_guest_reset=lambda: self._from_vcpu(ExitCode.OK, "the guest reset the i8042"),
             on_guest_poweroff=lambda: self._from_vcpu(ExitCode.OK, "the guest powered off (ACPI S5)"),
             serial_out=self._serial_sink(config), serial_on_rx_space=console.on_rx_space,
-            boot_timer=self._boot_timer, start_ns=start_ns, start_cpu_ns=start_cpu_ns)
+            boot_timer=self._boot_timer, start_ns=requested_at.monotonic_ns,
+            start_cpu_ns=requested_at.cpu_ns)
         try:
             machine = build_microvm(config, ctx)
         except BuildError as e:

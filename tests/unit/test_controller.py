@@ -157,8 +157,9 @@ async def test_failed_start_leaves_vm_configurable(ctl: Controller, backend: Fak
 async def test_start_passes_the_built_config(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
     await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(vcpu_count=2, mem_size_mib=256)))
     await boot(ctl, kernel)
-    name, (cfg,) = backend.calls[-1]
+    name, (cfg, requested_at) = backend.calls[-1]
     assert name == "start" and isinstance(cfg, VmConfig)
+    assert requested_at.monotonic_ns > 0
     assert cfg.machine_config.vcpu_count == 2 and cfg.boot_source.kernel_image_path == kernel
 
 
