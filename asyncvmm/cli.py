@@ -18,17 +18,18 @@ import time
 from typing import Any
 
 from asyncvmm import FIRECRACKER_API_VERSION, __version__
+from asyncvmm.exitcodes import ExitCode
 
 # Taken at import, the earliest point Python code runs: start-up time is measured from here
 # unless the jailer passes --start-time-us / --start-time-cpu-us.
 _START_US = time.monotonic_ns() // 1000
 _START_CPU_US = time.process_time_ns() // 1000
 
-EXIT_OK = 0
-EXIT_GENERIC = 1
-EXIT_UNEXPECTED = 2
-EXIT_BAD_CONFIGURATION = 152
-EXIT_ARG_PARSING = 153
+EXIT_OK = ExitCode.OK
+EXIT_GENERIC = ExitCode.GENERIC_ERROR
+EXIT_UNEXPECTED = ExitCode.UNEXPECTED_ERROR
+EXIT_BAD_CONFIGURATION = ExitCode.BAD_CONFIGURATION
+EXIT_ARG_PARSING = ExitCode.ARG_PARSING
 
 DEFAULT_API_SOCK = "/run/firecracker.socket"
 DEFAULT_INSTANCE_ID = "anonymous-instance"
@@ -270,6 +271,21 @@ class _Session:
         self.log.info("Process start-up took %d us (%d CPU us).",
                       api_metrics.api_server.process_startup_time_us, cpu_us)
 
+    def _handle_stop_signals(self, loop: Any, backend: "_LazyBackend", on_exit: Any) -> None:
+        """SIGTERM and SIGINT stop the vCPUs, restore the terminal and exit with 0."""
+        import signal
+
+        def stop(name: str) -> None:
+            self.log.info("Received %s; shutting down", name)
+            vmm = backend._backend
+            if vmm is not None and hasattr(vmm, "exit"):
+                vmm.exit(EXIT_OK, f"received {name}")
+            else:
+                on_exit(EXIT_OK)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop, sig.name)
+
     async def run(self) -> int:
         import asyncio
 
@@ -311,6 +327,7 @@ class _Session:
             server = ApiServer(controller, max_payload=args.http_api_max_payload_size, metrics=api_metrics)
             await server.start(args.api_sock, self.api_sock)
         self._report_startup(api_metrics)
+        self._handle_stop_signals(loop, backend, on_exit)
         if server is not None:  # load the VMM core while clients configure the VM
             loop.run_in_executor(None, _warm_up_vmm_import)
         try:
