@@ -38,7 +38,8 @@ PACKAGES = ["coreutils", "bash", "dash", "e2fsprogs", "iproute2", "socat", "iper
 # Made by maintainer scripts, so no package lists them.
 EXTRA_FILES = ["/usr/bin/sh", "/usr/bin/awk", "/usr/bin/which"]
 SKIP_DIRS = {".git", ".hypothesis", ".pytest_cache", "__pycache__/.notimportant"}
-PROJECT_SKIP = {".git", ".hypothesis", ".pytest_cache", "__pycache__", ".venv", "results"}
+# __pycache__ is kept: compiling the project's modules under TCG costs seconds each run.
+PROJECT_SKIP = {".git", ".hypothesis", ".pytest_cache", ".venv", "results"}
 
 
 class HostDiskError(RuntimeError):

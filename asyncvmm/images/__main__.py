@@ -1,4 +1,4 @@
-"""``python -m asyncvmm.images build [--only KIND ...] [--force] | paths [--no-build]``."""
+"""``python -m asyncvmm.images build [--only KIND ...] [--force] | paths [--no-build] | vmconfig [...]``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from . import DEFAULT_KINDS, KINDS, ImagesMissingError, ensure_images, load_manifest
 from .bzimage import BzImageError
 from .debian import DebianError
+from .guestinit import run_flag
 from .kmod import ModuleError
 from .minikernel import MiniKernelError
 from .rootfs import RootfsError
@@ -28,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--rootfs-size-mib", type=int, default=128)
     p = sub.add_parser("paths", help="print the artifact paths as JSON")
     p.add_argument("--no-build", action="store_true", help="only report what is built; never build")
+    v = sub.add_parser("vmconfig", help="print a Firecracker --config-file JSON booting the built images")
+    v.add_argument("--run", help="a shell command the guest runs, then reboots (ending the VMM)")
+    v.add_argument("--vcpus", type=int, default=1)
+    v.add_argument("--mem-mib", type=int, default=256)
+    v.add_argument("--kernel", choices=["bzimage", "vmlinux"], default="vmlinux",
+                   help="vmlinux (ELF, as Firecracker boots on x86) or the bzImage")
+    v.add_argument("--rootfs", type=Path, help="a writable copy of the rootfs to use instead of the cache's")
     args = parser.parse_args(argv)
 
     def progress(msg: str) -> None:
@@ -39,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             images = ensure_images(only=args.only, force=args.force, progress=progress,
                                    rootfs_size_mib=args.rootfs_size_mib)
             progress(f"[images] all done in {time.monotonic() - start:.1f} s")
+        elif args.command == "vmconfig":
+            print(json.dumps(vm_config(load_manifest(), args), indent=2))
+            return 0
         elif args.no_build:
             images = load_manifest()
         else:
@@ -48,6 +60,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(images.to_json(), indent=2))
     return 0
+
+
+def vm_config(images, args) -> dict:
+    """Firecracker's config-file shape; the root drive makes the VMM add ``root=/dev/vda``."""
+    boot_args = "console=ttyS0 reboot=k panic=1 pci=off quiet loglevel=4"
+    if args.run:
+        boot_args += " " + run_flag(args.run)
+    return {
+        "boot-source": {"kernel_image_path": str(images.vmlinux if args.kernel == "vmlinux" else images.bzimage),
+                        "initrd_path": str(images.initramfs), "boot_args": boot_args},
+        "drives": [{"drive_id": "rootfs", "path_on_host": str(args.rootfs or images.rootfs),
+                    "is_root_device": True, "is_read_only": args.rootfs is None}],
+        "machine-config": {"vcpu_count": args.vcpus, "mem_size_mib": args.mem_mib},
+        "network-interfaces": [],
+    }
 
 
 if __name__ == "__main__":
