@@ -84,7 +84,7 @@ def exec_microvm(args) -> int:
     from .qemu import Disk, MachineSpec, machine_argv
 
     images = load_manifest()
-    cmdline = "console=ttyS0 panic=-1 pci=off quiet loglevel=4 initcall_blacklist=cmos_init root=/dev/vda ro"
+    cmdline = "console=ttyS0 panic=-1 pci=off quiet loglevel=4 initcall_blacklist=cmos_init reboot=t root=/dev/vda ro"
     if args.run:
         cmdline += " " + run_flag(args.run)
     argv = machine_argv(MachineSpec(kernel=images.bzimage, initrd=images.initramfs, cmdline=cmdline,

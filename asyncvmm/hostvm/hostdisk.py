@@ -37,7 +37,6 @@ PACKAGES = ["coreutils", "bash", "dash", "e2fsprogs", "iproute2", "socat", "iper
             "diffutils", "file", "libmagic-mgc", "kmod", "mawk"]
 # Made by maintainer scripts, so no package lists them.
 EXTRA_FILES = ["/usr/bin/sh", "/usr/bin/awk", "/usr/bin/which"]
-SKIP_DIRS = {".git", ".hypothesis", ".pytest_cache", "__pycache__/.notimportant"}
 # __pycache__ is kept: compiling the project's modules under TCG costs seconds each run.
 PROJECT_SKIP = {".git", ".hypothesis", ".pytest_cache", ".venv", "results"}
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
-from ..images import GuestImages, ensure_images
+from ..images import GuestImages, busybox_binary, ensure_images
 from ..images.cache import cache_root, content_key, publishing, sha256_file
 from ..images.kernel import KernelArtifact
 from ..images.rootfs import make_ext4
@@ -144,8 +144,7 @@ class HostVm:
         images = ensure_images(progress=progress, refresh=False)
         cache = cache_root()
         kernel = KernelArtifact(images.kernel_dir)
-        from ..images import _busybox
-        initramfs = host_initramfs(cache, kernel, _busybox(cache))
+        initramfs = host_initramfs(cache, kernel, busybox_binary(cache))
         extra = [p for p in (images.bzimage, images.vmlinux, images.initramfs, images.rootfs,
                              images.minikernel, images.minikernel_bzimage, cache / "images.json",
                              images.initramfs.with_suffix(".modules")) if p]
@@ -167,7 +166,7 @@ def run_in_hostvm(argv: list[str], *, timeout: float, env: dict[str, str] | None
         kernel=vm.kernel.bzimage, initrd=vm.initramfs, accel="tcg", cpu="max", vcpus=1, mem_mib=mem_mib,
         cmdline=host_cmdline(tsc_khz(), [f"avm.epoch={int(time.time())}", f"avm.project={project_root()}"]),
         disks=(Disk(vm.root_disk, ROOT_SERIAL, readonly=True), Disk(job_disk, JOB_SERIAL)),
-        serial="stdio,signal=off" if not interactive else "stdio,signal=off")
+        serial="stdio,signal=off")   # Ctrl-C goes to the guest, not to QEMU
     chunks: list[bytes] = []
     log_file = open(console_log, "wb") if console_log else None
     marks: dict[str, float] = {}

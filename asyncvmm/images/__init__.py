@@ -125,7 +125,7 @@ def ensure_images(only: Iterable[str] | None = None, force: bool = False, build:
     with step(f"kernel {deb.package} {deb.version}"):
         kernel = build_kernel(cache, deb, force=force and "kernel" in kinds)
     with step("busybox-static"):
-        busybox = _busybox(cache)
+        busybox = busybox_binary(cache)
     bb_sha = sha256_file(busybox)
 
     init_hash = hashlib.sha256(init_script("initramfs") + init_script("rootfs")).hexdigest()
@@ -161,10 +161,20 @@ def ensure_images(only: Iterable[str] | None = None, force: bool = False, build:
         minikernel=mini.vmlinux if mini else None, minikernel_bzimage=mini.bzimage if mini else None,
         rootfs_size=rootfs.stat().st_size, extra={"builder": builder_hash()})
     (cache / MANIFEST).write_text(json.dumps(images.to_json(), indent=2) + "\n")
+    _prune(cache, keep={initrd, order_file, rootfs})
     return images
 
 
-def _busybox(cache: Path) -> Path:
+def _prune(cache: Path, keep: set[Path]) -> None:
+    """Drop superseded initramfs/rootfs builds (a running guest keeps its open file)."""
+    for pattern in ("initramfs-*.cpio", "initramfs-*.modules", "rootfs-*.ext4"):
+        for old in cache.glob(pattern):
+            if old not in keep:
+                old.unlink(missing_ok=True)
+
+
+def busybox_binary(cache: Path) -> Path:
+    """The static busybox from Debian's ``busybox-static``, fetched once per package version."""
     deb = debian.download("busybox-static", cache / "debs")
     dest = cache / f"busybox-{deb.sha256[:16]}" / "busybox"
     if not dest.exists():
@@ -207,5 +217,5 @@ class _Step:
         return False
 
 
-__all__ = ["GuestImages", "ImagesMissingError", "KernelArtifact", "ensure_images", "load_manifest",
+__all__ = ["GuestImages", "ImagesMissingError", "KernelArtifact", "ensure_images", "load_manifest", "busybox_binary",
            "KINDS", "DEFAULT_KINDS"]

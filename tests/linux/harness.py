@@ -155,8 +155,10 @@ class QemuMicrovmLauncher:
 
     def argv(self, spec: VmSpec, workdir: Path) -> list[str]:
         # QEMU microvm with rtc=off does not set the FADT's "CMOS RTC not present" flag, and
-        # the Debian kernel then spins ~40 s (nested) probing the absent RTC.
-        args = spec.boot_args + " initcall_blacklist=cmos_init"
+        # the Debian kernel then spins ~40 s (nested) probing the absent RTC.  With pci=off the
+        # ACPI reset did not end QEMU (the kernel fell through to a BIOS jump, a KVM emulation
+        # failure); a triple fault does, under -no-reboot.
+        args = spec.boot_args + " initcall_blacklist=cmos_init reboot=t"
         root = [d for d in spec.drives if d.is_root_device]
         if root:
             args += f" root=/dev/vda {'ro' if root[0].read_only else 'rw'}"

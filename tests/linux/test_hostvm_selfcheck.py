@@ -8,6 +8,8 @@ asyncvmm's fault, not the tier's.
 
 from __future__ import annotations
 
+import pytest
+
 from asyncvmm.images.guestinit import run_flag
 from tests.linux.harness import QemuMicrovmLauncher, default_spec
 
@@ -52,3 +54,18 @@ def test_writable_root_keeps_the_cached_image_pristine(guests, guest_images, qem
     assert guest.run("cat /written").check().output.strip() == "data"
     guest.stop()
     assert guest_images.rootfs.stat().st_mtime_ns == before
+
+
+def test_minikernel_boots_the_rootfs_without_an_initramfs(guests, guest_images, tmp_path, qemu_available):
+    """The optional built-in-drivers kernel: virtio-mmio from the command line, no modules."""
+    if guest_images.minikernel_bzimage is None:
+        pytest.skip("the minimal kernel is optional and not built (python -m asyncvmm.images build --only minikernel)")
+    spec = default_spec(guest_images, tmp_path, initrd=False,
+                        extra_args=run_flag("cat /proc/mounts; cat /proc/modules | wc -l"))
+    spec.kernel = guest_images.minikernel_bzimage
+    guest = guests.start(QemuMicrovmLauncher(), spec)
+    guest.wait_for(r"asyncvmm-guest: rootfs up", BOOT_TIMEOUT)
+    guest.wait_for(r"/dev/root / ext4|/dev/vda / ext4", BOOT_TIMEOUT)
+    guest.wait_for(r"asyncvmm-guest: run-exit=0", BOOT_TIMEOUT)
+    assert "initramfs up" not in guest.console
+    assert guest.wait_exit(BOOT_TIMEOUT) == 0

@@ -157,6 +157,6 @@ def test_launchers_build_firecracker_config_and_qemu_argv(tmp_path):
     assert [d["drive_id"] for d in config["drives"]] == ["data", "rootfs"]
     q = QemuMicrovmLauncher().argv(spec, tmp_path)
     append = q[q.index("-append") + 1]
-    assert "root=/dev/vda rw" in append and "initcall_blacklist=cmos_init" in append
+    assert "root=/dev/vda rw" in append and "initcall_blacklist=cmos_init" in append and "reboot=t" in append
     drives = [a for a in q if a.startswith("virtio-blk-device")]
     assert drives[0].endswith("serial=rootfs")          # the root disk first: it becomes /dev/vda
