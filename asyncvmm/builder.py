@@ -36,10 +36,14 @@ from .devices.rate_limiter import RateLimiter
 from .devices.virtio.block import Block, BlockFileError, BlockMetrics
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport
+from .devices.virtio.net import Net, NetMetrics
 from .devices.virtio.rng import EntropyMetrics, Rng
 from .kvm import Kvm, KvmError, VmFd
 from .memory import GuestMemory
 from .metrics import MetricsRegistry
+from .mmds import (DEFAULT_MMDS_IPV4, MmdsHttpHandler, MmdsMetrics, MmdsNetworkStack, MmdsStore,
+                   MmdsVersion, TokenAuthority)
+from .net.tap import Tap, TapError
 from .vcpu import Vcpu, VcpuMetrics, VcpuStopReason
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,7 @@ class BuildContext:
     start_ns: int = 0
     start_cpu_ns: int = 0
     kvm_path: str = "/dev/kvm"
+    mmds_store: MmdsStore | None = None       # the API's data store (a fresh one if None)
 
 
 @dataclasses.dataclass
@@ -90,6 +95,7 @@ class MicroVm:
     kernel: KernelLoad
     cmdline: str
     resources: contextlib.ExitStack
+    nets: dict[str, Net] = dataclasses.field(default_factory=dict)
 
     def close(self) -> None:
         self.resources.close()
@@ -205,8 +211,13 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         # The root device goes first so that it is /dev/vda, as the command line says.
         for drive in sorted(config.drives, key=lambda d: not d.is_root_device):
             blocks[drive.drive_id] = virtio.attach(_block_device(drive, ctx, stack))
-        if config.network_interfaces or config.vsock:
-            raise BuildError("network and vsock devices are not supported yet")
+        nets = {}
+        mmds_stacks = _mmds_stacks(config, ctx)
+        for iface in config.network_interfaces:
+            nets[iface.iface_id] = virtio.attach(
+                _net_device(iface, mmds_stacks.get(iface.iface_id), ctx, stack))
+        if config.vsock:
+            raise BuildError("vsock devices are not supported yet")
         rng = None
         if config.entropy is not None:
             rng = virtio.attach(Rng(RateLimiter.from_config(config.entropy.rate_limiter),
@@ -244,7 +255,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
     return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus, serial=serial,
                    i8042=i8042, boot_timer=boot_timer, blocks=blocks, rng=rng, kernel=kernel,
                    cmdline=cmdline,
-                   resources=resources)
+                   resources=resources, nets=nets)
 
 
 class _VirtioSlots:
@@ -293,6 +304,48 @@ def _block_device(drive, ctx: BuildContext, stack: contextlib.ExitStack) -> Bloc
     ctx.metrics.register(f"block_{drive.drive_id}", metrics, aggregate="block")
     stack.callback(ctx.metrics.unregister, f"block_{drive.drive_id}")
     return block
+
+
+def _mmds_stacks(config: VmConfig, ctx: BuildContext) -> dict[str, MmdsNetworkStack]:
+    """One MMDS network stack per interface listed in ``mmds-config``, sharing one handler.
+
+    The ``mmds`` metrics group is registered once per process, whether or
+    not MMDS is configured, as Firecracker always reports it.
+    """
+    metrics = _register(ctx.metrics, "mmds", MmdsMetrics())
+    mc = config.mmds_config
+    if mc is None:
+        return {}
+    store = ctx.mmds_store if ctx.mmds_store is not None else MmdsStore()
+    handler = MmdsHttpHandler(store, TokenAuthority(), version=MmdsVersion(mc.version),
+                              imds_compat=mc.imds_compat, metrics=metrics)
+    return {iface_id: MmdsNetworkStack(handler, ipv4_addr=mc.ipv4_address or DEFAULT_MMDS_IPV4,
+                                       metrics=metrics)
+            for iface_id in mc.network_interfaces}
+
+
+def _net_device(iface, mmds: MmdsNetworkStack | None, ctx: BuildContext,
+                stack: contextlib.ExitStack) -> Net:
+    """A virtio-net device on the tap ``host_dev_name`` in the VMM's network namespace."""
+    try:
+        tap = Tap.open(iface.host_dev_name, vnet_hdr=True)
+    except TapError as e:
+        raise BuildError(f"Could not create the network device {iface.iface_id}: "
+                         f"Open tap device failed: {e}") from e
+    stack.callback(tap.close)          # until the device owns it (Net.close closes it too)
+    metrics = NetMetrics()
+    try:
+        net = Net(iface.iface_id, tap, guest_mac=iface.guest_mac, mtu=iface.mtu,
+                  rx_rate_limiter=RateLimiter.from_config(iface.rx_rate_limiter),
+                  tx_rate_limiter=RateLimiter.from_config(iface.tx_rate_limiter),
+                  mmds=mmds, metrics=metrics)
+    except ValueError as e:
+        raise BuildError(f"Could not create the network device {iface.iface_id}: {e}") from e
+    ctx.metrics.register(f"net_{iface.iface_id}", metrics, aggregate="net")
+    stack.callback(ctx.metrics.unregister, f"net_{iface.iface_id}")
+    log.info("Network interface %s on tap %s, guest MAC %s%s", iface.iface_id, tap.name,
+             net.mac_address, " (MMDS)" if mmds is not None else "")
+    return net
 
 
 def _register(metrics: MetricsRegistry, name: str, group):

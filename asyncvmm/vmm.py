@@ -23,6 +23,7 @@ from .devices.virtio.block import BlockFileError
 from .controller import BackendError, StartError, StartRequest
 from .exitcodes import ExitCode
 from .metrics import MetricsRegistry
+from .mmds.store import MmdsStore
 from .vcpu import Request, VcpuStopReason, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ def _not_yet(feature: str) -> BackendError:
 class Vmm:
     def __init__(self, loop: asyncio.AbstractEventLoop, *, instance_id: str, boot_timer: bool,
                  metrics: MetricsRegistry, on_exit: Callable[[int], None],
-                 stdin_fd: int | None = 0, stdout_fd: int = 1) -> None:
+                 stdin_fd: int | None = 0, stdout_fd: int = 1,
+                 mmds_store: MmdsStore | None = None) -> None:
         self._loop = loop
         self.instance_id = instance_id
         self._boot_timer = boot_timer
@@ -57,6 +59,8 @@ class Vmm:
         self.machine: MicroVm | None = None
         self._console: SerialConsole | None = None
         self._exiting = False
+        # The data store the API's PUT/PATCH /mmds write; the guest reads the same one.
+        self.mmds_store = mmds_store if mmds_store is not None else MmdsStore()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -70,7 +74,7 @@ class Vmm:
             on_guest_poweroff=lambda: self._from_vcpu(ExitCode.OK, "the guest powered off (ACPI S5)"),
             serial_out=self._serial_sink(config), serial_on_rx_space=console.on_rx_space,
             boot_timer=self._boot_timer, start_ns=requested_at.monotonic_ns,
-            start_cpu_ns=requested_at.cpu_ns)
+            start_cpu_ns=requested_at.cpu_ns, mmds_store=self.mmds_store)
         try:
             machine = build_microvm(config, ctx)
         except BuildError as e:
@@ -173,7 +177,15 @@ class Vmm:
             raise BackendError(f"Unable to patch the block device: {e}") from e
 
     async def update_network_interface(self, iface_id: str, rx, tx) -> None:
-        raise _not_yet("Updating network interfaces")
+        """PATCH /network-interfaces: new rx/tx rate limiters (absent ones stay)."""
+        assert self.machine is not None
+        net = self.machine.nets.get(iface_id)
+        if net is None:
+            raise BackendError(f"Invalid network interface ID: {iface_id}")
+        try:
+            net.update_rate_limiters(rx, tx)
+        except ValueError as e:
+            raise BackendError(f"Unable to patch the network interface: {e}") from e
 
     async def update_pmem(self, pmem_id: str, rate_limiter) -> None:
         raise _not_yet("The pmem device")
