@@ -115,7 +115,7 @@ class NetHandler(QueueHandler):
             self.txq.add_used(self.mem, chain.head, 0)
             return True
         limiter = self.dev.tx_rate_limiter
-        if not limiter.consume_request(pkt.length):
+        if limiter.enabled and not limiter.consume_request(pkt.length):
             self.metrics.tx_rate_limiter_throttled += 1
             # The refused chain is popped but not yet put back, hence the +1.
             self.metrics.tx_remaining_reqs_count += self.txq.pending(self.mem) + 1
@@ -125,7 +125,7 @@ class NetHandler(QueueHandler):
             self.metrics.tx_spoofed_mac_count += 1
         if not self._to_mmds(pkt):
             try:
-                written = self.tap.writev(pkt.segments.views(self.mem))
+                written = self.tap.writev(pkt.views)
             except OSError as e:
                 log.debug("%s: tap write failed: %s", self.name, e)
                 self.metrics.tap_write_fails += 1
@@ -133,8 +133,9 @@ class NetHandler(QueueHandler):
                 self.txq.add_used(self.mem, chain.head, 0)
                 return True
             if written is None:                   # the tap's queue is full: wait, keep the frame
-                limiter.refund(1, TokenType.OPS)
-                limiter.refund(pkt.length, TokenType.BYTES)
+                if limiter.enabled:
+                    limiter.refund(1, TokenType.OPS)
+                    limiter.refund(pkt.length, TokenType.BYTES)
                 self._wait_writable()
                 return False
             self.metrics.tx_count += 1
@@ -147,7 +148,7 @@ class NetHandler(QueueHandler):
         """Give ``pkt`` to the MMDS stack if it is the stack's; True if it was."""
         if self.mmds is None or not self.mmds.is_mmds_frame(pkt.head[VNET_HDR_SIZE:]):
             return False
-        return self.mmds.handle_guest_frame(pkt.frame(self.mem), csum_offloaded=pkt.needs_csum)
+        return self.mmds.handle_guest_frame(pkt.frame(), csum_offloaded=pkt.needs_csum)
 
     def _wait_writable(self) -> None:
         if not self._waiting_writable:
@@ -236,7 +237,8 @@ class NetHandler(QueueHandler):
             self.metrics.rx_fails += 1
             self.held = None
             return True
-        if not self.dev.rx_rate_limiter.consume_request(len(frame)):
+        limiter = self.dev.rx_rate_limiter
+        if limiter.enabled and not limiter.consume_request(len(frame)):
             self.metrics.rx_rate_limiter_throttled += 1
             self.rx_timer.arm()
             return False

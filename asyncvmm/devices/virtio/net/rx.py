@@ -14,7 +14,8 @@ reservation never has to be undone and the avail index never moves back.
   of that chain it took, and ``num_buffers`` in the header (which lies in the
   first chain) says how many.  The elements of one frame are added to the
   used ring back to back, as the driver reads them.  A frame that would need
-  more chains than the ring holds is :attr:`Fit.TOO_LARGE`.
+  more chains than the ring holds is :attr:`Fit.TOO_LARGE`.  The used index
+  moves once per frame (:func:`add_used_together`).
 * :attr:`Fit.SHORT`: the ring ran dry first; the frame waits for more.
 
 A chain the device cannot write a frame into (a ChainError, a device-readable
@@ -34,9 +35,11 @@ from asyncvmm.devices.virtio.chain import ChainError, Segments, collect
 from asyncvmm.devices.virtio.net.header import NUM_BUFFERS_OFFSET, VNET_HDR_SIZE
 from asyncvmm.devices.virtio.net.metrics import NetMetrics
 from asyncvmm.devices.virtio.queue import Queue
+from asyncvmm.devices.virtio.spec import VIRTQ_USED_ELEM_SIZE
 from asyncvmm.memory import GuestMemory
 
 _U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")      # struct virtq_used_elem { le32 id; le32 len; }
 
 
 class Fit(enum.Enum):
@@ -95,20 +98,52 @@ class RxBuffers:
         self.metrics.rx_fails += 1
         queue.add_used(mem, head, 0)
 
-    def commit(self, mem: GuestMemory, queue: Queue, frame: bytes | bytearray | memoryview) -> int:
-        """Copy ``frame`` (after :meth:`reserve` said FITS) into the stock; chains used."""
+    def _chains_for(self, nbytes: int) -> int:
+        count = room = 0
+        for _, segs in self._chains:
+            count += 1
+            room += segs.length
+            if room >= nbytes:
+                break
+        return count
+
+    def commit(self, mem: GuestMemory, queue: Queue, frame: bytearray | memoryview) -> int:
+        """Copy ``frame`` (after :meth:`reserve` said FITS) into the stock; chains used.
+
+        ``frame`` is the header and the frame in a writable buffer: its
+        ``num_buffers`` is filled in here before the copy.
+        """
         data = memoryview(frame)
-        placed: list[tuple[int, Segments, int]] = []
+        count = self._chains_for(len(data))
+        _U16.pack_into(data, NUM_BUFFERS_OFFSET, count)
         offset = 0
-        while offset < len(data) or not placed:
+        elems = []
+        for _ in range(count):
             head, segs = self._chains.popleft()
             self._bytes -= segs.length
             take = min(segs.length, len(data) - offset)
             segs.write(mem, data[offset:offset + take])
-            placed.append((head, segs, take))
+            elems.append((head, take))
             offset += take
-        # The header is in the first chain: every usable chain holds at least one.
-        placed[0][1].slice(NUM_BUFFERS_OFFSET, 2).write(mem, _U16.pack(len(placed)))
-        for head, _, used in placed:
-            queue.add_used(mem, head, used)
-        return len(placed)
+        add_used_together(mem, queue, elems)
+        return count
+
+
+def add_used_together(mem: GuestMemory, queue: Queue, elems: list[tuple[int, int]]) -> None:
+    """Add used elements and publish them with one used-idx store.
+
+    Linux reads a merged packet's ``num_buffers`` elements back to back and
+    drops the packet ("buffers missing") if one is not there yet, so the
+    driver must never see the idx cover only part of a packet.
+    :meth:`Queue.add_used` publishes after every element; this writes the
+    same ring fields (§2.7.8) and bumps idx once, at the end.
+    """
+    if len(elems) == 1:
+        queue.add_used(mem, *elems[0])
+        return
+    used = queue.rings(mem).used
+    for head, length in elems:
+        _USED_ELEM.pack_into(used, 4 + VIRTQ_USED_ELEM_SIZE * (queue.next_used % queue.size), head, length)
+        queue.next_used = (queue.next_used + 1) & 0xFFFF
+    # x86 keeps these stores in order: the elements are visible before the idx.
+    _U16.pack_into(used, 2, queue.next_used)

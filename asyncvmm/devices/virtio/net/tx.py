@@ -3,19 +3,18 @@
 A TX chain is device-readable only: the 12-byte ``virtio_net_hdr_v1``
 followed by the Ethernet frame, split over descriptors any way the driver
 likes (Linux puts the header in its own descriptor or in front of the data).
-:func:`parse_tx` checks that and returns a :class:`TxPacket` whose
-``segments`` are the whole packet, header included, ready to be gathered
-straight from guest memory into the tap (which takes the same header).
-Only the first bytes are copied out (:attr:`TxPacket.head`): enough to read
-the header flags, the source MAC and whether the frame is for the MMDS.
+:func:`parse_tx` checks that and returns a :class:`TxPacket` whose ``views``
+are the whole packet, header included, as zero-copy windows on guest memory
+ready for one ``writev`` into the tap (which takes the same header).  Only
+the first bytes are copied out (:attr:`TxPacket.head`): enough to read the
+header flags, the source MAC and whether the frame is for the MMDS.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from asyncvmm.devices.virtio.chain import ChainError, Segments, collect
-from asyncvmm.devices.virtio.chain import DescriptorChain
+from asyncvmm.devices.virtio.chain import ChainError, DescriptorChain, collect
 from asyncvmm.devices.virtio.net.header import (ETH_ALEN, ETH_HLEN, MAX_BUFFER_SIZE,
                                                 VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_SIZE)
 from asyncvmm.memory import GuestMemory
@@ -31,17 +30,13 @@ class TxFrameError(Exception):
 @dataclass(slots=True)
 class TxPacket:
     head_index: int            # the chain's head descriptor, for the used ring
-    segments: Segments         # header + frame
+    views: list[memoryview]    # header + frame, in guest memory
+    length: int                # bytes of the chain, header included (what the limiter charges)
     head: bytes                # the first HEAD_BYTES bytes (fewer for a short frame)
 
     @property
-    def length(self) -> int:
-        """Bytes of the chain, header included (what the rate limiter charges)."""
-        return self.segments.length
-
-    @property
     def frame_length(self) -> int:
-        return self.segments.length - VNET_HDR_SIZE
+        return self.length - VNET_HDR_SIZE
 
     @property
     def needs_csum(self) -> bool:
@@ -52,9 +47,9 @@ class TxPacket:
         start = VNET_HDR_SIZE + ETH_ALEN
         return self.head[start:start + ETH_ALEN]
 
-    def frame(self, mem: GuestMemory) -> bytes:
+    def frame(self) -> bytes:
         """The Ethernet frame without the virtio header (a copy)."""
-        return self.segments.slice(VNET_HDR_SIZE, self.frame_length).read(mem)
+        return b"".join(self.views)[VNET_HDR_SIZE:]
 
 
 def parse_tx(mem: GuestMemory, chain: DescriptorChain) -> TxPacket:
@@ -70,5 +65,7 @@ def parse_tx(mem: GuestMemory, chain: DescriptorChain) -> TxPacket:
         raise TxFrameError(f"TX chain of {n} bytes holds no Ethernet frame")
     if n > MAX_BUFFER_SIZE:
         raise TxFrameError(f"TX chain of {n} bytes exceeds {MAX_BUFFER_SIZE}")
-    head = bufs.readable.slice(0, min(n, HEAD_BYTES)).read(mem)
-    return TxPacket(chain.head, bufs.readable, head)
+    views = bufs.readable.views(mem)
+    first = views[0]
+    head = bytes(first[:HEAD_BYTES]) if len(first) >= HEAD_BYTES else b"".join(views)[:HEAD_BYTES]
+    return TxPacket(chain.head, views, n, head)

@@ -217,3 +217,32 @@ async def test_a_broken_tx_ring_also_stops_reading_the_tap():
     assert not asyncio.get_running_loop().remove_reader(n.tap.fileno())
     assert not n.handler.reading
     n.close()
+
+
+def test_merged_used_elements_are_published_with_one_index_store(guest_mem):
+    from asyncvmm.devices.virtio.net.rx import add_used_together
+    from asyncvmm.devices.virtio.queue import Queue
+
+    q = Queue(max_size=8, size=8, ready=True, desc_table=0x1000, avail_ring=0x2000, used_ring=0x3000)
+    q.validate(guest_mem)
+    q.next_used = 0xFFFE                       # the free-running index wraps inside the batch
+    guest_mem.write_u16(0x3002, 0xFFFE)
+    stores = []
+    import asyncvmm.devices.virtio.net.rx as rx_mod
+    original = rx_mod._U16
+
+    class CountingU16:
+        def pack_into(self, buf, offset, value):
+            if offset == 2:
+                stores.append(value)
+            original.pack_into(buf, offset, value)
+    rx_mod._U16 = CountingU16()
+    try:
+        add_used_together(guest_mem, q, [(3, 1536), (4, 1536), (5, 100)])
+    finally:
+        rx_mod._U16 = original
+    assert stores == [1]                       # one publication, after all three elements
+    assert q.next_used == 1 and guest_mem.read_u16(0x3002) == 1
+    elems = [(guest_mem.read_u32(0x3004 + 8 * (i % 8)), guest_mem.read_u32(0x3008 + 8 * (i % 8)))
+             for i in (0xFFFE, 0xFFFF, 0x10000)]
+    assert elems == [(3, 1536), (4, 1536), (5, 100)]
