@@ -17,7 +17,8 @@ serial console:
   configures eth0; ``avm.boottimer`` writes 123 to the boot-timer MMIO
   address (0xc0000000) when ready.
 * The shell runs on the console with a controlling tty; when it exits the
-  guest reboots.  Tests drive it with :mod:`tests.linux.harness`'s markers.
+  guest reboots.  Ctrl-Alt-Del (SIGINT to init) prints
+  ``asyncvmm-guest: ctrl-alt-del`` and reboots.  Tests drive it with :mod:`tests.linux.harness`'s markers.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ if [ "$STAGE" = initramfs ]; then
     fi
 fi
 
+# Ctrl-Alt-Del (Firecracker's SendCtrlAltDel): with the sysctl at 0 the kernel signals init
+# (SIGINT) instead of restarting at once, so we can say so and reboot cleanly.
+echo 0 > /proc/sys/kernel/ctrl-alt-del
+trap 'echo; say "ctrl-alt-del"; finish reboot' INT
+
 ip link set lo up 2>/dev/null
 if addr=$(param avm.ip); then
     ip addr add "$addr" dev eth0 && ip link set eth0 up
@@ -78,10 +84,13 @@ hostname asyncvmm-guest
 flag avm.boottimer && devmem 0xc0000000 8 123
 say "ready ($STAGE)"
 
+# Children run in the background and are waited for: a trap interrupts `wait`, while a
+# foreground child would delay it until the child exits.
 if cmd=$(param avm.run); then
     script=$(echo "$cmd" | base64 -d)
     say "run-begin"
-    sh -c "$script"
+    sh -c "$script" &
+    wait $!
     say "run-exit=$?"
     then=$(param avm.then) || then=reboot
 else
@@ -89,7 +98,8 @@ else
 fi
 if [ "$then" = shell ]; then
     export PS1='\w \$ '
-    setsid cttyhack sh -l
+    setsid cttyhack sh -l &   # cttyhack gives it the console as stdin and controlling tty
+    wait $!
     then=reboot
 fi
 finish "$then"
