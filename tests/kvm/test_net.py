@@ -35,6 +35,7 @@ ETHERTYPE_TEST = 0x88B5              # IEEE local experimental
 GUEST_MAC = bytes.fromhex("06000ac80002")
 HOST_MAC = bytes.fromhex("06000ac80001")
 MMDS_MAC = bytes.fromhex("060123456701")
+HOST_CIDR = "10.200.0.1/24"           # the tap's address; the guest pretends to be 10.200.0.2
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def netns_tap():
         subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
                         "net.ipv6.conf.default.disable_ipv6=1"], check=True)
         name = f"avt{secrets.token_hex(4)}"
-        with temporary_tap(name, netns=ns, up=True):
+        with temporary_tap(name, netns=ns, addr=HOST_CIDR, up=True):
             yield ns, name
 
 
@@ -151,10 +152,6 @@ def test_guest_frame_reaches_the_tap_and_a_host_frame_reaches_the_guest(test_gue
 
 def test_the_host_kernel_answers_the_guests_arp(test_guest, tmp_path, netns_tap):
     ns, tap = netns_tap
-    from asyncvmm.net.netns import _rtnl, _index
-
-    with _rtnl(ns) as ipr:
-        ipr.addr("add", index=_index(ipr, tap), address="10.200.0.1", prefixlen=24)
     request = arp_request(GUEST_MAC, bytes([10, 200, 0, 2]), bytes([10, 200, 0, 1]))
     cfg = net_config(test_guest, f"net=send:{request.hex()} net=recv exit=reset", tap)
     with vmm_in_netns(ns, tmp_path, cfg) as proc:

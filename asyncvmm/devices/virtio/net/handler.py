@@ -87,9 +87,13 @@ class NetHandler(QueueHandler):
             self.guarded(self._pump_rx)
             return None
         result = super().process(index)
-        # Frames the guest sent to the MMDS usually have answers now.
-        if self.mmds is not None and self.mmds.has_pending():
-            self.guarded(self._pump_rx)
+        if self.mmds is not None and not self.stopped:
+            # Frames the guest sent to the MMDS usually have answers now; if
+            # not, they may have moved the stack's retransmission deadline.
+            if self.mmds.has_pending():
+                self.guarded(self._pump_rx)
+            else:
+                self._arm_mmds_timer()
         return result
 
     def on_queue_event(self, queue_index: int, chains: int) -> None:
