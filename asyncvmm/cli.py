@@ -253,14 +253,9 @@ class _Session:
 
             self.log.warning("The VMM core is not available (%s); the API will refuse to boot.", err)
             return UnavailableBackend(str(err))
-        import inspect
-
-        extra = {}
-        # The guest must read the store the API writes; older VMM cores took no store.
-        if "mmds_store" in inspect.signature(Vmm).parameters:
-            extra["mmds_store"] = mmds
+        # The guest must read the very store the API writes.
         return Vmm(loop, instance_id=self.args.id, boot_timer=self.args.boot_timer,
-                   metrics=self.registry, on_exit=on_exit, **extra)
+                   metrics=self.registry, on_exit=on_exit, mmds_store=mmds)
 
     def _report_startup(self, api_metrics: Any) -> None:
         start_us = self.args.start_time_us if self.args.start_time_us is not None else _START_US
