@@ -93,6 +93,10 @@ size_t strlen(const char *s);
 uint32_t crc32_update(uint32_t crc, const volatile uint8_t *p, size_t n);
 /* Parses a decimal or 0x-hex number spanning exactly [s, s+n). */
 int parse_u64(const char *s, size_t n, uint64_t *out);
+/* Splits "a:b:c" into up to max fields (pointer, length); returns how many. */
+int split_fields(const char *s, size_t n, const char **f, size_t *fl, int max);
+/* Whether [s, s+n) is exactly the NUL-terminated word. */
+int word_is(const char *s, size_t n, const char *word);
 
 /* ---- console.c (COM1) ---- */
 void con_putc(char c);
@@ -135,6 +139,7 @@ void blk_select(uint64_t index);
 void blk_action(const char *arg, size_t n);
 void rng_action(const char *arg, size_t n);
 void net_action(const char *arg, size_t n);
+void blkbench_action(const char *arg, size_t n);        /* blkbench.c */
 
 #endif /* __ASSEMBLER__ */
 #endif /* TESTGUEST_H */

@@ -94,3 +94,22 @@ int parse_u64(const char *s, size_t n, uint64_t *out)
         *out = v;
         return 0;
 }
+
+int split_fields(const char *s, size_t n, const char **f, size_t *fl, int max)
+{
+        int k = 0;
+        size_t start = 0;
+
+        for (size_t i = 0; i <= n && k < max; i++)
+                if (i == n || s[i] == ':') {
+                        f[k] = s + start;
+                        fl[k++] = i - start;
+                        start = i + 1;
+                }
+        return k;
+}
+
+int word_is(const char *s, size_t n, const char *word)
+{
+        return strlen(word) == n && memcmp(s, word, n) == 0;
+}

@@ -12,15 +12,8 @@
  */
 #include "virtio.h"
 
-/* virtio-blk (5.2) */
-#define VIRTIO_BLK_F_RO         (1ull << 5)
-#define VIRTIO_BLK_F_FLUSH      (1ull << 9)
-#define VIRTIO_BLK_T_IN         0
-#define VIRTIO_BLK_T_OUT        1
-#define VIRTIO_BLK_T_FLUSH      4
-#define VIRTIO_BLK_T_GET_ID     8
+/* virtio-blk (5.2; the request types are in virtio.h) */
 #define VIRTIO_BLK_ID_BYTES     20
-#define SECTOR_SIZE             512
 #define BLK_MAX_SECTORS         128     /* per request: the size of iobuf */
 /* virtio-net (5.1) */
 #define VIRTIO_NET_F_MAC        (1ull << 5)
@@ -29,16 +22,12 @@
 #define NET_TX_QUEUE            1
 #define NET_MAX_FRAME           65550
 
-struct virtio_blk_req_hdr {
-        uint32_t type;
-        uint32_t reserved;
-        uint64_t sector;
-};
-
 static struct virtio_params params;
 static uint64_t blk_index;
 static struct vdev blk_dev, rng_dev, net_dev;
 static struct virtq blk_q, rng_q, net_q[2];
+/* How blk_dev was last initialised; another mode re-initialises it. */
+static struct { uint16_t qsize; uint64_t features; } blk_mode;
 static struct virtio_blk_req_hdr blk_hdr;
 static volatile uint8_t blk_status;
 static uint8_t iobuf[BLK_MAX_SECTORS * SECTOR_SIZE] __attribute__((aligned(4096)));
@@ -50,28 +39,8 @@ void vdev_configure(const struct virtio_params *p)
         params = *p;
 }
 
-/* Splits "a:b:c" into up to max fields; returns the number found. */
-static int split(const char *s, size_t n, const char **f, size_t *fl, int max)
-{
-        int k = 0;
-        size_t start = 0;
-
-        for (size_t i = 0; i <= n && k < max; i++)
-                if (i == n || s[i] == ':') {
-                        f[k] = s + start;
-                        fl[k++] = i - start;
-                        start = i + 1;
-                }
-        return k;
-}
-
-static int is_word(const char *f, size_t n, const char *w)
-{
-        return strlen(w) == n && memcmp(f, w, n) == 0;
-}
-
 static int ensure(struct vdev *d, uint32_t id, uint64_t nth, uint64_t wanted,
-                  struct virtq *qs, int nq, const char *what)
+                  struct virtq *qs, int nq, uint16_t qsize, const char *what)
 {
         if (d->ready)
                 return 0;
@@ -81,7 +50,7 @@ static int ensure(struct vdev *d, uint32_t id, uint64_t nth, uint64_t wanted,
                 con_end();
                 return -1;
         }
-        return virtio_init(d, wanted, qs, nq);
+        return virtio_init(d, wanted, qs, nq, qsize);
 }
 
 /* ---- block ---- */
@@ -162,20 +131,46 @@ static void blk_get_id(void)
         con_end();
 }
 
-static int blk_ready(void)
+/* The block device initialised with queue size qsize and the extra feature
+ * bits (beyond RO and FLUSH) the caller wants; a different mode than the
+ * last one resets and re-initialises it (3.1.1 starts with a reset). */
+static int blk_ready_mode(uint16_t qsize, uint64_t extra)
 {
-        if (blk_dev.ready)
+        if (blk_dev.ready && blk_mode.qsize == qsize && blk_mode.features == extra)
                 return 0;
-        if (ensure(&blk_dev, VIRTIO_ID_BLOCK, blk_index, VIRTIO_BLK_F_RO | VIRTIO_BLK_F_FLUSH,
-                   &blk_q, 1, "blk") < 0)
+        blk_dev.ready = 0;
+        if (ensure(&blk_dev, VIRTIO_ID_BLOCK, blk_index, VIRTIO_BLK_F_RO | VIRTIO_BLK_F_FLUSH | extra,
+                   &blk_q, 1, qsize, "blk") < 0)
                 return -1;
+        blk_mode.qsize = qsize;
+        blk_mode.features = extra;
         con_begin("blk device");
         con_kv("index", blk_index);
-        con_kv("capacity", (uint64_t)virtio_config32(&blk_dev, 4) << 32 | virtio_config32(&blk_dev, 0));
+        con_kv("capacity", blk_capacity());
         con_kv("ro", !!(blk_dev.features & VIRTIO_BLK_F_RO));
         con_kv("flush", !!(blk_dev.features & VIRTIO_BLK_F_FLUSH));
         con_end();
         return 0;
+}
+
+static int blk_ready(void)
+{
+        return blk_ready_mode(VQ_DEFAULT_SIZE, 0);
+}
+
+uint64_t blk_capacity(void)
+{
+        return (uint64_t)virtio_config32(&blk_dev, 4) << 32 | virtio_config32(&blk_dev, 0);
+}
+
+void blk_forget(void)
+{
+        blk_dev.ready = 0;
+}
+
+struct virtq *blk_open_queue(uint16_t qsize, uint64_t extra_features)
+{
+        return blk_ready_mode(qsize, extra_features) < 0 ? 0 : &blk_q;
 }
 
 void blk_action(const char *arg, size_t n)
@@ -183,24 +178,24 @@ void blk_action(const char *arg, size_t n)
         const char *f[4];
         size_t fl[4];
         uint64_t v[3] = {0, 0, 0};
-        int k = split(arg, n, f, fl, 4);
+        int k = split_fields(arg, n, f, fl, 4);
 
         for (int i = 1; i < k; i++)
                 if (parse_u64(f[i], fl[i], &v[i - 1]) < 0)
                         goto bad;
         if (blk_ready() < 0)
                 return;
-        if (k == 4 && is_word(f[0], fl[0], "write") && v[1] <= 0xff)
+        if (k == 4 && word_is(f[0], fl[0], "write") && v[1] <= 0xff)
                 blk_rw(1, v[0], v[2], (uint8_t)v[1]);
-        else if (k == 3 && is_word(f[0], fl[0], "read"))
+        else if (k == 3 && word_is(f[0], fl[0], "read"))
                 blk_rw(0, v[0], v[1], 0);
-        else if (k == 1 && is_word(f[0], fl[0], "flush")) {
+        else if (k == 1 && word_is(f[0], fl[0], "flush")) {
                 int st = blk_request(VIRTIO_BLK_T_FLUSH, 0, 0, 0);
 
                 con_begin("blk flush");
                 con_kv("status", (uint64_t)(st < 0 ? 256 : st));
                 con_end();
-        } else if (k == 1 && is_word(f[0], fl[0], "id"))
+        } else if (k == 1 && word_is(f[0], fl[0], "id"))
                 blk_get_id();
         else
                 goto bad;
@@ -225,7 +220,7 @@ void rng_action(const char *arg, size_t n)
                 con_end();
                 return;
         }
-        if (ensure(&rng_dev, VIRTIO_ID_RNG, 0, 0, &rng_q, 1, "rng") < 0)
+        if (ensure(&rng_dev, VIRTIO_ID_RNG, 0, 0, &rng_q, 1, VQ_DEFAULT_SIZE, "rng") < 0)
                 return;
         memset(iobuf, 0, want);
         b = (struct vbuf){iobuf, (uint32_t)want, 1};
@@ -255,7 +250,7 @@ static int net_ready(void)
 {
         if (net_dev.ready)
                 return 0;
-        if (ensure(&net_dev, VIRTIO_ID_NET, 0, VIRTIO_NET_F_MAC, net_q, 2, "net") < 0)
+        if (ensure(&net_dev, VIRTIO_ID_NET, 0, VIRTIO_NET_F_MAC, net_q, 2, VQ_DEFAULT_SIZE, "net") < 0)
                 return -1;
         con_begin("net device mac=");
         if (net_dev.features & VIRTIO_NET_F_MAC)
@@ -340,7 +335,7 @@ void net_action(const char *arg, size_t n)
                 return;
         if (n > 5 && memcmp(arg, "send:", 5) == 0)
                 net_send(arg + 5, n - 5);
-        else if (is_word(arg, n, "recv"))
+        else if (word_is(arg, n, "recv"))
                 net_recv();
         else {
                 con_begin("net error=bad-argument arg=");

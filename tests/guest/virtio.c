@@ -89,7 +89,7 @@ static void split_write(uint64_t base, uint32_t low_reg, const volatile void *p)
 }
 
 /* 4.2.3.2 Virtqueue Configuration */
-static int setup_queue(uint64_t base, struct virtq *q, uint16_t index)
+static int setup_queue(uint64_t base, struct virtq *q, uint16_t index, uint16_t want)
 {
         wr(base, VIRTIO_MMIO_QUEUE_SEL, index);
         if (rd(base, VIRTIO_MMIO_QUEUE_READY) != 0)
@@ -100,7 +100,7 @@ static int setup_queue(uint64_t base, struct virtq *q, uint16_t index)
         memset(q, 0, sizeof(*q));
         q->base = base;
         q->index = index;
-        q->size = max < VQ_MAX_SIZE ? (uint16_t)max : VQ_MAX_SIZE;
+        q->size = max < want ? (uint16_t)max : want;
         wr(base, VIRTIO_MMIO_QUEUE_NUM, q->size);
         split_write(base, VIRTIO_MMIO_QUEUE_DESC_LOW, q->desc);
         split_write(base, VIRTIO_MMIO_QUEUE_DRIVER_LOW, &q->avail);
@@ -110,10 +110,15 @@ static int setup_queue(uint64_t base, struct virtq *q, uint16_t index)
 }
 
 /* 3.1.1 Driver Requirements: Device Initialization */
-int virtio_init(struct vdev *d, uint64_t wanted, struct virtq *qs, int nq)
+int virtio_init(struct vdev *d, uint64_t wanted, struct virtq *qs, int nq, uint16_t qsize)
 {
         uint64_t base = d->base;
         uint32_t status;
+
+        if (qsize == 0 || qsize > VQ_MAX_SIZE || (qsize & (qsize - 1))) {
+                report_error(base, "bad-queue-size");
+                return -1;
+        }
 
         if (rd(base, VIRTIO_MMIO_VERSION) != 2) {
                 report_error(base, "not-version-2");
@@ -144,11 +149,13 @@ int virtio_init(struct vdev *d, uint64_t wanted, struct virtq *qs, int nq)
                 return -1;
         }
         for (int i = 0; i < nq; i++)
-                if (setup_queue(base, &qs[i], (uint16_t)i) < 0) {
+                if (setup_queue(base, &qs[i], (uint16_t)i, qsize) < 0) {
                         report_error(base, "queue-setup");
                         wr(base, VIRTIO_MMIO_STATUS, status | VIRTIO_CONFIG_S_FAILED);
                         return -1;
                 }
+        for (int i = 0; i < nq; i++)
+                qs[i].event_idx = !!(d->features & VIRTIO_RING_F_EVENT_IDX);
         status |= VIRTIO_CONFIG_S_DRIVER_OK;
         wr(base, VIRTIO_MMIO_STATUS, status);
         d->ready = 1;
@@ -189,20 +196,38 @@ uint32_t virtio_config32(const struct vdev *d, uint32_t off)
 }
 
 /* 2.7.13 Supplying Buffers to The Device */
-int vq_add(struct virtq *q, const struct vbuf *bufs, int n)
+int vq_add_chain(struct virtq *q, uint16_t head, const struct vbuf *bufs, int n)
 {
-        if (n < 1 || n > q->size)
+        if (n < 1 || head + n > q->size)
                 return -1;
         for (int i = 0; i < n; i++) {
-                q->desc[i].addr = (uint64_t)(uintptr_t)bufs[i].addr;
-                q->desc[i].len = bufs[i].len;
-                q->desc[i].flags = (uint16_t)((i + 1 < n ? VIRTQ_DESC_F_NEXT : 0) |
+                uint16_t d = (uint16_t)(head + i);
+
+                q->desc[d].addr = (uint64_t)(uintptr_t)bufs[i].addr;
+                q->desc[d].len = bufs[i].len;
+                q->desc[d].flags = (uint16_t)((i + 1 < n ? VIRTQ_DESC_F_NEXT : 0) |
                                               (bufs[i].device_writes ? VIRTQ_DESC_F_WRITE : 0));
-                q->desc[i].next = (uint16_t)(i + 1 < n ? i + 1 : 0);
+                q->desc[d].next = (uint16_t)(i + 1 < n ? d + 1 : 0);
         }
-        q->avail.ring[q->avail.idx % q->size] = 0;      /* head of the chain */
-        barrier();      /* descriptors and ring entry before the index (TSO) */
-        *(volatile uint16_t *)&q->avail.idx = (uint16_t)(q->avail.idx + 1);
+        q->avail.ring[q->next_avail % q->size] = head;
+        q->next_avail++;
+        return 0;
+}
+
+uint16_t vq_publish(struct virtq *q)
+{
+        uint16_t old = q->avail.idx;
+
+        barrier();      /* descriptors and ring entries before the index (TSO) */
+        *(volatile uint16_t *)&q->avail.idx = q->next_avail;
+        return old;
+}
+
+int vq_add(struct virtq *q, const struct vbuf *bufs, int n)
+{
+        if (vq_add_chain(q, 0, bufs, n) < 0)
+                return -1;
+        vq_publish(q);
         return 0;
 }
 
@@ -214,25 +239,79 @@ void vq_notify(struct virtq *q)
 
 int vq_wait(struct virtq *q, uint32_t *len)
 {
-        volatile uint16_t *used_idx = &q->used.idx;
-        uint32_t spins = 0;
+        uint32_t spins = 0, id;
 
-        while (*used_idx == q->last_used) {
+        while (!vq_poll_used(q, &id, len)) {
                 cpu_relax();
                 /* Rarely (each read is a VM exit) check the device is alive. */
-                if (++spins % (1u << 20) == 0 &&
-                    (rd(q->base, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET)) {
+                if (++spins % (1u << 20) == 0 && vq_device_broken(q)) {
                         report_error(q->base, "DEVICE_NEEDS_RESET");
                         return -1;
                 }
         }
-        barrier();      /* read the element only after seeing the index */
-        *len = ((volatile struct virtq_used_elem *)&q->used.ring[q->last_used % q->size])->len;
-        q->last_used++;
         /* Interrupts stay masked, but acknowledging keeps the device's
          * InterruptStatus honest for the next request. */
+        vq_ack_interrupt(q);
+        return 0;
+}
+
+/* 2.7.7.2 / 2.7.10: whether the device asked to hear about this publish. */
+void vq_kick(struct virtq *q, uint16_t old)
+{
+        uint16_t new_idx = q->avail.idx;
+
+        /* Our avail->idx store must be visible before we read the device's
+         * suppression state, or we may skip a kick the device is waiting for:
+         * store-load ordering is the one thing TSO does not give. */
+        __asm__ __volatile__("mfence" ::: "memory");
+        if (q->event_idx) {
+                uint16_t event = *(volatile uint16_t *)((volatile uint8_t *)&q->used + 4 +
+                                                        sizeof(struct virtq_used_elem) * q->size);
+
+                /* vring_need_event(): did the index move past avail_event? */
+                if ((uint16_t)(new_idx - event - 1) >= (uint16_t)(new_idx - old))
+                        return;
+        } else if (*(volatile uint16_t *)&q->used.flags & VIRTQ_USED_F_NO_NOTIFY) {
+                return;
+        }
+        wr(q->base, VIRTIO_MMIO_QUEUE_NOTIFY, q->index);
+}
+
+uint16_t vq_used_ready(struct virtq *q)
+{
+        return (uint16_t)(*(volatile uint16_t *)&q->used.idx - q->last_used);
+}
+
+void vq_take_used(struct virtq *q, uint32_t *id, uint32_t *len)
+{
+        volatile struct virtq_used_elem *e;
+
+        barrier();      /* read the element only after seeing the index */
+        e = (volatile struct virtq_used_elem *)&q->used.ring[q->last_used % q->size];
+        *id = e->id;
+        *len = e->len;
+        q->last_used++;
+        if (q->event_idx)       /* used_event: interrupt me after the next completion */
+                *(volatile uint16_t *)&q->avail.ring[q->size] = q->last_used;
+}
+
+int vq_poll_used(struct virtq *q, uint32_t *id, uint32_t *len)
+{
+        if (!vq_used_ready(q))
+                return 0;
+        vq_take_used(q, id, len);
+        return 1;
+}
+
+void vq_ack_interrupt(struct virtq *q)
+{
         uint32_t isr = rd(q->base, VIRTIO_MMIO_INTERRUPT_STATUS);
+
         if (isr)
                 wr(q->base, VIRTIO_MMIO_INTERRUPT_ACK, isr);
-        return 0;
+}
+
+int vq_device_broken(struct virtq *q)
+{
+        return !!(rd(q->base, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET);
 }

@@ -83,6 +83,60 @@ def test_bzimage_boots_through_the_32_bit_protocol_and_starts_an_ap(images, acce
     assert find(lines, "smp")[0].number("up") == 2
 
 
+def test_blkbench_keeps_requests_in_flight_and_reads_the_right_blocks(images, tmp_path):
+    from benchmarks.block import Workload, expected_check
+    disk = tmp_path / "bench.img"
+    disk.write_bytes(os.urandom((1 << 20) + 3 * SECTOR))      # a partial block at the end
+    works = [Workload("r", "randread", 4096, 300, 8), Workload("s", "seqread", 65536, 2 << 20, 3)]
+    result, lines = run(images, "tcg", " ".join(w.token for w in works) + " blk=read:0:1 exit=poweroff",
+                        disk=disk, disk_readonly=True)
+    starts, dones = find(lines, "blkbench start"), find(lines, "blkbench done")
+    assert len(starts) == len(dones) == 2, result.stdout
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        for w, start, done in zip(works, starts, dones):
+            assert start.number("queue_size") == 256 and start.number("event_idx") == 1
+            assert start.number("blocks") == disk.stat().st_size // w.block
+            assert (done.number("ops"), done.number("errors"), done.number("glitches")) == (w.ops, 0, 0)
+            assert done.number("bytes") == w.ops * w.block and done.number("tsc") > 0
+            assert done.number("check") == expected_check(fd, w, disk.stat().st_size)
+    finally:
+        os.close(fd)
+    # the plain driver takes the device back with its own small queue
+    back, = find(lines, "blk read")
+    assert back.number("status") == 0 and back.number("crc") == zlib.crc32(disk.read_bytes()[:SECTOR])
+
+
+@pytest.mark.kvm
+def test_blkbench_under_kvm(images, tmp_path):
+    from benchmarks.block import Workload, expected_check
+    disk = tmp_path / "bench.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    w = Workload("r", "randread", 4096, 500, 16)
+    _, lines = run(images, "kvm", f"{w.token} exit=poweroff", disk=disk, disk_readonly=True)
+    done, = find(lines, "blkbench done")
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        assert done.number("check") == expected_check(fd, w, 1 << 20)
+    finally:
+        os.close(fd)
+    assert (done.number("ops"), done.number("errors"), done.number("glitches")) == (500, 0, 0)
+
+
+def test_blkbench_refuses_bad_arguments_and_small_devices(images, tmp_path):
+    disk = tmp_path / "tiny.img"
+    disk.write_bytes(bytes(2 * SECTOR))
+    bad = ["randread:1000:10:1", "randread:4096:10:0", "randread:4096:10:65", "seqread:4096:5000:1",
+           "writes:4096:1:1", "randread:4096:0:1", "randread:2097152:1:64", "randread:4096:10",
+           "randread:4096:x:1"]
+    cmd = " ".join(f"blkbench={a}" for a in bad) + " blkbench=randread:4096:1:1 exit=poweroff"
+    _, lines = run(images, "tcg", cmd, disk=disk)
+    errors = find(lines, "blkbench")
+    assert [e.fields["error"] for e in errors] == ["bad-argument"] * len(bad) + ["device-too-small"]
+    assert [e.fields.get("arg") for e in errors[:-1]] == bad
+    assert not find(lines, "blkbench start")
+
+
 def arp_request(sender_mac: bytes, sender_ip: str, target_ip: str) -> bytes:
     def ip(a):
         return bytes(int(x) for x in a.split("."))
