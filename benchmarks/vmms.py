@@ -26,7 +26,7 @@ import re
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 QEMU = "qemu-system-x86_64"
 QEMU_MACHINE = "microvm,x-option-roms=off,pit=off,pic=off,rtc=off,isa-serial=on"
@@ -87,11 +87,13 @@ def asyncvmm_api_argv(sock_path: Path, log_path: Path, *, boot_timer: bool = Tru
     return argv + (["--boot-timer"] if boot_timer else [])
 
 
-def qemu_microvm_argv(guest: GuestSpec, *, qmp_sock: Path | None = None) -> list[str]:
+def qemu_microvm_argv(guest: GuestSpec, *, qmp_sock: Path | None = None,
+                      extra: Sequence[str] = ()) -> list[str]:
+    """QEMU microvm for ``guest``; ``extra`` arguments (devices, monitors) go before ``-S``/``-qmp``."""
     argv = [QEMU, "-M", QEMU_MACHINE, "-nodefaults", "-no-user-config", "-nographic",
             "-serial", "stdio", "-enable-kvm", "-cpu", QEMU_CPU,
             "-smp", str(guest.vcpus), "-m", str(guest.mem_mib),
-            "-kernel", str(guest.kernel), "-append", guest.cmdline, "-no-reboot"]
+            "-kernel", str(guest.kernel), "-append", guest.cmdline, "-no-reboot", *extra]
     if qmp_sock is not None:
         argv += ["-S", "-qmp", f"unix:{qmp_sock},server=on,wait=off"]
     return argv
