@@ -62,8 +62,8 @@ from benchmarks.vmms import (DONE, GuestSpec, asyncvmm_config, asyncvmm_config_a
                              qemu_microvm_argv)
 
 NAME = "block"
-DEFAULT_RUNS = 5
-QUICK_RUNS = 2
+DEFAULT_RUNS = 10
+QUICK_RUNS = 3
 DISK_BYTES = 256 << 20
 MEM_MIB = 128
 SEED = 0x9E3779B97F4A7C15                  # tests/guest/blkbench.c BENCH_SEED
