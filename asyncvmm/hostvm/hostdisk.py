@@ -191,6 +191,21 @@ def stage(files: list[str], staging: Path) -> int:
     return total
 
 
+def _prune(disk_dir: Path, keep_seconds: float = 3600) -> None:
+    """Drop runtime disks not touched for an hour.
+
+    Not all of them: another test session may have just published its disk and
+    not yet started QEMU on it (a running QEMU keeps its open file anyway).
+    """
+    import time
+    for old in disk_dir.glob("root-*"):
+        try:
+            if time.time() - old.stat().st_mtime > keep_seconds:
+                old.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def ensure_host_disk(cache: Path, extra_paths: list[Path], progress=print) -> Path:
     """The cached disk for the current runtime, rebuilt when any file's size or mtime changed.
 
@@ -206,6 +221,8 @@ def ensure_host_disk(cache: Path, extra_paths: list[Path], progress=print) -> Pa
         libs = [l for l in libs_file.read_text().split("\n") if l]
         if all(os.path.lexists(l) for l in libs) and \
                 old.name == f"root-{content_key(['hostdisk', fingerprint(files + libs)])}.ext4":
+            for used in (old, libs_file):
+                os.utime(used)   # in use: keep it from _prune
             return old
     progress(f"[hostvm] resolving shared libraries of {len(files)} files")
     libs = libraries_of(files)
@@ -213,8 +230,7 @@ def ensure_host_disk(cache: Path, extra_paths: list[Path], progress=print) -> Pa
     out = disk_dir / f"root-{key}.ext4"
     progress(f"[hostvm] building the runtime disk ({len(files) + len(libs)} files)")
     disk_dir.mkdir(parents=True, exist_ok=True)
-    for old in disk_dir.glob("root-*"):
-        old.unlink()
+    _prune(disk_dir)
     with tempfile.TemporaryDirectory(dir=cache) as tmp, publishing(out) as target:
         staging = Path(tmp) / "root"
         staging.mkdir()

@@ -210,4 +210,6 @@ def run_in_hostvm(argv: list[str], *, timeout: float, env: dict[str, str] | None
         timings["boot"] = marks["start"] - t_boot
         timings["job"] = t_end - marks["start"]
     (dest / "hostvm-timings.json").write_text(json.dumps(timings))
+    if results_dir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)   # only the (deleted) job disk was there
     return HostVmResult(returncode, console, stdout, dest, timed_out, kvm, timings)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Protocol
 
 from asyncvmm.hostvm.process import Child
-from asyncvmm.hostvm.qemu import Disk, MachineSpec, machine_argv
+from asyncvmm.hostvm.qemu import MICROVM_OPTS, Disk, MachineSpec, machine_argv
 from asyncvmm.images import GuestImages
 
 READY = "asyncvmm-guest: ready"
@@ -150,8 +150,11 @@ class QemuMicrovmLauncher:
     """QEMU microvm, ACPI on, virtio-mmio disks in drive order (the root first: /dev/vda)."""
     name = "qemu-microvm"
 
-    def __init__(self, accel: str = "kvm") -> None:
+    def __init__(self, accel: str = "kvm", acpi: bool = True) -> None:
+        # acpi=False: no DSDT; QEMU then appends virtio_mmio.device=... to the command line
+        # itself (only kernels with VIRTIO_MMIO_CMDLINE_DEVICES, e.g. the minimal kernel, can use it).
         self.accel = accel
+        self.acpi = acpi
 
     def argv(self, spec: VmSpec, workdir: Path) -> list[str]:
         # QEMU microvm with rtc=off does not set the FADT's "CMOS RTC not present" flag, and
@@ -168,7 +171,8 @@ class QemuMicrovmLauncher:
         return machine_argv(MachineSpec(
             kernel=spec.kernel, initrd=spec.initrd, cmdline=args, disks=disks, mem_mib=spec.mem_mib,
             vcpus=spec.vcpus, accel=self.accel, cpu="host" if self.accel == "kvm" else "max",
-            serial="stdio,signal=off"))
+            serial="stdio,signal=off",
+            machine=MICROVM_OPTS if self.acpi else MICROVM_OPTS.replace("acpi=on", "acpi=off")))
 
 
 def default_spec(images: GuestImages, workdir: Path, writable_root: bool = False,
