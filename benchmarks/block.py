@@ -502,7 +502,8 @@ def build_document(variants: list[Variant], opts: Options, runs: int, argv: list
                          "metrics": {k: report.metric(s, unit_of(k)) for k, s in v.samples.items()}}
     comps, notes = comparisons(vdocs, opts.workloads)
     return report.new_document(
-        NAME, "Block: asyncvmm virtio-blk vs QEMU microvm virtio-blk, same guest and file",
+        NAME, "Block: asyncvmm virtio-blk vs QEMU microvm virtio-blk, same guest and file "
+        "(ratios of rates: above 1.0 asyncvmm is faster)",
         " ".join(["python -m benchmarks.block", *argv]),
         git=machine.git_state(), machine=machine.describe(),
         load={"before": load_before, "after": machine.load_average(), "per_round_1_5_15": loads},
