@@ -70,7 +70,9 @@ def job_script(argv: list[str], env: dict[str, str], cwd: str) -> str:
     if not argv:
         raise ValueError("empty command")
     lines = ["#!/bin/sh", "# written by asyncvmm.hostvm.runner"]
-    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.path.expanduser("~"),
+    # The venv's bin first: `python`, `pytest` and `asyncvmm` inside are this runtime's.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
+    base = {"PATH": path, "HOME": os.path.expanduser("~"),
             "LANG": "C.UTF-8", IN_HOSTVM_ENV: "1", RESULTS_ENV: f"{JOB_MOUNT}/results",
             "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
     for key, value in {**base, **env}.items():
