@@ -243,12 +243,17 @@ def process_cpu_ms(pid: int) -> float:
     return ticks * 1000 / os.sysconf("SC_CLK_TCK")
 
 
+_installer_pid = -1
+
+
 def install_cleanup() -> None:
     """Kill live children at exit and on SIGTERM/SIGHUP (SIGINT already raises)."""
     global _cleanup_installed
     if _cleanup_installed:
         return
     _cleanup_installed = True
+    global _installer_pid
+    _installer_pid = os.getpid()
     atexit.register(kill_all)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -272,4 +277,10 @@ def _forget(proc: subprocess.Popen) -> None:
 
 
 def _raise_exit(signum: int, _frame: object) -> None:
+    if os.getpid() != _installer_pid:
+        # A forked child (e.g. a library's helper process) inherited the handler:
+        # die of the signal as it expects, instead of raising in its code.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise SystemExit(128 + signum)
