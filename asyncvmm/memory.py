@@ -26,6 +26,30 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
+def store_u16(buf: memoryview | bytearray, offset: int, value: int) -> None:
+    """Store a little-endian u16 with one machine store.
+
+    ``struct.pack_into`` zeroes the field before writing the value, so another
+    CPU reading the field meanwhile (a guest polling a ring index) can see 0.
+    Item assignment through a cast memoryview copies the value in one go.
+    x86-64 is little-endian, so the native format is the wire format.
+    """
+    memoryview(buf)[offset:offset + 2].cast("H")[0] = value
+
+
+def store_u32(buf: memoryview | bytearray, offset: int, value: int) -> None:
+    """Store a little-endian u32 with one machine store (see :func:`store_u16`)."""
+    memoryview(buf)[offset:offset + 4].cast("I")[0] = value
+
+
+def store_u64(buf: memoryview | bytearray, offset: int, value: int) -> None:
+    """Store a little-endian u64 with one machine store (see :func:`store_u16`)."""
+    memoryview(buf)[offset:offset + 8].cast("Q")[0] = value
+
+
+_STORES = {1: lambda buf, off, v: buf.__setitem__(off, v), 2: store_u16, 4: store_u32, 8: store_u64}
+
+
 class GuestMemoryError(Exception):
     """A guest-physical range that is not (entirely) guest RAM."""
 
@@ -200,8 +224,11 @@ class GuestMemory:
         return fmt.unpack_from(region.view, off)[0]
 
     def _write_fmt(self, fmt: struct.Struct, gpa: int, value: int) -> None:
+        if not 0 <= value < 1 << (8 * fmt.size):
+            raise OverflowError(f"{value} does not fit in {fmt.size} bytes")
         region, off = self._find(gpa, fmt.size)
-        fmt.pack_into(region.view, off, value)
+        # A guest may be reading this field right now: one store, never a zeroed field.
+        _STORES[fmt.size](region.view, off, value)
 
     def read_u8(self, gpa: int) -> int:
         return self._read_fmt(_U8, gpa)

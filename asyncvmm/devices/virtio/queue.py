@@ -38,7 +38,7 @@ from asyncvmm.devices.virtio.spec import (
     VIRTQ_USED_ALIGN,
     VIRTQ_USED_ELEM_SIZE,
 )
-from asyncvmm.memory import GuestMemory, GuestMemoryError
+from asyncvmm.memory import GuestMemory, GuestMemoryError, store_u16
 
 
 _U16 = struct.Struct("<H")
@@ -196,7 +196,7 @@ class Queue:
         """
         if not self.event_idx:
             return self.pending(mem) > 0
-        _U16.pack_into(self.rings(mem).used, 4 + VIRTQ_USED_ELEM_SIZE * self.size, self.next_avail)
+        store_u16(self.rings(mem).used, 4 + VIRTQ_USED_ELEM_SIZE * self.size, self.next_avail)
         # Dekker: our avail_event store must be visible before we re-read avail idx,
         # or a chain added in between is neither seen now nor kicked later.
         full_memory_barrier()
@@ -211,8 +211,9 @@ class Queue:
         self.next_used = (self.next_used + 1) & 0xFFFF
         # x86 keeps stores in order and the GIL keeps ours in program order, so
         # the driver, which reads idx and then the element, never sees the new
-        # idx before the element it covers.
-        _U16.pack_into(used, 2, self.next_used)
+        # idx before the element it covers.  store_u16: the driver polls idx, and
+        # struct.pack_into would briefly show it 0.
+        store_u16(used, 2, self.next_used)
 
     def needs_notification(self, mem: GuestMemory) -> bool:
         """Whether the used entries added since the last call deserve an interrupt."""

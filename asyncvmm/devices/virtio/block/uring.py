@@ -32,6 +32,7 @@ import struct
 from typing import Callable
 
 from asyncvmm.devices.virtio.block.engine import CANCELLED, IoKind, IoOp, _advance
+from asyncvmm.memory import store_u32
 from asyncvmm.devices.virtio.gate import DmaGate
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class UringEngine:
         _SQE.pack_into(self.sqes, index * _SQE.size, _OPCODE[op.kind], 0, 0, op.fd,
                        op.offset + pend.done, addr, length, rw_flags, key, 0, 0, 0, 0, 0)
         _U32.pack_into(self.sq_ring, self.sq.array + 4 * index, index)
-        _U32.pack_into(self.sq_ring, self.sq.tail, (tail + 1) & 0xFFFF_FFFF)
+        store_u32(self.sq_ring, self.sq.tail, (tail + 1) & 0xFFFF_FFFF)
         self._unsubmitted += 1
 
     def flush(self) -> None:
@@ -225,7 +226,7 @@ class UringEngine:
             result = self._finish(key, res)
             if result is not None:
                 batch.append(result)
-        _U32.pack_into(self.cq_ring, self.cq.head, head)
+        store_u32(self.cq_ring, self.cq.head, head)   # the kernel reads head concurrently
         if self._unsubmitted:
             self.flush()                    # short transfers were requeued
         if batch and not self._closed:

@@ -36,7 +36,7 @@ from asyncvmm.devices.virtio.net.header import NUM_BUFFERS_OFFSET, VNET_HDR_SIZE
 from asyncvmm.devices.virtio.net.metrics import NetMetrics
 from asyncvmm.devices.virtio.queue import Queue
 from asyncvmm.devices.virtio.spec import VIRTQ_USED_ELEM_SIZE
-from asyncvmm.memory import GuestMemory
+from asyncvmm.memory import GuestMemory, store_u16
 
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")      # struct virtq_used_elem { le32 id; le32 len; }
@@ -146,4 +146,4 @@ def add_used_together(mem: GuestMemory, queue: Queue, elems: list[tuple[int, int
         _USED_ELEM.pack_into(used, 4 + VIRTQ_USED_ELEM_SIZE * (queue.next_used % queue.size), head, length)
         queue.next_used = (queue.next_used + 1) & 0xFFFF
     # x86 keeps these stores in order: the elements are visible before the idx.
-    _U16.pack_into(used, 2, queue.next_used)
+    store_u16(used, 2, queue.next_used)

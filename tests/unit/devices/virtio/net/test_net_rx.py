@@ -229,18 +229,17 @@ def test_merged_used_elements_are_published_with_one_index_store(guest_mem):
     guest_mem.write_u16(0x3002, 0xFFFE)
     stores = []
     import asyncvmm.devices.virtio.net.rx as rx_mod
-    original = rx_mod._U16
+    original = rx_mod.store_u16
 
-    class CountingU16:
-        def pack_into(self, buf, offset, value):
-            if offset == 2:
-                stores.append(value)
-            original.pack_into(buf, offset, value)
-    rx_mod._U16 = CountingU16()
+    def counting_store_u16(buf, offset, value):
+        if offset == 2:
+            stores.append(value)
+        original(buf, offset, value)
+    rx_mod.store_u16 = counting_store_u16
     try:
         add_used_together(guest_mem, q, [(3, 1536), (4, 1536), (5, 100)])
     finally:
-        rx_mod._U16 = original
+        rx_mod.store_u16 = original
     assert stores == [1]                       # one publication, after all three elements
     assert q.next_used == 1 and guest_mem.read_u16(0x3002) == 1
     elems = [(guest_mem.read_u32(0x3004 + 8 * (i % 8)), guest_mem.read_u32(0x3008 + 8 * (i % 8)))
