@@ -100,9 +100,10 @@ def render_document(doc: Mapping[str, Any]) -> list[str]:
     comparisons = doc.get("comparisons", [])
     if comparisons:
         lines += _md_table(
-            ("metric", "asyncvmm", "median", "peer", "median", "ratio"),
+            ("metric", "asyncvmm", "median", "peer", "median", "ratio", "better"),
             ((c["metric"], f"`{c['subject']}`", fmt(c["subject_median"], c["unit"]), f"`{c['peer']}`",
-              fmt(c["peer_median"], c["unit"]), stats.format_ratio(c["ratio"])) for c in comparisons))
+              fmt(c["peer_median"], c["unit"]), stats.format_ratio(c["ratio"]),
+              "higher" if c.get("higher_is_better") else "lower") for c in comparisons))
         lines.append("")
     detail = []
     for vname, variant in doc.get("variants", {}).items():
@@ -130,7 +131,8 @@ def render_summary(docs: Iterable[Mapping[str, Any]]) -> str:
     lines = ["# Benchmark results", "",
              "Generated from `benchmarks/results/*.json` by `python -m benchmarks.report`; "
              "do not edit by hand. Ratios are asyncvmm median / peer median measured in the same "
-             "run (below 1.0: asyncvmm is faster or smaller). How to run and read them: "
+             "run; the \"better\" column says whether a higher ratio (rates: IOPS, MiB/s, requests/s) or a "
+             "lower one (times, sizes) favours asyncvmm. How to run and read them: "
              "[docs/benchmarks.md](../../docs/benchmarks.md).", ""]
     for doc in sorted(docs, key=lambda d: d["benchmark"]):
         lines += render_document(doc)
