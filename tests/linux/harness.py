@@ -217,6 +217,11 @@ class Guest:
     def tail(self, n: int = 3000) -> str:
         return self.console[-n:]
 
+    @property
+    def pid(self) -> int:
+        """The VMM process's pid (the launcher's argv execs the VMM in place)."""
+        return self._child.pid
+
     def exited(self) -> int | None:
         return self._child.proc.poll()
 

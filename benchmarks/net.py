@@ -1,0 +1,712 @@
+"""Network benchmark: asyncvmm's virtio-net against QEMU microvm's, same Debian guest, same run.
+
+Both VMMs boot the linux tier's Debian guest (cloud kernel, the project's
+initramfs, the ext4 rootfs with iperf3; see docs/images.md), 1 vCPU,
+256 MiB, each with one virtio-net device on its own tap in a private
+network namespace:
+
+``asyncvmm``
+    ``asyncvmm --no-api --config-file vm.json`` with a ``network-interfaces``
+    entry (``host_dev_name`` = the tap): userspace virtio-net, the only kind
+    asyncvmm has.
+``qemu-microvm``
+    ``-netdev tap,ifname=...,script=no,downscript=no,vhost=off
+    -device virtio-net-device,netdev=...,mac=...``: QEMU's userspace
+    virtio-net, no vhost, on modern virtio-mmio
+    (``-global virtio-mmio.force-legacy=false``, the transport version
+    asyncvmm and Firecracker offer).
+
+Each guest gets ``avm.ip=172.16.<i>.2/24`` and runs ``iperf3 -s -D``; the
+host side of its tap is ``172.16.<i>.1/24``.  Both guests are booted first
+and stay up; then every round measures each VMM in a rotated order, from the
+host side, in the namespace:
+
+* ``h2g``: ``iperf3 -c <guest> -t S -J``: TCP, host sends, the guest
+  receives (the device's RX path);
+* ``g2h``: the same with ``-R``: the guest sends (its TX path);
+* ``ping``: ``ping -c N -i I <guest>`` (busybox's, or the system's): ICMP
+  echo round trips through the tap, the VMM and the guest kernel.
+
+Throughput is what the receiver counted (iperf3's ``sum_received``), in
+MiB/s.  The VMM process's CPU time during each iperf3 run is split with
+``/proc/<pid>/stat``: ``guest_time`` (its vCPUs running the guest) and the
+rest (exits, device emulation, tap I/O: the VMM's own cost), each per MiB.
+
+Where ``/dev/kvm`` is not hardware KVM (here: kvm_pvm) a Debian guest cannot
+boot in useful time, so ``main`` re-runs this module inside the emulated KVM
+host (``asyncvmm.hostvm``: QEMU TCG with nested SVM) and brings its JSON
+back through the host VM's results directory.  Everything there, the host
+side's iperf3 included, runs emulated on one vCPU: the absolute numbers say
+little about real hardware; the ratios compare the two VMMs under the same
+conditions.
+
+Pure helpers (parsing iperf3 and ping output, command lines, metrics and
+comparisons) are at the top and unit-tested; the I/O is below them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from benchmarks import machine, report, stats
+
+NAME = "net"
+TITLE = ("Network: asyncvmm virtio-net vs QEMU microvm virtio-net (tap, no vhost), same Debian guest, "
+         "nested emulated host (ratios only)")
+DEFAULT_RUNS = 10
+QUICK_RUNS = 2
+DEFAULT_SECONDS = 4
+QUICK_SECONDS = 2
+DEFAULT_PINGS = 50
+QUICK_PINGS = 20
+PING_INTERVAL_S = 0.2
+MEM_MIB = 256
+GUEST_MAC = "06:00:AC:10:00:02"
+READY = r"asyncvmm-guest: ready \(rootfs\)"
+BOOT_TIMEOUT_S = 400.0
+MIB = 1 << 20
+DIRECTIONS = ("h2g", "g2h")
+
+
+class RunFailed(RuntimeError):
+    """A measurement produced no usable number; the message says why."""
+
+
+# -- iperf3 and ping output ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class IperfResult:
+    received_bytes: int
+    seconds: float
+    retransmits: int | None        # the sender's TCP retransmissions, when iperf3 reports them
+
+    @property
+    def mib_s(self) -> float:
+        return self.received_bytes / MIB / self.seconds
+
+
+def parse_iperf3(text: str) -> IperfResult:
+    """The receiver's byte count and duration from ``iperf3 -J`` output."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise RunFailed(f"iperf3 printed no JSON: {text[-300:]!r}") from None
+    if not isinstance(doc, dict):
+        raise RunFailed("iperf3's JSON is not an object")
+    if doc.get("error"):
+        raise RunFailed(f"iperf3: {doc['error']}")
+    end = doc.get("end")
+    received = end.get("sum_received") if isinstance(end, dict) else None
+    if not isinstance(received, dict):
+        raise RunFailed("iperf3's JSON has no end.sum_received")
+    try:
+        nbytes, seconds = int(received["bytes"]), float(received["seconds"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise RunFailed(f"iperf3's end.sum_received lacks bytes/seconds: {received}") from None
+    if nbytes <= 0 or not 0 < seconds < float("inf"):
+        raise RunFailed(f"iperf3 moved nothing ({nbytes} bytes in {seconds} s)")
+    sent = end.get("sum_sent")
+    retrans = sent.get("retransmits") if isinstance(sent, dict) else None
+    ok = isinstance(retrans, int) and not isinstance(retrans, bool) and retrans >= 0
+    return IperfResult(nbytes, seconds, retrans if ok else None)
+
+
+_PING_REPLY = re.compile(r"(?:icmp_)?seq=(\d+) ttl=\d+ time=(\d+(?:\.\d+)?) ms")
+_PING_SENT = re.compile(r"(\d+) packets transmitted")
+
+
+@dataclasses.dataclass(frozen=True)
+class PingResult:
+    rtts_us: tuple[float, ...]     # one per answered sequence number, in sequence order
+    transmitted: int
+
+    @property
+    def lost(self) -> int:
+        return self.transmitted - len(self.rtts_us)
+
+
+def parse_ping(text: str) -> PingResult:
+    """Round trips from busybox or iputils ``ping`` output; duplicate replies count once."""
+    by_seq: dict[int, float] = {}
+    for m in _PING_REPLY.finditer(text):
+        rtt = round(float(m[2]) * 1000, 3)      # ms with up to 3 decimals: whole µs, kept exact
+        if not math.isfinite(rtt):
+            raise RunFailed(f"ping printed an impossible round trip: {m[0][:80]!r}")
+        by_seq.setdefault(int(m[1]), rtt)
+    sent = _PING_SENT.search(text)
+    if sent is None:
+        raise RunFailed(f"ping printed no statistics: {text[-300:]!r}")
+    transmitted = int(sent[1])
+    if not by_seq:
+        raise RunFailed(f"no ping reply out of {transmitted}")
+    return PingResult(tuple(by_seq[s] for s in sorted(by_seq)), max(transmitted, len(by_seq)))
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuTicks:
+    """CPU time of a whole process (all its threads), in clock ticks."""
+    user: int                      # utime: the guest's time is counted here too
+    system: int                    # stime: syscalls, tap I/O, KVM handling the vCPUs' exits
+    guest: int                     # guest_time: its vCPUs running the guest
+
+    @property
+    def own_user(self) -> int:
+        """The VMM's userspace work: exit handlers, device emulation."""
+        return self.user - self.guest
+
+    @property
+    def own(self) -> int:
+        """Everything but the guest."""
+        return self.own_user + self.system
+
+    def __sub__(self, other: "CpuTicks") -> "CpuTicks":
+        return CpuTicks(self.user - other.user, self.system - other.system, self.guest - other.guest)
+
+
+def parse_cpu_ticks(stat: str) -> CpuTicks:
+    """utime, stime and guest_time from ``/proc/<pid>/stat`` (fields 14, 15 and 43, proc(5)).
+
+    The command name (field 2) may hold spaces and parentheses, so fields are
+    counted from the last ')'.
+    """
+    try:
+        rest = stat[stat.rindex(")") + 2:].split()
+        return CpuTicks(int(rest[11]), int(rest[12]), int(rest[40]))
+    except (ValueError, IndexError):
+        raise RunFailed(f"not a /proc/<pid>/stat line: {stat[:120]!r}") from None
+
+
+# -- command lines --------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One guest's network: its tap in the namespace and the /24 around it."""
+    tap: str
+    subnet: int                    # 172.16.<subnet>.0/24
+
+    @property
+    def host_cidr(self) -> str:
+        return f"172.16.{self.subnet}.1/24"
+
+    @property
+    def guest_ip(self) -> str:
+        return f"172.16.{self.subnet}.2"
+
+    @property
+    def guest_args(self) -> str:
+        return f"avm.ip={self.guest_ip}/24"
+
+
+def asyncvmm_interface(link: Link) -> dict[str, Any]:
+    """The Firecracker ``network-interfaces`` entry for ``link``."""
+    return {"iface_id": "eth0", "host_dev_name": link.tap, "guest_mac": GUEST_MAC}
+
+
+def qemu_net_args(link: Link) -> list[str]:
+    """QEMU's userspace virtio-net on the tap (no vhost, no helper scripts), modern virtio-mmio."""
+    return ["-global", "virtio-mmio.force-legacy=false",
+            "-netdev", f"tap,id=bench0,ifname={link.tap},script=no,downscript=no,vhost=off",
+            "-device", f"virtio-net-device,netdev=bench0,mac={GUEST_MAC}"]
+
+
+def netns_argv(netns: str, argv: Sequence[str], ip: str = "ip") -> list[str]:
+    """``ip netns exec`` execs ``argv`` in place, so the pid stays the command's."""
+    return [ip, "netns", "exec", netns, *argv]
+
+
+def iperf3_argv(link: Link, seconds: int, direction: str) -> list[str]:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+    argv = ["iperf3", "-c", link.guest_ip, "-t", str(seconds), "-J"]
+    return argv + (["-R"] if direction == "g2h" else [])
+
+
+def ping_argv(link: Link, count: int, interval_s: float, ping: Sequence[str]) -> list[str]:
+    return [*ping, "-c", str(count), "-i", f"{interval_s:g}", "-W", "5", link.guest_ip]
+
+
+# -- metrics ------------------------------------------------------------------------
+
+def round_metrics(iperfs: dict[str, tuple[IperfResult, CpuTicks]], pings: PingResult,
+                  tick_ms: float) -> dict[str, float]:
+    """One round's numbers: ``iperfs`` maps a direction to (result, VMM CPU ticks during it)."""
+    out: dict[str, float] = {}
+    for direction, (result, cpu) in iperfs.items():
+        mib = result.received_bytes / MIB
+        out[f"{direction}_mib_s"] = result.mib_s
+        out[f"{direction}_vmm_cpu_ms_per_mib"] = cpu.own * tick_ms / mib
+        out[f"{direction}_vmm_user_ms_per_mib"] = cpu.own_user * tick_ms / mib
+        out[f"{direction}_vmm_sys_ms_per_mib"] = cpu.system * tick_ms / mib
+        out[f"{direction}_guest_cpu_ms_per_mib"] = cpu.guest * tick_ms / mib
+        if result.retransmits is not None:
+            out[f"{direction}_retransmits"] = result.retransmits
+    out["ping_median_us"] = stats.summarize(pings.rtts_us).median
+    out["ping_p99_us"] = stats.percentile(pings.rtts_us, 99)
+    out["ping_lost"] = pings.lost
+    return out
+
+
+def unit_of(name: str) -> str:
+    if name.endswith("_mib_s"):
+        return "MiB/s"
+    if name.endswith("_us"):
+        return "us"
+    if name.endswith("_ms_per_mib"):
+        return "ms"
+    return "count"
+
+
+COMPARED = ("h2g_mib_s", "g2h_mib_s", "ping_median_us", "ping_p99_us",
+            "h2g_vmm_cpu_ms_per_mib", "g2h_vmm_cpu_ms_per_mib",
+            "h2g_guest_cpu_ms_per_mib", "g2h_guest_cpu_ms_per_mib")
+SUBJECT, PEER = "asyncvmm", "qemu-microvm"
+
+
+def comparisons(vdocs: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """asyncvmm / QEMU per metric; throughput ratios are marked higher_is_better."""
+    out, notes = [], []
+    if SUBJECT not in vdocs or PEER not in vdocs:
+        return out, notes
+    for name in COMPARED:
+        try:
+            c = report.compare(vdocs, SUBJECT, PEER, name)
+        except report.ResultError as err:
+            notes.append(f"comparison skipped: {err}")
+            continue
+        out.append(c | {"higher_is_better": name.endswith("_mib_s")})
+    return out, notes
+
+
+def pooled_pings(rtts_us: Sequence[float]) -> dict[str, float]:
+    """Percentiles over every round's round trips (per-round p99 of 50 pings is their maximum)."""
+    s = stats.summarize(rtts_us)
+    return {"n": s.n, "median_us": s.median, "p99_us": s.p99, "max_us": s.max}
+
+
+NOTES = [
+    "NESTED, EMULATED HOST: these numbers were measured inside the emulated KVM host (QEMU TCG with "
+    "nested SVM, 1 vCPU; see docs/testing.md) because this machine's /dev/kvm (kvm_pvm) cannot boot a "
+    "Linux guest in useful time. Everything there runs emulated, the host side's iperf3 and ping "
+    "included; the absolute throughputs and latencies say nothing about real hardware. Only the ratios "
+    "mean something: both VMMs ran in the same emulated host, in the same run, rounds interleaved.",
+    "Ratios: h2g_mib_s and g2h_mib_s are rates (higher_is_better in the JSON): ABOVE 1.0 asyncvmm moves "
+    "more. Latencies and CPU per MiB: below 1.0 asyncvmm is faster / cheaper.",
+    "h2g: iperf3 client in the host namespace sends to iperf3 -s in the guest (the device's RX path); "
+    "g2h: the same with -R (the guest sends: TX path). TCP, one stream, throughput as counted by the "
+    "receiver. Before the rounds each guest had one discarded iperf3 run per direction and 5 pings.",
+    "ping: per round, the median and nearest-rank p99 of that round's pings (with 50 pings the p99 is "
+    "the maximum); the JSON's `pooled_ping` has percentiles over all rounds.",
+    "*_vmm_cpu_ms_per_mib: the VMM process's CPU time per MiB received during the iperf3 run, all "
+    "threads, minus guest_time (/proc/<pid>/stat field 43: its vCPUs running the guest). The JSON splits "
+    "it into *_vmm_user_ms_per_mib (userspace: exit handlers, device emulation) and *_vmm_sys_ms_per_mib "
+    "(the kernel on its behalf: tap I/O, eventfds, and KVM handling the vCPU's exits, which the nested "
+    "emulation makes expensive for both VMMs). *_guest_cpu_ms_per_mib is guest_time: how hard the guest "
+    "worked per MiB (more interrupts or smaller batches show there). All tick-sampled.",
+    "Both guests stay booted for the whole run (each on its own tap and /24); the one not being measured "
+    "idles.",
+]
+
+
+# -- running a guest (I/O from here on) ------------------------------------------------
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    description: str
+    link: Link
+    samples: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    rtts_us: list[float] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)
+    command: list[str] | None = None
+    guest: Any = None              # tests.linux.harness.Guest while booted
+
+
+VARIANTS = (
+    ("asyncvmm", "asyncvmm --no-api --config-file, one network-interfaces entry on a tap"),
+    ("qemu-microvm", "QEMU microvm, -netdev tap,vhost=off -device virtio-net-device (modern virtio-mmio)"),
+)
+
+
+def make_variants(names: Sequence[str] | None = None) -> list[Variant]:
+    known = {name: (i, desc) for i, (name, desc) in enumerate(VARIANTS)}
+    wanted = list(names) if names else list(known)
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"unknown variants: {', '.join(unknown)} (known: {', '.join(known)})")
+    return [Variant(n, known[n][1], Link(f"bench{known[n][0]}", known[n][0])) for n in wanted]
+
+
+def _launchers(variant: Variant, netns: str, workdir: Path):
+    """The harness launcher for ``variant``, with its NIC, run inside ``netns``."""
+    from tests.linux.harness import AsyncVmmLauncher, QemuMicrovmLauncher
+
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    link = variant.link
+
+    class AsyncVmmNet(AsyncVmmLauncher):
+        def config(self, spec):                      # noqa: D401 - the harness's hook
+            return {**AsyncVmmLauncher.config(spec), "network-interfaces": [asyncvmm_interface(link)]}
+
+        def argv(self, spec, wd):
+            return netns_argv(netns, super().argv(spec, wd), ip)
+
+    class QemuNet(QemuMicrovmLauncher):
+        def argv(self, spec, wd):
+            return netns_argv(netns, super().argv(spec, wd) + qemu_net_args(link), ip)
+
+    if variant.name == "asyncvmm":
+        # Logs to a file: the console then carries only the guest, as QEMU's does.
+        return AsyncVmmNet(extra_args=["--log-path", str(workdir / "vmm.log"), "--level", "Info"])
+    return QemuNet()
+
+
+def boot(variant: Variant, netns: str, images, workdir: Path) -> None:
+    """Boot ``variant``'s guest on its tap and start its iperf3 server."""
+    from tests.linux.harness import Guest, GuestError, default_spec
+
+    wd = workdir / variant.name
+    wd.mkdir(parents=True, exist_ok=True)
+    spec = default_spec(images, wd, extra_args=variant.link.guest_args, mem_mib=MEM_MIB)
+    guest = Guest(_launchers(variant, netns, wd), spec, wd)
+    variant.guest = guest
+    variant.command = [a.replace(str(wd), "$WORKDIR").replace(netns, "$NETNS") for a in guest.argv]
+    try:
+        guest.wait_for(READY, BOOT_TIMEOUT_S)
+        addr = guest.run("ip -o -4 addr show dev eth0", 60).check().output
+        if variant.link.guest_ip not in addr:
+            raise RunFailed(f"eth0 does not have {variant.link.guest_ip}: {addr.strip()!r}")
+        guest.run("iperf3 -s -D", 60).check()
+    except GuestError as err:
+        raise RunFailed(f"{variant.name} did not boot to a working eth0: {err}") from None
+
+
+def _run(argv: list[str], timeout: float) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RunFailed(f"{' '.join(argv)} did not finish in {timeout:.0f} s") from None
+    except OSError as err:
+        raise RunFailed(f"{argv[0]}: {err}") from None
+    if r.returncode != 0 and not r.stdout.strip():
+        raise RunFailed(f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip()[-300:]}")
+    return r.stdout
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    netns: str
+    seconds: int
+    pings: int
+    ping: tuple[str, ...]          # the ping command: ("busybox", "ping") or ("ping",)
+
+
+def cpu_ticks(pid: int) -> CpuTicks:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return parse_cpu_ticks(f.read())
+    except OSError as err:
+        raise RunFailed(f"the VMM (pid {pid}) is gone: {err}") from None
+
+
+def iperf(v: Variant, opts: Options, direction: str, seconds: int) -> tuple[IperfResult, CpuTicks]:
+    argv = netns_argv(opts.netns, iperf3_argv(v.link, seconds, direction))
+    before = cpu_ticks(v.guest.pid)
+    out = _run(argv, seconds + 120)
+    return parse_iperf3(out), cpu_ticks(v.guest.pid) - before
+
+
+def ping(v: Variant, opts: Options, count: int) -> PingResult:
+    argv = netns_argv(opts.netns, ping_argv(v.link, count, PING_INTERVAL_S, opts.ping))
+    return parse_ping(_run(argv, count * PING_INTERVAL_S + 120))
+
+
+def warm_up(v: Variant, opts: Options) -> None:
+    """ARP, TCP slow start, page faults in both VMMs: one discarded run of each."""
+    ping(v, opts, 5)
+    for direction in DIRECTIONS:
+        iperf(v, opts, direction, 1)
+
+
+def measure(v: Variant, opts: Options) -> dict[str, float] | None:
+    if v.guest is None or v.guest.exited() is not None:
+        v.failures.append("the guest is not running")
+        return None
+    try:
+        iperfs = {d: iperf(v, opts, d, opts.seconds) for d in DIRECTIONS}
+        pings = ping(v, opts, opts.pings)
+    except (RunFailed, OSError) as err:
+        v.failures.append(str(err))
+        print(f"  {v.name}: measurement failed: {err}", file=sys.stderr)
+        return None
+    metrics = round_metrics(iperfs, pings, 1000 / os.sysconf("SC_CLK_TCK"))
+    for key, value in metrics.items():
+        v.samples.setdefault(key, []).append(value)
+    v.rtts_us.extend(pings.rtts_us)
+    return metrics
+
+
+def run_rounds(variants: list[Variant], opts: Options, runs: int,
+               log: Callable[[str], None] = print) -> list[list[float]]:
+    loads = []
+    for i in range(runs):
+        loads.append(machine.load_average())
+        shift = i % len(variants)
+        for v in variants[shift:] + variants[:shift]:
+            measure(v, opts)
+        log(f"round {i + 1}/{runs}: load {loads[-1]}; " + "; ".join(
+            f"{v.name} h2g {_last(v, 'h2g_mib_s'):.1f} g2h {_last(v, 'g2h_mib_s'):.1f} MiB/s "
+            f"ping {_last(v, 'ping_median_us'):.0f} us" for v in variants))
+    return loads
+
+
+def _last(v: Variant, key: str) -> float:
+    return v.samples.get(key, [float("nan")])[-1]
+
+
+def stop_guest(v: Variant) -> None:
+    if v.guest is None:
+        return
+    try:
+        v.guest.stop(timeout=60)
+    finally:
+        v.guest.kill()
+        v.guest = None
+
+
+def prepare_netns_dirs(run_dir: str) -> None:
+    """Make the emulated host's root look like Debian's where named namespaces live.
+
+    pyroute2 keeps them under /var/run/netns and ``ip netns`` (and asyncvmm.net.netns) under
+    /run/netns: one directory through Debian's /var/run -> /run symlink, which the emulated host's
+    root lacks.  Only there is anything created (it is a tmpfs overlay; nothing persists).
+    """
+    from asyncvmm.hostvm import in_hostvm
+
+    if not in_hostvm():
+        return
+    var_run = Path("/var/run")
+    if not var_run.exists() and not var_run.is_symlink():
+        var_run.parent.mkdir(exist_ok=True)
+        var_run.symlink_to("/run")
+    os.makedirs(run_dir, exist_ok=True)
+
+
+def ping_command() -> tuple[str, ...]:
+    """busybox's ping where busybox exists (it is in the emulated host), else the system's."""
+    return ("busybox", "ping") if shutil.which("busybox") else ("ping",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    runs: int
+    seconds: int
+    pings: int
+    variants: tuple[str, ...]
+
+    def argv(self) -> list[str]:
+        """The same settings as command-line flags (for the run inside the emulated host)."""
+        return ["--runs", str(self.runs), "--seconds", str(self.seconds), "--pings", str(self.pings),
+                "--variants", ",".join(self.variants)]
+
+
+def run_direct(settings: Settings, command: str) -> tuple[dict[str, Any], bool]:
+    """Boot both guests here, measure, and return (the result document, every variant measured)."""
+    from asyncvmm.images import ensure_images
+    from asyncvmm.net.netns import NETNS_RUN_DIR, create_tap, temporary_netns
+
+    images = ensure_images(refresh=False)
+    prepare_netns_dirs(NETNS_RUN_DIR)
+    variants = make_variants(settings.variants)
+    load_before = machine.load_average()
+    print(f"net benchmark: {settings.runs} rounds of {', '.join(v.name for v in variants)}; iperf3 "
+          f"{settings.seconds} s per direction, {settings.pings} pings; load {load_before}", flush=True)
+    with temporary_netns("avmbench-") as ns, tempfile.TemporaryDirectory(prefix="bench-net-") as tmp:
+        opts = Options(ns, settings.seconds, settings.pings, ping_command())
+        try:
+            for v in variants:
+                create_tap(v.link.tap, netns=ns, addr=v.link.host_cidr)
+                try:
+                    boot(v, ns, images, Path(tmp))
+                    warm_up(v, opts)
+                    print(f"{v.name}: booted, eth0 {v.link.guest_ip} up, iperf3 server running", flush=True)
+                except (RunFailed, OSError) as err:
+                    v.failures.append(str(err))
+                    print(f"{v.name}: {err}", file=sys.stderr, flush=True)
+                    stop_guest(v)
+            loads = run_rounds(variants, opts, settings.runs, log=lambda s: print(s, flush=True))
+        finally:
+            for v in variants:
+                stop_guest(v)
+    doc = build_document(variants, settings, opts, command, load_before, loads)
+    return doc, all(v.samples and not v.failures for v in variants)
+
+
+def build_document(variants: list[Variant], settings: Settings, opts: Options, command: str,
+                   load_before: list[float], loads: list[list[float]]) -> dict[str, Any]:
+    from asyncvmm.hostvm import in_hostvm
+
+    vdocs: dict[str, Any] = {}
+    for v in variants:
+        vdocs[v.name] = {"description": v.description, "command": v.command, "failures": v.failures,
+                         "link": {"tap": v.link.tap, "host": v.link.host_cidr, "guest": v.link.guest_ip},
+                         "metrics": {k: report.metric(s, unit_of(k)) for k, s in v.samples.items()},
+                         "pooled_ping": pooled_pings(v.rtts_us) if v.rtts_us else None}
+    comps, notes = comparisons(vdocs)
+    nested = in_hostvm()
+    return report.new_document(
+        NAME, TITLE if nested else TITLE.replace(", nested emulated host (ratios only)", ""), command,
+        git=machine.git_state(), machine=machine.describe(),
+        load={"before": load_before, "after": machine.load_average(), "per_round_1_5_15": loads},
+        nested_emulated_host=nested,
+        settings={"runs": settings.runs, "iperf3_seconds": settings.seconds, "pings": settings.pings,
+                  "ping_interval_s": PING_INTERVAL_S, "ping": list(opts.ping), "mem_mib": MEM_MIB,
+                  "vcpus": 1, "guest_mac": GUEST_MAC,
+                  "iperf3": [" ".join(iperf3_argv(Link("tapX", 0), settings.seconds, d)) for d in DIRECTIONS]},
+        variants=vdocs, comparisons=comps,
+        notes=notes + (NOTES if nested else NOTES[1:]))
+
+
+# -- the emulated host ------------------------------------------------------------------
+
+def hostvm_timeout(settings: Settings) -> float:
+    """A generous bound for the whole inner run (boots are 20-60 s each there, iperf3 start-up seconds)."""
+    per_round = 2 * (settings.seconds + 30) + settings.pings * PING_INTERVAL_S + 30
+    return 600 + len(settings.variants) * (300 + settings.runs * per_round)
+
+
+def nest_document(inner: dict[str, Any], outer_machine: dict[str, Any], git: dict[str, Any],
+                  load: dict[str, Any], command: str, hostvm: dict[str, Any]) -> dict[str, Any]:
+    """The inner run's document as seen from this machine: its machine becomes the emulated host's."""
+    doc = dict(inner)
+    doc["emulated_host"] = {"machine": inner.get("machine"), "load": inner.get("load"), **hostvm}
+    doc["machine"] = outer_machine
+    doc["load"] = load
+    doc["git"] = git
+    doc["command"] = command
+    return doc
+
+
+def run_nested(settings: Settings, command: str, timeout: float | None) -> tuple[dict[str, Any] | None, bool]:
+    """Run this benchmark inside the emulated KVM host; its document, or None with the reason printed."""
+    from asyncvmm.hostvm import HostVmError, run_in_hostvm
+
+    load_before = machine.load_average()
+    inner = [sys.executable, "-m", "benchmarks.net", *settings.argv()]
+    limit = timeout or hostvm_timeout(settings)
+    print(f"[net] /dev/kvm here is not hardware KVM: running `{' '.join(inner[1:])}` inside the "
+          f"emulated KVM host (QEMU TCG, nested SVM), at most {limit:.0f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-net-hostvm-") as tmp:
+        results = Path(tmp) / "results"
+        try:
+            r = run_in_hostvm(inner, timeout=limit, results_dir=results, echo=sys.stdout,
+                              progress=lambda m: print(m, file=sys.stderr, flush=True))
+        except HostVmError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return None, False
+        path = results / f"{NAME}.json"
+        if not path.exists():
+            why = "timed out" if r.timed_out else f"exit status {r.returncode}"
+            print(f"error: the run inside the emulated host left no {path.name} ({why})", file=sys.stderr)
+            return None, False
+        inner_doc = json.loads(path.read_text(encoding="utf-8"))
+    hostvm = {"kvm": r.kvm_line, "timings_s": {k: round(v, 1) for k, v in r.timings.items()},
+              "inner_exit_status": r.returncode}
+    load = {"before": load_before, "after": machine.load_average()}
+    doc = nest_document(inner_doc, machine.describe(), machine.git_state(), load, command, hostvm)
+    return doc, r.returncode == 0
+
+
+# -- command line -----------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.net", description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=int, help=f"rounds (default {DEFAULT_RUNS}, {QUICK_RUNS} with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK_RUNS} rounds, {QUICK_SECONDS} s per iperf3 run, {QUICK_PINGS} pings")
+    p.add_argument("--seconds", type=int, help=f"seconds per iperf3 run (default {DEFAULT_SECONDS})")
+    p.add_argument("--pings", type=int, help=f"pings per round (default {DEFAULT_PINGS})")
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(n for n, _ in VARIANTS)}")
+    p.add_argument("--mode", choices=("auto", "direct", "hostvm"), default="auto",
+                   help="direct: here; hostvm: inside the emulated KVM host; auto: direct on hardware KVM")
+    p.add_argument("--hostvm-timeout", type=float, help="seconds for the whole run inside the emulated host")
+    p.add_argument("--results-dir", type=Path, help="where net.json and SUMMARY.md go")
+    p.add_argument("--no-write", action="store_true", help="print only, write no results")
+    args = p.parse_args(argv)
+    for name in ("runs", "seconds", "pings"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be at least 1")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    names = tuple(args.variants.split(",")) if args.variants else tuple(n for n, _ in VARIANTS)
+    make_variants(names)                                  # ValueError for an unknown name
+    return Settings(
+        runs=args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS),
+        seconds=args.seconds or (QUICK_SECONDS if args.quick else DEFAULT_SECONDS),
+        pings=args.pings or (QUICK_PINGS if args.quick else DEFAULT_PINGS),
+        variants=names)
+
+
+def choose_mode(requested: str, kvm: str, inside: bool) -> str:
+    if requested != "auto":
+        return requested
+    return "direct" if inside or kvm == "hardware" else "hostvm"
+
+
+def results_dir(requested: Path | None, inside: bool) -> Path:
+    """Inside the emulated host the results go where the host VM hands them back."""
+    from asyncvmm.hostvm import RESULTS_ENV
+
+    if requested is not None:
+        return requested
+    if inside and os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV])
+    return report.RESULTS_DIR
+
+
+def main(argv: list[str] | None = None) -> int:
+    from asyncvmm.hostvm import in_hostvm, kvm_kind
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    command = " ".join(["python -m benchmarks.net", *argv])
+    inside = in_hostvm()
+    if choose_mode(args.mode, kvm_kind(), inside) == "hostvm":
+        doc, ok = run_nested(settings, command, args.hostvm_timeout)
+        if doc is None:
+            return 1
+    else:
+        doc, ok = run_direct(settings, command)
+    print()
+    print(report.format_comparisons(doc["comparisons"]))
+    print("(throughput ratios are of rates: above 1.0 asyncvmm is faster; latency and CPU: below 1.0)")
+    for name, v in doc["variants"].items():
+        if v["failures"]:
+            print(f"{name}: {len(v['failures'])} failure(s): {v['failures'][0][:300]}")
+    if not args.no_write or inside:
+        out = results_dir(args.results_dir, inside)
+        path = report.write_result(doc, out)
+        print(f"\nwrote {path} and {out / report.SUMMARY_NAME}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

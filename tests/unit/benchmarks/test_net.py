@@ -1,0 +1,308 @@
+"""benchmarks.net without a VMM: iperf3 and ping output, command lines, metrics, the document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks import net
+from benchmarks.net import CpuTicks, IperfResult, Link, PingResult, RunFailed
+
+LINK = Link("bench1", 1)
+
+
+def iperf_json(received: dict | None = None, sent: dict | None = None, **extra) -> str:
+    end = {}
+    if received is not None:
+        end["sum_received"] = received
+    if sent is not None:
+        end["sum_sent"] = sent
+    return json.dumps({"start": {}, "intervals": [], "end": end, **extra})
+
+
+# -- iperf3 ----------------------------------------------------------------------------
+
+def test_iperf3_throughput_is_what_the_receiver_counted():
+    text = iperf_json({"seconds": 2.0, "bytes": 8 << 20, "bits_per_second": 1.0},
+                      {"seconds": 2.0, "bytes": 9 << 20, "retransmits": 7})
+    result = net.parse_iperf3(text)
+    assert result == IperfResult(8 << 20, 2.0, 7)
+    assert result.mib_s == 4.0
+
+
+def test_iperf3_without_retransmit_counts_still_gives_a_rate():
+    result = net.parse_iperf3(iperf_json({"seconds": 1, "bytes": 1 << 20}))
+    assert result.retransmits is None and result.mib_s == 1.0
+
+
+@pytest.mark.parametrize("text, why", [
+    ("iperf3: error - unable to connect", "no JSON"),
+    ("[1, 2]", "not an object"),
+    (json.dumps({"start": {}, "end": {}, "error": "unable to connect to server: Connection refused"}),
+     "Connection refused"),
+    (iperf_json(None), "no end.sum_received"),
+    (iperf_json({"seconds": 1}), "lacks bytes/seconds"),
+    (iperf_json({"seconds": 1, "bytes": 0}), "moved nothing"),
+    (iperf_json({"seconds": 0, "bytes": 100}), "moved nothing"),
+])
+def test_iperf3_failures_are_run_failures(text, why):
+    with pytest.raises(RunFailed, match=why):
+        net.parse_iperf3(text)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["end", "sum_received", "sum_sent", "bytes", "seconds", "retransmits", "error"]),
+        inner, max_size=4),
+    max_leaves=20)
+
+
+@given(json_values)
+def test_any_json_gives_a_positive_rate_or_a_run_failure(value):
+    try:
+        result = net.parse_iperf3(json.dumps(value))
+    except RunFailed:
+        return
+    assert result.received_bytes > 0 and 0 < result.mib_s < float("inf")
+    assert result.retransmits is None or result.retransmits >= 0
+
+
+# -- ping ------------------------------------------------------------------------------
+
+BUSYBOX_PING = """PING 172.16.1.2 (172.16.1.2): 56 data bytes
+64 bytes from 172.16.1.2: seq=0 ttl=64 time=1.250 ms
+64 bytes from 172.16.1.2: seq=2 ttl=64 time=0.500 ms
+64 bytes from 172.16.1.2: seq=2 ttl=64 time=9.000 ms (DUP!)
+64 bytes from 172.16.1.2: seq=1 ttl=64 time=0.750 ms
+
+--- 172.16.1.2 ping statistics ---
+4 packets transmitted, 3 packets received, +1 duplicates, 25% packet loss
+round-trip min/avg/max = 0.500/2.875/9.000 ms
+"""
+
+IPUTILS_PING = """PING 172.16.1.2 (172.16.1.2) 56(84) bytes of data.
+64 bytes from 172.16.1.2: icmp_seq=1 ttl=64 time=0.043 ms
+64 bytes from 172.16.1.2: icmp_seq=2 ttl=64 time=0.051 ms
+
+--- 172.16.1.2 ping statistics ---
+2 packets transmitted, 2 received, 0% packet loss, time 1001ms
+"""
+
+
+def test_busybox_ping_round_trips_in_sequence_order_duplicates_once():
+    result = net.parse_ping(BUSYBOX_PING)
+    assert result.rtts_us == (1250.0, 750.0, 500.0)
+    assert (result.transmitted, result.lost) == (4, 1)
+
+
+def test_iputils_ping_is_read_too():
+    assert net.parse_ping(IPUTILS_PING) == PingResult((43.0, 51.0), 2)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("ping: sendto: Network unreachable\n", "no statistics"),
+    ("--- x ping statistics ---\n5 packets transmitted, 0 packets received, 100% packet loss\n",
+     "no ping reply out of 5"),
+])
+def test_ping_without_replies_fails(text, why):
+    with pytest.raises(RunFailed, match=why):
+        net.parse_ping(text)
+
+
+@given(st.lists(st.tuples(st.integers(0, 99), st.integers(1, 10**7)), max_size=60), st.integers(0, 100))
+def test_lost_pings_are_the_sequence_numbers_never_answered(replies, transmitted):
+    lines = [f"64 bytes from 10.0.0.2: seq={s} ttl=64 time={us // 1000}.{us % 1000:03d} ms"
+             for s, us in replies]
+    text = "\n".join(lines + [f"{transmitted} packets transmitted, {len(replies)} packets received"])
+    try:
+        result = net.parse_ping(text)
+    except RunFailed:
+        assert not replies
+        return
+    answered = {s for s, _ in replies}
+    assert len(result.rtts_us) == len(answered)
+    assert result.lost == max(transmitted - len(answered), 0)
+    first = {}
+    for s, us in replies:
+        first.setdefault(s, float(us))
+    assert result.rtts_us == tuple(first[s] for s in sorted(first))
+
+
+@given(st.text(max_size=300))
+def test_any_ping_output_gives_round_trips_or_a_run_failure(text):
+    try:
+        result = net.parse_ping(text)
+    except RunFailed:
+        return
+    assert result.rtts_us and result.lost >= 0
+
+
+# -- command lines ------------------------------------------------------------------------
+
+def test_links_have_their_own_slash_24():
+    assert (LINK.host_cidr, LINK.guest_ip, LINK.guest_args) == (
+        "172.16.1.1/24", "172.16.1.2", "avm.ip=172.16.1.2/24")
+    variants = net.make_variants()
+    assert [v.name for v in variants] == ["asyncvmm", "qemu-microvm"]
+    assert len({v.link.tap for v in variants}) == len({v.link.subnet for v in variants}) == 2
+
+
+def test_unknown_variants_are_refused():
+    with pytest.raises(ValueError, match="firecracker"):
+        net.make_variants(["asyncvmm", "firecracker"])
+
+
+def test_qemu_uses_userspace_virtio_net_on_the_tap_without_vhost_or_scripts():
+    args = net.qemu_net_args(LINK)
+    netdev = args[args.index("-netdev") + 1].split(",")
+    assert netdev[0] == "tap" and {"ifname=bench1", "script=no", "downscript=no", "vhost=off"} <= set(netdev)
+    device = args[args.index("-device") + 1]
+    assert device.startswith("virtio-net-device,netdev=bench0,") and f"mac={net.GUEST_MAC}" in device
+    assert args[args.index("-global") + 1] == "virtio-mmio.force-legacy=false"
+
+
+def test_asyncvmm_gets_the_same_tap_and_mac_through_a_firecracker_interface():
+    assert net.asyncvmm_interface(LINK) == {"iface_id": "eth0", "host_dev_name": "bench1",
+                                            "guest_mac": net.GUEST_MAC}
+
+
+def test_iperf3_and_ping_command_lines():
+    assert net.iperf3_argv(LINK, 4, "h2g") == ["iperf3", "-c", "172.16.1.2", "-t", "4", "-J"]
+    assert net.iperf3_argv(LINK, 4, "g2h")[-1] == "-R"
+    with pytest.raises(ValueError):
+        net.iperf3_argv(LINK, 4, "sideways")
+    assert net.ping_argv(LINK, 50, 0.2, ("busybox", "ping")) == [
+        "busybox", "ping", "-c", "50", "-i", "0.2", "-W", "5", "172.16.1.2"]
+    assert net.netns_argv("ns1", ["iperf3", "-s"], "/sbin/ip") == [
+        "/sbin/ip", "netns", "exec", "ns1", "iperf3", "-s"]
+
+
+def test_launchers_run_inside_the_namespace_with_one_nic(tmp_path):
+    from tests.linux.harness import VmSpec
+
+    spec = VmSpec(kernel=Path("/k"), boot_args="console=ttyS0")
+    a, q = net.make_variants()
+    argv = net._launchers(a, "ns1", tmp_path).argv(spec, tmp_path)
+    assert argv[1:4] == ["netns", "exec", "ns1"]
+    config = json.loads((tmp_path / "vm.json").read_text())
+    assert config["network-interfaces"] == [net.asyncvmm_interface(a.link)]
+    assert argv[argv.index("--log-path") + 1] == str(tmp_path / "vmm.log")
+    qargv = net._launchers(q, "ns1", tmp_path).argv(spec, tmp_path)
+    assert qargv[1:4] == ["netns", "exec", "ns1"] and "tap,id=bench0,ifname=bench1" in " ".join(qargv)
+
+
+# -- metrics and the document ----------------------------------------------------------------
+
+def test_round_metrics():
+    iperfs = {"h2g": (IperfResult(4 << 20, 2.0, 3), CpuTicks(user=25, system=5, guest=20)),
+              "g2h": (IperfResult(2 << 20, 1.0, None), CpuTicks(user=3, system=1, guest=3))}
+    pings = PingResult((100.0, 300.0, 200.0), 4)
+    m = net.round_metrics(iperfs, pings, tick_ms=10.0)
+    assert m == {"h2g_mib_s": 2.0, "h2g_vmm_cpu_ms_per_mib": 25.0, "h2g_vmm_user_ms_per_mib": 12.5,
+                 "h2g_vmm_sys_ms_per_mib": 12.5, "h2g_guest_cpu_ms_per_mib": 50.0, "h2g_retransmits": 3,
+                 "g2h_mib_s": 2.0, "g2h_vmm_cpu_ms_per_mib": 5.0, "g2h_vmm_user_ms_per_mib": 0.0,
+                 "g2h_vmm_sys_ms_per_mib": 5.0, "g2h_guest_cpu_ms_per_mib": 15.0,
+                 "ping_median_us": 200.0, "ping_p99_us": 300.0, "ping_lost": 1}
+    units = {k: net.unit_of(k) for k in m}
+    assert {k for k, u in units.items() if u == "ms"} == {k for k in m if k.endswith("_ms_per_mib")}
+    assert {k for k, u in units.items() if u == "count"} == {"h2g_retransmits", "ping_lost"}
+    assert units["h2g_mib_s"] == "MiB/s" and units["ping_p99_us"] == "us"
+
+
+def _stat(comm: str, utime: int, stime: int, guest: int) -> str:
+    fields = ["S"] + ["0"] * 50                        # field 3 onwards
+    fields[14 - 3], fields[15 - 3], fields[43 - 3] = str(utime), str(stime), str(guest)
+    return f"4242 ({comm}) " + " ".join(fields) + "\n"
+
+
+def test_cpu_ticks_split_the_vmm_own_work_from_the_guest():
+    ticks = net.parse_cpu_ticks(_stat("qemu-system-x86", 700, 50, 600))
+    assert ticks == CpuTicks(user=700, system=50, guest=600)
+    assert (ticks.own_user, ticks.own) == (100, 150)
+    assert (ticks - CpuTicks(100, 10, 50)) == CpuTicks(600, 40, 550)
+
+
+def test_a_command_name_with_spaces_and_parentheses_does_not_shift_the_fields():
+    assert net.parse_cpu_ticks(_stat("fc_vcpu 0) (x", 1, 2, 3)) == CpuTicks(1, 2, 3)
+
+
+@pytest.mark.parametrize("stat", ["", "4242 (x) S 1 2", "no parenthesis at all"])
+def test_a_bad_stat_line_is_a_run_failure(stat):
+    with pytest.raises(RunFailed):
+        net.parse_cpu_ticks(stat)
+
+
+def _vdocs(a: dict[str, list[float]], q: dict[str, list[float]]) -> dict:
+    from benchmarks import report
+    return {name: {"metrics": {k: report.metric(s, net.unit_of(k)) for k, s in d.items()}}
+            for name, d in (("asyncvmm", a), ("qemu-microvm", q))}
+
+
+def test_comparisons_mark_rates_higher_is_better():
+    a = {"h2g_mib_s": [10, 20, 30], "ping_median_us": [400, 500]}
+    q = {"h2g_mib_s": [40], "ping_median_us": [250]}
+    comps, notes = net.comparisons(_vdocs(a, q))
+    by = {c["metric"]: c for c in comps}
+    assert by["h2g_mib_s"]["ratio"] == 0.5 and by["h2g_mib_s"]["higher_is_better"]
+    assert by["ping_median_us"]["ratio"] == 1.8 and not by["ping_median_us"]["higher_is_better"]
+    assert len(notes) == len(net.COMPARED) - 2 and all("comparison skipped" in n for n in notes)
+    assert net.comparisons({"asyncvmm": {}}) == ([], [])
+
+
+def test_pooled_pings():
+    assert net.pooled_pings([float(i) for i in range(1, 201)]) == {
+        "n": 200, "median_us": 100.5, "p99_us": 198.0, "max_us": 200.0}
+
+
+def test_settings_survive_the_trip_into_the_emulated_host():
+    s = net.settings_from(net.parse_args(["--quick", "--pings", "7", "--variants", "qemu-microvm"]))
+    assert s == net.Settings(runs=net.QUICK_RUNS, seconds=net.QUICK_SECONDS, pings=7,
+                             variants=("qemu-microvm",))
+    assert net.settings_from(net.parse_args(s.argv())) == s
+    with pytest.raises(SystemExit):
+        net.parse_args(["--runs", "0"])
+    with pytest.raises(ValueError):
+        net.settings_from(net.parse_args(["--variants", "vhost"]))
+
+
+@pytest.mark.parametrize("requested, kvm, inside, mode", [
+    ("auto", "software", False, "hostvm"),
+    ("auto", "absent", False, "hostvm"),
+    ("auto", "hardware", False, "direct"),
+    ("auto", "software", True, "direct"),      # never nest a second emulated host
+    ("direct", "software", False, "direct"),
+    ("hostvm", "hardware", False, "hostvm"),
+])
+def test_mode(requested, kvm, inside, mode):
+    assert net.choose_mode(requested, kvm, inside) == mode
+
+
+def test_results_come_back_through_the_host_vm_results_directory(monkeypatch, tmp_path):
+    from asyncvmm.hostvm import RESULTS_ENV
+
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path))
+    assert net.results_dir(None, inside=True) == tmp_path
+    assert net.results_dir(None, inside=False) == net.report.RESULTS_DIR
+    assert net.results_dir(Path("/x"), inside=True) == Path("/x")
+
+
+def test_the_nested_document_names_both_machines():
+    inner = {"benchmark": "net", "machine": {"cpus": 1, "kvm": "kvm_amd"}, "load": {"before": [1.0]},
+             "git": {"commit": None}, "command": "inner", "variants": {}}
+    doc = net.nest_document(inner, {"cpus": 2, "kvm": "kvm_pvm"}, {"commit": "abc"}, {"before": [3.0]},
+                            "python -m benchmarks.net", {"kvm": "kvm ready"})
+    assert doc["machine"] == {"cpus": 2, "kvm": "kvm_pvm"} and doc["git"] == {"commit": "abc"}
+    assert doc["emulated_host"] == {"machine": {"cpus": 1, "kvm": "kvm_amd"}, "load": {"before": [1.0]},
+                                    "kvm": "kvm ready"}
+    assert doc["command"] == "python -m benchmarks.net" and inner["machine"]["cpus"] == 1
+
+
+def test_the_host_vm_timeout_grows_with_the_work():
+    small = net.Settings(1, 1, 1, ("asyncvmm",))
+    big = net.Settings(10, 10, 100, ("asyncvmm", "qemu-microvm"))
+    assert 600 < net.hostvm_timeout(small) < net.hostvm_timeout(big)
