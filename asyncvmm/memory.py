@@ -109,6 +109,8 @@ class GuestMemory:
             if a.end > b.guest_addr:
                 raise ValueError(f"guest regions overlap at {b.guest_addr:#x}")
         self._starts = [r.guest_addr for r in self._regions]
+        first = self._regions[0] if self._regions else None
+        self._low = first if first is not None and first.guest_addr == 0 else None
 
     # -- construction -------------------------------------------------------
 
@@ -168,6 +170,10 @@ class GuestMemory:
     def _find(self, gpa: int, length: int) -> tuple[GuestRegion, int]:
         if gpa < 0 or length < 0:
             raise GuestMemoryError(gpa, length, "negative address or length")
+        # Fast path: nearly every access of a guest under 3 GiB hits the low region.
+        low = self._low
+        if low is not None and gpa + length <= low.size:
+            return low, gpa
         i = bisect.bisect_right(self._starts, gpa) - 1
         if i >= 0:
             region = self._regions[i]
