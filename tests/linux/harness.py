@@ -94,6 +94,10 @@ class DriveSpec:
     drive_id: str
     read_only: bool = False
     is_root_device: bool = False
+    # Firecracker drive fields; None leaves them out of the config (the VMM's default).
+    cache_type: str | None = None        # "Unsafe" | "Writeback"
+    io_engine: str | None = None         # "Sync" | "Async"
+    rate_limiter: dict | None = None     # {"bandwidth": {...}, "ops": {...}}
 
 
 @dataclass
@@ -105,6 +109,9 @@ class VmSpec:
     drives: list[DriveSpec] = field(default_factory=list)
     vcpus: int = 1
     mem_mib: int = 256
+    # Firecracker "network-interfaces" entries and "mmds-config" (asyncvmm only; QEMU ignores them).
+    network_interfaces: list[dict] = field(default_factory=list)
+    mmds_config: dict | None = None
 
 
 class Launcher(Protocol):
@@ -115,26 +122,41 @@ class Launcher(Protocol):
 
 
 class AsyncVmmLauncher:
-    """asyncvmm with a Firecracker config file (root drive adds ``root=/dev/vda``, as Firecracker does)."""
+    """asyncvmm with a Firecracker config file (root drive adds ``root=/dev/vda``, as Firecracker does).
+
+    ``netns`` runs the VMM inside that network namespace (``ip netns exec``, as
+    Firecracker's jailer would), so it can open a tap the test made there.
+    """
     name = "asyncvmm"
 
-    def __init__(self, console_script: bool = False, extra_args: list[str] | None = None) -> None:
+    def __init__(self, console_script: bool = False, extra_args: list[str] | None = None,
+                 netns: str | None = None) -> None:
         self.console_script = console_script
         self.extra_args = extra_args or []
+        self.netns = netns
 
     @staticmethod
-    def config(spec: VmSpec) -> dict:
+    def _drive(d: DriveSpec) -> dict:
+        drive = {"drive_id": d.drive_id, "path_on_host": str(d.path),
+                 "is_root_device": d.is_root_device, "is_read_only": d.read_only}
+        optional = {"cache_type": d.cache_type, "io_engine": d.io_engine, "rate_limiter": d.rate_limiter}
+        drive.update({k: v for k, v in optional.items() if v is not None})
+        return drive
+
+    @classmethod
+    def config(cls, spec: VmSpec) -> dict:
         boot = {"kernel_image_path": str(spec.kernel), "boot_args": spec.boot_args}
         if spec.initrd:
             boot["initrd_path"] = str(spec.initrd)
-        return {
+        config = {
             "boot-source": boot,
-            "drives": [{"drive_id": d.drive_id, "path_on_host": str(d.path),
-                        "is_root_device": d.is_root_device, "is_read_only": d.read_only}
-                       for d in spec.drives],
+            "drives": [cls._drive(d) for d in spec.drives],
             "machine-config": {"vcpu_count": spec.vcpus, "mem_size_mib": spec.mem_mib},
-            "network-interfaces": [],
+            "network-interfaces": list(spec.network_interfaces),
         }
+        if spec.mmds_config is not None:
+            config["mmds-config"] = spec.mmds_config
+        return config
 
     def argv(self, spec: VmSpec, workdir: Path) -> list[str]:
         # Firecracker guests reboot through the i8042 reset line; that ends the VMM.
@@ -143,7 +165,9 @@ class AsyncVmmLauncher:
         config.write_text(json.dumps(self.config(spec), indent=2))
         exe = [shutil.which("asyncvmm") or "asyncvmm"] if self.console_script else \
             [sys.executable, "-m", "asyncvmm.cli"]
-        return exe + ["--no-api", "--config-file", str(config), *self.extra_args]
+        # `ip netns exec` execs the VMM in place, so the child's pid, session and PDEATHSIG are the VMM's.
+        netns = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return netns + exe + ["--no-api", "--config-file", str(config), *self.extra_args]
 
 
 class QemuMicrovmLauncher:

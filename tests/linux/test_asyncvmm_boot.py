@@ -7,10 +7,9 @@ DSDT's LNRO0005 devices; two online CPUs prove the MADT.  Both the bzImage
 
 from __future__ import annotations
 
-import json
-import socket
 import time
 
+from tests.linux.api import ApiLauncher, api
 from tests.linux.harness import AsyncVmmLauncher, VmSpec, default_spec
 
 BOOT_TIMEOUT = 300
@@ -52,35 +51,6 @@ def test_two_vcpus_are_online(guests, guest_images, tmp_path):
     assert guest.stop() == 0, guest.tail()
 
 
-class ApiLauncher(AsyncVmmLauncher):
-    """asyncvmm with both the config file and the API socket (Firecracker allows both)."""
-
-    def __init__(self, sock) -> None:
-        super().__init__()
-        self.sock = sock
-
-    def argv(self, spec, workdir):
-        argv = super().argv(spec, workdir)
-        argv[argv.index("--no-api")] = "--api-sock"
-        argv.insert(argv.index("--api-sock") + 1, str(self.sock))
-        return argv
-
-
-def _api(sock_path, method: str, path: str, body: dict | None = None) -> tuple[int, str]:
-    payload = json.dumps(body).encode() if body is not None else b""
-    request = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(30)
-        s.connect(str(sock_path))
-        s.sendall(request)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), rest.decode(errors="replace")
-
-
 def test_send_ctrl_alt_del_reboots_the_guest_and_ends_the_vmm(guests, guest_images, tmp_path):
     sock = tmp_path / "api.sock"
     guest = guests.start(ApiLauncher(sock))
@@ -88,7 +58,7 @@ def test_send_ctrl_alt_del_reboots_the_guest_and_ends_the_vmm(guests, guest_imag
     deadline = time.monotonic() + 30
     while not sock.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    status, body = _api(sock, "PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+    status, body = api(sock, "PUT", "/actions", {"action_type": "SendCtrlAltDel"})
     assert status == 204, body
     guest.wait_for(r"asyncvmm-guest: ctrl-alt-del", BOOT_TIMEOUT)
     assert guest.wait_exit(BOOT_TIMEOUT) == 0, guest.tail()
