@@ -77,6 +77,13 @@ READY = r"asyncvmm-guest: ready \(rootfs\)"
 BOOT_TIMEOUT_S = 400.0
 MIB = 1 << 20
 DIRECTIONS = ("h2g", "g2h")
+# TCP sizes its TSO/GSO packets to about 1 ms of its pacing rate, at least tcp_min_tso_segs (2)
+# segments.  Emulated, rates are ~100x below hardware, so a slow start leaves a connection sending
+# ~3 KB packets whose per-packet cost keeps the rate low: a second, slow steady state that real
+# hardware never reaches.  A floor of 32 segments (~46 KB) on both ends keeps TCP in the regime it
+# has on hardware; 0 leaves the kernels' default.
+MIN_TSO_SEGS = 32
+MIN_TSO_SYSCTL = "/proc/sys/net/ipv4/tcp_min_tso_segs"     # per network namespace
 
 
 class RunFailed(RuntimeError):
@@ -206,6 +213,13 @@ class Link:
     @property
     def guest_args(self) -> str:
         return f"avm.ip={self.guest_ip}/24"
+
+
+def min_tso_command(segments: int) -> str | None:
+    """The shell command setting ``tcp_min_tso_segs`` (in the caller's namespace), or None for 0."""
+    if segments < 0:
+        raise ValueError("tcp_min_tso_segs cannot be negative")
+    return f"echo {segments} > {MIN_TSO_SYSCTL}" if segments else None
 
 
 def asyncvmm_interface(link: Link) -> dict[str, Any]:
@@ -371,8 +385,8 @@ def _launchers(variant: Variant, netns: str, workdir: Path):
     return QemuNet()
 
 
-def boot(variant: Variant, netns: str, images, workdir: Path) -> None:
-    """Boot ``variant``'s guest on its tap and start its iperf3 server."""
+def boot(variant: Variant, netns: str, images, workdir: Path, min_tso_segs: int) -> None:
+    """Boot ``variant``'s guest on its tap, set its TSO floor and start its iperf3 server."""
     from tests.linux.harness import Guest, GuestError, default_spec
 
     wd = workdir / variant.name
@@ -386,6 +400,9 @@ def boot(variant: Variant, netns: str, images, workdir: Path) -> None:
         addr = guest.run("ip -o -4 addr show dev eth0", 60).check().output
         if variant.link.guest_ip not in addr:
             raise RunFailed(f"eth0 does not have {variant.link.guest_ip}: {addr.strip()!r}")
+        tso = min_tso_command(min_tso_segs)
+        if tso:
+            guest.run(tso, 60).check()
         guest.run("iperf3 -s -D", 60).check()
     except GuestError as err:
         raise RunFailed(f"{variant.name} did not boot to a working eth0: {err}") from None
@@ -513,11 +530,12 @@ class Settings:
     seconds: int
     pings: int
     variants: tuple[str, ...]
+    min_tso_segs: int = MIN_TSO_SEGS
 
     def argv(self) -> list[str]:
         """The same settings as command-line flags (for the run inside the emulated host)."""
         return ["--runs", str(self.runs), "--seconds", str(self.seconds), "--pings", str(self.pings),
-                "--variants", ",".join(self.variants)]
+                "--variants", ",".join(self.variants), "--min-tso-segs", str(self.min_tso_segs)]
 
 
 def run_direct(settings: Settings, command: str) -> tuple[dict[str, Any], bool]:
@@ -533,11 +551,14 @@ def run_direct(settings: Settings, command: str) -> tuple[dict[str, Any], bool]:
           f"{settings.seconds} s per direction, {settings.pings} pings; load {load_before}", flush=True)
     with temporary_netns("avmbench-") as ns, tempfile.TemporaryDirectory(prefix="bench-net-") as tmp:
         opts = Options(ns, settings.seconds, settings.pings, ping_command())
+        tso = min_tso_command(settings.min_tso_segs)
+        if tso:
+            _run(netns_argv(ns, ["sh", "-c", tso]), 30)
         try:
             for v in variants:
                 create_tap(v.link.tap, netns=ns, addr=v.link.host_cidr)
                 try:
-                    boot(v, ns, images, Path(tmp))
+                    boot(v, ns, images, Path(tmp), settings.min_tso_segs)
                     warm_up(v, opts)
                     print(f"{v.name}: booted, eth0 {v.link.guest_ip} up, iperf3 server running", flush=True)
                 except (RunFailed, OSError) as err:
@@ -571,7 +592,7 @@ def build_document(variants: list[Variant], settings: Settings, opts: Options, c
         nested_emulated_host=nested,
         settings={"runs": settings.runs, "iperf3_seconds": settings.seconds, "pings": settings.pings,
                   "ping_interval_s": PING_INTERVAL_S, "ping": list(opts.ping), "mem_mib": MEM_MIB,
-                  "vcpus": 1, "guest_mac": GUEST_MAC,
+                  "vcpus": 1, "guest_mac": GUEST_MAC, "tcp_min_tso_segs": settings.min_tso_segs,
                   "iperf3": [" ".join(iperf3_argv(Link("tapX", 0), settings.seconds, d)) for d in DIRECTIONS]},
         variants=vdocs, comparisons=comps,
         notes=notes + (NOTES if nested else NOTES[1:]))
@@ -637,6 +658,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seconds", type=int, help=f"seconds per iperf3 run (default {DEFAULT_SECONDS})")
     p.add_argument("--pings", type=int, help=f"pings per round (default {DEFAULT_PINGS})")
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(n for n, _ in VARIANTS)}")
+    p.add_argument("--min-tso-segs", type=int, default=MIN_TSO_SEGS,
+                   help=f"tcp_min_tso_segs in the guests and the host namespace (default {MIN_TSO_SEGS}; "
+                        "0: the kernels' default)")
     p.add_argument("--mode", choices=("auto", "direct", "hostvm"), default="auto",
                    help="direct: here; hostvm: inside the emulated KVM host; auto: direct on hardware KVM")
     p.add_argument("--hostvm-timeout", type=float, help="seconds for the whole run inside the emulated host")
@@ -647,6 +671,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be at least 1")
+    if args.min_tso_segs < 0:
+        p.error("--min-tso-segs cannot be negative")
     return args
 
 
@@ -657,7 +683,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         runs=args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS),
         seconds=args.seconds or (QUICK_SECONDS if args.quick else DEFAULT_SECONDS),
         pings=args.pings or (QUICK_PINGS if args.quick else DEFAULT_PINGS),
-        variants=names)
+        variants=names, min_tso_segs=args.min_tso_segs)
 
 
 def choose_mode(requested: str, kvm: str, inside: bool) -> str:

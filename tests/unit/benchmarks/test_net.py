@@ -270,6 +270,17 @@ def test_settings_survive_the_trip_into_the_emulated_host():
         net.settings_from(net.parse_args(["--variants", "vhost"]))
 
 
+def test_the_tso_floor_is_set_on_both_ends_or_left_alone():
+    assert net.min_tso_command(32) == "echo 32 > /proc/sys/net/ipv4/tcp_min_tso_segs"
+    assert net.min_tso_command(0) is None
+    with pytest.raises(ValueError):
+        net.min_tso_command(-1)
+    s = net.settings_from(net.parse_args(["--min-tso-segs", "0"]))
+    assert s.min_tso_segs == 0 and net.settings_from(net.parse_args(s.argv())) == s
+    with pytest.raises(SystemExit):
+        net.parse_args(["--min-tso-segs", "-2"])
+
+
 @pytest.mark.parametrize("requested, kvm, inside, mode", [
     ("auto", "software", False, "hostvm"),
     ("auto", "absent", False, "hostvm"),
