@@ -327,6 +327,11 @@ NOTES = [
     "(the kernel on its behalf: tap I/O, eventfds, and KVM handling the vCPU's exits, which the nested "
     "emulation makes expensive for both VMMs). *_guest_cpu_ms_per_mib is guest_time: how hard the guest "
     "worked per MiB (more interrupts or smaller batches show there). All tick-sampled.",
+    "TCP's TSO floor: tcp_min_tso_segs is 32 (settings.tcp_min_tso_segs) in both guests and the host "
+    "namespace. TCP sizes TSO packets to ~1 ms of its pacing rate; at emulated rates that is ~3 KB, and "
+    "without the floor connections fell into a slow steady state of tiny packets (guest-to-host 0.3 vs "
+    "8 MiB/s from one run to the next, for both VMMs), an artefact of emulation that hardware never "
+    "reaches. `--min-tso-segs 0` measures with the kernels' default of 2.",
     "Both guests stay booted for the whole run (each on its own tap and /24); the one not being measured "
     "idles.",
 ]
