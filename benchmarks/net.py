@@ -374,7 +374,7 @@ def _launchers(variant: Variant, netns: str, workdir: Path):
     link = variant.link
 
     class AsyncVmmNet(AsyncVmmLauncher):
-        def config(self, spec):                      # noqa: D401 - the harness's hook
+        def config(self, spec):
             return {**AsyncVmmLauncher.config(spec), "network-interfaces": [asyncvmm_interface(link)]}
 
         def argv(self, spec, wd):
@@ -462,7 +462,9 @@ def warm_up(v: Variant, opts: Options) -> None:
 
 def measure(v: Variant, opts: Options) -> dict[str, float] | None:
     if v.guest is None or v.guest.exited() is not None:
-        v.failures.append("the guest is not running")
+        if v.guest is not None:                      # a boot failure is already recorded
+            v.failures.append(f"the VMM exited ({v.guest.exited()}): {v.guest.tail(600)!r}")
+            stop_guest(v)
         return None
     try:
         iperfs = {d: iperf(v, opts, d, opts.seconds) for d in DIRECTIONS}
