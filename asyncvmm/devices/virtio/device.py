@@ -89,9 +89,23 @@ class VirtioDevice:
 
     # -- config space (vCPU threads) ----------------------------------------
 
+    #: The device-specific configuration (virtio-mmio: at 0x100 of the window);
+    #: subclasses with one replace it whenever it changes.
+    _config: bytes = b""
+
     def read_config(self, offset: int, size: int) -> bytes:
-        """Bytes of the device-specific configuration; outside it, zeros."""
-        return bytes(size)
+        """Bytes of the device-specific configuration; past its end, zeros (and a cfg_fails)."""
+        config = self._config
+        if offset + size > len(config):
+            self._count("cfg_fails")
+            log.warning("%s: config read of %d bytes at %#x past the %d-byte config",
+                        type(self).__name__, size, offset, len(config))
+        return config[offset:offset + size].ljust(size, b"\0")
+
+    def _count(self, counter: str) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None and hasattr(metrics, counter):
+            setattr(metrics, counter, getattr(metrics, counter) + 1)
 
     def write_config(self, offset: int, data: bytes) -> None:
         log.warning("%s: ignored write of %d bytes to config offset %#x",
@@ -114,6 +128,4 @@ class VirtioDevice:
 
     def activation_failed(self, reason: str) -> None:
         """The transport could not activate (bad queue setup); count it."""
-        metrics = getattr(self, "metrics", None)
-        if metrics is not None and hasattr(metrics, "activate_fails"):
-            metrics.activate_fails += 1
+        self._count("activate_fails")

@@ -108,14 +108,6 @@ class Block(VirtioDevice):
 
     # -- config space (vCPU threads) ----------------------------------------
 
-    def read_config(self, offset: int, size: int) -> bytes:
-        config = self._config
-        if offset + size > len(config):
-            self.metrics.cfg_fails += 1
-            log.warning("block %s: config read %d bytes at %#x past the %d-byte config",
-                        self.drive_id, size, offset, len(config))
-        return config[offset:offset + size].ljust(size, b"\0")
-
     def write_config(self, offset: int, data: bytes) -> None:
         # Nothing in this config is writable (no VIRTIO_BLK_F_CONFIG_WCE).
         self.metrics.cfg_fails += 1

@@ -135,14 +135,6 @@ class Net(VirtioDevice):
 
     # -- config space (vCPU threads) ----------------------------------------
 
-    def read_config(self, offset: int, size: int) -> bytes:
-        config = self._config
-        if offset + size > len(config):
-            self.metrics.cfg_fails += 1
-            log.warning("net %s: config read of %d bytes at %#x past the %d-byte config",
-                        self.iface_id, size, offset, len(config))
-        return config[offset:offset + size].ljust(size, b"\0")
-
     def write_config(self, offset: int, data: bytes) -> None:
         if offset < MAC_OFFSET or offset + len(data) > MAC_OFFSET + ETH_ALEN or not data:
             self.metrics.cfg_fails += 1
