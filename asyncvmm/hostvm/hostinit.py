@@ -71,6 +71,9 @@ mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
+# Debian's /var/run is a link to /run (pyroute2 keeps named netns under /var/run/netns,
+# iproute2 under /run/netns); the runtime disk is a copy of files, not of that link.
+[ -e /newroot/var/run ] || [ -L /newroot/var/run ] || { mkdir -p /newroot/var && ln -s /run /newroot/var/run; }
 mount -t ext4 "$jobdev" "/newroot@JOBDIR@" || die "cannot mount the job disk $jobdev"
 stamp "disks mounted"
 if project=$(param avm.project); then
