@@ -114,14 +114,8 @@ def host_network() -> Iterator[HostNetwork]:
     require(os.geteuid() == 0, "needs root (network namespaces, taps)")
     require(os.path.exists("/dev/net/tun"), "/dev/net/tun is missing")
     require(shutil.which("ip") is not None, "the ip command (iproute2) is missing")
-    from asyncvmm.hostvm import in_hostvm
     from asyncvmm.net.netns import temporary_netns, temporary_tap
 
-    if in_hostvm() and not os.path.lexists("/var/run"):
-        # pyroute2 keeps named namespaces in /var/run/netns, `ip netns` (and asyncvmm.net.netns's
-        # existence checks) in /run/netns; on Debian one is a symlink to the other, but the
-        # emulated host's root (a throwaway overlay) lacks it.  Give it the same link.
-        os.symlink("/run", "/var/run")
     with temporary_netns("avm-linux-") as ns:
         # No IPv6 in the namespace: nothing of the host kernel's own (router solicitations,
         # MLD) reaches the guest, so what is measured is only what the test sends.
