@@ -508,24 +508,6 @@ def stop_guest(v: Variant) -> None:
         v.guest = None
 
 
-def prepare_netns_dirs(run_dir: str) -> None:
-    """Make the emulated host's root look like Debian's where named namespaces live.
-
-    pyroute2 keeps them under /var/run/netns and ``ip netns`` (and asyncvmm.net.netns) under
-    /run/netns: one directory through Debian's /var/run -> /run symlink, which the emulated host's
-    root lacks.  Only there is anything created (it is a tmpfs overlay; nothing persists).
-    """
-    from asyncvmm.hostvm import in_hostvm
-
-    if not in_hostvm():
-        return
-    var_run = Path("/var/run")
-    if not var_run.exists() and not var_run.is_symlink():
-        var_run.parent.mkdir(exist_ok=True)
-        var_run.symlink_to("/run")
-    os.makedirs(run_dir, exist_ok=True)
-
-
 def ping_command() -> tuple[str, ...]:
     """busybox's ping where busybox exists (it is in the emulated host), else the system's."""
     return ("busybox", "ping") if shutil.which("busybox") else ("ping",)
@@ -551,7 +533,7 @@ def run_direct(settings: Settings, command: str) -> tuple[dict[str, Any], bool]:
     from asyncvmm.net.netns import NETNS_RUN_DIR, create_tap, temporary_netns
 
     images = ensure_images(refresh=False)
-    prepare_netns_dirs(NETNS_RUN_DIR)
+    os.makedirs(NETNS_RUN_DIR, exist_ok=True)
     variants = make_variants(settings.variants)
     load_before = machine.load_average()
     print(f"net benchmark: {settings.runs} rounds of {', '.join(v.name for v in variants)}; iperf3 "
