@@ -18,6 +18,12 @@ Every test here is marked ``linux``.  How they run depends on the machine:
 ``ASYNCVMM_LINUX_TIER=direct|hostvm`` forces a mode.  Missing prerequisites
 (qemu, images, KVM) go through ``require()``: skips locally, failures under
 ``CI=true``.
+
+Tests marked ``minikernel`` exercise the optional small kernel
+(``asyncvmm-images build --only minikernel``, ~7 minutes to build).  They are
+deselected -- counted as such in pytest's summary, not skipped -- unless that
+kernel is in the cache or ``ASYNCVMM_MINIKERNEL=1`` asks for them, in which
+case a missing kernel is a failure under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -62,6 +68,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for item in items:
         if _is_linux_item(item):
             item.add_marker(pytest.mark.linux)
+    if not _minikernel_wanted():
+        dropped = [i for i in items if i.get_closest_marker("minikernel")]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [i for i in items if not i.get_closest_marker("minikernel")]
     if tier_mode() != "hostvm":
         return
     linux = [i for i in items if _is_linux_item(i)]
@@ -74,6 +85,16 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             proxy = HostVmProxy.from_parent(item.parent, name=item.name, runner=runner)
             proxy.own_markers.extend(item.own_markers)   # parents' marks come with the parent
             items[idx] = proxy
+
+
+def _minikernel_wanted() -> bool:
+    if in_hostvm():
+        return True   # the outer run already chose which tests to send in
+    if os.environ.get("ASYNCVMM_MINIKERNEL", "") in ("1", "true", "yes"):
+        return True
+    from asyncvmm.images.cache import cache_root
+    from asyncvmm.images.minikernel import cached_minikernel
+    return cached_minikernel(cache_root()) is not None
 
 
 RUNNER_KEY = pytest.StashKey["InnerRun"]()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from asyncvmm.images.guestinit import run_flag
+from tests.conftest import require
 from tests.linux.harness import QemuMicrovmLauncher, default_spec
 
 BOOT_TIMEOUT = 240   # nested under TCG on a loaded 2-core machine: ~30 s typical
@@ -56,14 +57,15 @@ def test_writable_root_keeps_the_cached_image_pristine(guests, guest_images, qem
     assert guest_images.rootfs.stat().st_mtime_ns == before
 
 
+@pytest.mark.minikernel
 def test_minikernel_boots_the_rootfs_without_an_initramfs(guests, guest_images, tmp_path, qemu_available):
     """The optional built-in-drivers kernel: virtio-mmio from the command line, no modules.
 
     Its allnoconfig-based ACPI cannot load QEMU's DSDT (AE_BAD_PARAMETER), so the machine
     has ACPI off and QEMU lists the devices on the command line.
     """
-    if guest_images.minikernel_bzimage is None:
-        pytest.skip("the minimal kernel is optional and not built (python -m asyncvmm.images build --only minikernel)")
+    require(guest_images.minikernel_bzimage is not None,
+            "the minimal kernel is not built (asyncvmm-images build --only minikernel)")
     spec = default_spec(guest_images, tmp_path, initrd=False,
                         extra_args=run_flag("cat /proc/mounts; cat /proc/cmdline"))
     spec.kernel = guest_images.minikernel_bzimage
