@@ -43,7 +43,6 @@ import asyncio
 import dataclasses
 import gc
 import json
-import os
 import selectors
 import socket
 import sys
@@ -656,30 +655,19 @@ def main(argv: list[str] | None = None) -> int:
     except TestGuestBuildError as err:
         print(f"cannot build the test guest: {err}", file=sys.stderr)
         return 1
-    variants = make_variants()
-    if args.variants:
-        wanted = args.variants.split(",")
-        unknown = set(wanted) - {v.name for v in variants}
-        if unknown:
-            print(f"unknown variants: {', '.join(sorted(unknown))}", file=sys.stderr)
-            return 2
-        variants = [v for v in variants if v.name in wanted]
+    try:
+        variants = report.select_variants(make_variants(), args.variants)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
     opts = Options(kernel, max(requests, max(CLIENTS)), args.warmup, args.timeout)
     load_before = machine.load_average()
     print(f"api benchmark: {runs} rounds of {', '.join(v.name for v in variants)}; load {load_before}")
     with make_runner() as runner:
         loads = run_rounds(variants, opts, runs, 0 if args.quick else 1, runner)
     doc = build_document(variants, opts, runs, argv, load_before, loads)
-    print()
-    print(report.format_comparisons(doc["comparisons"]))
     print_pooled(variants)
-    for v in variants:
-        if v.failures:
-            print(f"{v.name}: {len(v.failures)} failed run(s)")
-    if not args.no_write:
-        path = report.write_result(doc, args.results_dir)
-        print(f"\nwrote {path} and {args.results_dir / report.SUMMARY_NAME}")
-    return 0 if all(v.samples for v in variants) else 1
+    return report.conclude(doc, variants, write=not args.no_write, results_dir=args.results_dir)
 
 
 if __name__ == "__main__":

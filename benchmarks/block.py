@@ -535,14 +535,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def select(variants: list[Variant], spec: str | None) -> list[Variant]:
-    wanted = spec.split(",") if spec else list(DEFAULT_VARIANTS)
-    unknown = set(wanted) - {v.name for v in variants}
-    if unknown:
-        raise ValueError(f"unknown variants: {', '.join(sorted(unknown))}")
-    return [v for v in variants if v.name in wanted]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -557,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         print("/dev/kvm is missing or not accessible", file=sys.stderr)
         return 1
     try:
-        variants = select(make_variants(), args.variants)
+        variants = report.select_variants(make_variants(), args.variants, DEFAULT_VARIANTS)
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
@@ -575,16 +567,8 @@ def main(argv: list[str] | None = None) -> int:
           f"guest command line {opts.cmdline()!r}; load {load_before}")
     loads = run_rounds(variants, opts, runs, warmup=0 if args.quick else 1)
     doc = build_document(variants, opts, runs, argv, load_before, loads)
-    print()
-    print(report.format_comparisons(doc["comparisons"]))
-    print("(ratios of rates: above 1.0 the asyncvmm variant is faster)")
-    for v in variants:
-        if v.failures:
-            print(f"{v.name}: {len(v.failures)} failed run(s)")
-    if not args.no_write:
-        path = report.write_result(doc, args.results_dir)
-        print(f"\nwrote {path} and {args.results_dir / report.SUMMARY_NAME}")
-    return 0 if all(v.samples for v in variants) else 1
+    return report.conclude(doc, variants, write=not args.no_write, results_dir=args.results_dir,
+                           note="(ratios of rates: above 1.0 the asyncvmm variant is faster)")
 
 
 if __name__ == "__main__":

@@ -336,14 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     opts = Options(GuestSpec(images.variants()[args.kernel], CMDLINE, mem_mib=args.mem_mib),
                    settle_s=args.settle, timeout_s=args.timeout)
-    variants = make_variants()
-    if args.variants:
-        wanted = args.variants.split(",")
-        unknown = set(wanted) - {v.name for v in variants}
-        if unknown:
-            print(f"unknown variants: {', '.join(sorted(unknown))}", file=sys.stderr)
-            return 2
-        variants = [v for v in variants if v.name in wanted]
+    try:
+        variants = report.select_variants(make_variants(), args.variants)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
     load_before = machine.load_average()
     print(f"boot benchmark: {runs} rounds of {', '.join(v.name for v in variants)}; load {load_before}")
     if load_before[0] > (os.cpu_count() or 1):
@@ -351,15 +348,7 @@ def main(argv: list[str] | None = None) -> int:
               "ratios are fairer (variants are interleaved) but noisier")
     loads = run_rounds(variants, opts, runs, warmup=0 if args.quick else 1)
     doc = build_document(variants, opts, runs, argv, load_before, loads)
-    print()
-    print(report.format_comparisons(doc["comparisons"]))
-    for v in variants:
-        if v.failures:
-            print(f"{v.name}: {len(v.failures)} failed run(s)")
-    if not args.no_write:
-        path = report.write_result(doc, args.results_dir)
-        print(f"\nwrote {path} and {args.results_dir / report.SUMMARY_NAME}")
-    return 0 if all(v.samples for v in variants) else 1
+    return report.conclude(doc, variants, write=not args.no_write, results_dir=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -170,6 +170,38 @@ def write_result(doc: Mapping[str, Any], results_dir: Path = RESULTS_DIR) -> Pat
     return path
 
 
+def select_variants(variants: Sequence[Any], spec: str | None,
+                    default: Sequence[str] | None = None) -> list[Any]:
+    """The variants named in ``spec`` (comma-separated; else ``default``, else all), in run order.
+
+    Raises ValueError naming any unknown variant.
+    """
+    wanted = spec.split(",") if spec else list(default or (v.name for v in variants))
+    unknown = set(wanted) - {v.name for v in variants}
+    if unknown:
+        raise ValueError(f"unknown variants: {', '.join(sorted(unknown))}")
+    return [v for v in variants if v.name in wanted]
+
+
+def conclude(doc: Mapping[str, Any], variants: Sequence[Any], *, write: bool,
+             results_dir: Path = RESULTS_DIR, note: str = "") -> int:
+    """Print a benchmark's comparisons and failures, write its results; the process exit code.
+
+    Every variant needs at least one sample for the run to count as a success.
+    """
+    print()
+    print(format_comparisons(doc["comparisons"]))
+    if note:
+        print(note)
+    for v in variants:
+        if v.failures:
+            print(f"{v.name}: {len(v.failures)} failed run(s)")
+    if write:
+        path = write_result(doc, results_dir)
+        print(f"\nwrote {path} and {results_dir / SUMMARY_NAME}")
+    return 0 if all(v.samples for v in variants) else 1
+
+
 def dumps(value: Any, indent: int = 0) -> str:
     """JSON with one key per line but lists of numbers or strings on one line (samples stay readable)."""
     pad, inner = " " * indent, " " * (indent + 1)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks import block
+from benchmarks import block, report
 from benchmarks.block import RunFailed, Window, Workload
 from benchmarks.launch import Chunk
 
@@ -186,7 +186,10 @@ def test_rate_comparisons_say_higher_is_better():
 
 def test_variant_selection():
     variants = block.make_variants()
-    assert [v.name for v in block.select(variants, None)] == list(block.DEFAULT_VARIANTS)
-    assert [v.name for v in block.select(variants, "qemu-microvm-io_uring")] == ["qemu-microvm-io_uring"]
+    default = block.DEFAULT_VARIANTS
+    assert [v.name for v in report.select_variants(variants, None, default)] == list(default)
+    assert [v.name for v in report.select_variants(variants, "qemu-microvm-io_uring", default)] == \
+        ["qemu-microvm-io_uring"]
+    assert len(report.select_variants(variants, None)) == len(variants)
     with pytest.raises(ValueError, match="nope"):
-        block.select(variants, "asyncvmm-sync,nope")
+        report.select_variants(variants, "asyncvmm-sync,nope", default)
