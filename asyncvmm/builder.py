@@ -102,13 +102,14 @@ class MicroVm:
 
 
 def kernel_cmdline(config: VmConfig, virtio_windows: list[tuple[int, int, int]]) -> str:
-    """boot_args (or Firecracker's default), the root device and virtio-mmio devices.
+    """boot_args (or Firecracker's default), then what Firecracker v1.16 appends after them.
 
-    ``virtio_mmio.device=`` entries serve kernels built with
-    VIRTIO_MMIO_CMDLINE_DEVICES; others find the same devices in the DSDT.
+    That is ``pci=off`` (there is no PCI bus; appended even when boot_args has it, as
+    Firecracker does), the root device, and one ``virtio_mmio.device=`` per device for
+    kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; others find the devices in the DSDT.
     """
     boot = config.boot_source
-    parts = [boot.boot_args if boot and boot.boot_args is not None else DEFAULT_KERNEL_CMDLINE]
+    parts = [boot.boot_args if boot and boot.boot_args is not None else DEFAULT_KERNEL_CMDLINE, "pci=off"]
     root = next((d for d in config.drives if d.is_root_device), None)
     if root is not None:
         dev = f"PARTUUID={root.partuuid}" if root.partuuid else "/dev/vda"
