@@ -2,7 +2,8 @@
 
 For fast-boot benchmarks: no modules, no initramfs needed, virtio-mmio devices
 given on the command line (``virtio_mmio.device=4K@0xc0001000:5``) or found
-through ACPI.  Built from ``allnoconfig`` plus :data:`FRAGMENT`, then checked:
+through ACPI, like Firecracker's guest kernels.  ``CONFIG_PCI`` is there for
+ACPI: without it Linux's ACPI interpreter fails to initialise on any DSDT.  Built from ``allnoconfig`` plus :data:`FRAGMENT`, then checked:
 an option the fragment asks for that ``olddefconfig`` dropped is an error,
 not a silently different kernel.  Takes ~7 minutes on 2 cores; run it niced.
 
@@ -82,6 +83,7 @@ CONFIG_HW_RANDOM=y
 CONFIG_HW_RANDOM_VIRTIO=y
 CONFIG_MODULES=n
 CONFIG_UNWINDER_FRAME_POINTER=y
+CONFIG_PCI=y
 """
 
 

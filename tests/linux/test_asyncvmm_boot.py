@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+from tests.conftest import require
 from tests.linux.api import ApiLauncher, api
 from tests.linux.harness import AsyncVmmLauncher, VmSpec, default_spec
 
@@ -62,3 +65,28 @@ def test_send_ctrl_alt_del_reboots_the_guest_and_ends_the_vmm(guests, guest_imag
     assert status == 204, body
     guest.wait_for(r"asyncvmm-guest: ctrl-alt-del", BOOT_TIMEOUT)
     assert guest.wait_exit(BOOT_TIMEOUT) == 0, guest.tail()
+
+
+@pytest.mark.minikernel
+def test_kernel_with_acpi_and_command_line_devices_uses_the_dsdt_ones(guests, guest_images, tmp_path):
+    """A kernel built like Firecracker's guests (ACPI, PCI, VIRTIO_MMIO_CMDLINE_DEVICES, no modules)
+    is offered every virtio device twice, as under Firecracker: the DSDT's LNRO0005 device binds,
+    the command line's copy finds its window taken and gives up; the root disk works."""
+    require(guest_images.minikernel is not None,
+            "the minimal kernel is not built (asyncvmm-images build --only minikernel)")
+    spec = default_spec(guest_images, tmp_path, initrd=False)
+    spec = VmSpec(**{**spec.__dict__, "kernel": guest_images.minikernel, "vcpus": 2})
+    guest = guests.start(AsyncVmmLauncher(), spec)
+    guest.wait_for(r"asyncvmm-guest: ready \(rootfs\)", BOOT_TIMEOUT)
+    assert "ACPI: Interpreter enabled" in guest.run("dmesg").check().output
+    assert "virtio_mmio.device=4K@0xc0001000:5" in guest.run("cat /proc/cmdline").check().output
+    acpi = guest.run("ls /sys/bus/acpi/devices/ | grep -c LNRO0005").check().output.strip()
+    assert int(acpi) >= 1
+    # virtio0 is bound to the ACPI platform device, not to the command line's virtio-mmio.0.
+    bound = guest.run("readlink -f /sys/bus/virtio/devices/virtio0").check().output
+    assert "LNRO0005" in bound, bound
+    mounts = guest.run("cat /proc/mounts").check().output
+    assert any(line.split()[:2] == ["/dev/root", "/"] or line.split()[:2] == ["/dev/vda", "/"]
+               for line in mounts.splitlines()), mounts
+    assert guest.run("cat /sys/devices/system/cpu/online").check().output.strip() == "0-1"
+    assert guest.stop() == 0, guest.tail()
