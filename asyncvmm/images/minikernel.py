@@ -3,9 +3,11 @@
 For fast-boot benchmarks: no modules, no initramfs needed, virtio-mmio devices
 given on the command line (``virtio_mmio.device=4K@0xc0001000:5``) or found
 through ACPI, like Firecracker's guest kernels.  ``CONFIG_PCI`` is there for
-ACPI: without it Linux's ACPI interpreter fails to initialise on any DSDT.  Built from ``allnoconfig`` plus :data:`FRAGMENT`, then checked:
-an option the fragment asks for that ``olddefconfig`` dropped is an error,
-not a silently different kernel.  Takes ~7 minutes on 2 cores; run it niced.
+ACPI: without it the interpreter failed to initialise on QEMU's DSDT and on
+asyncvmm's (``AE_BAD_PARAMETER``).  Built from ``allnoconfig`` plus
+:data:`FRAGMENT`, then checked: an option the fragment asks for that
+``olddefconfig`` dropped is an error, not a silently different kernel.  Takes
+~9 minutes on 2 idle cores; run it niced.
 
 Artifact directory ``minikernel-<key>/``: ``vmlinux`` (ELF), ``bzImage``,
 ``config``.
