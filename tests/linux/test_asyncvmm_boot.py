@@ -86,6 +86,8 @@ def test_kernel_with_acpi_and_command_line_devices_uses_the_dsdt_ones(guests, gu
     # virtio0 is bound to the ACPI platform device, not to the command line's virtio-mmio.0.
     bound = guest.run("readlink -f /sys/bus/virtio/devices/virtio0").check().output
     assert "LNRO0005" in bound, bound
+    refused = guest.run("dmesg | grep -c 'probe of virtio-mmio.0 failed with error -16'").check()
+    assert refused.output.strip() == "1"
     mounts = guest.run("cat /proc/mounts").check().output
     assert any(line.split()[:2] == ["/dev/root", "/"] or line.split()[:2] == ["/dev/vda", "/"]
                for line in mounts.splitlines()), mounts
