@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--kernel", choices=["bzimage", "vmlinux"], default="vmlinux",
                    help="vmlinux (ELF, as Firecracker boots on x86) or the bzImage")
     v.add_argument("--rootfs", type=Path, help="a writable copy of the rootfs to use instead of the cache's")
+    v.add_argument("--quiet", action="store_true", help="boot with `quiet loglevel=4`: only the kernel's errors")
     args = parser.parse_args(argv)
 
     def progress(msg: str) -> None:
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def vm_config(images, args) -> dict:
-    """Firecracker's config-file shape; the root drive makes the VMM add ``root=/dev/vda``."""
-    boot_args = "console=ttyS0 reboot=k panic=1 pci=off quiet loglevel=4"
+    """Firecracker's config-file shape; the VMM appends ``pci=off`` and, for the root drive,
+    ``root=/dev/vda ro``."""
+    boot_args = "console=ttyS0 reboot=k panic=1" + (" quiet loglevel=4" if args.quiet else "")
     if args.run:
         boot_args += " " + run_flag(args.run)
     return {
