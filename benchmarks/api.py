@@ -53,6 +53,7 @@ from typing import Any, Callable, Sequence
 
 from benchmarks import machine, report, stats
 from benchmarks.launch import Launched, LaunchError, connect_unix, launch
+from benchmarks.rounds import interleaved_rounds
 from benchmarks.vmms import (DONE, ApiClient, ControlError, GuestSpec, QmpClient, asyncvmm_api_argv,
                              asyncvmm_config, qemu_microvm_argv)
 
@@ -511,22 +512,18 @@ def run_once(v: Variant, opts: Options, runner: asyncio.Runner) -> bool:
 
 def run_rounds(variants: list[Variant], opts: Options, runs: int, warmup: int, runner: asyncio.Runner,
                log: Callable[[str], None] = print) -> list[list[float]]:
-    for _ in range(warmup):
-        for v in variants:
-            run_once(v, opts, runner)
-            v.samples.clear()
-            v.raw.clear()
-            v.failures.clear()
-    loads = []
-    for i in range(runs):
-        loads.append(machine.load_average())
-        shift = i % len(variants)
-        for v in variants[shift:] + variants[:shift]:
-            run_once(v, opts, runner)
+    def discard(v: Variant) -> None:
+        v.samples.clear()
+        v.raw.clear()
+        v.failures.clear()
+
+    def describe(vs: list[Variant]) -> str:
         key = "status_preboot_c1_median"
-        log(f"round {i + 1}/{runs}: load {loads[-1]}; GET / (or query-status) c1 median: " + ", ".join(
-            f"{v.name} {v.samples.get(key, [float('nan')])[-1]:.0f} us" for v in variants))
-    return loads
+        return "GET / (or query-status) c1 median: " + ", ".join(
+            f"{v.name} {v.samples.get(key, [float('nan')])[-1]:.0f} us" for v in vs)
+
+    return interleaved_rounds(variants, runs, lambda v: run_once(v, opts, runner), warmup=warmup,
+                              discard=discard, describe=describe, log=log)
 
 
 def unit_of(metric: str) -> str:

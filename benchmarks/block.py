@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from benchmarks import machine, report
 from benchmarks.launch import Chunk, Launched, LaunchError, arrival_of, launch
+from benchmarks.rounds import interleaved_rounds
 from benchmarks.vmms import (DONE, GuestSpec, asyncvmm_config, asyncvmm_config_argv,
                              qemu_microvm_argv)
 
@@ -431,21 +432,17 @@ def run_once(v: Variant, opts: Options) -> dict[str, float] | None:
 def run_rounds(variants: list[Variant], opts: Options, runs: int, warmup: int,
                log: Callable[[str], None] = print) -> list[list[float]]:
     """Warm-up rounds (discarded), then ``runs`` rounds in rotated order; load per round."""
-    for _ in range(warmup):
-        for v in variants:
-            run_once(v, opts)
-            v.samples.clear()
-            v.failures.clear()
-    loads = []
-    for i in range(runs):
-        loads.append(machine.load_average())
-        shift = i % len(variants)
-        for v in variants[shift:] + variants[:shift]:
-            run_once(v, opts)
+    def discard(v: Variant) -> None:
+        v.samples.clear()
+        v.failures.clear()
+
+    def describe(vs: list[Variant]) -> str:
         first = opts.workloads[0].metric
-        log(f"round {i + 1}/{runs}: load {loads[-1]}; {first}: " + ", ".join(
-            f"{v.name} {v.samples.get(first, [float('nan')])[-1]:,.0f}" for v in variants))
-    return loads
+        return f"{first}: " + ", ".join(f"{v.name} {v.samples.get(first, [float('nan')])[-1]:,.0f}"
+                                        for v in vs)
+
+    return interleaved_rounds(variants, runs, lambda v: run_once(v, opts), warmup=warmup,
+                              discard=discard, describe=describe, log=log)
 
 
 def unit_of(metric: str) -> str:

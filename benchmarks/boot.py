@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 from benchmarks import machine, report
 from benchmarks.launch import Launched, LaunchError, connect_unix, launch, process_cpu_ms
+from benchmarks.rounds import interleaved_rounds
 from benchmarks.smaps import SmapsError, read_process_memory
 from benchmarks.vmms import (BOOTTIMER_WRITTEN, DONE, GUEST_PREFIX, ApiClient, ControlError,
                              GuestSpec, QmpClient, asyncvmm_api_argv, asyncvmm_config,
@@ -243,21 +244,21 @@ def _failed(variant: Variant, message: str) -> None:
 def run_rounds(variants: list[Variant], opts: Options, runs: int, warmup: int,
                log: Callable[[str], None] = print) -> list[list[float]]:
     """Warm-up runs (discarded), then ``runs`` rounds; returns the load average per round."""
-    for i in range(warmup):
-        for v in variants:
-            run_once(v, opts)
-            v.failures.clear()
-    loads = []
-    for i in range(runs):
-        loads.append(machine.load_average())
-        order = variants[i % len(variants):] + variants[:i % len(variants)]
-        for v in order:
-            metrics = run_once(v, opts)
-            if metrics is not None:
-                v.add(metrics)
-        log(f"round {i + 1}/{runs}: load {loads[-1]}; " + ", ".join(
-            f"{v.name} {v.samples.get('start_to_boottimer', [float('nan')])[-1]:.0f} ms" for v in variants))
-    return loads
+    def run(v: Variant) -> None:
+        metrics = run_once(v, opts)
+        if metrics is not None:
+            v.add(metrics)
+
+    def discard(v: Variant) -> None:
+        v.samples.clear()
+        v.failures.clear()
+
+    def describe(vs: list[Variant]) -> str:
+        return ", ".join(f"{v.name} {v.samples.get('start_to_boottimer', [float('nan')])[-1]:.0f} ms"
+                         for v in vs)
+
+    return interleaved_rounds(variants, runs, run, warmup=warmup, discard=discard, describe=describe,
+                              log=log)
 
 
 def build_document(variants: list[Variant], opts: Options, runs: int, argv: list[str],

@@ -9,6 +9,7 @@ The pieces live in small modules, each with its own contract:
 * ``benchmarks.smaps``   a process's memory minus its guest-RAM mapping.
 * ``benchmarks.machine`` CPU, kernel, KVM module kind, load, git commit.
 * ``benchmarks.report``  result documents, the ratio table, SUMMARY.md.
+* ``benchmarks.rounds``  every variant once per round, order rotated, warm-ups dropped.
 * ``benchmarks.vmms``    asyncvmm and QEMU microvm command lines, the
   Firecracker API client and a QMP client.
 """
@@ -19,6 +20,7 @@ from benchmarks.machine import describe as describe_machine
 from benchmarks.machine import git_state, kvm_kind, load_average
 from benchmarks.report import (RESULTS_DIR, ResultError, compare, format_comparisons, metric,
                                new_document, regenerate_summary, render_summary, write_result)
+from benchmarks.rounds import interleaved_rounds
 from benchmarks.smaps import SmapsError, VmmMemory, parse_smaps, read_process_memory, vmm_memory
 from benchmarks.stats import StatsError, Summary, format_ratio, percentile, ratio, summarize
 from benchmarks.vmms import (ApiClient, ControlError, GuestSpec, QmpClient, asyncvmm_api_argv,
@@ -29,7 +31,7 @@ __all__ = [
     "RESULTS_DIR", "ResultError", "SmapsError", "StatsError", "StreamRecorder", "Summary",
     "VmmMemory", "arrival_of", "asyncvmm_api_argv", "asyncvmm_config", "asyncvmm_config_argv",
     "compare", "connect_unix", "describe_machine", "first_arrivals", "format_comparisons",
-    "format_ratio", "git_state", "install_cleanup", "kill_all", "kvm_kind", "launch",
+    "format_ratio", "git_state", "install_cleanup", "interleaved_rounds", "kill_all", "kvm_kind", "launch",
     "load_average", "metric", "new_document", "parse_smaps", "percentile", "qemu_microvm_argv",
     "ratio", "read_process_memory", "regenerate_summary", "render_summary", "summarize",
     "vmm_memory", "write_result",

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from benchmarks import machine, report, stats
+from benchmarks.rounds import interleaved_rounds
 
 NAME = "net"
 TITLE = ("Network: asyncvmm virtio-net vs QEMU microvm virtio-net (tap, no vhost), same Debian guest, "
@@ -482,16 +483,11 @@ def measure(v: Variant, opts: Options) -> dict[str, float] | None:
 
 def run_rounds(variants: list[Variant], opts: Options, runs: int,
                log: Callable[[str], None] = print) -> list[list[float]]:
-    loads = []
-    for i in range(runs):
-        loads.append(machine.load_average())
-        shift = i % len(variants)
-        for v in variants[shift:] + variants[:shift]:
-            measure(v, opts)
-        log(f"round {i + 1}/{runs}: load {loads[-1]}; " + "; ".join(
-            f"{v.name} h2g {_last(v, 'h2g_mib_s'):.1f} g2h {_last(v, 'g2h_mib_s'):.1f} MiB/s "
-            f"ping {_last(v, 'ping_median_us'):.0f} us" for v in variants))
-    return loads
+    def describe(vs: list[Variant]) -> str:
+        return "; ".join(f"{v.name} h2g {_last(v, 'h2g_mib_s'):.1f} g2h {_last(v, 'g2h_mib_s'):.1f} MiB/s "
+                         f"ping {_last(v, 'ping_median_us'):.0f} us" for v in vs)
+
+    return interleaved_rounds(variants, runs, lambda v: measure(v, opts), describe=describe, log=log)
 
 
 def _last(v: Variant, key: str) -> float:
