@@ -548,18 +548,7 @@ def comparisons(vdocs: dict[str, Any]) -> tuple[list[dict], list[str]]:
         for what in ("median", "p99", "rps")]),
         ("asyncvmm", "harness-floor", [f"{phase}_c{c}_median" for phase in (
             "status_preboot", "put_machine_config_preboot") for c in CLIENTS])]
-    out, notes = [], []
-    for subject, peer, names in pairs:
-        if subject not in vdocs or peer not in vdocs:
-            continue
-        for name in names:
-            try:
-                c = report.compare(vdocs, subject, peer, name)
-            except report.ResultError as err:
-                notes.append(f"comparison skipped: {err}")
-                continue
-            out.append(c | {"higher_is_better": name.endswith("_rps")})
-    return out, notes
+    return report.compare_pairs(vdocs, pairs, higher_is_better=lambda name: name.endswith("_rps"))
 
 
 NOTES = [

@@ -453,19 +453,9 @@ def unit_of(metric: str) -> str:
 
 def comparisons(vdocs: dict[str, Any], workloads: Sequence[Workload]) -> tuple[list[dict], list[str]]:
     """Ratios subject/peer of every rate; here higher is better (the flag says so)."""
-    out, notes = [], []
     pairs = [(s, p) for s in SUBJECTS for p in PEERS] + [("asyncvmm-async", "asyncvmm-sync")]
-    for subject, peer in pairs:
-        if subject not in vdocs or peer not in vdocs:
-            continue
-        for w in workloads:
-            try:
-                c = report.compare(vdocs, subject, peer, w.metric)
-            except report.ResultError as err:
-                notes.append(f"comparison skipped: {err}")
-                continue
-            out.append(c | {"higher_is_better": True})
-    return out, notes
+    return report.compare_pairs(vdocs, [(s, p, [w.metric for w in workloads]) for s, p in pairs],
+                                higher_is_better=lambda name: True)
 
 
 NOTES = [

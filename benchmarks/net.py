@@ -290,17 +290,8 @@ SUBJECT, PEER = "asyncvmm", "qemu-microvm"
 
 def comparisons(vdocs: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     """asyncvmm / QEMU per metric; throughput ratios are marked higher_is_better."""
-    out, notes = [], []
-    if SUBJECT not in vdocs or PEER not in vdocs:
-        return out, notes
-    for name in COMPARED:
-        try:
-            c = report.compare(vdocs, SUBJECT, PEER, name)
-        except report.ResultError as err:
-            notes.append(f"comparison skipped: {err}")
-            continue
-        out.append(c | {"higher_is_better": name.endswith("_mib_s")})
-    return out, notes
+    return report.compare_pairs(vdocs, [(SUBJECT, PEER, COMPARED)],
+                                higher_is_better=lambda name: name.endswith("_mib_s"))
 
 
 def pooled_pings(rtts_us: Sequence[float]) -> dict[str, float]:

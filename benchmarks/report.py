@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from benchmarks import stats
 
@@ -57,6 +57,25 @@ def compare(variants: Mapping[str, Any], subject: str, peer: str, name: str) -> 
     return {"metric": name, "unit": a["unit"], "subject": subject, "peer": peer,
             "subject_median": a["median"], "peer_median": b["median"],
             "ratio": stats.ratio(a["median"], b["median"])}
+
+
+def compare_pairs(variants: Mapping[str, Any], pairs: Iterable[tuple[str, str, Sequence[str]]],
+                  higher_is_better: Callable[[str], bool]) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`compare` each named metric of every (subject, peer, names) pair whose two variants
+    both ran; each comparison is flagged ``higher_is_better`` by metric name.  A metric that one
+    of them lacks becomes a note instead.  Returns (comparisons, notes)."""
+    out, notes = [], []
+    for subject, peer, names in pairs:
+        if subject not in variants or peer not in variants:
+            continue
+        for name in names:
+            try:
+                c = compare(variants, subject, peer, name)
+            except ResultError as err:
+                notes.append(f"comparison skipped: {err}")
+                continue
+            out.append(c | {"higher_is_better": higher_is_better(name)})
+    return out, notes
 
 
 def fmt(value: float | None, unit: str) -> str:
