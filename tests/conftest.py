@@ -8,6 +8,7 @@ because a skipped proof is no proof.
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -21,3 +22,10 @@ def require(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"missing prerequisite under CI=true: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def require_netns_and_taps() -> None:
+    """What a test that makes network namespaces and tap devices needs of the host."""
+    require(os.geteuid() == 0, "needs root (network namespaces, taps)")
+    require(os.path.exists("/dev/net/tun"), "/dev/net/tun is missing")
+    require(shutil.which("ip") is not None, "the ip command (iproute2) is missing")

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
+from tests.conftest import require_netns_and_taps
 from tests.guest.output import find, parse_lines
 from tests.kvm.conftest import VMM_TIMEOUT_S, asyncvmm_argv, guest_config
 
@@ -40,9 +39,7 @@ HOST_CIDR = "10.200.0.1/24"           # the tap's address; the guest pretends to
 
 @pytest.fixture
 def netns_tap():
-    require(os.geteuid() == 0, "needs root (network namespaces, taps)")
-    require(os.path.exists("/dev/net/tun"), "/dev/net/tun is missing")
-    require(shutil.which("ip") is not None, "the ip command (iproute2) is missing")
+    require_netns_and_taps()
     from asyncvmm.net.netns import temporary_netns, temporary_tap
 
     with temporary_netns("asyncvmm-kvmnet-") as ns:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
-import shutil
 import socket
 import subprocess
 import time
@@ -27,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tests.conftest import require
+from tests.conftest import require_netns_and_taps
 from tests.linux.harness import AsyncVmmLauncher
 
 GUEST_MAC = "06:00:AC:10:00:02"
@@ -111,9 +109,7 @@ class HostNetwork:
 
 @contextlib.contextmanager
 def host_network() -> Iterator[HostNetwork]:
-    require(os.geteuid() == 0, "needs root (network namespaces, taps)")
-    require(os.path.exists("/dev/net/tun"), "/dev/net/tun is missing")
-    require(shutil.which("ip") is not None, "the ip command (iproute2) is missing")
+    require_netns_and_taps()
     from asyncvmm.net.netns import temporary_netns, temporary_tap
 
     with temporary_netns("avm-linux-") as ns:
