@@ -55,7 +55,7 @@ from benchmarks import machine, report, stats
 from benchmarks.launch import Launched, LaunchError, connect_unix, launch
 from benchmarks.rounds import interleaved_rounds
 from benchmarks.vmms import (DONE, ApiClient, ControlError, GuestSpec, QmpClient, asyncvmm_api_argv,
-                             asyncvmm_config, qemu_microvm_argv)
+                             asyncvmm_config, load_test_guest, qemu_microvm_argv)
 
 NAME = "api"
 DEFAULT_RUNS = 10
@@ -635,12 +635,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
     requests = args.requests // 4 if args.quick else args.requests
-    from tests.guest.build import TestGuestBuildError, build_test_guest
-    try:
-        kernel = build_test_guest().elf_pvh
-    except TestGuestBuildError as err:
-        print(f"cannot build the test guest: {err}", file=sys.stderr)
+    images = load_test_guest(need_kvm=False)
+    if images is None:
         return 1
+    kernel = images.elf_pvh
     try:
         variants = report.select_variants(make_variants(), args.variants)
     except ValueError as err:

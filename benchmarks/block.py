@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterator, Sequence
 from benchmarks import machine, report
 from benchmarks.launch import Chunk, Launched, LaunchError, arrival_of, launch
 from benchmarks.rounds import interleaved_rounds
-from benchmarks.vmms import (DONE, GuestSpec, asyncvmm_config, asyncvmm_config_argv,
+from benchmarks.vmms import (DONE, GuestSpec, asyncvmm_config, asyncvmm_config_argv, load_test_guest,
                              qemu_microvm_argv)
 
 NAME = "block"
@@ -526,15 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
-    from tests.guest.build import TestGuestBuildError, build_test_guest
-    try:
-        kernel = build_test_guest().elf_pvh
-    except TestGuestBuildError as err:
-        print(f"cannot build the test guest: {err}", file=sys.stderr)
+    images = load_test_guest()
+    if images is None:
         return 1
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        print("/dev/kvm is missing or not accessible", file=sys.stderr)
-        return 1
+    kernel = images.elf_pvh
     try:
         variants = report.select_variants(make_variants(), args.variants, DEFAULT_VARIANTS)
     except ValueError as err:

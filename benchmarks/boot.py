@@ -50,10 +50,9 @@ from benchmarks import machine, report
 from benchmarks.launch import Launched, LaunchError, connect_unix, launch, process_cpu_ms
 from benchmarks.rounds import interleaved_rounds
 from benchmarks.smaps import SmapsError, read_process_memory
-from benchmarks.vmms import (BOOTTIMER_WRITTEN, DONE, GUEST_PREFIX, ApiClient, ControlError,
-                             GuestSpec, QmpClient, asyncvmm_api_argv, asyncvmm_config,
-                             asyncvmm_config_argv, parse_boot_time_us, parse_startup_us,
-                             qemu_microvm_argv)
+from benchmarks.vmms import (BOOTTIMER_WRITTEN, DONE, GUEST_PREFIX, ApiClient, ControlError, GuestSpec,
+                             QmpClient, asyncvmm_api_argv, asyncvmm_config, asyncvmm_config_argv,
+                             load_test_guest, parse_boot_time_us, parse_startup_us, qemu_microvm_argv)
 
 NAME = "boot"
 DEFAULT_RUNS = 10
@@ -326,14 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
-    from tests.guest.build import TestGuestBuildError, build_test_guest
-    try:
-        images = build_test_guest()
-    except TestGuestBuildError as err:
-        print(f"cannot build the test guest: {err}", file=sys.stderr)
-        return 1
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        print("/dev/kvm is missing or not accessible", file=sys.stderr)
+    images = load_test_guest()
+    if images is None:
         return 1
     opts = Options(GuestSpec(images.variants()[args.kernel], CMDLINE, mem_mib=args.mem_mib),
                    settle_s=args.settle, timeout_s=args.timeout)

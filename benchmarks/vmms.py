@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import http.client
 import json
+import os
 import re
 import socket
 import sys
@@ -81,6 +82,21 @@ def asyncvmm_executable() -> str:
 def _byte_compile_package() -> None:
     import asyncvmm
     compileall.compile_dir(Path(asyncvmm.__file__).parent, quiet=1)
+
+
+def load_test_guest(*, need_kvm: bool = True) -> Any:
+    """The kvm-tier test guest's images (built when missing), or None after saying on stderr why
+    not: the build failed, or ``need_kvm`` and /dev/kvm is missing or not accessible."""
+    from tests.guest.build import TestGuestBuildError, build_test_guest
+    try:
+        images = build_test_guest()
+    except TestGuestBuildError as err:
+        print(f"cannot build the test guest: {err}", file=sys.stderr)
+        return None
+    if need_kvm and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("/dev/kvm is missing or not accessible", file=sys.stderr)
+        return None
+    return images
 
 
 def asyncvmm_config(guest: GuestSpec) -> dict[str, Any]:
