@@ -68,6 +68,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for item in items:
         if _is_linux_item(item):
             item.add_marker(pytest.mark.linux)
+            # This tier sets its own limits: each phase in direct mode (SIGALRM, below, which
+            # would cancel pytest-timeout's alarm anyway), the whole inner run in hostvm mode
+            # (ASYNCVMM_HOSTVM_TIMEOUT kills QEMU), which a 300 s default would cut short.
+            item.add_marker(pytest.mark.timeout(0))
     if not _minikernel_wanted():
         dropped = [i for i in items if i.get_closest_marker("minikernel")]
         if dropped:
