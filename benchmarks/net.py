@@ -34,7 +34,7 @@ rest (exits, device emulation, tap I/O: the VMM's own cost), each per MiB.
 
 Where ``/dev/kvm`` is not hardware KVM (here: kvm_pvm) a Debian guest cannot
 boot in useful time, so ``main`` re-runs this module inside the emulated KVM
-host (``asyncvmm.hostvm``: QEMU TCG with nested SVM) and brings its JSON
+host (``asyncvmm_tools.hostvm``: QEMU TCG with nested SVM) and brings its JSON
 back through the host VM's results directory.  Everything there, the host
 side's iperf3 included, runs emulated on one vCPU: the absolute numbers say
 little about real hardware; the ratios compare the two VMMs under the same
@@ -516,7 +516,7 @@ class Settings:
 
 def run_direct(settings: Settings, command: str) -> tuple[dict[str, Any], bool]:
     """Boot both guests here, measure, and return (the result document, every variant measured)."""
-    from asyncvmm.images import ensure_images
+    from asyncvmm_tools.images import ensure_images
     from asyncvmm.net.netns import NETNS_RUN_DIR, create_tap, temporary_netns
 
     images = ensure_images(refresh=False)
@@ -551,7 +551,7 @@ def run_direct(settings: Settings, command: str) -> tuple[dict[str, Any], bool]:
 
 def build_document(variants: list[Variant], settings: Settings, opts: Options, command: str,
                    load_before: list[float], loads: list[list[float]]) -> dict[str, Any]:
-    from asyncvmm.hostvm import in_hostvm
+    from asyncvmm_tools.hostvm import in_hostvm
 
     vdocs: dict[str, Any] = {}
     for v in variants:
@@ -596,7 +596,7 @@ def nest_document(inner: dict[str, Any], outer_machine: dict[str, Any], git: dic
 
 def run_nested(settings: Settings, command: str, timeout: float | None) -> tuple[dict[str, Any] | None, bool]:
     """Run this benchmark inside the emulated KVM host; its document, or None with the reason printed."""
-    from asyncvmm.hostvm import HostVmError, run_in_hostvm
+    from asyncvmm_tools.hostvm import HostVmError, run_in_hostvm
 
     load_before = machine.load_average()
     inner = [sys.executable, "-m", "benchmarks.net", *settings.argv()]
@@ -670,7 +670,7 @@ def choose_mode(requested: str, kvm: str, inside: bool) -> str:
 
 def results_dir(requested: Path | None, inside: bool) -> Path:
     """Inside the emulated host the results go where the host VM hands them back."""
-    from asyncvmm.hostvm import RESULTS_ENV
+    from asyncvmm_tools.hostvm import RESULTS_ENV
 
     if requested is not None:
         return requested
@@ -680,7 +680,7 @@ def results_dir(requested: Path | None, inside: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asyncvmm.hostvm import in_hostvm, kvm_kind
+    from asyncvmm_tools.hostvm import in_hostvm, kvm_kind
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)

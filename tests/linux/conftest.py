@@ -38,14 +38,14 @@ from pathlib import Path
 
 import pytest
 
-from asyncvmm.hostvm import in_hostvm, kvm_kind
+from asyncvmm_tools.hostvm import in_hostvm, kvm_kind
 from tests.conftest import require
-from asyncvmm.hostvm.junit import InnerOutcome, junit_key, parse_junit
+from asyncvmm_tools.hostvm.junit import InnerOutcome, junit_key, parse_junit
 
 HERE = Path(__file__).resolve().parent
 PER_TEST_TIMEOUT = float(os.environ.get("ASYNCVMM_LINUX_TEST_TIMEOUT", "300"))
 BOOT_ALLOWANCE = 240.0
-INNER_RESULTS = "/hostvm-job/results"   # asyncvmm.hostvm.hostinit.JOB_MOUNT + /results
+INNER_RESULTS = "/hostvm-job/results"   # asyncvmm_tools.hostvm.hostinit.JOB_MOUNT + /results
 
 
 def tier_mode() -> str:
@@ -96,8 +96,8 @@ def _minikernel_wanted() -> bool:
         return True   # the outer run already chose which tests to send in
     if os.environ.get("ASYNCVMM_MINIKERNEL", "") in ("1", "true", "yes"):
         return True
-    from asyncvmm.images.cache import cache_root
-    from asyncvmm.images.minikernel import cached_minikernel
+    from asyncvmm_tools.images.cache import cache_root
+    from asyncvmm_tools.images.minikernel import cached_minikernel
     return cached_minikernel(cache_root()) is not None
 
 
@@ -160,8 +160,8 @@ class InnerRun:
         self.workdir = Path(tempfile.mkdtemp(prefix="asyncvmm-linux-tier-"))
         require(shutil.which("qemu-system-x86_64") is not None,
                 "qemu-system-x86_64 is needed to run the linux tier in an emulated KVM host")
-        from asyncvmm.hostvm import HostVm, HostVmError, run_in_hostvm
-        from asyncvmm.images import ImagesMissingError
+        from asyncvmm_tools.hostvm import HostVm, HostVmError, run_in_hostvm
+        from asyncvmm_tools.images import ImagesMissingError
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
 
         def say(msg: str) -> None:
@@ -256,7 +256,7 @@ def pytest_runtest_teardown(item):
 
 @pytest.fixture(scope="session")
 def guest_images():
-    from asyncvmm.images import ImagesMissingError, ensure_images
+    from asyncvmm_tools.images import ImagesMissingError, ensure_images
     require(kvm_kind() == "hardware", f"needs hardware KVM (this machine: {kvm_kind()})")
     try:
         return ensure_images(build=not in_hostvm(), refresh=False)

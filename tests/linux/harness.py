@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from asyncvmm.hostvm.process import Child
-from asyncvmm.hostvm.qemu import MICROVM_OPTS, Disk, MachineSpec, machine_argv
-from asyncvmm.images import GuestImages
+from asyncvmm_tools.hostvm.process import Child
+from asyncvmm_tools.hostvm.qemu import MICROVM_OPTS, Disk, MachineSpec, machine_argv
+from asyncvmm_tools.images import GuestImages
 
 READY = "asyncvmm-guest: ready"
 CHUNK = 1500

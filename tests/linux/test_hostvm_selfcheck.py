@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncvmm.images.guestinit import run_flag
+from asyncvmm_tools.images.guestinit import run_flag
 from tests.conftest import require
 from tests.linux.harness import QemuMicrovmLauncher, default_spec
 

@@ -35,7 +35,7 @@ import time
 
 import pytest
 
-from asyncvmm.hostvm.process import Child
+from asyncvmm_tools.hostvm.process import Child
 from tests.conftest import require
 from tests.linux.api import GUEST_MAC, ApiLauncher, api, host_network, wait_for_api
 from tests.linux.harness import VmSpec, default_spec

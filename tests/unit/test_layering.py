@@ -59,3 +59,12 @@ def test_relative_imports_are_resolved():
     imports = _imports(PACKAGE / "devices" / "legacy" / "serial.py")
     assert "asyncvmm.devices.irq" in imports
     assert "asyncvmm.devices.irq.IrqLine" in imports
+
+
+def test_runtime_does_not_import_the_tools():
+    # The image builder and the emulated KVM host are tools around the VMM, not part of it.
+    bad = [f"{path.relative_to(PACKAGE.parent)} imports {mod}"
+           for path in sorted(PACKAGE.rglob("*.py")) for mod in _imports(path)
+           if mod == "asyncvmm_tools" or mod.startswith("asyncvmm_tools.")]
+    assert not bad, "\n".join(bad)
+    assert not (PACKAGE / "images").exists() and not (PACKAGE / "hostvm").exists()

@@ -294,7 +294,7 @@ def test_mode(requested, kvm, inside, mode):
 
 
 def test_results_come_back_through_the_host_vm_results_directory(monkeypatch, tmp_path):
-    from asyncvmm.hostvm import RESULTS_ENV
+    from asyncvmm_tools.hostvm import RESULTS_ENV
 
     monkeypatch.setenv(RESULTS_ENV, str(tmp_path))
     assert net.results_dir(None, inside=True) == tmp_path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncvmm.hostvm.detect import cpu_flags, kvm_kind, nested_status, tsc_khz
+from asyncvmm_tools.hostvm.detect import cpu_flags, kvm_kind, nested_status, tsc_khz
 
 CPUINFO = "processor\t: 0\nflags\t\t: fpu {extra} constant_tsc\ncpu MHz\t\t: 2445.426\n"
 

@@ -1,4 +1,4 @@
-"""Children started by asyncvmm.hostvm.process never outlive their parent."""
+"""Children started by asyncvmm_tools.hostvm.process never outlive their parent."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import textwrap
 import time
 
-from asyncvmm.hostvm.process import Child, TerminatedError, terminate_on_signals
+from asyncvmm_tools.hostvm.process import Child, TerminatedError, terminate_on_signals
 
 
 def _alive(pid: int) -> bool:
@@ -56,7 +56,7 @@ def test_child_dies_with_a_sigkilled_parent(tmp_path):
     pidfile = tmp_path / "pid"
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from asyncvmm.hostvm.process import Child
+        from asyncvmm_tools.hostvm.process import Child
         c = Child(["sleep", "300"], lambda b: None)
         open({str(pidfile)!r}, "w").write(str(c.pid))
         time.sleep(300)

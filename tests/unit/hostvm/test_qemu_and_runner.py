@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from asyncvmm.hostvm.hostdisk import fingerprint, host_path, walk
-from asyncvmm.hostvm.hostinit import host_init_script
-from asyncvmm.hostvm.junit import junit_key, parse_junit
-from asyncvmm.hostvm.qemu import Disk, MachineSpec, drive_args, host_cmdline, machine_argv
-from asyncvmm.hostvm.runner import IN_HOSTVM_ENV, job_script, split_console
+from asyncvmm_tools.hostvm.hostdisk import fingerprint, host_path, walk
+from asyncvmm_tools.hostvm.hostinit import host_init_script
+from asyncvmm_tools.hostvm.junit import junit_key, parse_junit
+from asyncvmm_tools.hostvm.qemu import Disk, MachineSpec, drive_args, host_cmdline, machine_argv
+from asyncvmm_tools.hostvm.runner import IN_HOSTVM_ENV, job_script, split_console
 from tests.conftest import require
 from tests.linux.harness import AsyncVmmLauncher, ConsoleProtocol, DriveSpec, QemuMicrovmLauncher, VmSpec
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asyncvmm.hostvm.junit import InnerOutcome, junit_key, parse_junit
+from asyncvmm_tools.hostvm.junit import InnerOutcome, junit_key, parse_junit
 from tests.linux import conftest as tier
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asyncvmm.images.bzimage import BzImageError, check_elf64, compression_of, decompress, locate_payload
+from asyncvmm_tools.images.bzimage import BzImageError, check_elf64, compression_of, decompress, locate_payload
 from tests.conftest import require
 
 ELF = b"\x7fELF\x02\x01\x01" + b"\0" * 9 + struct.pack("<HH", 2, 62) + b"payload-body" * 50

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncvmm.images.cpio import CpioArchive, CpioError, encode_entry, parse
+from asyncvmm_tools.images.cpio import CpioArchive, CpioError, encode_entry, parse
 from tests.conftest import require
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asyncvmm.images.kmod import (ModuleError, elf_section, format_modules_dep, load_order, modinfo,
+from asyncvmm_tools.images.kmod import (ModuleError, elf_section, format_modules_dep, load_order, modinfo,
                                   modinfo_depends, module_name, parse_modules_dep)
 
 

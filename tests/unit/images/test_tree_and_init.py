@@ -9,11 +9,11 @@ import subprocess
 
 import pytest
 
-from asyncvmm.images.cpio import parse
-from asyncvmm.images.debian import parse_candidate, parse_depends
-from asyncvmm.images.guestinit import init_script, run_flag
-from asyncvmm.images.minikernel import FRAGMENT, missing_options
-from asyncvmm.images.tree import FsTree, TreeError, guest_path
+from asyncvmm_tools.images.cpio import parse
+from asyncvmm_tools.images.debian import parse_candidate, parse_depends
+from asyncvmm_tools.images.guestinit import init_script, run_flag
+from asyncvmm_tools.images.minikernel import FRAGMENT, missing_options
+from asyncvmm_tools.images.tree import FsTree, TreeError, guest_path
 from tests.conftest import require
 
 

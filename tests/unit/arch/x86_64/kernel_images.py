@@ -87,7 +87,7 @@ def find_real_kernels() -> list[Path]:
     if os.environ.get("ASYNCVMM_TEST_KERNEL"):
         found.append(Path(os.environ["ASYNCVMM_TEST_KERNEL"]))
     try:
-        from asyncvmm.images import load_manifest
+        from asyncvmm_tools.images import load_manifest
         images = load_manifest()
         found += [p for p in (images.bzimage, images.vmlinux, images.minikernel,
                               images.minikernel_bzimage) if p]

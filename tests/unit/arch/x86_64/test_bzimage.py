@@ -165,7 +165,7 @@ def test_garbage_with_a_bzimage_signature_is_a_loader_error(data):
 
 def test_real_bzimage_loads():
     kernels = [p for p in find_real_kernels() if p.read_bytes()[0x202:0x206] == b"HdrS"]
-    require(bool(kernels), "no real bzImage (build images: python -m asyncvmm.images build)")
+    require(bool(kernels), "no real bzImage (build images: python -m asyncvmm_tools.images build)")
     mem = GuestMemory.anonymous(layout.ram_layout(256 * MiB))
     k = load_kernel(mem, kernels[0])
     hdr = setup_header.from_buffer_copy(k.setup_header.ljust(0x7B, b"\0"))

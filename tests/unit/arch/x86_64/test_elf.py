@@ -224,7 +224,7 @@ def test_mutated_elf_loads_or_is_a_loader_error(mutations):
 def _real_vmlinux() -> bytes:
     """A real vmlinux: from the image cache or /boot, or unpacked from a real bzImage's payload."""
     kernels = find_real_kernels()
-    require(bool(kernels), "no real kernel (build images: python -m asyncvmm.images build)")
+    require(bool(kernels), "no real kernel (build images: python -m asyncvmm_tools.images build)")
     for path in kernels:
         data = path.read_bytes()
         if data[:4] == b"\x7fELF":

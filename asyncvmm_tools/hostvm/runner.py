@@ -69,7 +69,7 @@ def job_script(argv: list[str], env: dict[str, str], cwd: str) -> str:
     """The ``job.sh`` the host init runs chrooted: environment, cwd, then ``exec argv``."""
     if not argv:
         raise ValueError("empty command")
-    lines = ["#!/bin/sh", "# written by asyncvmm.hostvm.runner"]
+    lines = ["#!/bin/sh", "# written by asyncvmm_tools.hostvm.runner"]
     # The venv's bin first: `python`, `pytest` and `asyncvmm` inside are this runtime's.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
     base = {"PATH": path, "HOME": os.path.expanduser("~"),

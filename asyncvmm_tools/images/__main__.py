@@ -1,4 +1,4 @@
-"""``python -m asyncvmm.images build [--only KIND ...] [--force] | paths [--no-build] | vmconfig [...]``."""
+"""``python -m asyncvmm_tools.images build [--only KIND ...] [--force] | paths [--no-build] | vmconfig [...]``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ERRORS = (DebianError, BzImageError, ModuleError, RootfsError, MiniKernelError, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m asyncvmm.images",
+    parser = argparse.ArgumentParser(prog="python -m asyncvmm_tools.images",
                                      description="Build and locate asyncvmm guest images.")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build (or reuse from the cache) the guest images")

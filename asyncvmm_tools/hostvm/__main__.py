@@ -1,4 +1,4 @@
-"""``python -m asyncvmm.hostvm run [--timeout S] [--mem MiB] -- CMD...`` | ``shell`` | ``kind`` | ``microvm``.
+"""``python -m asyncvmm_tools.hostvm run [--timeout S] [--mem MiB] -- CMD...`` | ``shell`` | ``kind`` | ``microvm``.
 
 ``run`` boots the emulated KVM host, runs CMD there (in the project
 directory, same paths as here) with the console streamed to stdout, and
@@ -22,7 +22,7 @@ from .detect import nested_status
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m asyncvmm.hostvm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m asyncvmm_tools.hostvm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a command inside the emulated KVM host")
     run.add_argument("--timeout", type=float, default=1800)

@@ -76,7 +76,7 @@ def load_manifest(cache: Path | None = None) -> GuestImages:
     try:
         images = GuestImages.from_json(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError) as exc:
-        raise ImagesMissingError(f"no usable {path}: run `python -m asyncvmm.images build`") from exc
+        raise ImagesMissingError(f"no usable {path}: run `python -m asyncvmm_tools.images build`") from exc
     missing = images.missing()
     if missing:
         raise ImagesMissingError(f"images listed in {path} are gone: {missing}")
