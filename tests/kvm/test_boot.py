@@ -78,3 +78,26 @@ def test_a_kernel_too_big_for_memory_fails_start(test_guest, tmp_path):
     run = run_vmm(tmp_path, guest_config(test_guest.elf_pvh, "exit=reset", mem_mib=1))
     assert run.returncode != 0
     assert "Cannot load kernel" in run.all_output
+
+
+def _this_kvm_is_software() -> bool:
+    """The machine fact, read independently of asyncvmm.kvm.kind."""
+    import os
+    modules = "/sys/module"
+    if os.path.exists(f"{modules}/kvm_pvm"):
+        return True
+    return not (os.path.exists(f"{modules}/kvm_intel") or os.path.exists(f"{modules}/kvm_amd"))
+
+
+def test_software_kvm_is_warned_about_once_at_start_and_the_guest_still_runs(test_guest, tmp_path):
+    run = run_vmm(tmp_path, guest_config(test_guest.elf_pvh, "console=ttyS0 exit=reset"), "--show-level")
+    assert run.returncode == 0, run.all_output
+    warnings = [line for line in run.log.splitlines() if "Software KVM detected" in line]
+    if _this_kvm_is_software():
+        assert len(warnings) == 1, run.log
+        assert ":WARN]" in warnings[0], warnings[0]
+        assert "will not boot in useful time" in warnings[0] and "docs/testing.md" in warnings[0]
+        # Logged at InstanceStart, before the guest ran.
+        assert run.log.index("Software KVM detected") < run.log.index("Started microVM")
+    else:
+        assert warnings == [], run.log
