@@ -12,7 +12,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,3 +73,76 @@ def guest_config(kernel: Path, cmdline: str, *, vcpus: int = 1, mem_mib: int = 6
     }
     config.update(extra)
     return config
+
+
+def wait_until(condition, timeout: float, what: str, poll_s: float = 0.02):
+    """Poll ``condition()`` until it returns something truthy (returned); fail after ``timeout``.
+
+    The kvm tier waits for *events* (a line, a counter, a file) with a deadline,
+    never for a fixed time followed by an assert.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(poll_s)
+
+
+def api_call(sock_path: str, method: str, path: str, body=None) -> tuple[int, Any]:
+    """One request on the API socket: (status, decoded JSON body or None)."""
+    from tests.integration.apiclient import UnixHTTPConnection
+    conn = UnixHTTPConnection(sock_path)
+    try:
+        conn.request(method, path, body=None if body is None else json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, (json.loads(data) if data else None)
+    finally:
+        conn.close()
+
+
+class ApiProcess:
+    """``asyncvmm --api-sock`` as a subprocess with its console and log in files."""
+
+    def __init__(self, tmp_path: Path, *prefix: str) -> None:
+        self.sock = str(tmp_path / "api.sock")
+        self.log = tmp_path / "vmm.log"
+        self.log.touch()
+        self.console = tmp_path / "console.out"
+        self._out = open(self.console, "wb")
+        self.proc = subprocess.Popen([*prefix, *asyncvmm_argv(), "--api-sock", self.sock,
+                                      "--log-path", str(self.log), "--level", "Info"],
+                                     stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
+        wait_until(lambda: os.path.exists(self.sock) or self.proc.poll() is not None, 30, "the API socket")
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def __call__(self, method: str, path: str, body=None) -> tuple[int, Any]:
+        return api_call(self.sock, method, path, body)
+
+    def output(self) -> str:
+        return self.console.read_text(errors="replace")
+
+    def wait_output(self, text: str, timeout: float = 30) -> None:
+        def seen() -> bool:
+            assert self.proc.poll() is None, self.output() + self.log.read_text()
+            return text in self.output()
+        wait_until(seen, timeout, f"{text!r} on the console")
+
+    def flush_metrics(self, path: Path) -> list[dict]:
+        """FlushMetrics, then every report written so far."""
+        status, body = self("PUT", "/actions", {"action_type": "FlushMetrics"})
+        assert status == 204, body
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
