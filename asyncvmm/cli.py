@@ -106,6 +106,11 @@ def version_text() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("ASYNCVMM_FORKSERVER"):  # a thin launcher instead: docs/forkserver.md
+        from asyncvmm.forkserver import launcher
+        path = launcher.server_path()
+        if path is not None:
+            return launcher.main(argv, path)
     try:
         args = parse_args(argv)
     except ArgumentsError as err:

@@ -13,7 +13,9 @@ Nothing is stored per token, so a guest that asks for millions of tokens costs
 no memory.  Without the key a guest cannot make a tag, and it cannot stretch a
 token's life because the expiry is under the tag.  The key dies with the
 process, which is why tokens do not survive a snapshot restore (as in
-Firecracker).  Tags are compared with :func:`hmac.compare_digest`.
+Firecracker).  Nor does a key cross a fork: a process forked from one that
+holds authorities (the fork server's children, docs/forkserver.md) draws new
+keys for them at once, so no two VMM processes ever share a key.  Tags are compared with :func:`hmac.compare_digest`.
 
 The TTL bounds are Firecracker's: 1 to 21600 seconds.  No I/O here; the clock
 is injected (``time.monotonic`` by default).
@@ -28,6 +30,7 @@ import os
 import re
 import struct
 import time
+import weakref
 from typing import Callable
 
 MIN_TOKEN_TTL_SECONDS = 1
@@ -62,6 +65,8 @@ class TokenAuthority:
             raise ValueError("token key must be at least 16 bytes")
         self._clock = clock
         self._key = key if key is not None else os.urandom(_KEY_BYTES)
+        if key is None:
+            _drawn_keys.add(self)
 
     def _now_ms(self) -> int:
         return max(0, int(self._clock() * 1000))
@@ -86,3 +91,15 @@ class TokenAuthority:
             return False
         version, expiry_ms, _nonce = _HEAD.unpack(head)
         return version == _VERSION and self._now_ms() < expiry_ms
+
+
+# Authorities whose key this process drew; a forked child redraws them all.
+_drawn_keys: "weakref.WeakSet[TokenAuthority]" = weakref.WeakSet()
+
+
+def _redraw_keys_after_fork() -> None:
+    for authority in list(_drawn_keys):
+        authority._key = os.urandom(_KEY_BYTES)
+
+
+os.register_at_fork(after_in_child=_redraw_keys_after_fork)

@@ -1,0 +1,145 @@
+"""``asyncvmm`` as a thin launcher in front of the fork server.
+
+When ``ASYNCVMM_FORKSERVER`` names a fork server's socket, ``asyncvmm``
+(``cli.main``) calls :func:`main` before it parses anything.  The launcher
+sends its argv, working directory, environment, umask, rlimits and its
+stdin/stdout/stderr (``SCM_RIGHTS``) to the server, which forks one VMM for
+it; from then on it stands in for that VMM as a client sees it:
+
+* the signals a client sends a VMM (TERM, INT, HUP, QUIT, USR1, USR2) are
+  forwarded to the child through a pidfd, so they cannot reach a recycled pid;
+* the child's exit code becomes the launcher's; a child killed by a signal
+  has the launcher kill itself with the same signal, so a waiter sees the
+  same status as for a directly started VMM;
+* the launcher's death (even SIGKILL) closes the connection, and the child
+  treats that as its own end (``child.py``), as killing ``firecracker``
+  kills its microVM.
+
+Imports: stdlib only, nothing that the interpreter does not load anyway
+beyond ``socket``, ``signal``, ``resource`` and ``json``; the whole launcher
+must start in a few ms and hold little memory for the microVM's lifetime.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import sys
+
+from asyncvmm.forkserver import ENV_VAR, protocol
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+             signal.SIGUSR1, signal.SIGUSR2)
+EXIT_GENERIC = 1                  # Firecracker's generic error: the fork server could not serve us
+
+# Set in a forked VMM child, whose environment still names the fork server:
+# that process is the VMM, not another launcher.
+in_forked_child = False
+
+
+def server_path() -> str | None:
+    """The fork server socket this process should launch through, or None to run the VMM itself."""
+    if in_forked_child:
+        return None
+    return os.environ.get(ENV_VAR) or None
+
+
+def current_rlimits() -> dict[str, tuple[int, int]]:
+    limits = {}
+    for name in protocol.RLIMITS:
+        number = getattr(resource, "RLIMIT_" + name, None)
+        if number is not None:
+            limits[name] = resource.getrlimit(number)
+    return limits
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class _Forwarder:
+    """Signal handlers that pass each signal to the child (queued until its pid is known)."""
+
+    def __init__(self) -> None:
+        self.pidfd: int | None = None
+        self.pending: list[int] = []
+
+    def install(self) -> None:
+        for sig in FORWARDED:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.pidfd is None:
+            self.pending.append(signum)
+        else:
+            self._send(signum)
+
+    def _send(self, signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            pass                  # already exited: its status is on the way
+
+    def attach(self, pid: int) -> None:
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return                # exited before we looked: nothing left to signal
+        for signum in self.pending:
+            self._send(signum)
+        self.pending.clear()
+
+
+def _die_like(signum: int) -> int:
+    """Leave with the child's fate: killed by the same signal (128 + n if it is not fatal here)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+    return 128 + signum
+
+
+def main(argv: list[str], path: str) -> int:
+    """Run the VMM for ``argv`` through the fork server at ``path``; its exit code."""
+    def fail(text: str) -> int:
+        print(f"Error: fork server {path} ({ENV_VAR}): {text}", file=sys.stderr)
+        return EXIT_GENERIC
+
+    try:
+        request = protocol.make_request(list(argv), os.getcwd(), dict(os.environ),
+                                        current_rlimits(), current_umask())
+    except (OSError, protocol.ProtocolError) as err:
+        return fail(f"cannot describe this process: {err}")
+    forwarder = _Forwarder()
+    forwarder.install()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(path)
+        socket.send_fds(sock, [request], [0, 1, 2])
+    except OSError as err:
+        return fail(f"cannot reach it: {err}")
+    while True:
+        try:
+            data = sock.recv(protocol.MAX_MESSAGE)
+        except OSError as err:
+            return fail(f"connection lost: {err}")
+        if not data:
+            return fail("the connection closed without an exit status "
+                        "(the fork server and the microVM are both gone)")
+        try:
+            kind, value = protocol.parse_reply(data)
+        except protocol.ProtocolError as err:
+            return fail(f"bad reply: {err}")
+        if kind == "pid":
+            forwarder.attach(value)
+        elif kind == "exit":
+            return value
+        elif kind == "signal":
+            return _die_like(value)
+        else:
+            return fail(value)
