@@ -39,8 +39,9 @@ from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport
 from .devices.virtio.net import Net, NetMetrics
 from .devices.virtio.rng import EntropyMetrics, Rng
 from .kvm import Kvm, KvmError, VmFd
+from .guestfault import GuestFaultMetrics, GuestFaults
 from .memory import GuestMemory
-from .metrics import MetricsRegistry
+from .metrics import MetricsRegistry, SummedGroup
 from .mmds import (DEFAULT_MMDS_IPV4, MmdsHttpHandler, MmdsMetrics, MmdsNetworkStack, MmdsStore,
                    MmdsVersion, TokenAuthority)
 from .net.tap import Tap, TapError
@@ -193,7 +194,11 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         vm.create_pit2()
         mem = _create_memory(vm, mc.mem_size_mib, stack)
 
-        pio_bus, mmio_bus = Bus("pio"), Bus("mmio")
+        # Port I/O is answered on the vCPU threads (per-device locks); the MMIO bus belongs
+        # to the loop, where vCPU threads hand their accesses (vcpu.py), so it has no locks.
+        faults = GuestFaults(_register(ctx.metrics, "guest_faults", GuestFaultMetrics()))
+        pio_bus = Bus("pio", locked=True, faults=faults)
+        mmio_bus = Bus("mmio", locked=False, faults=faults)
         serial = Serial(_irq_line(vm, layout.IRQ_COM1, stack), ctx.serial_out,
                         metrics=_register(ctx.metrics, "uart", SerialMetrics()),
                         on_rx_space=ctx.serial_on_rx_space)
@@ -207,7 +212,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
             boot_timer = BootTimer(ctx.start_ns, ctx.start_cpu_ns)
             mmio_bus.insert(layout.BOOT_TIMER_ADDR, layout.BOOT_TIMER_SIZE, boot_timer)
 
-        virtio = _VirtioSlots(vm, mem, mmio_bus, ctx.loop, stack)
+        virtio = _VirtioSlots(vm, mem, mmio_bus, ctx.loop, stack, faults)
         blocks = {}
         # The root device goes first so that it is /dev/vda, as the command line says.
         for drive in sorted(config.drives, key=lambda d: not d.is_root_device):
@@ -241,7 +246,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                  kernel.load_addr, entry.entry_addr, "PVH" if entry.pvh else "64-bit boot protocol")
 
         supported_cpuid = kvm.supported_cpuid()
-        vcpu_metrics = _register(ctx.metrics, "vcpu", VcpuMetrics())
+        vcpu_metrics = _register(ctx.metrics, "vcpu", SummedGroup(VcpuMetrics))
         vcpus = []
         for index in range(mc.vcpu_count):
             fd = vm.create_vcpu(index)
@@ -250,7 +255,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
             if index == 0:
                 regs.set_boot_registers(fd, mem, entry)
             vcpus.append(Vcpu(fd, pio_bus=pio_bus, mmio_bus=mmio_bus, loop=ctx.loop,
-                              on_stop=ctx.on_vcpu_stop, metrics=vcpu_metrics))
+                              on_stop=ctx.on_vcpu_stop, metrics=vcpu_metrics.new_part()))
         resources = stack.pop_all()
     # KVM's fd for /dev/kvm is not needed once the VM exists.
     return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus, serial=serial,
@@ -263,8 +268,9 @@ class _VirtioSlots:
     """Hands out virtio-mmio windows and wires each device's ioeventfds and irqfd."""
 
     def __init__(self, vm: VmFd, mem: GuestMemory, bus: Bus, loop: asyncio.AbstractEventLoop,
-                 stack: contextlib.ExitStack) -> None:
+                 stack: contextlib.ExitStack, faults: GuestFaults) -> None:
         self._vm, self._mem, self._bus, self._loop, self._stack = vm, mem, bus, loop, stack
+        self._faults = faults
         self.windows: list[tuple[int, int, int]] = []
         self.transports: list[VirtioMmioTransport] = []
 
@@ -283,7 +289,7 @@ class _VirtioSlots:
             self._vm.register_ioeventfd(evt.fd, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, datamatch=index)
             events.append(evt)
         transport = VirtioMmioTransport(device, mem=self._mem, irq=irq, queue_events=events,
-                                        loop=self._loop)
+                                        loop=self._loop, faults=self._faults)
         self._stack.callback(getattr(device, "close", device.deactivate))
         self._bus.insert(base, size, transport)
         self.windows.append((base, size, gsi))

@@ -8,6 +8,10 @@ knows every group by the name Firecracker gives it in its metrics output
 (``"block"``, ``"net_eth0"``, ``"api_server"`` ...) and, at each flush, reports
 counters as the delta since the previous flush and stores as their value.
 
+A group bumped by several threads at once (the vCPUs) would lose counts to
+racing ``+=``; :class:`SummedGroup` gives each thread its own copy (a
+*part*) and reports their sum when read.
+
 Per-device groups may also be summed into an aggregate group, the way
 Firecracker reports ``"block"`` beside ``"block_<drive_id>"``.
 
@@ -29,6 +33,41 @@ class MetricGroup:
 
     def values(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class SummedGroup(MetricGroup):
+    """A counters-only group reported as the sum of per-thread parts of type ``part_type``."""
+
+    def __init__(self, part_type: type[MetricGroup]) -> None:
+        if part_type.STORE_FIELDS:
+            raise ValueError(f"{part_type.__name__} has stores; only counters can be summed")
+        self.part_type = part_type
+        self._parts: list[MetricGroup] = []
+        self._lock = threading.Lock()
+
+    def new_part(self) -> MetricGroup:
+        """A fresh part for one thread to bump with plain ``+=``; it is never removed."""
+        part = self.part_type()
+        with self._lock:
+            self._parts.append(part)
+        return part
+
+    def values(self) -> dict[str, int]:
+        with self._lock:
+            parts = list(self._parts)
+        total = dict.fromkeys((f.name for f in dataclasses.fields(self.part_type)), 0)
+        for part in parts:
+            for name, value in part.values().items():
+                total[name] += value
+        return total
+
+    def __getattr__(self, name: str) -> int:
+        if name.startswith("_") or name == "part_type":
+            raise AttributeError(name)
+        values = self.values()
+        if name not in values:
+            raise AttributeError(name)
+        return values[name]
 
 
 class MetricsRegistry:

@@ -8,11 +8,22 @@ signal has a no-op handler, so the only effect is ``EINTR``).  Setting
 ``immediate_exit`` first closes the race with a thread that is about to
 enter ``KVM_RUN``: it returns at once instead of missing the signal.
 
-Port and MMIO exits are answered on the thread through the buses (device
-register handlers are quick by contract).  Exits that end the VM are
-reported to the loop with ``call_soon_threadsafe``; the thread then stops.
-"""
+Where an exit is answered (see ``docs/architecture.md``):
 
+* port I/O (UART bytes, i8042, ACPI PM): on this thread, through the
+  port-I/O bus; legacy register handlers are short by contract;
+* MMIO: the MMIO bus's devices belong to the asyncio loop, so the access is
+  handed to the loop through a thread-safe future (:meth:`Vcpu._on_loop`)
+  and the thread waits for the answer.  Only registers a device answers
+  inline (virtio-mmio's InterruptStatus/ACK) skip the hand-off.  While it
+  waits, a pause completes once the answer came (the loop is running); an
+  exit request cancels the hand-off and ends the thread, and so does a loop
+  that closed under it, so a vCPU never hangs on a loop that is gone.
+
+Exits that end the VM are reported to the loop with ``call_soon_threadsafe``;
+the thread then stops.  Each vCPU bumps its own :class:`VcpuMetrics`; the
+``vcpu`` group reports their sum (``metrics.SummedGroup``).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -32,6 +43,22 @@ from .metrics import MetricGroup
 log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGRTMIN + 2
+# How often a vCPU waiting for the loop checks that the loop still exists.
+HANDOFF_POLL_S = 0.5
+
+
+class HandoffAbandoned(Exception):
+    """A hand-off to the loop will never be answered: the vCPU is exiting or the loop closed."""
+
+
+def _answer_on_loop(fut: concurrent.futures.Future, fn: Callable, args: tuple) -> None:
+    """Loop side of a hand-off: run ``fn(*args)`` unless the vCPU gave up waiting."""
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        fut.set_result(fn(*args))
+    except BaseException as e:       # delivered to the vCPU thread, which reports it
+        fut.set_exception(e)
 
 
 def install_kick_handler() -> None:
@@ -77,7 +104,7 @@ class VcpuStopReason(enum.Enum):
 
 @dataclasses.dataclass
 class VcpuMetrics(MetricGroup):
-    """Firecracker's ``vcpu`` metrics group."""
+    """Firecracker's ``vcpu`` metrics group; one per vCPU thread, reported summed."""
     exit_io_in: int = 0
     exit_io_out: int = 0
     exit_mmio_read: int = 0
@@ -86,6 +113,10 @@ class VcpuMetrics(MetricGroup):
 
 
 class Vcpu:
+    #: Let devices answer their inline registers (virtio-mmio InterruptStatus/ACK) on the
+    #: vCPU thread instead of handing them to the loop; figures in docs/architecture.md.
+    INLINE_REGISTERS = True
+
     def __init__(self, fd: VcpuFd, *, pio_bus: Bus, mmio_bus: Bus,
                  loop: asyncio.AbstractEventLoop,
                  on_stop: Callable[[int, VcpuStopReason, str], None],
@@ -101,6 +132,7 @@ class Vcpu:
         self._state = RunState.PAUSED        # started paused; resume() lets it run
         self._parked = False                 # the thread is waiting in PAUSED
         self._waiters: list[concurrent.futures.Future] = []
+        self._handoff: concurrent.futures.Future | None = None   # an MMIO access on the loop
         self._thread: threading.Thread | None = None
 
     @property
@@ -129,6 +161,10 @@ class Vcpu:
             else:
                 self._waiters.append(done)
                 self.fd.set_immediate_exit(True)
+            if self._state is RunState.EXITING and self._handoff is not None:
+                # Called on the loop, so the hand-off has not started: cancelling it wakes
+                # the thread, which ends (the caller may be about to join it on the loop).
+                self._handoff.cancel()
             self._cond.notify_all()
         if not done.done():
             self._kick()
@@ -180,7 +216,45 @@ class Vcpu:
             return self._state is RunState.RUNNING
 
     def _stop(self, reason: VcpuStopReason, detail: str) -> None:
-        self._loop.call_soon_threadsafe(self._on_stop, self.index, reason, detail)
+        try:
+            self._loop.call_soon_threadsafe(self._on_stop, self.index, reason, detail)
+        except RuntimeError:             # the loop is closed: the VMM is already ending
+            log.debug("vCPU %d stopped after the loop closed: %s", self.index, detail)
+
+    def _on_loop(self, fn: Callable, *args):
+        """Run ``fn(*args)`` on the loop thread and return its result (a register access)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._state is RunState.EXITING:
+                raise HandoffAbandoned("the vCPU is exiting")
+            self._handoff = fut
+        try:
+            try:
+                self._loop.call_soon_threadsafe(_answer_on_loop, fut, fn, args)
+            except RuntimeError as e:            # the loop is closed
+                raise HandoffAbandoned(str(e)) from e
+            while True:
+                try:
+                    return fut.result(timeout=HANDOFF_POLL_S)
+                except concurrent.futures.TimeoutError:
+                    if self._loop.is_closed() and fut.cancel():
+                        raise HandoffAbandoned("the loop closed") from None
+                except concurrent.futures.CancelledError:
+                    raise HandoffAbandoned("the hand-off was cancelled") from None
+        finally:
+            with self._cond:
+                self._handoff = None
+
+    def _mmio_read(self, addr: int, size: int) -> bytes:
+        if self.INLINE_REGISTERS:
+            data = self._mmio.read_inline(addr, size)
+            if data is not None:
+                return data
+        return self._on_loop(self._mmio.read, addr, size)
+
+    def _mmio_write(self, addr: int, data: bytes) -> None:
+        if not (self.INLINE_REGISTERS and self._mmio.write_inline(addr, data)):
+            self._on_loop(self._mmio.write, addr, data)
 
     def _run_once(self) -> bool:
         """One KVM_RUN and its exit; False when this vCPU is done."""
@@ -190,21 +264,27 @@ class Vcpu:
             self.metrics.failures += 1
             self._stop(VcpuStopReason.KVM_FAILURE, str(e))
             return False
+        try:
+            return self._handle(exit_)
+        except HandoffAbandoned as e:
+            log.debug("vCPU %d: %s; the thread ends", self.index, e)
+            return False
+
+    def _handle(self, exit_) -> bool:
         match exit_:
             case x.MmioWrite(addr, data):
                 self.metrics.exit_mmio_write += 1
-                self._mmio.write(addr, data)
+                self._mmio_write(addr, data)
             case x.MmioRead(addr, size):
                 self.metrics.exit_mmio_read += 1
-                exit_.complete(self._mmio.read(addr, size) or b"\xff" * size)
+                exit_.complete(self._mmio_read(addr, size))
             case x.IoOut(port, data, size):
                 self.metrics.exit_io_out += 1
                 for i in range(0, len(data), size):
                     self._pio.write(port, data[i:i + size])
             case x.IoIn(port, size, count):
                 self.metrics.exit_io_in += 1
-                exit_.complete(b"".join(self._pio.read(port, size) or b"\xff" * size
-                                        for _ in range(count)))
+                exit_.complete(b"".join(self._pio.read(port, size) for _ in range(count)))
             case x.Interrupted():
                 pass
             case x.SystemEvent(type=x.KVM_SYSTEM_EVENT_SHUTDOWN):

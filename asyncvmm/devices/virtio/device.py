@@ -10,10 +10,15 @@ transport:
   eventfds, the negotiated features, a :class:`DmaGate` and the
   :class:`Interrupts` it may raise.  The device's event handler adds its loop
   readers there.
-* :meth:`VirtioDevice.deactivate` runs on the loop after a reset; by then the
-  gate is closed, so nothing of the old activation can touch guest memory.
-* :meth:`VirtioDevice.read_config` / ``write_config`` run on vCPU threads under
-  the bus lock and must be quick.
+* :meth:`VirtioDevice.deactivate` runs on the loop when the driver resets the
+  device, before its status write completes; the transport then closes the
+  gate, so nothing of the old activation can touch guest memory afterwards.
+* :meth:`VirtioDevice.read_config` / ``write_config`` run on the loop too (a
+  vCPU thread hands the access over and waits), so they must be quick.
+
+Everything runs on the loop: a device needs no locks for its own state.  A
+guest mistake the device ignores goes to :attr:`VirtioDevice.guest_faults`
+(counted, logged a few times), never straight to the log.
 
 A device reports a configuration change (e.g. a block device's new size) with
 :meth:`VirtioDevice.config_changed`, which the transport turns into a
@@ -27,6 +32,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from asyncvmm import guestfault
 from asyncvmm.devices.irq import EventFd
 from asyncvmm.devices.virtio.gate import DmaGate
 from asyncvmm.devices.virtio.queue import Queue
@@ -74,6 +80,8 @@ class VirtioDevice:
 
     device_type: int = 0
     queue_max_sizes: tuple[int, ...] = ()
+    #: Where guest mistakes are reported; the transport sets the microVM's reporter.
+    guest_faults: guestfault.GuestFaults = guestfault.DEFAULT
 
     def __init__(self) -> None:
         self._config_listener: Callable[[], None] | None = None
@@ -87,7 +95,7 @@ class VirtioDevice:
         """Feature bits offered to the driver; every device offers VIRTIO_F_VERSION_1."""
         return bit(VIRTIO_F_VERSION_1)
 
-    # -- config space (vCPU threads) ----------------------------------------
+    # -- config space (loop) ------------------------------------------------
 
     #: The device-specific configuration (virtio-mmio: at 0x100 of the window);
     #: subclasses with one replace it whenever it changes.
@@ -98,8 +106,8 @@ class VirtioDevice:
         config = self._config
         if offset + size > len(config):
             self._count("cfg_fails")
-            log.warning("%s: config read of %d bytes at %#x past the %d-byte config",
-                        type(self).__name__, size, offset, len(config))
+            self.guest_faults.report("virtio_config", "%s: config read of %d bytes at %#x past the "
+                                     "%d-byte config", type(self).__name__, size, offset, len(config))
         return config[offset:offset + size].ljust(size, b"\0")
 
     def _count(self, counter: str) -> None:
@@ -108,8 +116,8 @@ class VirtioDevice:
             setattr(metrics, counter, getattr(metrics, counter) + 1)
 
     def write_config(self, offset: int, data: bytes) -> None:
-        log.warning("%s: ignored write of %d bytes to config offset %#x",
-                    type(self).__name__, len(data), offset)
+        self.guest_faults.report("virtio_config", "%s: ignored write of %d bytes to config offset %#x",
+                                 type(self).__name__, len(data), offset)
 
     def set_config_listener(self, listener: Callable[[], None] | None) -> None:
         self._config_listener = listener

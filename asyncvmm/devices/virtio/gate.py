@@ -1,17 +1,21 @@
 """A gate that fences a device's guest-memory accesses against a reset.
 
-A virtio device touches guest buffers from two places: the asyncio loop
-(queue processing, the Sync block engine, used-ring updates) and worker
-threads (the Async block engine).  The driver resets the device from a vCPU
-thread, and once its status write returns it may reuse every buffer and ring
-page it had given the device.  So the reset must not return while any access
-of the old activation is in progress, and none may start afterwards.
+A virtio device touches guest buffers from the asyncio loop (queue
+processing, the Sync block engine, used-ring updates) and from outside it:
+the kernel (io_uring reads and writes guest memory on its own time) and any
+worker thread a device may use.  The driver's reset is a
+register write that the loop executes while the vCPU waits; once it
+completes the driver may reuse every buffer and ring page it had given the
+device.  So the reset must not complete while any access of the old
+activation is in progress, and none may start afterwards.
 
 :class:`DmaGate` does that: each access runs between :meth:`enter` (which
 refuses once the gate is closed) and :meth:`exit`; :meth:`close` refuses new
-entries and waits for the ones inside.  Accesses are short (one request's
-syscall or one ring update), so the vCPU waits at most that long.  Nothing
-ever waits on a vCPU while inside, so closing cannot deadlock.
+entries and waits for the ones inside.  Loop accesses are over before the
+reset runs (it runs on the loop too); a worker's would be one syscall.  An
+io_uring op leaves the gate only when the loop reaps its completion, so on
+the loop the device's engine is closed (which reaps everything) *before*
+the gate: see ``VirtioMmioTransport._reset``.
 """
 
 from __future__ import annotations

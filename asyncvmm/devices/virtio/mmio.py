@@ -8,15 +8,25 @@ device-specific configuration space.  The driver identifies the device
 §3.1.1, reads and writes 64-bit feature words 32 bits at a time through the
 ``*_SEL`` registers, and sets up each queue through QueueSel (§4.2.3.2).
 
-Threads.  :meth:`read`/:meth:`write` run on vCPU threads under the bus's
-per-device lock.  Queue kicks do not come here: KVM signals the queue's
-eventfd directly (an ioeventfd on QueueNotify); a QueueNotify that does
-reach us signals the same eventfd.  Activation (DRIVER_OK) and deactivation
-(reset) hop to the asyncio loop with ``call_soon_threadsafe``; a reset first
-closes the activation's :class:`DmaGate`, so when the driver's status write
-returns nothing of the old activation touches guest memory any more.  The
-loop raises interrupts through :class:`_Interrupts`; InterruptStatus is
-shared with the vCPUs, hence the small lock.
+Threads.  The transport and its device belong to the asyncio loop:
+:meth:`read`/:meth:`write` run there (a vCPU thread hands each register
+access over and waits for the answer), so activation (DRIVER_OK) and reset
+run synchronously, in order with every other register access.  A reset
+stops the device and closes the activation's :class:`DmaGate` before the
+driver's status write completes, so afterwards nothing of the old
+activation touches guest memory.  Queue kicks do not come here: KVM signals
+the queue's eventfd directly (an ioeventfd on QueueNotify); a QueueNotify
+that does reach us signals the same eventfd.
+
+The one exception is the interrupt word.  Linux reads InterruptStatus and
+writes InterruptACK on every interrupt, so :meth:`read_inline` /
+:meth:`write_inline` answer those two registers on the vCPU thread itself
+(measured in ``docs/architecture.md``); ``interrupt_status`` is therefore
+shared between the loop (which raises interrupts) and the vCPUs, and only
+it is behind a lock.
+
+Everything a driver does wrong is ignored and reported to the VM's
+:class:`~asyncvmm.guestfault.GuestFaults` (counted; logged a few times).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import logging
 import struct
 import threading
 
+from asyncvmm import guestfault
 from asyncvmm.devices.irq import EventFd, IrqLine
 from asyncvmm.devices.virtio import status as st
 from asyncvmm.devices.virtio.device import Activation, VirtioDevice
@@ -98,7 +109,8 @@ class VirtioMmioTransport:
     """One virtio-mmio window driving one :class:`VirtioDevice`."""
 
     def __init__(self, device: VirtioDevice, *, mem: GuestMemory, irq: IrqLine,
-                 queue_events: list[EventFd], loop: asyncio.AbstractEventLoop) -> None:
+                 queue_events: list[EventFd], loop: asyncio.AbstractEventLoop,
+                 faults: guestfault.GuestFaults | None = None) -> None:
         if len(queue_events) != device.num_queues:
             raise ValueError(f"{device.num_queues} queues but {len(queue_events)} eventfds")
         self.device = device
@@ -106,12 +118,14 @@ class VirtioMmioTransport:
         self.irq = irq
         self.queue_events = queue_events
         self.loop = loop
-        self._lock = threading.Lock()          # interrupt_status, config_generation
+        self.faults = faults or guestfault.DEFAULT
+        self._isr_lock = threading.Lock()      # interrupt_status: the loop and vCPU threads
         self.interrupt_status = 0
         self.config_generation = 0
         self.activation: Activation | None = None
         self._reset_registers()
         device.set_config_listener(self._on_config_change)
+        device.guest_faults = self.faults
 
     def _reset_registers(self) -> None:
         self.status = st.RESET
@@ -124,7 +138,7 @@ class VirtioMmioTransport:
         self.shm_sel = 0
         # QueueNum reads back as the maximum until the driver picks a size (§4.2.3.2).
         self.queues = [Queue(max_size=n, size=n) for n in self.device.queue_max_sizes]
-        with self._lock:
+        with self._isr_lock:
             self.interrupt_status = 0
 
     @property
@@ -132,14 +146,18 @@ class VirtioMmioTransport:
         """The Status register: the driver's bits plus the device's DEVICE_NEEDS_RESET."""
         return self.status | (DEVICE_NEEDS_RESET if self.needs_reset else 0)
 
-    # -- BusDevice ----------------------------------------------------------
+    def _fault(self, kind: str, fmt: str, *args, level: int = logging.WARNING) -> None:
+        self.faults.report(kind, "virtio-mmio %s: " + fmt, type(self.device).__name__, *args,
+                           level=level)
+
+    # -- BusDevice (loop thread) --------------------------------------------
 
     def read(self, offset: int, size: int) -> bytes:
         if offset >= VIRTIO_MMIO_CONFIG:
             data = self.device.read_config(offset - VIRTIO_MMIO_CONFIG, size)
             return bytes(data[:size]).ljust(size, b"\0")
         if size != 4 or offset % 4:
-            log.warning("virtio-mmio: %d-byte read at register offset %#x ignored", size, offset)
+            self._fault("virtio_mmio_access", "%d-byte read at register offset %#x ignored", size, offset)
             return bytes(size)
         return _U32.pack(self._read_register(offset) & 0xFFFF_FFFF)
 
@@ -148,9 +166,30 @@ class VirtioMmioTransport:
             self.device.write_config(offset - VIRTIO_MMIO_CONFIG, bytes(data))
             return
         if len(data) != 4 or offset % 4:
-            log.warning("virtio-mmio: %d-byte write at register offset %#x ignored", len(data), offset)
+            self._fault("virtio_mmio_access", "%d-byte write at register offset %#x ignored",
+                        len(data), offset)
             return
         self._write_register(offset, _U32.unpack(data)[0])
+
+    # -- InlineRegisters (vCPU threads) -------------------------------------
+
+    def read_inline(self, offset: int, size: int) -> bytes | None:
+        """InterruptStatus, answered on the vCPU thread; anything else goes to the loop."""
+        if offset != VIRTIO_MMIO_INTERRUPT_STATUS or size != 4:
+            return None
+        with self._isr_lock:
+            return _U32.pack(self.interrupt_status)
+
+    def write_inline(self, offset: int, data: bytes) -> bool:
+        """InterruptACK, handled on the vCPU thread; anything else goes to the loop."""
+        if offset != VIRTIO_MMIO_INTERRUPT_ACK or len(data) != 4:
+            return False
+        self._ack_interrupt(_U32.unpack(data)[0])
+        return True
+
+    def _ack_interrupt(self, bits: int) -> None:
+        with self._isr_lock:
+            self.interrupt_status &= ~bits
 
     # -- registers ----------------------------------------------------------
 
@@ -175,7 +214,7 @@ class VirtioMmioTransport:
         if offset == VIRTIO_MMIO_QUEUE_READY:
             return int(q.ready) if q else 0
         if offset == VIRTIO_MMIO_INTERRUPT_STATUS:
-            with self._lock:
+            with self._isr_lock:
                 return self.interrupt_status
         if offset == VIRTIO_MMIO_STATUS:
             return self.device_status
@@ -183,8 +222,7 @@ class VirtioMmioTransport:
                       VIRTIO_MMIO_SHM_BASE_LOW, VIRTIO_MMIO_SHM_BASE_HIGH):
             return 0xFFFF_FFFF              # all ones: no shared memory region (§4.2.2)
         if offset == VIRTIO_MMIO_CONFIG_GENERATION:
-            with self._lock:
-                return self.config_generation
+            return self.config_generation
         # Write-only registers and holes read as zero (§4.2.2.1 leaves them undefined).
         return 0
 
@@ -201,8 +239,7 @@ class VirtioMmioTransport:
             if value < len(self.queue_events):
                 self.queue_events[value].write(1)
         elif offset == VIRTIO_MMIO_INTERRUPT_ACK:
-            with self._lock:
-                self.interrupt_status &= ~value
+            self._ack_interrupt(value)
         elif offset == VIRTIO_MMIO_STATUS:
             self._write_status(value)
         elif offset == VIRTIO_MMIO_SHM_SEL:
@@ -210,12 +247,13 @@ class VirtioMmioTransport:
         elif offset in (VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_READY) or offset in _QUEUE_ADDR_REGS:
             self._write_queue_register(offset, value)
         else:
-            log.warning("virtio-mmio: write of %#x to read-only or unknown register %#x ignored", value, offset)
+            self._fault("virtio_mmio_access", "write of %#x to read-only or unknown register %#x ignored",
+                        value, offset)
 
     def _write_driver_features(self, value: int) -> None:
         # §3.1.1 step 4 (and §2.2.1): features are only written between DRIVER and FEATURES_OK.
         if self.status != st.S_DRIVER:
-            log.warning("virtio-mmio: DriverFeatures written in status %#x ignored", self.status)
+            self._fault("virtio_mmio_protocol", "DriverFeatures written in status %#x ignored", self.status)
             return
         if self.driver_features_sel >= 2:
             self.unoffered_feature_written |= value != 0
@@ -227,14 +265,14 @@ class VirtioMmioTransport:
         q = self._selected_queue()
         # §4.2.3.2: queues are set up after FEATURES_OK and before DRIVER_OK.
         if q is None or self.status != st.S_FEATURES_OK:
-            log.warning("virtio-mmio: queue register %#x written for queue %d in status %#x ignored",
-                        offset, self.queue_sel, self.status)
+            self._fault("virtio_mmio_protocol", "queue register %#x written for queue %d in status %#x "
+                        "ignored", offset, self.queue_sel, self.status)
             return
         if offset == VIRTIO_MMIO_QUEUE_READY:
             q.ready = bool(value & 1)
         elif q.ready:
             # §4.2.2.2: a ready queue's configuration must not change.
-            log.warning("virtio-mmio: queue %d reconfigured while ready; ignored", self.queue_sel)
+            self._fault("virtio_mmio_protocol", "queue %d reconfigured while ready; ignored", self.queue_sel)
         elif offset == VIRTIO_MMIO_QUEUE_NUM:
             q.size = value
         else:
@@ -248,7 +286,8 @@ class VirtioMmioTransport:
     def _write_status(self, value: int) -> None:
         action = st.transition(self.status, value)
         if action is None:
-            log.warning("virtio-mmio: status %#x -> %#x is not a valid transition; ignored", self.status, value)
+            self._fault("virtio_mmio_protocol", "status %#x -> %#x is not a valid transition; ignored",
+                        self.status, value)
             return
         if action is st.Action.RESET:
             self._reset()
@@ -265,7 +304,8 @@ class VirtioMmioTransport:
         extra = self.driver_features & ~offered
         if extra or self.unoffered_feature_written or not self.driver_features & bit(VIRTIO_F_VERSION_1):
             # §3.1.1 step 6: the driver re-reads the status and sees FEATURES_OK clear.
-            log.warning("virtio-mmio: refusing driver features %#x (offered %#x)", self.driver_features, offered)
+            self._fault("virtio_mmio_protocol", "refusing driver features %#x (offered %#x)",
+                        self.driver_features, offered)
             return
         self.status = st.S_FEATURES_OK
 
@@ -279,7 +319,7 @@ class VirtioMmioTransport:
                 if q.ready:
                     q.validate(self.mem)
         except QueueConfigError as e:
-            log.error("virtio-mmio: cannot activate %s: %s", type(self.device).__name__, e)
+            self._fault("virtio_mmio_protocol", "cannot activate: %s", e, level=logging.ERROR)
             self.device.activation_failed(str(e))
             self.set_needs_reset()
             return
@@ -288,11 +328,6 @@ class VirtioMmioTransport:
                          acked_features=features, interrupts=_Interrupts(self, gate),
                          loop=self.loop, gate=gate)
         self.activation = act
-        self._post(self._activate_on_loop, act)
-
-    def _activate_on_loop(self, act: Activation) -> None:
-        if not act.gate.is_open:
-            return                       # reset before the loop got here
         try:
             self.device.activate(act)
         except Exception as e:           # a host failure (e.g. opening a file); the VMM lives on
@@ -303,26 +338,20 @@ class VirtioMmioTransport:
     def _reset(self) -> None:
         act, self.activation = self.activation, None
         if act is not None:
+            # Stop the device first: its engines drain their in-flight operations (an
+            # io_uring op leaves the gate only when this loop reaps it).  Then the gate
+            # is drained and shut, whatever deactivate did.
+            try:
+                self.device.deactivate()
+            except Exception:
+                log.exception("virtio-mmio: deactivating %s failed", type(self.device).__name__)
             act.gate.close()
-            self._post(self._deactivate_on_loop, act)
         self._reset_registers()
 
-    def _deactivate_on_loop(self, act: Activation) -> None:
-        try:
-            self.device.deactivate()
-        except Exception:
-            log.exception("virtio-mmio: deactivating %s failed", type(self.device).__name__)
-
-    def _post(self, fn, act: Activation) -> None:
-        try:
-            self.loop.call_soon_threadsafe(fn, act)
-        except RuntimeError:             # the loop is closed: the VMM is shutting down
-            log.warning("virtio-mmio: loop closed; %s dropped", fn.__name__)
-
-    # -- interrupts (any thread) --------------------------------------------
+    # -- interrupts (loop thread) -------------------------------------------
 
     def raise_interrupt(self, bits: int) -> None:
-        with self._lock:
+        with self._isr_lock:
             self.interrupt_status |= bits
         self.irq.trigger()
 
@@ -334,8 +363,7 @@ class VirtioMmioTransport:
 
     def _on_config_change(self) -> None:
         """The device's configuration changed (loop thread)."""
-        with self._lock:
-            self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
+        self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
         if self.status & DRIVER_OK:
             self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
 
@@ -360,5 +388,5 @@ class _Interrupts:
 
     def needs_reset(self, reason: str) -> None:
         if self._live():
-            log.error("virtio-mmio: %s needs reset: %s", type(self.transport.device).__name__, reason)
+            self.transport._fault("virtio_mmio_protocol", "needs reset: %s", reason, level=logging.ERROR)
             self.transport.set_needs_reset()
