@@ -14,20 +14,27 @@ process is spawned (``benchmarks.launch``):
     ``Guest-boot-time`` log, because QEMU has no boot timer: the same
     observation, through the same path, for both.  asyncvmm's own figure
     (from InstanceStart, its clock) is kept as ``reported_boot_time``.
-``vmm_rss`` / ``vmm_pss`` / ``vmm_anon``
-    the process's memory minus its guest-RAM mapping (``benchmarks.smaps``),
-    read once the guest has printed ``testguest: done`` and halted, after a
+``vmm_rss`` / ``vmm_pss`` / ``vmm_anon`` / ``vmm_private`` / ``vmm_private_dirty``
+    the process's memory minus its guest-RAM mapping (``benchmarks.smaps``;
+    private = Private_Clean + Private_Dirty from ``smaps_rollup``), read
+    once the guest has printed ``testguest: done`` and halted, after a
     short settle.
-``cpu_to_idle``
-    the CPU time (user + system, 10 ms ticks) the VMM process used from its
-    start to that idle point, guest ring-3 time included.
+``cpu_to_boottimer`` / ``cpu_to_idle``
+    the CPU time (utime + stime from ``/proc/<pid>/stat``, all threads,
+    10 ms ticks) the VMM process used from its start to the arrival of the
+    boot-timer line (read by the stdout reader as that line arrives) and to
+    the idle point; guest ring-3 time included, the same guest for both.
 API variants also measure ``start_to_socket`` (the API socket, or QMP
 socket, first accepts a connection: a listening socket queues connections
 before the server can answer them), ``start_to_first_response`` (the first
-request answered: ``PUT /boot-source``, or ``qmp_capabilities``),
+request answered: ``PUT /boot-source``, or ``qmp_capabilities``) and
+``cpu_to_first_response`` (the CPU time at that answer),
 ``socket_to_running`` (socket accepts → InstanceStart / ``cont`` response,
 configuration requests included), ``instance_start_request`` (that last
-request's round trip) and ``start_request_to_boottimer``.
+request's round trip) and ``start_request_to_boottimer``.  The last three,
+and the first response, are unequal work: ``qemu -S`` creates the VM and
+loads the kernel before QMP answers, asyncvmm on ``InstanceStart``; the
+comparisons carry that label (``UNEQUAL_WORK``).
 
 Variants run interleaved (a round runs each once, in a rotated order), so
 load from other work on the machine spreads over all of them alike.
@@ -62,13 +69,30 @@ MS = 1e6                                 # ns per ms
 
 COMPARISONS = [
     ("asyncvmm-config", "qemu-microvm",
-     ["start_to_first_output", "start_to_boottimer", "vmm_rss", "vmm_pss", "vmm_anon",
-      "cpu_to_idle"]),
+     ["start_to_first_output", "start_to_boottimer", "vmm_rss", "vmm_pss", "vmm_private",
+      "vmm_private_dirty", "vmm_anon", "cpu_to_boottimer", "cpu_to_idle"]),
     ("asyncvmm-api", "qemu-microvm-qmp",
-     ["start_to_socket", "start_to_first_response", "socket_to_running", "instance_start_request",
-      "start_request_to_boottimer", "start_to_boottimer", "vmm_rss", "cpu_to_idle"]),
+     ["start_to_socket", "start_to_first_response", "cpu_to_first_response", "socket_to_running",
+      "instance_start_request", "start_request_to_boottimer", "start_to_boottimer", "vmm_rss",
+      "vmm_pss", "vmm_private", "vmm_private_dirty", "cpu_to_boottimer", "cpu_to_idle"]),
 ]
-UNITS = {"vmm_rss": "KiB", "vmm_pss": "KiB", "vmm_anon": "KiB", "guest_rss": "KiB"}
+_LOADED_BEFORE_QMP = ("QEMU -S creates the VM and loads the kernel before QMP answers (and QMP "
+                      "needs its greeting and qmp_capabilities first); asyncvmm answers "
+                      "PUT /boot-source before doing either: QEMU did more work here")
+_LOADED_ON_START = ("InstanceStart loads the kernel and creates the VM and its devices; QMP cont "
+                    "resumes a VM that QEMU built and loaded before its socket answered: asyncvmm "
+                    "did more work here")
+UNEQUAL_WORK = {("asyncvmm-api", "qemu-microvm-qmp"): {
+    "start_to_first_response": _LOADED_BEFORE_QMP,
+    "cpu_to_first_response": _LOADED_BEFORE_QMP,
+    "socket_to_running": _LOADED_ON_START,
+    "instance_start_request": _LOADED_ON_START,
+    "start_request_to_boottimer": _LOADED_ON_START,
+}}
+UNITS = {"vmm_rss": "KiB", "vmm_pss": "KiB", "vmm_anon": "KiB", "vmm_private": "KiB",
+         "vmm_private_dirty": "KiB", "guest_rss": "KiB", "guest_private": "KiB"}
+# Read by the stdout reader the moment the boot-timer line arrives.
+PROBES = {BOOTTIMER_WRITTEN: process_cpu_ms}
 
 
 class RunFailed(RuntimeError):
@@ -126,11 +150,13 @@ def _finish(vmm: Launched, opts: Options, t_ref: dict[str, int], log: Path | Non
     booted = vmm.stdout.arrivals([BOOTTIMER_WRITTEN])
     if BOOTTIMER_WRITTEN not in booted:
         raise RunFailed("the guest finished without printing the boot-timer line")
+    cpu_at_boottimer = vmm.stdout.probed.get(BOOTTIMER_WRITTEN)
+    if not isinstance(cpu_at_boottimer, float):
+        raise RunFailed(f"no CPU time read at the boot-timer line: {cpu_at_boottimer!r}")
     t_start = vmm.t_start_ns
     out = {"start_to_first_output": (first - t_start) / MS,
            "start_to_boottimer": (booted[BOOTTIMER_WRITTEN] - t_start) / MS,
-           "vmm_rss": mem.vmm_rss_kib, "vmm_pss": mem.vmm_pss_kib, "vmm_anon": mem.vmm_anon_kib,
-           "guest_rss": mem.guest_rss_kib, "cpu_to_idle": cpu_ms}
+           **mem.metrics(), "cpu_to_boottimer": cpu_at_boottimer, "cpu_to_idle": cpu_ms}
     if "ready" in t_ref:
         out["start_to_socket"] = (t_ref["ready"] - t_start) / MS
         out["start_to_first_response"] = (t_ref["first_response"] - t_start) / MS
@@ -156,7 +182,7 @@ def run_asyncvmm_config(opts: Options, tmp: Path) -> tuple[dict[str, float], lis
     config, log = tmp / "vm.json", tmp / "vmm.log"
     config.write_text(json.dumps(asyncvmm_config(opts.guest)))
     argv = asyncvmm_config_argv(config, log)
-    with launch(argv) as vmm:
+    with launch(argv, probes=PROBES) as vmm:
         metrics = _finish(vmm, opts, {}, log)
     return metrics | _asyncvmm_log_metrics(log), argv
 
@@ -165,13 +191,14 @@ def run_asyncvmm_api(opts: Options, tmp: Path) -> tuple[dict[str, float], list[s
     sock_path, log = tmp / "api.sock", tmp / "vmm.log"
     argv = asyncvmm_api_argv(sock_path, log)
     config = asyncvmm_config(opts.guest)
-    with launch(argv) as vmm:
+    with launch(argv, probes=PROBES) as vmm:
         try:
             sock, t_ready = connect_unix(sock_path, opts.timeout_s, alive=lambda: vmm.proc.poll() is None)
             api = ApiClient(sock, opts.timeout_s)
             try:
                 api.put("/boot-source", config["boot-source"])
                 t_first = time.monotonic_ns()
+                cpu_first = process_cpu_ms(vmm.pid)
                 api.put("/machine-config", config["machine-config"])
                 t_sent = time.monotonic_ns()
                 api.put("/actions", {"action_type": "InstanceStart"})
@@ -182,33 +209,36 @@ def run_asyncvmm_api(opts: Options, tmp: Path) -> tuple[dict[str, float], list[s
             raise RunFailed(f"{err} {_diagnosis(vmm, log)}") from err
         metrics = _finish(vmm, opts, {"ready": t_ready, "first_response": t_first,
                                       "start_sent": t_sent, "running": t_running}, log)
-    return metrics | _asyncvmm_log_metrics(log), argv
+    return metrics | {"cpu_to_first_response": cpu_first} | _asyncvmm_log_metrics(log), argv
 
 
 def run_qemu(opts: Options, tmp: Path) -> tuple[dict[str, float], list[str]]:
     argv = qemu_microvm_argv(opts.guest)
-    with launch(argv) as vmm:
+    with launch(argv, probes=PROBES) as vmm:
         return _finish(vmm, opts, {}), argv
 
 
 def run_qemu_qmp(opts: Options, tmp: Path) -> tuple[dict[str, float], list[str]]:
     sock_path = tmp / "qmp.sock"
     argv = qemu_microvm_argv(opts.guest, qmp_sock=sock_path)
-    with launch(argv) as vmm:
+    with launch(argv, probes=PROBES) as vmm:
         try:
             sock, t_ready = connect_unix(sock_path, opts.timeout_s, alive=lambda: vmm.proc.poll() is None)
             qmp = QmpClient(sock, opts.timeout_s)
             try:
                 qmp.execute("qmp_capabilities")
-                t_first = t_sent = time.monotonic_ns()
+                t_first = time.monotonic_ns()
+                cpu_first = process_cpu_ms(vmm.pid)
+                t_sent = time.monotonic_ns()          # after the read: it is not the request's time
                 qmp.execute("cont")
                 t_running = time.monotonic_ns()
             finally:
                 qmp.close()
         except (LaunchError, ControlError) as err:
             raise RunFailed(f"{err} {_diagnosis(vmm)}") from err
-        return _finish(vmm, opts, {"ready": t_ready, "first_response": t_first,
-                                   "start_sent": t_sent, "running": t_running}), argv
+        metrics = _finish(vmm, opts, {"ready": t_ready, "first_response": t_first,
+                                      "start_sent": t_sent, "running": t_running})
+    return metrics | {"cpu_to_first_response": cpu_first}, argv
 
 
 def make_variants() -> list[Variant]:
@@ -267,13 +297,8 @@ def build_document(variants: list[Variant], opts: Options, runs: int, argv: list
         vdocs[v.name] = {"description": v.description, "command": v.command,
                          "failures": v.failures,
                          "metrics": {k: report.metric(s, UNITS.get(k, "ms")) for k, s in v.samples.items()}}
-    comparisons, notes = [], []
-    for subject, peer, names in COMPARISONS:
-        for name in names:
-            try:
-                comparisons.append(report.compare(vdocs, subject, peer, name))
-            except report.ResultError as err:
-                notes.append(f"comparison skipped: {err}")
+    comparisons, notes = report.compare_pairs(vdocs, COMPARISONS, higher_is_better=lambda name: False)
+    comparisons = report.label_unequal(comparisons, UNEQUAL_WORK)
     notes += [
         "Process start = time.monotonic_ns() just before Popen; output times = arrival of the "
         "pipe chunk on the benchmark's reader thread.",
@@ -282,9 +307,20 @@ def build_document(variants: list[Variant], opts: Options, runs: int, argv: list
         "(from InstanceStart) is `reported_boot_time`.",
         "Memory = smaps Rss/Pss/Anonymous of the process minus its guest-RAM mapping, read after "
         f"the guest halted plus {opts.settle_s} s.",
-        "QEMU -S loads the kernel before QMP is up; asyncvmm loads it on InstanceStart, so "
-        "`socket_to_running` and `instance_start_request` include kernel loading and VM creation "
-        "for asyncvmm only.",
+        "vmm_private = Private_Clean + Private_Dirty (smaps_rollup, read right after smaps) minus the "
+        "guest-RAM mapping's private pages: both VMMs map guest RAM anonymous MAP_PRIVATE, so pages the "
+        "guest touched are private to the VMM and are taken out, like guest_rss. Private is what the host "
+        "gets back when the VMM exits. A clean file page counts only while no other process maps it: "
+        "asyncvmm's interpreter is shared with the benchmark's own Python, QEMU's binary only with "
+        "another QEMU running at that moment (none of this benchmark's), which favours asyncvmm; "
+        "vmm_private_dirty (written pages: heap, stacks, relocated data) is not affected by sharing.",
+        "cpu_to_boottimer / cpu_to_first_response / cpu_to_idle = utime + stime of /proc/<pid>/stat "
+        "(all threads, exited ones included; 10 ms ticks), read by the stdout reader as the boot-timer "
+        "line arrives / right after the first answer / at the memory reading. They include the vCPU "
+        "thread's time in the guest (the same guest and work on both sides).",
+        "Rows marked 'no' under 'equal work' compare unequal work (reasons under the table): QEMU -S "
+        "creates the VM and loads the kernel before QMP is up, asyncvmm on InstanceStart. "
+        "`start_to_boottimer`, memory and CPU at the idle point cover the whole boot for both.",
         "`start_to_socket` is when the socket first accepts a connection; a server that binds "
         "early queues it before it can answer, so `start_to_first_response` is the readiness figure.",
         "Variants ran interleaved, one warm-up round discarded; other engineers' jobs shared the "
@@ -299,7 +335,7 @@ def build_document(variants: list[Variant], opts: Options, runs: int, argv: list
                   "kernel_sha256": hashlib.sha256(opts.guest.kernel.read_bytes()).hexdigest(),
                   "cmdline": opts.guest.cmdline,
                   "mem_mib": opts.guest.mem_mib, "vcpus": opts.guest.vcpus,
-                  "settle_s": opts.settle_s},
+                  "settle_s": opts.settle_s, "clk_tck": os.sysconf("SC_CLK_TCK")},
         variants=vdocs, comparisons=comparisons, notes=notes)
 
 

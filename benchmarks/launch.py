@@ -8,7 +8,9 @@ Contract:
   VMM).  That instant is the "process start" every benchmark measures from.
 * One reader thread per output pipe records the arrival time of every chunk
   it reads (``os.read`` returning), so a marker's time is the time its last
-  byte reached us.  Threads, not the asyncio loop, because the benchmark's
+  byte reached us.  A *probe* (``launch(argv, probes={marker: fn})``) runs
+  ``fn(pid)`` on that thread right after the chunk completing ``marker``
+  arrived, e.g. to read the VMM's CPU time at the guest's boot-timer line.  Threads, not the asyncio loop, because the benchmark's
   own loop must not add latency to the VMM's output; each thread blocks in
   ``read`` and costs nothing while the VMM is quiet.
 * Every child started here is killed when the benchmark exits, however it
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import os
 import signal
 import socket
@@ -30,7 +33,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 CHUNK = 65536
 STOP_GRACE_S = 5.0
@@ -85,7 +88,8 @@ def first_arrivals(chunks: Sequence[Chunk], markers: Iterable[bytes], *,
 class StreamRecorder(threading.Thread):
     """Reads one pipe to EOF, keeping every chunk with its arrival time."""
 
-    def __init__(self, fd: int, name: str, clock: Callable[[], int] = time.monotonic_ns) -> None:
+    def __init__(self, fd: int, name: str, clock: Callable[[], int] = time.monotonic_ns,
+                 probes: Mapping[bytes, Callable[[], Any]] | None = None) -> None:
         super().__init__(name=f"bench-reader-{name}", daemon=True)
         self._fd = fd
         self._clock = clock
@@ -93,6 +97,9 @@ class StreamRecorder(threading.Thread):
         self.chunks: list[Chunk] = []
         self._data = bytearray()
         self.eof = False
+        self._pending = dict(probes or {})
+        # marker -> what its probe returned, or the exception it raised (e.g. the process is gone)
+        self.probed: dict[bytes, Any] = {}
 
     def run(self) -> None:
         try:
@@ -104,6 +111,7 @@ class StreamRecorder(threading.Thread):
                         break
                     self.chunks.append(Chunk(t, data))
                     self._data += data
+                    self._run_probes(len(data))
                     self._cond.notify_all()
         except OSError:
             pass                                 # the pipe was closed under us by stop()
@@ -111,6 +119,17 @@ class StreamRecorder(threading.Thread):
             with self._cond:
                 self.eof = True
                 self._cond.notify_all()
+
+    def _run_probes(self, new: int) -> None:
+        """Probe every pending marker that the last ``new`` bytes completed (lock held)."""
+        for marker, probe in list(self._pending.items()):
+            if self._data.find(marker, max(0, len(self._data) - new - len(marker) + 1)) < 0:
+                continue
+            del self._pending[marker]
+            try:
+                self.probed[marker] = probe()
+            except Exception as err:          # noqa: BLE001 - kept for the caller to report
+                self.probed[marker] = err
 
     @property
     def data(self) -> bytes:
@@ -186,8 +205,13 @@ class Launched:
 
 
 def launch(argv: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
-           clock: Callable[[], int] = time.monotonic_ns) -> Launched:
-    """Start ``argv`` with stdin an idle pipe and stdout/stderr recorded."""
+           clock: Callable[[], int] = time.monotonic_ns,
+           probes: Mapping[bytes, Callable[[int], Any]] | None = None) -> Launched:
+    """Start ``argv`` with stdin an idle pipe and stdout/stderr recorded.
+
+    ``probes`` maps a stdout marker to a function of the child's pid, run by
+    the stdout reader right after the marker arrives (``Launched.stdout.probed``).
+    """
     install_cleanup()
     t_start = clock()
     proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -195,7 +219,8 @@ def launch(argv: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] 
     with _live_lock:
         _live.add(proc)
     assert proc.stdout is not None and proc.stderr is not None
-    out = StreamRecorder(proc.stdout.fileno(), "stdout", clock)
+    bound = {marker: functools.partial(fn, proc.pid) for marker, fn in (probes or {}).items()}
+    out = StreamRecorder(proc.stdout.fileno(), "stdout", clock, bound)
     err = StreamRecorder(proc.stderr.fileno(), "stderr", clock)
     out.start()
     err.start()
@@ -232,15 +257,22 @@ def parse_stat_cpu_ticks(stat: str) -> int:
     The command name (field 2) may hold spaces and parentheses, so fields
     are counted from the last ')': utime and stime are fields 14 and 15.
     """
-    rest = stat[stat.rindex(")") + 2:].split()
+    close = stat.rfind(")")
+    rest = stat[close + 2:].split() if close >= 0 else []
+    if len(rest) < 13:
+        raise ValueError(f"not a /proc/<pid>/stat line: {stat[:120]!r}")
     return int(rest[11]) + int(rest[12])
+
+
+def stat_cpu_ms(stat: str, clk_tck: int) -> float:
+    """utime + stime of a ``/proc/<pid>/stat`` line in ms, all threads (live and exited) included."""
+    return parse_stat_cpu_ticks(stat) * 1000 / clk_tck
 
 
 def process_cpu_ms(pid: int) -> float:
     """CPU time (user + system) a live process has used, in ms (resolution 1/CLK_TCK)."""
     with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-        ticks = parse_stat_cpu_ticks(f.read())
-    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
+        return stat_cpu_ms(f.read(), os.sysconf("SC_CLK_TCK"))
 
 
 _installer_pid = -1

@@ -7,6 +7,17 @@ every variant, their summaries (``benchmarks.stats``), the comparisons
 load, the exact commands and the git commit.  ``SUMMARY.md`` is regenerated
 from all the JSON files after each run, so it never disagrees with them.
 
+Two things keep a ratio honest:
+
+* a comparison may carry ``unequal_work``: why the two sides did not do the
+  same work for that metric (e.g. ``InstanceStart`` loads the kernel, while
+  QEMU's ``cont`` runs one loaded before the socket was up).  A document whose
+  comparisons carry the key (``None`` when the work is equal) gets an "equal
+  work" column and the reasons as numbered notes under its table.
+* a *reference* (``references``) is a figure shown beside asyncvmm's that is
+  not a peer VMM, e.g. a canned-reply server's latency (what the harness can
+  measure at all): it has its own table and no ratio.
+
 Formatting is pure (documents in, text out); only ``write_result`` and
 ``regenerate_summary`` touch files.
 """
@@ -59,6 +70,27 @@ def compare(variants: Mapping[str, Any], subject: str, peer: str, name: str) -> 
             "ratio": stats.ratio(a["median"], b["median"])}
 
 
+def label_unequal(comparisons: Iterable[Mapping[str, Any]],
+                  reasons: Mapping[tuple[str, str], Mapping[str, str]]) -> list[dict[str, Any]]:
+    """Copies of ``comparisons`` with ``unequal_work`` set: the reason given for their
+    (subject, peer) pair and metric, else None (the two sides did the same work)."""
+    return [dict(c) | {"unequal_work": reasons.get((c["subject"], c["peer"]), {}).get(c["metric"])}
+            for c in comparisons]
+
+
+def reference(variants: Mapping[str, Any], subject: str, ref: str, name: str) -> dict[str, Any]:
+    """One metric of ``subject`` beside the same metric of a reference (not a peer): no ratio."""
+    try:
+        a = variants[subject]["metrics"][name]
+        b = variants[ref]["metrics"][name]
+    except KeyError as err:
+        raise ResultError(f"cannot show {name} beside {ref}: {subject} or {ref} lacks it ({err})") from None
+    if a["unit"] != b["unit"]:
+        raise ResultError(f"{name}: units differ ({a['unit']} vs {b['unit']})")
+    return {"metric": name, "unit": a["unit"], "subject": subject, "reference": ref,
+            "subject_median": a["median"], "reference_median": b["median"]}
+
+
 def compare_pairs(variants: Mapping[str, Any], pairs: Iterable[tuple[str, str, Sequence[str]]],
                   higher_is_better: Callable[[str], bool]) -> tuple[list[dict[str, Any]], list[str]]:
     """:func:`compare` each named metric of every (subject, peer, names) pair whose two variants
@@ -86,12 +118,45 @@ def fmt(value: float | None, unit: str) -> str:
     return f"{text} {shown}".rstrip()
 
 
+def unequal_notes(comparisons: Iterable[Mapping[str, Any]]) -> tuple[list[str], dict[str, int]]:
+    """The distinct ``unequal_work`` reasons in order of first use, and each one's number (1-based)."""
+    reasons: list[str] = []
+    for c in comparisons:
+        why = c.get("unequal_work")
+        if why and why not in reasons:
+            reasons.append(why)
+    return reasons, {why: i + 1 for i, why in enumerate(reasons)}
+
+
+def work_cell(c: Mapping[str, Any], numbers: Mapping[str, int]) -> str:
+    why = c.get("unequal_work")
+    return f"no ({numbers[why]})" if why else "yes"
+
+
+def _labelled(comparisons: Sequence[Mapping[str, Any]]) -> bool:
+    return any("unequal_work" in c for c in comparisons)
+
+
 def format_comparisons(comparisons: Iterable[Mapping[str, Any]]) -> str:
-    """A plain-text table of ratios, for the terminal."""
-    rows = [("metric", "asyncvmm", "median", "peer", "median", "ratio")]
+    """A plain-text table of ratios, for the terminal (with the unequal-work reasons, if labelled)."""
+    comparisons = list(comparisons)
+    labelled = _labelled(comparisons)
+    reasons, numbers = unequal_notes(comparisons)
+    rows = [("metric", "asyncvmm", "median", "peer", "median", "ratio") + (("equal work",) if labelled else ())]
     for c in comparisons:
         rows.append((c["metric"], c["subject"], fmt(c["subject_median"], c["unit"]),
-                     c["peer"], fmt(c["peer_median"], c["unit"]), stats.format_ratio(c["ratio"])))
+                     c["peer"], fmt(c["peer_median"], c["unit"]), stats.format_ratio(c["ratio"]))
+                    + ((work_cell(c, numbers),) if labelled else ()))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines + [f"({i}) unequal work: {why}" for i, why in enumerate(reasons, 1)])
+
+
+def format_references(references: Iterable[Mapping[str, Any]]) -> str:
+    """A plain-text table of reference figures (no ratio), for the terminal."""
+    rows = [("metric", "asyncvmm", "median", "reference", "median")]
+    rows += [(r["metric"], r["subject"], fmt(r["subject_median"], r["unit"]), r["reference"],
+              fmt(r["reference_median"], r["unit"])) for r in references]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -118,11 +183,26 @@ def render_document(doc: Mapping[str, Any]) -> list[str]:
              f"Load average (1/5/15 min) before {load.get('before')}, after {load.get('after')}.", ""]
     comparisons = doc.get("comparisons", [])
     if comparisons:
+        labelled = _labelled(comparisons)
+        reasons, numbers = unequal_notes(comparisons)
         lines += _md_table(
-            ("metric", "asyncvmm", "median", "peer", "median", "ratio", "better"),
+            ("metric", "asyncvmm", "median", "peer", "median", "ratio", "better")
+            + (("equal work",) if labelled else ()),
             ((c["metric"], f"`{c['subject']}`", fmt(c["subject_median"], c["unit"]), f"`{c['peer']}`",
               fmt(c["peer_median"], c["unit"]), stats.format_ratio(c["ratio"]),
-              "higher" if c.get("higher_is_better") else "lower") for c in comparisons))
+              "higher" if c.get("higher_is_better") else "lower")
+             + ((work_cell(c, numbers),) if labelled else ()) for c in comparisons))
+        lines.append("")
+        if reasons:
+            lines += [f"- Unequal work ({i}): {why}" for i, why in enumerate(reasons, 1)]
+            lines.append("")
+    references = doc.get("references", [])
+    if references:
+        lines += ["Reference figures (not a peer VMM, so no ratio):", ""]
+        lines += _md_table(
+            ("metric", "asyncvmm", "median", "reference", "median"),
+            ((r["metric"], f"`{r['subject']}`", fmt(r["subject_median"], r["unit"]), f"`{r['reference']}`",
+              fmt(r["reference_median"], r["unit"])) for r in references))
         lines.append("")
     detail = []
     for vname, variant in doc.get("variants", {}).items():
@@ -210,6 +290,9 @@ def conclude(doc: Mapping[str, Any], variants: Sequence[Any], *, write: bool,
     """
     print()
     print(format_comparisons(doc["comparisons"]))
+    if doc.get("references"):
+        print()
+        print(format_references(doc["references"]))
     if note:
         print(note)
     for v in variants:

@@ -10,6 +10,18 @@ whatever the guest touched, which says nothing about the VMM, so
     VMM RSS = process Rss - Rss of the guest mappings
 
 and the same for Pss and for private anonymous memory (``Anonymous``).
+
+Private memory (``Private_Clean + Private_Dirty``, the "unique set size")
+is the part no other process maps: what the host gets back when the VMM
+exits, and what one more VMM costs when others already run.  Its process
+total comes from ``smaps_rollup``; both VMMs map guest RAM anonymous and
+``MAP_PRIVATE``, so every page the guest touched is private to the VMM and
+the guest mappings' private pages are subtracted, as for Rss.  A clean
+file page counts as private only while no other process maps it (an
+interpreter shared with another Python process, a QEMU binary with another
+QEMU), so ``Private_Dirty`` alone (written pages, which sharing cannot
+hide) is kept beside it.
+
 Parsing is pure (text in, numbers out); only ``read_process_memory`` reads
 ``/proc``.
 """
@@ -18,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Mapping as FieldMap
 from typing import Sequence
 
 ALIGN_SLACK_KIB = 2048 + 4 * 4         # QEMU's RAM block alignment plus guard pages
@@ -61,10 +74,22 @@ class VmmMemory:
     guest_rss_kib: int
     guest_pss_kib: int
     guest_anon_kib: int
+    private_kib: int                    # Private_Clean + Private_Dirty, whole process
+    private_dirty_kib: int
+    guest_private_kib: int
+    guest_private_dirty_kib: int
 
     @property
     def vmm_rss_kib(self) -> int:
         return self.rss_kib - self.guest_rss_kib
+
+    @property
+    def vmm_private_kib(self) -> int:
+        return self.private_kib - self.guest_private_kib
+
+    @property
+    def vmm_private_dirty_kib(self) -> int:
+        return self.private_dirty_kib - self.guest_private_dirty_kib
 
     @property
     def vmm_pss_kib(self) -> int:
@@ -77,8 +102,20 @@ class VmmMemory:
     def as_dict(self) -> dict[str, int]:
         d = dataclasses.asdict(self)
         d.update(vmm_rss_kib=self.vmm_rss_kib, vmm_pss_kib=self.vmm_pss_kib,
-                 vmm_anon_kib=self.vmm_anon_kib)
+                 vmm_anon_kib=self.vmm_anon_kib, vmm_private_kib=self.vmm_private_kib,
+                 vmm_private_dirty_kib=self.vmm_private_dirty_kib)
         return d
+
+    def metrics(self) -> dict[str, int]:
+        """The figures a benchmark result keeps (KiB), by metric name."""
+        return {"vmm_rss": self.vmm_rss_kib, "vmm_pss": self.vmm_pss_kib, "vmm_anon": self.vmm_anon_kib,
+                "vmm_private": self.vmm_private_kib, "vmm_private_dirty": self.vmm_private_dirty_kib,
+                "guest_rss": self.guest_rss_kib, "guest_private": self.guest_private_kib}
+
+
+def private_kib(fields: FieldMap[str, int]) -> int:
+    """Private_Clean + Private_Dirty of one mapping's (or the rollup's) kB fields."""
+    return fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
 
 
 def parse_smaps(text: str) -> list[Mapping]:
@@ -122,8 +159,16 @@ def guest_mappings(maps: Sequence[Mapping], region_sizes_kib: Sequence[int],
     return chosen
 
 
-def vmm_memory(maps: Sequence[Mapping], region_sizes_kib: Sequence[int]) -> VmmMemory:
+def vmm_memory(maps: Sequence[Mapping], region_sizes_kib: Sequence[int],
+               rollup: FieldMap[str, int] | None = None) -> VmmMemory:
+    """Split ``maps`` into VMM and guest memory; the private totals come from ``rollup``
+    (``smaps_rollup``'s fields) when given, else from summing ``maps``."""
     guest = guest_mappings(maps, region_sizes_kib)
+    if rollup is None:
+        rollup = {"Private_Clean": sum(m.kib("Private_Clean") for m in maps),
+                  "Private_Dirty": sum(m.kib("Private_Dirty") for m in maps)}
+    elif "Private_Clean" not in rollup or "Private_Dirty" not in rollup:
+        raise SmapsError(f"smaps_rollup lacks Private_Clean/Private_Dirty: {sorted(rollup)}")
     return VmmMemory(
         rss_kib=sum(m.kib("Rss") for m in maps),
         pss_kib=sum(m.kib("Pss") for m in maps),
@@ -132,20 +177,35 @@ def vmm_memory(maps: Sequence[Mapping], region_sizes_kib: Sequence[int]) -> VmmM
         guest_rss_kib=sum(m.kib("Rss") for m in guest),
         guest_pss_kib=sum(m.kib("Pss") for m in guest),
         guest_anon_kib=sum(m.kib("Anonymous") for m in guest),
+        private_kib=private_kib(rollup),
+        private_dirty_kib=rollup["Private_Dirty"],
+        guest_private_kib=sum(private_kib(m.fields) for m in guest),
+        guest_private_dirty_kib=sum(m.kib("Private_Dirty") for m in guest),
     )
 
 
 def read_process_memory(pid: int, region_sizes_kib: Sequence[int]) -> VmmMemory:
-    """Read ``/proc/<pid>/smaps`` once and split it into VMM and guest memory.
+    """Read ``/proc/<pid>/smaps`` and, right after it, ``smaps_rollup``; split into VMM and guest.
 
-    Totals come from the same smaps read as the guest mappings, not from a
-    separate ``smaps_rollup`` read, so both halves describe one instant.
+    Rss, Pss, Anonymous and the guest mappings come from the one smaps read,
+    so they describe one instant; the private totals from the rollup read
+    that follows it (the benchmarks read while the guest is halted and the
+    VMM idle, so the two agree but for a few pages).
     """
     with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as f:
-        return vmm_memory(parse_smaps(f.read()), region_sizes_kib)
+        maps = parse_smaps(f.read())
+    return vmm_memory(maps, region_sizes_kib, read_rollup(pid))
+
+
+def parse_rollup(text: str) -> dict[str, int]:
+    """The kB fields of ``smaps_rollup`` text (its header line, the summed range, is skipped)."""
+    fields = {m[1]: int(m[2]) for m in map(_FIELD.match, text.splitlines()) if m}
+    if not fields:
+        raise SmapsError(f"no kB fields in smaps_rollup: {text[:200]!r}")
+    return fields
 
 
 def read_rollup(pid: int) -> dict[str, int]:
-    """``/proc/<pid>/smaps_rollup`` as kB fields (a cross-check for the totals)."""
+    """``/proc/<pid>/smaps_rollup`` as kB fields."""
     with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as f:
-        return {m[1]: int(m[2]) for m in map(_FIELD.match, f.read().splitlines()) if m}
+        return parse_rollup(f.read())

@@ -193,6 +193,8 @@ def test_monitors_and_units():
     assert api.unit_of("start_to_socket") == "ms"
     assert api.unit_of("status_preboot_c50_rps") == "count"
     assert api.unit_of("status_preboot_c1_p99") == "us"
+    assert api.unit_of("cpu_to_first_response") == "ms"
+    assert api.unit_of("vmm_private") == api.unit_of("guest_rss") == "KiB"
 
 
 def test_pooled_percentiles_and_comparison_flags():
@@ -210,3 +212,26 @@ def test_pooled_percentiles_and_comparison_flags():
 def test_too_few_requests_for_fifty_clients_is_refused():
     with pytest.raises(SystemExit):
         api.parse_args(["--requests", "10"])
+
+
+def test_the_canned_floor_is_a_reference_not_a_peer_and_unequal_rows_are_labelled():
+    def metric(name):
+        return {"unit": api.unit_of(name), "median": 2.0}
+
+    vm_names = ["start_to_first_response", "cpu_to_first_response", "start_to_socket", "vmm_private",
+                "status_preboot_c1_median", "put_machine_config_preboot_c1_median"]
+    vdocs = {v: {"metrics": {n: metric(n) for n in vm_names}} for v in ("asyncvmm", "qemu-qmp")}
+    vdocs["harness-floor"] = {"metrics": {n: metric(n) for n in (
+        "status_preboot_c1_median", "put_machine_config_preboot_c1_median")}}
+    comps, _ = api.comparisons(vdocs)
+    assert {c["peer"] for c in comps} == {"qemu-qmp"}                   # no ratio against the floor
+    work = {c["metric"]: c["unequal_work"] for c in comps}
+    assert work["start_to_first_response"] == work["cpu_to_first_response"]
+    assert "loading the kernel" in work["start_to_first_response"]
+    assert "different protocols" in work["status_preboot_c1_median"]
+    assert work["start_to_socket"] is None and work["vmm_private"] is None
+    refs = api.references(vdocs)
+    assert [(r["metric"], r["reference"]) for r in refs] == [
+        ("status_preboot_c1_median", "harness-floor"), ("put_machine_config_preboot_c1_median", "harness-floor")]
+    assert all("ratio" not in r for r in refs)
+    assert api.references({"asyncvmm": vdocs["asyncvmm"]}) == []

@@ -84,3 +84,54 @@ def test_summary_counts_failed_runs():
     doc["variants"]["asyncvmm-x"]["failures"] = ["boom", "bang"]
     text = "\n".join(report.render_document(doc))
     assert "`asyncvmm-x` 2" in text
+
+
+def two_variants():
+    return {"asyncvmm-x": {"metrics": {"boot": report.metric([40], "ms"), "start": report.metric([90], "ms"),
+                                       "get": report.metric([300], "us")}},
+            "qemu-x": {"metrics": {"boot": report.metric([20], "ms"), "start": report.metric([3], "ms")}},
+            "floor": {"metrics": {"get": report.metric([150], "us")}}}
+
+
+def test_label_unequal_sets_a_reason_only_for_the_named_pair_and_metric():
+    variants = two_variants()
+    comps = [report.compare(variants, "asyncvmm-x", "qemu-x", m) for m in ("boot", "start")]
+    labelled = report.label_unequal(comps, {("asyncvmm-x", "qemu-x"): {"start": "loads the kernel"},
+                                            ("asyncvmm-x", "other"): {"boot": "not this pair"}})
+    assert [c["unequal_work"] for c in labelled] == [None, "loads the kernel"]
+    assert "unequal_work" not in comps[0]                        # copies: the input is left alone
+
+
+def test_labelled_comparisons_get_an_equal_work_column_and_numbered_reasons():
+    variants = two_variants()
+    comps = report.label_unequal([report.compare(variants, "asyncvmm-x", "qemu-x", m) for m in ("boot", "start")],
+                                 {("asyncvmm-x", "qemu-x"): {"start": "InstanceStart loads the kernel"}})
+    doc = report.new_document("demo", "Demo", "cmd", variants=variants, comparisons=comps)
+    text = "\n".join(report.render_document(doc))
+    assert "| metric | asyncvmm | median | peer | median | ratio | better | equal work |" in text
+    assert "| boot | `asyncvmm-x` | 40.0 ms | `qemu-x` | 20.0 ms | 2.00x | lower | yes |" in text
+    assert "| start | `asyncvmm-x` | 90.0 ms | `qemu-x` | 3.0 ms | 30.00x | lower | no (1) |" in text
+    assert "- Unequal work (1): InstanceStart loads the kernel" in text
+    terminal = report.format_comparisons(comps)
+    assert "no (1)" in terminal and "(1) unequal work: InstanceStart loads the kernel" in terminal
+
+
+def test_unlabelled_documents_keep_the_old_table():
+    text = "\n".join(report.render_document(doc_with([2], [1])))
+    assert "equal work" not in text and "Unequal work" not in text
+    assert "equal work" not in report.format_comparisons(doc_with([2], [1])["comparisons"])
+
+
+def test_a_reference_has_no_ratio_and_its_own_table():
+    variants = two_variants()
+    ref = report.reference(variants, "asyncvmm-x", "floor", "get")
+    assert ref == {"metric": "get", "unit": "us", "subject": "asyncvmm-x", "reference": "floor",
+                   "subject_median": 300, "reference_median": 150}
+    doc = report.new_document("demo", "Demo", "cmd", variants=variants, comparisons=[], references=[ref])
+    text = "\n".join(report.render_document(doc))
+    assert "Reference figures (not a peer VMM, so no ratio):" in text
+    assert "| get | `asyncvmm-x` | 300 us | `floor` | 150 us |" in text
+    assert "| metric | asyncvmm | median | reference | median |" in text     # no ratio column
+    assert "floor" in report.format_references([ref])
+    with pytest.raises(report.ResultError):
+        report.reference(variants, "asyncvmm-x", "qemu-x", "get")
