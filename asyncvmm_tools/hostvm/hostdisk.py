@@ -5,7 +5,13 @@ editable install and image cache paths work.  The disk is an ext4 image made
 with ``mke2fs -d`` from a staging tree of hard links (cheap) and is rebuilt
 only when its content key changes.  The key hashes each file's path, size
 and mtime -- not its bytes: hashing a gigabyte of runtime on every test run
-would cost more than the test tier itself.
+would cost more than the test tier itself.  The few small files that are
+rewritten with the same content (the image manifest) are keyed by their bytes.
+
+Disks do not pile up: each records the venv it was built for (``.owner``),
+and every call keeps the chosen disk, the disks of other venvs that still
+exist, and any disk a running session holds (a shared ``flock``, taken by
+:func:`ensure_host_disk` and kept by the caller); the rest are deleted.
 
 What goes in: ``sys.base_prefix`` without its test suite (and without its own
 site-packages when running from a venv that does not use them), the venv,
@@ -19,6 +25,8 @@ per-run job disk, and the host init copies it to its host path.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -26,6 +34,7 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from ..images.cache import content_key, publishing
 from ..images.elfdeps import is_elf, parse_ldd
@@ -150,19 +159,24 @@ def copy_project(dest: Path) -> None:
                     ignore=lambda d, names: [n for n in names if n in PROJECT_SKIP])
 
 
-def fingerprint(files: list[str]) -> list[tuple[str, int, int]]:
-    """(path, size, mtime) of each file, bytecode caches left out.
+def fingerprint(files: list[str], by_content: frozenset[str] = frozenset()) -> list[tuple[str, int, int | str]]:
+    """(path, size, mtime) of each file -- (path, size, sha256) for those in ``by_content`` --
+    bytecode caches left out.
 
     Every first import writes new ``.pyc`` files into the runtime; counting
     them would rebuild the disk after nearly every run.  A disk with older
     bytecode is still right (Python checks each ``.pyc`` against its source).
     """
-    out = []
+    out: list[tuple[str, int, int | str]] = []
     for f in files:
         if "/__pycache__/" in f:
             continue
         st = os.lstat(f)
-        out.append((f, st.st_size, st.st_mtime_ns))
+        if f in by_content and not os.path.islink(f):
+            with open(f, "rb") as fh:
+                out.append((f, st.st_size, hashlib.sha256(fh.read()).hexdigest()))
+        else:
+            out.append((f, st.st_size, st.st_mtime_ns))
     return out
 
 
@@ -191,46 +205,81 @@ def stage(files: list[str], staging: Path) -> int:
     return total
 
 
-def _prune(disk_dir: Path, keep_seconds: float = 3600) -> None:
-    """Drop runtime disks not touched for an hour.
+def hold(disk: Path) -> BinaryIO | None:
+    """A shared lock on ``disk`` while the returned file stays open; None if it is gone."""
+    try:
+        f = open(disk, "rb")
+    except FileNotFoundError:
+        return None
+    fcntl.flock(f, fcntl.LOCK_SH)
+    if os.fstat(f.fileno()).st_nlink == 0:   # pruned between open and lock
+        f.close()
+        return None
+    return f
 
-    Not all of them: another test session may have just published its disk and
-    not yet started QEMU on it (a running QEMU keeps its open file anyway).
+
+def prune(disk_dir: Path, current: Path, owner: str) -> list[Path]:
+    """Delete superseded runtime disks; returns those deleted.
+
+    Kept: ``current``, disks of another venv that still exists, and disks a
+    session holds (it may be about to start QEMU on it; a running QEMU keeps
+    its open file anyway).
     """
-    import time
-    for old in disk_dir.glob("root-*"):
+    deleted = []
+    for disk in sorted(disk_dir.glob("root-*.ext4")):
+        if disk == current:
+            continue
         try:
-            if time.time() - old.stat().st_mtime > keep_seconds:
-                old.unlink()
+            other = disk.with_suffix(".owner").read_text().strip()
+        except OSError:
+            other = ""
+        if other and other != owner and os.path.isdir(other):
+            continue
+        try:
+            f = open(disk, "rb")
         except FileNotFoundError:
-            pass
+            continue
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            for path in (disk, disk.with_suffix(".libs"), disk.with_suffix(".owner")):
+                path.unlink(missing_ok=True)
+            deleted.append(disk)
+    return deleted
 
 
-def ensure_host_disk(cache: Path, extra_paths: list[Path], progress=print) -> Path:
-    """The cached disk for the current runtime, rebuilt when any file's size or mtime changed.
+def ensure_host_disk(cache: Path, extra_paths: list[Path], progress=print,
+                     by_content: frozenset[str] = frozenset()) -> tuple[Path, BinaryIO]:
+    """The cached disk for the current runtime and a shared lock on it (keep it open while in use).
 
-    The library closure is recorded beside the disk (``.libs``) so checking
-    the key does not run ldd over thousands of files each time.
+    Rebuilt when any file's size or mtime (for ``by_content``, its bytes) changed.  The library
+    closure is recorded beside the disk (``.libs``) so checking the key does not run ldd over
+    thousands of files each time.
     """
     files = collect(extra_paths)
+    by_content = frozenset(host_path(f) for f in by_content)
     disk_dir = cache / "hostvm"
+    owner = sys.prefix
     for old in sorted(disk_dir.glob("root-*.ext4")):
         libs_file = old.with_suffix(".libs")
         if not libs_file.exists():
             continue
         libs = [l for l in libs_file.read_text().split("\n") if l]
         if all(os.path.lexists(l) for l in libs) and \
-                old.name == f"root-{content_key(['hostdisk', fingerprint(files + libs)])}.ext4":
-            for used in (old, libs_file):
-                os.utime(used)   # in use: keep it from _prune
-            return old
+                old.name == f"root-{content_key(['hostdisk', fingerprint(files + libs, by_content)])}.ext4":
+            lock = hold(old)
+            if lock is None:
+                continue
+            prune(disk_dir, old, owner)
+            return old, lock
     progress(f"[hostvm] resolving shared libraries of {len(files)} files")
     libs = libraries_of(files)
-    key = content_key(["hostdisk", fingerprint(files + libs)])
+    key = content_key(["hostdisk", fingerprint(files + libs, by_content)])
     out = disk_dir / f"root-{key}.ext4"
     progress(f"[hostvm] building the runtime disk ({len(files) + len(libs)} files)")
     disk_dir.mkdir(parents=True, exist_ok=True)
-    _prune(disk_dir)
     with tempfile.TemporaryDirectory(dir=cache) as tmp, publishing(out) as target:
         staging = Path(tmp) / "root"
         staging.mkdir()
@@ -238,4 +287,10 @@ def ensure_host_disk(cache: Path, extra_paths: list[Path], progress=print) -> Pa
         size_mib = int(total * 1.2) // (1 << 20) + 512
         make_ext4(staging, target, size_mib, label="avmroot", key=key)
     out.with_suffix(".libs").write_text("\n".join(libs) + "\n")
-    return out
+    out.with_suffix(".owner").write_text(owner + "\n")
+    lock = hold(out)
+    if lock is None:
+        raise HostDiskError(f"{out} vanished right after it was built")
+    for deleted in prune(disk_dir, out, owner):
+        progress(f"[hostvm] deleted the superseded runtime disk {deleted.name}")
+    return out, lock

@@ -10,6 +10,8 @@ tmpfs overlay, so everything is writable and nothing persists) and ``avmjob``
 controlling tty, records the exit status, syncs and powers off.
 ``avm.epoch=<seconds>`` sets the clock (a microvm has no RTC);
 ``avm.project=<path>`` copies the job disk's ``project/`` there (into the overlay).
+``/tmp`` and ``/run`` get a fresh tmpfs unless the runtime disk has files
+under them (a project and its venv under ``/tmp``), which stay visible.
 """
 
 from __future__ import annotations
@@ -69,8 +71,15 @@ mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
-mount -t tmpfs -o mode=0755 tmpfs /newroot/run
+# A fresh tmpfs on /tmp and /run, unless the runtime has files there (a project cloned under
+# /tmp brings its venv): a tmpfs would hide them, and the overlay is writable and on tmpfs anyway.
+for d in tmp:1777 run:0755; do
+    if [ -z "$(ls -A "/lower/${d%:*}" 2>/dev/null)" ]; then
+        mount -t tmpfs -o "mode=${d#*:}" tmpfs "/newroot/${d%:*}"
+    else
+        chmod "${d#*:}" "/newroot/${d%:*}"
+    fi
+done
 # Debian's /var/run is a link to /run (pyroute2 keeps named netns under /var/run/netns,
 # iproute2 under /run/netns); the runtime disk is a copy of files, not of that link.
 [ -e /newroot/var/run ] || [ -L /newroot/var/run ] || { mkdir -p /newroot/var && ln -s /run /newroot/var/run; }

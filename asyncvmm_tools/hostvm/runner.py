@@ -6,8 +6,9 @@ emulated host hung in 2 of 25 boots) on Debian's cloud kernel with the
 host initramfs of :mod:`.hostinit`, the cached runtime disk of
 :mod:`.hostdisk` and a fresh job disk holding ``job.sh``.  The command runs
 in the project directory with the same paths as on the host; whatever it
-writes under ``$ASYNCVMM_HOSTVM_RESULTS`` comes back in
-``HostVmResult.results_dir``.  QEMU is killed on timeout, on any exception,
+writes under ``$ASYNCVMM_HOSTVM_RESULTS`` comes back in ``results_dir``
+when one is given (with ``hostvm-timings.json``); nothing else is left
+behind (the per-run work directory and its job disk are deleted).  QEMU is killed on timeout, on any exception,
 on SIGINT/SIGTERM/SIGHUP and (PDEATHSIG) when this process dies.
 """
 
@@ -24,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import BinaryIO, Callable, TextIO
 
 from ..images import GuestImages, busybox_binary, ensure_images
 from ..images.cache import cache_root, content_key, publishing, sha256_file
@@ -138,6 +139,7 @@ class HostVm:
     initramfs: Path
     root_disk: Path
     images: GuestImages
+    root_lock: BinaryIO | None = None   # a shared flock keeping root_disk from being pruned
 
     @classmethod
     def prepare(cls, progress: Callable[[str], None] = log.info) -> "HostVm":
@@ -150,8 +152,9 @@ class HostVm:
         extra = [p for p in (images.bzimage, images.vmlinux, images.initramfs, images.rootfs,
                              images.minikernel, images.minikernel_bzimage, cache / "images.json",
                              images.initramfs.with_suffix(".modules")) if p]
-        root = ensure_host_disk(cache, extra, progress)
-        return cls(kernel, initramfs, root, images)
+        manifest = str(cache / "images.json")   # rewritten by every `images build`: keyed by its bytes
+        root, lock = ensure_host_disk(cache, extra, progress, by_content=frozenset([manifest]))
+        return cls(kernel, initramfs, root, images, lock)
 
 
 def run_in_hostvm(argv: list[str], *, timeout: float, env: dict[str, str] | None = None,
@@ -162,6 +165,16 @@ def run_in_hostvm(argv: list[str], *, timeout: float, env: dict[str, str] | None
     t0 = time.monotonic()
     vm = prepared or HostVm.prepare(progress)
     workdir = Path(tempfile.mkdtemp(prefix="asyncvmm-hostvm-"))
+    try:
+        return _run(vm, workdir, argv, t0=t0, timeout=timeout, env=env, console_log=console_log, cwd=cwd,
+                    echo=echo, mem_mib=mem_mib, results_dir=results_dir, interactive=interactive)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)   # the job disk; results go to results_dir
+
+
+def _run(vm: HostVm, workdir: Path, argv: list[str], *, t0: float, timeout: float, env: dict[str, str] | None,
+         console_log: Path | None, cwd: str | None, echo: TextIO | None, mem_mib: int,
+         results_dir: Path | None, interactive: bool) -> HostVmResult:
     job_disk = workdir / "job.ext4"
     make_job_disk(job_disk, job_script(argv, env or {}, cwd or str(project_root())))
     spec = MachineSpec(
@@ -203,7 +216,7 @@ def run_in_hostvm(argv: list[str], *, timeout: float, env: dict[str, str] | None
     t_end = time.monotonic()
     console = b"".join(chunks).decode(errors="replace")
     stdout, marker_rc, kvm = split_console(console)
-    dest = results_dir or (workdir / "results")
+    dest = results_dir or (workdir / "results")   # without results_dir, read and dropped
     disk_rc = read_job_disk(job_disk, dest) if not timed_out else None
     job_disk.unlink(missing_ok=True)
     returncode = disk_rc if disk_rc is not None else marker_rc
@@ -211,7 +224,7 @@ def run_in_hostvm(argv: list[str], *, timeout: float, env: dict[str, str] | None
     if "start" in marks:
         timings["boot"] = marks["start"] - t_boot
         timings["job"] = t_end - marks["start"]
-    (dest / "hostvm-timings.json").write_text(json.dumps(timings))
     if results_dir is not None:
-        shutil.rmtree(workdir, ignore_errors=True)   # only the (deleted) job disk was there
-    return HostVmResult(returncode, console, stdout, dest, timed_out, kvm, timings)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "hostvm-timings.json").write_text(json.dumps(timings))
+    return HostVmResult(returncode, console, stdout, results_dir, timed_out, kvm, timings)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -160,9 +161,26 @@ def ensure_images(only: Iterable[str] | None = None, force: bool = False, build:
         kernel_version=kernel.version, kernel_dir=kernel.root, modules=order,
         minikernel=mini.vmlinux if mini else None, minikernel_bzimage=mini.bzimage if mini else None,
         rootfs_size=rootfs.stat().st_size, extra={"builder": builder_hash()})
-    (cache / MANIFEST).write_text(json.dumps(images.to_json(), indent=2) + "\n")
+    write_if_changed(cache / MANIFEST, json.dumps(images.to_json(), indent=2) + "\n")
     _prune(cache, keep={initrd, order_file, rootfs})
     return images
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` unless ``path`` already holds it; True when it wrote.
+
+    The emulated host's runtime disk carries the manifest, and a rewrite with
+    the same content would still look like a change to whoever goes by mtime.
+    """
+    try:
+        if path.read_text() == text:
+            return False
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return True
 
 
 def _prune(cache: Path, keep: set[Path]) -> None:
