@@ -2,7 +2,8 @@
 
 ``run`` boots the emulated KVM host, runs CMD there (in the project
 directory, same paths as here) with the console streamed to stdout, and
-exits with CMD's status (124: timed out, 125: the host never reported one).
+exits with CMD's status (124: timed out, 125: the host never reported one);
+with ``--interactive`` this terminal is CMD's terminal.
 ``shell`` gives an interactive bash inside it; leave with ``exit``.
 ``kind`` prints what /dev/kvm is here: hardware, software or absent.
 ``microvm`` boots the built guest images under QEMU microvm on this
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--mem", type=int, default=4096, help="MiB of RAM for the emulated host")
     run.add_argument("--console-log", type=Path)
     run.add_argument("--results", type=Path, help="copy the job's results directory here")
-    run.add_argument("--interactive", action="store_true", help="forward this terminal to the console")
+    run.add_argument("--interactive", action="store_true",
+                     help="forward this terminal to the console: CMD gets it as its controlling tty")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
     shell = sub.add_parser("shell", help="an interactive shell inside the emulated KVM host")
     shell.add_argument("--mem", type=int, default=4096)
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    interactive = args.command == "shell" or getattr(args, "interactive", False)
-    if interactive:
+    interactive = args.command == "shell" or args.interactive
+    if args.command == "shell":
         cmd = ["/bin/bash", "-l"]
     else:
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
