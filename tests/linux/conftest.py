@@ -17,13 +17,17 @@ Every test here is marked ``linux``.  How they run depends on the machine:
 
 ``ASYNCVMM_LINUX_TIER=direct|hostvm`` forces a mode.  Missing prerequisites
 (qemu, images, KVM) go through ``require()``: skips locally, failures under
-``CI=true``.
+``CI=true``.  In hostvm mode that holds for every proxy alike: a prerequisite
+the emulated host lacks (or an error preparing it) is reported by each
+selected test, and under ``CI=true`` an inner skip is an outer failure.
 
 Tests marked ``minikernel`` exercise the optional small kernel
 (``asyncvmm-images build --only minikernel``, ~7 minutes to build).  They are
-deselected -- counted as such in pytest's summary, not skipped -- unless that
-kernel is in the cache or ``ASYNCVMM_MINIKERNEL=1`` asks for them, in which
-case a missing kernel is a failure under ``CI=true``.
+not part of the run -- deselected, counted in pytest's summary and named in
+a summary line -- unless ``ASYNCVMM_MINIKERNEL=1`` asks for them (then a
+missing kernel is a failure under ``CI=true``) or, outside CI, the kernel is
+already in the cache.  Under ``CI=true`` the suite does not depend on what a
+machine's cache happens to hold.
 """
 
 from __future__ import annotations
@@ -34,13 +38,15 @@ import signal
 import sys
 import tempfile
 import threading
+import traceback
 from pathlib import Path
 
 import pytest
 
 from asyncvmm_tools.hostvm import in_hostvm, kvm_kind
-from tests.conftest import require
 from asyncvmm_tools.hostvm.junit import InnerOutcome, junit_key, parse_junit
+from tests import conftest as shared
+from tests.conftest import require
 
 HERE = Path(__file__).resolve().parent
 PER_TEST_TIMEOUT = float(os.environ.get("ASYNCVMM_LINUX_TEST_TIMEOUT", "300"))
@@ -77,6 +83,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = [i for i in items if not i.get_closest_marker("minikernel")]
+            config.stash[MINIKERNEL_DROPPED_KEY] = [i.nodeid for i in dropped]
     if tier_mode() != "hostvm":
         return
     linux = [i for i in items if _is_linux_item(i)]
@@ -96,16 +103,23 @@ def _minikernel_wanted() -> bool:
         return True   # the outer run already chose which tests to send in
     if os.environ.get("ASYNCVMM_MINIKERNEL", "") in ("1", "true", "yes"):
         return True
+    if shared.IN_CI:
+        return False  # the CI suite is fixed: only ASYNCVMM_MINIKERNEL=1 adds these
     from asyncvmm_tools.images.cache import cache_root
     from asyncvmm_tools.images.minikernel import cached_minikernel
     return cached_minikernel(cache_root()) is not None
 
 
 RUNNER_KEY = pytest.StashKey["InnerRun"]()
+MINIKERNEL_DROPPED_KEY = pytest.StashKey[list]()
 
 
 class InnerFailure(Exception):
     """An inner test that failed, errored, or never reported."""
+
+
+class MissingPrerequisite(Exception):
+    """The emulated host cannot run here (no QEMU, no images): every proxy reports it."""
 
 
 class HostVmProxy(pytest.Item):
@@ -116,12 +130,7 @@ class HostVmProxy(pytest.Item):
         self.runner = runner
 
     def runtest(self) -> None:
-        outcome = self.runner.outcome(self.nodeid)
-        if outcome.outcome == "passed":
-            return
-        if outcome.outcome == "skipped":
-            pytest.skip(f"inside the emulated host: {outcome.message}")
-        raise InnerFailure(outcome.describe())
+        report(self.runner.outcome(self.nodeid))
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, InnerFailure):
@@ -130,6 +139,16 @@ class HostVmProxy(pytest.Item):
 
     def reportinfo(self):
         return self.path, None, f"{self.name} [in emulated KVM host]"
+
+
+def report(outcome: InnerOutcome) -> None:
+    """Turn an inner outcome into this side's: return (passed), skip or fail."""
+    if outcome.outcome == "passed":
+        return
+    if outcome.outcome == "skipped":
+        # A skip locally; under CI=true a failure, as it would be outside the emulated host.
+        require(False, f"skipped inside the emulated host: {outcome.message}")
+    raise InnerFailure(outcome.describe())
 
 
 class InnerRun:
@@ -141,13 +160,22 @@ class InnerRun:
         self.lock = threading.Lock()
         self.outcomes: dict[tuple[str, str], InnerOutcome] | None = None
         self.failure: str = ""
+        self.missing: str = ""  # a prerequisite the run lacked: every test reports it the same way
         self.workdir = Path()   # made when the run starts: collection alone (--co) leaves nothing
 
-
     def outcome(self, nodeid: str) -> InnerOutcome:
+        """This test's inner outcome; ``require()`` for all alike when a prerequisite is missing."""
         with self.lock:
             if self.outcomes is None:
-                self._run()
+                self.outcomes = {}
+                try:
+                    self._run()
+                except MissingPrerequisite as exc:
+                    self.missing = str(exc)
+                except Exception:   # every test fails with it, not only the first to ask
+                    self.failure = f"the emulated host could not run the tier:\n{traceback.format_exc()}"
+        if self.missing:
+            require(False, self.missing)
         assert self.outcomes is not None
         found = self.outcomes.get(junit_key(nodeid))
         if found is not None:
@@ -156,10 +184,9 @@ class InnerRun:
                             self.failure, "", "")
 
     def _run(self) -> None:
-        self.outcomes = {}
+        if shutil.which("qemu-system-x86_64") is None:
+            raise MissingPrerequisite("qemu-system-x86_64 is needed to run the linux tier in an emulated KVM host")
         self.workdir = Path(tempfile.mkdtemp(prefix="asyncvmm-linux-tier-"))
-        require(shutil.which("qemu-system-x86_64") is not None,
-                "qemu-system-x86_64 is needed to run the linux tier in an emulated KVM host")
         from asyncvmm_tools.hostvm import HostVm, HostVmError, run_in_hostvm
         from asyncvmm_tools.images import ImagesMissingError
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -171,8 +198,7 @@ class InnerRun:
         try:
             prepared = HostVm.prepare(progress=say)
         except (HostVmError, ImagesMissingError, OSError) as exc:
-            require(False, f"cannot prepare the emulated KVM host: {exc}")
-            raise
+            raise MissingPrerequisite(f"cannot prepare the emulated KVM host: {exc}") from exc
         outer = float(os.environ.get("ASYNCVMM_HOSTVM_TIMEOUT", "0")) or \
             BOOT_ALLOWANCE + PER_TEST_TIMEOUT * len(self.nodeids)
         # Python runs ~20x slower in there: leave out plugins the tier does not use
@@ -208,8 +234,13 @@ def fmt_timings(t: dict) -> str:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    dropped = config.stash.get(MINIKERNEL_DROPPED_KEY, [])
+    if dropped:
+        terminalreporter.write_line(
+            f"not part of this run: {len(dropped)} minikernel test(s) ({', '.join(dropped)}); "
+            "ASYNCVMM_MINIKERNEL=1 adds them (scripts/test then builds the minimal kernel)")
     runner = config.stash.get(RUNNER_KEY, None)
-    if runner is not None and runner.outcomes is not None:
+    if runner is not None and runner.outcomes is not None and runner.workdir != Path():
         terminalreporter.write_line(f"linux tier ran in the emulated KVM host; logs and junit: {runner.workdir}")
 
 
