@@ -6,7 +6,8 @@ After InstanceStart the "guest" prints ``fake-guest: booted id=<id> args=<boot_a
 ``echo:<line>`` while not paused.  ``exit=<n>`` in the boot args ends the process with
 code n right after boot; SendCtrlAltDel ends it with 0 (as a guest reboot does).
 FlushMetrics and InstanceStart append a metrics line.  SIGTERM exits 0, unless
-``FAKE_VMM_IGNORE_SIGTERM=1``.  ``--fail-start`` exits 1 at once with a message on stderr.
+``FAKE_VMM_IGNORE_SIGTERM=1``.  A kernel path containing "missing" is refused with
+a 400.  ``--fail-start`` exits 1 at once with a message on stderr.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class FakeVmm:
 
     async def on_request(self, rec: Recorded):
         if rec.method == "PUT" and rec.path == "/boot-source":
+            if "missing" in rec.body["kernel_image_path"]:
+                return fault("Cannot open the kernel image: No such file or directory (os error 2)")
             self.boot_args = rec.body.get("boot_args", "")
         if rec.method == "PUT" and rec.path == "/actions":
             action = rec.body["action_type"]
