@@ -1,9 +1,10 @@
-"""``python -m asyncvmm_tools.images build [--only KIND ...] [--force] | paths [--no-build] | vmconfig [...]``."""
+"""``python -m asyncvmm_tools.images build [--only KIND ...] [--force] | paths [--no-build] [--sh] | vmconfig [...]``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--rootfs-size-mib", type=int, default=128)
     p = sub.add_parser("paths", help="print the artifact paths as JSON")
     p.add_argument("--no-build", action="store_true", help="only report what is built; never build")
+    p.add_argument("--sh", action="store_true",
+                   help="print KERNEL=, BZIMAGE=, INITRD=, ROOTFS= assignments for a shell's eval")
     v = sub.add_parser("vmconfig", help="print a Firecracker --config-file JSON booting the built images")
     v.add_argument("--run", help="a shell command the guest runs, then reboots (ending the VMM)")
     v.add_argument("--vcpus", type=int, default=1)
@@ -59,8 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     except ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(images.to_json(), indent=2))
+    if getattr(args, "sh", False):
+        print(shell_assignments(images))
+    else:
+        print(json.dumps(images.to_json(), indent=2))
     return 0
+
+
+def shell_assignments(images) -> str:
+    """``KERNEL=... BZIMAGE=... INITRD=... ROOTFS=...`` lines, quoted for ``eval``."""
+    pairs = {"KERNEL": images.vmlinux, "BZIMAGE": images.bzimage, "INITRD": images.initramfs,
+             "ROOTFS": images.rootfs}
+    return "\n".join(f"{name}={shlex.quote(str(path))}" for name, path in pairs.items())
 
 
 def vm_config(images, args) -> dict:

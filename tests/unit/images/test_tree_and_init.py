@@ -107,3 +107,15 @@ def test_minikernel_config_check_reports_dropped_options():
     without_vsock = full.replace("CONFIG_VIRTIO_VSOCKETS=y", "# CONFIG_VIRTIO_VSOCKETS is not set")
     assert missing_options(without_vsock) == ["CONFIG_VIRTIO_VSOCKETS=y"]
     assert "CONFIG_MODULES=n" not in missing_options(full.replace("CONFIG_MODULES=n", ""))
+
+
+def test_paths_sh_prints_quoted_assignments_a_shell_can_eval(tmp_path):
+    import subprocess
+    from asyncvmm_tools.images import GuestImages
+    from asyncvmm_tools.images.__main__ import shell_assignments
+    d = tmp_path / "with space"
+    images = GuestImages(bzimage=d / "vmlinuz", vmlinux=d / "vmlinux", initramfs=d / "i.cpio",
+                         rootfs=d / "r'oot.ext4", kernel_version="6.1", kernel_dir=d)
+    out = subprocess.run(["sh", "-c", f'eval "$1"; printf "%s\\n" "$KERNEL" "$BZIMAGE" "$INITRD" "$ROOTFS"',
+                          "sh", shell_assignments(images)], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [str(d / "vmlinux"), str(d / "vmlinuz"), str(d / "i.cpio"), str(d / "r'oot.ext4")]
