@@ -11,6 +11,14 @@ handled one at a time, like Firecracker's single VMM thread.
 
 The VM lifecycle is the table :data:`TRANSITIONS` (Not started -> Running
 <-> Paused).  A failed InstanceStart leaves the VM configurable.
+
+Nothing is accepted and then ignored: an action of a feature asyncvmm does
+not build (:data:`NOT_BUILT`) is refused in every phase, after its body's
+own validation, with a message naming the feature; a built resource whose
+body asks for more than is built (a static CPU template, huge pages ...) is
+refused by :func:`asyncvmm.config.unbuilt.refuse_unbuilt`.  Each action kind
+has exactly one entry: a handler in :meth:`Controller._handler_table` or a
+feature name in :data:`NOT_BUILT`.
 """
 
 from __future__ import annotations
@@ -28,16 +36,16 @@ import msgspec
 
 from asyncvmm import FIRECRACKER_API_VERSION
 from asyncvmm.config import (
-    BalloonStartCmdConfig,
     ConfigError,
     LoggerConfig,
+    MachineConfigUpdate,
     RateLimiterConfig,
-    SnapshotCreateConfig,
-    SnapshotLoadConfig,
     VmConfig,
+    check_id,
     to_builtins,
 )
-from asyncvmm.config import resources
+from asyncvmm.config import resources, unbuilt
+from asyncvmm.config.common import Base
 from asyncvmm.metrics import MetricGroup
 from asyncvmm.mmds.store import DataStoreLimitExceededError, MmdsStore, MmdsStoreError
 
@@ -47,11 +55,6 @@ _replace = msgspec.structs.replace
 NOT_SUPPORTED_POST_BOOT = "The requested operation is not supported after starting the microVM."
 NOT_SUPPORTED_PRE_BOOT = "The requested operation is not supported before starting the microVM."
 MISSING_KERNEL = "Start microvm error: Cannot start microvm without kernel configuration."
-LOAD_NOT_ALLOWED = (
-    "Load snapshot error: Loading a microVM snapshot not allowed after configuring "
-    "boot-specific resources."
-)
-NO_BALLOON = "No balloon device found."
 
 
 class BackendError(Exception):
@@ -91,8 +94,6 @@ class VmmBackend(Protocol):
     """
 
     async def start(self, config: VmConfig, requested_at: StartRequest) -> None: ...
-    async def load_snapshot(self, params: SnapshotLoadConfig) -> None: ...
-    async def create_snapshot(self, params: SnapshotCreateConfig) -> None: ...
     async def pause(self) -> None: ...
     async def resume(self) -> None: ...
     async def send_ctrl_alt_del(self) -> None: ...
@@ -102,15 +103,6 @@ class VmmBackend(Protocol):
     async def update_network_interface(
         self, iface_id: str, rx: RateLimiterConfig | None, tx: RateLimiterConfig | None
     ) -> None: ...
-    async def update_pmem(self, pmem_id: str, rate_limiter: RateLimiterConfig | None) -> None: ...
-    async def update_balloon(self, amount_mib: int) -> None: ...
-    async def balloon_stats(self) -> dict[str, Any]: ...
-    async def update_balloon_stats(self, interval_s: int) -> None: ...
-    async def start_balloon_hinting(self, cmd: BalloonStartCmdConfig) -> None: ...
-    async def balloon_hinting_status(self) -> dict[str, Any]: ...
-    async def stop_balloon_hinting(self) -> None: ...
-    async def memory_hotplug_status(self) -> dict[str, Any]: ...
-    async def update_memory_hotplug(self, requested_size_mib: int | None) -> None: ...
 
 
 class MetricsSink(Protocol):
@@ -154,8 +146,6 @@ class VmState(enum.Enum):
 
 class Event(enum.Enum):
     START = "start"
-    LOAD = "load"
-    LOAD_AND_RESUME = "load and resume"
     PAUSE = "pause"
     RESUME = "resume"
 
@@ -163,8 +153,6 @@ class Event(enum.Enum):
 # The VM lifecycle.  Pausing a paused VM and resuming a running one are no-ops.
 TRANSITIONS: dict[tuple[VmState, Event], VmState] = {
     (VmState.NOT_STARTED, Event.START): VmState.RUNNING,
-    (VmState.NOT_STARTED, Event.LOAD): VmState.PAUSED,
-    (VmState.NOT_STARTED, Event.LOAD_AND_RESUME): VmState.RUNNING,
     (VmState.RUNNING, Event.PAUSE): VmState.PAUSED,
     (VmState.PAUSED, Event.PAUSE): VmState.PAUSED,
     (VmState.PAUSED, Event.RESUME): VmState.RUNNING,
@@ -226,49 +214,69 @@ class ActionKind(enum.Enum):
     UPDATE_MEMORY_HOTPLUG_SIZE = enum.auto()
 
 
-# Phase rule of every action, and whether it configures a boot-specific resource
-# (after which a snapshot may no longer be loaded into this process).
-RULES: dict[ActionKind, tuple[Phase, bool]] = {
-    ActionKind.GET_INSTANCE_INFO: (ANY, False),
-    ActionKind.GET_VMM_VERSION: (ANY, False),
-    ActionKind.GET_MACHINE_CONFIG: (ANY, False),
-    ActionKind.GET_FULL_VM_CONFIG: (ANY, False),
-    ActionKind.GET_MMDS: (ANY, False),
-    ActionKind.PUT_MMDS: (ANY, False),
-    ActionKind.PATCH_MMDS: (ANY, False),
-    ActionKind.GET_BALLOON_CONFIG: (ANY, False),
-    ActionKind.CONFIGURE_BOOT_SOURCE: (PRE, True),
-    ActionKind.CONFIGURE_LOGGER: (PRE, False),
-    ActionKind.CONFIGURE_METRICS: (PRE, False),
-    ActionKind.CONFIGURE_SERIAL: (PRE, False),
-    ActionKind.PUT_CPU_CONFIGURATION: (PRE, False),
-    ActionKind.INSERT_BLOCK_DEVICE: (PRE, True),
-    ActionKind.INSERT_NETWORK_DEVICE: (PRE, True),
-    ActionKind.INSERT_PMEM_DEVICE: (PRE, True),
-    ActionKind.SET_BALLOON_DEVICE: (PRE, True),
-    ActionKind.SET_VSOCK_DEVICE: (PRE, True),
-    ActionKind.SET_ENTROPY_DEVICE: (PRE, True),
-    ActionKind.SET_MMDS_CONFIGURATION: (PRE, True),
-    ActionKind.SET_MEMORY_HOTPLUG_DEVICE: (PRE, True),
-    ActionKind.UPDATE_MACHINE_CONFIGURATION: (PRE, True),
-    ActionKind.START_MICRO_VM: (PRE, False),
-    ActionKind.LOAD_SNAPSHOT: (PRE, False),
-    ActionKind.CREATE_SNAPSHOT: (POST, False),
-    ActionKind.FLUSH_METRICS: (POST, False),
-    ActionKind.PAUSE: (POST, False),
-    ActionKind.RESUME: (POST, False),
-    ActionKind.SEND_CTRL_ALT_DEL: (POST, False),
-    ActionKind.GET_BALLOON_STATS: (POST, False),
-    ActionKind.UPDATE_BALLOON: (POST, False),
-    ActionKind.UPDATE_BALLOON_STATISTICS: (POST, False),
-    ActionKind.START_FREE_PAGE_HINTING: (POST, False),
-    ActionKind.GET_FREE_PAGE_HINTING_STATUS: (POST, False),
-    ActionKind.STOP_FREE_PAGE_HINTING: (POST, False),
-    ActionKind.UPDATE_BLOCK_DEVICE: (POST, False),
-    ActionKind.UPDATE_NETWORK_INTERFACE: (POST, False),
-    ActionKind.UPDATE_PMEM_DEVICE: (POST, False),
-    ActionKind.GET_MEMORY_HOTPLUG_STATUS: (POST, False),
-    ActionKind.UPDATE_MEMORY_HOTPLUG_SIZE: (POST, False),
+# Phase rule of every action (API-BEHAVIOUR.md "Phases"), built or not: the contract a
+# feature meets once it is built.
+RULES: dict[ActionKind, Phase] = {
+    ActionKind.GET_INSTANCE_INFO: ANY,
+    ActionKind.GET_VMM_VERSION: ANY,
+    ActionKind.GET_MACHINE_CONFIG: ANY,
+    ActionKind.GET_FULL_VM_CONFIG: ANY,
+    ActionKind.GET_MMDS: ANY,
+    ActionKind.PUT_MMDS: ANY,
+    ActionKind.PATCH_MMDS: ANY,
+    ActionKind.GET_BALLOON_CONFIG: ANY,
+    ActionKind.CONFIGURE_BOOT_SOURCE: PRE,
+    ActionKind.CONFIGURE_LOGGER: PRE,
+    ActionKind.CONFIGURE_METRICS: PRE,
+    ActionKind.CONFIGURE_SERIAL: PRE,
+    ActionKind.PUT_CPU_CONFIGURATION: PRE,
+    ActionKind.INSERT_BLOCK_DEVICE: PRE,
+    ActionKind.INSERT_NETWORK_DEVICE: PRE,
+    ActionKind.INSERT_PMEM_DEVICE: PRE,
+    ActionKind.SET_BALLOON_DEVICE: PRE,
+    ActionKind.SET_VSOCK_DEVICE: PRE,
+    ActionKind.SET_ENTROPY_DEVICE: PRE,
+    ActionKind.SET_MMDS_CONFIGURATION: PRE,
+    ActionKind.SET_MEMORY_HOTPLUG_DEVICE: PRE,
+    ActionKind.UPDATE_MACHINE_CONFIGURATION: PRE,
+    ActionKind.START_MICRO_VM: PRE,
+    ActionKind.LOAD_SNAPSHOT: PRE,
+    ActionKind.CREATE_SNAPSHOT: POST,
+    ActionKind.FLUSH_METRICS: POST,
+    ActionKind.PAUSE: POST,
+    ActionKind.RESUME: POST,
+    ActionKind.SEND_CTRL_ALT_DEL: POST,
+    ActionKind.GET_BALLOON_STATS: POST,
+    ActionKind.UPDATE_BALLOON: POST,
+    ActionKind.UPDATE_BALLOON_STATISTICS: POST,
+    ActionKind.START_FREE_PAGE_HINTING: POST,
+    ActionKind.GET_FREE_PAGE_HINTING_STATUS: POST,
+    ActionKind.STOP_FREE_PAGE_HINTING: POST,
+    ActionKind.UPDATE_BLOCK_DEVICE: POST,
+    ActionKind.UPDATE_NETWORK_INTERFACE: POST,
+    ActionKind.UPDATE_PMEM_DEVICE: POST,
+    ActionKind.GET_MEMORY_HOTPLUG_STATUS: POST,
+    ActionKind.UPDATE_MEMORY_HOTPLUG_SIZE: POST,
+}
+
+# The actions of features asyncvmm does not build yet, in every phase: the feature each names.
+NOT_BUILT: dict[ActionKind, str] = {
+    ActionKind.GET_BALLOON_CONFIG: unbuilt.BALLOON,
+    ActionKind.SET_BALLOON_DEVICE: unbuilt.BALLOON,
+    ActionKind.GET_BALLOON_STATS: unbuilt.BALLOON,
+    ActionKind.UPDATE_BALLOON: unbuilt.BALLOON,
+    ActionKind.UPDATE_BALLOON_STATISTICS: unbuilt.BALLOON,
+    ActionKind.START_FREE_PAGE_HINTING: unbuilt.BALLOON,
+    ActionKind.GET_FREE_PAGE_HINTING_STATUS: unbuilt.BALLOON,
+    ActionKind.STOP_FREE_PAGE_HINTING: unbuilt.BALLOON,
+    ActionKind.SET_VSOCK_DEVICE: unbuilt.VSOCK,
+    ActionKind.INSERT_PMEM_DEVICE: unbuilt.PMEM,
+    ActionKind.UPDATE_PMEM_DEVICE: unbuilt.PMEM,
+    ActionKind.SET_MEMORY_HOTPLUG_DEVICE: unbuilt.MEMORY_HOTPLUG,
+    ActionKind.GET_MEMORY_HOTPLUG_STATUS: unbuilt.MEMORY_HOTPLUG,
+    ActionKind.UPDATE_MEMORY_HOTPLUG_SIZE: unbuilt.MEMORY_HOTPLUG,
+    ActionKind.CREATE_SNAPSHOT: unbuilt.SNAPSHOT_CREATE,
+    ActionKind.LOAD_SNAPSHOT: unbuilt.SNAPSHOT_LOAD,
 }
 
 
@@ -315,24 +323,50 @@ class Controller:
         self.configure_logger = configure_logger
         self.config = VmConfig()
         self.state = VmState.NOT_STARTED
-        self._boot_path = False
         self._lock = asyncio.Lock()
-        self._handlers: dict[ActionKind, Callable[[Any], Awaitable[Any]]] = {
-            kind: getattr(self, "_" + kind.name.lower()) for kind in ActionKind
+        self._handlers = self._handler_table()
+
+    def _handler_table(self) -> dict[ActionKind, Callable[[Any], Awaitable[Any]]]:
+        """The handler of every built action; the others are in :data:`NOT_BUILT`."""
+        K = ActionKind
+        return {
+            K.GET_INSTANCE_INFO: self._get_instance_info,
+            K.GET_VMM_VERSION: self._get_vmm_version,
+            K.GET_MACHINE_CONFIG: self._get_machine_config,
+            K.GET_FULL_VM_CONFIG: self._get_full_vm_config,
+            K.GET_MMDS: self._get_mmds,
+            K.PUT_MMDS: self._put_mmds,
+            K.PATCH_MMDS: self._patch_mmds,
+            K.CONFIGURE_BOOT_SOURCE: self._configure_boot_source,
+            K.CONFIGURE_LOGGER: self._configure_logger,
+            K.CONFIGURE_METRICS: self._configure_metrics,
+            K.CONFIGURE_SERIAL: self._configure_serial,
+            K.PUT_CPU_CONFIGURATION: self._put_cpu_configuration,
+            K.INSERT_BLOCK_DEVICE: self._insert_block_device,
+            K.INSERT_NETWORK_DEVICE: self._insert_network_device,
+            K.SET_ENTROPY_DEVICE: self._set_entropy_device,
+            K.SET_MMDS_CONFIGURATION: self._set_mmds_configuration,
+            K.UPDATE_MACHINE_CONFIGURATION: self._update_machine_configuration,
+            K.START_MICRO_VM: self._start_micro_vm,
+            K.FLUSH_METRICS: self._flush_metrics,
+            K.PAUSE: self._pause,
+            K.RESUME: self._resume,
+            K.SEND_CTRL_ALT_DEL: self._send_ctrl_alt_del,
+            K.UPDATE_BLOCK_DEVICE: self._update_block_device,
+            K.UPDATE_NETWORK_INTERFACE: self._update_network_interface,
         }
 
     async def handle(self, action: Action) -> Any:
         """Run one action; ``None`` means 204, anything else is the 200 JSON body."""
         async with self._lock:
-            phase, boot_specific = RULES[action.kind]
-            self._check_phase(phase)
             try:
-                result = await self._handlers[action.kind](action.payload)
+                feature = NOT_BUILT.get(action.kind)
+                if feature is not None:
+                    _refuse_not_built(feature, action.payload)
+                self._check_phase(RULES[action.kind])
+                return await self._handlers[action.kind](action.payload)
             except ConfigError as err:
                 raise ControllerError(err.message) from None
-            if boot_specific:
-                self._boot_path = True
-            return result
 
     def _check_phase(self, phase: Phase) -> None:
         started = self.state is not VmState.NOT_STARTED
@@ -401,11 +435,6 @@ class Controller:
         except MmdsStoreError as err:
             raise ControllerError(f"MMDS error: {err}") from None
 
-    async def _get_balloon_config(self, _: None) -> Any:
-        if self.config.balloon is None:
-            raise ControllerError("Balloon config error: " + NO_BALLOON)
-        return to_builtins(self.config.balloon)
-
     # -- pre-boot configuration ------------------------------------------------
 
     async def _configure_boot_source(self, boot: Any) -> None:
@@ -443,13 +472,16 @@ class Controller:
         self.config = _replace(self.config, metrics=metrics)
 
     async def _configure_serial(self, serial: Any) -> None:
+        unbuilt.refuse_unbuilt(serial)
         self.config = _replace(self.config, serial=serial)
 
     async def _put_cpu_configuration(self, cpu: Any) -> None:
+        unbuilt.refuse_unbuilt(cpu)  # an empty template asks for nothing
         self.config = _replace(self.config, cpu_config=cpu)
 
     async def _insert_block_device(self, drive: Any) -> None:
         new = resources.insert_drive(self.config, drive)
+        unbuilt.refuse_unbuilt(drive)
         if drive.path_on_host is not None:
             try:
                 _check_openable(drive.path_on_host, writable=not drive.is_read_only)
@@ -458,27 +490,17 @@ class Controller:
                     "Drive config error: Unable to create the virtio block device: Virtio backend "
                     f"error: Error manipulating the backing file: {os_error_text(err)} {drive.path_on_host}"
                 ) from None
+        if drive.io_engine == "Async":
+            # Firecracker refuses an Async drive here, at PUT /drives, on a host without io_uring.
+            from asyncvmm.devices.virtio.block import UnsupportedEngineError, check_async_engine
+            try:
+                check_async_engine()
+            except UnsupportedEngineError as err:
+                raise ConfigError(f"Drive config error: Unable to create the virtio block device: {err}") from None
         self.config = new
 
     async def _insert_network_device(self, iface: Any) -> None:
         self.config = resources.insert_network_interface(self.config, iface)
-
-    async def _insert_pmem_device(self, pmem: Any) -> None:
-        new = resources.insert_pmem(self.config, pmem)
-        try:
-            _check_openable(pmem.path_on_host, writable=not pmem.read_only)
-        except OSError as err:
-            raise ConfigError(
-                f"Pmem device error: Unable to open the backing file: {os_error_text(err)} {pmem.path_on_host}"
-            ) from None
-        self.config = new
-
-    async def _set_balloon_device(self, balloon: Any) -> None:
-        self.config = resources.set_balloon(self.config, balloon)
-
-    async def _set_vsock_device(self, vsock: Any) -> None:
-        vsock.validate()
-        self.config = _replace(self.config, vsock=vsock)
 
     async def _set_entropy_device(self, entropy: Any) -> None:
         self.config = _replace(self.config, entropy=entropy)
@@ -486,13 +508,12 @@ class Controller:
     async def _set_mmds_configuration(self, mmds: Any) -> None:
         self.config = resources.set_mmds_config(self.config, mmds)
 
-    async def _set_memory_hotplug_device(self, hotplug: Any) -> None:
-        hotplug.validate()
-        self.config = _replace(self.config, memory_hotplug=hotplug)
-
     async def _update_machine_configuration(self, update: Any) -> None:
-        machine = update.apply(self.config.machine_config) if hasattr(update, "apply") else update
-        self.config = resources.set_machine_config(self.config, machine)
+        # PUT brings a whole MachineConfig, PATCH the fields to change.
+        machine = update.apply(self.config.machine_config) if isinstance(update, MachineConfigUpdate) else update
+        new = resources.set_machine_config(self.config, machine)
+        unbuilt.refuse_unbuilt(machine)
+        self.config = new
 
     async def _start_micro_vm(self, _: None) -> None:
         if self.config.boot_source is None:
@@ -503,33 +524,12 @@ class Controller:
         self._transition(Event.START)
         self._after_boot()
 
-    async def _load_snapshot(self, params: SnapshotLoadConfig) -> None:
-        if self._boot_path:
-            raise ControllerError(LOAD_NOT_ALLOWED)
-        await self._backend_call(
-            "Load snapshot error: Failed to restore from snapshot: ", self.backend.load_snapshot(params),
-            "load_snapshot", "vmm_load_snapshot",
-        )
-        self._transition(Event.LOAD_AND_RESUME if params.resume_vm else Event.LOAD)
-        self._after_boot()
-
     def _after_boot(self) -> None:
         if self.metrics is not None:
             self.metrics.flush()
             self.metrics.start_periodic()
 
     # -- post-boot operations --------------------------------------------------
-
-    async def _create_snapshot(self, params: SnapshotCreateConfig) -> None:
-        if self.state is not VmState.PAUSED:
-            raise ControllerError(
-                "Create snapshot error: Cannot create a snapshot of a running microVM; pause it first."
-            )
-        kind = "full" if params.snapshot_type == "Full" else "diff"
-        await self._backend_call(
-            "Create snapshot error: ", self.backend.create_snapshot(params),
-            f"{kind}_create_snapshot", f"vmm_{kind}_create_snapshot",
-        )
 
     async def _flush_metrics(self, _: None) -> None:
         if self.metrics is not None:
@@ -550,46 +550,6 @@ class Controller:
 
     async def _send_ctrl_alt_del(self, _: None) -> None:
         await self._backend_call("Internal VMM error: ", self.backend.send_ctrl_alt_del())
-
-    def _balloon(self) -> Any:
-        if self.config.balloon is None:
-            raise ControllerError("Balloon update error: " + NO_BALLOON)
-        return self.config.balloon
-
-    async def _get_balloon_stats(self, _: None) -> Any:
-        if self._balloon().stats_polling_interval_s == 0:
-            raise ControllerError("Balloon config error: Statistics for the balloon device are not enabled")
-        return await self._backend_call("Balloon update error: ", self.backend.balloon_stats())
-
-    async def _update_balloon(self, update: Any) -> None:
-        balloon = self._balloon()
-        if update.amount_mib > self.config.machine_config.mem_size_mib:
-            raise ControllerError(resources.BALLOON_TOO_LARGE)
-        await self._backend_call("Balloon update error: ", self.backend.update_balloon(update.amount_mib))
-        self.config = _replace(self.config, balloon=_replace(balloon, amount_mib=update.amount_mib))
-
-    async def _update_balloon_statistics(self, update: Any) -> None:
-        balloon = self._balloon()
-        if (balloon.stats_polling_interval_s == 0) != (update.stats_polling_interval_s == 0):
-            raise ControllerError("Balloon update error: Cannot enable/disable the statistics after boot.")
-        await self._backend_call(
-            "Balloon update error: ", self.backend.update_balloon_stats(update.stats_polling_interval_s)
-        )
-        self.config = _replace(
-            self.config, balloon=_replace(balloon, stats_polling_interval_s=update.stats_polling_interval_s)
-        )
-
-    async def _start_free_page_hinting(self, cmd: BalloonStartCmdConfig) -> None:
-        self._balloon()
-        await self._backend_call("Balloon update error: ", self.backend.start_balloon_hinting(cmd))
-
-    async def _get_free_page_hinting_status(self, _: None) -> Any:
-        self._balloon()
-        return await self._backend_call("Balloon update error: ", self.backend.balloon_hinting_status())
-
-    async def _stop_free_page_hinting(self, _: None) -> None:
-        self._balloon()
-        await self._backend_call("Balloon update error: ", self.backend.stop_balloon_hinting())
 
     async def _update_block_device(self, update: Any) -> None:
         index = next((i for i, d in enumerate(self.config.drives) if d.drive_id == update.drive_id), None)
@@ -623,25 +583,10 @@ class Controller:
         ifaces[index] = _replace(ifaces[index], **changes)
         self.config = _replace(self.config, network_interfaces=ifaces)
 
-    async def _update_pmem_device(self, update: Any) -> None:
-        if not any(p.id == update.id for p in self.config.pmem):
-            raise ControllerError(f"Pmem device error: Pmem device `{update.id}` not found.")
-        await self._backend_call("Pmem device error: ", self.backend.update_pmem(update.id, update.rate_limiter))
-
-    async def _get_memory_hotplug_status(self, _: None) -> Any:
-        return await self._backend_call("Memory hotplug update error: ", self.backend.memory_hotplug_status())
-
-    async def _update_memory_hotplug_size(self, update: Any) -> None:
-        await self._backend_call(
-            "Memory hotplug update error: ", self.backend.update_memory_hotplug(update.requested_size_mib)
-        )
-
     # -- --config-file ------------------------------------------------------------
 
     async def configure(self, cfg: VmConfig) -> None:
         """Apply a whole ``--config-file`` through the same rules as the API calls, in Firecracker's order."""
-        from asyncvmm.config import check_id
-
         try:
             for drive in cfg.drives:
                 check_id(drive.drive_id)
@@ -673,30 +618,9 @@ class Controller:
                 await self.handle(Action(kind, payload))
 
 
-class UnavailableBackend:
-    """The backend when the VMM core cannot be imported: configuration works, running does not.
 
-    Every operation fails with a clear :class:`BackendError` naming the cause;
-    nothing pretends to succeed.
-    """
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def _fail(self, *_: Any, **__: Any) -> Any:
-        raise StartError(f"the VMM core (asyncvmm.vmm) is not available: {self.reason}")
-
-    async def start(self, config: VmConfig, requested_at: StartRequest) -> None:
-        self._fail()
-
-    async def load_snapshot(self, params: SnapshotLoadConfig) -> None:
-        self._fail()
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-
-        async def unavailable(*args: Any, **kwargs: Any) -> Any:
-            self._fail()
-
-        return unavailable
+def _refuse_not_built(feature: str, payload: Any) -> None:
+    """A body keeps its own validation errors; a valid one still asks for something not built."""
+    if isinstance(payload, Base):
+        payload.validate()
+    raise unbuilt.NotBuiltError(feature)

@@ -2,8 +2,9 @@
 
 Firecracker's ``VmResources`` rules, without I/O: drives keep the root device
 first and allow only one root; network interfaces may not share a tap or a
-guest MAC; MMDS may only name existing interfaces; balloon and memory sizes
-must agree.  Each function returns a new :class:`VmConfig` or raises
+guest MAC; MMDS may only name existing interfaces.  The rules of resources
+asyncvmm does not build yet (balloon, pmem; see :mod:`asyncvmm.config.unbuilt`)
+come with them.  Each function returns a new :class:`VmConfig` or raises
 :class:`ConfigError` with Firecracker's message; the input is never modified.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import msgspec
 
-from asyncvmm.config.devices import BalloonConfig, DriveConfig, NetworkInterfaceConfig, PmemConfig
+from asyncvmm.config.devices import DriveConfig, NetworkInterfaceConfig
 from asyncvmm.config.errors import ConfigError
 from asyncvmm.config.machine import MachineConfig
 from asyncvmm.config.service import DEFAULT_MMDS_IPV4, MmdsConfig
@@ -20,21 +21,6 @@ from asyncvmm.config.vm import VmConfig
 _replace = msgspec.structs.replace
 
 ROOT_DRIVE_EXISTS = "Drive config error: A root block device already exists!"
-ROOT_IS_PMEM = (
-    "Drive config error: Attempt to add block as a root device while the root device "
-    "defined as a pmem device"
-)
-ROOT_PMEM_EXISTS = "Pmem device error: A root pmem device already exists!"
-ROOT_IS_BLOCK = (
-    "Pmem device error: Attempt to add pmem as a root device while the root device "
-    "defined as a block device"
-)
-BALLOON_TOO_LARGE = "Balloon config error: Amount of pages requested is too large."
-BALLOON_AND_HUGE_PAGES = "Firecracker's huge pages support is incompatible with memory ballooning."
-MEM_BELOW_BALLOON = (
-    "Machine config error: The memory size (MiB) is smaller than the previously set balloon "
-    "device target size."
-)
 MMDS_UNKNOWN_IFACE = (
     "MMMDS config error: The list of network interface IDs provided contains at least one ID "
     "that does not correspond to any existing network interface."
@@ -43,11 +29,6 @@ MMDS_UNKNOWN_IFACE = (
 
 def set_machine_config(cfg: VmConfig, machine: MachineConfig) -> VmConfig:
     machine.validate()
-    if cfg.balloon is not None:
-        if machine.mem_size_mib < cfg.balloon.amount_mib:
-            raise ConfigError(MEM_BELOW_BALLOON)
-        if machine.huge_pages != "None":
-            raise ConfigError("Machine config error: " + BALLOON_AND_HUGE_PAGES)
     return _replace(cfg, machine_config=machine)
 
 
@@ -59,8 +40,6 @@ def insert_drive(cfg: VmConfig, drive: DriveConfig) -> VmConfig:
     if drive.is_root_device:
         if drives and drives[0].is_root_device and index != 0:
             raise ConfigError(ROOT_DRIVE_EXISTS)
-        if any(p.root_device for p in cfg.pmem):
-            raise ConfigError(ROOT_IS_PMEM)
     if index is None:
         drives.insert(0, drive) if drive.is_root_device else drives.append(drive)
     else:
@@ -88,29 +67,6 @@ def insert_network_interface(cfg: VmConfig, iface: NetworkInterfaceConfig) -> Vm
     )
     ifaces.insert(position, iface)
     return _replace(cfg, network_interfaces=ifaces)
-
-
-def insert_pmem(cfg: VmConfig, pmem: PmemConfig) -> VmConfig:
-    devices = list(cfg.pmem)
-    index = next((i for i, p in enumerate(devices) if p.id == pmem.id), None)
-    if pmem.root_device:
-        if any(p.root_device and p.id != pmem.id for p in devices):
-            raise ConfigError(ROOT_PMEM_EXISTS)
-        if any(d.is_root_device for d in cfg.drives):
-            raise ConfigError(ROOT_IS_BLOCK)
-    if index is None:
-        devices.append(pmem)
-    else:
-        devices[index] = pmem
-    return _replace(cfg, pmem=devices)
-
-
-def set_balloon(cfg: VmConfig, balloon: BalloonConfig) -> VmConfig:
-    if balloon.amount_mib > cfg.machine_config.mem_size_mib:
-        raise ConfigError(BALLOON_TOO_LARGE)
-    if cfg.machine_config.huge_pages != "None":
-        raise ConfigError("Balloon config error: " + BALLOON_AND_HUGE_PAGES)
-    return _replace(cfg, balloon=balloon)
 
 
 def set_mmds_config(cfg: VmConfig, mmds: MmdsConfig) -> VmConfig:

@@ -1,0 +1,90 @@
+"""What asyncvmm does not build yet, named, so that a request asking for it is refused.
+
+Contract: nothing is accepted and then ignored.  A request (or ``--config-file``
+item) that asks for a feature asyncvmm does not build fails where it is made,
+with :class:`NotBuiltError` ("<feature> is not supported yet by asyncvmm."),
+after the value's own validation ran.  Whole resources that are not built
+(balloon, vsock, pmem, ...) are refused by action in the controller; this
+module names them and refuses the *fields* of built resources that ask for
+more than is built.  Default and no-op values (``cpu_template: "None"``,
+``huge_pages: "None"``, ``track_dirty_pages: false``, an empty CPU template)
+ask for nothing and pass.  When a feature is built, its line here goes and
+the test that pins the refusal turns around.  No I/O here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asyncvmm.config.devices import DriveConfig, SerialConfig
+from asyncvmm.config.errors import ConfigError
+from asyncvmm.config.machine import CpuConfig, MachineConfig
+
+BALLOON = "The balloon device (virtio-balloon)"
+VSOCK = "The vsock device (virtio-vsock)"
+PMEM = "The pmem device (virtio-pmem)"
+MEMORY_HOTPLUG = "Memory hotplug (virtio-mem)"
+SNAPSHOT_CREATE = "Creating snapshots"
+SNAPSHOT_LOAD = "Loading snapshots"
+CUSTOM_CPU_TEMPLATE = "A custom CPU template (PUT /cpu-config with modifiers)"
+HUGE_PAGES = "Huge pages (machine-config `huge_pages: \"2M\"`)"
+DIRTY_PAGE_TRACKING = "Dirty page tracking (machine-config `track_dirty_pages: true`)"
+VHOST_USER_BLOCK = "A vhost-user block device (drive `socket`)"
+SERIAL_RATE_LIMITER = "Rate limiting the serial console (serial `rate_limiter`)"
+
+
+def static_cpu_template(name: str) -> str:
+    return f"The static CPU template `{name}` (machine-config `cpu_template`)"
+
+
+class NotBuiltError(ConfigError):
+    """The request asks for ``feature``, which asyncvmm does not build yet."""
+
+    def __init__(self, feature: str) -> None:
+        super().__init__(f"{feature} is not supported yet by asyncvmm.")
+        self.feature = feature
+
+
+def _machine(machine: MachineConfig) -> str | None:
+    if machine.cpu_template not in (None, "None"):
+        return static_cpu_template(machine.cpu_template)
+    if machine.huge_pages != "None":
+        return HUGE_PAGES
+    if machine.track_dirty_pages:
+        return DIRTY_PAGE_TRACKING
+    return None
+
+
+def _drive(drive: DriveConfig) -> str | None:
+    return VHOST_USER_BLOCK if drive.socket is not None else None
+
+
+def _serial(serial: SerialConfig) -> str | None:
+    return SERIAL_RATE_LIMITER if serial.rate_limiter is not None else None
+
+
+def _cpu_config(cpu: CpuConfig) -> str | None:
+    groups = (cpu.kvm_capabilities, cpu.cpuid_modifiers, cpu.msr_modifiers, cpu.reg_modifiers,
+              cpu.vcpu_features)
+    return CUSTOM_CPU_TEMPLATE if any(groups) else None
+
+
+_CHECKS: dict[type, Any] = {
+    MachineConfig: _machine,
+    DriveConfig: _drive,
+    SerialConfig: _serial,
+    CpuConfig: _cpu_config,
+}
+
+
+def unbuilt_feature(value: Any) -> str | None:
+    """The feature ``value`` asks for that asyncvmm does not build, or ``None``."""
+    check = _CHECKS.get(type(value))
+    return check(value) if check is not None else None
+
+
+def refuse_unbuilt(value: Any) -> None:
+    """Raise :class:`NotBuiltError` if ``value`` asks for a feature that is not built."""
+    feature = unbuilt_feature(value)
+    if feature is not None:
+        raise NotBuiltError(feature)
