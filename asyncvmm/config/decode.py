@@ -2,7 +2,10 @@
 
 :func:`decode` turns bytes into a schema Struct and reports failures in the
 words of serde (``unknown field `x`, expected one of ...``, ``missing field
-`x```, ``unknown variant ...``), because Firecracker clients match on them.
+`x```, ``unknown variant ...``, ``duplicate field `x```, syntax errors ``at
+line L column C``), because Firecracker clients match on them.  Like serde,
+it refuses an object that names a key twice (a plain JSON parser would keep
+the last one silently).
 It also runs every ``check()`` in the decoded tree: syntax rules Firecracker
 applies while deserializing (MAC addresses, CPU template bitmaps ...).
 :func:`to_builtins` drops unset optional fields, as Firecracker's serializer does.
@@ -11,6 +14,7 @@ No I/O here.
 
 from __future__ import annotations
 
+import json
 import re
 import types
 import typing
@@ -36,9 +40,32 @@ def decode(body: bytes, type_: type[T]) -> T:
     except msgspec.ValidationError as err:
         raise ConfigError(_serde_message(str(err), type_)) from None
     except msgspec.DecodeError as err:
-        raise ConfigError(_syntax_message(str(err))) from None
+        raise ConfigError(_syntax_message(str(err), body)) from None
+    except RecursionError:
+        raise ConfigError("recursion limit exceeded") from None
+    _refuse_duplicate_keys(body)
     check_tree(value)
     return value
+
+
+def _refuse_duplicate_keys(body: bytes) -> None:
+    """msgspec keeps the last of two equal keys; re-read the (valid) JSON to refuse them."""
+
+    def pairs(items: list[tuple[str, Any]]) -> None:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen:
+                raise ConfigError(f"duplicate field `{key}`")
+            seen.add(key)
+
+    try:  # numbers are not needed here: skip converting them (and Python's digit limit)
+        json.loads(body, object_pairs_hook=pairs, parse_int=_ignore, parse_float=_ignore)
+    except RecursionError:
+        raise ConfigError("recursion limit exceeded") from None
+
+
+def _ignore(_: str) -> None:
+    return None
 
 
 def check_tree(value: Any) -> None:
@@ -70,12 +97,21 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
-def _syntax_message(text: str) -> str:
+def _syntax_message(text: str, body: bytes) -> str:
+    """msgspec's ``JSON is malformed: <why> (byte N)`` as serde's ``<why> at line L column C``."""
     if "truncated" in text:
-        return "EOF while parsing a value"
-    match = re.search(r"\(byte (\d+)\)", text)
-    where = f" at byte {match.group(1)}" if match else ""
-    return f"expected value{where}"
+        return "EOF while parsing a value" + _line_column(body, len(body))
+    if match := re.fullmatch(r"JSON is malformed: (.*) \(byte (\d+)\)", text):
+        return match.group(1) + _line_column(body, int(match.group(2)))
+    return text
+
+
+def _line_column(body: bytes, offset: int) -> str:
+    """1-based, counting bytes within the line as serde does; at the end, the last byte read."""
+    offset = min(offset, len(body))
+    line = body.count(b"\n", 0, offset) + 1
+    column = offset - (body.rfind(b"\n", 0, offset) + 1) + (1 if offset < len(body) else 0)
+    return f" at line {line} column {column}"
 
 
 def _serde_message(text: str, root: Any) -> str:

@@ -24,8 +24,39 @@ def test_decode_reports_serde_style_errors() -> None:
         c.decode(b"{}", c.BootSourceConfig)
     with pytest.raises(c.ConfigError, match="unknown variant `Fast`, expected one of `Sync`, `Async`"):
         c.decode(b'{"drive_id": "a", "is_root_device": true, "io_engine": "Fast"}', c.DriveConfig)
-    with pytest.raises(c.ConfigError, match="EOF while parsing"):
+    with pytest.raises(c.ConfigError, match="^EOF while parsing a value at line 1 column 22$"):
         c.decode(b'{"kernel_image_path": ', c.BootSourceConfig)
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"{not json", "object keys must be strings at line 1 column 2"),
+    (b'{\n  "kernel_image_path": "k",\n  "boot_args": x\n}', "invalid character at line 3 column 16"),
+    (b'{"kernel_image_path": "k",}', "trailing comma in object at line 1 column 27"),
+    (b"", "EOF while parsing a value at line 1 column 0"),
+])
+def test_syntax_errors_give_line_and_column(body: bytes, message: str) -> None:
+    with pytest.raises(c.ConfigError) as e:
+        c.decode(body, c.BootSourceConfig)
+    assert e.value.message == message
+
+
+@pytest.mark.parametrize("body,type_", [
+    (b'{"kernel_image_path": "a", "kernel_image_path": "b"}', c.BootSourceConfig),
+    (b'{"drive_id": "d", "is_root_device": false, "rate_limiter": {"ops": {"size": 1, "size": 2, "refill_time": 1}}}',
+     c.DriveConfig),
+    (b'{"latest": {"a": {"size": 1, "size": 2}}}', dict),
+    (b'{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "machine-config": {"vcpu_count": 2, "mem_size_mib": 64}}',
+     c.VmConfig),
+])
+def test_duplicate_keys_are_refused_not_last_one_wins(body: bytes, type_: type) -> None:
+    with pytest.raises(c.ConfigError, match="^duplicate field `(kernel_image_path|size|machine-config)`$"):
+        c.decode(body, type_)
+
+
+def test_deep_nesting_is_a_config_error_not_a_crash() -> None:
+    deep = b"[" * 2000 + b"]" * 2000
+    with pytest.raises(c.ConfigError, match="recursion limit exceeded"):
+        c.decode(b'{"latest": ' + deep + b"}", dict)
 
 
 @given(st.integers(min_value=0, max_value=255), st.booleans(), st.integers(min_value=0, max_value=4096),

@@ -104,6 +104,14 @@ def test_missing_field() -> None:
     assert "missing field `refill_time`" in err("PATCH", "/drives/root", {"drive_id": "root", "rate_limiter": {"ops": {"size": 1}}})
 
 
+def test_duplicate_fields_and_syntax_positions() -> None:
+    body = b'{"vcpu_count": 1, "mem_size_mib": 64, "vcpu_count": 2}'
+    assert err("PUT", "/machine-config", body) == DESER + "duplicate field `vcpu_count`."
+    assert err("PUT", "/mmds", b'{"a": 1, "a": 2}') == DESER + "duplicate field `a`."
+    assert err("PUT", "/boot-source", b'{\n "kernel_image_path": }') == (
+        DESER + "invalid character at line 2 column 23.")
+
+
 def test_wrong_types_and_variants() -> None:
     assert "unknown variant `Reboot`" in err("PUT", "/actions", {"action_type": "Reboot"})
     assert "invalid type" in err("PUT", "/machine-config", {"vcpu_count": "2", "mem_size_mib": 1})
