@@ -5,6 +5,11 @@ Exit codes (Firecracker's): 0 ok, 1 generic error, 2 unexpected error,
 after boot the code is the one the VMM reports through ``on_exit`` (guest
 reset 0).  Heavy imports (aiohttp, uvloop, the VMM core) happen only after
 the arguments are known good, so ``--help``/``--version`` stay instant.
+The API socket is bound before them (clients can connect at once), but it
+is served only once the VMM core is imported: a process whose core cannot
+be imported logs why and exits 2 instead of coming up half-working.
+Flags asking for what is not built (``--seccomp-filter``, ``--enable-pci``,
+snapshots) are refused with exit 1, naming the feature.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--api-sock", default=DEFAULT_API_SOCK, help="Path to unix domain socket used by the API.")
     a("--id", default=DEFAULT_INSTANCE_ID, help="MicroVM unique identifier.")
     seccomp = p.add_mutually_exclusive_group()
-    seccomp.add_argument("--seccomp-filter", help="Path to a custom seccomp filter (accepted; see docs/cli.md).")
+    seccomp.add_argument("--seccomp-filter",
+                         help="Path to a custom seccomp filter (not supported yet by asyncvmm: refused).")
     seccomp.add_argument("--no-seccomp", action="store_true", help="Start without seccomp filtering.")
     a("--start-time-us", type=int, help="Process start time (monotonic clock, microseconds).")
     a("--start-time-cpu-us", type=int, help="Process start CPU time (microseconds).")
@@ -73,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--http-api-max-payload-size", type=int, default=HTTP_MAX_PAYLOAD_SIZE,
       help="Http API request payload max size, in bytes.")
     a("--mmds-size-limit", type=int, help="Mmds data store limit, in bytes (default: the payload size).")
-    a("--enable-pci", action="store_true", help="Enable PCIe support (not available; refused).")
+    a("--enable-pci", action="store_true", help="Enable PCIe support (not supported yet by asyncvmm: refused).")
     a("--help", "-h", action="store_true", help="Print this help.")
     return p
 
@@ -104,6 +110,20 @@ def version_text() -> str:
     return f"Firecracker v{FIRECRACKER_API_VERSION}\nasyncvmm v{__version__}\n"
 
 
+def _not_built_flag(args: argparse.Namespace) -> str | None:
+    """The first flag asking for a feature asyncvmm does not build, as the reason to refuse it."""
+    if args.snapshot_version:
+        return "--snapshot-version: snapshots are not supported yet by asyncvmm."
+    if args.describe_snapshot is not None:
+        return "--describe-snapshot: snapshots are not supported yet by asyncvmm."
+    if args.enable_pci:
+        return "--enable-pci: PCIe (virtio devices on a PCI bus) is not supported yet by asyncvmm."
+    if args.seccomp_filter is not None:
+        return ("--seccomp-filter: installing a custom seccomp filter is not supported yet by "
+                "asyncvmm; it installs no seccomp filter (--no-seccomp says so explicitly).")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if os.environ.get("ASYNCVMM_FORKSERVER"):  # a thin launcher instead: docs/forkserver.md
@@ -123,11 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(version_text())
         return EXIT_OK
-    if args.snapshot_version or args.describe_snapshot:
-        print("Error: snapshots are not supported yet by asyncvmm", file=sys.stderr)
-        return EXIT_GENERIC
-    if args.enable_pci:
-        print("Error: --enable-pci: PCIe is not supported by asyncvmm", file=sys.stderr)
+    refused = _not_built_flag(args)
+    if refused is not None:
+        print(f"Error: {refused}", file=sys.stderr)
         return EXIT_GENERIC
     # Bind first, before the heavy imports: clients polling for the socket can connect at
     # once (their requests queue until the server runs).  A failure is logged once the
@@ -156,7 +174,8 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
     """Configure logging and metrics, then serve the API and/or boot the config file."""
     import asyncio
 
-    from asyncvmm.config import ConfigError, LoggerConfig
+    from asyncvmm.config import LoggerConfig
+    from asyncvmm.controller import os_error_text
     from asyncvmm.logger import Logger, LoggerMetrics
     from asyncvmm.metrics import MetricsRegistry
     from asyncvmm.metrics_writer import MetricsWriter
@@ -176,9 +195,12 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
         return EXIT_GENERIC
     log = logging.getLogger(__name__)
     log.info("Running Firecracker v%s (asyncvmm v%s)", FIRECRACKER_API_VERSION, __version__)
-    if args.seccomp_filter is not None and not os.access(args.seccomp_filter, os.R_OK):
-        log.error("Seccomp error: cannot read the seccomp filter file %s", args.seccomp_filter)
-        return EXIT_GENERIC
+    try:  # the VMM core, before anything is served: without it the process must not come up
+        import asyncvmm.vmm  # noqa: F401
+    except Exception:
+        log.error("The VMM core (asyncvmm.vmm) cannot be imported; exiting before serving "
+                  "the API.", exc_info=True)
+        return EXIT_UNEXPECTED
     if not args.no_seccomp:
         log.warning("asyncvmm does not install seccomp filters; see docs/cli.md")
 
@@ -192,14 +214,17 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
             log.error("Could not initialize metrics: %s", err)
             return EXIT_GENERIC
     texts: dict[str, str] = {}
-    for flag in ("config_file", "metadata"):
+    for flag, what in (("config_file", "configuration file"), ("metadata", "metadata file")):
         path = getattr(args, flag)
         if path is not None:
             try:
                 with open(path, encoding="utf-8") as f:
                     texts[flag] = f.read()
-            except (OSError, UnicodeDecodeError) as err:
-                log.error("Unable to open or read from the %s file: %s", flag.replace("_", " "), err)
+            except OSError as err:
+                log.error("Unable to open or read from the %s %s: %s", what, path, os_error_text(err))
+                return EXIT_BAD_CONFIGURATION
+            except UnicodeDecodeError as err:
+                log.error("The %s %s is not UTF-8 text: %s", what, path, err)
                 return EXIT_BAD_CONFIGURATION
     if bind_error is not None:
         log.error("%s", bind_error)
@@ -218,29 +243,6 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
         return EXIT_UNEXPECTED
 
 
-class _LazyBackend:
-    """Builds the VMM backend on first use: importing the VMM core (KVM bindings, devices,
-    builder) then costs InstanceStart, not the API socket's readiness."""
-
-    def __init__(self, factory: Any) -> None:
-        self._factory = factory
-        self._backend: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if self._backend is None:
-            self._backend = self._factory()
-        return getattr(self._backend, name)
-
-
-def _warm_up_vmm_import() -> None:
-    try:
-        import asyncvmm.vmm  # noqa: F401  (imported for its side effect of loading the core)
-    except ImportError:
-        pass  # reported when the backend is first used
-
-
 class _Session:
     """One process lifetime: the controller, its backend, the API server."""
 
@@ -249,18 +251,6 @@ class _Session:
         self.args, self.logger, self.registry, self.writer, self.texts = args, logger, registry, writer, texts
         self.api_sock = api_sock
         self.log = logging.getLogger(__name__)
-
-    def _backend(self, loop: Any, on_exit: Any, mmds: Any) -> Any:
-        try:
-            from asyncvmm.vmm import Vmm
-        except ImportError as err:
-            from asyncvmm.controller import UnavailableBackend
-
-            self.log.warning("The VMM core is not available (%s); the API will refuse to boot.", err)
-            return UnavailableBackend(str(err))
-        # The guest must read the very store the API writes.
-        return Vmm(loop, instance_id=self.args.id, boot_timer=self.args.boot_timer,
-                   metrics=self.registry, on_exit=on_exit, mmds_store=mmds)
 
     def _report_startup(self, api_metrics: Any) -> None:
         start_us = self.args.start_time_us if self.args.start_time_us is not None else _START_US
@@ -271,17 +261,13 @@ class _Session:
         self.log.info("Process start-up took %d us (%d CPU us).",
                       api_metrics.api_server.process_startup_time_us, cpu_us)
 
-    def _handle_stop_signals(self, loop: Any, backend: "_LazyBackend", on_exit: Any) -> None:
-        """SIGTERM and SIGINT stop the vCPUs, restore the terminal and exit with 0."""
+    def _handle_stop_signals(self, loop: Any, vmm: Any) -> None:
+        """SIGTERM and SIGINT stop the vCPUs (if any), restore the terminal and exit with 0."""
         import signal
 
         def stop(name: str) -> None:
             self.log.info("Received %s; shutting down", name)
-            vmm = backend._backend
-            if vmm is not None and hasattr(vmm, "exit"):
-                vmm.exit(EXIT_OK, f"received {name}")
-            else:
-                on_exit(EXIT_OK)
+            vmm.exit(EXIT_OK, f"received {name}")
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop, sig.name)
@@ -293,6 +279,7 @@ class _Session:
         from asyncvmm.mmds.store import MmdsStore, MmdsStoreError
         from asyncvmm.controller import Action, ActionKind, Controller, ControllerError, LatenciesMetrics
         from asyncvmm.http.metrics import ApiMetrics
+        from asyncvmm.vmm import Vmm  # imported by run(), before serving
 
         loop = asyncio.get_running_loop()
         exit_code: asyncio.Future[int] = loop.create_future()
@@ -307,16 +294,18 @@ class _Session:
             try:
                 mmds.put(decode(self.texts["metadata"].encode(), dict[str, Any]))
             except ConfigError as err:
-                self.log.error("MMDS error: metadata provided not valid json: %s", err)
+                self.log.error("MMDS error: metadata provided not valid json: %s: %s", args.metadata, err)
                 return EXIT_BAD_CONFIGURATION
             except MmdsStoreError as err:
                 self.log.error("Populating MMDS from file failed: %s", err)
                 return EXIT_GENERIC
             self.log.info("Successfully added metadata to mmds from file")
-        backend = _LazyBackend(lambda: self._backend(loop, on_exit, mmds))
+        # The guest must read the very store the API writes.
+        vmm = Vmm(loop, instance_id=args.id, boot_timer=args.boot_timer, metrics=self.registry,
+                  on_exit=on_exit, mmds_store=mmds)
         latencies = LatenciesMetrics()
         self.registry.register("latencies_us", latencies)
-        controller = Controller(backend, instance_id=args.id, mmds=mmds, latencies=latencies,
+        controller = Controller(vmm, instance_id=args.id, mmds=mmds, latencies=latencies,
                                 metrics=self.writer, configure_logger=self.logger.apply)
         api_metrics = ApiMetrics()
         api_metrics.register(self.registry)
@@ -327,9 +316,7 @@ class _Session:
             server = ApiServer(controller, max_payload=args.http_api_max_payload_size, metrics=api_metrics)
             await server.start(args.api_sock, self.api_sock)
         self._report_startup(api_metrics)
-        self._handle_stop_signals(loop, backend, on_exit)
-        if server is not None:  # load the VMM core while clients configure the VM
-            loop.run_in_executor(None, _warm_up_vmm_import)
+        self._handle_stop_signals(loop, vmm)
         try:
             if "config_file" in self.texts:
                 try:
@@ -337,7 +324,8 @@ class _Session:
                     await controller.configure(cfg)
                     await controller.handle(Action(ActionKind.START_MICRO_VM))
                 except (ConfigError, ControllerError) as err:
-                    self.log.error("Configuration for VMM from one single json failed: %s", err)
+                    self.log.error("Configuration for VMM from one single json failed: %s: %s",
+                                   args.config_file, err)
                     return EXIT_BAD_CONFIGURATION
                 self.log.info("Successfully started microvm that was configured from one single json")
             code = await exit_code

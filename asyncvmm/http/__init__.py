@@ -8,14 +8,21 @@ aiohttp is imported, so the socket exists (and queues connections) while the res
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 
-class SocketInUseError(OSError):
+class ApiSocketError(OSError):
+    """The API socket cannot be bound; the message names the path and the reason."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"Failed to open the API socket at: {path}. {reason}")
+        self.path = path
+
+
+class SocketInUseError(ApiSocketError):
     def __init__(self, path: str) -> None:
-        super().__init__(
-            f"Failed to open the API socket at: {path}. Check that it is not already used."
-        )
+        super().__init__(path, "Check that it is not already used.")
 
 
 def bind_api_socket(path: str, backlog: int = 128) -> socket.socket:
@@ -28,5 +35,9 @@ def bind_api_socket(path: str, backlog: int = 128) -> socket.socket:
         sock.close()
         if err.errno == errno.EADDRINUSE:
             raise SocketInUseError(path) from None
-        raise
+        if err.errno is None:  # e.g. "AF_UNIX path too long"
+            raise ApiSocketError(path, f"{err}.") from None
+        directory = os.path.dirname(path) or "."
+        hint = f" (no directory {directory})" if not os.path.isdir(directory) else ""
+        raise ApiSocketError(path, f"{os.strerror(err.errno)} (os error {err.errno}){hint}.") from None
     return sock

@@ -123,3 +123,72 @@ def test_metrics_writer_drops_lines_to_a_full_fifo(tmp_path: Any) -> None:
         writer.flush()
     assert writer.logger_metrics.missed_metrics_count > 0
     writer.close()
+
+
+# -- flags that ask for what is not built are refused, naming it ------------------------------
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--seccomp-filter", "/etc/hostname"], "--seccomp-filter: installing a custom seccomp filter is not supported yet"),
+    (["--enable-pci"], "--enable-pci: PCIe (virtio devices on a PCI bus) is not supported yet"),
+    (["--describe-snapshot", "/s"], "--describe-snapshot: snapshots are not supported yet"),
+    (["--snapshot-version"], "--snapshot-version: snapshots are not supported yet"),
+])
+def test_flags_not_built_are_refused(argv: list[str], named: str, tmp_path: Any, capsys: Any) -> None:
+    sock = tmp_path / "api.sock"
+    assert cli.main(["--api-sock", str(sock), *argv]) == cli.EXIT_GENERIC
+    assert named in capsys.readouterr().err
+    assert not sock.exists()  # refused before anything was bound
+
+
+def test_no_seccomp_is_accepted() -> None:
+    assert cli.parse_args(["--no-seccomp"]).no_seccomp
+    assert cli._not_built_flag(cli.parse_args(["--no-seccomp"])) is None
+
+
+def run_logged(tmp_path: Any, *argv: str) -> tuple[int, str]:
+    log = tmp_path / "vmm.log"
+    log.write_text("")
+    code = cli.main(["--log-path", str(log), "--no-seccomp", *argv])
+    return code, log.read_text()
+
+
+def test_api_socket_in_a_missing_directory_names_the_path(tmp_path: Any) -> None:
+    sock = tmp_path / "no-such-dir" / "api.sock"
+    code, log = run_logged(tmp_path, "--api-sock", str(sock))
+    assert code == cli.EXIT_GENERIC
+    assert (f"Failed to open the API socket at: {sock}. No such file or directory (os error 2) "
+            f"(no directory {sock.parent}).") in log
+    assert "[Errno" not in log
+
+
+@pytest.mark.timeout(60)  # before the fix the process served forever
+def test_a_broken_vmm_core_exits_before_serving(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "asyncvmm.vmm", None)  # "import asyncvmm.vmm" fails
+    sock = tmp_path / "api.sock"
+    code, log = run_logged(tmp_path, "--api-sock", str(sock))
+    assert code == cli.EXIT_UNEXPECTED
+    assert "The VMM core (asyncvmm.vmm) cannot be imported; exiting before serving the API." in log
+    assert "Traceback" in log and "import of asyncvmm.vmm halted" in log  # the cause
+    assert "Listening on API socket" not in log and not sock.exists()
+
+
+@pytest.mark.parametrize("text,reason", [
+    ('{"vsock": {"guest_cid": 3, "uds_path": "/v"}}', "The vsock device (virtio-vsock) is not supported yet by asyncvmm."),
+    ('{\n  "boot-source": }', "invalid character at line 2 column 18"),
+    ('{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "vcpu_count": 2}}', "duplicate field `vcpu_count`"),
+])
+def test_config_file_errors_name_the_file_and_the_reason(tmp_path: Any, text: str, reason: str) -> None:
+    cfg = tmp_path / "vm.json"
+    cfg.write_text(text)
+    code, log = run_logged(tmp_path, "--no-api", "--config-file", str(cfg))
+    assert code == cli.EXIT_BAD_CONFIGURATION
+    assert f"Configuration for VMM from one single json failed: {cfg}: {reason}" in log
+
+
+def test_unreadable_config_file_names_it(tmp_path: Any) -> None:
+    missing = tmp_path / "missing.json"
+    code, log = run_logged(tmp_path, "--no-api", "--config-file", str(missing))
+    assert code == cli.EXIT_BAD_CONFIGURATION
+    assert f"Unable to open or read from the configuration file {missing}: No such file or directory (os error 2)" in log
+    assert "file file" not in log

@@ -13,7 +13,7 @@ import pytest
 from asyncvmm.mmds.store import MmdsStore
 from asyncvmm.controller import Controller
 from asyncvmm.http.metrics import ApiMetrics
-from asyncvmm.http import SocketInUseError
+from asyncvmm.http import ApiSocketError, SocketInUseError, bind_api_socket
 from asyncvmm.http.server import ApiServer
 from tests.unit.test_controller import FakeBackend
 
@@ -108,6 +108,17 @@ async def test_existing_socket_path_is_refused(tmp_path: Any) -> None:
         await server.start(path)
     stale.close()
     assert os.path.exists(path)
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("missing/api.sock", "No such file or directory (os error 2) (no directory {dir})."),
+    ("x" * 120 + ".sock", "AF_UNIX path too long."),
+])
+def test_unbindable_socket_paths_are_named(tmp_path: Any, name: str, reason: str) -> None:
+    path = tmp_path / name
+    with pytest.raises(ApiSocketError) as err:
+        bind_api_socket(str(path))
+    assert str(err.value) == f"Failed to open the API socket at: {path}. " + reason.format(dir=path.parent)
 
 
 async def test_a_handler_bug_costs_one_request_not_the_server(tmp_path: Any) -> None:
