@@ -13,12 +13,40 @@ pattern every device shares:
 * a broken ring (:class:`QueueContractError`) or an unexpected exception
   stops the device and sets DEVICE_NEEDS_RESET (§2.1.2): never an exception
   out of a loop callback.
+
+Effects (STYLE.md point 2).  Chain handling decides; it does no I/O.
+:meth:`QueueHandler.handle_chain` looks at a chain in guest memory and
+returns what should happen as a sequence of :class:`Effect` objects, and
+:meth:`QueueHandler.carry_out` is the one place that does it, in order:
+
+* :class:`Used` -- return the chain to the driver with that used length;
+* :class:`Stall` -- put the chain back and stop draining this queue (the
+  device has arranged for something to resume it);
+* any other effect is the device's own I/O (a tap write, a request for an
+  I/O engine, a timer to arm), handed to the device's :meth:`perform`.  It
+  answers ``True`` when done, ``False`` when the backend cannot take it now
+  (EAGAIN, a full engine): the chain then goes back as for :class:`Stall`
+  and the effects after it are not carried out -- so a chain lists its I/O
+  before its :class:`Used`.
+
+The used-buffer interrupt is the batch's effect: :meth:`process` raises it
+at most once, after the drain.  Work that finishes later (an I/O engine's
+completions) goes through :meth:`QueueHandler.complete`, which carries out
+its effects inside the gate and notifies once -- or, when the completion
+arrives synchronously inside a drain, carries them out there and leaves the
+notification to that drain's batch.  Devices need no re-entrancy flag of
+their own.
+
+``handle_chain`` may still answer a plain ``bool`` (``True``: consumed and
+answered, ``False``: stall), for devices written before effects.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+from dataclasses import dataclass
+from typing import Sequence
 
 from asyncvmm.devices.virtio.chain import DescriptorChain
 from asyncvmm.devices.virtio.device import Activation
@@ -32,6 +60,30 @@ class Drain(enum.Enum):
     EMPTY = "empty"        # nothing left; notifications are enabled again
     STALLED = "stalled"    # handle_chain refused (throttled, engine full); someone resumes us
     MORE = "more"          # the per-wakeup budget ran out; a loop callback continues
+
+
+class Effect:
+    """Something chain handling asks the I/O side to do (see the module docstring)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Used(Effect):
+    """Add ``head`` to the queue's used ring with ``length`` bytes written (§2.7.8)."""
+
+    head: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stall(Effect):
+    """Put the chain back and stop draining until the device resumes the queue."""
+
+    reason: str = ""
+
+
+ChainOutcome = bool | Sequence[Effect]
 
 
 class QueueHandler:
@@ -50,12 +102,17 @@ class QueueHandler:
         self.chains_seen = 0
         self._readers: list[int] = []
         self._scheduled: set[int] = set()
+        self._processing = 0          # process() frames on the stack (a completion inside a drain)
 
     # -- hooks for devices --------------------------------------------------
 
-    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> bool:
-        """Consume one chain; ``False`` to put it back and stall the queue."""
+    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> ChainOutcome:
+        """Decide what one chain needs, as effects (or ``True``/``False``: done/stall); no I/O."""
         raise NotImplementedError
+
+    def perform(self, queue_index: int, effect: Effect) -> bool:
+        """Carry out a device-specific effect; ``False``: the backend cannot take it now."""
+        raise TypeError(f"{self.name}: no way to carry out {effect!r}")
 
     def on_queue_event(self, queue_index: int, chains: int) -> None:
         """A kick arrived and ``chains`` chains were popped in response (count them)."""
@@ -114,6 +171,7 @@ class QueueHandler:
         """Drain queue ``index`` and interrupt once if the driver wants it."""
         if self.stopped:
             return None
+        self._processing += 1
         try:
             with self.act.gate.access():
                 result = self._drain(index)
@@ -127,6 +185,8 @@ class QueueHandler:
             log.exception("%s: unexpected error processing queue %d", self.name, index)
             self.fail(f"queue {index}: internal error")
             return None
+        finally:
+            self._processing -= 1
         if result is Drain.MORE:
             self.schedule(index)
         return result
@@ -142,10 +202,40 @@ class QueueHandler:
                 return Drain.EMPTY
             budget -= 1
             self.chains_seen += 1
-            if not self.handle_chain(index, chain):
-                queue.undo_pop()
-                return Drain.STALLED
+            outcome = self.handle_chain(index, chain)
+            if outcome is True or (outcome is not False and self.carry_out(index, outcome)):
+                continue
+            queue.undo_pop()
+            return Drain.STALLED
         return Drain.MORE
+
+    def carry_out(self, index: int, effects: Sequence[Effect]) -> bool:
+        """Do ``effects`` in order (inside the gate); ``False`` if one says stall."""
+        queue = self.act.queues[index]
+        for effect in effects:
+            if isinstance(effect, Used):
+                queue.add_used(self.mem, effect.head, effect.length)
+            elif isinstance(effect, Stall):
+                return False
+            elif not self.perform(index, effect):
+                return False
+        return True
+
+    def complete(self, index: int, effects: Sequence[Effect]) -> None:
+        """Carry out the effects of work that finished after its chain was handled.
+
+        Inside a drain (a synchronous backend completing during
+        :meth:`handle_chain`) the gate is held and the batch notifies; from a
+        loop callback this takes the gate and notifies once itself.
+        """
+        if self._processing:
+            self.carry_out(index, effects)
+        else:
+            self.guarded(self._complete_and_notify, index, effects)
+
+    def _complete_and_notify(self, index: int, effects: Sequence[Effect]) -> None:
+        self.carry_out(index, effects)
+        self.notify(index)
 
     def notify(self, index: int) -> None:
         """Raise the used-buffer interrupt if entries were added and the driver wants one."""

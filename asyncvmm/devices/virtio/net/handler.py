@@ -1,19 +1,28 @@
 """The loop side of one virtio-net activation: the tap, both queues, the MMDS, the limiters.
 
-Transmit (queue 1, per kick): every available chain is parsed
-(:func:`parse_tx`), charged to the TX rate limiter, and either handed to the
-MMDS stack (frames addressed to the MMDS, on an interface listed in
-``mmds_config``) or gathered straight from guest memory into the tap with one
-``writev``.  Used entries carry length 0; one interrupt per batch.  A
-throttled chain goes back to the ring until the throttle timer fires; a full
-tap (EAGAIN) puts it back until the tap is writable.  A malformed chain or a
-failed tap write costs that frame only (counted), never the device.
+The decisions live in two sans-I/O objects, :class:`TxPath` and
+:class:`RxPath`; this handler is their I/O glue -- the only code here that
+touches the tap's fd, the loop's readers, writers and timers, or the MMDS
+stack -- and it carries out what they decide.
+
+Transmit (queue 1, per kick): for every available chain :class:`TxPath`
+returns effects (the base class's mechanism, see
+:mod:`asyncvmm.devices.virtio.handler`): parsed (:func:`parse_tx`) and
+charged to the TX rate limiter, a frame becomes :class:`WriteTap` (gathered
+straight from guest memory into the tap with one ``writev``) or
+:class:`ToMmds` (addressed to the MMDS, on an interface listed in
+``mmds_config``), followed by ``Used(head, 0)``; one interrupt per batch.  A
+throttled chain (:class:`Throttled`) goes back to the ring until the throttle
+timer fires; a full tap (EAGAIN) puts it back, with its tokens, until the tap
+is writable.  A malformed chain or a failed tap write costs that frame only
+(counted), never the device.
 
 Receive: frames come from the MMDS stack first, then from the tap, whose fd
 is a loop reader *only while the guest can take frames*.  Each frame is read
-into one host buffer, charged to the RX rate limiter, and copied into the
-guest's chains (:class:`RxBuffers`).  When the guest has no room, or the
-limiter is empty, the frame is *held* and the tap reader removed: later
+into one host buffer and handed to :class:`RxPath`, which charges it to the
+RX rate limiter and copies it into the guest's chains (:class:`RxBuffers`).
+When the guest has no room, or the limiter is empty, the frame is *held*
+and the tap reader removed: later
 frames wait in the tap's own queue, so nothing is dropped or reordered here
 (back-pressure).  An RX kick (new buffers), the throttle timer, or an MMDS
 retransmission deadline resumes receiving.
@@ -30,17 +39,16 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from asyncvmm.devices.rate_limiter import ThrottleTimer, TokenType
+from asyncvmm.devices.rate_limiter import ThrottleTimer
 from asyncvmm.devices.virtio.chain import DescriptorChain
 from asyncvmm.devices.virtio.device import Activation
-from asyncvmm.devices.virtio.handler import Drain, QueueHandler
-from asyncvmm.devices.virtio.net.header import (ETH_HLEN, FLAGS_OFFSET, GSO_TYPE_OFFSET,
-                                                RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_GUEST_CSUM,
+from asyncvmm.devices.virtio.handler import Drain, Effect, QueueHandler
+from asyncvmm.devices.virtio.net.header import (ETH_HLEN, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_GUEST_CSUM,
                                                 VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
                                                 VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MRG_RXBUF,
-                                                VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_SIZE)
-from asyncvmm.devices.virtio.net.rx import Fit, RxBuffers
-from asyncvmm.devices.virtio.net.tx import TxFrameError, parse_tx
+                                                VNET_HDR_SIZE)
+from asyncvmm.devices.virtio.net.rx import RxPath, RxState
+from asyncvmm.devices.virtio.net.tx import Throttled, ToMmds, TxPacket, TxPath, WriteTap
 
 if TYPE_CHECKING:
     from asyncvmm.devices.virtio.net.device import Net
@@ -66,13 +74,15 @@ class NetHandler(QueueHandler):
         self.metrics = device.metrics
         self.rxq = act.queues[RX_QUEUE]
         self.txq = act.queues[TX_QUEUE]
-        self.guest_csum = act.has_feature(VIRTIO_NET_F_GUEST_CSUM)
-        self.guest_gso = any(act.has_feature(f) for f in GUEST_GSO_FEATURES)
-        self.rx = RxBuffers(mergeable=act.has_feature(VIRTIO_NET_F_MRG_RXBUF), metrics=self.metrics)
+        self.tx = TxPath(self.txq, device.tx_rate_limiter, self.metrics,
+                         is_mmds_frame=self.mmds.is_mmds_frame if self.mmds is not None else None,
+                         guest_mac=lambda: device.mac if device.guest_mac_configured else None)
+        self.rx = RxPath(self.rxq, device.rx_rate_limiter, self.metrics,
+                         mergeable=act.has_feature(VIRTIO_NET_F_MRG_RXBUF),
+                         guest_csum=act.has_feature(VIRTIO_NET_F_GUEST_CSUM),
+                         guest_gso=any(act.has_feature(f) for f in GUEST_GSO_FEATURES))
         self._rxbuf = device.rx_buffer
-        self.held: memoryview | None = None       # a frame taken in, waiting for room or tokens
         self.reading = False                      # the tap fd is a loop reader
-        self.waiting_for_buffers = False
         self._waiting_writable = False
         self.rx_timer = ThrottleTimer(act.loop, device.rx_rate_limiter, self._on_rx_timer)
         self.tx_timer = ThrottleTimer(act.loop, device.tx_rate_limiter, self._on_tx_timer)
@@ -109,50 +119,37 @@ class NetHandler(QueueHandler):
 
     # -- transmit -----------------------------------------------------------
 
-    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> bool:
-        try:
-            pkt = parse_tx(self.mem, chain)
-        except TxFrameError as e:
-            log.debug("%s: dropped a TX chain: %s", self.name, e)
-            self.metrics.tx_malformed_frames += 1
-            self.metrics.tx_fails += 1
-            self.txq.add_used(self.mem, chain.head, 0)
-            return True
-        limiter = self.dev.tx_rate_limiter
-        if limiter.enabled and not limiter.consume_request(pkt.length):
-            self.metrics.tx_rate_limiter_throttled += 1
-            # The refused chain is popped but not yet put back, hence the +1.
-            self.metrics.tx_remaining_reqs_count += self.txq.pending(self.mem) + 1
+    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> list[Effect]:
+        return self.tx.chain(self.mem, chain)
+
+    def perform(self, queue_index: int, effect: Effect) -> bool:
+        """The TX effects' I/O: the tap, the MMDS stack, the throttle timer."""
+        if isinstance(effect, WriteTap):
+            return self._write_tap(effect.pkt)
+        if isinstance(effect, ToMmds):
+            pkt = effect.pkt
+            if self.mmds.handle_guest_frame(pkt.frame(), csum_offloaded=pkt.needs_csum):
+                self.tx.sent(pkt, to_tap=False)
+                return True
+            return self._write_tap(pkt)            # the stack declined it: an ordinary frame
+        if isinstance(effect, Throttled):
             self.tx_timer.arm()
             return False
-        if self.dev.guest_mac_configured and pkt.src_mac != self.dev.mac:
-            self.metrics.tx_spoofed_mac_count += 1
-        if not self._to_mmds(pkt):
-            try:
-                written = self.tap.writev(pkt.views)
-            except OSError as e:
-                log.debug("%s: tap write failed: %s", self.name, e)
-                self.metrics.tap_write_fails += 1
-                self.metrics.tx_fails += 1
-                self.txq.add_used(self.mem, chain.head, 0)
-                return True
-            if written is None:                   # the tap's queue is full: wait, keep the frame
-                if limiter.enabled:
-                    limiter.refund(1, TokenType.OPS)
-                    limiter.refund(pkt.length, TokenType.BYTES)
-                self._wait_writable()
-                return False
-            self.metrics.tx_count += 1
-        self.metrics.tx_packets_count += 1
-        self.metrics.tx_bytes_count += pkt.frame_length
-        self.txq.add_used(self.mem, chain.head, 0)
-        return True
+        return super().perform(queue_index, effect)
 
-    def _to_mmds(self, pkt) -> bool:
-        """Give ``pkt`` to the MMDS stack if it is the stack's; True if it was."""
-        if self.mmds is None or not self.mmds.is_mmds_frame(pkt.head[VNET_HDR_SIZE:]):
+    def _write_tap(self, pkt: TxPacket) -> bool:
+        try:
+            written = self.tap.writev(pkt.views)
+        except OSError as e:
+            log.debug("%s: tap write failed: %s", self.name, e)
+            self.tx.write_failed(pkt)
+            return True                            # dropped: the chain is still answered
+        if written is None:                        # the tap's queue is full: wait, keep the frame
+            self.tx.would_block(pkt)
+            self._wait_writable()
             return False
-        return self.mmds.handle_guest_frame(pkt.frame(), csum_offloaded=pkt.needs_csum)
+        self.tx.sent(pkt, to_tap=True)
+        return True
 
     def _wait_writable(self) -> None:
         if not self._waiting_writable:
@@ -178,81 +175,39 @@ class NetHandler(QueueHandler):
         self.metrics.rx_event_rate_limiter_count += 1
         self.guarded(self._pump_rx)
 
+    @property
+    def held(self) -> memoryview | None:
+        """The frame taken in for the guest and not yet delivered (back-pressure)."""
+        return self.rx.held
+
     def _pump_rx(self) -> None:
         """Deliver frames until there are none, or the guest or the limiter says wait."""
-        budget = self.BATCH_PER_WAKEUP_FACTOR * self.rxq.size
-        stalled = False
+        full_budget = self.BATCH_PER_WAKEUP_FACTOR * self.rxq.size
+        budget = full_budget
+        state = RxState.READY
         while budget:
-            if self.held is None:
+            if self.rx.held is None:
                 # Receiving was going on (not merely waiting for the first buffers)?
-                receiving = self.reading or budget < self.BATCH_PER_WAKEUP_FACTOR * self.rxq.size
-                if not self._have_buffers(receiving):
-                    stalled = True
+                state = self.rx.ready(self.mem, receiving=self.reading or budget < full_budget)
+                if state is not RxState.READY:
                     break
-                if self.dev.rx_rate_limiter.is_blocked():
-                    self.rx_timer.arm()
-                    stalled = True
+                frame = self._next_frame()
+                if frame is None:
                     break
-                self.held = self._next_frame()
-                if self.held is None:
-                    break
-            if not self._deliver_held():
-                stalled = True
+                self.rx.hold(frame)
+            state = self.rx.deliver(self.mem)
+            if state is not RxState.READY:
                 break
             budget -= 1
+        if state is RxState.THROTTLED:
+            self.rx_timer.arm()
+        stalled = state is not RxState.READY
         self.notify(RX_QUEUE)
         self._set_reading(not stalled and self._tap_retry is None)
         if not budget:
             self.schedule(RX_QUEUE)
         if not stalled:
             self._arm_mmds_timer()
-
-    def _have_buffers(self, receiving: bool) -> bool:
-        """At least one usable receive chain, or notifications on for the next one."""
-        while self.rx.reserve(self.mem, self.rxq, 1) is Fit.SHORT:
-            if not self.rxq.enable_notification(self.mem):
-                if receiving:
-                    self._out_of_buffers()
-                return False
-        self.waiting_for_buffers = False
-        return True
-
-    def _out_of_buffers(self) -> None:
-        """Receiving waits for the guest's buffers (counted once per wait)."""
-        if not self.waiting_for_buffers:
-            self.waiting_for_buffers = True
-            self.metrics.no_rx_avail_buffer += 1
-
-    def _deliver_held(self) -> bool:
-        """Deliver (or drop, if it can never fit) the held frame; False to wait."""
-        frame = self.held
-        fit = self.rx.reserve(self.mem, self.rxq, len(frame))
-        while fit is Fit.SHORT:
-            if not self.rxq.enable_notification(self.mem):
-                self._out_of_buffers()
-                return False
-            fit = self.rx.reserve(self.mem, self.rxq, len(frame))
-        self.waiting_for_buffers = False
-        if fit is Fit.TOO_LARGE or (frame[GSO_TYPE_OFFSET] != VIRTIO_NET_HDR_GSO_NONE
-                                    and not self.guest_gso):
-            # Too large for the guest's buffers, or a GSO frame the tap queued
-            # before a reset renegotiated offloads: the guest cannot take it.
-            log.debug("%s: dropped a %d-byte frame the guest cannot receive", self.name, len(frame))
-            self.metrics.rx_fails += 1
-            self.held = None
-            return True
-        limiter = self.dev.rx_rate_limiter
-        if limiter.enabled and not limiter.consume_request(len(frame)):
-            self.metrics.rx_rate_limiter_throttled += 1
-            self.rx_timer.arm()
-            return False
-        if not self.guest_csum:
-            frame[FLAGS_OFFSET] = 0   # §5.1.6.4: no checksum flags for a driver that cannot take them
-        self.rx.commit(self.mem, self.rxq, frame)
-        self.metrics.rx_packets_count += 1
-        self.metrics.rx_bytes_count += len(frame) - VNET_HDR_SIZE
-        self.held = None
-        return True
 
     def _next_frame(self) -> memoryview | None:
         """The next frame for the guest, header included: MMDS first, then the tap."""

@@ -23,20 +23,32 @@ descriptor, room for less than the header) is returned at once with used
 length 0 and counted in ``rx_fails``; Linux drops such a buffer as a short
 packet.  A broken ring (QueueContractError) propagates to the handler, which
 sets DEVICE_NEEDS_RESET.
+
+:class:`RxPath` is the receive side's decisions, sans-I/O: whether the guest
+can take a frame now (:meth:`RxPath.ready`), and placing the *held* frame --
+one frame taken in from the MMDS stack or the tap -- into its chains
+(:meth:`RxPath.deliver`).  Each answers a :class:`RxState`; the handler does
+the I/O the answer calls for (read the tap, arm the throttle timer, stop
+reading).  Nothing here holds a file descriptor or touches the loop.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import logging
 import struct
 
+from asyncvmm.devices.rate_limiter import RateLimiter
 from asyncvmm.devices.virtio.chain import ChainError, Segments, collect
-from asyncvmm.devices.virtio.net.header import NUM_BUFFERS_OFFSET, VNET_HDR_SIZE
+from asyncvmm.devices.virtio.net.header import (FLAGS_OFFSET, GSO_TYPE_OFFSET, NUM_BUFFERS_OFFSET,
+                                                VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_SIZE)
 from asyncvmm.devices.virtio.net.metrics import NetMetrics
 from asyncvmm.devices.virtio.queue import Queue
 from asyncvmm.devices.virtio.spec import VIRTQ_USED_ELEM_SIZE
 from asyncvmm.memory import GuestMemory, store_u16
+
+log = logging.getLogger(__name__)
 
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")      # struct virtq_used_elem { le32 id; le32 len; }
@@ -46,6 +58,12 @@ class Fit(enum.Enum):
     FITS = "fits"
     SHORT = "short"            # not enough chains yet: wait for the driver to add some
     TOO_LARGE = "too large"    # no amount of waiting makes this frame fit
+
+
+class RxState(enum.Enum):
+    READY = "ready"                # a frame can go in now (ready), or went in / was dropped (deliver)
+    NO_BUFFERS = "no buffers"      # wait for the driver's RX kick; notifications are on
+    THROTTLED = "throttled"        # wait for the RX limiter (arm its timer)
 
 
 class RxBuffers:
@@ -127,6 +145,74 @@ class RxBuffers:
             offset += take
         add_used_together(mem, queue, elems)
         return count
+
+
+class RxPath:
+    """Receiving for one activation: the held frame, the stock of chains, the limiter.  No I/O."""
+
+    def __init__(self, queue: Queue, limiter: RateLimiter, metrics: NetMetrics, *,
+                 mergeable: bool, guest_csum: bool, guest_gso: bool) -> None:
+        self.queue = queue
+        self.limiter = limiter
+        self.metrics = metrics
+        self.guest_csum = guest_csum
+        self.guest_gso = guest_gso
+        self.buffers = RxBuffers(mergeable=mergeable, metrics=metrics)
+        self.held: memoryview | None = None       # a frame taken in, waiting for room or tokens
+        self.waiting_for_buffers = False
+
+    def ready(self, mem: GuestMemory, receiving: bool) -> RxState:
+        """May the next frame be taken in?  ``receiving``: frames were flowing (count a stall)."""
+        if self._reserve(mem, 1, count_wait=receiving) is None:
+            return RxState.NO_BUFFERS
+        if self.limiter.is_blocked():
+            return RxState.THROTTLED
+        return RxState.READY
+
+    def hold(self, frame: memoryview) -> None:
+        """Take ``frame`` (virtio header included, writable) for the guest."""
+        self.held = frame
+
+    def deliver(self, mem: GuestMemory) -> RxState:
+        """Put the held frame into the guest's chains, or drop it if it can never fit.
+
+        READY: the frame is gone (delivered or dropped); otherwise it stays held.
+        """
+        frame = self.held
+        assert frame is not None
+        fit = self._reserve(mem, len(frame), count_wait=True)
+        if fit is None:
+            return RxState.NO_BUFFERS
+        if fit is Fit.TOO_LARGE or (frame[GSO_TYPE_OFFSET] != VIRTIO_NET_HDR_GSO_NONE
+                                    and not self.guest_gso):
+            # Too large for the guest's buffers, or a GSO frame the tap queued
+            # before a reset renegotiated offloads: the guest cannot take it.
+            log.debug("net: dropped a %d-byte frame the guest cannot receive", len(frame))
+            self.metrics.rx_fails += 1
+            self.held = None
+            return RxState.READY
+        if self.limiter.enabled and not self.limiter.consume_request(len(frame)):
+            self.metrics.rx_rate_limiter_throttled += 1
+            return RxState.THROTTLED
+        if not self.guest_csum:
+            frame[FLAGS_OFFSET] = 0   # §5.1.6.4: no checksum flags for a driver that cannot take them
+        self.buffers.commit(mem, self.queue, frame)
+        self.metrics.rx_packets_count += 1
+        self.metrics.rx_bytes_count += len(frame) - VNET_HDR_SIZE
+        self.held = None
+        return RxState.READY
+
+    def _reserve(self, mem: GuestMemory, nbytes: int, *, count_wait: bool) -> Fit | None:
+        """FITS or TOO_LARGE for ``nbytes``; ``None``: short, and notifications are on."""
+        while (fit := self.buffers.reserve(mem, self.queue, nbytes)) is Fit.SHORT:
+            if not self.queue.enable_notification(mem):
+                if count_wait and not self.waiting_for_buffers:
+                    # Receiving waits for the guest's buffers (counted once per wait).
+                    self.waiting_for_buffers = True
+                    self.metrics.no_rx_avail_buffer += 1
+                return None
+        self.waiting_for_buffers = False
+        return fit
 
 
 def add_used_together(mem: GuestMemory, queue: Queue, elems: list[tuple[int, int]]) -> None:
