@@ -16,9 +16,15 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
+
+# Linux's MAP_NORESERVE (asm-generic/mman-common.h); Python's mmap module names it only from 3.12 on.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+# Set to 1 to offer guest RAM to KSM (docs/density.md): identical pages of many guests merge.
+KSM_ENV = "ASYNCVMM_KSM"
 
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
@@ -115,17 +121,26 @@ class GuestMemory:
     # -- construction -------------------------------------------------------
 
     @classmethod
-    def anonymous(cls, layout: Iterable[tuple[int, int]]) -> "GuestMemory":
+    def anonymous(cls, layout: Iterable[tuple[int, int]], *,
+                  mergeable: bool | None = None) -> "GuestMemory":
         """Private anonymous mappings for each ``(guest_addr, size)``.
 
-        Pages are only committed when touched, so a 4 GiB guest costs nothing
-        until the guest writes to it.
+        ``MAP_NORESERVE``, as Firecracker maps guest memory: no swap or commit
+        is reserved up front, pages are only backed when touched, so a thousand
+        idle guests reserve nothing and a guest larger than host RAM starts
+        (the host runs out only if the guest really touches that much).
+        ``mergeable`` (default: ``ASYNCVMM_KSM=1`` in the environment) marks
+        the RAM ``MADV_MERGEABLE`` so the kernel's KSM, when enabled, may merge
+        identical pages across guests; an opt-in, because merging costs the
+        host CPU and lets co-tenants time copy-on-write faults.
         """
+        if mergeable is None:
+            mergeable = os.environ.get(KSM_ENV) == "1"
         regions = []
         for gpa, size in layout:
-            # No MAP_NORESERVE: the kernel's overcommit check then refuses a guest
-            # larger than the host can ever back, and InstanceStart fails cleanly.
-            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+            if mergeable:
+                buf.madvise(mmap.MADV_MERGEABLE)
             regions.append(GuestRegion(gpa, buf))
         return cls(regions)
 

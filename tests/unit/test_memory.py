@@ -78,3 +78,57 @@ def test_anonymous_memory_registers_host_addresses_and_closes():
     assert mem.read_u32(0x100) == 0xCAFEBABE
     assert mem.total_size == 1 << 20 and mem.end == 1 << 20
     mem.close()
+
+
+def _vm_flags(buf) -> set[str]:
+    """The VmFlags of the mapping that holds ``buf``'s first byte (from /proc/self/smaps)."""
+    import ctypes as _ctypes
+    addr = _ctypes.addressof(_ctypes.c_char.from_buffer(buf))
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return set(line.split()[1:])
+    raise AssertionError("mapping not found in smaps")
+
+
+def _host_ram_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no MemTotal")
+
+
+def test_guest_larger_than_host_ram_is_mapped_noreserve():
+    # Firecracker maps guest RAM with MAP_NORESERVE and starts; so does asyncvmm: twice the
+    # host's RAM is mapped (nothing touched, nothing reserved) instead of failing with ENOMEM.
+    size = 2 * _host_ram_bytes() + (1 << 30)
+    mem = GuestMemory.anonymous([(0, size)], mergeable=False)
+    try:
+        region = mem.regions[0]
+        assert region.size == size
+        assert "nr" in _vm_flags(region.buffer)          # nr = VM_NORESERVE
+        assert "mg" not in _vm_flags(region.buffer)
+        mem.write_u64(size - 8, 0x1122334455667788)       # one page at the far end is backed on touch
+        assert mem.read_u64(size - 8) == 0x1122334455667788
+    finally:
+        mem.close()
+
+
+def test_ksm_is_an_opt_in(monkeypatch):
+    monkeypatch.delenv("ASYNCVMM_KSM", raising=False)
+    plain = GuestMemory.anonymous([(0, 1 << 20)])
+    monkeypatch.setenv("ASYNCVMM_KSM", "1")
+    merged = GuestMemory.anonymous([(0, 1 << 20)])
+    try:
+        assert "mg" not in _vm_flags(plain.regions[0].buffer)
+        assert "mg" in _vm_flags(merged.regions[0].buffer)   # mg = VM_MERGEABLE
+        assert "mg" not in _vm_flags(GuestMemory.anonymous([(0, 1 << 20)], mergeable=False).regions[0].buffer)
+    finally:
+        plain.close()
+        merged.close()
