@@ -310,8 +310,8 @@ class MicroVM:
     # -- console -----------------------------------------------------------------------
 
     def output(self) -> str:
-        """Console and stderr text, for error messages."""
-        return self.console.text + self.stderr.text
+        """Console, stderr and log text, for error messages."""
+        return self.console.text + self.stderr.text + self.log_text()
 
     async def wait_for_console(self, pattern: str | re.Pattern[str], timeout: float | None = 30.0,
                                start: int = 0) -> re.Match[str]:
