@@ -102,7 +102,7 @@ class QueueHandler:
         self.chains_seen = 0
         self._readers: list[int] = []
         self._scheduled: set[int] = set()
-        self._processing = 0          # process() frames on the stack (a completion inside a drain)
+        self._draining: list[int] = []   # queues whose process() is on the stack (inside the gate)
 
     # -- hooks for devices --------------------------------------------------
 
@@ -171,7 +171,7 @@ class QueueHandler:
         """Drain queue ``index`` and interrupt once if the driver wants it."""
         if self.stopped:
             return None
-        self._processing += 1
+        self._draining.append(index)
         try:
             with self.act.gate.access():
                 result = self._drain(index)
@@ -186,7 +186,7 @@ class QueueHandler:
             self.fail(f"queue {index}: internal error")
             return None
         finally:
-            self._processing -= 1
+            self._draining.pop()
         if result is Drain.MORE:
             self.schedule(index)
         return result
@@ -225,11 +225,14 @@ class QueueHandler:
         """Carry out the effects of work that finished after its chain was handled.
 
         Inside a drain (a synchronous backend completing during
-        :meth:`handle_chain`) the gate is held and the batch notifies; from a
-        loop callback this takes the gate and notifies once itself.
+        :meth:`handle_chain`) the gate is held and that queue's batch
+        notifies; from a loop callback this takes the gate and notifies once
+        itself.
         """
-        if self._processing:
+        if self._draining:
             self.carry_out(index, effects)
+            if index not in self._draining:
+                self.notify(index)
         else:
             self.guarded(self._complete_and_notify, index, effects)
 
