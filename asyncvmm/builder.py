@@ -33,7 +33,7 @@ from .devices.legacy.boot_timer import BootTimer
 from .devices.legacy.i8042 import I8042, I8042Metrics
 from .devices.legacy.serial import Serial, SerialMetrics
 from .devices.rate_limiter import RateLimiter
-from .devices.virtio.block import Block, BlockFileError, BlockMetrics
+from .devices.virtio.block import Block, BlockFileError, BlockMetrics, UnsupportedEngineError
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport
 from .devices.virtio.net import Net, NetMetrics
@@ -306,7 +306,7 @@ def _block_device(drive, ctx: BuildContext, stack: contextlib.ExitStack) -> Bloc
                       is_root_device=drive.is_root_device, partuuid=drive.partuuid,
                       cache_type=drive.cache_type, io_engine=drive.io_engine,
                       rate_limiter=RateLimiter.from_config(drive.rate_limiter), metrics=metrics)
-    except (BlockFileError, OSError) as e:
+    except (BlockFileError, UnsupportedEngineError, OSError) as e:
         raise BuildError(f"Unable to create the block device {drive.drive_id}: {e}") from e
     ctx.metrics.register(f"block_{drive.drive_id}", metrics, aggregate="block")
     stack.callback(ctx.metrics.unregister, f"block_{drive.drive_id}")

@@ -12,6 +12,12 @@ size_max`` (0: not offered), ``le32 seg_max``.  Read on vCPU threads from an
 immutable ``bytes`` replaced whole on a path swap, so a reader never sees a
 half-updated capacity; ConfigGeneration covers the two 32-bit halves.
 
+``io_engine`` Sync runs each request on the loop thread; Async hands them to
+the kernel's io_uring.  A host whose io_uring cannot serve them (no
+io_uring, ``kernel.io_uring_disabled``, seccomp, a kernel without the
+operations) gets the drive refused with :class:`UnsupportedEngineError`,
+as Firecracker refuses it: never a quiet fallback to something else.
+
 API-facing methods run on the loop: :meth:`Block.update_path` (PATCH
 ``path_on_host``) and :meth:`Block.update_rate_limiter`.
 """
@@ -28,6 +34,7 @@ from asyncvmm.devices.virtio.block.disk import BackingFile, BlockFileError
 from asyncvmm.devices.virtio.block.handler import BlockHandler
 from asyncvmm.devices.virtio.block.metrics import BlockMetrics
 from asyncvmm.devices.virtio.block.request import Disk
+from asyncvmm.devices.virtio.block.uring import why_io_uring_unavailable
 from asyncvmm.devices.virtio.device import Activation, ActivationError, VirtioDevice
 from asyncvmm.devices.virtio.spec import (
     VIRTIO_F_EVENT_IDX,
@@ -51,8 +58,18 @@ _CONFIG = struct.Struct("<QII")        # capacity, size_max, seg_max
 
 CacheType = Literal["Unsafe", "Writeback"]
 IoEngine = Literal["Sync", "Async"]
-# How "Async" runs: io_uring if the host allows it ("auto"), or always/never.
-AsyncBackend = Literal["auto", "io_uring", "threads"]
+
+
+class UnsupportedEngineError(Exception):
+    """The host cannot run the requested ``io_engine`` (Async needs io_uring)."""
+
+
+def check_async_engine() -> None:
+    """Raise :class:`UnsupportedEngineError` unless this host's io_uring can serve Async drives."""
+    why = why_io_uring_unavailable()
+    if why is not None:
+        raise UnsupportedEngineError(f"Unsupported io_engine Async: it needs io_uring, which this host "
+                                     f"does not provide ({why})")
 
 
 class Block(VirtioDevice):
@@ -64,13 +81,14 @@ class Block(VirtioDevice):
                  io_engine: IoEngine = "Sync", rate_limiter: RateLimiter | None = None,
                  metrics: BlockMetrics | None = None,
                  fdatasync: Callable[[int], None] = os.fdatasync,
-                 async_backend: AsyncBackend = "auto",
-                 async_workers: int = 4, async_depth: int = 64) -> None:
+                 async_depth: int = 64) -> None:
         super().__init__()
         if cache_type not in ("Unsafe", "Writeback"):
             raise ValueError(f"cache_type {cache_type!r}")
         if io_engine not in ("Sync", "Async"):
             raise ValueError(f"io_engine {io_engine!r}")
+        if io_engine == "Async":
+            check_async_engine()
         self.drive_id = drive_id
         self.read_only = read_only
         self.is_root_device = is_root_device
@@ -80,8 +98,6 @@ class Block(VirtioDevice):
         self.rate_limiter = rate_limiter or RateLimiter()
         self.metrics = metrics or BlockMetrics()
         self.fdatasync = fdatasync
-        self.async_backend = async_backend
-        self.async_workers = async_workers
         self.async_depth = async_depth
         self.file = BackingFile(path, read_only=read_only)
         self.handler: BlockHandler | None = None

@@ -1,34 +1,34 @@
 """File I/O engines for virtio-block: ``Sync`` and ``Async``.
 
 An engine executes :class:`IoOp` s (read, write, flush at a file offset,
-straight into or out of guest-memory views) and hands the results back on
-the asyncio loop through ``on_complete(batch)``, a list of ``(op, result)``
-where ``result`` is the byte count or the ``OSError``.  Engines know
-nothing of virtio.
+straight into or out of guest-memory views) and hands back ``(op, result)``
+pairs where ``result`` is the byte count, the ``OSError`` or
+:data:`CANCELLED`.  Engines know nothing of virtio.
 
 * :class:`SyncEngine` runs each op on the loop thread as it is submitted and
-  completes it at once: lowest latency for one request, but the loop waits
-  on the disk.
-* :class:`AsyncEngine` keeps up to ``depth`` ops in flight on a small thread
-  pool; ``os.preadv``/``os.pwritev``/``os.fdatasync`` release the GIL, so the
-  disk works while the loop serves other devices.  Results are collected in a
-  deque and delivered with one loop wakeup per burst.
+  returns its result at once: lowest latency for one request, but the loop
+  waits on the disk.
+* :class:`~asyncvmm.devices.virtio.block.uring.UringEngine` (``Async``)
+  hands up to ``depth`` ops to the kernel's io_uring, so the disk works
+  while the loop serves other devices.
 
-Each op enters the activation's :class:`DmaGate` around its syscall, so a
-reset never returns while an op writes guest memory, and an op that starts
-after a reset does nothing (result :data:`CANCELLED`).
+Both share one contract: ``submit(ops)`` starts the ops and *returns* the
+results already known; it never calls back into its caller.  Results that
+arrive later come through ``on_complete(batch)`` from a loop callback of the
+engine's own.  ``room`` is how many more ops the engine takes now.
+
+Each op enters the activation's :class:`DmaGate` for as long as it may touch
+guest memory, so a reset never returns while an op writes guest memory, and
+an op submitted after a reset does nothing (result :data:`CANCELLED`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import enum
 import errno
 import logging
 import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,91 +104,18 @@ def _run(op: IoOp, gate: DmaGate, fdatasync: Callable[[int], None]) -> int | OSE
 
 
 class SyncEngine:
-    """Runs every op on the calling (loop) thread, completing it before ``submit`` returns."""
+    """Runs every op on the calling (loop) thread: :meth:`submit` returns every result."""
 
     name = "Sync"
+    in_flight = 0
+    room = sys.maxsize                     # never full: nothing waits in an engine queue
 
-    def __init__(self, gate: DmaGate, on_complete: Callable[[list], None], *,
-                 fdatasync: Callable[[int], None] = os.fdatasync) -> None:
+    def __init__(self, gate: DmaGate, *, fdatasync: Callable[[int], None] = os.fdatasync) -> None:
         self.gate = gate
-        self.on_complete = on_complete
         self.fdatasync = fdatasync
-        self.in_flight = 0
 
-    @property
-    def full(self) -> bool:
-        return False
-
-    def submit(self, op: IoOp) -> None:
-        result = _run(op, self.gate, self.fdatasync)
-        self.on_complete([(op, result)])
-
-    def flush(self) -> None:
-        pass
+    def submit(self, ops: list[IoOp]) -> list[tuple[IoOp, object]]:
+        return [(op, _run(op, self.gate, self.fdatasync)) for op in ops]
 
     def close(self) -> None:
         pass
-
-
-class AsyncEngine:
-    """Up to ``depth`` ops in flight on ``workers`` threads; results come back on ``loop``."""
-
-    name = "Async"
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, gate: DmaGate,
-                 on_complete: Callable[[list], None], *, workers: int = 4, depth: int = 64,
-                 fdatasync: Callable[[int], None] = os.fdatasync) -> None:
-        self.loop = loop
-        self.gate = gate
-        self.on_complete = on_complete
-        self.fdatasync = fdatasync
-        self.depth = depth
-        self.in_flight = 0
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blk-io")
-        self._lock = threading.Lock()
-        self._done: collections.deque = collections.deque()
-        self._wakeup_pending = False
-        self._futures: set[Future] = set()
-        self._closed = False
-
-    @property
-    def full(self) -> bool:
-        return self.in_flight >= self.depth
-
-    def submit(self, op: IoOp) -> None:
-        self.in_flight += 1
-        fut = self._pool.submit(self._work, op)
-        self._futures.add(fut)
-        fut.add_done_callback(self._futures.discard)
-
-    def flush(self) -> None:
-        pass
-
-    def _work(self, op: IoOp) -> None:
-        """On a worker thread: run the op, queue the result, wake the loop once per burst."""
-        result = _run(op, self.gate, self.fdatasync)
-        with self._lock:
-            self._done.append((op, result))
-            wake = not self._wakeup_pending
-            self._wakeup_pending = True
-        if wake:
-            try:
-                self.loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:
-                pass                      # loop closed: the VMM is exiting
-
-    def _deliver(self) -> None:
-        with self._lock:
-            batch = list(self._done)
-            self._done.clear()
-            self._wakeup_pending = False
-        self.in_flight -= len(batch)
-        if batch and not self._closed:
-            self.on_complete(batch)
-
-    def close(self) -> None:
-        """Drop ops that have not started; running ones finish (the gate keeps them harmless)."""
-        self._closed = True
-        for fut in list(self._futures):
-            fut.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -33,3 +33,6 @@ class BlockMetrics(MetricGroup):
     rate_limiter_throttled_events: int = 0  # requests put back because the limiter was empty
     io_engine_throttled_events: int = 0     # requests put back because the engine was full
     remaining_reqs_count: int = 0           # requests left in the ring when the queue stalled
+    # Not in Firecracker:
+    io_uring_count: int = 0                 # requests answered with the result of an io_uring operation
+    discarded_reqs_count: int = 0           # requests popped but never answered: the driver reset the device

@@ -47,12 +47,19 @@ IORING_OFF_SQES = 0x10000000
 IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_ENTER_GETEVENTS = 1 << 0
 IORING_REGISTER_EVENTFD = 4
+IORING_REGISTER_PROBE = 8
+IO_URING_OP_SUPPORTED = 1 << 0
 IORING_OP_READV = 1
 IORING_OP_WRITEV = 2
 IORING_OP_FSYNC = 3
 IORING_FSYNC_DATASYNC = 1 << 0
 
 _OPCODE = {IoKind.READ: IORING_OP_READV, IoKind.WRITE: IORING_OP_WRITEV, IoKind.FLUSH: IORING_OP_FSYNC}
+_NEEDED_OPS = {"IORING_OP_READV": IORING_OP_READV, "IORING_OP_WRITEV": IORING_OP_WRITEV,
+               "IORING_OP_FSYNC": IORING_OP_FSYNC}
+# struct io_uring_probe { __u8 last_op; __u8 ops_len; __u16 resv; __u32 resv2[3];
+#                         struct io_uring_probe_op ops[]; } -- 16 bytes, then 8 per op.
+_PROBE_HEADER, _PROBE_OP, _PROBE_OPS = 16, 8, 256
 
 
 class io_sqring_offsets(ctypes.Structure):
@@ -118,7 +125,7 @@ class _Pending:
 class UringEngine:
     """Up to ``depth`` ops in the kernel at once; completions arrive on the loop."""
 
-    name = "Async"
+    name = "io_uring"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, gate: DmaGate,
                  on_complete: Callable[[list], None], *, depth: int = 64) -> None:
@@ -160,19 +167,24 @@ class UringEngine:
         self.cq_mask = _U32.unpack_from(self.cq_ring, p.cq_off.ring_mask)[0]
 
     @property
-    def full(self) -> bool:
-        return self.in_flight >= self.depth
+    def room(self) -> int:
+        return self.depth - self.in_flight
 
     # -- submission ---------------------------------------------------------
 
-    def submit(self, op: IoOp) -> None:
-        if not self.gate.enter():
-            self.on_complete([(op, CANCELLED)])
-            return
-        self.in_flight += 1
-        key, self._next_id = self._next_id, self._next_id + 1
-        pend = self._pending[key] = _Pending(op)
-        self._queue_sqe(key, pend)
+    def submit(self, ops: list[IoOp]) -> list[tuple[IoOp, object]]:
+        """Queue an SQE per op, enter the kernel once, return the ops already finished."""
+        done = []
+        for op in ops:
+            if not self.gate.enter():
+                done.append((op, CANCELLED))
+                continue
+            self.in_flight += 1
+            key, self._next_id = self._next_id, self._next_id + 1
+            pend = self._pending[key] = _Pending(op)
+            self._queue_sqe(key, pend)
+        done.extend(self._pump())
+        return done
 
     def _queue_sqe(self, key: int, pend: _Pending) -> None:
         op = pend.op
@@ -194,18 +206,26 @@ class UringEngine:
         store_u32(self.sq_ring, self.sq.tail, (tail + 1) & 0xFFFF_FFFF)
         self._unsubmitted += 1
 
-    def flush(self) -> None:
-        """Hand the queued SQEs to the kernel in one io_uring_enter."""
-        while self._unsubmitted:
-            try:
-                n = _sys(SYS_io_uring_enter, self.fd, self._unsubmitted, 0, 0, 0, 0)
-            except OSError as e:
-                if e.errno in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
-                    self._reap()            # make room in the CQ ring, then retry
-                    continue
-                raise
-            self._unsubmitted -= n
-        self._reap()                        # cached reads often complete during the enter
+    def _pump(self) -> list[tuple[IoOp, object]]:
+        """Hand queued SQEs to the kernel and take every finished op, until nothing is queued.
+
+        Cached reads often complete during the enter; short transfers are
+        queued again by :meth:`_collect`, hence the loop.
+        """
+        done: list = []
+        while True:
+            while self._unsubmitted:
+                try:
+                    n = _sys(SYS_io_uring_enter, self.fd, self._unsubmitted, 0, 0, 0, 0)
+                except OSError as e:
+                    if e.errno in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
+                        done.extend(self._collect())    # make room in the CQ ring, then retry
+                        continue
+                    raise
+                self._unsubmitted -= n
+            done.extend(self._collect())
+            if not self._unsubmitted:
+                return done
 
     # -- completion ---------------------------------------------------------
 
@@ -214,9 +234,11 @@ class UringEngine:
             os.eventfd_read(self.event)
         except BlockingIOError:
             pass
-        self._reap()
+        batch = self._pump()
+        if batch and not self._closed:
+            self.on_complete(batch)
 
-    def _reap(self) -> None:
+    def _collect(self) -> list[tuple[IoOp, object]]:
         batch = []
         head = _U32.unpack_from(self.cq_ring, self.cq.head)[0]
         tail = _U32.unpack_from(self.cq_ring, self.cq.tail)[0]
@@ -227,18 +249,15 @@ class UringEngine:
             if result is not None:
                 batch.append(result)
         store_u32(self.cq_ring, self.cq.head, head)   # the kernel reads head concurrently
-        if self._unsubmitted:
-            self.flush()                    # short transfers were requeued
-        if batch and not self._closed:
-            self.on_complete(batch)
+        return batch
 
     def _finish(self, key: int, res: int):
         pend = self._pending.get(key)
         if pend is None:
             return None
         op = pend.op
-        if res == -errno.EAGAIN or res == -errno.EINTR or (0 < res and op.kind is not IoKind.FLUSH
-                                                           and pend.done + res < op.length):
+        short = 0 < res and op.kind is not IoKind.FLUSH and pend.done + res < op.length
+        if not self._closed and (res == -errno.EAGAIN or res == -errno.EINTR or short):
             pend.done += max(res, 0)
             self._queue_sqe(key, pend)      # continue the transfer from where it stopped
             return None
@@ -247,21 +266,32 @@ class UringEngine:
         self.gate.exit()
         if res < 0:
             return op, OSError(-res, os.strerror(-res))
-        if res == 0 and op.kind is not IoKind.FLUSH and pend.done < op.length:
+        if op.kind is not IoKind.FLUSH and pend.done + res < op.length:
             return op, OSError(errno.EIO, f"{op.kind.value} at {op.offset + pend.done} hit end of file")
         return op, pend.done + res
 
     def close(self) -> None:
-        """Wait for the kernel to finish every op (they write guest memory), then release the ring."""
+        """Wait for the kernel to finish every op (they write guest memory), then release the ring.
+
+        Results are dropped: the ops' owner is going away.  Short transfers
+        are not continued.
+        """
         if self.fd < 0:
             return
         self._closed = True
-        while self._pending:
-            if self._unsubmitted:
-                self.flush()
-            else:
-                _sys(SYS_io_uring_enter, self.fd, 0, 1, IORING_ENTER_GETEVENTS, 0, 0)
-                self._reap()
+        try:
+            while self._pending:
+                if self._unsubmitted:
+                    self._pump()
+                else:
+                    _sys(SYS_io_uring_enter, self.fd, 0, 1, IORING_ENTER_GETEVENTS, 0, 0)
+                    self._collect()
+        except OSError as e:
+            # The ring is unusable; closing it makes the kernel cancel and wait for the rest.
+            log.error("io_uring: %d ops still pending at close: %s", len(self._pending), e)
+            for _ in self._pending:
+                self.gate.exit()
+            self._pending.clear()
         self.loop.remove_reader(self.event)
         os.close(self.event)
         for m in {id(x): x for x in (self.sq_ring, self.cq_ring, self.sqes)}.values():
@@ -270,12 +300,32 @@ class UringEngine:
         self.fd = -1
 
 
-def uring_available() -> bool:
-    """Whether this kernel (and seccomp, and io_uring_disabled) lets us set up a ring."""
+def why_io_uring_unavailable() -> str | None:
+    """Why this host cannot run :class:`UringEngine`, or ``None`` if it can.
+
+    Sets up a small ring (the kernel may lack io_uring, or refuse it through
+    ``kernel.io_uring_disabled`` or seccomp) and asks the kernel, with
+    IORING_REGISTER_PROBE (Linux 5.6), whether it knows the operations the
+    engine issues.
+    """
     params = io_uring_params()
     try:
         fd = _sys(SYS_io_uring_setup, 2, ctypes.c_void_p(ctypes.addressof(params)))
-    except OSError:
-        return False
-    os.close(fd)
-    return True
+    except OSError as e:
+        return f"io_uring_setup failed: {e.strerror} (os error {e.errno})"
+    try:
+        probe = (ctypes.c_uint8 * (_PROBE_HEADER + _PROBE_OP * _PROBE_OPS))()
+        try:
+            _sys(SYS_io_uring_register, fd, IORING_REGISTER_PROBE,
+                 ctypes.c_void_p(ctypes.addressof(probe)), _PROBE_OPS)
+        except OSError as e:
+            return f"IORING_REGISTER_PROBE failed: {e.strerror} (os error {e.errno}); Linux 5.6 or later is needed"
+        ops_len = probe[1]
+        for name, opcode in _NEEDED_OPS.items():
+            # struct io_uring_probe_op { __u8 op; __u8 resv; __u16 flags; __u32 resv2; }
+            flags = probe[_PROBE_HEADER + _PROBE_OP * opcode + 2] if opcode < ops_len else 0
+            if not flags & IO_URING_OP_SUPPORTED:
+                return f"the kernel's io_uring does not support {name}"
+    finally:
+        os.close(fd)
+    return None

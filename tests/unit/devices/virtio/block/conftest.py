@@ -9,7 +9,7 @@ import pytest
 
 from asyncvmm.devices.virtio.block import Block
 from asyncvmm.devices.virtio.block import request as rq
-from asyncvmm.devices.virtio.block.uring import uring_available
+from asyncvmm.devices.virtio.block.uring import why_io_uring_unavailable
 from asyncvmm.devices.virtio.spec import DEVICE_NEEDS_RESET
 from tests.conftest import require
 from tests.fakes.virtio_driver import Buf, FakeVirtqueue
@@ -87,17 +87,18 @@ async def make_block_rig(path, *, features_mask: int = ~0, **kw) -> BlockRig:
     return BlockRig(rig, dev, vq)
 
 
-ENGINES = {
-    "Sync": {"io_engine": "Sync"},
-    "io_uring": {"io_engine": "Async", "async_backend": "io_uring"},
-    "threads": {"io_engine": "Async", "async_backend": "threads"},
-}
+def require_io_uring() -> None:
+    why = why_io_uring_unavailable()
+    require(why is None, f"io_uring is not available on this host: {why}")
+
+
+ENGINES = {"Sync": {"io_engine": "Sync"}, "Async": {"io_engine": "Async"}}     # Async: io_uring
 
 
 @pytest.fixture(params=list(ENGINES))
 async def blk(request, disk):
-    if request.param == "io_uring":
-        require(uring_available(), "io_uring is not available on this host")
+    if request.param == "Async":
+        require_io_uring()
     b = await make_block_rig(disk, **ENGINES[request.param])
     yield b
     b.dev.close()

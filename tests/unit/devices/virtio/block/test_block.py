@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
 from asyncvmm.devices.virtio import mmio as r
-from asyncvmm.devices.virtio.block import Block, BlockFileError
+from asyncvmm.devices.virtio.block import Block, BlockFileError, UnsupportedEngineError
+from asyncvmm.devices.virtio.block import device as block_device
 from asyncvmm.devices.virtio.block import request as rq
 from asyncvmm.devices.virtio.block.device import (
     VIRTIO_BLK_F_FLUSH,
@@ -22,7 +25,14 @@ from asyncvmm.devices.virtio.spec import (
     bit,
 )
 from tests.fakes.virtio_driver import settle
-from tests.unit.devices.virtio.block.conftest import ENGINES, SECTORS, disk_bytes, make_block_rig
+from tests.unit.devices.virtio.block import no_io_uring
+from tests.unit.devices.virtio.block.conftest import (
+    ENGINES,
+    SECTORS,
+    disk_bytes,
+    make_block_rig,
+    require_io_uring,
+)
 from tests.unit.devices.virtio.block.helpers import cuts
 
 OK, IOERR, UNSUPP = rq.VIRTIO_BLK_S_OK, rq.VIRTIO_BLK_S_IOERR, rq.VIRTIO_BLK_S_UNSUPP
@@ -113,6 +123,8 @@ async def test_chain_without_any_writable_byte_is_returned_with_length_zero(blk)
 
 @pytest.mark.parametrize("engine", list(ENGINES))
 async def test_read_only_drive_refuses_writes(disk, engine):
+    if engine == "Async":
+        require_io_uring()
     b = await make_block_rig(disk, **{**ENGINES[engine], "read_only": True})
     assert b.driver.device_features() & bit(VIRTIO_BLK_F_RO)
     assert await b.write(0, b"x" * 512) == IOERR
@@ -123,15 +135,14 @@ async def test_read_only_drive_refuses_writes(disk, engine):
     b.rig.close()
 
 
-@pytest.mark.parametrize("engine", ["Sync", "threads"])
-async def test_writeback_flush_reaches_fdatasync_before_completion(disk, engine):
+async def test_writeback_flush_reaches_fdatasync_before_completion(disk):
     calls = []
 
     def fdatasync(fd):
         calls.append(fd)
         os.fdatasync(fd)
 
-    b = await make_block_rig(disk, **ENGINES[engine], cache_type="Writeback", fdatasync=fdatasync)
+    b = await make_block_rig(disk, io_engine="Sync", cache_type="Writeback", fdatasync=fdatasync)
     assert b.driver.device_features() & bit(VIRTIO_BLK_F_FLUSH)
     assert await b.write(0, b"y" * 512) == OK
     assert calls == []                                      # a write alone does not sync
@@ -141,6 +152,47 @@ async def test_writeback_flush_reaches_fdatasync_before_completion(disk, engine)
     assert b.dev.metrics.flush_count == 1
     b.dev.close()
     b.rig.close()
+
+
+async def test_writeback_flush_goes_through_io_uring_on_async(disk):
+    require_io_uring()
+    b = await make_block_rig(disk, io_engine="Async", cache_type="Writeback")
+    assert await b.write(0, b"y" * 512) == OK
+    used, answer = await b.request(rq.VIRTIO_BLK_T_FLUSH)
+    assert answer == bytes([OK]) and used == 1
+    m = b.dev.metrics
+    assert (m.write_count, m.flush_count, m.io_uring_count) == (1, 1, 2)
+    assert disk.read_bytes()[:512] == b"y" * 512
+    b.dev.close()
+    b.rig.close()
+
+
+async def test_io_uring_count_counts_the_answers_io_uring_gave(blk):
+    await blk.read(0, 512)
+    await blk.write(1, b"z" * 512)
+    await blk.request(rq.VIRTIO_BLK_T_GET_ID, read_len=20)     # answered by the device itself
+    await blk.read(SECTORS, 512)                               # out of range: refused, no I/O
+    m = blk.dev.metrics
+    assert (m.read_count, m.write_count, m.invalid_reqs_count) == (1, 1, 1)
+    assert m.io_uring_count == (2 if blk.dev.io_engine == "Async" else 0)
+    assert m.discarded_reqs_count == 0
+
+
+def test_async_drive_is_refused_where_io_uring_is_missing(disk, monkeypatch):
+    monkeypatch.setattr(block_device, "why_io_uring_unavailable",
+                        lambda: "io_uring_setup failed: Function not implemented (os error 38)")
+    with pytest.raises(UnsupportedEngineError, match="io_engine Async: it needs io_uring.*os error 38"):
+        Block("d", str(disk), read_only=False, io_engine="Async")
+    Block("d", str(disk), read_only=False, io_engine="Sync").close()       # Sync needs nothing
+
+
+def test_the_probe_names_what_the_host_refused():
+    """Under a seccomp filter failing io_uring_setup (as a kernel without io_uring does)."""
+    code = "from asyncvmm.devices.virtio.block.uring import why_io_uring_unavailable as w; print(w())"
+    out = subprocess.run([*no_io_uring.prefix(), sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "io_uring_setup failed: Function not implemented (os error 38)"
 
 
 async def test_host_io_error_is_ioerr_and_execute_fails(blk):
@@ -183,7 +235,8 @@ async def test_two_drives_side_by_side(tmp_path):
         p = tmp_path / f"d{i}.img"
         p.write_bytes(disk_bytes(seed=i * 50))
         paths.append(p)
-    a = await make_block_rig(paths[0], drive_id="a", io_engine="Async")     # io_uring if possible
+    require_io_uring()
+    a = await make_block_rig(paths[0], drive_id="a", io_engine="Async")
     b = await make_block_rig(paths[1], drive_id="b", io_engine="Sync")
     (sa, da), (sb, db) = await a.read(1, 512), await b.read(1, 512)
     assert da == disk_bytes(seed=0)[512:1024] and db == disk_bytes(seed=50)[512:1024]

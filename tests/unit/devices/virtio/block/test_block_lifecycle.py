@@ -1,8 +1,9 @@
-"""virtio-block under pressure: resets with I/O in flight, throttling, full engines, hostile rings."""
+"""virtio-block under pressure: resets with io_uring I/O in flight, throttling, full engines, hostile rings."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 import threading
 
@@ -11,94 +12,146 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncvmm.devices.rate_limiter import RateLimiter, TokenBucket
-from asyncvmm.devices.virtio import mmio as r
 from asyncvmm.devices.virtio.block import request as rq
 from asyncvmm.devices.virtio.spec import DEVICE_NEEDS_RESET
 from tests.fakes.virtio_driver import settle
-from tests.unit.devices.virtio.block.conftest import disk_bytes, make_block_rig
+from tests.unit.devices.virtio.block.conftest import make_block_rig, require_io_uring
 from tests.unit.devices.virtio.block.helpers import header
 
 
-class BlockingSync:
-    """An fdatasync that waits until the test lets it go: an op held in flight."""
+class PipeFile:
+    """A backing "file" whose reads stay in the kernel until the test writes into it.
+
+    Stands in for the device's :class:`BackingFile` (the capacity still comes
+    from the real disk): an io_uring read of a pipe completes only when the
+    pipe has data, so the test decides how long a request stays in flight.
+    """
+
+    path = "<pipe>"
 
     def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self.calls = 0
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.users = 0
 
-    def __call__(self, fd: int) -> None:
-        self.calls += 1
-        self.entered.set()
-        if not self.release.wait(10):
-            raise TimeoutError("test never released the flush")
+    def acquire(self) -> int:
+        self.users += 1
+        return self.r
+
+    def release(self) -> None:
+        self.users -= 1
+
+    def retire(self) -> None:
+        pass
+
+    def feed(self, data: bytes) -> None:
+        os.write(self.w, data)
+
+    def left(self) -> bytes:
+        """What no read took."""
+        try:
+            return os.read(self.r, 1 << 16)
+        except BlockingIOError:
+            return b""
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
 
 
-def flush_request(b):
-    bufs, answer = b.lay_out(header(rq.VIRTIO_BLK_T_FLUSH), 1)
+async def pipe_rig(disk, **kw):
+    require_io_uring()
+    b = await make_block_rig(disk, io_engine="Async", **kw)
+    pipe = PipeFile()
+    old, b.dev.file = b.dev.file, pipe
+    old.retire()
+    return b, pipe
+
+
+def read_request(b, sector=0):
+    bufs, answer = b.lay_out(header(rq.VIRTIO_BLK_T_IN, sector), 513)
     return b.offer(bufs), answer
 
 
-async def test_reset_waits_for_in_flight_io_and_drops_its_completion(disk):
-    sync = BlockingSync()
-    b = await make_block_rig(disk, cache_type="Writeback", io_engine="Async", async_backend="threads", fdatasync=sync)
-    _, answer = flush_request(b)
+async def until(condition, what: str, timeout: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
-    assert await loop.run_in_executor(None, sync.entered.wait, 10)
-    # The guest resets from a vCPU thread; the status write must not return while the op runs.
-    reset = loop.run_in_executor(None, b.driver.write32, r.VIRTIO_MMIO_STATUS, 0)
-    await asyncio.sleep(0.05)
-    assert not reset.done()
-    sync.release.set()
-    await asyncio.wait_for(reset, 10)
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
+def in_flight(b) -> int:
+    return b.dev.handler.engine.in_flight if b.dev.handler else 0
+
+
+async def test_reset_waits_for_in_flight_io_and_drops_its_completion(disk):
+    b, pipe = await pipe_rig(disk)
+    _, answer = read_request(b)
+    await until(lambda: in_flight(b) == 1, "the read to reach the kernel")
+    gate = b.dev.handler.act.gate
+    # The kernel finishes the read 50 ms from now, on another thread.
+    feeder = threading.Timer(0.05, pipe.feed, (b"\x5a" * 512,))
+    feeder.start()
+    await b.driver.reset()          # the status write (on the loop) returns once the kernel is done
+    assert answer.read(b.mem)[:512] == b"\x5a" * 512   # so the data is there already...
+    assert gate._inside == 0
+    feeder.join()
+    await asyncio.sleep(0.02)
     await settle(20)
-    assert b.vq.used_idx == 0                    # the completion of the old activation was dropped
-    assert answer.read(b.mem) == b"\xEE"
-    assert b.dev.handler is None
+    assert b.vq.used_idx == 0                    # ...but the old activation's answer was dropped
+    assert answer.read(b.mem)[512:] == b"\xEE"
+    assert b.dev.handler is None and pipe.users == 0
+    m = b.dev.metrics
+    assert (m.discarded_reqs_count, m.io_uring_count, m.read_count) == (1, 0, 0)
     # A fresh initialisation works, on a fresh engine.
     b.rig.alloc.next = 0x1000
     [b.vq] = await b.driver.init()
+    pipe.feed(b"\x33" * 512)
     status, data = await b.read(0, 512)
-    assert status == rq.VIRTIO_BLK_S_OK and data == disk_bytes()[:512]
+    assert status == rq.VIRTIO_BLK_S_OK and data == b"\x33" * 512
+    assert (m.io_uring_count, m.read_count) == (1, 1)
     b.dev.close()
     b.rig.close()
+    pipe.close()
 
 
-async def test_ops_queued_behind_a_reset_never_start(disk):
-    sync = BlockingSync()
-    b = await make_block_rig(disk, cache_type="Writeback", io_engine="Async", async_backend="threads", fdatasync=sync,
-                             async_workers=1)
-    for _ in range(3):
-        flush_request(b)
-    loop = asyncio.get_running_loop()
-    assert await loop.run_in_executor(None, sync.entered.wait, 10)
-    reset = loop.run_in_executor(None, b.driver.write32, r.VIRTIO_MMIO_STATUS, 0)
+async def test_requests_behind_a_reset_never_start(disk):
+    b, pipe = await pipe_rig(disk, async_depth=1)
+    for i in range(3):
+        read_request(b, i)
+    await until(lambda: b.dev.metrics.io_engine_throttled_events >= 1, "the full engine to stall the queue")
+    assert in_flight(b) == 1
+    feeder = threading.Timer(0.02, pipe.feed, (bytes(512),))
+    feeder.start()
+    await b.driver.reset()
+    feeder.join()
+    pipe.feed(b"late" * 256)
     await asyncio.sleep(0.02)
-    sync.release.set()
-    await asyncio.wait_for(reset, 10)
-    await asyncio.sleep(0.05)
-    assert sync.calls == 1
+    await settle(20)
+    assert pipe.left() == b"late" * 256          # the two stalled reads never started
     assert b.vq.used_idx == 0
+    assert b.dev.metrics.discarded_reqs_count == 1
     b.dev.close()
     b.rig.close()
+    pipe.close()
 
 
 async def test_full_engine_stalls_the_queue_then_resumes(disk):
-    sync = BlockingSync()
-    b = await make_block_rig(disk, cache_type="Writeback", io_engine="Async", async_backend="threads", fdatasync=sync,
-                             async_workers=2, async_depth=2)
-    for _ in range(5):
-        flush_request(b)
-    await asyncio.get_running_loop().run_in_executor(None, sync.entered.wait, 10)
-    await settle()
-    assert b.dev.metrics.io_engine_throttled_events >= 1
+    b, pipe = await pipe_rig(disk, async_depth=2)
+    for i in range(5):
+        read_request(b, i)
+    await until(lambda: b.dev.metrics.io_engine_throttled_events >= 1, "the full engine to stall the queue")
+    assert in_flight(b) == 2
     assert b.dev.metrics.remaining_reqs_count >= 3
-    sync.release.set()
+    pipe.feed(bytes(5 * 512))
     used = await b.driver.wait_used(b.vq, 5)
     assert len(used) == 5
-    assert b.dev.metrics.flush_count == 5
+    m = b.dev.metrics
+    assert (m.read_count, m.io_uring_count, m.discarded_reqs_count) == (5, 5, 0)
     b.dev.close()
     b.rig.close()
+    pipe.close()
 
 
 class FakeClock:
@@ -111,6 +164,8 @@ class FakeClock:
 
 @pytest.mark.parametrize("engine", ["Sync", "Async"])
 async def test_ops_rate_limiter_throttles_then_the_timer_resumes(disk, engine):
+    if engine == "Async":
+        require_io_uring()
     clock = FakeClock()
     limiter = RateLimiter(ops=TokenBucket(2, 10, clock=clock), clock=clock)
     b = await make_block_rig(disk, io_engine=engine, rate_limiter=limiter)

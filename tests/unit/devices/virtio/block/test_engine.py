@@ -5,22 +5,24 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 
 import pytest
 
 from asyncvmm.devices.virtio.block.disk import BackingFile
 from asyncvmm.devices.virtio.block.engine import (
     CANCELLED,
-    AsyncEngine,
     IoKind,
     IoOp,
     SyncEngine,
     _advance,
     perform,
 )
-from asyncvmm.devices.virtio.block.uring import UringEngine, uring_available
+from asyncvmm.devices.virtio.block.uring import UringEngine
 from asyncvmm.devices.virtio.gate import DmaGate
-from tests.conftest import require
+from tests.unit.devices.virtio.block.conftest import require_io_uring
+
+DEADLINE_S = 10.0          # a completion that has not come by then never will
 
 
 @pytest.fixture
@@ -62,37 +64,19 @@ def test_flush_calls_fdatasync_with_the_fd(fd):
     assert seen == [fd]
 
 
-def test_sync_engine_completes_inline_and_reports_errors(fd):
-    done = []
-    eng = SyncEngine(DmaGate(), done.extend)
-    eng.submit(IoOp(IoKind.READ, fd, 0, [memoryview(bytearray(4))], 4))
-    eng.submit(IoOp(IoKind.READ, -1, 0, [memoryview(bytearray(4))], 4))
+def test_sync_engine_returns_every_result_and_reports_errors(fd):
+    eng = SyncEngine(DmaGate())
+    done = eng.submit([IoOp(IoKind.READ, fd, 0, [memoryview(bytearray(4))], 4),
+                       IoOp(IoKind.READ, -1, 0, [memoryview(bytearray(4))], 4)])
     assert done[0][1] == 4 and isinstance(done[1][1], OSError)
+    assert eng.in_flight == 0 and eng.room > 0
 
 
 def test_closed_gate_cancels(fd):
     gate = DmaGate()
     gate.close()
-    done = []
-    SyncEngine(gate, done.extend).submit(IoOp(IoKind.READ, fd, 0, [memoryview(bytearray(4))], 4))
-    assert done[0][1] is CANCELLED
-
-
-async def test_async_engine_runs_ops_in_parallel_and_delivers_on_the_loop(fd):
-    loop = asyncio.get_running_loop()
-    batches = []
-    eng = AsyncEngine(loop, DmaGate(), batches.append, workers=4, depth=8)
-    bufs = [bytearray(256) for _ in range(8)]
-    for i, buf in enumerate(bufs):
-        eng.submit(IoOp(IoKind.READ, fd, i * 256, [memoryview(buf)], 256, token=i))
-    assert eng.full
-    while sum(len(b) for b in batches) < 8:
-        await asyncio.sleep(0.001)
-    assert eng.in_flight == 0 and not eng.full
-    assert all(bytes(b) == bytes(range(256)) for b in bufs)
-    assert sorted(op.token for batch in batches for op, _ in batch) == list(range(8))
-    assert len(batches) <= 8
-    eng.close()
+    [(_, result)] = SyncEngine(gate).submit([IoOp(IoKind.READ, fd, 0, [memoryview(bytearray(4))], 4)])
+    assert result is CANCELLED
 
 
 def test_backing_file_closes_after_its_last_user(tmp_path):
@@ -112,26 +96,37 @@ def test_backing_file_closes_after_its_last_user(tmp_path):
 # -- io_uring -------------------------------------------------------------------
 
 async def _uring(on_complete, gate=None, depth=8):
-    require(uring_available(), "io_uring is not available on this host")
+    require_io_uring()
     return UringEngine(asyncio.get_running_loop(), gate or DmaGate(), on_complete, depth=depth)
 
 
-async def _wait(batches, n):
-    while sum(len(b) for b in batches) < n:
+async def _wait(done, batches, n):
+    """``done`` (what submit returned) plus later batches, once there are ``n`` results."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_S
+    while len(done) + sum(len(b) for b in batches) < n:
+        assert loop.time() < deadline, f"only {len(done) + sum(map(len, batches))} of {n} results"
         await asyncio.sleep(0.001)
-    return [x for b in batches for x in b]
+    return done + [x for b in batches for x in b]
+
+
+@pytest.fixture
+def pipe():
+    """A pipe: a read from it stays in the kernel until the test writes."""
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
 
 
 async def test_uring_reads_writes_and_flushes(fd):
     batches = []
     eng = await _uring(batches.append)
     a, b = bytearray(100), bytearray(28)
-    eng.submit(IoOp(IoKind.READ, fd, 1000, [memoryview(a), memoryview(b)], 128, token="r"))
-    eng.submit(IoOp(IoKind.WRITE, fd, 0, [memoryview(bytearray(b"xyz"))], 3, token="w"))
-    eng.submit(IoOp(IoKind.FLUSH, fd, 0, [], 0, token="f"))
-    assert eng.in_flight == 3
-    eng.flush()
-    results = {op.token: res for op, res in await _wait(batches, 3)}
+    done = eng.submit([IoOp(IoKind.READ, fd, 1000, [memoryview(a), memoryview(b)], 128, token="r"),
+                       IoOp(IoKind.WRITE, fd, 0, [memoryview(bytearray(b"xyz"))], 3, token="w"),
+                       IoOp(IoKind.FLUSH, fd, 0, [], 0, token="f")])
+    results = {op.token: res for op, res in await _wait(done, batches, 3)}
     assert results == {"r": 128, "w": 3, "f": 0}
     assert bytes(a + b) == bytes((1000 + i) & 0xFF for i in range(128))
     assert os.pread(fd, 3, 0) == b"xyz"
@@ -139,51 +134,96 @@ async def test_uring_reads_writes_and_flushes(fd):
     eng.close()
 
 
+async def test_uring_never_calls_back_from_submit(pipe):
+    """Results known at once are returned; later ones come from the engine's own callback."""
+    r, w = pipe
+    batches = []
+    eng = await _uring(batches.append)
+    buf = bytearray(4)
+    assert eng.submit([IoOp(IoKind.READ, r, 0, [memoryview(buf)], 4, token="p")]) == []
+    assert eng.in_flight == 1 and batches == []
+    os.write(w, b"abcd")
+    [(op, res)] = await _wait([], batches, 1)
+    assert (op.token, res, bytes(buf)) == ("p", 4, b"abcd")
+    eng.close()
+
+
 async def test_uring_short_read_continues_then_hits_eof(fd):
     batches = []
     eng = await _uring(batches.append)
     buf = bytearray(8192)
-    eng.submit(IoOp(IoKind.READ, fd, 0, [memoryview(buf)], 8192))   # the file has 4096 bytes
-    eng.flush()
-    [(op, res)] = await _wait(batches, 1)
+    done = eng.submit([IoOp(IoKind.READ, fd, 0, [memoryview(buf)], 8192)])   # the file has 4096 bytes
+    [(op, res)] = await _wait(done, batches, 1)
     assert isinstance(res, OSError) and res.errno == errno.EIO
     assert bytes(buf[:4096]) == bytes(range(256)) * 16             # the first part did arrive
+    eng.close()
+
+
+async def test_uring_short_pipe_reads_are_continued(pipe):
+    r, w = pipe
+    batches = []
+    eng = await _uring(batches.append)
+    buf = bytearray(6)
+    eng.submit([IoOp(IoKind.READ, r, 0, [memoryview(buf[:2]), memoryview(buf)[2:]], 6)])
+    os.write(w, b"abc")
+    await asyncio.sleep(0.01)
+    assert batches == [] and eng.in_flight == 1                    # 3 of 6 bytes: still going
+    os.write(w, b"def")
+    [(op, res)] = await _wait([], batches, 1)
+    assert res == 6
     eng.close()
 
 
 async def test_uring_reports_kernel_errors(fd):
     batches = []
     eng = await _uring(batches.append)
-    eng.submit(IoOp(IoKind.READ, 987654, 0, [memoryview(bytearray(8))], 8))   # not an fd
-    eng.flush()
-    [(op, res)] = await _wait(batches, 1)
+    done = eng.submit([IoOp(IoKind.READ, 987654, 0, [memoryview(bytearray(8))], 8)])   # not an fd
+    [(op, res)] = await _wait(done, batches, 1)
     assert isinstance(res, OSError) and res.errno == errno.EBADF
     eng.close()
 
 
-async def test_uring_depth_and_closed_gate(fd):
+async def test_uring_room_and_closed_gate(pipe):
+    r, w = pipe
     batches = []
     gate = DmaGate()
     eng = await _uring(batches.append, gate, depth=2)
-    for i in range(2):
-        eng.submit(IoOp(IoKind.READ, fd, 0, [memoryview(bytearray(16))], 16))
-    assert eng.full
+    assert eng.room == 2
+    eng.submit([IoOp(IoKind.READ, r, 0, [memoryview(bytearray(16))], 16) for _ in range(2)])
+    assert eng.room == 0
+    os.write(w, bytes(32))
     eng.close()                                    # waits for both: they write our buffers
     assert eng.in_flight == 0 and batches == []    # closed: results are not delivered
     gate.close()
     eng2 = await _uring(batches.append, gate)
-    eng2.submit(IoOp(IoKind.READ, fd, 0, [memoryview(bytearray(16))], 16))
-    assert batches == [[(batches[0][0][0], CANCELLED)]]
+    [(_, result)] = eng2.submit([IoOp(IoKind.READ, r, 0, [memoryview(bytearray(16))], 16)])
+    assert result is CANCELLED and eng2.in_flight == 0
     eng2.close()
 
 
-async def test_uring_holds_the_gate_while_the_kernel_has_the_op(fd):
+async def test_uring_holds_the_gate_while_the_kernel_has_the_op(pipe):
+    r, w = pipe
     batches = []
     gate = DmaGate()
     eng = await _uring(batches.append, gate)
-    eng.submit(IoOp(IoKind.READ, fd, 0, [memoryview(bytearray(16))], 16))
+    eng.submit([IoOp(IoKind.READ, r, 0, [memoryview(bytearray(16))], 16)])
     assert gate._inside == 1
-    eng.flush()
-    await _wait(batches, 1)
+    os.write(w, bytes(16))
+    await _wait([], batches, 1)
     assert gate._inside == 0
     eng.close()
+
+
+async def test_uring_close_waits_for_the_kernel(pipe):
+    """close() returns only once the kernel is done with every op, whatever thread finishes it."""
+    r, w = pipe
+    batches = []
+    gate = DmaGate()
+    eng = await _uring(batches.append, gate)
+    buf = bytearray(8)
+    eng.submit([IoOp(IoKind.READ, r, 0, [memoryview(buf)], 8)])
+    timer = threading.Timer(0.05, os.write, (w, b"12345678"))
+    timer.start()
+    eng.close()
+    timer.join()
+    assert bytes(buf) == b"12345678" and gate._inside == 0 and batches == []
