@@ -30,7 +30,7 @@ from typing import Any
 
 from asyncvmm.client.api import DEFAULT_TIMEOUT_S, Client
 from asyncvmm.client.config import apply_config, check_config
-from asyncvmm.client.console import ConsoleBuffer, StreamEndedError
+from asyncvmm.client.console import DEFAULT_LIMIT_CHARS, ConsoleBuffer, StreamEndedError
 from asyncvmm.client.errors import ApiConnectionError, ConsoleTimeoutError, VmmExitedError
 
 StrPath = str | os.PathLike[str]
@@ -61,6 +61,25 @@ def parse_metrics_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
 
 
 class MicroVM:
+    """One microVM process.
+
+    What to boot: ``kernel``, ``boot_args``, ``initrd``, ``vcpus``/``mem_mib`` (machine-config;
+    an unset one takes Firecracker's default, 1 vCPU / 128 MiB), ``drives`` and
+    ``network_interfaces`` (dicts in the API's shape), ``config`` (a whole configuration in
+    the ``--config-file`` / ``GET /vm/config`` shape; a resource may not be given both ways),
+    ``mmds`` (the MMDS data store's contents).  ``start=False`` stops after spawning and
+    configuring, leaving ``InstanceStart`` to the caller.
+
+    How to run it: ``binary`` (a path, or an argv prefix; default :func:`default_binary`),
+    ``vm_id`` (``--id``), ``level`` (``--level``), ``boot_timer`` (``--boot-timer``),
+    ``extra_args`` (appended to the command line), ``env`` (added to the inherited
+    environment).  ``api_sock``, ``metrics_path`` and ``log_path`` default to files in
+    ``workdir``, itself a new temporary directory unless given; the SDK removes the socket,
+    and the work directory only when it made it.  ``api_timeout`` bounds each API request,
+    ``start_timeout`` the wait for the API to answer, ``console_limit`` the characters of
+    console (and of stderr) kept.
+    """
+
     def __init__(
         self,
         kernel: StrPath | None = None,
@@ -86,6 +105,7 @@ class MicroVM:
         env: Mapping[str, str] | None = None,
         api_timeout: float = DEFAULT_TIMEOUT_S,
         start_timeout: float = START_TIMEOUT_S,
+        console_limit: int = DEFAULT_LIMIT_CHARS,
     ) -> None:
         self.config = self._merge_config(config, kernel, boot_args, initrd, vcpus, mem_mib, drives,
                                          network_interfaces)
@@ -101,18 +121,18 @@ class MicroVM:
         # The work directory (a new temporary one unless given) holds whichever of the API
         # socket, metrics file and log file were not given; it is made by spawn().
         self._own_workdir = workdir is None
-        self.workdir = None if workdir is None else Path(workdir)
+        self.workdir: Path | None = None if workdir is None else Path(workdir)
         self._paths = {"api.sock": api_sock, "metrics.json": metrics_path, "vmm.log": log_path}
         self.api_sock = self.metrics_path = self.log_path = Path()
         self.level = level
         self.boot_timer = boot_timer
         self.extra_args = list(extra_args)
-        self.env = None if env is None else {**os.environ, **env}
+        self.env = None if env is None else dict(env)
         self.start_timeout = start_timeout
         self.api_timeout = api_timeout
         self._client: Client | None = None
-        self.console = ConsoleBuffer()
-        self.stderr = ConsoleBuffer()
+        self.console = ConsoleBuffer(console_limit)
+        self.stderr = ConsoleBuffer(console_limit)
         self.process: asyncio.subprocess.Process | None = None
         self._pumps: list[asyncio.Task[None]] = []
         self._metrics_offset = 0
@@ -189,7 +209,7 @@ class MicroVM:
             path.touch()      # Firecracker opens these without creating them
         self.process = await asyncio.create_subprocess_exec(
             *self.argv(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=self.env)
+            stderr=asyncio.subprocess.PIPE, env=None if self.env is None else {**os.environ, **self.env})
         assert self.process.stdout is not None and self.process.stderr is not None
         self._pumps = [asyncio.create_task(self._pump(self.process.stdout, self.console)),
                        asyncio.create_task(self._pump(self.process.stderr, self.stderr))]
@@ -333,6 +353,9 @@ class MicroVM:
         await stdin.drain()
 
     def log_text(self) -> str:
+        """The VMM's log (``--log-path``) so far; empty before :meth:`spawn`."""
+        if self._client is None:
+            return ""
         try:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
