@@ -331,3 +331,84 @@ async def test_random_register_traffic_never_raises(ops):
     finally:
         await rig.driver.reset()
         rig.close()
+
+
+# -- one owner: the loop (activation and reset happen inside the register write) ----------
+
+def test_driver_ok_activates_and_reset_deactivates_within_the_register_write(rig):
+    d = rig.driver
+    assert d.negotiate()
+    d.setup_queue(0)
+    d.add_status(DRIVER_OK)                                   # no loop turn in between
+    t = rig.transport
+    assert t.device.activations == 1
+    act = t.activation
+    d.write32(r.VIRTIO_MMIO_STATUS, 0)
+    assert t.device.deactivations == 1 and t.activation is None
+    assert not act.gate.is_open                               # nothing of it touches memory again
+    act.interrupts.signal_used()                              # a late interrupt of the old activation
+    assert rig.irq.count == 0 and d.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS) == 0
+
+
+def test_reset_completes_only_after_an_access_outside_the_loop_left_the_gate(rig):
+    """An access the kernel or a worker thread is still making holds the reset write."""
+    import threading
+    import time
+    d = rig.driver
+    assert d.negotiate()
+    d.setup_queue(0)
+    d.add_status(DRIVER_OK)
+    gate = rig.transport.activation.gate
+    inside, order = threading.Event(), []
+
+    def worker():
+        with gate.access():
+            inside.set()
+            time.sleep(0.2)
+            order.append("access done")
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    inside.wait(5)
+    d.write32(r.VIRTIO_MMIO_STATUS, 0)
+    order.append("reset done")
+    thread.join()
+    assert order == ["access done", "reset done"]
+
+
+# -- InterruptStatus / InterruptACK on the vCPU thread ------------------------------------
+
+async def test_interrupt_registers_are_answered_inline_and_nothing_else(rig):
+    t = rig.transport
+    t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING | r.VIRTIO_MMIO_INT_CONFIG)
+    assert t.read_inline(r.VIRTIO_MMIO_INTERRUPT_STATUS, 4) == struct.pack("<I", 3)
+    assert t.write_inline(r.VIRTIO_MMIO_INTERRUPT_ACK, struct.pack("<I", r.VIRTIO_MMIO_INT_VRING))
+    assert t.read_inline(r.VIRTIO_MMIO_INTERRUPT_STATUS, 4) == struct.pack("<I", r.VIRTIO_MMIO_INT_CONFIG)
+    assert t.read_inline(r.VIRTIO_MMIO_INTERRUPT_STATUS, 2) is None      # odd size: the loop reports it
+    assert t.read_inline(r.VIRTIO_MMIO_STATUS, 4) is None
+    assert t.read_inline(r.VIRTIO_MMIO_CONFIG, 4) is None
+    assert not t.write_inline(r.VIRTIO_MMIO_STATUS, b"\0\0\0\0")
+    assert not t.write_inline(r.VIRTIO_MMIO_QUEUE_NOTIFY, b"\0\0\0\0")
+    assert rig.driver.status == 0
+
+
+# -- guest faults: counted, logged a few times -------------------------------------------
+
+async def test_a_flood_of_read_only_register_writes_is_counted_not_logged(caplog):
+    from asyncvmm.guestfault import GuestFaultMetrics, GuestFaults
+    device = EchoDevice()
+    faults = GuestFaults(GuestFaultMetrics(), burst=10)
+    rig = make_rig(device)
+    rig.transport.faults = faults
+    try:
+        with caplog.at_level("DEBUG"):
+            for _ in range(50_000):
+                rig.driver.write32(r.VIRTIO_MMIO_MAGIC_VALUE, 0x1234)
+            rig.transport.read(r.VIRTIO_MMIO_STATUS, 2)                   # bad size
+            rig.driver.write32(r.VIRTIO_MMIO_STATUS, DRIVER)              # skips ACKNOWLEDGE
+        assert faults.metrics.virtio_mmio_access == 50_001
+        assert faults.metrics.virtio_mmio_protocol == 1
+        assert len(caplog.records) <= 10 + 1 + 2
+        assert "write of 0x1234 to read-only or unknown register 0x0 ignored" in caplog.records[0].getMessage()
+    finally:
+        rig.close()
