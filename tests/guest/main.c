@@ -7,7 +7,8 @@
  *   virtio_base=0x..  virtio_stride=0x..  virtio_count=N   where to probe
  *   pmport=0x..  pmmmio=0x..  slptyp=N                     ACPI sleep control
  * Actions (run in command-line order):
- *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  rng=N  net=...
+ *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  blkreset=...  rng=N  net=...
+ *   mmioflood=<addr>:<count>
  * Exit (runs last; default halt):
  *   exit=halt|reset|triplefault|triplefault0|poweroff
  */
@@ -122,6 +123,27 @@ static void apply_setting(const char *k, size_t kn, const char *v, size_t vn)
                         bad_value(k, kn, v, vn);
 }
 
+/* mmioflood=<addr>:<count>: write 0 to the 32-bit register at guest-physical addr,
+ * count times (a guest hammering a read-only register: the VMM must not log each). */
+static void mmio_flood(const char *v, size_t vn)
+{
+        const char *f[2];
+        size_t fl[2];
+        uint64_t addr, count;
+
+        if (split_fields(v, vn, f, fl, 2) != 2 || parse_u64(f[0], fl[0], &addr) < 0 ||
+            parse_u64(f[1], fl[1], &count) < 0 || addr % 4) {
+                bad_value("mmioflood", 9, v, vn);
+                return;
+        }
+        for (uint64_t i = 0; i < count; i++)
+                mmio_write32(addr, 0);
+        con_begin("mmioflood");
+        con_kvx("addr", addr);
+        con_kv("count", count);
+        con_end();
+}
+
 static const char *exit_how = "halt";
 static size_t exit_how_len = 4;
 
@@ -143,10 +165,14 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 blk_action(v, vn);
         } else if (key_is(k, kn, "blkbench")) {
                 blkbench_action(v, vn);
+        } else if (key_is(k, kn, "blkreset")) {
+                blkreset_action(v, vn);
         } else if (key_is(k, kn, "rng")) {
                 rng_action(v, vn);
         } else if (key_is(k, kn, "net")) {
                 net_action(v, vn);
+        } else if (key_is(k, kn, "mmioflood")) {
+                mmio_flood(v, vn);
         } else if (key_is(k, kn, "exit")) {
                 exit_how = v;
                 exit_how_len = vn;
