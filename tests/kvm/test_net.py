@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import require_netns_and_taps
 from tests.guest.output import find, parse_lines
-from tests.kvm.conftest import VMM_TIMEOUT_S, asyncvmm_argv, guest_config
+from tests.kvm.conftest import VMM_TIMEOUT_S, ApiProcess, asyncvmm_argv, guest_config
 
 pytestmark = pytest.mark.kvm
 
@@ -192,29 +192,11 @@ def test_a_tap_that_cannot_be_opened_is_a_clear_start_error(test_guest, tmp_path
 
 
 def test_patch_rate_limiters_after_boot_and_net_metrics(test_guest, tmp_path, netns_tap):
-    from tests.integration.apiclient import UnixHTTPConnection
-
     ns, tap = netns_tap
-    sock_path = str(tmp_path / "api.sock")
     metrics = tmp_path / "metrics.json"
-
-    def call(method, path, body=None):
-        conn = UnixHTTPConnection(sock_path)
-        conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        status, data = resp.status, resp.read()
-        conn.close()
-        return status, json.loads(data) if data else None
-
     request = arp_request(GUEST_MAC, bytes([10, 200, 0, 2]), bytes([169, 254, 169, 254]))
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, *asyncvmm_argv(), "--api-sock", sock_path],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    vmm = ApiProcess(tmp_path, "ip", "netns", "exec", ns)
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock_path):
-            assert proc.poll() is None and time.monotonic() < deadline, "API socket never appeared"
-            time.sleep(0.01)
         steps = [
             ("PUT", "/metrics", {"metrics_path": str(metrics)}),
             ("PUT", "/boot-source", {"kernel_image_path": str(test_guest.elf_pvh),
@@ -226,29 +208,76 @@ def test_patch_rate_limiters_after_boot_and_net_metrics(test_guest, tmp_path, ne
             ("PUT", "/actions", {"action_type": "InstanceStart"}),
         ]
         for method, path, body in steps:
-            status, answer = call(method, path, body)
+            status, answer = vmm(method, path, body)
             assert status == 204, (path, answer)
         limited = {"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 100000, "refill_time": 100}},
                    "tx_rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}}
-        assert call("PATCH", "/network-interfaces/eth0", limited)[0] == 204
-        status, answer = call("PATCH", "/network-interfaces/eth9", {"iface_id": "eth9", "rx_rate_limiter": {}})
+        assert vmm("PATCH", "/network-interfaces/eth0", limited)[0] == 204
+        status, answer = vmm("PATCH", "/network-interfaces/eth9", {"iface_id": "eth9", "rx_rate_limiter": {}})
         assert status == 400 and "Network config error" in answer["fault_message"]
-        iface = call("GET", "/vm/config")[1]["network-interfaces"][0]
+        iface = vmm("GET", "/vm/config")[1]["network-interfaces"][0]
         assert iface["rx_rate_limiter"]["bandwidth"]["size"] == 100000
         assert iface["tx_rate_limiter"]["ops"]["size"] == 10
-        # The guest's ARP to the MMDS was sent and answered before we flush.
-        deadline = time.monotonic() + 30
-        while True:
-            assert call("PUT", "/actions", {"action_type": "FlushMetrics"})[0] == 204
-            reports = [json.loads(line) for line in metrics.read_text().splitlines()]
-            sent = sum(r["net_eth0"]["tx_packets_count"] for r in reports)
-            if sent or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert sent == 1
-        assert sum(r["net"]["rx_packets_count"] for r in reports) == 1
-        assert sum(r["mmds"]["rx_accepted"] for r in reports) == 1
-        assert sum(r["net_eth0"]["tx_count"] for r in reports) == 0        # nothing reached the tap
+        # The guest's ARP to the MMDS is sent and answered; wait for the counters to say so.
+        vmm.wait_output("testguest: net recv")
+        reports = vmm.flush_metrics(metrics)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        vmm.close()
+    assert sum(r["net_eth0"]["tx_packets_count"] for r in reports) == 1
+    assert sum(r["net"]["rx_packets_count"] for r in reports) == 1
+    assert sum(r["mmds"]["rx_accepted"] for r in reports) == 1
+    assert sum(r["net_eth0"]["tx_count"] for r in reports) == 0        # nothing reached the tap
+
+
+def test_tx_ops_limit_throttles_by_its_counters_and_patch_lifts_it(test_guest, tmp_path, netns_tap):
+    """One op per second on TX: of two back-to-back frames the second waits for the throttle
+    timer (counted once each); after PATCH disables the bucket, three more go unthrottled.
+    Proven by the device's counters and the frames on the tap, not by a time window."""
+    ns, tap = netns_tap
+    sock = packet_socket(ns, tap)
+    metrics = tmp_path / "metrics.json"
+
+    def test_frame(tag: bytes) -> bytes:
+        return b"\xff" * 6 + GUEST_MAC + ETHERTYPE_TEST.to_bytes(2, "big") + tag + bytes(40)
+
+    first, second = [test_frame(b"A%d" % i) for i in range(2)]
+    after = [test_frame(b"B%d" % i) for i in range(3)]
+    wake = GUEST_MAC + HOST_MAC + ETHERTYPE_TEST.to_bytes(2, "big") + b"go on" + bytes(50)
+    cmdline = " ".join([f"net=send:{f.hex()}" for f in (first, second)] + ["net=recv"]
+                       + [f"net=send:{f.hex()}" for f in after] + ["exit=halt"])
+    vmm = ApiProcess(tmp_path, "ip", "netns", "exec", ns)
+    try:
+        steps = [
+            ("PUT", "/metrics", {"metrics_path": str(metrics)}),
+            ("PUT", "/boot-source", {"kernel_image_path": str(test_guest.elf_pvh), "boot_args": cmdline}),
+            ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64}),
+            ("PUT", "/network-interfaces/eth0", {
+                "iface_id": "eth0", "host_dev_name": tap, "guest_mac": GUEST_MAC.hex(":"),
+                "tx_rate_limiter": {"ops": {"size": 1, "refill_time": 1000}}}),
+            ("PUT", "/actions", {"action_type": "InstanceStart"}),
+        ]
+        for method, path, body in steps:
+            status, answer = vmm(method, path, body)
+            assert status == 204, (path, answer)
+        is_test = lambda f: f[12:14] == ETHERTYPE_TEST.to_bytes(2, "big")     # noqa: E731
+        assert recv_frame(sock, is_test, VMM_TIMEOUT_S) == first
+        assert recv_frame(sock, is_test, VMM_TIMEOUT_S) == second
+        limited = vmm.flush_metrics(metrics)
+        assert sum(r["net_eth0"]["tx_rate_limiter_throttled"] for r in limited) == 1, limited
+        assert sum(r["net_eth0"]["tx_rate_limiter_event_count"] for r in limited) == 1, limited
+        assert sum(r["net_eth0"]["tx_count"] for r in limited) == 2
+        patch = {"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}
+        assert vmm("PATCH", "/network-interfaces/eth0", patch)[0] == 204
+        iface = vmm("GET", "/vm/config")[1]["network-interfaces"][0]
+        assert iface["tx_rate_limiter"]["ops"]["size"] == 0, iface        # zero size: disabled
+        sock.send(wake)                                   # the guest waits in net=recv for this
+        for frame in after:
+            assert recv_frame(sock, is_test, VMM_TIMEOUT_S) == frame
+        vmm.wait_output("testguest: exit halt")
+        reports = vmm.flush_metrics(metrics)
+    finally:
+        vmm.close()
+        sock.close()
+    assert sum(r["net_eth0"]["tx_rate_limiter_throttled"] for r in reports) == 1     # none after PATCH
+    assert sum(r["net_eth0"]["tx_rate_limiter_event_count"] for r in reports) == 1
+    assert sum(r["net_eth0"]["tx_count"] for r in reports) == 5

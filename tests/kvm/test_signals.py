@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 
 import pytest
 
-from tests.kvm.conftest import asyncvmm_argv, guest_config
+from tests.kvm.conftest import asyncvmm_argv, guest_config, wait_until
 
 pytestmark = pytest.mark.kvm
 
@@ -24,10 +23,10 @@ def test_signal_stops_a_running_guest(test_guest, tmp_path, sig):
                              "--level", "Info"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while "Successfully started microvm" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, log.read_text()
+        def started() -> bool:
+            assert proc.poll() is None, log.read_text()
+            return "Successfully started microvm" in log.read_text()
+        wait_until(started, 30, "the microVM to start")
         proc.send_signal(sig)
         code = proc.wait(timeout=10)
     finally:
