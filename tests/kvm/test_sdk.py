@@ -5,6 +5,9 @@ exit code of a guest reset; a second VM configured from the first one's GET /vm/
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +60,36 @@ async def test_a_second_vm_boots_from_the_first_ones_exported_config(test_guest)
         assert await second.wait(timeout=TIMEOUT_S) == 0
         assert "testguest: cmdline exit=reset" in second.console.text
         assert "Started microVM with 1 vCPU(s), 64 MiB" in second.log_text()   # the exported machine-config
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "sdk.md"
+# What each runnable example of docs/sdk.md must print.
+EXAMPLE_OUTPUT = {
+    "boot": ["exit code 0"],
+    "interact": ["state: Paused", "a paused guest does not answer", "uart bytes since start:",
+                 "guest said: ping", "exit code: 0", "Guest-boot-time ="],
+    "api": ["'firecracker_version': '1.16.1'", "'vcpu_count': 2", "'mem_size_mib': 256",
+            "400 PATCH /vm -> The requested operation is not supported before starting the microVM.",
+            "400 -> Invalid request method and/or path: PATCH"],
+    "many": ["exit codes: [0, 0, 0]"],
+}
+
+
+def doc_examples() -> dict[str, str]:
+    blocks = re.findall(r"```python\n(# example: (\w+)\n.*?)```", DOCS.read_text(), re.S)
+    return {name: code for code, name in blocks}
+
+
+def test_every_docs_example_is_checked():
+    assert sorted(doc_examples()) == sorted(EXAMPLE_OUTPUT)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_OUTPUT))
+def test_docs_examples_run(name, test_guest, tmp_path):
+    script = tmp_path / f"{name}.py"
+    script.write_text(doc_examples()[name])
+    proc = subprocess.run([sys.executable, str(script), str(test_guest.elf_pvh)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for expected in EXAMPLE_OUTPUT[name]:
+        assert expected in proc.stdout, proc.stdout + proc.stderr
