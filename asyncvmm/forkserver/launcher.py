@@ -13,7 +13,10 @@ it; from then on it stands in for that VMM as a client sees it:
   same status as for a directly started VMM;
 * the launcher's death (even SIGKILL) closes the connection, and the child
   treats that as its own end (``child.py``), as killing ``firecracker``
-  kills its microVM.
+  kills its microVM;
+* once the pid is known it re-execs itself as ``waiter.py`` in a bare
+  interpreter (same pid), which does the waiting and forwarding in about
+  half the memory.
 
 Imports: stdlib only, nothing that the interpreter does not load anyway
 beyond ``socket``, ``signal``, ``resource`` and ``json``; the whole launcher
@@ -94,14 +97,53 @@ class _Forwarder:
         self.pending.clear()
 
 
+def _stdio_fds() -> list[int]:
+    """Descriptors 0, 1 and 2, with /dev/null standing in for any that is closed."""
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            fd = os.open(os.devnull, os.O_RDWR)
+        fds.append(fd)
+    return fds
+
+
 def _die_like(signum: int) -> int:
     """Leave with the child's fate: killed by the same signal (128 + n if it is not fatal here)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    try:                          # SIGKILL and SIGSTOP cannot (and need not) be reset
+        signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    except (OSError, ValueError):
+        pass
     os.kill(os.getpid(), signum)
     return 128 + signum
+
+
+def _become_waiter(sock: socket.socket, forwarder: _Forwarder) -> None:
+    """Re-exec as ``waiter.py`` in a bare interpreter (same pid) to hold less memory while waiting.
+
+    The forwarded signals stay blocked across the exec (the mask and pending signals survive
+    it), so none is lost or kills us with its default action meanwhile.  If the exec fails
+    this process just goes on waiting itself.
+    """
+    waiter = os.path.join(os.path.dirname(os.path.abspath(__file__)), "waiter.py")
+    pidfd = -1 if forwarder.pidfd is None else forwarder.pidfd
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        os.set_inheritable(sock.fileno(), True)
+        if pidfd >= 0:
+            os.set_inheritable(pidfd, True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-I", "-S", waiter, str(sock.fileno()), str(pidfd),
+                                  *(str(int(s)) for s in FORWARDED)])
+    except OSError:
+        pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
 
 
 def main(argv: list[str], path: str) -> int:
@@ -120,9 +162,17 @@ def main(argv: list[str], path: str) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.connect(path)
-        socket.send_fds(sock, [request], [0, 1, 2])
     except OSError as err:
         return fail(f"cannot reach it: {err}")
+    try:
+        socket.send_fds(sock, [request], _stdio_fds())
+    except OSError as err:
+        # A server that refuses us at once (wrong uid) has answered and hung up already.
+        try:
+            kind, value = protocol.parse_reply(sock.recv(protocol.MAX_MESSAGE, socket.MSG_DONTWAIT))
+        except (OSError, protocol.ProtocolError):
+            return fail(f"cannot send the request: {err}")
+        return fail(value if kind == "error" else f"cannot send the request: {err}")
     while True:
         try:
             data = sock.recv(protocol.MAX_MESSAGE)
@@ -137,6 +187,7 @@ def main(argv: list[str], path: str) -> int:
             return fail(f"bad reply: {err}")
         if kind == "pid":
             forwarder.attach(value)
+            _become_waiter(sock, forwarder)
         elif kind == "exit":
             return value
         elif kind == "signal":
