@@ -4,6 +4,10 @@
  *
  *   blkbench=randread:<block_bytes>:<count>:<depth>
  *   blkbench=seqread:<block_bytes>:<total_bytes>:<depth>
+ *   ...:ack   (a fifth field) after each batch of completions, read
+ *             InterruptStatus and write InterruptACK if a bit is set, as
+ *             Linux's virtio-mmio interrupt handler does: two VM exits per
+ *             interrupt, for measuring what they cost.
  *
  * randread issues <count> reads of <block_bytes> at block-aligned offsets
  * drawn from xorshift64 (13, 7, 17) seeded with BENCH_SEED, so every run,
@@ -46,7 +50,7 @@
 
 struct bench {
         const char *mode;
-        int random;
+        int random, ack;
         uint64_t block, ops, depth, blocks;
         uint64_t issued, completed, errors, check, glitches;
         uint64_t next_seq, rng;
@@ -153,6 +157,8 @@ static int reap(struct virtq *q, struct bench *b)
         }
         if (added)
                 vq_kick(q, vq_publish(q));
+        if (b->ack)
+                vq_ack_interrupt(q);
         return 1;
 }
 
@@ -196,7 +202,9 @@ static int parse(const char *arg, size_t n, struct bench *b)
         uint64_t v[3];
         int k = split_fields(arg, n, f, fl, 5);
 
-        if (k != 4)
+        if (k == 5 && word_is(f[4], fl[4], "ack"))
+                b->ack = 1;
+        else if (k != 4)
                 return -1;
         for (int i = 1; i < 4; i++)
                 if (parse_u64(f[i], fl[i], &v[i - 1]) < 0)
