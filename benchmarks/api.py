@@ -351,12 +351,12 @@ def _diagnosis(proc: Launched, log: Path | None = None) -> str:
     return text
 
 
-def _wait_guest(proc: Launched, opts: Options, log: Path | None = None) -> dict[str, float]:
+def _wait_guest(proc: Launched, opts: Options, log: Path | None = None) -> dict[str, int]:
     """Wait for the guest to halt, let the VMM settle; its memory then (``SmapsError`` if unreadable)."""
     if not proc.stdout.wait_for(DONE, opts.timeout_s):
         raise RunFailed(f"the guest did not print {DONE.decode()!r} {_diagnosis(proc, log)}")
     time.sleep(SETTLE_S)
-    return dict(read_process_memory(proc.pid, guest(opts).region_sizes_kib).metrics())
+    return read_process_memory(proc.pid, guest(opts).region_sizes_kib).metrics()
 
 
 # -- variants ---------------------------------------------------------------------------

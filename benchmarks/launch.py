@@ -8,11 +8,13 @@ Contract:
   VMM).  That instant is the "process start" every benchmark measures from.
 * One reader thread per output pipe records the arrival time of every chunk
   it reads (``os.read`` returning), so a marker's time is the time its last
-  byte reached us.  A *probe* (``launch(argv, probes={marker: fn})``) runs
-  ``fn(pid)`` on that thread right after the chunk completing ``marker``
-  arrived, e.g. to read the VMM's CPU time at the guest's boot-timer line.  Threads, not the asyncio loop, because the benchmark's
+  byte reached us.  Threads, not the asyncio loop, because the benchmark's
   own loop must not add latency to the VMM's output; each thread blocks in
   ``read`` and costs nothing while the VMM is quiet.
+* A *probe* (``launch(argv, probes={marker: fn})``) runs ``fn(pid)`` on the
+  stdout thread right after stamping the chunk that completes ``marker``,
+  e.g. to read the VMM's CPU time as the guest's boot-timer line arrives;
+  its result (or the exception it raised) is in ``stdout.probed``.
 * Every child started here is killed when the benchmark exits, however it
   exits (normal return, exception, SIGINT, SIGTERM, SIGHUP): ``atexit`` plus
   signal handlers that turn the signal into ``SystemExit``.  A SIGKILL of
