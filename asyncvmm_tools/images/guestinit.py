@@ -17,7 +17,7 @@ serial console:
   configures eth0; ``avm.boottimer`` writes 123 to the boot-timer MMIO
   address (0xc0000000) when ready.
 * The shell runs on the console with a controlling tty; when it exits the
-  guest reboots.  Ctrl-Alt-Del (SIGINT to init) prints
+  guest reboots.  ``poweroff``, ``reboot`` and ``halt`` work as usual.  Ctrl-Alt-Del (SIGINT to init) prints
   ``asyncvmm-guest: ctrl-alt-del`` and reboots.  Tests drive it with :mod:`tests.linux.harness`'s markers.
 """
 
@@ -74,6 +74,10 @@ fi
 # (SIGINT) instead of restarting at once, so we can say so and reboot cleanly.
 echo 0 > /proc/sys/kernel/ctrl-alt-del
 trap 'echo; say "ctrl-alt-del"; finish reboot' INT
+# busybox poweroff/reboot/halt (without -f) ask init by signal: USR2, TERM, USR1.
+trap 'finish poweroff' USR2
+trap 'finish reboot' TERM
+trap 'finish halt' USR1
 
 ip link set lo up 2>/dev/null
 if addr=$(param avm.ip); then
