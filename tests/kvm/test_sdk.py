@@ -25,7 +25,7 @@ async def test_sdk_boots_pauses_reads_metrics_and_returns_0_after_a_guest_reset(
         info = await vm.client.describe_instance()
         assert (info["id"], info["state"]) == ("sdk0", "Running")
         assert (await vm.client.get_machine_configuration())["mem_size_mib"] == 64
-        entry = await vm.wait_for_console(re.compile(r"boot entry=(\w+)"), timeout=TIMEOUT_S)
+        entry = await vm.wait_for_console(re.compile(r"boot entry=(\w+) "), timeout=TIMEOUT_S)
         assert entry.group(1) == "pvh"
 
         await vm.pause()

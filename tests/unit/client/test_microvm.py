@@ -23,7 +23,7 @@ def fake_vm(*args, **kwargs) -> MicroVM:
 async def test_boot_console_and_flags(tmp_path):
     async with fake_vm("/vmlinux", "console=ttyS0", vcpus=2, mem_mib=64, vm_id="vm7", level="Info",
                        boot_timer=True) as vm:
-        match = await vm.wait_for_console(re.compile(r"booted id=(\S+) args=(.*)"), timeout=10)
+        match = await vm.wait_for_console(re.compile(r"booted id=(\S+) args=(.*)\n"), timeout=10)
         assert match.groups() == ("vm7", "console=ttyS0")
         assert await vm.state() == "Running"
         log = vm.log_text()
