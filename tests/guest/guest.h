@@ -140,6 +140,7 @@ void blk_action(const char *arg, size_t n);
 void rng_action(const char *arg, size_t n);
 void net_action(const char *arg, size_t n);
 void blkbench_action(const char *arg, size_t n);        /* blkbench.c */
+void blkreset_action(const char *arg, size_t n);        /* blkreset.c */
 
 #endif /* __ASSEMBLER__ */
 #endif /* TESTGUEST_H */

@@ -7,7 +7,7 @@
  *   virtio_base=0x..  virtio_stride=0x..  virtio_count=N   where to probe
  *   pmport=0x..  pmmmio=0x..  slptyp=N                     ACPI sleep control
  * Actions (run in command-line order):
- *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  rng=N  net=...
+ *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  blkreset=...  rng=N  net=...
  *   mmioflood=<addr>:<count>
  * Exit (runs last; default halt):
  *   exit=halt|reset|triplefault|triplefault0|poweroff
@@ -165,6 +165,8 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 blk_action(v, vn);
         } else if (key_is(k, kn, "blkbench")) {
                 blkbench_action(v, vn);
+        } else if (key_is(k, kn, "blkreset")) {
+                blkreset_action(v, vn);
         } else if (key_is(k, kn, "rng")) {
                 rng_action(v, vn);
         } else if (key_is(k, kn, "net")) {
