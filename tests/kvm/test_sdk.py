@@ -1,9 +1,11 @@
 """The SDK (asyncvmm.client) driving a real asyncvmm process with the kvm-tier test guest:
 boot over the API, console text, stdin, pause/resume, metrics, the boot timer, and the
-exit code of a guest reset; a second VM configured from the first one's GET /vm/config."""
+exit code of a guest reset; a second VM configured from the first one's GET /vm/config; the
+same through asyncvmm's fork server; and every runnable example of docs/sdk.md."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from asyncvmm.client import ConsoleTimeoutError, MicroVM
 pytestmark = pytest.mark.kvm
 
 TIMEOUT_S = 60
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def test_sdk_boots_pauses_reads_metrics_and_returns_0_after_a_guest_reset(test_guest):
@@ -62,7 +65,38 @@ async def test_a_second_vm_boots_from_the_first_ones_exported_config(test_guest)
         assert "Started microVM with 1 vCPU(s), 64 MiB" in second.log_text()   # the exported machine-config
 
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "sdk.md"
+
+async def test_sdk_drives_asyncvmm_through_the_fork_server(test_guest, tmp_path):
+    """Nothing fork-server specific in the SDK: the environment it passes through selects the
+    fork server, and the VMM behaves as without it (the zygote's child is the VM)."""
+    from asyncvmm.forkserver import ENV_VAR
+
+    path = str(tmp_path / "zygote.sock")
+    zygote = await asyncio.create_subprocess_exec(sys.executable, "-m", "asyncvmm.forkserver", "--socket", path,
+                                                  cwd=REPO, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert await asyncio.wait_for(zygote.stdout.readline(), TIMEOUT_S) == f"ready {path}\n".encode()
+        async with MicroVM(test_guest.elf_pvh, "serialecho=1 exit=reset", mem_mib=64,
+                           env={ENV_VAR: path}) as vm:
+            await vm.wait_for_console("testguest: serialecho ready", timeout=TIMEOUT_S)
+            children = Path(f"/proc/{zygote.pid}/task/{zygote.pid}/children").read_text().split()
+            assert len(children) == 1 and int(children[0]) != vm.pid    # forked by the zygote
+            await vm.pause()
+            assert (await vm.metrics())["patch_api_requests"]["vm_count"] == 1
+            await vm.resume()
+            await vm.write_console("go\n")
+            await vm.wait_for_console("echo:go", timeout=TIMEOUT_S)
+            assert await vm.wait(timeout=TIMEOUT_S) == 0
+        async with MicroVM(test_guest.elf_pvh, "serialecho=1", mem_mib=64, env={ENV_VAR: path}) as vm:
+            await vm.wait_for_console("testguest: serialecho ready", timeout=TIMEOUT_S)
+            assert await vm.stop() == 0                                   # SIGTERM reaches the VM
+        assert zygote.returncode is None
+    finally:
+        zygote.kill()
+        await zygote.wait()
+
+
+DOCS = REPO / "docs" / "sdk.md"
 # What each runnable example of docs/sdk.md must print.
 EXAMPLE_OUTPUT = {
     "boot": ["exit code 0"],
