@@ -169,3 +169,28 @@ def test_bad_arguments_are_refused_before_spawning(kwargs, needle):
 async def test_client_before_spawn_is_an_error():
     with pytest.raises(RuntimeError, match="not spawned"):
         MicroVM().client
+
+
+# Firecracker v1.16's flags (spec/API-BEHAVIOUR.md, "Process").
+FIRECRACKER_FLAGS = {
+    "--api-sock", "--id", "--config-file", "--no-api", "--boot-timer", "--log-path", "--level", "--show-level",
+    "--show-log-origin", "--metrics-path", "--metadata", "--http-api-max-payload-size", "--mmds-size-limit",
+    "--seccomp-filter", "--no-seccomp", "--describe-snapshot", "--enable-pci", "--version", "--help",
+}
+
+
+def test_the_command_line_uses_only_firecrackers_flags():
+    vm = MicroVM(binary="/usr/local/bin/firecracker", vm_id="vm1", level="Debug", boot_timer=True,
+                 extra_args=["--no-seccomp"])
+    argv = vm.argv()
+    assert argv[0] == "/usr/local/bin/firecracker"
+    flags = [a for a in argv[1:] if a.startswith("--")]
+    assert set(flags) <= FIRECRACKER_FLAGS
+    assert flags == ["--api-sock", "--log-path", "--metrics-path", "--id", "--level", "--boot-timer", "--no-seccomp"]
+    assert argv[argv.index("--id") + 1] == "vm1" and argv[argv.index("--level") + 1] == "Debug"
+
+
+def test_the_default_binary_is_this_pythons_asyncvmm():
+    argv0 = MicroVM().argv0
+    assert argv0 == [str(Path(sys.executable).with_name("asyncvmm"))] or \
+        argv0 == [sys.executable, "-m", "asyncvmm.cli"]
