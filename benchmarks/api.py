@@ -608,9 +608,8 @@ def references(vdocs: dict[str, Any]) -> list[dict]:
 NOTES = [
     "Latency ratios: below 1.0 asyncvmm is faster. *_rps ratios (marked higher_is_better in the JSON): "
     "above 1.0 asyncvmm serves more requests per second.",
-    "asyncvmm imports its VMM core in a background thread once the API socket is up "
-    "(cli._warm_up_vmm_import); pre-boot requests share the GIL with that import, which shows in "
-    "start_to_first_response and in the pre-boot p99.",
+    "asyncvmm binds its API socket first, then imports the HTTP stack and its VMM core before serving; "
+    "requests sent meanwhile wait in the socket's backlog, which shows in start_to_first_response.",
     "QMP's query-status and Firecracker's GET / are different protocols (a JSON line vs HTTP/1.1): "
     "the ratio compares a status request on each VMM's control socket, not identical work.",
     "Latency = request written (timestamp just before the write) to the arrival of the data completing "
