@@ -114,6 +114,9 @@ class QueueHandler:
         """Carry out a device-specific effect; ``False``: the backend cannot take it now."""
         raise TypeError(f"{self.name}: no way to carry out {effect!r}")
 
+    def end_of_batch(self, queue_index: int) -> None:
+        """After a drain, inside the gate, before its one interrupt: start I/O batched over it."""
+
     def on_queue_event(self, queue_index: int, chains: int) -> None:
         """A kick arrived and ``chains`` chains were popped in response (count them)."""
 
@@ -175,6 +178,7 @@ class QueueHandler:
         try:
             with self.act.gate.access():
                 result = self._drain(index)
+                self.end_of_batch(index)
                 self.notify(index)
         except GateClosedError:
             return None

@@ -1,17 +1,26 @@
 """The loop side of one virtio-block activation.
 
-Chain handling is separated from carrying out its effects.  For each chain,
-:meth:`BlockHandler.handle_chain` walks it (:func:`collect`), parses it
-(:func:`parse`) and asks the engine's room and the rate limiter whether it
-may go now; if not, the chain goes back to the ring and the queue stalls
-until an engine completion or the throttle timer resumes it.  It writes
-nothing: it only records :class:`Effects` -- answers to give (GET_ID,
-rejected requests) and :class:`IoOp` s to start.  One place,
-:meth:`BlockHandler._carry_out`, then starts the ops, turns the results the
-engine has (now or later, from its own loop callback) into answers, writes
-the status bytes and used elements, and raises at most one interrupt.  No
-engine ever calls back into the handler while it is working, so nothing
-re-enters.
+Chain handling decides; it does no I/O (the base class's effects, see
+:mod:`asyncvmm.devices.virtio.handler`).  :meth:`BlockHandler.handle_chain`
+walks a chain (:func:`collect`), parses it (:func:`parse`), asks the
+engine's room and the rate limiter whether it may go now, and returns what
+should happen:
+
+* a rejected request: :class:`WriteGuest` (its status byte, if it has one)
+  and :class:`Used`;
+* GET_ID: :class:`WriteGuest` (the serial, then the status) and :class:`Used`;
+* IN/OUT/FLUSH: :class:`StartIo` with the :class:`IoOp`;
+* no room or no tokens: :class:`Stall`; an engine completion or the
+  throttle timer resumes the queue.
+
+The base class's ``carry_out`` does them in order; :meth:`BlockHandler.perform`
+writes guest bytes and collects the ops, which go to the engine in one
+``submit`` at the end of the drain (one ``io_uring_enter`` per batch).
+Results -- the ones ``submit`` returns, answered in the drain's batch, and
+the ones the engine delivers later from its own loop callback, a batch of
+their own -- become :class:`WriteGuest` + :class:`Used` effects under one
+interrupt per batch.  No engine calls back into the handler while it works, so
+nothing re-enters and there is no flag for it.
 
 Errors, as the three kinds of STYLE.md: a bad chain or request is answered
 (IOERR/UNSUPP where a status byte exists, used length 0 otherwise) and counted
@@ -23,7 +32,7 @@ DEVICE_NEEDS_RESET (the base class); a host I/O failure is IOERR plus
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from asyncvmm.devices.rate_limiter import ThrottleTimer
@@ -42,7 +51,7 @@ from asyncvmm.devices.virtio.block.request import (
 from asyncvmm.devices.virtio.block.uring import UringEngine
 from asyncvmm.devices.virtio.chain import ChainError, DescriptorChain, collect
 from asyncvmm.devices.virtio.device import Activation
-from asyncvmm.devices.virtio.handler import Drain, QueueHandler
+from asyncvmm.devices.virtio.handler import Effect, QueueHandler, Stall, Used
 
 if TYPE_CHECKING:
     from asyncvmm.devices.virtio.block.device import Block
@@ -52,24 +61,23 @@ log = logging.getLogger(__name__)
 _KIND = {VIRTIO_BLK_T_IN: IoKind.READ, VIRTIO_BLK_T_FLUSH: IoKind.FLUSH}
 
 
-@dataclass(slots=True)
-class Answer:
-    """One used element to add, with the guest bytes that go with it."""
+@dataclass(frozen=True, slots=True)
+class WriteGuest(Effect):
+    """Write ``data`` into the guest at ``at`` (a status byte, GET_ID's serial)."""
 
-    head: int
-    used_len: int
-    status_at: object = None          # the status byte's GuestSlice, if the request has one
-    status: int = VIRTIO_BLK_S_OK
-    data: tuple | None = None         # (GuestSlice, bytes) written before the status (GET_ID)
+    at: object                        # a request's GuestSlice: .write(mem, data)
+    data: bytes
 
 
-@dataclass
-class Effects:
-    """What handling chains decided; :meth:`BlockHandler._carry_out` does it."""
+@dataclass(frozen=True, slots=True)
+class StartIo(Effect):
+    """Hand ``op`` to the engine (after the drain, with the rest of the batch)."""
 
-    answers: list[Answer] = field(default_factory=list)
-    submit: list[IoOp] = field(default_factory=list)
-    results: list = field(default_factory=list)       # (op, result) from the engine, not yet answered
+    op: IoOp
+
+
+def _status(at, status: int) -> WriteGuest:
+    return WriteGuest(at, bytes([status]))
 
 
 class BlockHandler(QueueHandler):
@@ -80,12 +88,12 @@ class BlockHandler(QueueHandler):
         self.queue = act.queues[0]
         self.engine = make_engine(device, act, self._on_io_complete)
         self.timer = ThrottleTimer(act.loop, device.rate_limiter, self._on_throttle_timer)
-        self.effects = Effects()
+        self._to_start: list[IoOp] = []
         self._engine_stalled = False
         # Ops from handle_chain until answered or dropped: each holds its BackingFile.
         self._in_flight: set[IoOp] = set()
 
-    # -- queue side ---------------------------------------------------------
+    # -- queue side: decisions ----------------------------------------------
 
     def on_queue_event(self, queue_index: int, chains: int) -> None:
         self.metrics.queue_event_count += 1
@@ -95,86 +103,84 @@ class BlockHandler(QueueHandler):
     def on_event_failure(self) -> None:
         self.metrics.event_fails += 1
 
-    def process(self, index: int) -> Drain | None:
-        result = super().process(index)    # handle_chain only records effects
-        self.guarded(self._carry_out)
-        return result
-
-    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> bool:
+    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> list[Effect]:
         try:
             req = parse(self.mem, collect(chain), self.dev.disk)
-        except ChainError as e:
-            self._reject(chain.head, str(e), None, VIRTIO_BLK_S_IOERR)
-            return True
+        except ChainError:
+            self.metrics.invalid_reqs_count += 1
+            return [Used(chain.head, 0)]
         except RequestError as e:
-            self._reject(chain.head, str(e), e.status_at, e.status)
-            return True
+            self.metrics.invalid_reqs_count += 1
+            if e.status_at is None:
+                return [Used(chain.head, 0)]
+            return [_status(e.status_at, e.status), Used(chain.head, 1)]
         is_io = req.type != VIRTIO_BLK_T_GET_ID
-        if is_io and len(self.effects.submit) >= self.engine.room:
+        if is_io and len(self._to_start) >= self.engine.room:
             self.metrics.io_engine_throttled_events += 1
             self._stalled()
             self._engine_stalled = True
-            return False
+            return [Stall("io engine full")]
         if not self.dev.rate_limiter.consume_request(req.nbytes if is_io else 0):
             self.metrics.rate_limiter_throttled_events += 1
             self._stalled()
             self.timer.arm()
-            return False
+            return [Stall("rate limited")]
         if not is_io:
             ident = device_id(self.dev.drive_id)[:req.data.length]
-            self.effects.answers.append(Answer(req.head, req.used_len(VIRTIO_BLK_S_OK), req.status_at,
-                                               data=(req.data, ident)))
-            return True
+            return [WriteGuest(req.data, ident), _status(req.status_at, VIRTIO_BLK_S_OK),
+                    Used(req.head, req.used_len(VIRTIO_BLK_S_OK))]
         file = self.dev.file
         op = IoOp(_KIND.get(req.type, IoKind.WRITE), file.acquire(), req.offset,
                   req.data.views(self.mem), req.nbytes, token=(req, file))
         self._in_flight.add(op)
-        self.effects.submit.append(op)
-        return True
-
-    def _reject(self, head: int, why: str, status_at, status: int) -> None:
-        self.metrics.invalid_reqs_count += 1
-        self.effects.answers.append(Answer(head, 0 if status_at is None else 1, status_at, status))
+        return [StartIo(op)]
 
     def _stalled(self) -> None:
         # The chain being refused is popped but not yet put back, hence the +1.
         self.metrics.remaining_reqs_count += self.queue.pending(self.mem) + 1
 
-    # -- the one place effects are carried out --------------------------------
+    # -- I/O side: carrying out ---------------------------------------------
+
+    def perform(self, queue_index: int, effect: Effect) -> bool:
+        if isinstance(effect, WriteGuest):
+            effect.at.write(self.mem, effect.data)
+        elif isinstance(effect, StartIo):
+            self._to_start.append(effect.op)
+        else:
+            return super().perform(queue_index, effect)
+        return True
+
+    def end_of_batch(self, queue_index: int) -> None:
+        """The drain's ops go to the engine in one submit; what is already done is answered
+        now, in the drain's batch and under its one interrupt."""
+        if self._to_start:
+            ops, self._to_start = self._to_start, []
+            self._answer_all(self.engine.submit(ops))
 
     def _on_io_complete(self, batch: list) -> None:
-        """Results the engine collected in a loop callback of its own."""
-        self.effects.results.extend(batch)
-        self.guarded(self._carry_out)
+        """Results the engine collected in a loop callback of its own: one more batch."""
+        self.guarded(self._answer_and_notify, batch)
 
-    def _carry_out(self) -> None:
-        """Start the ops, answer what is done, interrupt once (inside the gate)."""
-        fx = self.effects
-        if fx.submit:
-            ops, fx.submit = fx.submit, []
-            fx.results.extend(self.engine.submit(ops))
-        results, fx.results = fx.results, []
-        for op, result in results:
-            self._answer_io(op, result)
-        answers, fx.answers = fx.answers, []
-        for a in answers:
-            if a.data is not None:
-                a.data[0].write(self.mem, a.data[1])
-            if a.status_at is not None:
-                a.status_at.write(self.mem, bytes([a.status]))
-            self.queue.add_used(self.mem, a.head, a.used_len)
+    def _answer_and_notify(self, batch: list) -> None:
+        self._answer_all(batch)
         self.notify(0)
+
+    def _answer_all(self, batch: list) -> None:
+        effects: list[Effect] = []
+        for op, result in batch:
+            effects += self._answer(op, result)
+        self.carry_out(0, effects)
         if self._engine_stalled and self.engine.room > 0:
             self._engine_stalled = False
             self.schedule(0)
 
-    def _answer_io(self, op: IoOp, result) -> None:
+    def _answer(self, op: IoOp, result) -> list[Effect]:
         req, file = op.token
         self._in_flight.discard(op)
         file.release()
         if result is CANCELLED:
             self.metrics.discarded_reqs_count += 1
-            return
+            return []
         if isinstance(self.engine, UringEngine):
             self.metrics.io_uring_count += 1
         if isinstance(result, OSError):
@@ -183,7 +189,7 @@ class BlockHandler(QueueHandler):
         else:
             self._count(req)
             status = VIRTIO_BLK_S_OK
-        self.effects.answers.append(Answer(req.head, req.used_len(status), req.status_at, status))
+        return [_status(req.status_at, status), Used(req.head, req.used_len(status))]
 
     def _count(self, req: Request) -> None:
         m = self.metrics
@@ -220,7 +226,7 @@ class BlockHandler(QueueHandler):
         for op in self._in_flight:
             op.token[1].release()
         self._in_flight.clear()
-        self.effects = Effects()
+        self._to_start.clear()
 
 
 def make_engine(device: "Block", act: Activation, on_complete):
