@@ -204,9 +204,14 @@ class MicroVM:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.api_sock, self.metrics_path, self.log_path = (
             self.workdir / name if given is None else Path(given) for name, given in self._paths.items())
+        if os.path.lexists(self.api_sock):
+            # Another VMM's, or a stale one: its answers could be taken for ours, and it is not
+            # ours to remove.
+            raise FileExistsError(f"the API socket path {self.api_sock} is already in use")
         self._client = Client(self.api_sock, timeout=self.api_timeout)
         for path in (self.log_path, self.metrics_path):
             path.touch()      # Firecracker opens these without creating them
+        self._metrics_offset = self.metrics_path.stat().st_size   # lines of an earlier run are not ours
         self.process = await asyncio.create_subprocess_exec(
             *self.argv(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=None if self.env is None else {**os.environ, **self.env})
@@ -242,9 +247,11 @@ class MicroVM:
         if answer in done:
             return answer.result()
         answer.cancel()
+        await asyncio.gather(answer, return_exceptions=True)
         if exited in done:
             await self._drain()
-            raise VmmExitedError(process.returncode or 0, "its API socket", self.output())
+            assert process.returncode is not None
+            raise VmmExitedError(process.returncode, "its API socket", self.output())
         raise TimeoutError(f"the API at {self.api_sock} did not answer within {self.start_timeout} s:\n"
                            f"{self.output()[-2000:]}")
 

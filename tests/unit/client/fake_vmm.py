@@ -128,6 +128,9 @@ def main() -> int:
     if args.fail_start:
         print("fake-vmm: refusing to start", file=sys.stderr)
         return 1
+    if os.path.lexists(args.api_sock):   # as Firecracker: a path in use is an error, never taken over
+        print("Failed to open the API socket: Address in use", file=sys.stderr)
+        return 1
 
     async def go() -> int:
         return await FakeVmm(args).run()

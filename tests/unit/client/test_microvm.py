@@ -194,3 +194,24 @@ def test_the_default_binary_is_this_pythons_asyncvmm():
     argv0 = MicroVM().argv0
     assert argv0 == [str(Path(sys.executable).with_name("asyncvmm"))] or \
         argv0 == [sys.executable, "-m", "asyncvmm.cli"]
+
+
+async def test_a_socket_path_in_use_is_refused_and_left_to_its_owner(tmp_path):
+    """Another VMM's API would answer the SDK's polling as if it were the new VMM's."""
+    sock = tmp_path / "busy.sock"
+    async with fake_vm("/vmlinux", api_sock=sock) as first:
+        await first.wait_for_console("booted", timeout=10)
+        second = fake_vm("/vmlinux", api_sock=sock)
+        with pytest.raises(FileExistsError, match="already in use"):
+            async with second:
+                pass
+        assert second.process is None
+        assert sock.is_socket() and await first.state() == "Running"
+
+
+async def test_metrics_lines_of_an_earlier_run_are_not_reported(tmp_path):
+    metrics = tmp_path / "m.json"
+    metrics.write_text('{"utc_timestamp_ms": 1, "old": true}\n')
+    async with fake_vm("/vmlinux", metrics_path=metrics) as vm:
+        assert "old" not in await vm.metrics()
+        assert len(vm.read_metrics()) == 2
