@@ -28,7 +28,9 @@ import errno
 import logging
 import mmap
 import os
+import select
 import struct
+import time
 from typing import Callable
 
 from asyncvmm.devices.virtio.block.engine import CANCELLED, IoKind, IoOp, _advance
@@ -45,7 +47,6 @@ IORING_OFF_SQ_RING = 0
 IORING_OFF_CQ_RING = 0x8000000
 IORING_OFF_SQES = 0x10000000
 IORING_FEAT_SINGLE_MMAP = 1 << 0
-IORING_ENTER_GETEVENTS = 1 << 0
 IORING_REGISTER_EVENTFD = 4
 IORING_REGISTER_PROBE = 8
 IO_URING_OP_SUPPORTED = 1 << 0
@@ -110,6 +111,12 @@ def _sys(*args: int | ctypes.c_void_p) -> int:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return ret
+
+
+# How long closing (a device reset, VMM exit) waits for the kernel to finish an activation's I/O.
+CLOSE_TIMEOUT_S = 5.0
+# Ops given up at close: their iovecs and buffer pins stay alive for the rest of the process.
+_abandoned: list = []
 
 
 class _Pending:
@@ -270,28 +277,44 @@ class UringEngine:
             return op, OSError(errno.EIO, f"{op.kind.value} at {op.offset + pend.done} hit end of file")
         return op, pend.done + res
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Wait for the kernel to finish every op (they write guest memory), then release the ring.
 
         Results are dropped: the ops' owner is going away.  Short transfers
-        are not continued.
+        are not continued.  A host whose I/O does not finish within
+        ``timeout`` (a hung disk or NFS server) does not hang the VMM: the
+        ops are logged and abandoned (their buffers stay pinned, as the
+        kernel may still write them), the gate is released and the ring
+        closed, which makes the kernel cancel what it can.
         """
         if self.fd < 0:
             return
         self._closed = True
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.event, select.POLLIN)
         try:
-            while self._pending:
-                if self._unsubmitted:
-                    self._pump()
-                else:
-                    _sys(SYS_io_uring_enter, self.fd, 0, 1, IORING_ENTER_GETEVENTS, 0, 0)
-                    self._collect()
-        except OSError as e:
-            # The ring is unusable; closing it makes the kernel cancel and wait for the rest.
-            log.error("io_uring: %d ops still pending at close: %s", len(self._pending), e)
+            while True:
+                self._pump()
+                if not self._pending:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"not done after {timeout:g} s")
+                # Every CQE signals the eventfd; one already posted makes this return at once.
+                poller.poll(max(1, int(left * 1000)))
+                try:
+                    os.eventfd_read(self.event)
+                except BlockingIOError:
+                    pass
+        except (OSError, TimeoutError) as e:
+            log.error("io_uring: abandoning %d operations still in the kernel at close: %s",
+                      len(self._pending), e)
+            _abandoned.extend(self._pending.values())
             for _ in self._pending:
                 self.gate.exit()
             self._pending.clear()
+            self.in_flight = 0
         self.loop.remove_reader(self.event)
         os.close(self.event)
         for m in {id(x): x for x in (self.sq_ring, self.cq_ring, self.sqes)}.values():

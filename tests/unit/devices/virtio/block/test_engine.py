@@ -227,3 +227,19 @@ async def test_uring_close_waits_for_the_kernel(pipe):
     eng.close()
     timer.join()
     assert bytes(buf) == b"12345678" and gate._inside == 0 and batches == []
+
+
+async def test_uring_close_gives_up_on_a_host_that_never_finishes(pipe, caplog):
+    """A hung disk must not hang the VMM: close() logs, releases the gate and returns."""
+    r, _w = pipe
+    batches = []
+    gate = DmaGate()
+    eng = await _uring(batches.append, gate)
+    eng.submit([IoOp(IoKind.READ, r, 0, [memoryview(bytearray(8))], 8)])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    eng.close(timeout=0.05)
+    assert loop.time() - started < DEADLINE_S
+    assert gate._inside == 0 and eng.in_flight == 0 and batches == []
+    assert "abandoning 1 operations still in the kernel" in caplog.text
+    assert gate.close(timeout=0.1)                 # nothing holds the gate any more
