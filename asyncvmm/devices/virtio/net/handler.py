@@ -22,9 +22,11 @@ is a loop reader *only while the guest can take frames*.  Each frame is read
 into one host buffer and handed to :class:`RxPath`, which charges it to the
 RX rate limiter and copies it into the guest's chains (:class:`RxBuffers`).
 When the guest has no room, or the limiter is empty, the frame is *held*
-and the tap reader removed: later
-frames wait in the tap's own queue, so nothing is dropped or reordered here
-(back-pressure).  An RX kick (new buffers), the throttle timer, or an MMDS
+and the tap reader removed: later frames wait in the tap's own queue, so
+nothing is dropped or reordered here (back-pressure).  RxPath answers with an
+:class:`RxState`; the used entries go into guest memory as it places a frame
+(a merged frame's entries must be published together), and the pump raises
+one interrupt per batch.  An RX kick (new buffers), the throttle timer, or an MMDS
 retransmission deadline resumes receiving.
 
 Errors, as the three kinds of STYLE.md: a bad chain or frame is counted and
