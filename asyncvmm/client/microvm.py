@@ -347,7 +347,11 @@ class MicroVM:
         try:
             return await self.console.wait_for(pattern, timeout, start)
         except StreamEndedError:
-            returncode = await self.wait(STOP_TIMEOUT_S)
+            try:
+                returncode = await self.wait(STOP_TIMEOUT_S)
+            except TimeoutError:
+                raise EOFError(f"the VMM closed its stdout but still runs; no {pattern!r} on the "
+                               f"console:\n{self.console.text[-2000:]}") from None
             raise VmmExitedError(returncode, f"{pattern!r} on the console", self.output()) from None
         except TimeoutError:
             raise ConsoleTimeoutError(str(pattern), timeout or 0.0, self.console.text) from None

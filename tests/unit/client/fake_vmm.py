@@ -4,8 +4,9 @@ on --api-sock, and a pretend guest on stdout/stdin.
 After InstanceStart the "guest" prints ``fake-guest: booted id=<id> args=<boot_args>``
 (and ``greeting=<$FAKE_VMM_GREETING>`` when set), then echoes each stdin line as
 ``echo:<line>`` while not paused.  ``exit=<n>`` in the boot args ends the process with
-code n right after boot; SendCtrlAltDel ends it with 0 (as a guest reboot does).
-FlushMetrics and InstanceStart append a metrics line.  SIGTERM exits 0, unless
+code n right after boot; ``closestdout`` closes stdout and runs on.  SendCtrlAltDel ends
+it with 0 (as a guest reboot does).  FlushMetrics and InstanceStart append a metrics
+line.  SIGTERM exits 0, unless
 ``FAKE_VMM_IGNORE_SIGTERM=1``.  A kernel path containing "missing" is refused with
 a 400.  ``--fail-start`` exits 1 at once with a message on stderr.
 """
@@ -87,6 +88,8 @@ class FakeVmm:
         for token in self.boot_args.split():
             if token.startswith("exit="):
                 self.exit(int(token[5:]))
+            if token == "closestdout":
+                os.close(1)
         asyncio.get_running_loop().create_task(self.echo())
 
     async def echo(self) -> None:

@@ -88,6 +88,14 @@ async def test_waiting_for_text_from_an_exited_vmm_says_so():
         assert "booted" in err.value.output
 
 
+async def test_a_vmm_that_closes_its_stdout_but_runs_on(monkeypatch):
+    monkeypatch.setattr("asyncvmm.client.microvm.STOP_TIMEOUT_S", 0.3)
+    async with fake_vm("/vmlinux", "closestdout") as vm:
+        with pytest.raises(EOFError, match="closed its stdout but still runs"):
+            await vm.wait_for_console("never printed", timeout=10)
+        assert vm.returncode is None and await vm.state() == "Running"
+
+
 async def test_stop_sends_sigterm():
     async with fake_vm("/vmlinux") as vm:
         await vm.wait_for_console("booted", timeout=10)
