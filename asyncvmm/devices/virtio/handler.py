@@ -214,7 +214,11 @@ class QueueHandler:
         return Drain.MORE
 
     def carry_out(self, index: int, effects: Sequence[Effect]) -> bool:
-        """Do ``effects`` in order (inside the gate); ``False`` if one says stall."""
+        """Do ``effects`` in order (inside the gate); ``False`` if one says stall.
+
+        :class:`Used` and :class:`Stall` are matched by exact type (the
+        per-chain hot path); every other effect goes to :meth:`perform`.
+        """
         queue = self.act.queues[index]
         for effect in effects:
             kind = type(effect)
