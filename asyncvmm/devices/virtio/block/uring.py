@@ -17,7 +17,13 @@ read the CQ tail before the CQEs it covers and loads are not reordered.
 
 Each op enters the activation's :class:`DmaGate` when submitted and exits
 when its CQE is reaped, because the kernel writes guest memory on its own
-time.  :meth:`UringEngine.close` waits for every op still in the kernel.
+time.  :meth:`UringEngine.close` (a device reset) waits for every op still
+in the kernel, up to :data:`CLOSE_TIMEOUT_S`.  :meth:`UringEngine.submit`
+returns the results the kernel gave during the enter; later ones go to
+``on_complete`` from the eventfd reader, never from inside ``submit``.
+
+:func:`why_io_uring_unavailable` is the probe that decides whether an
+``Async`` drive is accepted at all.
 """
 
 from __future__ import annotations
