@@ -7,16 +7,22 @@ The rate limiter charges one op plus the bytes; a refused chain goes back
 to the ring until the throttle timer fires.  A chain that cannot be used
 (readable parts, bad descriptors) or a failing host source is answered with
 used length 0 and counted.
+
+:meth:`RngHandler.handle_chain` only decides (the base class's effects): an
+unusable chain is ``Used(head, 0)``, a refused one :class:`Throttled`, and a
+good one :class:`FillRandom`, whose :meth:`RngHandler.perform` reads the host
+source, writes the bytes and answers the chain with the count.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from asyncvmm.devices.rate_limiter import ThrottleTimer
-from asyncvmm.devices.virtio.chain import ChainError, DescriptorChain, collect
+from asyncvmm.devices.virtio.chain import ChainError, DescriptorChain, Segments, collect
 from asyncvmm.devices.virtio.device import Activation
-from asyncvmm.devices.virtio.handler import QueueHandler
+from asyncvmm.devices.virtio.handler import Effect, QueueHandler, Used
 
 if TYPE_CHECKING:
     from asyncvmm.devices.virtio.rng.device import Rng
@@ -24,6 +30,20 @@ if TYPE_CHECKING:
 # Linux asks for a few dozen bytes at a time; a bound keeps one huge buffer
 # from stalling the loop in getrandom.
 MAX_BYTES_PER_REQUEST = 64 * 1024
+
+
+@dataclass(slots=True)
+class FillRandom(Effect):
+    """Fill ``nbytes`` of ``segments`` from the host source, then answer chain ``head``."""
+
+    head: int
+    segments: Segments
+    nbytes: int
+
+
+@dataclass(slots=True)
+class Throttled(Effect):
+    """The limiter refused the request: arm the throttle timer and stall."""
 
 
 class RngHandler(QueueHandler):
@@ -40,7 +60,7 @@ class RngHandler(QueueHandler):
     def on_event_failure(self) -> None:
         self.metrics.entropy_event_fails += 1
 
-    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> bool:
+    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> list[Effect]:
         try:
             bufs = collect(chain)
         except ChainError:
@@ -50,23 +70,28 @@ class RngHandler(QueueHandler):
         n = min(bufs.writable.length, MAX_BYTES_PER_REQUEST)
         if n and not self.dev.rate_limiter.consume_request(n):
             self.metrics.entropy_rate_limiter_throttled += 1
+            return [Throttled()]
+        return [FillRandom(chain.head, bufs.writable, n)]
+
+    def _unusable(self, head: int) -> list[Effect]:
+        self.metrics.entropy_event_fails += 1
+        return [Used(head, 0)]
+
+    def perform(self, queue_index: int, effect: Effect) -> bool:
+        if isinstance(effect, FillRandom):
+            data = b""
+            if effect.nbytes:
+                try:
+                    data = self.dev.random_bytes(effect.nbytes)
+                except OSError:
+                    self.metrics.host_rng_fails += 1
+            written = effect.segments.write(self.mem, data)
+            self.metrics.entropy_bytes += written
+            return self.carry_out(queue_index, [Used(effect.head, written)])
+        if isinstance(effect, Throttled):
             self.timer.arm()
             return False
-        data = b""
-        if n:
-            try:
-                data = self.dev.random_bytes(n)
-            except OSError:
-                self.metrics.host_rng_fails += 1
-        written = bufs.writable.write(self.mem, data)
-        self.metrics.entropy_bytes += written
-        self.queue.add_used(self.mem, chain.head, written)
-        return True
-
-    def _unusable(self, head: int) -> bool:
-        self.metrics.entropy_event_fails += 1
-        self.queue.add_used(self.mem, head, 0)
-        return True
+        return super().perform(queue_index, effect)
 
     def _on_throttle_timer(self) -> None:
         self.metrics.rate_limiter_event_count += 1
