@@ -308,3 +308,41 @@ def test_the_waiter_imports_only_builtin_modules():
     names = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert names <= {"os", "sys", "_signal", "_json"}, names
+
+
+def test_direct_spawn_without_a_launcher(zygote):
+    from asyncvmm.forkserver.client import SpawnError, spawn
+
+    r, w = os.pipe()
+    try:
+        vmm = spawn(zygote.path, ["exit", "9"], stdout=w)
+        assert vmm.wait() == 9
+        state = json.loads(os.read(r, 1 << 16).split(b"\n")[0])
+        assert state["pid"] == vmm.pid and state["argv"] == ["exit", "9"]
+
+        vmm = spawn(zygote.path, ["term-exits", "43"], stdout=w)
+        seen = b""
+        while b"waiting" not in seen:                    # its SIGTERM handler is in place
+            seen += os.read(r, 1 << 16)
+        vmm.send_signal(signal.SIGTERM)
+        assert vmm.wait() == 43
+
+        vmm = spawn(zygote.path, ["sleep", "60"], stdout=w)
+        pid = vmm.pid
+        vmm.close()                                      # letting go ends it, as a launcher's death does
+        assert _wait_gone(pid)
+    finally:
+        os.close(r), os.close(w)
+    with pytest.raises(SpawnError, match="cannot be|No such file"):
+        spawn(zygote.path + ".missing", ["exit", "0"])
+
+
+async def test_direct_spawn_waits_in_asyncio(zygote):
+    from asyncvmm.forkserver.client import spawn
+
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        vmm = spawn(zygote.path, ["kill-self", str(int(signal.SIGKILL))], stdout=null)
+    finally:
+        os.close(null)
+    assert await vmm.wait_async() == -signal.SIGKILL
