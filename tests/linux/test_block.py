@@ -216,23 +216,26 @@ def test_ops_rate_limit_throttles_reads_by_its_counters_and_patch_changes_it(gue
         print(f"ops-limit: {drive}: {READS} reads -> read_count {got['read_count']}, throttled "
               f"{got['rate_limiter_throttled_events']}, resumed {got['rate_limiter_event_count']}")
         assert got["read_count"] >= READS, got                       # every read was answered
-        # Each refused request waits for exactly one throttle timer, which resumes it.
-        assert got["rate_limiter_event_count"] == got["rate_limiter_throttled_events"], got
+        # Refused requests were resumed by the throttle timer (a timer fires for one or more refusals).
+        throttled, resumed = got["rate_limiter_throttled_events"], got["rate_limiter_event_count"]
+        assert (resumed >= 1) == (throttled >= 1) and resumed <= throttled, got
         return got
 
     assert step(plain_dev, "plain")["rate_limiter_throttled_events"] == 0
     # The bucket starts full (SMALL_OPS reads pass); the others find it empty.
-    throttled = step(limited_dev, "limited")["rate_limiter_throttled_events"]
-    assert 1 <= throttled <= READS - SMALL_OPS, throttled
+    got = step(limited_dev, "limited")
+    assert 1 <= got["rate_limiter_throttled_events"] <= got["read_count"] - SMALL_OPS, got
 
     status, body = api(sock, "PATCH", "/drives/limited", {"drive_id": "limited",
                                                           "rate_limiter": ops_bucket(LARGE_OPS)})
     assert status == 204, body
+    counters.take()                                  # the new bucket's counting starts here
     assert step(limited_dev, "limited")["rate_limiter_throttled_events"] == 0
 
     status, body = api(sock, "PATCH", "/drives/limited", {"drive_id": "limited",
                                                           "rate_limiter": ops_bucket(1)})
     assert status == 204, body
-    throttled = step(limited_dev, "limited")["rate_limiter_throttled_events"]
-    assert 1 <= throttled <= READS - 1, throttled
+    counters.take()
+    got = step(limited_dev, "limited")
+    assert 1 <= got["rate_limiter_throttled_events"] <= got["read_count"] - 1, got
     assert guest.stop() == 0, guest.tail()
