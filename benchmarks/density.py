@@ -6,6 +6,10 @@ Variants (each started exactly as its users start it, API on):
     ``asyncvmm --api-sock ...`` with ``ASYNCVMM_FORKSERVER`` set: the thin
     launcher hands the request to a fork server started before the run
     (docs/forkserver.md); its memory is counted once, not per microVM.
+``direct``
+    the same fork server, spawned through ``asyncvmm.forkserver.client.spawn``
+    by the benchmark itself: no launcher process, the benchmark holds each
+    microVM's connection (what an orchestrator written in Python would do).
 ``cold``
     ``asyncvmm --api-sock ...``, a fresh Python process per microVM.
 ``qemu``
@@ -61,13 +65,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from asyncvmm.forkserver.client import ForkedVmm, SpawnError, spawn
 from benchmarks import machine, report
 from benchmarks.smaps import SmapsError, read_process_memory
 from benchmarks.vmms import BOOTTIMER_WRITTEN, GuestSpec, asyncvmm_executable, load_test_guest, qemu_microvm_argv
 
 MS = 1_000_000
 CMDLINE = "boottimer=1 exit=halt"
-VARIANTS = ("forkserver", "cold", "qemu")
+VARIANTS = ("forkserver", "direct", "cold", "qemu")
 DEFAULT_CAPS = {"cold": 100, "qemu": 100}
 FORKSERVER_ENV = "ASYNCVMM_FORKSERVER"
 QEMU_UNEQUAL = ("QEMU answers qmp_capabilities after creating the VM and loading the kernel (-S); "
@@ -176,6 +181,26 @@ async def watch_console(stream: asyncio.StreamReader, marker: bytes, found: asyn
 # -- one microVM ----------------------------------------------------------------
 
 
+class DirectProc:
+    """A :class:`ForkedVmm` with the few ``asyncio.subprocess.Process`` members used here."""
+
+    def __init__(self, vmm: ForkedVmm) -> None:
+        self.vmm, self.pid, self.returncode = vmm, vmm.pid, None
+
+    def send_signal(self, sig: int) -> None:
+        self.vmm.send_signal(sig)
+
+    def kill(self) -> None:
+        self.vmm.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        try:
+            self.returncode = await self.vmm.wait_async()
+        except SpawnError:
+            self.returncode = -1
+        return self.returncode
+
+
 class Run:
     """One variant at one N."""
 
@@ -201,15 +226,37 @@ class Run:
             env[FORKSERVER_ENV] = str(self.zygote_sock)
         return env
 
+    async def start(self, vm: Vm) -> asyncio.StreamReader:
+        """Spawn ``vm``'s process (``vm.t_spawn`` just before); its stdout (the console) as a stream."""
+        if self.variant != "direct":
+            vm.t_spawn = time.monotonic_ns()
+            vm.proc = await asyncio.create_subprocess_exec(
+                *self.argv(vm), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                env=self.env(), cwd=self.dir, start_new_session=True)
+            return vm.proc.stdout
+        r, w = os.pipe()
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            vm.t_spawn = time.monotonic_ns()
+            vm.proc = DirectProc(spawn(str(self.zygote_sock), self.argv(vm)[1:], stdin=null, stdout=w,
+                                       stderr=null, cwd=str(self.dir), env=self.env()))
+        finally:
+            os.close(w), os.close(null)
+        reader = asyncio.StreamReader()
+        await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                           os.fdopen(r, "rb", 0))
+        return reader
+
     async def one(self, vm: Vm) -> None:
         deadline = time.monotonic() + self.opts.timeout
         vm.log.touch()
-        vm.t_spawn = time.monotonic_ns()
-        vm.proc = await asyncio.create_subprocess_exec(
-            *self.argv(vm), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=self.env(), cwd=self.dir, start_new_session=True)
+        try:
+            stdout = await self.start(vm)
+        except (OSError, SpawnError) as err:
+            vm.error = f"{type(err).__name__}: {err}"
+            return
         console: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.consoles[vm.index] = asyncio.create_task(watch_console(vm.proc.stdout, BOOTTIMER_WRITTEN, console))
+        self.consoles[vm.index] = asyncio.create_task(watch_console(stdout, BOOTTIMER_WRITTEN, console))
         try:
             await wait_for_path(vm.sock, vm.proc, deadline)
             if self.variant == "qemu":
@@ -442,7 +489,7 @@ async def main_async(opts: argparse.Namespace, guest: GuestSpec, workdir: Path) 
     variants: dict[str, Any] = {}
     notes: list[str] = []
     caps = parse_caps(opts.cap)
-    zygote = Zygote(workdir) if "forkserver" in opts.variants else None
+    zygote = Zygote(workdir) if {"forkserver", "direct"} & set(opts.variants) else None
     try:
         if zygote is not None:
             notes.append(f"Fork server (once for all microVMs): {zygote.pss_kib / 1024:.1f} MiB PSS, "
@@ -501,17 +548,20 @@ def main(argv: list[str] | None = None) -> int:
     doc["variants"] = result["variants"]
     pairs = []
     for n in opts.n:
-        for subject in ("forkserver", "cold"):
+        for subject in ("forkserver", "direct", "cold"):
             pairs.append((f"{subject}-{n}", f"qemu-{n}", ("start_to_api", "start_to_boottimer", "total_pss")))
         pairs.append((f"forkserver-{n}", f"cold-{n}", ("start_to_api", "start_to_boottimer", "total_pss")))
     comparisons, notes = report.compare_pairs(doc["variants"], pairs, lambda name: False)
-    reasons = {(f"{s}-{n}", f"qemu-{n}"): {"start_to_api": QEMU_UNEQUAL} for n in opts.n for s in ("forkserver", "cold")}
+    reasons = {(f"{s}-{n}", f"qemu-{n}"): {"start_to_api": QEMU_UNEQUAL} for n in opts.n
+               for s in ("forkserver", "direct", "cold")}
     doc["comparisons"] = report.label_unequal(comparisons, reasons)
     doc["notes"] = result["notes"] + notes + [
         "total_pss: the VMM's PSS minus its guest RAM, plus (fork server) its launcher's PSS; "
         "QEMU's vmm_pss is the same measure of its one process."]
     for name, variant in doc["variants"].items():
         print(name, json.dumps(variant["density"]))
+        for metric_name, m in variant["metrics"].items():
+            print(f"  {metric_name}: median {report.fmt(m['median'], m['unit'])}, p99 {report.fmt(m['p99'], m['unit'])}")
         for failure in variant["failures"][:5]:
             print(f"  {name} failure: {failure}")
     print(report.format_comparisons(doc["comparisons"]))
