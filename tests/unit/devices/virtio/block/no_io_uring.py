@@ -1,4 +1,4 @@
-"""Run a command on a host that has no io_uring: ``python -m ... <argv>``.
+"""Run a command on a host that has no io_uring: ``python no_io_uring.py <argv>``.
 
 Installs a seccomp filter that fails ``io_uring_setup`` with ENOSYS -- what
 a kernel built without io_uring answers, and what container runtimes'
@@ -57,8 +57,8 @@ def deny_io_uring() -> None:
 
 
 def prefix() -> list[str]:
-    """The argv prefix that runs a command under :func:`deny_io_uring`."""
-    return [sys.executable, "-m", __name__]
+    """The argv prefix that runs a command under :func:`deny_io_uring` (from any directory)."""
+    return [sys.executable, os.path.abspath(__file__)]
 
 
 if __name__ == "__main__":
