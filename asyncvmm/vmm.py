@@ -48,7 +48,7 @@ class Vmm:
     def __init__(self, loop: asyncio.AbstractEventLoop, *, instance_id: str, boot_timer: bool,
                  metrics: MetricsRegistry, on_exit: Callable[[int], None],
                  stdin_fd: int | None = 0, stdout_fd: int = 1,
-                 mmds_store: MmdsStore | None = None, sys_root: str = "/sys") -> None:
+                 mmds_store: MmdsStore | None = None) -> None:
         self._loop = loop
         self.instance_id = instance_id
         self._boot_timer = boot_timer
@@ -60,7 +60,6 @@ class Vmm:
         self.machine: MicroVm | None = None
         self._console: SerialConsole | None = None
         self._exiting = False
-        self._sys_root = sys_root          # where to look for the KVM modules (tests: a fake tree)
         # The data store the API's PUT/PATCH /mmds write; the guest reads the same one.
         self.mmds_store = mmds_store if mmds_store is not None else MmdsStore()
 
@@ -69,7 +68,7 @@ class Vmm:
     async def start(self, config: VmConfig, requested_at: StartRequest | None = None) -> None:
         requested_at = requested_at or StartRequest.now()
         install_kick_handler()
-        reason = software_kvm_reason(self._sys_root)
+        reason = software_kvm_reason()
         if reason is not None:
             log.warning("%s", software_kvm_warning(reason))
         console = SerialConsole(self._loop, self._stdin_fd)
