@@ -9,7 +9,7 @@ same round.  Variants, run in a rotated order each round:
 
 ``asyncvmm-sync`` / ``asyncvmm-async``
     ``asyncvmm --no-api --config-file`` with the file as a read-only drive,
-    ``io_engine`` Sync or Async (io_uring where the host allows it).
+    ``io_engine`` Sync or Async (io_uring; refused on a host without it).
 ``qemu-microvm``
     ``-drive file=...,format=raw,if=none,readonly=on,cache=writeback,aio=threads
     -device virtio-blk-device``: userspace virtio-blk, no vhost.  Writeback
