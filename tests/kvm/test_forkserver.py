@@ -168,7 +168,7 @@ def test_sigkill_of_the_launcher_ends_its_microvm(test_guest, tmp_path, zygote):
     proc.kill()
     proc.wait()
     _wait_for(lambda: not _alive(child), "the microVM to end with its launcher")
-    assert zygote.children() == []
+    _wait_for(lambda: zygote.children() == [], "the fork server to reap it")
     assert zygote.proc.poll() is None
 
 
