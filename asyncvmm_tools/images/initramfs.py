@@ -15,8 +15,8 @@ from .kernel import KernelArtifact
 from .tree import FsTree
 
 # What a guest of asyncvmm needs: virtio-mmio transport, block, net, entropy,
-# vsock, ext4.  Names that are built into the kernel are skipped.
-GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "vsock",
+# balloon, vsock, ext4.  Names that are built into the kernel are skipped.
+GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "virtio_balloon", "vsock",
                  "vmw_vsock_virtio_transport", "ext4"]
 
 
