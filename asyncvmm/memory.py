@@ -240,6 +240,35 @@ class GuestMemory:
         region, off = self._find(gpa, length)
         region.view[off:off + length] = bytes([value]) * length
 
+    def discard(self, gpa: int, length: int) -> None:
+        """Give the host memory behind ``[gpa, gpa+length)`` back (a balloon's pages).
+
+        The range must be page-aligned and entirely RAM (it may span adjacent
+        regions); otherwise :class:`GuestMemoryError` and nothing is discarded.
+        An mmap region gets ``MADV_DONTNEED``: its resident pages are freed at
+        once, and a later guest access faults in a zero page (anonymous
+        memory) or the file's page (a private file mapping).  A ``bytearray``
+        region (tests) is zeroed, which is what the guest sees either way.
+        """
+        if gpa % mmap.PAGESIZE or length % mmap.PAGESIZE:
+            raise GuestMemoryError(gpa, length, "not page-aligned")
+        pieces = []
+        start, left = gpa, length
+        while left:
+            i = bisect.bisect_right(self._starts, start) - 1
+            if i < 0 or start >= self._regions[i].end:
+                raise GuestMemoryError(gpa, length)
+            region = self._regions[i]
+            off = start - region.guest_addr
+            n = min(left, region.size - off)
+            pieces.append((region, off, n))
+            start, left = start + n, left - n
+        for region, off, n in pieces:
+            if isinstance(region.buffer, mmap.mmap) and region.guest_addr % mmap.PAGESIZE == 0:
+                region.buffer.madvise(mmap.MADV_DONTNEED, off, n)
+            else:
+                region.view[off:off + n] = bytes(n)
+
     def _read_fmt(self, fmt: struct.Struct, gpa: int) -> int:
         region, off = self._find(gpa, fmt.size)
         return fmt.unpack_from(region.view, off)[0]

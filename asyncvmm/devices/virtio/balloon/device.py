@@ -1,0 +1,166 @@
+"""The virtio memory balloon device (virtio 1.2 §5.5), as Firecracker 1.16 offers it.
+
+Primer.  The host sets a target, ``num_pages`` (4 KiB pages) in the config
+space; the guest driver gives pages to the balloon by sending their page
+frame numbers (le32, guest-physical address >> 12) on the *inflate* queue and
+takes them back through the *deflate* queue, and writes how many it holds to
+``actual``.  The device gives an inflated page's host memory back
+(``MADV_DONTNEED`` through :meth:`GuestMemory.discard`); a deflated page
+needs nothing: the guest's next access faults in a fresh zero page.
+
+Queues are numbered in order of the features the driver accepted (Linux
+skips absent ones): 0 inflate, 1 deflate, then the *stats* queue with
+``VIRTIO_BALLOON_F_STATS_VQ`` (offered when ``stats_polling_interval_s`` is
+not 0), then the *reporting* queue with ``VIRTIO_BALLOON_F_PAGE_REPORTING``
+(``free_page_reporting``).  ``VIRTIO_BALLOON_F_DEFLATE_ON_OOM`` lets the
+guest deflate on its own under memory pressure.  Free page hinting is not
+built (the API refuses it).
+
+Config space (§5.5.4): ``le32 num_pages`` (device-written) and ``le32
+actual`` (driver-written).  Everything here runs on the loop.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from asyncvmm.devices.virtio.balloon.handler import BalloonHandler
+from asyncvmm.devices.virtio.balloon.metrics import BalloonMetrics
+from asyncvmm.devices.virtio.balloon.protocol import (
+    PAGES_PER_MIB,
+    STAT_NAMES,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_PAGE_REPORTING,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    queue_roles,
+)
+from asyncvmm.devices.virtio.device import Activation, ActivationError, VirtioDevice
+from asyncvmm.devices.virtio.spec import VIRTIO_F_VERSION_1, VIRTIO_ID_BALLOON, bit
+
+QUEUE_SIZE = 256
+CONFIG = struct.Struct("<II")        # num_pages, actual
+ACTUAL_OFFSET = 4
+
+# Firecracker's BalloonError texts (the API prefixes them).
+DEVICE_NOT_ACTIVE = "Device not activated yet."
+STATS_DISABLED = "Received stats query when stats are disabled."
+STATS_STATE_CHANGE = "Statistics cannot be enabled/disabled after activation."
+
+
+class BalloonError(Exception):
+    """An operation on the balloon the API asked for and the device refuses."""
+
+
+def too_much_memory(amount_mib: int) -> BalloonError:
+    return BalloonError(f"Requested memory should be less than {amount_mib}MiB")
+
+
+class Balloon(VirtioDevice):
+    device_type = VIRTIO_ID_BALLOON
+
+    def __init__(self, *, amount_mib: int, deflate_on_oom: bool, stats_polling_interval_s: int,
+                 free_page_reporting: bool, mem_size_mib: int,
+                 metrics: BalloonMetrics | None = None) -> None:
+        super().__init__()
+        self.deflate_on_oom = deflate_on_oom
+        self.free_page_reporting = free_page_reporting
+        self.stats_polling_interval_s = stats_polling_interval_s
+        self.mem_size_mib = mem_size_mib
+        self.metrics = metrics or BalloonMetrics()
+        self.num_pages = amount_mib * PAGES_PER_MIB
+        self.actual_pages = 0
+        #: The latest value of each statistic the guest sent, by API name.
+        self.latest_stats: dict[str, int] = {}
+        self.handler: BalloonHandler | None = None
+        extra = int(stats_polling_interval_s > 0) + int(free_page_reporting)
+        self.queue_max_sizes = (QUEUE_SIZE,) * (2 + extra)
+        self._update_config()
+
+    @property
+    def avail_features(self) -> int:
+        features = bit(VIRTIO_F_VERSION_1)
+        if self.stats_polling_interval_s:
+            features |= bit(VIRTIO_BALLOON_F_STATS_VQ)
+        if self.deflate_on_oom:
+            features |= bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
+        if self.free_page_reporting:
+            features |= bit(VIRTIO_BALLOON_F_PAGE_REPORTING)
+        return features
+
+    # -- config space -------------------------------------------------------
+
+    def _update_config(self) -> None:
+        self._config = CONFIG.pack(self.num_pages, self.actual_pages)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        # Only ``actual`` is the driver's to write (§5.5.6: the driver SHOULD update it).
+        if offset < ACTUAL_OFFSET or offset + len(data) > CONFIG.size:
+            super().write_config(offset, data)
+            return
+        raw = bytearray(self._config)
+        raw[offset:offset + len(data)] = data
+        self.actual_pages = CONFIG.unpack(raw)[1]
+        self._update_config()
+
+    # -- the API's operations -------------------------------------------------
+
+    def update_size(self, amount_mib: int) -> None:
+        """PATCH /balloon: a new target, told to the driver by a config-change interrupt."""
+        if self.handler is None:
+            raise BalloonError(DEVICE_NOT_ACTIVE)
+        if amount_mib > self.mem_size_mib:
+            raise too_much_memory(amount_mib)
+        self.num_pages = amount_mib * PAGES_PER_MIB
+        self._update_config()
+        self.config_changed()
+
+    def update_stats_polling_interval(self, interval_s: int) -> None:
+        """PATCH /balloon/statistics: a new interval; statistics cannot be turned on or off."""
+        if interval_s == self.stats_polling_interval_s:
+            return
+        if interval_s == 0 or self.stats_polling_interval_s == 0:
+            raise BalloonError(STATS_STATE_CHANGE)
+        self.stats_polling_interval_s = interval_s
+        if self.handler is not None:
+            self.handler.request_stats()       # the first update at once, as Firecracker does
+            self.handler.arm_stats_timer()
+
+    def stats(self) -> dict[str, Any]:
+        """GET /balloon/statistics: target and actual sizes, then what the guest last sent."""
+        if self.stats_polling_interval_s == 0:
+            raise BalloonError(STATS_DISABLED)
+        out: dict[str, Any] = {
+            "target_pages": self.num_pages,
+            "actual_pages": self.actual_pages,
+            "target_mib": self.num_pages // PAGES_PER_MIB,
+            "actual_mib": self.actual_pages // PAGES_PER_MIB,
+        }
+        out.update((name, self.latest_stats[name]) for name in STAT_NAMES.values() if name in self.latest_stats)
+        return out
+
+    def config(self) -> dict[str, Any]:
+        """The device as configured now (GET /balloon after boot)."""
+        return {
+            "amount_mib": self.num_pages // PAGES_PER_MIB,
+            "deflate_on_oom": self.deflate_on_oom,
+            "stats_polling_interval_s": self.stats_polling_interval_s,
+            "free_page_hinting": False,
+            "free_page_reporting": self.free_page_reporting,
+        }
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def activate(self, activation: Activation) -> None:
+        roles = queue_roles(activation.acked_features)
+        for index in roles:
+            if index >= len(activation.queues) or not activation.queues[index].ready:
+                raise ActivationError(f"balloon: queue {index} not ready")
+        self.deactivate()
+        self.handler = BalloonHandler(self, activation, roles)
+        self.handler.start()
+
+    def deactivate(self) -> None:
+        if self.handler is not None:
+            self.handler.stop()
+            self.handler = None
