@@ -17,7 +17,7 @@ What goes in: ``sys.base_prefix`` without its test suite (and without its own
 site-packages when running from a venv that does not use them), the venv,
 the files of a few Debian
 packages (:data:`PACKAGES`: QEMU, shells, coreutils, e2fsprogs, iproute2,
-socat, iperf3...), every shared library those ELF files need, ``/etc``, and
+socat, iperf3, curl...), every shared library those ELF files need, ``/etc``, and
 the guest images of the manifest.  The project tree itself changes with
 every commit, so it is not here: :func:`copy_project` puts it on the small
 per-run job disk, and the host init copies it to its host path.
@@ -43,7 +43,7 @@ from ..images.rootfs import make_ext4
 PACKAGES = ["coreutils", "bash", "dash", "e2fsprogs", "iproute2", "socat", "iperf3", "cpio", "lz4",
             "zstd", "xz-utils", "gzip", "tar", "grep", "sed", "findutils", "procps", "util-linux",
             "busybox-static", "qemu-system-x86", "qemu-system-data", "qemu-system-common", "seabios",
-            "diffutils", "file", "libmagic-mgc", "kmod", "mawk"]
+            "diffutils", "file", "libmagic-mgc", "kmod", "mawk", "curl"]
 # Made by maintainer scripts, so no package lists them.
 EXTRA_FILES = ["/usr/bin/sh", "/usr/bin/awk", "/usr/bin/which"]
 # __pycache__ is kept: compiling the project's modules under TCG costs seconds each run.
