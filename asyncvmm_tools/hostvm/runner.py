@@ -73,7 +73,8 @@ def job_script(argv: list[str], env: dict[str, str], cwd: str) -> str:
     lines = ["#!/bin/sh", "# written by asyncvmm_tools.hostvm.runner"]
     # The venv's bin first: `python`, `pytest` and `asyncvmm` inside are this runtime's.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
-    base = {"PATH": path, "HOME": os.path.expanduser("~"),
+    # The image cache by its resolved path: inside, $ASYNCVMM_CACHE or ~ would otherwise not be set alike.
+    base = {"PATH": path, "HOME": os.path.expanduser("~"), "ASYNCVMM_CACHE": str(cache_root()),
             "LANG": "C.UTF-8", IN_HOSTVM_ENV: "1", RESULTS_ENV: f"{JOB_MOUNT}/results",
             "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
     for key, value in {**base, **env}.items():

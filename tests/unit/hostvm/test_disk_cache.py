@@ -136,3 +136,10 @@ def test_a_project_cloned_under_tmp_stays_visible_in_the_host(tmp_path):
     mounts, newroot = tmp_run_mounts(tmp_path, ["qs-clone/.venv"])
     assert [m.split()[-1].rsplit("/", 1)[-1] for m in mounts] == ["run"]   # /tmp is not hidden
     assert (newroot / "tmp").stat().st_mode & 0o7777 == 0o1777
+
+
+def test_the_job_finds_the_same_image_cache_inside(monkeypatch, tmp_path):
+    # The runtime disk holds the images at the cache's path; the job must look there, too.
+    monkeypatch.setenv("ASYNCVMM_CACHE", str(tmp_path / "my cache"))
+    lines = runner.job_script(["true"], {}, "/").splitlines()
+    assert f"export ASYNCVMM_CACHE='{tmp_path / 'my cache'}'" in lines
