@@ -438,12 +438,21 @@ class Zygote:
 
     def __init__(self, workdir: Path) -> None:
         self.sock = workdir / "zygote.sock"
-        self.proc = subprocess.Popen([sys.executable, "-m", "asyncvmm.forkserver", "--socket", str(self.sock)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.err = workdir / "zygote.err"
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "asyncvmm.forkserver", "--socket", str(self.sock)],
+                                         stdout=subprocess.PIPE, stderr=err, start_new_session=True)
         line = self.proc.stdout.readline()
         if not line.startswith(b"ready"):
             raise RuntimeError(f"the fork server did not start: {line!r}")
         self.pss_kib, self.private_kib = rollup_kib(self.proc.pid)
+
+    def died(self) -> str | None:
+        """Why the fork server is gone (its exit status and last words), or None while it runs."""
+        if self.proc.poll() is None:
+            return None
+        tail = self.err.read_text(errors="replace")[-2000:]
+        return f"the fork server exited with {self.proc.returncode}: {tail}"
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -500,6 +509,8 @@ async def main_async(opts: argparse.Namespace, guest: GuestSpec, workdir: Path) 
                 if n > caps.get(variant, n):
                     notes.append(f"`{name}` not run: over its cap ({caps[variant]}; --cap).")
                     continue
+                if zygote is not None and (why := zygote.died()) is not None:
+                    raise RuntimeError(why)
                 print(f"density: {name} ...", file=sys.stderr, flush=True)
                 run = Run(variant, n, guest, workdir, opts, zygote.sock if zygote else None)
                 result = await measure(run, zygote.proc.pid if zygote else None)

@@ -57,6 +57,8 @@ def _decode_object(data: bytes) -> dict[str, Any]:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise ProtocolError(f"not a JSON message: {err}") from None
+    except RecursionError:
+        raise ProtocolError("not a JSON message: nested too deeply") from None
     if not isinstance(value, dict):
         raise ProtocolError("a message must be a JSON object")
     return value

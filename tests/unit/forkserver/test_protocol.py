@@ -30,6 +30,7 @@ def test_a_request_round_trips_with_undecodable_bytes():
     (b"\x00\x01garbage", "not a JSON message"),
     (b"[1, 2]", "JSON object"),
     (b'{"version": 1', "not a JSON message"),
+    (b"[" * 100_000, "nested too deeply"),
     (_request(version=2), "unsupported protocol version"),
     (_request(extra=1), "unknown request fields: extra"),
     (_request(argv="--api-sock"), "argv must be a list"),

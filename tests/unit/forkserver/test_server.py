@@ -207,6 +207,7 @@ def test_bad_requests_are_answered_and_the_server_lives_on(zygote):
     good = protocol.make_request(["exit", "5"], "/", {}, {}, 0o22)
     cases = [
         (b"\x00garbage\xff", stdio, "not a JSON message"),
+        (b"[" * 100_000, stdio, "nested too deeply"),
         (b'{"version": 1}', stdio, "argv"),
         (good, [], "exactly 3 descriptors"),
         (good, [0, 1, 2, 0], "exactly 3 descriptors"),
