@@ -38,6 +38,7 @@ from .devices.virtio.device import VirtioDevice
 from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport
 from .devices.virtio.net import Net, NetMetrics
 from .devices.virtio.rng import EntropyMetrics, Rng
+from .devices.virtio.vsock import Vsock, VsockBackendError, VsockMetrics
 from .kvm import Kvm, KvmError, VmFd
 from .guestfault import GuestFaultMetrics, GuestFaults
 from .memory import GuestMemory
@@ -97,6 +98,7 @@ class MicroVm:
     cmdline: str
     resources: contextlib.ExitStack
     nets: dict[str, Net] = dataclasses.field(default_factory=dict)
+    vsock: Vsock | None = None
 
     def close(self) -> None:
         self.resources.close()
@@ -222,8 +224,9 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         for iface in config.network_interfaces:
             nets[iface.iface_id] = virtio.attach(
                 _net_device(iface, mmds_stacks.get(iface.iface_id), ctx, stack))
-        if config.vsock:
-            raise BuildError("vsock devices are not supported yet")
+        vsock = None
+        if config.vsock is not None:
+            vsock = virtio.attach(_vsock_device(config.vsock, ctx))
         rng = None
         if config.entropy is not None:
             rng = virtio.attach(Rng(RateLimiter.from_config(config.entropy.rate_limiter),
@@ -261,7 +264,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
     return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus, serial=serial,
                    i8042=i8042, boot_timer=boot_timer, blocks=blocks, rng=rng, kernel=kernel,
                    cmdline=cmdline,
-                   resources=resources, nets=nets)
+                   resources=resources, nets=nets, vsock=vsock)
 
 
 class _VirtioSlots:
@@ -295,6 +298,14 @@ class _VirtioSlots:
         self.windows.append((base, size, gsi))
         self.transports.append(transport)
         return device
+
+
+def _vsock_device(cfg, ctx: BuildContext) -> Vsock:
+    """The vsock device; its listener at ``uds_path`` is bound now (PUT /vsock only tried it)."""
+    try:
+        return Vsock(cfg.guest_cid, cfg.uds_path, ctx.loop, _register(ctx.metrics, "vsock", VsockMetrics()))
+    except VsockBackendError as e:
+        raise BuildError(f"Cannot create backend for vsock device: {e}") from e
 
 
 def _block_device(drive, ctx: BuildContext, stack: contextlib.ExitStack) -> Block:

@@ -269,7 +269,6 @@ NOT_BUILT: dict[ActionKind, str] = {
     ActionKind.START_FREE_PAGE_HINTING: unbuilt.BALLOON,
     ActionKind.GET_FREE_PAGE_HINTING_STATUS: unbuilt.BALLOON,
     ActionKind.STOP_FREE_PAGE_HINTING: unbuilt.BALLOON,
-    ActionKind.SET_VSOCK_DEVICE: unbuilt.VSOCK,
     ActionKind.INSERT_PMEM_DEVICE: unbuilt.PMEM,
     ActionKind.UPDATE_PMEM_DEVICE: unbuilt.PMEM,
     ActionKind.SET_MEMORY_HOTPLUG_DEVICE: unbuilt.MEMORY_HOTPLUG,
@@ -344,6 +343,7 @@ class Controller:
             K.PUT_CPU_CONFIGURATION: self._put_cpu_configuration,
             K.INSERT_BLOCK_DEVICE: self._insert_block_device,
             K.INSERT_NETWORK_DEVICE: self._insert_network_device,
+            K.SET_VSOCK_DEVICE: self._set_vsock_device,
             K.SET_ENTROPY_DEVICE: self._set_entropy_device,
             K.SET_MMDS_CONFIGURATION: self._set_mmds_configuration,
             K.UPDATE_MACHINE_CONFIGURATION: self._update_machine_configuration,
@@ -501,6 +501,17 @@ class Controller:
 
     async def _insert_network_device(self, iface: Any) -> None:
         self.config = resources.insert_network_interface(self.config, iface)
+
+    async def _set_vsock_device(self, vsock: Any) -> None:
+        vsock.validate()
+        # Firecracker binds uds_path here; a path it could not bind is refused now, not at boot.
+        from asyncvmm.devices.virtio.vsock.muxer import check_uds_path
+        try:
+            check_uds_path(vsock.uds_path)
+        except OSError as err:
+            raise ControllerError("Vsock config error: Cannot create backend for vsock device: Error "
+                                  f"binding to the host-side Unix socket: {os_error_text(err)}") from None
+        self.config = _replace(self.config, vsock=vsock)
 
     async def _set_entropy_device(self, entropy: Any) -> None:
         self.config = _replace(self.config, entropy=entropy)

@@ -4,7 +4,7 @@ Contract: nothing is accepted and then ignored.  A request (or ``--config-file``
 item) that asks for a feature asyncvmm does not build fails where it is made,
 with :class:`NotBuiltError` ("<feature> is not supported yet by asyncvmm."),
 after the value's own validation ran.  Whole resources that are not built
-(balloon, vsock, pmem, ...) are refused by action in the controller; this
+(balloon, pmem, ...) are refused by action in the controller; this
 module names them and refuses the *fields* of built resources that ask for
 more than is built.  Default and no-op values (``cpu_template: "None"``,
 ``huge_pages: "None"``, ``track_dirty_pages: false``, an empty CPU template)
@@ -21,7 +21,6 @@ from asyncvmm.config.errors import ConfigError
 from asyncvmm.config.machine import CpuConfig, MachineConfig
 
 BALLOON = "The balloon device (virtio-balloon)"
-VSOCK = "The vsock device (virtio-vsock)"
 PMEM = "The pmem device (virtio-pmem)"
 MEMORY_HOTPLUG = "Memory hotplug (virtio-mem)"
 SNAPSHOT_CREATE = "Creating snapshots"

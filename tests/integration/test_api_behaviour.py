@@ -225,11 +225,15 @@ def test_mmds_config(api: Api) -> None:
     assert api("GET", "/vm/config").json()["mmds-config"]["version"] == "V2"
 
 
-def test_vsock_keeps_its_validation_error_before_the_refusal(api: Api, tmp_path: Path) -> None:
+def test_vsock_is_configured_pre_boot_and_its_errors_are_firecrackers(api: Api, tmp_path: Path) -> None:
     resp = api("PUT", "/vsock", {"guest_cid": 2, "uds_path": str(tmp_path / "v")})
     assert resp.fault == "Vsock config error: The guest CID must be at least 3."
-    resp = api("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v")})
-    assert resp.fault == "The vsock device (virtio-vsock) is not supported yet by asyncvmm."
+    (tmp_path / "taken").write_text("")
+    resp = api("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "taken")})
+    assert resp.fault == ("Vsock config error: Cannot create backend for vsock device: Error binding to the "
+                          "host-side Unix socket: Address already in use (os error 98)")
+    assert api("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v")}).status == 204
+    assert api("GET", "/vm/config").json()["vsock"] == {"guest_cid": 3, "uds_path": str(tmp_path / "v")}
     resp = api("PUT", "/vsock", {"guest_cid": 3})
     assert "missing field `uds_path`" in resp.fault  # a malformed body keeps its parse error
 
@@ -281,7 +285,6 @@ NOT_BUILT = [
     ("PATCH", "/balloon/hinting/start", {"acknowledge_on_stop": True}, BALLOON),
     ("GET", "/balloon/hinting/status", None, BALLOON),
     ("PATCH", "/balloon/hinting/stop", {}, BALLOON),
-    ("PUT", "/vsock", {"guest_cid": 3, "uds_path": "/tmp/v.sock"}, "The vsock device (virtio-vsock)" + NOT_YET),
     ("PUT", "/pmem/p0", {"id": "p0", "path_on_host": "/etc/hostname"}, PMEM),
     ("PATCH", "/pmem/p0", {"id": "p0", "rate_limiter": {}}, PMEM),
     ("PUT", "/hotplug/memory", {"total_size_mib": 1024}, HOTPLUG),
@@ -372,11 +375,11 @@ def test_bad_config_file_exits_152(tmp_path: Path) -> None:
 def test_config_file_asking_for_a_feature_not_built_exits_152_naming_it(tmp_path: Path, disk: str) -> None:
     cfg = tmp_path / "vm.json"
     cfg.write_text(json.dumps({"boot-source": {"kernel_image_path": disk},
-                               "vsock": {"guest_cid": 3, "uds_path": str(tmp_path / "v.sock")}}))
+                               "pmem": [{"id": "p0", "path_on_host": disk}]}))
     out = run_cli("--api-sock", str(tmp_path / "s"), "--config-file", str(cfg), "--no-api")
     assert out.returncode == 152
     assert (f"Configuration for VMM from one single json failed: {cfg}: "
-            "The vsock device (virtio-vsock) is not supported yet by asyncvmm.") in out.stdout + out.stderr
+            "The pmem device (virtio-pmem) is not supported yet by asyncvmm.") in out.stdout + out.stderr
 
 
 def test_config_file_syntax_error_and_duplicates_say_where(tmp_path: Path) -> None:

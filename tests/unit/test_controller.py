@@ -3,6 +3,7 @@ and the refusal of every feature that is not built."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -343,7 +344,6 @@ NOT_BUILT_REQUESTS = [
     (K.START_FREE_PAGE_HINTING, BalloonStartCmdConfig(), BALLOON),
     (K.GET_FREE_PAGE_HINTING_STATUS, None, BALLOON),
     (K.STOP_FREE_PAGE_HINTING, None, BALLOON),
-    (K.SET_VSOCK_DEVICE, VsockConfig(guest_cid=3, uds_path="/v.sock"), "The vsock device (virtio-vsock) " + NOT_YET),
     (K.INSERT_PMEM_DEVICE, PmemConfig(id="p0", path_on_host="/p"), PMEM),
     (K.UPDATE_PMEM_DEVICE, PmemUpdateConfig(id="p0"), PMEM),
     (K.SET_MEMORY_HOTPLUG_DEVICE, MemoryHotplugConfig(total_size_mib=1024), HOTPLUG),
@@ -372,6 +372,33 @@ async def test_not_built_actions_are_refused_in_every_phase(
     assert err.value.message == message and err.value.status == 400
     assert await ctl.handle(Action(K.GET_FULL_VM_CONFIG)) == before  # nothing stored
     assert backend.calls == calls  # nothing reached the VMM
+
+
+# -- vsock: built; PUT /vsock tries the socket path as Firecracker's bind would ----------------
+
+async def test_vsock_is_stored_pre_boot_and_its_path_is_tried(ctl: Controller, kernel: str, tmp_path: Any) -> None:
+    path = str(tmp_path / "v.sock")
+    await ctl.handle(Action(K.SET_VSOCK_DEVICE, VsockConfig(guest_cid=3, uds_path=path)))
+    assert (await ctl.handle(Action(K.GET_FULL_VM_CONFIG)))["vsock"] == {"guest_cid": 3, "uds_path": path}
+    assert not os.path.exists(path)              # tried and released: the VMM binds it at boot
+    await ctl.handle(Action(K.SET_VSOCK_DEVICE, VsockConfig(guest_cid=4, uds_path=path)))   # replaced
+    assert (await ctl.handle(Action(K.GET_FULL_VM_CONFIG)))["vsock"]["guest_cid"] == 4
+    await boot(ctl, kernel)
+    with pytest.raises(ControllerError, match="not supported after starting"):
+        await ctl.handle(Action(K.SET_VSOCK_DEVICE, VsockConfig(guest_cid=5, uds_path=path)))
+
+
+@pytest.mark.parametrize("where,error", [("taken", "Address already in use (os error 98)"),
+                                         ("no/such/dir/v.sock", "No such file or directory (os error 2)")])
+async def test_vsock_path_that_cannot_be_bound_is_refused(ctl: Controller, tmp_path: Any, where: str,
+                                                          error: str) -> None:
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.SET_VSOCK_DEVICE, VsockConfig(guest_cid=3, uds_path=str(tmp_path / where))))
+    assert err.value.message == ("Vsock config error: Cannot create backend for vsock device: Error binding "
+                                 "to the host-side Unix socket: " + error)
+    assert (tmp_path / "taken").read_text() == "mine"
+    assert (await ctl.handle(Action(K.GET_FULL_VM_CONFIG)))["vsock"] is None
 
 
 async def test_a_not_built_request_keeps_its_own_validation_error(ctl: Controller) -> None:
@@ -427,7 +454,6 @@ async def test_built_resources_refuse_the_fields_that_are_not_built(ctl: Control
 
 
 @pytest.mark.parametrize("item,feature", [
-    ('"vsock": {"guest_cid": 3, "uds_path": "/v"}', "The vsock device (virtio-vsock)"),
     ('"balloon": {"amount_mib": 1, "deflate_on_oom": false}', "The balloon device (virtio-balloon)"),
     ('"pmem": [{"id": "p", "path_on_host": "/p"}]', "The pmem device (virtio-pmem)"),
     ('"memory-hotplug": {"total_size_mib": 1024}', "Memory hotplug (virtio-mem)"),

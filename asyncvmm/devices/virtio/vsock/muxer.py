@@ -85,6 +85,15 @@ def bind_listener(path: str) -> socket.socket:
     return sock
 
 
+def check_uds_path(path: str) -> None:
+    """Bind a listener at ``path`` and release it again: PUT /vsock fails where Firecracker's bind
+    would (an existing file, a missing directory, no permission); the VMM binds for real at
+    InstanceStart."""
+    sock = bind_listener(path)
+    sock.close()
+    os.unlink(path)
+
+
 class VsockMuxer:
     """Connections between the guest (CID ``guest_cid``) and Unix sockets around ``uds_path``."""
 
@@ -532,4 +541,5 @@ def _shutdown_write(sock: socket.socket) -> None:
         pass
 
 
-__all__ = ["HDR_SIZE", "VsockBackendError", "VsockMuxer", "bind_listener", "parse_connect_line"]
+__all__ = ["HDR_SIZE", "VsockBackendError", "VsockMuxer", "bind_listener", "check_uds_path",
+           "parse_connect_line"]
