@@ -39,6 +39,7 @@ from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport
 from .devices.virtio.net import Net, NetMetrics
 from .devices.virtio.rng import EntropyMetrics, Rng
 from .devices.virtio.vsock import Vsock, VsockBackendError, VsockMetrics
+from .devices.virtio.balloon import Balloon, BalloonMetrics
 from .kvm import Kvm, KvmError, VmFd
 from .guestfault import GuestFaultMetrics, GuestFaults
 from .memory import GuestMemory
@@ -99,6 +100,7 @@ class MicroVm:
     resources: contextlib.ExitStack
     nets: dict[str, Net] = dataclasses.field(default_factory=dict)
     vsock: Vsock | None = None
+    balloon: Balloon | None = None
 
     def close(self) -> None:
         self.resources.close()
@@ -231,6 +233,14 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         if config.entropy is not None:
             rng = virtio.attach(Rng(RateLimiter.from_config(config.entropy.rate_limiter),
                                     _register(ctx.metrics, "entropy", EntropyMetrics())))
+        balloon = None
+        if config.balloon is not None:
+            b = config.balloon
+            balloon = virtio.attach(Balloon(
+                amount_mib=b.amount_mib, deflate_on_oom=b.deflate_on_oom,
+                stats_polling_interval_s=b.stats_polling_interval_s,
+                free_page_reporting=b.free_page_reporting, mem_size_mib=mc.mem_size_mib,
+                metrics=_register(ctx.metrics, "balloon", BalloonMetrics())))
         virtio_windows = virtio.windows
 
         try:
@@ -264,7 +274,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
     return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus, serial=serial,
                    i8042=i8042, boot_timer=boot_timer, blocks=blocks, rng=rng, kernel=kernel,
                    cmdline=cmdline,
-                   resources=resources, nets=nets, vsock=vsock)
+                   resources=resources, nets=nets, vsock=vsock, balloon=balloon)
 
 
 class _VirtioSlots:

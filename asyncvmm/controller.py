@@ -55,6 +55,9 @@ _replace = msgspec.structs.replace
 NOT_SUPPORTED_POST_BOOT = "The requested operation is not supported after starting the microVM."
 NOT_SUPPORTED_PRE_BOOT = "The requested operation is not supported before starting the microVM."
 MISSING_KERNEL = "Start microvm error: Cannot start microvm without kernel configuration."
+NO_BALLOON = "Balloon config error: No balloon device found."
+# Firecracker's answer when a post-boot operation names a device the microVM does not have.
+DEVICE_NOT_FOUND = "Failed perform action on device: Device not found"
 
 
 class BackendError(Exception):
@@ -103,6 +106,9 @@ class VmmBackend(Protocol):
     async def update_network_interface(
         self, iface_id: str, rx: RateLimiterConfig | None, tx: RateLimiterConfig | None
     ) -> None: ...
+    async def update_balloon(self, amount_mib: int) -> None: ...
+    async def balloon_stats(self) -> dict[str, Any]: ...
+    async def update_balloon_stats(self, interval_s: int) -> None: ...
 
 
 class MetricsSink(Protocol):
@@ -261,14 +267,9 @@ RULES: dict[ActionKind, Phase] = {
 
 # The actions of features asyncvmm does not build yet, in every phase: the feature each names.
 NOT_BUILT: dict[ActionKind, str] = {
-    ActionKind.GET_BALLOON_CONFIG: unbuilt.BALLOON,
-    ActionKind.SET_BALLOON_DEVICE: unbuilt.BALLOON,
-    ActionKind.GET_BALLOON_STATS: unbuilt.BALLOON,
-    ActionKind.UPDATE_BALLOON: unbuilt.BALLOON,
-    ActionKind.UPDATE_BALLOON_STATISTICS: unbuilt.BALLOON,
-    ActionKind.START_FREE_PAGE_HINTING: unbuilt.BALLOON,
-    ActionKind.GET_FREE_PAGE_HINTING_STATUS: unbuilt.BALLOON,
-    ActionKind.STOP_FREE_PAGE_HINTING: unbuilt.BALLOON,
+    ActionKind.START_FREE_PAGE_HINTING: unbuilt.FREE_PAGE_HINTING,
+    ActionKind.GET_FREE_PAGE_HINTING_STATUS: unbuilt.FREE_PAGE_HINTING,
+    ActionKind.STOP_FREE_PAGE_HINTING: unbuilt.FREE_PAGE_HINTING,
     ActionKind.INSERT_PMEM_DEVICE: unbuilt.PMEM,
     ActionKind.UPDATE_PMEM_DEVICE: unbuilt.PMEM,
     ActionKind.SET_MEMORY_HOTPLUG_DEVICE: unbuilt.MEMORY_HOTPLUG,
@@ -336,6 +337,7 @@ class Controller:
             K.GET_MMDS: self._get_mmds,
             K.PUT_MMDS: self._put_mmds,
             K.PATCH_MMDS: self._patch_mmds,
+            K.GET_BALLOON_CONFIG: self._get_balloon_config,
             K.CONFIGURE_BOOT_SOURCE: self._configure_boot_source,
             K.CONFIGURE_LOGGER: self._configure_logger,
             K.CONFIGURE_METRICS: self._configure_metrics,
@@ -343,6 +345,7 @@ class Controller:
             K.PUT_CPU_CONFIGURATION: self._put_cpu_configuration,
             K.INSERT_BLOCK_DEVICE: self._insert_block_device,
             K.INSERT_NETWORK_DEVICE: self._insert_network_device,
+            K.SET_BALLOON_DEVICE: self._set_balloon_device,
             K.SET_VSOCK_DEVICE: self._set_vsock_device,
             K.SET_ENTROPY_DEVICE: self._set_entropy_device,
             K.SET_MMDS_CONFIGURATION: self._set_mmds_configuration,
@@ -354,6 +357,9 @@ class Controller:
             K.SEND_CTRL_ALT_DEL: self._send_ctrl_alt_del,
             K.UPDATE_BLOCK_DEVICE: self._update_block_device,
             K.UPDATE_NETWORK_INTERFACE: self._update_network_interface,
+            K.GET_BALLOON_STATS: self._get_balloon_stats,
+            K.UPDATE_BALLOON: self._update_balloon,
+            K.UPDATE_BALLOON_STATISTICS: self._update_balloon_statistics,
         }
 
     async def handle(self, action: Action) -> Any:
@@ -435,6 +441,13 @@ class Controller:
         except MmdsStoreError as err:
             raise ControllerError(f"MMDS error: {err}") from None
 
+    async def _get_balloon_config(self, _: None) -> Any:
+        if self.config.balloon is None:
+            if self.state is VmState.NOT_STARTED:
+                raise ControllerError(NO_BALLOON)
+            raise ControllerError("Internal VMM error: " + DEVICE_NOT_FOUND)
+        return to_builtins(self.config.balloon)
+
     # -- pre-boot configuration ------------------------------------------------
 
     async def _configure_boot_source(self, boot: Any) -> None:
@@ -501,6 +514,11 @@ class Controller:
 
     async def _insert_network_device(self, iface: Any) -> None:
         self.config = resources.insert_network_interface(self.config, iface)
+
+    async def _set_balloon_device(self, balloon: Any) -> None:
+        new = resources.set_balloon(self.config, balloon)
+        unbuilt.refuse_unbuilt(balloon)      # free page hinting
+        self.config = new
 
     async def _set_vsock_device(self, vsock: Any) -> None:
         vsock.validate()
@@ -593,6 +611,29 @@ class Controller:
         changes = {k: v for k in ("rx_rate_limiter", "tx_rate_limiter") if (v := getattr(update, k)) is not None}
         ifaces[index] = _replace(ifaces[index], **changes)
         self.config = _replace(self.config, network_interfaces=ifaces)
+
+    def _balloon(self, prefix: str) -> Any:
+        if self.config.balloon is None:
+            raise ControllerError(prefix + DEVICE_NOT_FOUND)
+        return self.config.balloon
+
+    async def _get_balloon_stats(self, _: None) -> Any:
+        prefix = "Internal VMM error: "
+        self._balloon(prefix)
+        return await self._backend_call(prefix, self.backend.balloon_stats())
+
+    async def _update_balloon(self, update: Any) -> None:
+        prefix = "Balloon update error: "
+        balloon = self._balloon(prefix)
+        await self._backend_call(prefix, self.backend.update_balloon(update.amount_mib))
+        self.config = _replace(self.config, balloon=_replace(balloon, amount_mib=update.amount_mib))
+
+    async def _update_balloon_statistics(self, update: Any) -> None:
+        prefix = "Balloon update error: "
+        balloon = self._balloon(prefix)
+        interval = update.stats_polling_interval_s
+        await self._backend_call(prefix, self.backend.update_balloon_stats(interval))
+        self.config = _replace(self.config, balloon=_replace(balloon, stats_polling_interval_s=interval))
 
     # -- --config-file ------------------------------------------------------------
 

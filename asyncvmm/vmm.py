@@ -20,6 +20,7 @@ from .builder import BuildContext, BuildError, MicroVm, build_microvm
 from .config import VmConfig
 from .console import SerialConsole
 from .devices.virtio.block import BlockFileError
+from .devices.virtio.balloon import Balloon, BalloonError
 from .controller import BackendError, StartError, StartRequest
 from .exitcodes import ExitCode
 from .kvm.kind import software_kvm_reason, software_kvm_warning
@@ -200,23 +201,39 @@ class Vmm:
     async def create_snapshot(self, params) -> None:
         raise _not_yet("Creating snapshots")
 
+    def _balloon(self) -> Balloon:
+        balloon = self.machine.balloon if self.machine is not None else None
+        if balloon is None:
+            raise BackendError("Failed perform action on device: Device not found")
+        return balloon
+
     async def update_balloon(self, amount_mib: int) -> None:
-        raise _not_yet("The balloon device")
+        """PATCH /balloon: a new target; the guest's driver inflates or deflates to it."""
+        try:
+            self._balloon().update_size(amount_mib)
+        except BalloonError as e:
+            raise BackendError(f"Balloon: {e}") from None
 
     async def balloon_stats(self) -> dict[str, Any]:
-        raise _not_yet("The balloon device")
+        try:
+            return self._balloon().stats()
+        except BalloonError as e:
+            raise BackendError(f"Balloon: {e}") from None
 
     async def update_balloon_stats(self, interval_s: int) -> None:
-        raise _not_yet("The balloon device")
+        try:
+            self._balloon().update_stats_polling_interval(interval_s)
+        except BalloonError as e:
+            raise BackendError(f"Balloon: {e}") from None
 
     async def start_balloon_hinting(self, cmd) -> None:
-        raise _not_yet("The balloon device")
+        raise _not_yet("Free page hinting")
 
     async def balloon_hinting_status(self) -> dict[str, Any]:
-        raise _not_yet("The balloon device")
+        raise _not_yet("Free page hinting")
 
     async def stop_balloon_hinting(self) -> None:
-        raise _not_yet("The balloon device")
+        raise _not_yet("Free page hinting")
 
     async def memory_hotplug_status(self) -> dict[str, Any]:
         raise _not_yet("Memory hotplug")

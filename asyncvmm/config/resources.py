@@ -2,17 +2,18 @@
 
 Firecracker's ``VmResources`` rules, without I/O: drives keep the root device
 first and allow only one root; network interfaces may not share a tap or a
-guest MAC; MMDS may only name existing interfaces.  The rules of resources
-asyncvmm does not build yet (balloon, pmem; see :mod:`asyncvmm.config.unbuilt`)
-come with them.  Each function returns a new :class:`VmConfig` or raises
-:class:`ConfigError` with Firecracker's message; the input is never modified.
+guest MAC; MMDS may only name existing interfaces; balloon and memory sizes
+must agree.  The rules of resources asyncvmm does not build yet (pmem; see
+:mod:`asyncvmm.config.unbuilt`) come with them.  Each function returns a new
+:class:`VmConfig` or raises :class:`ConfigError` with Firecracker's message; the
+input is never modified.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from asyncvmm.config.devices import DriveConfig, NetworkInterfaceConfig
+from asyncvmm.config.devices import BalloonConfig, DriveConfig, NetworkInterfaceConfig
 from asyncvmm.config.errors import ConfigError
 from asyncvmm.config.machine import MachineConfig
 from asyncvmm.config.service import DEFAULT_MMDS_IPV4, MmdsConfig
@@ -21,6 +22,11 @@ from asyncvmm.config.vm import VmConfig
 _replace = msgspec.structs.replace
 
 ROOT_DRIVE_EXISTS = "Drive config error: A root block device already exists!"
+BALLOON_TOO_LARGE = "Balloon config error: Amount of pages requested is too large."
+MEM_BELOW_BALLOON = (
+    "Machine config error: The memory size (MiB) is smaller than the previously set balloon "
+    "device target size."
+)
 MMDS_UNKNOWN_IFACE = (
     "MMMDS config error: The list of network interface IDs provided contains at least one ID "
     "that does not correspond to any existing network interface."
@@ -29,6 +35,8 @@ MMDS_UNKNOWN_IFACE = (
 
 def set_machine_config(cfg: VmConfig, machine: MachineConfig) -> VmConfig:
     machine.validate()
+    if cfg.balloon is not None and machine.mem_size_mib < cfg.balloon.amount_mib:
+        raise ConfigError(MEM_BELOW_BALLOON)
     return _replace(cfg, machine_config=machine)
 
 
@@ -67,6 +75,13 @@ def insert_network_interface(cfg: VmConfig, iface: NetworkInterfaceConfig) -> Vm
     )
     ifaces.insert(position, iface)
     return _replace(cfg, network_interfaces=ifaces)
+
+
+def set_balloon(cfg: VmConfig, balloon: BalloonConfig) -> VmConfig:
+    """Create or replace the balloon; its target may not exceed guest memory."""
+    if balloon.amount_mib > cfg.machine_config.mem_size_mib:
+        raise ConfigError(BALLOON_TOO_LARGE)
+    return _replace(cfg, balloon=balloon)
 
 
 def set_mmds_config(cfg: VmConfig, mmds: MmdsConfig) -> VmConfig:

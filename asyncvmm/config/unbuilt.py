@@ -4,7 +4,7 @@ Contract: nothing is accepted and then ignored.  A request (or ``--config-file``
 item) that asks for a feature asyncvmm does not build fails where it is made,
 with :class:`NotBuiltError` ("<feature> is not supported yet by asyncvmm."),
 after the value's own validation ran.  Whole resources that are not built
-(balloon, pmem, ...) are refused by action in the controller; this
+(pmem, ...) are refused by action in the controller; this
 module names them and refuses the *fields* of built resources that ask for
 more than is built.  Default and no-op values (``cpu_template: "None"``,
 ``huge_pages: "None"``, ``track_dirty_pages: false``, an empty CPU template)
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from asyncvmm.config.devices import DriveConfig, SerialConfig
+from asyncvmm.config.devices import BalloonConfig, DriveConfig, SerialConfig
 from asyncvmm.config.errors import ConfigError
 from asyncvmm.config.machine import CpuConfig, MachineConfig
 
-BALLOON = "The balloon device (virtio-balloon)"
+FREE_PAGE_HINTING = "Free page hinting (balloon `free_page_hinting`, /balloon/hinting)"
 PMEM = "The pmem device (virtio-pmem)"
 MEMORY_HOTPLUG = "Memory hotplug (virtio-mem)"
 SNAPSHOT_CREATE = "Creating snapshots"
@@ -58,6 +58,10 @@ def _drive(drive: DriveConfig) -> str | None:
     return VHOST_USER_BLOCK if drive.socket is not None else None
 
 
+def _balloon(balloon: BalloonConfig) -> str | None:
+    return FREE_PAGE_HINTING if balloon.free_page_hinting else None
+
+
 def _serial(serial: SerialConfig) -> str | None:
     return SERIAL_RATE_LIMITER if serial.rate_limiter is not None else None
 
@@ -71,6 +75,7 @@ def _cpu_config(cpu: CpuConfig) -> str | None:
 _CHECKS: dict[type, Any] = {
     MachineConfig: _machine,
     DriveConfig: _drive,
+    BalloonConfig: _balloon,
     SerialConfig: _serial,
     CpuConfig: _cpu_config,
 }

@@ -270,21 +270,17 @@ def test_logger_line_format(tmp_path: Path) -> None:
 # -- nothing accepted and then ignored -------------------------------------------------------
 
 NOT_YET = " is not supported yet by asyncvmm."
-BALLOON = "The balloon device (virtio-balloon)" + NOT_YET
+HINTING = "Free page hinting (balloon `free_page_hinting`, /balloon/hinting)" + NOT_YET
 PMEM = "The pmem device (virtio-pmem)" + NOT_YET
 HOTPLUG = "Memory hotplug (virtio-mem)" + NOT_YET
 
 # Every request of a feature that is not built, valid per the spec, and its refusal.  When a feature
 # is built, its rows leave this table and a test of the working feature replaces them.
 NOT_BUILT = [
-    ("PUT", "/balloon", {"amount_mib": 64, "deflate_on_oom": True}, BALLOON),
-    ("GET", "/balloon", None, BALLOON),
-    ("PATCH", "/balloon", {"amount_mib": 1}, BALLOON),
-    ("GET", "/balloon/statistics", None, BALLOON),
-    ("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 1}, BALLOON),
-    ("PATCH", "/balloon/hinting/start", {"acknowledge_on_stop": True}, BALLOON),
-    ("GET", "/balloon/hinting/status", None, BALLOON),
-    ("PATCH", "/balloon/hinting/stop", {}, BALLOON),
+    ("PUT", "/balloon", {"amount_mib": 64, "deflate_on_oom": True, "free_page_hinting": True}, HINTING),
+    ("PATCH", "/balloon/hinting/start", {"acknowledge_on_stop": True}, HINTING),
+    ("GET", "/balloon/hinting/status", None, HINTING),
+    ("PATCH", "/balloon/hinting/stop", {}, HINTING),
     ("PUT", "/pmem/p0", {"id": "p0", "path_on_host": "/etc/hostname"}, PMEM),
     ("PATCH", "/pmem/p0", {"id": "p0", "rate_limiter": {}}, PMEM),
     ("PUT", "/hotplug/memory", {"total_size_mib": 1024}, HOTPLUG),
@@ -315,6 +311,25 @@ def test_not_built_features_are_refused_naming_them(api: Api, method: str, path:
     assert resp.status == 400 and resp.fault == fault
     assert api("GET", "/vm/config").json() == before  # nothing was stored
     assert api("GET", "/machine-config").json()["track_dirty_pages"] is False
+
+
+def test_balloon_before_boot(api: Api) -> None:
+    resp = api("GET", "/balloon")
+    assert resp.status == 400 and resp.fault == "Balloon config error: No balloon device found."
+    resp = api("PUT", "/balloon", {"amount_mib": 129, "deflate_on_oom": True})
+    assert resp.status == 400 and resp.fault == "Balloon config error: Amount of pages requested is too large."
+    body = {"amount_mib": 64, "deflate_on_oom": True, "stats_polling_interval_s": 1, "free_page_reporting": True}
+    assert api("PUT", "/balloon", body).status == 204
+    assert api("GET", "/balloon").json() == {**body, "free_page_hinting": False}
+    assert api("GET", "/vm/config").json()["balloon"] == {**body, "free_page_hinting": False}
+    resp = api("PATCH", "/machine-config", {"mem_size_mib": 32})
+    assert resp.fault == ("Machine config error: The memory size (MiB) is smaller than the previously set "
+                          "balloon device target size.")
+    for method, path, req in (("PATCH", "/balloon", {"amount_mib": 1}), ("GET", "/balloon/statistics", None),
+                              ("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 2})):
+        resp = api(method, path, req)
+        assert resp.status == 400
+        assert resp.fault == "The requested operation is not supported before starting the microVM."
 
 
 def test_what_clients_send_as_defaults_is_accepted(api: Api, disk: str, tmp_path: Path) -> None:
@@ -493,6 +508,7 @@ PRE_BOOT_ONLY = [
     ("PUT", "/drives/d", {"drive_id": "d", "is_root_device": False, "path_on_host": "/x"}),
     ("PUT", "/network-interfaces/n", {"iface_id": "n", "host_dev_name": "t"}),
     ("PUT", "/actions", {"action_type": "InstanceStart"}),
+    ("PUT", "/balloon", {"amount_mib": 1, "deflate_on_oom": False}),
 ]
 
 
@@ -502,10 +518,41 @@ def test_pre_boot_only_operations_fail_after_boot(booted: Api, method: str, path
     assert resp.fault == "The requested operation is not supported after starting the microVM."
 
 
+def test_balloon_after_boot_without_a_driver(api: Api, guest_kernel: str) -> None:
+    # The test guest has no balloon driver: the device is there but never activated.
+    assert api("PUT", "/balloon", {"amount_mib": 0, "deflate_on_oom": False, "stats_polling_interval_s": 1}).status == 204
+    boot(api, guest_kernel)
+    assert api("GET", "/balloon").json()["stats_polling_interval_s"] == 1
+    resp = api("PATCH", "/balloon", {"amount_mib": 1})
+    assert resp.status == 400 and resp.fault == "Balloon update error: Balloon: Device not activated yet."
+    stats = api("GET", "/balloon/statistics")
+    assert stats.status == 200
+    assert stats.json() == {"target_pages": 0, "actual_pages": 0, "target_mib": 0, "actual_mib": 0}
+    resp = api("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 0})
+    assert resp.fault == "Balloon update error: Balloon: Statistics cannot be enabled/disabled after activation."
+    assert api("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 5}).status == 204
+    assert api("GET", "/balloon").json()["stats_polling_interval_s"] == 5
+
+
+def test_balloon_statistics_when_polling_is_off(api: Api, guest_kernel: str) -> None:
+    assert api("PUT", "/balloon", {"amount_mib": 0, "deflate_on_oom": False}).status == 204
+    boot(api, guest_kernel)
+    resp = api("GET", "/balloon/statistics")
+    assert resp.status == 400
+    assert resp.fault == "Internal VMM error: Balloon: Received stats query when stats are disabled."
+
+
+def test_balloon_operations_after_boot_without_a_balloon(booted: Api) -> None:
+    not_found = "Failed perform action on device: Device not found"
+    assert booted("GET", "/balloon").fault == "Internal VMM error: " + not_found
+    assert booted("GET", "/balloon/statistics").fault == "Internal VMM error: " + not_found
+    assert booted("PATCH", "/balloon", {"amount_mib": 1}).fault == "Balloon update error: " + not_found
+
+
 def test_not_built_features_are_refused_after_boot_too(booted: Api) -> None:
     for method, path, body, fault in NOT_BUILT:
         resp = booted(method, path, body)
-        if path in ("/machine-config", "/cpu-config", "/serial") or path.startswith("/drives"):
+        if path in ("/machine-config", "/cpu-config", "/serial", "/balloon") or path.startswith("/drives"):
             # Built resources whose phase is over: the phase rule answers first.
             assert resp.fault == "The requested operation is not supported after starting the microVM."
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import msgspec
 import pytest
 
 from asyncvmm.config import (
@@ -85,6 +86,16 @@ class FakeBackend:
 
     async def update_network_interface(self, iface_id: str, rx: Any, tx: Any) -> None:
         await self._call("update_network_interface", iface_id, rx, tx)
+
+    async def update_balloon(self, amount_mib: int) -> None:
+        await self._call("update_balloon", amount_mib)
+
+    async def balloon_stats(self) -> dict[str, Any]:
+        await self._call("balloon_stats")
+        return {"target_pages": 0, "actual_pages": 0, "target_mib": 0, "actual_mib": 0}
+
+    async def update_balloon_stats(self, interval_s: int) -> None:
+        await self._call("update_balloon_stats", interval_s)
 
 
 class FakeMetrics:
@@ -329,21 +340,16 @@ async def test_configure_from_file_uses_the_api_rules(ctl: Controller, kernel: s
 # -- nothing accepted and then ignored: features not built are refused, naming them --------
 
 NOT_YET = "is not supported yet by asyncvmm."
-BALLOON = "The balloon device (virtio-balloon) " + NOT_YET
+HINTING = "Free page hinting (balloon `free_page_hinting`, /balloon/hinting) " + NOT_YET
 PMEM = "The pmem device (virtio-pmem) " + NOT_YET
 HOTPLUG = "Memory hotplug (virtio-mem) " + NOT_YET
 
 # One valid request of every not-built action, and the exact refusal it gets.  When a feature
 # is built, its rows go and a test of the feature takes their place.
 NOT_BUILT_REQUESTS = [
-    (K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=64, deflate_on_oom=True), BALLOON),
-    (K.GET_BALLOON_CONFIG, None, BALLOON),
-    (K.UPDATE_BALLOON, BalloonUpdateConfig(amount_mib=10), BALLOON),
-    (K.GET_BALLOON_STATS, None, BALLOON),
-    (K.UPDATE_BALLOON_STATISTICS, BalloonStatsUpdateConfig(stats_polling_interval_s=1), BALLOON),
-    (K.START_FREE_PAGE_HINTING, BalloonStartCmdConfig(), BALLOON),
-    (K.GET_FREE_PAGE_HINTING_STATUS, None, BALLOON),
-    (K.STOP_FREE_PAGE_HINTING, None, BALLOON),
+    (K.START_FREE_PAGE_HINTING, BalloonStartCmdConfig(), HINTING),
+    (K.GET_FREE_PAGE_HINTING_STATUS, None, HINTING),
+    (K.STOP_FREE_PAGE_HINTING, None, HINTING),
     (K.INSERT_PMEM_DEVICE, PmemConfig(id="p0", path_on_host="/p"), PMEM),
     (K.UPDATE_PMEM_DEVICE, PmemUpdateConfig(id="p0"), PMEM),
     (K.SET_MEMORY_HOTPLUG_DEVICE, MemoryHotplugConfig(total_size_mib=1024), HOTPLUG),
@@ -454,7 +460,7 @@ async def test_built_resources_refuse_the_fields_that_are_not_built(ctl: Control
 
 
 @pytest.mark.parametrize("item,feature", [
-    ('"balloon": {"amount_mib": 1, "deflate_on_oom": false}', "The balloon device (virtio-balloon)"),
+    ('"balloon": {"amount_mib": 1, "deflate_on_oom": false, "free_page_hinting": true}', "Free page hinting"),
     ('"pmem": [{"id": "p", "path_on_host": "/p"}]', "The pmem device (virtio-pmem)"),
     ('"memory-hotplug": {"total_size_mib": 1024}', "Memory hotplug (virtio-mem)"),
     ('"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}', "Huge pages"),
@@ -464,3 +470,77 @@ async def test_config_file_items_not_built_are_refused(ctl: Controller, kernel: 
     with pytest.raises(ControllerError) as err:
         await ctl.configure(cfg)
     assert err.value.message.startswith(feature) and err.value.message.endswith(NOT_YET)
+
+
+# -- balloon (Firecracker's messages, API-BEHAVIOUR.md) ------------------------------------
+
+async def test_balloon_pre_boot_rules(ctl: Controller) -> None:
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.GET_BALLOON_CONFIG))
+    assert err.value.message == "Balloon config error: No balloon device found."
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=129, deflate_on_oom=True)))
+    assert err.value.message == "Balloon config error: Amount of pages requested is too large."
+    await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=64, deflate_on_oom=True,
+                                                                 stats_polling_interval_s=2,
+                                                                 free_page_reporting=True)))
+    assert await ctl.handle(Action(K.GET_BALLOON_CONFIG)) == {
+        "amount_mib": 64, "deflate_on_oom": True, "stats_polling_interval_s": 2,
+        "free_page_hinting": False, "free_page_reporting": True}
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(mem_size_mib=32)))
+    assert err.value.message == ("Machine config error: The memory size (MiB) is smaller than the "
+                                 "previously set balloon device target size.")
+    assert ctl.config.machine_config.mem_size_mib == 128
+    for kind, payload in ((K.UPDATE_BALLOON, BalloonUpdateConfig(amount_mib=1)), (K.GET_BALLOON_STATS, None),
+                          (K.UPDATE_BALLOON_STATISTICS, BalloonStatsUpdateConfig(stats_polling_interval_s=1))):
+        with pytest.raises(ControllerError) as err:
+            await ctl.handle(Action(kind, payload))
+        assert err.value.message == NOT_SUPPORTED_PRE_BOOT
+
+
+async def test_balloon_free_page_hinting_is_refused_naming_it(ctl: Controller) -> None:
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=1, deflate_on_oom=False,
+                                                                     free_page_hinting=True)))
+    assert err.value.message == HINTING
+    assert ctl.config.balloon is None
+
+
+async def test_balloon_post_boot_operations(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=8, deflate_on_oom=False,
+                                                                 stats_polling_interval_s=1)))
+    await boot(ctl, kernel)
+    await ctl.handle(Action(K.UPDATE_BALLOON, BalloonUpdateConfig(amount_mib=10)))
+    assert (await ctl.handle(Action(K.GET_BALLOON_CONFIG)))["amount_mib"] == 10
+    assert (await ctl.handle(Action(K.GET_FULL_VM_CONFIG)))["balloon"]["amount_mib"] == 10
+    await ctl.handle(Action(K.UPDATE_BALLOON_STATISTICS, BalloonStatsUpdateConfig(stats_polling_interval_s=3)))
+    assert ctl.config.balloon.stats_polling_interval_s == 3
+    assert (await ctl.handle(Action(K.GET_BALLOON_STATS)))["target_pages"] == 0
+    assert [c for c, _ in backend.calls if "balloon" in c] == ["update_balloon", "update_balloon_stats",
+                                                               "balloon_stats"]
+    with pytest.raises(ControllerError, match=NOT_SUPPORTED_POST_BOOT):
+        await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=1, deflate_on_oom=False)))
+
+
+async def test_balloon_post_boot_errors_carry_firecrackers_prefixes(
+        ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    await boot(ctl, kernel)
+    for kind, payload, message in (
+            (K.GET_BALLOON_CONFIG, None, "Internal VMM error: Failed perform action on device: Device not found"),
+            (K.GET_BALLOON_STATS, None, "Internal VMM error: Failed perform action on device: Device not found"),
+            (K.UPDATE_BALLOON, BalloonUpdateConfig(amount_mib=1),
+             "Balloon update error: Failed perform action on device: Device not found")):
+        with pytest.raises(ControllerError) as err:
+            await ctl.handle(Action(kind, payload))
+        assert err.value.message == message
+    ctl.config = msgspec.structs.replace(ctl.config, balloon=BalloonConfig(amount_mib=0, deflate_on_oom=False))
+    backend.fail["update_balloon"] = BackendError("Balloon: Requested memory should be less than 4096MiB")
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.UPDATE_BALLOON, BalloonUpdateConfig(amount_mib=4096)))
+    assert err.value.message == "Balloon update error: Balloon: Requested memory should be less than 4096MiB"
+    assert ctl.config.balloon.amount_mib == 0                 # a refused update changes nothing
+    backend.fail["balloon_stats"] = BackendError("Balloon: Received stats query when stats are disabled.")
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.GET_BALLOON_STATS))
+    assert err.value.message == "Internal VMM error: Balloon: Received stats query when stats are disabled."
