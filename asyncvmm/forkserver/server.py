@@ -114,7 +114,14 @@ class ForkServer:
         try:
             while not self._stopping:
                 for key, _ in self._selector.select():
-                    key.data(key.fileobj)
+                    # An earlier event of this batch may have closed this one's connection
+                    # (a child reaped): its readiness is stale.
+                    if isinstance(key.fileobj, socket.socket) and key.fileobj.fileno() < 0:
+                        continue
+                    try:
+                        key.data(key.fileobj)
+                    except Exception as err:  # noqa: BLE001 - one bad event must not end the server
+                        _warn(f"internal error, serving on: {type(err).__name__}: {err}")
                     if self._stopping:
                         break
         finally:

@@ -347,3 +347,26 @@ async def test_direct_spawn_waits_in_asyncio(zygote):
     finally:
         os.close(null)
     assert await vmm.wait_async() == -signal.SIGKILL
+
+
+def test_many_microvms_ending_at_once_leave_the_server_serving(zygote):
+    # Children exit, launchers (told by the child itself) hang up, and the server reaps, all in
+    # the same event batches: a connection closed by a reap earlier in a batch must not be
+    # served later in it.  Then the same with the launchers killed first.
+    procs = [zygote.launch("term-exits", "0") for _ in range(60)]
+    for p in procs:
+        zygote.report(p)
+        assert p.stdout.readline() == b"waiting\n"
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    assert [_finish(p)[0] for p in procs] == [0] * len(procs)
+    procs = [zygote.launch("sleep", "60") for _ in range(20)]
+    pids = [zygote.report(p)["pid"] for p in procs]
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.communicate()
+    for pid in pids:
+        assert _wait_gone(pid)
+    assert zygote.proc.poll() is None, zygote.proc.stderr.read()
+    assert _finish(zygote.launch("exit", "4"))[0] == 4
