@@ -141,6 +141,8 @@ void rng_action(const char *arg, size_t n);
 void net_action(const char *arg, size_t n);
 void blkbench_action(const char *arg, size_t n);        /* blkbench.c */
 void blkreset_action(const char *arg, size_t n);        /* blkreset.c */
+void vsock_configure(const struct virtio_params *p);    /* vsock.c */
+void vsock_action(const char *arg, size_t n);
 
 #endif /* __ASSEMBLER__ */
 #endif /* TESTGUEST_H */

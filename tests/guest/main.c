@@ -8,6 +8,7 @@
  *   pmport=0x..  pmmmio=0x..  slptyp=N                     ACPI sleep control
  * Actions (run in command-line order):
  *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  blkreset=...  rng=N  net=...
+ *   vsock=...
  *   mmioflood=<addr>:<count>
  * Exit (runs last; default halt):
  *   exit=halt|reset|triplefault|triplefault0|poweroff
@@ -171,6 +172,8 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 rng_action(v, vn);
         } else if (key_is(k, kn, "net")) {
                 net_action(v, vn);
+        } else if (key_is(k, kn, "vsock")) {
+                vsock_action(v, vn);
         } else if (key_is(k, kn, "mmioflood")) {
                 mmio_flood(v, vn);
         } else if (key_is(k, kn, "exit")) {
@@ -274,6 +277,7 @@ void guest_main(void)
         con_end();
         for_each_token(apply_setting);
         vdev_configure(&cfg.virtio);
+        vsock_configure(&cfg.virtio);
         for_each_token(run_action);
         do_exit();
 }
