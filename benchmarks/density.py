@@ -44,6 +44,17 @@ tables, KVM and launchers included), per microVM.
 The launch rate is N / (last boot-timer line - first spawn) / CPUs: microVM
 creations per second per core, as Firecracker states its figure.
 
+The cold-start steps (``--cold-start-runs``, interleaved): one ``asyncvmm
+--api-sock`` at a time, time and CPU (``cpu_to_api``, the started process's
+utime + stime) from spawn to the first ``GET /`` answer, for each step of
+the start-up diet: ``start-no-bytecode`` (nothing byte-compiled:
+``PYTHONDONTWRITEBYTECODE`` and an empty ``PYTHONPYCACHEPREFIX``),
+``start-editable-install`` (the venv's script, byte-compiled, as installed
+here), ``start-regular-install`` (the same without the editable-install
+finder that ``site`` runs at every start) and ``start-forkserver-launcher``
+(through the fork server: the launcher's CPU).  Their comparisons are
+asyncvmm against itself, one step against the one before.
+
 A run stops launching when ``MemAvailable`` falls below ``--memory-floor-mib``
 (and says so); ``--cap variant=N`` skips larger N for a variant (cold and
 QEMU N=1000 take minutes of both cores on this machine).  The document says
@@ -463,6 +474,85 @@ class Zygote:
             self.proc.wait()
 
 
+# -- the cold-start steps ---------------------------------------------------------
+
+
+def cold_start_configs(zygote_sock: Path | None) -> dict[str, tuple[list[str], dict[str, str] | None]]:
+    """How ``asyncvmm --api-sock`` can start, each step of the diet apart (env None: no byte-code)."""
+    script = asyncvmm_executable()
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    repo = str(Path(__file__).resolve().parents[1])
+    base = {k: v for k, v in os.environ.items() if k != FORKSERVER_ENV}
+    configs: dict[str, tuple[list[str], dict[str, str] | None]] = {
+        "start-no-bytecode": ([script], None),
+        "start-editable-install": ([script], base),
+        # What a regular (non-editable) install starts like: no editable-finder hook in site.
+        "start-regular-install": ([sys.executable, "-s", "-S", "-c",
+                                   f"import sys; sys.path[:0] = [{repo!r}, {site!r}]; "
+                                   "from asyncvmm.cli import main; sys.exit(main())"], base),
+    }
+    if zygote_sock is not None:
+        configs["start-forkserver-launcher"] = ([script], dict(base, **{FORKSERVER_ENV: str(zygote_sock)}))
+    return configs
+
+
+def process_cpu_ms(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def one_cold_start(argv: list[str], env: dict[str, str], sock: Path) -> tuple[float, float]:
+    """(ms to the first API answer, CPU ms the started process used by then)."""
+    import socket as socket_module
+    t0 = time.monotonic_ns()
+    proc = subprocess.Popen([*argv, "--api-sock", str(sock), "--level", "Warning"], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            s = socket_module.socket(socket_module.AF_UNIX)
+            try:
+                s.connect(str(sock))
+                break
+            except OSError:
+                s.close()
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{argv[0]} never served its API")
+                time.sleep(0.001)
+        with s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            s.settimeout(60)
+            if not s.recv(4096).startswith(b"HTTP/1.1 200"):
+                raise RuntimeError("GET / did not answer 200")
+        return (time.monotonic_ns() - t0) / MS, process_cpu_ms(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def measure_cold_start(runs: int, zygote_sock: Path | None, workdir: Path) -> dict[str, Any]:
+    """Each start-up configuration ``runs`` times, interleaved: time and CPU to the first answer."""
+    configs = cold_start_configs(zygote_sock)
+    samples: dict[str, dict[str, list[float]]] = {n: {"start_to_api": [], "cpu_to_api": []} for n in configs}
+    failures: dict[str, list[str]] = {n: [] for n in configs}
+    for i in range(runs):
+        for name, (argv, env) in configs.items():
+            if env is None:           # no byte-code: nothing written, nothing read from a cache
+                env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
+                           PYTHONPYCACHEPREFIX=str(workdir / f"empty-cache-{i}"))
+                env.pop(FORKSERVER_ENV, None)
+            try:
+                wall, cpu = one_cold_start(argv, env, workdir / f"cold-{name}-{i}.sock")
+            except (OSError, RuntimeError) as err:
+                failures[name].append(str(err))
+                continue
+            samples[name]["start_to_api"].append(wall)
+            samples[name]["cpu_to_api"].append(cpu)
+    return {name: {"metrics": {m: report.metric(v, "ms") for m, v in ms.items() if v},
+                   "failures": failures[name]} for name, ms in samples.items()}
+
+
 def raise_nofile() -> None:
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -503,6 +593,9 @@ async def main_async(opts: argparse.Namespace, guest: GuestSpec, workdir: Path) 
         if zygote is not None:
             notes.append(f"Fork server (once for all microVMs): {zygote.pss_kib / 1024:.1f} MiB PSS, "
                          f"{zygote.private_kib / 1024:.1f} MiB private after warm-up.")
+        if opts.cold_start_runs:
+            print("density: cold-start steps ...", file=sys.stderr, flush=True)
+            variants.update(measure_cold_start(opts.cold_start_runs, zygote.sock if zygote else None, workdir))
         for n in opts.n:
             for variant in opts.variants:
                 name = f"{variant}-{n}"
@@ -533,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=1.0, help="seconds between the last boot and the checks")
     p.add_argument("--memory-floor-mib", type=int, default=2048,
                    help="stop launching when MemAvailable falls below this (default 2048)")
+    p.add_argument("--cold-start-runs", type=int, default=5,
+                   help="runs of each start-up configuration (byte-code, install kind, launcher); 0: skip")
     p.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
     return p
 
@@ -562,15 +657,23 @@ def main(argv: list[str] | None = None) -> int:
         for subject in ("forkserver", "direct", "cold"):
             pairs.append((f"{subject}-{n}", f"qemu-{n}", ("start_to_api", "start_to_boottimer", "total_pss")))
         pairs.append((f"forkserver-{n}", f"cold-{n}", ("start_to_api", "start_to_boottimer", "total_pss")))
+    pairs += [("start-editable-install", "start-no-bytecode", ("start_to_api", "cpu_to_api")),
+              ("start-regular-install", "start-editable-install", ("start_to_api", "cpu_to_api")),
+              ("start-forkserver-launcher", "start-editable-install", ("start_to_api", "cpu_to_api"))]
     comparisons, notes = report.compare_pairs(doc["variants"], pairs, lambda name: False)
     reasons = {(f"{s}-{n}", f"qemu-{n}"): {"start_to_api": QEMU_UNEQUAL} for n in opts.n
                for s in ("forkserver", "direct", "cold")}
     doc["comparisons"] = report.label_unequal(comparisons, reasons)
     doc["notes"] = result["notes"] + notes + [
+        "start-* variants: one asyncvmm started at a time (no load from the others), each step of the "
+        "start-up diet against the one before it: a ratio below 1 is that step's saving.",
         "total_pss: the VMM's PSS minus its guest RAM, plus (fork server) its launcher's PSS; "
         "QEMU's vmm_pss is the same measure of its one process."]
     for name, variant in doc["variants"].items():
-        print(name, json.dumps(variant["density"]))
+        if "density" in variant:
+            print(name, json.dumps(variant["density"]))
+        else:
+            print(name)
         for metric_name, m in variant["metrics"].items():
             print(f"  {metric_name}: median {report.fmt(m['median'], m['unit'])}, p99 {report.fmt(m['p99'], m['unit'])}")
         for failure in variant["failures"][:5]:
