@@ -68,3 +68,31 @@ def test_runtime_does_not_import_the_tools():
            if mod == "asyncvmm_tools" or mod.startswith("asyncvmm_tools.")]
     assert not bad, "\n".join(bad)
     assert not (PACKAGE / "images").exists() and not (PACKAGE / "hostvm").exists()
+
+
+def _third_party_imports(root: Path) -> dict[str, set[str]]:
+    """Top-level module -> the files that import it, for modules outside the stdlib and the project."""
+    import sys
+    found: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        for mod in _imports(path):
+            top = mod.split(".")[0]
+            if top and top not in sys.stdlib_module_names and top not in ("asyncvmm", "asyncvmm_tools", "__future__"):
+                found.setdefault(top, set()).add(str(path.relative_to(root.parent)))
+    return found
+
+
+def _requirement_names(reqs: list[str]) -> set[str]:
+    import re
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("-", "_") for r in reqs}
+
+
+def test_runtime_dependencies_are_what_the_runtime_imports():
+    import tomllib
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    declared = _requirement_names(project["dependencies"])
+    tools = _requirement_names(project["optional-dependencies"]["tools"])
+    imported = _third_party_imports(PACKAGE)
+    # pyroute2 is imported lazily by the netns helpers only: it is a tools extra, not a runtime need.
+    assert set(imported) - tools == declared, imported
+    assert not _third_party_imports(PACKAGE.parent / "asyncvmm_tools"), "the tools use only the stdlib"
