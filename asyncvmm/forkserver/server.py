@@ -33,6 +33,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from typing import Any, Callable
 
 from asyncvmm.forkserver import child, protocol
@@ -90,6 +91,7 @@ class ForkServer:
     """Serves fork requests on ``path``; each child runs ``entry(argv)`` as its whole life."""
 
     def __init__(self, path: str, entry: Callable[[list[str]], int]) -> None:
+        _raise_nofile()
         self.path = path
         self.entry = entry
         self._fresh = child.fresh_signal_dispositions()
@@ -157,8 +159,9 @@ class ForkServer:
             conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
-        except OSError as err:                    # EMFILE and friends: refuse this one, live on
+        except OSError as err:                    # EMFILE and friends: live on, without spinning
             _warn(f"accept failed: {err}")
+            time.sleep(0.05)                      # the connection waits in the backlog meanwhile
             return
         uid = peer_uid(conn)
         if uid != os.geteuid():
@@ -269,6 +272,17 @@ class ForkServer:
             except KeyError:
                 pass
             conn.close()
+
+
+def _raise_nofile() -> None:
+    """One descriptor per running child's connection: take the hard limit, not the soft 1024.
+
+    Children do not inherit it: each takes its launcher's rlimits.
+    """
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class _Fd:

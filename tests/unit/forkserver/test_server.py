@@ -370,3 +370,15 @@ def test_many_microvms_ending_at_once_leave_the_server_serving(zygote):
         assert _wait_gone(pid)
     assert zygote.proc.poll() is None, zygote.proc.stderr.read()
     assert _finish(zygote.launch("exit", "4"))[0] == 4
+
+
+def test_the_server_takes_its_hard_descriptor_limit_and_children_take_the_launchers(zygote):
+    import resource
+    with open(f"/proc/{zygote.proc.pid}/limits") as f:
+        line = next(li for li in f if li.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    assert soft == hard                                  # one descriptor per running child
+    proc = zygote.launch("exit", "0")
+    state = zygote.report(proc)
+    assert _finish(proc)[0] == 0
+    assert state["nofile"] == list(resource.getrlimit(resource.RLIMIT_NOFILE))
