@@ -5,7 +5,8 @@ over the listening socket, the connections, and the wake-up pipe that
 ``SIGCHLD`` writes to:
 
 * accept: the peer must be this server's own uid (``SO_PEERCRED``), on top
-  of the socket file's 0600 mode; anyone else gets an error and is dropped;
+  of the socket file's 0600 mode; anyone else gets an error (once its
+  request is read, so the answer is not lost to a reset) and is dropped;
 * a request: one ``SOCK_SEQPACKET`` message with three descriptors; garbage,
   an oversized or truncated message, a wrong descriptor count or a bad field
   gets ``{"error": ...}`` and the connection is closed (descriptors received
@@ -101,7 +102,7 @@ class ForkServer:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ, self._accept)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
-        self._pending: dict[socket.socket, None] = {}    # accepted, request not yet read
+        self._pending: dict[socket.socket, int] = {}     # accepted, request not yet read: peer uid
         self._children: dict[int, socket.socket] = {}    # pid -> its launcher's connection
         self._stopping = False
         self.served = 0
@@ -163,11 +164,9 @@ class ForkServer:
             _warn(f"accept failed: {err}")
             time.sleep(0.05)                      # the connection waits in the backlog meanwhile
             return
-        uid = peer_uid(conn)
-        if uid != os.geteuid():
-            self._refuse(conn, f"uid {uid} may not use this fork server (owner uid {os.geteuid()})")
-            return
-        self._pending[conn] = None
+        # The uid is checked once the request is read: closing a socket with an unread request
+        # would reset the peer's connection and lose our answer.
+        self._pending[conn] = peer_uid(conn)
         self._selector.register(conn, selectors.EVENT_READ, self._on_request)
 
     def _refuse(self, conn: socket.socket, why: str) -> None:
@@ -190,11 +189,14 @@ class ForkServer:
             self._drop_pending(conn)
             self._refuse(conn, f"cannot read the request: {err}")
             return
+        uid = self._pending[conn]
         self._drop_pending(conn)
         try:
             if not data and not fds:
                 conn.close()                       # connected and left: nothing to answer
                 return
+            if uid != os.geteuid():
+                raise protocol.ProtocolError(f"uid {uid} may not use this fork server (owner uid {os.geteuid()})")
             if flags & socket.MSG_TRUNC or len(data) > protocol.MAX_MESSAGE:
                 raise protocol.ProtocolError(f"request exceeds the {protocol.MAX_MESSAGE}-byte limit")
             if flags & socket.MSG_CTRUNC or len(fds) != protocol.STDIO_FDS:
