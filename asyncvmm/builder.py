@@ -239,7 +239,8 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
             balloon = virtio.attach(Balloon(
                 amount_mib=b.amount_mib, deflate_on_oom=b.deflate_on_oom,
                 stats_polling_interval_s=b.stats_polling_interval_s,
-                free_page_reporting=b.free_page_reporting, mem_size_mib=mc.mem_size_mib,
+                free_page_hinting=b.free_page_hinting, free_page_reporting=b.free_page_reporting,
+                mem_size_mib=mc.mem_size_mib,
                 metrics=_register(ctx.metrics, "balloon", BalloonMetrics())))
         virtio_windows = virtio.windows
 

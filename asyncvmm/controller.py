@@ -109,6 +109,9 @@ class VmmBackend(Protocol):
     async def update_balloon(self, amount_mib: int) -> None: ...
     async def balloon_stats(self) -> dict[str, Any]: ...
     async def update_balloon_stats(self, interval_s: int) -> None: ...
+    async def start_balloon_hinting(self, acknowledge_on_stop: bool) -> None: ...
+    async def balloon_hinting_status(self) -> dict[str, Any]: ...
+    async def stop_balloon_hinting(self) -> None: ...
 
 
 class MetricsSink(Protocol):
@@ -267,9 +270,6 @@ RULES: dict[ActionKind, Phase] = {
 
 # The actions of features asyncvmm does not build yet, in every phase: the feature each names.
 NOT_BUILT: dict[ActionKind, str] = {
-    ActionKind.START_FREE_PAGE_HINTING: unbuilt.FREE_PAGE_HINTING,
-    ActionKind.GET_FREE_PAGE_HINTING_STATUS: unbuilt.FREE_PAGE_HINTING,
-    ActionKind.STOP_FREE_PAGE_HINTING: unbuilt.FREE_PAGE_HINTING,
     ActionKind.INSERT_PMEM_DEVICE: unbuilt.PMEM,
     ActionKind.UPDATE_PMEM_DEVICE: unbuilt.PMEM,
     ActionKind.SET_MEMORY_HOTPLUG_DEVICE: unbuilt.MEMORY_HOTPLUG,
@@ -360,6 +360,9 @@ class Controller:
             K.GET_BALLOON_STATS: self._get_balloon_stats,
             K.UPDATE_BALLOON: self._update_balloon,
             K.UPDATE_BALLOON_STATISTICS: self._update_balloon_statistics,
+            K.START_FREE_PAGE_HINTING: self._start_free_page_hinting,
+            K.GET_FREE_PAGE_HINTING_STATUS: self._get_free_page_hinting_status,
+            K.STOP_FREE_PAGE_HINTING: self._stop_free_page_hinting,
         }
 
     async def handle(self, action: Action) -> Any:
@@ -516,9 +519,7 @@ class Controller:
         self.config = resources.insert_network_interface(self.config, iface)
 
     async def _set_balloon_device(self, balloon: Any) -> None:
-        new = resources.set_balloon(self.config, balloon)
-        unbuilt.refuse_unbuilt(balloon)      # free page hinting
-        self.config = new
+        self.config = resources.set_balloon(self.config, balloon)
 
     async def _set_vsock_device(self, vsock: Any) -> None:
         vsock.validate()
@@ -634,6 +635,21 @@ class Controller:
         interval = update.stats_polling_interval_s
         await self._backend_call(prefix, self.backend.update_balloon_stats(interval))
         self.config = _replace(self.config, balloon=_replace(balloon, stats_polling_interval_s=interval))
+
+    async def _start_free_page_hinting(self, cmd: Any) -> None:
+        prefix = "Balloon update error: "
+        self._balloon(prefix)
+        await self._backend_call(prefix, self.backend.start_balloon_hinting(cmd.acknowledge_on_stop))
+
+    async def _get_free_page_hinting_status(self, _: None) -> Any:
+        prefix = "Balloon update error: "
+        self._balloon(prefix)
+        return await self._backend_call(prefix, self.backend.balloon_hinting_status())
+
+    async def _stop_free_page_hinting(self, _: None) -> None:
+        prefix = "Balloon update error: "
+        self._balloon(prefix)
+        await self._backend_call(prefix, self.backend.stop_balloon_hinting())
 
     # -- --config-file ------------------------------------------------------------
 

@@ -226,14 +226,23 @@ class Vmm:
         except BalloonError as e:
             raise BackendError(f"Balloon: {e}") from None
 
-    async def start_balloon_hinting(self, cmd) -> None:
-        raise _not_yet("Free page hinting")
+    async def start_balloon_hinting(self, acknowledge_on_stop: bool) -> None:
+        try:
+            self._balloon().start_hinting(acknowledge_on_stop)
+        except BalloonError as e:
+            raise BackendError(f"Balloon: {e}") from None
 
     async def balloon_hinting_status(self) -> dict[str, Any]:
-        raise _not_yet("Free page hinting")
+        try:
+            return self._balloon().hinting_status()
+        except BalloonError as e:
+            raise BackendError(f"Balloon: {e}") from None
 
     async def stop_balloon_hinting(self) -> None:
-        raise _not_yet("Free page hinting")
+        try:
+            self._balloon().stop_hinting()
+        except BalloonError as e:
+            raise BackendError(f"Balloon: {e}") from None
 
     async def memory_hotplug_status(self) -> dict[str, Any]:
         raise _not_yet("Memory hotplug")

@@ -124,7 +124,7 @@ class BalloonStatsUpdateConfig(Base):
 class BalloonStartCmdConfig(Base):
     """``BalloonStartCmd``: starts a free page hinting run."""
 
-    acknowledge_on_stop: bool = False
+    acknowledge_on_stop: bool = True   # Firecracker's default: DONE follows the guest's STOP
 
 
 class PmemConfig(Base):

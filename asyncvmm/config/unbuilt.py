@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from asyncvmm.config.devices import BalloonConfig, DriveConfig, SerialConfig
+from asyncvmm.config.devices import DriveConfig, SerialConfig
 from asyncvmm.config.errors import ConfigError
 from asyncvmm.config.machine import CpuConfig, MachineConfig
 
-FREE_PAGE_HINTING = "Free page hinting (balloon `free_page_hinting`, /balloon/hinting)"
 PMEM = "The pmem device (virtio-pmem)"
 MEMORY_HOTPLUG = "Memory hotplug (virtio-mem)"
 SNAPSHOT_CREATE = "Creating snapshots"
@@ -58,10 +57,6 @@ def _drive(drive: DriveConfig) -> str | None:
     return VHOST_USER_BLOCK if drive.socket is not None else None
 
 
-def _balloon(balloon: BalloonConfig) -> str | None:
-    return FREE_PAGE_HINTING if balloon.free_page_hinting else None
-
-
 def _serial(serial: SerialConfig) -> str | None:
     return SERIAL_RATE_LIMITER if serial.rate_limiter is not None else None
 
@@ -75,7 +70,6 @@ def _cpu_config(cpu: CpuConfig) -> str | None:
 _CHECKS: dict[type, Any] = {
     MachineConfig: _machine,
     DriveConfig: _drive,
-    BalloonConfig: _balloon,
     SerialConfig: _serial,
     CpuConfig: _cpu_config,
 }

@@ -270,17 +270,12 @@ def test_logger_line_format(tmp_path: Path) -> None:
 # -- nothing accepted and then ignored -------------------------------------------------------
 
 NOT_YET = " is not supported yet by asyncvmm."
-HINTING = "Free page hinting (balloon `free_page_hinting`, /balloon/hinting)" + NOT_YET
 PMEM = "The pmem device (virtio-pmem)" + NOT_YET
 HOTPLUG = "Memory hotplug (virtio-mem)" + NOT_YET
 
 # Every request of a feature that is not built, valid per the spec, and its refusal.  When a feature
 # is built, its rows leave this table and a test of the working feature replaces them.
 NOT_BUILT = [
-    ("PUT", "/balloon", {"amount_mib": 64, "deflate_on_oom": True, "free_page_hinting": True}, HINTING),
-    ("PATCH", "/balloon/hinting/start", {"acknowledge_on_stop": True}, HINTING),
-    ("GET", "/balloon/hinting/status", None, HINTING),
-    ("PATCH", "/balloon/hinting/stop", {}, HINTING),
     ("PUT", "/pmem/p0", {"id": "p0", "path_on_host": "/etc/hostname"}, PMEM),
     ("PATCH", "/pmem/p0", {"id": "p0", "rate_limiter": {}}, PMEM),
     ("PUT", "/hotplug/memory", {"total_size_mib": 1024}, HOTPLUG),
@@ -318,15 +313,18 @@ def test_balloon_before_boot(api: Api) -> None:
     assert resp.status == 400 and resp.fault == "Balloon config error: No balloon device found."
     resp = api("PUT", "/balloon", {"amount_mib": 129, "deflate_on_oom": True})
     assert resp.status == 400 and resp.fault == "Balloon config error: Amount of pages requested is too large."
-    body = {"amount_mib": 64, "deflate_on_oom": True, "stats_polling_interval_s": 1, "free_page_reporting": True}
+    body = {"amount_mib": 64, "deflate_on_oom": True, "stats_polling_interval_s": 1, "free_page_reporting": True,
+            "free_page_hinting": True}
     assert api("PUT", "/balloon", body).status == 204
-    assert api("GET", "/balloon").json() == {**body, "free_page_hinting": False}
-    assert api("GET", "/vm/config").json()["balloon"] == {**body, "free_page_hinting": False}
+    assert api("GET", "/balloon").json() == body
+    assert api("GET", "/vm/config").json()["balloon"] == body
     resp = api("PATCH", "/machine-config", {"mem_size_mib": 32})
     assert resp.fault == ("Machine config error: The memory size (MiB) is smaller than the previously set "
                           "balloon device target size.")
     for method, path, req in (("PATCH", "/balloon", {"amount_mib": 1}), ("GET", "/balloon/statistics", None),
-                              ("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 2})):
+                              ("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 2}),
+                              ("PATCH", "/balloon/hinting/start", {}), ("GET", "/balloon/hinting/status", None),
+                              ("PATCH", "/balloon/hinting/stop", None)):
         resp = api(method, path, req)
         assert resp.status == 400
         assert resp.fault == "The requested operation is not supported before starting the microVM."
@@ -532,6 +530,19 @@ def test_balloon_after_boot_without_a_driver(api: Api, guest_kernel: str) -> Non
     assert resp.fault == "Balloon update error: Balloon: Statistics cannot be enabled/disabled after activation."
     assert api("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 5}).status == 204
     assert api("GET", "/balloon").json()["stats_polling_interval_s"] == 5
+    hinting = "Balloon update error: Balloon: Attempting to use hinting when not enabled"
+    assert api("PATCH", "/balloon/hinting/start", {"acknowledge_on_stop": True}).fault == hinting
+    assert api("GET", "/balloon/hinting/status").fault == hinting
+    assert api("PATCH", "/balloon/hinting/stop").fault == hinting
+
+
+def test_balloon_hinting_after_boot_without_a_driver(api: Api, guest_kernel: str) -> None:
+    assert api("PUT", "/balloon", {"amount_mib": 0, "deflate_on_oom": False, "free_page_hinting": True}).status == 204
+    boot(api, guest_kernel)
+    assert api("GET", "/balloon/hinting/status").json() == {"host_cmd": 0}
+    resp = api("PATCH", "/balloon/hinting/start")
+    assert resp.status == 400 and resp.fault == "Balloon update error: Balloon: Device not activated yet."
+    assert api("PATCH", "/balloon/hinting/stop").fault == "Balloon update error: Balloon: Device not activated yet."
 
 
 def test_balloon_statistics_when_polling_is_off(api: Api, guest_kernel: str) -> None:
@@ -552,7 +563,7 @@ def test_balloon_operations_after_boot_without_a_balloon(booted: Api) -> None:
 def test_not_built_features_are_refused_after_boot_too(booted: Api) -> None:
     for method, path, body, fault in NOT_BUILT:
         resp = booted(method, path, body)
-        if path in ("/machine-config", "/cpu-config", "/serial", "/balloon") or path.startswith("/drives"):
+        if path in ("/machine-config", "/cpu-config", "/serial") or path.startswith("/drives"):
             # Built resources whose phase is over: the phase rule answers first.
             assert resp.fault == "The requested operation is not supported after starting the microVM."
         else:

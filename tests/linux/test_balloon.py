@@ -19,6 +19,9 @@ whole story, since every boot costs minutes inside the emulated KVM host:
   balloon can give that memory), the write succeeds and the balloon's actual
   size drops below its target.
 * ``PATCH /balloon`` back to 0 deflates the balloon completely.
+* Free page hinting: after another fill and free, a hinting run
+  (``/balloon/hinting/start``) ends with the guest's STOP acknowledged by
+  DONE, and the hinted free pages left the VMM's RSS.
 """
 
 from __future__ import annotations
@@ -79,6 +82,13 @@ def wait_actual(sock, guest, done, what: str, timeout: float = 180) -> dict:
         time.sleep(1)
 
 
+def fill_and_free(guest) -> int:
+    """Write nearly all free guest memory into tmpfs and delete it: those pages are now resident in the VMM."""
+    fill_mib = meminfo(guest)["MemFree"] // MiB - 24
+    guest.run(f"head -c {fill_mib}M /dev/zero > /run/fill/a; sync; rm /run/fill/a", timeout=240).check()
+    return fill_mib
+
+
 def patch_target(sock, amount_mib: int) -> None:
     status, body = api(sock, "PATCH", "/balloon", {"amount_mib": amount_mib})
     assert status == 204, body
@@ -86,7 +96,7 @@ def patch_target(sock, amount_mib: int) -> None:
 
 def test_balloon_gives_memory_back_reports_statistics_and_deflates_on_oom(guests, guest_images, tmp_path):
     sock = tmp_path / "api.sock"
-    balloon = {"amount_mib": 0, "deflate_on_oom": True, "stats_polling_interval_s": 1}
+    balloon = {"amount_mib": 0, "deflate_on_oom": True, "stats_polling_interval_s": 1, "free_page_hinting": True}
     spec = default_spec(guest_images, tmp_path, mem_mib=MEM_MIB)
     guest = guests.start(BalloonLauncher(sock, balloon), spec)
     guest.wait_for(READY, BOOT_TIMEOUT)
@@ -94,11 +104,8 @@ def test_balloon_gives_memory_back_reports_statistics_and_deflates_on_oom(guests
     bound = guest.run("ls /sys/bus/virtio/drivers/virtio_balloon/").check().output
     assert "virtio" in bound, f"virtio_balloon bound to nothing: {bound!r}"
 
-    # Fill nearly all free guest memory, then free it: those pages are now resident in the VMM.
     guest.run("mkdir -p /run/fill && mount -t tmpfs -o size=95% tmpfs /run/fill").check()
-    free_mib = meminfo(guest)["MemFree"] // MiB
-    fill_mib = free_mib - 24
-    guest.run(f"head -c {fill_mib}M /dev/zero > /run/fill/a; sync; rm /run/fill/a", timeout=240).check()
+    fill_mib = fill_and_free(guest)
     rss_filled = vmm_rss(guest.pid)
 
     patch_target(sock, INFLATE_MIB)
@@ -143,4 +150,23 @@ def test_balloon_gives_memory_back_reports_statistics_and_deflates_on_oom(guests
     # And back to nothing: the guest takes every page back.
     patch_target(sock, 0)
     wait_actual(sock, guest, lambda mib: mib == 0, "back to 0")
+
+    # Free page hinting: the guest hands its free blocks over for the run, the device gives them back.
+    fill_and_free(guest)
+    rss_filled = vmm_rss(guest.pid)
+    status, body = api(sock, "PATCH", "/balloon/hinting/start", {"acknowledge_on_stop": True})
+    assert status == 204, body
+    deadline = time.monotonic() + 180
+    while True:
+        status, body = api(sock, "GET", "/balloon/hinting/status")
+        assert status == 200, body
+        hinting = json.loads(body)
+        if hinting == {"host_cmd": 1, "guest_cmd": 0}:          # the guest's STOP, answered with DONE
+            break
+        assert time.monotonic() < deadline, f"hinting run did not finish: {hinting}; console:\n{guest.tail()}"
+        time.sleep(1)
+    rss_hinted = vmm_rss(guest.pid)
+    print(f"balloon: hinting run: VMM RSS {rss_filled / MiB:.1f} MiB -> {rss_hinted / MiB:.1f} MiB")
+    assert rss_filled - rss_hinted >= 32 * MiB, (rss_filled, rss_hinted)
+    guest.run("head -c 32M /dev/zero > /run/fill/c && rm /run/fill/c").check()   # the pages are usable again
     assert guest.stop() == 0, guest.tail()

@@ -97,6 +97,16 @@ class FakeBackend:
     async def update_balloon_stats(self, interval_s: int) -> None:
         await self._call("update_balloon_stats", interval_s)
 
+    async def start_balloon_hinting(self, acknowledge_on_stop: bool) -> None:
+        await self._call("start_balloon_hinting", acknowledge_on_stop)
+
+    async def balloon_hinting_status(self) -> dict[str, Any]:
+        await self._call("balloon_hinting_status")
+        return {"host_cmd": 2}
+
+    async def stop_balloon_hinting(self) -> None:
+        await self._call("stop_balloon_hinting")
+
 
 class FakeMetrics:
     def __init__(self) -> None:
@@ -340,16 +350,12 @@ async def test_configure_from_file_uses_the_api_rules(ctl: Controller, kernel: s
 # -- nothing accepted and then ignored: features not built are refused, naming them --------
 
 NOT_YET = "is not supported yet by asyncvmm."
-HINTING = "Free page hinting (balloon `free_page_hinting`, /balloon/hinting) " + NOT_YET
 PMEM = "The pmem device (virtio-pmem) " + NOT_YET
 HOTPLUG = "Memory hotplug (virtio-mem) " + NOT_YET
 
 # One valid request of every not-built action, and the exact refusal it gets.  When a feature
 # is built, its rows go and a test of the feature takes their place.
 NOT_BUILT_REQUESTS = [
-    (K.START_FREE_PAGE_HINTING, BalloonStartCmdConfig(), HINTING),
-    (K.GET_FREE_PAGE_HINTING_STATUS, None, HINTING),
-    (K.STOP_FREE_PAGE_HINTING, None, HINTING),
     (K.INSERT_PMEM_DEVICE, PmemConfig(id="p0", path_on_host="/p"), PMEM),
     (K.UPDATE_PMEM_DEVICE, PmemUpdateConfig(id="p0"), PMEM),
     (K.SET_MEMORY_HOTPLUG_DEVICE, MemoryHotplugConfig(total_size_mib=1024), HOTPLUG),
@@ -460,7 +466,6 @@ async def test_built_resources_refuse_the_fields_that_are_not_built(ctl: Control
 
 
 @pytest.mark.parametrize("item,feature", [
-    ('"balloon": {"amount_mib": 1, "deflate_on_oom": false, "free_page_hinting": true}', "Free page hinting"),
     ('"pmem": [{"id": "p", "path_on_host": "/p"}]', "The pmem device (virtio-pmem)"),
     ('"memory-hotplug": {"total_size_mib": 1024}', "Memory hotplug (virtio-mem)"),
     ('"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}', "Huge pages"),
@@ -499,12 +504,24 @@ async def test_balloon_pre_boot_rules(ctl: Controller) -> None:
         assert err.value.message == NOT_SUPPORTED_PRE_BOOT
 
 
-async def test_balloon_free_page_hinting_is_refused_naming_it(ctl: Controller) -> None:
+async def test_balloon_free_page_hinting_calls(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=1, deflate_on_oom=False,
+                                                                 free_page_hinting=True)))
+    assert ctl.config.balloon.free_page_hinting
+    for kind, payload in ((K.START_FREE_PAGE_HINTING, BalloonStartCmdConfig()), (K.GET_FREE_PAGE_HINTING_STATUS, None),
+                          (K.STOP_FREE_PAGE_HINTING, None)):
+        with pytest.raises(ControllerError, match=NOT_SUPPORTED_PRE_BOOT):
+            await ctl.handle(Action(kind, payload))
+    await boot(ctl, kernel)
+    await ctl.handle(Action(K.START_FREE_PAGE_HINTING, BalloonStartCmdConfig()))
+    assert await ctl.handle(Action(K.GET_FREE_PAGE_HINTING_STATUS)) == {"host_cmd": 2}
+    await ctl.handle(Action(K.STOP_FREE_PAGE_HINTING))
+    assert [c for c in backend.calls if "hinting" in c[0]] == [
+        ("start_balloon_hinting", (True,)), ("balloon_hinting_status", ()), ("stop_balloon_hinting", ())]
+    backend.fail["stop_balloon_hinting"] = BackendError("Balloon: Attempting to use hinting when not enabled")
     with pytest.raises(ControllerError) as err:
-        await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=1, deflate_on_oom=False,
-                                                                     free_page_hinting=True)))
-    assert err.value.message == HINTING
-    assert ctl.config.balloon is None
+        await ctl.handle(Action(K.STOP_FREE_PAGE_HINTING))
+    assert err.value.message == "Balloon update error: Balloon: Attempting to use hinting when not enabled"
 
 
 async def test_balloon_post_boot_operations(ctl: Controller, backend: FakeBackend, kernel: str) -> None:

@@ -11,13 +11,22 @@ needs nothing: the guest's next access faults in a fresh zero page.
 Queues are numbered in order of the features the driver accepted (Linux
 skips absent ones): 0 inflate, 1 deflate, then the *stats* queue with
 ``VIRTIO_BALLOON_F_STATS_VQ`` (offered when ``stats_polling_interval_s`` is
-not 0), then the *reporting* queue with ``VIRTIO_BALLOON_F_PAGE_REPORTING``
-(``free_page_reporting``).  ``VIRTIO_BALLOON_F_DEFLATE_ON_OOM`` lets the
-guest deflate on its own under memory pressure.  Free page hinting is not
-built (the API refuses it).
+not 0), the *hinting* queue with ``VIRTIO_BALLOON_F_FREE_PAGE_HINT``
+(``free_page_hinting``), then the *reporting* queue with
+``VIRTIO_BALLOON_F_PAGE_REPORTING`` (``free_page_reporting``).
+``VIRTIO_BALLOON_F_DEFLATE_ON_OOM`` lets the guest deflate on its own under
+memory pressure.
 
-Config space (§5.5.4): ``le32 num_pages`` (device-written) and ``le32
-actual`` (driver-written).  Everything here runs on the loop.
+Free page hinting (§5.5.6.4): the API starts a run by writing a new command
+id (2 and up) to ``free_page_hint_cmd_id``; the driver answers with that id,
+then hands over free pages it holds meanwhile (given back to the host), then
+sends ``STOP``.  Writing ``DONE`` (``/balloon/hinting/stop``, or at the
+guest's ``STOP`` when the run asked for ``acknowledge_on_stop``) lets the
+guest use those pages again.
+
+Config space (§5.5.4): ``le32 num_pages`` (device-written), ``le32 actual``
+(driver-written), ``le32 free_page_hint_cmd_id`` (device-written).
+Everything here runs on the loop.
 """
 
 from __future__ import annotations
@@ -30,7 +39,10 @@ from asyncvmm.devices.virtio.balloon.metrics import BalloonMetrics
 from asyncvmm.devices.virtio.balloon.protocol import (
     PAGES_PER_MIB,
     STAT_NAMES,
+    VIRTIO_BALLOON_CMD_ID_DONE,
+    VIRTIO_BALLOON_CMD_ID_STOP,
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     VIRTIO_BALLOON_F_PAGE_REPORTING,
     VIRTIO_BALLOON_F_STATS_VQ,
     queue_roles,
@@ -39,13 +51,14 @@ from asyncvmm.devices.virtio.device import Activation, ActivationError, VirtioDe
 from asyncvmm.devices.virtio.spec import VIRTIO_F_VERSION_1, VIRTIO_ID_BALLOON, bit
 
 QUEUE_SIZE = 256
-CONFIG = struct.Struct("<II")        # num_pages, actual
+CONFIG = struct.Struct("<III")       # num_pages, actual, free_page_hint_cmd_id
 ACTUAL_OFFSET = 4
 
 # Firecracker's BalloonError texts (the API prefixes them).
 DEVICE_NOT_ACTIVE = "Device not activated yet."
 STATS_DISABLED = "Received stats query when stats are disabled."
 STATS_STATE_CHANGE = "Statistics cannot be enabled/disabled after activation."
+HINTING_NOT_ENABLED = "Attempting to use hinting when not enabled"
 
 
 class BalloonError(Exception):
@@ -60,11 +73,16 @@ class Balloon(VirtioDevice):
     device_type = VIRTIO_ID_BALLOON
 
     def __init__(self, *, amount_mib: int, deflate_on_oom: bool, stats_polling_interval_s: int,
-                 free_page_reporting: bool, mem_size_mib: int,
+                 free_page_reporting: bool, mem_size_mib: int, free_page_hinting: bool = False,
                  metrics: BalloonMetrics | None = None) -> None:
         super().__init__()
         self.deflate_on_oom = deflate_on_oom
+        self.free_page_hinting = free_page_hinting
         self.free_page_reporting = free_page_reporting
+        self.hint_cmd_id = VIRTIO_BALLOON_CMD_ID_STOP    # what the device asks of the driver
+        self.last_run_id = 0
+        self.guest_cmd: int | None = None               # what the driver last said
+        self.acknowledge_on_stop = True
         self.stats_polling_interval_s = stats_polling_interval_s
         self.mem_size_mib = mem_size_mib
         self.metrics = metrics or BalloonMetrics()
@@ -73,7 +91,7 @@ class Balloon(VirtioDevice):
         #: The latest value of each statistic the guest sent, by API name.
         self.latest_stats: dict[str, int] = {}
         self.handler: BalloonHandler | None = None
-        extra = int(stats_polling_interval_s > 0) + int(free_page_reporting)
+        extra = int(stats_polling_interval_s > 0) + int(free_page_hinting) + int(free_page_reporting)
         self.queue_max_sizes = (QUEUE_SIZE,) * (2 + extra)
         self._update_config()
 
@@ -84,6 +102,8 @@ class Balloon(VirtioDevice):
             features |= bit(VIRTIO_BALLOON_F_STATS_VQ)
         if self.deflate_on_oom:
             features |= bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
+        if self.free_page_hinting:
+            features |= bit(VIRTIO_BALLOON_F_FREE_PAGE_HINT)
         if self.free_page_reporting:
             features |= bit(VIRTIO_BALLOON_F_PAGE_REPORTING)
         return features
@@ -91,11 +111,11 @@ class Balloon(VirtioDevice):
     # -- config space -------------------------------------------------------
 
     def _update_config(self) -> None:
-        self._config = CONFIG.pack(self.num_pages, self.actual_pages)
+        self._config = CONFIG.pack(self.num_pages, self.actual_pages, self.hint_cmd_id)
 
     def write_config(self, offset: int, data: bytes) -> None:
         # Only ``actual`` is the driver's to write (§5.5.6: the driver SHOULD update it).
-        if offset < ACTUAL_OFFSET or offset + len(data) > CONFIG.size:
+        if offset < ACTUAL_OFFSET or offset + len(data) > ACTUAL_OFFSET + 4:
             super().write_config(offset, data)
             return
         raw = bytearray(self._config)
@@ -139,13 +159,48 @@ class Balloon(VirtioDevice):
         out.update((name, self.latest_stats[name]) for name in STAT_NAMES.values() if name in self.latest_stats)
         return out
 
+    # -- free page hinting (the API) -------------------------------------------
+
+    def start_hinting(self, acknowledge_on_stop: bool) -> None:
+        """PATCH /balloon/hinting/start: a new run, with the next command id (2 and up)."""
+        self._check_hinting()
+        run_id = (self.last_run_id + 1) & 0xFFFF_FFFF
+        self.last_run_id = run_id if run_id > VIRTIO_BALLOON_CMD_ID_DONE else 2
+        self.acknowledge_on_stop = acknowledge_on_stop
+        self.set_hint_cmd(self.last_run_id)
+
+    def stop_hinting(self) -> None:
+        """PATCH /balloon/hinting/stop: DONE, so the guest takes its hinted pages back."""
+        self._check_hinting()
+        self.set_hint_cmd(VIRTIO_BALLOON_CMD_ID_DONE)
+
+    def hinting_status(self) -> dict[str, int]:
+        if not self.free_page_hinting:
+            raise BalloonError(HINTING_NOT_ENABLED)
+        status = {"host_cmd": self.hint_cmd_id}
+        if self.guest_cmd is not None:
+            status["guest_cmd"] = self.guest_cmd
+        return status
+
+    def _check_hinting(self) -> None:
+        if not self.free_page_hinting:
+            raise BalloonError(HINTING_NOT_ENABLED)
+        if self.handler is None:
+            raise BalloonError(DEVICE_NOT_ACTIVE)
+
+    def set_hint_cmd(self, cmd_id: int) -> None:
+        """Write ``free_page_hint_cmd_id`` and tell the driver (a config-change interrupt)."""
+        self.hint_cmd_id = cmd_id
+        self._update_config()
+        self.config_changed()
+
     def config(self) -> dict[str, Any]:
         """The device as configured now (GET /balloon after boot)."""
         return {
             "amount_mib": self.num_pages // PAGES_PER_MIB,
             "deflate_on_oom": self.deflate_on_oom,
             "stats_polling_interval_s": self.stats_polling_interval_s,
-            "free_page_hinting": False,
+            "free_page_hinting": self.free_page_hinting,
             "free_page_reporting": self.free_page_reporting,
         }
 

@@ -8,6 +8,12 @@
   the device.  The device reads it (:class:`StoreStats`), holds it
   (:class:`HoldStats`) and gives it back when the polling timer fires or
   the API asks for fresh numbers; the driver then refills and re-offers it.
+* hinting (§5.5.6.4): a readable 4-byte buffer carries the driver's command
+  id (the run it answers, or ``STOP`` when it is done); a writable buffer is
+  a free range the driver holds for the current run, given back like an
+  inflated page -- but only while the device's command is that same run
+  (:class:`Hint`).  The driver's ``STOP`` is acknowledged with ``DONE`` if
+  the run asked for it.
 * reporting: every buffer of a chain is a free guest range; each is given
   back like an inflated page (:class:`Report`), then the chain is answered.
 
@@ -26,11 +32,14 @@ from typing import TYPE_CHECKING
 
 from asyncvmm.devices.virtio.balloon.protocol import (
     DEFLATE,
+    HINTING,
     INFLATE,
     MAX_PFNS_PER_CHAIN,
     MAX_STATS_BYTES,
     REPORTING,
     STATS,
+    VIRTIO_BALLOON_CMD_ID_DONE,
+    VIRTIO_BALLOON_CMD_ID_STOP,
     parse_stats,
     pfn_ranges,
 )
@@ -56,6 +65,14 @@ class Discard(Effect):
 class Report(Effect):
     """Give the host memory of reported free ranges back."""
 
+    ranges: list[tuple[int, int]]
+
+
+@dataclass(slots=True)
+class Hint(Effect):
+    """The driver's command ids, in order, then the free ranges it hinted."""
+
+    cmds: list[int]
     ranges: list[tuple[int, int]]
 
 
@@ -110,6 +127,14 @@ class BalloonHandler(QueueHandler):
             values, unknown = parse_stats(bufs.readable.read(self.mem))
             self.metrics.stats_update_fails += unknown
             return [StoreStats(values), HoldStats(chain.head)]
+        if role == HINTING:
+            cmds = []
+            for addr, length in bufs.readable.parts:
+                if length == 4:
+                    cmds.append(self.mem.read_u32(addr))
+                else:
+                    self.dev.guest_faults.report(FAULT, "balloon: hinting command of %d bytes", length)
+            return [Hint(cmds, list(bufs.writable.parts)), Used(chain.head, 0)]
         if role == REPORTING:
             return [Report([*bufs.readable.parts, *bufs.writable.parts]), Used(chain.head, 0)]
         return [Used(chain.head, 0)]          # deflate: the guest's next access refaults the page
@@ -134,6 +159,9 @@ class BalloonHandler(QueueHandler):
                 else:
                     self.metrics.free_page_report_fails += 1
             return True
+        if kind is Hint:
+            self._hint(effect)
+            return True
         if kind is StoreStats:
             self.dev.latest_stats.update(effect.values)
             return True
@@ -145,6 +173,27 @@ class BalloonHandler(QueueHandler):
             self.held_stats = effect.head
             return True
         return super().perform(queue_index, effect)
+
+    def _hint(self, effect: Hint) -> None:
+        dev = self.dev
+        done = False
+        for cmd in effect.cmds:
+            dev.guest_cmd = cmd
+            # DONE is the device's word; a driver that sends it is treated as stopping.
+            done = cmd in (VIRTIO_BALLOON_CMD_ID_STOP, VIRTIO_BALLOON_CMD_ID_DONE)
+        host = dev.hint_cmd_id
+        for addr, length in effect.ranges:
+            # Only pages of the run the device asked for, and never once it said STOP or DONE:
+            # after DONE the driver may already be using them again.
+            if host in (VIRTIO_BALLOON_CMD_ID_STOP, VIRTIO_BALLOON_CMD_ID_DONE) or dev.guest_cmd != host:
+                continue
+            self.metrics.free_page_hint_count += 1
+            if self._discard(addr, length):
+                self.metrics.free_page_hint_freed += length
+            else:
+                self.metrics.free_page_hint_fails += 1
+        if done and dev.acknowledge_on_stop and host != VIRTIO_BALLOON_CMD_ID_DONE:
+            dev.set_hint_cmd(VIRTIO_BALLOON_CMD_ID_DONE)
 
     def _discard(self, addr: int, length: int) -> bool:
         try:

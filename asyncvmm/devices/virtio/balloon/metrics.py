@@ -18,6 +18,6 @@ class BalloonMetrics(MetricGroup):
     free_page_report_count: int = 0   # reported free ranges
     free_page_report_freed: int = 0   # bytes of reported free ranges given back to the host
     free_page_report_fails: int = 0   # reported ranges that could not be given back
-    free_page_hint_count: int = 0     # free page hinting is not built: stays 0
-    free_page_hint_freed: int = 0
-    free_page_hint_fails: int = 0
+    free_page_hint_count: int = 0     # hinted free ranges of the current run
+    free_page_hint_freed: int = 0     # bytes of hinted ranges given back to the host
+    free_page_hint_fails: int = 0     # hinted ranges that could not be given back

@@ -27,7 +27,13 @@ MAX_PFNS_PER_CHAIN = 256
 INFLATE = "inflate"
 DEFLATE = "deflate"
 STATS = "stats"
+HINTING = "hinting"
 REPORTING = "reporting"
+
+# §5.5.6.4 Free page hinting: the command ids the device writes to ``free_page_hint_cmd_id``;
+# every other value starts a hinting run with that id.
+VIRTIO_BALLOON_CMD_ID_STOP = 0
+VIRTIO_BALLOON_CMD_ID_DONE = 1
 
 
 def queue_roles(acked_features: int) -> dict[int, str]:
@@ -36,6 +42,9 @@ def queue_roles(acked_features: int) -> dict[int, str]:
     index = 2
     if acked_features & bit(VIRTIO_BALLOON_F_STATS_VQ):
         roles[index] = STATS
+        index += 1
+    if acked_features & bit(VIRTIO_BALLOON_F_FREE_PAGE_HINT):
+        roles[index] = HINTING
         index += 1
     if acked_features & bit(VIRTIO_BALLOON_F_PAGE_REPORTING):
         roles[index] = REPORTING

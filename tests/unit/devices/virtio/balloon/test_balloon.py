@@ -14,6 +14,7 @@ from asyncvmm.devices.virtio.balloon import Balloon, BalloonError
 from asyncvmm.devices.virtio.balloon.protocol import (
     STAT,
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     VIRTIO_BALLOON_F_PAGE_REPORTING,
     VIRTIO_BALLOON_F_STATS_VQ,
     parse_stats,
@@ -285,11 +286,11 @@ async def test_reset_drops_the_held_stats_buffer_and_the_timer(rig_and_dev):
 @given(table=st.lists(st.tuples(st.integers(0, 255), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
                                 st.integers(0, 7), st.integers(0, 300)), max_size=10),
        heads=st.lists(st.integers(0, 300), min_size=1, max_size=6),
-       queue=st.integers(0, 3))
+       queue=st.integers(0, 4))
 async def test_hostile_chains_are_answered_or_need_reset(table, heads, queue):
     errors = []
     asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: errors.append(ctx))
-    dev = balloon(stats_polling_interval_s=1, free_page_reporting=True)
+    dev = balloon(stats_polling_interval_s=1, free_page_hinting=True, free_page_reporting=True)
     rig = make_rig(dev)
     try:
         vqs = await rig.driver.init()
@@ -307,3 +308,78 @@ async def test_hostile_chains_are_answered_or_need_reset(table, heads, queue):
         asyncio.get_running_loop().set_exception_handler(None)
         dev.deactivate()
         rig.close()
+
+
+# -- free page hinting (§5.5.6.4) ------------------------------------------------------------
+
+def cmd_buffer(mem, addr, cmd):
+    mem.write(addr, struct.pack("<I", cmd))
+    return Buf(addr, 4)
+
+
+def test_hinting_queue_comes_after_stats_and_before_reporting():
+    every = (bit(VIRTIO_BALLOON_F_STATS_VQ) | bit(VIRTIO_BALLOON_F_FREE_PAGE_HINT)
+             | bit(VIRTIO_BALLOON_F_PAGE_REPORTING))
+    assert queue_roles(every) == {0: "inflate", 1: "deflate", 2: "stats", 3: "hinting", 4: "reporting"}
+    assert queue_roles(bit(VIRTIO_BALLOON_F_FREE_PAGE_HINT)) == {0: "inflate", 1: "deflate", 2: "hinting"}
+    dev = balloon(free_page_hinting=True)
+    assert dev.num_queues == 3 and dev.avail_features & bit(VIRTIO_BALLOON_F_FREE_PAGE_HINT)
+
+
+def test_hinting_refusals():
+    for op in (lambda d: d.start_hinting(True), lambda d: d.stop_hinting(), lambda d: d.hinting_status()):
+        with pytest.raises(BalloonError, match="Attempting to use hinting when not enabled"):
+            op(balloon())
+    with pytest.raises(BalloonError, match="Device not activated yet."):
+        balloon(free_page_hinting=True).start_hinting(True)
+
+
+async def test_hinting_run(rig_and_dev):
+    rig, dev, (_, _, hintq) = await rig_and_dev(free_page_hinting=True)
+    assert rig.driver.read32(CONFIG_BASE + 8) == 0                    # STOP until a run starts
+    assert dev.hinting_status() == {"host_cmd": 0}
+    rig.driver.ack_interrupts()
+    dev.start_hinting(acknowledge_on_stop=True)
+    assert rig.driver.read32(CONFIG_BASE + 8) == 2
+    assert rig.driver.ack_interrupts() & VIRTIO_MMIO_INT_CONFIG
+    rig.mem.write(0x400000, b"h" * 0x200000)
+    rig.mem.write(0x800000, b"k" * 0x1000)
+    chains = [hintq.add_chain([Buf(0x800000, 0x1000, True)]),           # before the driver names the run
+              hintq.add_chain([cmd_buffer(rig.mem, 0x200000, 2)]),
+              hintq.add_chain([Buf(0x400000, 0x200000, True)])]
+    for head in chains:
+        hintq.offer(head)
+    rig.driver.kick(hintq)
+    assert [h for h, _ in await rig.driver.wait_used(hintq, 3)] == chains
+    assert rig.mem.read(0x400000, 0x200000) == bytes(0x200000)
+    assert rig.mem.read(0x800000, 1) == b"k"                           # not part of the run
+    assert dev.metrics.free_page_hint_count == 1 and dev.metrics.free_page_hint_freed == 0x200000
+    assert dev.hinting_status() == {"host_cmd": 2, "guest_cmd": 2}
+    stop = hintq.add_chain([cmd_buffer(rig.mem, 0x200100, 0)])
+    hintq.offer(stop)
+    rig.driver.kick(hintq)
+    await rig.driver.wait_used(hintq, 1)
+    assert dev.hinting_status() == {"host_cmd": 1, "guest_cmd": 0}     # acknowledged with DONE
+    assert rig.driver.read32(CONFIG_BASE + 8) == 1
+    late = hintq.add_chain([Buf(0x800000, 0x1000, True)])              # after DONE: never discarded
+    hintq.offer(late)
+    rig.driver.kick(hintq)
+    await rig.driver.wait_used(hintq, 1)
+    assert rig.mem.read(0x800000, 1) == b"k"
+    dev.start_hinting(acknowledge_on_stop=False)
+    assert dev.hinting_status()["host_cmd"] == 3
+    stop = hintq.add_chain([cmd_buffer(rig.mem, 0x200200, 0)])
+    hintq.offer(stop)
+    rig.driver.kick(hintq)
+    await rig.driver.wait_used(hintq, 1)
+    assert dev.hinting_status() == {"host_cmd": 3, "guest_cmd": 0}     # no acknowledgement asked
+    dev.stop_hinting()
+    assert dev.hinting_status()["host_cmd"] == 1
+
+
+def test_hinting_run_ids_skip_stop_and_done():
+    dev = balloon(free_page_hinting=True)
+    dev.handler = object()                                              # activated, as far as the API sees
+    dev.last_run_id = 0xFFFF_FFFF
+    dev.start_hinting(True)
+    assert dev.hint_cmd_id == 2
