@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import logging
 import os
 import socket
@@ -36,7 +35,6 @@ from typing import Callable, Sequence
 from asyncvmm.devices.virtio.vsock.connection import Connection, State
 from asyncvmm.devices.virtio.vsock.metrics import VsockMetrics
 from asyncvmm.devices.virtio.vsock.packet import (
-    HDR_SIZE,
     MAX_PKT_PAYLOAD,
     VIRTIO_VSOCK_OP_CREDIT_REQUEST,
     VIRTIO_VSOCK_OP_CREDIT_UPDATE,
@@ -98,7 +96,7 @@ class VsockMuxer:
     """Connections between the guest (CID ``guest_cid``) and Unix sockets around ``uds_path``."""
 
     def __init__(self, guest_cid: int, uds_path: str, loop: asyncio.AbstractEventLoop,
-                 metrics: VsockMetrics, *, clock: Callable[[], float] | None = None) -> None:
+                 metrics: VsockMetrics) -> None:
         self.guest_cid = guest_cid
         self.uds_path = uds_path
         self.loop = loop
@@ -541,5 +539,5 @@ def _shutdown_write(sock: socket.socket) -> None:
         pass
 
 
-__all__ = ["HDR_SIZE", "VsockBackendError", "VsockMuxer", "bind_listener", "check_uds_path",
+__all__ = ["VsockBackendError", "VsockMuxer", "bind_listener", "check_uds_path",
            "parse_connect_line"]

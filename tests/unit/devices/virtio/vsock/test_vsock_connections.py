@@ -24,6 +24,7 @@ from asyncvmm.devices.virtio.vsock.packet import (
     VIRTIO_VSOCK_SHUTDOWN_SEND,
     VMADDR_CID_HOST,
 )
+from tests.fakes.virtio_driver import Buf
 from tests.unit.devices.virtio.vsock.helpers import GUEST_CID, host_recv_exactly
 
 
@@ -311,7 +312,7 @@ async def test_transport_reset_closes_connections_and_tells_the_guest(vsock):
     evq = vsock.guest.evq
     addr = vsock.rig.alloc.alloc(16)
     vsock.rig.mem.write(addr, b"\xff" * 4)
-    head = evq.add_chain([__import__("tests.fakes.virtio_driver", fromlist=["Buf"]).Buf(addr, 8, True)])
+    head = evq.add_chain([Buf(addr, 8, True)])
     evq.offer(head)
     vsock.rig.driver.kick(evq)
     await vsock.guest.quiet()
@@ -325,7 +326,6 @@ async def test_transport_reset_closes_connections_and_tells_the_guest(vsock):
 
 
 async def test_transport_reset_waits_for_an_event_buffer(vsock):
-    from tests.fakes.virtio_driver import Buf
     vsock.dev.transport_reset()
     await vsock.guest.quiet()
     assert vsock.dev.reset_pending
