@@ -191,3 +191,37 @@ async def test_random_headers_never_break_the_device(vsock, raw):
     vsock.guest.received.clear()
     assert not vsock.rig.driver.status & DEVICE_NEEDS_RESET
     assert len(vsock.dev.muxer.rsts) <= 256
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(1, HDR_SIZE + 99), max_size=6, unique=True), indirect=st.booleans())
+async def test_a_packet_split_anywhere_over_descriptors_is_the_same_packet(vsock, cuts, indirect):
+    """§2.6.4: the device may not assume how a message is laid out over descriptors."""
+    if not vsock.listeners:
+        vsock.listen(80)
+    srv = vsock.listeners[0]
+    port = int(srv.getsockname().rsplit("_", 1)[1])
+    sport = 3000 + vsock.dev.metrics.conns_added          # a fresh guest port per example
+    vsock.guest.send(VIRTIO_VSOCK_OP_REQUEST, sport, port)
+    while True:
+        h, _ = await vsock.guest.recv()
+        if h.op == VIRTIO_VSOCK_OP_RESPONSE and h.dst_port == sport:
+            break
+    host, _ = await asyncio.get_running_loop().sock_accept(srv)
+    payload = bytes((i * 7 + 1) & 0xFF for i in range(100))
+    raw = hdr(VIRTIO_VSOCK_OP_RW, sport=sport, dport=port, length=len(payload)).pack() + payload
+    base = vsock.rig.alloc.alloc(len(raw) + 16)
+    vsock.rig.mem.write(base, raw)
+    edges = [0, *sorted(cuts), len(raw)]
+    bufs = [Buf(base + a, b - a) for a, b in zip(edges, edges[1:])]
+    txq = vsock.guest.txq
+    head = txq.add_indirect_chain(bufs) if indirect else txq.add_chain(bufs)
+    txq.offer(head)
+    vsock.rig.driver.kick(txq)
+    got = b""
+    host.setblocking(False)
+    while len(got) < len(payload):
+        got += await asyncio.wait_for(asyncio.get_running_loop().sock_recv(host, 200), 5)
+    assert got == payload
+    vsock.guest.send(VIRTIO_VSOCK_OP_RST, sport, port)
+    host.close()
