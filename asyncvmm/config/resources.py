@@ -23,6 +23,7 @@ _replace = msgspec.structs.replace
 
 ROOT_DRIVE_EXISTS = "Drive config error: A root block device already exists!"
 BALLOON_TOO_LARGE = "Balloon config error: Amount of pages requested is too large."
+BALLOON_MAX_MIB = 0xFFFF_FFFF // 256
 MEM_BELOW_BALLOON = (
     "Machine config error: The memory size (MiB) is smaller than the previously set balloon "
     "device target size."
@@ -81,6 +82,9 @@ def set_balloon(cfg: VmConfig, balloon: BalloonConfig) -> VmConfig:
     """Create or replace the balloon; its target may not exceed guest memory."""
     if balloon.amount_mib > cfg.machine_config.mem_size_mib:
         raise ConfigError(BALLOON_TOO_LARGE)
+    if balloon.amount_mib > BALLOON_MAX_MIB:      # num_pages is a le32 of 4 KiB pages
+        raise ConfigError("Balloon config error: Error creating the balloon device: Requested memory "
+                          f"should be less than {BALLOON_MAX_MIB}MiB")
     return _replace(cfg, balloon=balloon)
 
 

@@ -561,3 +561,12 @@ async def test_balloon_post_boot_errors_carry_firecrackers_prefixes(
     with pytest.raises(ControllerError) as err:
         await ctl.handle(Action(K.GET_BALLOON_STATS))
     assert err.value.message == "Internal VMM error: Balloon: Received stats query when stats are disabled."
+
+
+async def test_balloon_target_must_fit_a_le32_of_pages(ctl: Controller) -> None:
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(mem_size_mib=1 << 25)))
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=1 << 24, deflate_on_oom=False)))
+    assert err.value.message == ("Balloon config error: Error creating the balloon device: Requested memory "
+                                 "should be less than 16777215MiB")
+    await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=(1 << 24) - 1, deflate_on_oom=False)))

@@ -131,6 +131,8 @@ class Balloon(VirtioDevice):
             raise BalloonError(DEVICE_NOT_ACTIVE)
         if amount_mib > self.mem_size_mib:
             raise too_much_memory(amount_mib)
+        if amount_mib * PAGES_PER_MIB > 0xFFFF_FFFF:   # num_pages is a le32
+            raise too_much_memory(0xFFFF_FFFF // PAGES_PER_MIB)
         self.num_pages = amount_mib * PAGES_PER_MIB
         self._update_config()
         self.config_changed()
