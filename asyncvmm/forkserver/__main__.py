@@ -20,14 +20,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="asyncvmm-zygote",
         description=f"Fork server for asyncvmm: set {ENV_VAR}=<socket> for asyncvmm to launch through it.")
     parser.add_argument("--socket", required=True, help="Path of the Unix socket to serve on (created 0600).")
+    parser.add_argument("--no-native-waiter", action="store_true",
+                        help="Do not build the C waiter; launchers then wait in a bare Python (~3 MiB each).")
     args = parser.parse_args(argv)
     from asyncvmm.forkserver.server import ForkServer, ForkServerError, warm_up
 
     warm_up()
     from asyncvmm.cli import main as vmm_main
 
+    from asyncvmm.forkserver.native import build_waiter
+
+    waiter = None if args.no_native_waiter else build_waiter()
     try:
-        server = ForkServer(args.socket, vmm_main)
+        server = ForkServer(args.socket, vmm_main, waiter=waiter)
     except ForkServerError as err:
         print(f"asyncvmm-zygote: {err}", file=sys.stderr)
         return 1

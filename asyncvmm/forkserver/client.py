@@ -94,6 +94,8 @@ def spawn(path: str, argv: list[str], *, stdin: int | None = None, stdout: int |
         sock.connect(path)
         socket.send_fds(sock, [request], fds)
         kind, value = protocol.parse_reply(sock.recv(protocol.MAX_MESSAGE))
+        while kind == "waiter":                   # for launchers; this process waits itself
+            kind, value = protocol.parse_reply(sock.recv(protocol.MAX_MESSAGE))
     except (OSError, protocol.ProtocolError) as err:
         sock.close()
         raise SpawnError(f"fork server {path}: {err}") from None

@@ -14,9 +14,9 @@ it; from then on it stands in for that VMM as a client sees it:
 * the launcher's death (even SIGKILL) closes the connection, and the child
   treats that as its own end (``child.py``), as killing ``firecracker``
   kills its microVM;
-* once the pid is known it re-execs itself as ``waiter.py`` in a bare
-  interpreter (same pid), which does the waiting and forwarding in about
-  half the memory.
+* once the pid is known it re-execs itself (same pid) as the server's
+  native waiter (``native.py``, ~0.2 MiB) or else ``waiter.py`` in a bare
+  interpreter (~3 MiB), which do the waiting and forwarding.
 
 Imports: stdlib only, and of it the C modules (``_socket``, ``_signal``,
 ``resource``, ``array``) rather than ``socket`` and ``signal``, whose enum
@@ -125,8 +125,9 @@ def _die_like(signum: int) -> int:
     return 128 + signum
 
 
-def _become_waiter(sock: socket.socket, forwarder: _Forwarder) -> None:
-    """Re-exec as ``waiter.py`` in a bare interpreter (same pid) to hold less memory while waiting.
+def _become_waiter(sock: socket.socket, forwarder: _Forwarder, native: str | None) -> None:
+    """Re-exec (same pid) as the server's native waiter, else as ``waiter.py`` in a bare
+    interpreter, to hold less memory while waiting.
 
     The forwarded signals stay blocked across the exec (the mask and pending signals survive
     it), so none is lost or kills us with its default action meanwhile.  If the exec fails
@@ -141,8 +142,13 @@ def _become_waiter(sock: socket.socket, forwarder: _Forwarder) -> None:
             os.set_inheritable(pidfd, True)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-I", "-S", waiter, str(sock.fileno()), str(pidfd),
-                                  *(str(int(s)) for s in FORWARDED)])
+        args = [str(sock.fileno()), str(pidfd), *(str(int(s)) for s in FORWARDED)]
+        if native is not None and os.access(native, os.X_OK):
+            try:
+                os.execv(native, [native, *args])
+            except OSError:
+                pass                      # fall back to the Python waiter
+        os.execv(sys.executable, [sys.executable, "-I", "-S", waiter, *args])
     except OSError:
         pass
     finally:
@@ -176,6 +182,7 @@ def main(argv: list[str], path: str) -> int:
         except (OSError, protocol.ProtocolError):
             return fail(f"cannot send the request: {err}")
         return fail(value if kind == "error" else f"cannot send the request: {err}")
+    native: str | None = None
     while True:
         try:
             data = sock.recv(protocol.MAX_MESSAGE)
@@ -188,9 +195,11 @@ def main(argv: list[str], path: str) -> int:
             kind, value = protocol.parse_reply(data)
         except protocol.ProtocolError as err:
             return fail(f"bad reply: {err}")
-        if kind == "pid":
+        if kind == "waiter":
+            native = value
+        elif kind == "pid":
             forwarder.attach(value)
-            _become_waiter(sock, forwarder)
+            _become_waiter(sock, forwarder, native)
         elif kind == "exit":
             return value
         elif kind == "signal":

@@ -15,7 +15,8 @@ One connection serves one VMM:
   "cwd": "/abs", "env": {...}, "rlimits": {"NOFILE": [soft, hard], ...},
   "umask": 18}`` with exactly three descriptors attached (``SCM_RIGHTS``):
   the launcher's stdin, stdout and stderr;
-* server -> launcher: ``{"pid": N}`` once the child is forked, then one
+* server -> launcher: ``{"waiter": "/path"}`` when the server has a native
+  waiter for it (``native.py``), ``{"pid": N}`` once the child is forked, then one
   status, ``{"exit": code}`` or ``{"signal": signum}``; or ``{"error": "..."}``
   instead of all of those when the request is refused.
 
@@ -128,8 +129,8 @@ def parse_reply(data: bytes) -> tuple[str, Any]:
     if len(msg) != 1:
         raise ProtocolError("a reply has exactly one field")
     (kind, value), = msg.items()
-    if kind == "error":
-        return kind, _plain_str(value, "error")
+    if kind in ("error", "waiter"):
+        return kind, _plain_str(value, kind)
     if kind == "pid":
         return kind, _int(value, "pid", 1, 2**22)
     if kind == "exit":

@@ -91,9 +91,10 @@ def bind_private_socket(path: str) -> socket.socket:
 class ForkServer:
     """Serves fork requests on ``path``; each child runs ``entry(argv)`` as its whole life."""
 
-    def __init__(self, path: str, entry: Callable[[list[str]], int]) -> None:
+    def __init__(self, path: str, entry: Callable[[list[str]], int], *, waiter: str | None = None) -> None:
         _raise_nofile()
         self.path = path
+        self.waiter = waiter                      # a native waiter's path for launchers (native.py)
         self.entry = entry
         self._fresh = child.fresh_signal_dispositions()
         self._listener = bind_private_socket(path)
@@ -227,6 +228,8 @@ class ForkServer:
             os.close(fd)
         self.served += 1
         self._children[pid] = conn
+        if self.waiter is not None:
+            _send(conn, {"waiter": self.waiter})
         _send(conn, {"pid": pid})
         self._selector.register(conn, selectors.EVENT_READ, self._on_launcher)
 

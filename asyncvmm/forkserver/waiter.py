@@ -41,7 +41,7 @@ def _reply(data):
     if not rest.startswith(":"):
         raise ValueError(text[:100])
     value = rest[1:]
-    if kind == "error":
+    if kind in ("error", "waiter"):
         return kind, _json.scanstring(value, 1)[0]
     return kind, int(value)
 

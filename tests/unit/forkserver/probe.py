@@ -3,7 +3,7 @@
 The server side is the real :class:`ForkServer` and the real child set-up
 (``child.become_vmm``); only the entry point differs: ``report(argv)`` writes
 one JSON line about the process to stdout (the launcher's, handed over), then
-does what ``argv`` says.  Run as ``python -m tests.unit.forkserver.probe <socket>``.
+does what ``argv`` says.  Run as ``python -m tests.unit.forkserver.probe <socket> [native waiter]``.
 
 Before serving, the probe server draws an MMDS token key, seeds ``random`` and
 installs its own signal handlers, so the tests can see that none of that
@@ -103,12 +103,12 @@ def _handler_name(sig: int) -> str:
 ZYGOTE_TOKEN = ZYGOTE_AUTHORITY.generate(600)
 
 
-def main(path: str) -> None:
+def main(path: str, waiter: str | None = None) -> None:
     random.seed(1234)                      # children must not inherit this state
-    server = ForkServer(path, report)
+    server = ForkServer(path, report, waiter=waiter)
     print(f"ready {path}", flush=True)
     server.serve_forever()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *sys.argv[2:3])

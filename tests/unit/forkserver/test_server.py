@@ -46,9 +46,11 @@ def _wait_gone(pid: int, timeout: float = TIMEOUT) -> bool:
 
 
 class Zygote:
-    def __init__(self, tmp_path: Path, **popen) -> None:
+    def __init__(self, tmp_path: Path, waiter: str | None = None, **popen) -> None:
         self.path = str(tmp_path / "zygote.sock")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.unit.forkserver.probe", self.path],
+        self.waiter = waiter
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.unit.forkserver.probe", self.path,
+                                      *([waiter] if waiter else [])],
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
         line = self.proc.stdout.readline()
         assert line.startswith(b"ready"), line + self.proc.stderr.read()
@@ -78,9 +80,19 @@ class Zygote:
                 pass
 
 
-@pytest.fixture
-def zygote(tmp_path):
-    z = Zygote(tmp_path)
+@pytest.fixture(scope="session")
+def native_waiter(tmp_path_factory):
+    from asyncvmm.forkserver.native import build_waiter
+    path = build_waiter(tmp_path_factory.mktemp("waiter"))
+    require(path is not None, "no C compiler (cc) to build the native waiter")
+    return path
+
+
+@pytest.fixture(params=["python-waiter", "native-waiter"])
+def zygote(request, tmp_path):
+    """The probe server, once with launchers waiting in waiter.py, once in the native waiter."""
+    waiter = request.getfixturevalue("native_waiter") if request.param == "native-waiter" else None
+    z = Zygote(tmp_path, waiter)
     yield z
     z.close()
 
@@ -387,3 +399,25 @@ def test_the_server_takes_its_hard_descriptor_limit_and_children_take_the_launch
         assert state["nofile"] == list(resource.getrlimit(resource.RLIMIT_NOFILE))
     finally:
         zygote.close()
+
+
+def test_the_launcher_waits_in_the_waiter_it_was_given(zygote):
+    proc = zygote.launch("sleep", "30")
+    try:
+        zygote.report(proc)
+        assert proc.stdout.readline() == b"sleeping\n"
+        deadline = time.monotonic() + TIMEOUT
+        while True:                                       # the exec follows the pid reply
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0")[0].decode()
+            if "python" not in argv0 or "waiter.py" in open(f"/proc/{proc.pid}/cmdline").read():
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        if zygote.waiter:
+            assert argv0 == zygote.waiter
+        else:
+            assert "waiter.py" in open(f"/proc/{proc.pid}/cmdline").read()
+    finally:
+        proc.kill()
+        proc.communicate()
