@@ -1,6 +1,7 @@
 """scripts/quickstart installs every external tool the tests and benchmarks look up.
 
-The tools are found by reading the sources for ``shutil.which("<tool>")``; each is traced to its
+The tools are found by reading the sources (tests, benchmarks, the image and host tools) for
+``shutil.which("<tool>")`` and ``subprocess.run(["<tool>", ...])``; each is traced to its
 Debian package with ``dpkg -S``, which must be in the quickstart's list (or be an essential or
 required package every Debian has).  A tool missing here is a failure under CI=true.
 """
@@ -17,6 +18,7 @@ from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[3]
 WHICH = re.compile(r"""which\(\s*["']([\w.+-]+)["']""")
+RUN = re.compile(r"""(?:run|Popen|check_output|check_call)\(\s*\[\s*["']([a-z][\w.+-]*)["']""")
 
 
 def quickstart_packages() -> set[str]:
@@ -29,9 +31,11 @@ def quickstart_packages() -> set[str]:
 
 def looked_up_tools() -> set[str]:
     tools = set()
-    for top in ("tests", "benchmarks"):
+    for top in ("tests", "benchmarks", "asyncvmm_tools"):
         for path in (ROOT / top).rglob("*.py"):
-            tools.update(WHICH.findall(path.read_text()))
+            text = path.read_text()
+            tools.update(WHICH.findall(text))
+            tools.update(RUN.findall(text))
     return tools - {"asyncvmm"}   # the project's own console script
 
 
@@ -41,8 +45,9 @@ def package_of(path: str) -> str:
     candidates += [c[len("/usr"):] for c in list(candidates) if c.startswith("/usr/")]
     for candidate in candidates:
         r = subprocess.run(["dpkg", "-S", candidate], capture_output=True, text=True)
-        if r.returncode == 0:
-            return r.stdout.split(":", 1)[0].split(",")[0].strip()
+        owners = [l for l in r.stdout.splitlines() if l and not l.startswith("diversion ")]
+        if r.returncode == 0 and owners:
+            return owners[0].split(":", 1)[0].split(",")[0].strip()
     return ""
 
 
@@ -52,7 +57,7 @@ def base_system(package: str) -> bool:
 
 
 def test_the_source_scan_finds_the_known_tools():
-    assert {"iasl", "acpiexec", "gcc", "qemu-system-x86_64", "iperf3", "busybox"} <= looked_up_tools()
+    assert {"iasl", "acpiexec", "gcc", "qemu-system-x86_64", "iperf3", "busybox", "debugfs", "ld"} <= looked_up_tools()
     assert {"acpica-tools", "gcc", "qemu-system-x86", "iperf3", "busybox-static"} <= quickstart_packages()
 
 
