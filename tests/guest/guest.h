@@ -142,6 +142,8 @@ void net_action(const char *arg, size_t n);
 void blkbench_action(const char *arg, size_t n);        /* blkbench.c */
 void blkreset_action(const char *arg, size_t n);        /* blkreset.c */
 void vsock_configure(const struct virtio_params *p);    /* vsock.c */
+void balloon_configure(const struct virtio_params *p);  /* balloon.c */
+void balloon_action(const char *arg, size_t n);
 void vsock_action(const char *arg, size_t n);
 
 #endif /* __ASSEMBLER__ */

@@ -8,7 +8,7 @@
  *   pmport=0x..  pmmmio=0x..  slptyp=N                     ACPI sleep control
  * Actions (run in command-line order):
  *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  blkreset=...  rng=N  net=...
- *   vsock=...
+ *   vsock=...  balloon=<start_mib>:<mib>
  *   mmioflood=<addr>:<count>
  * Exit (runs last; default halt):
  *   exit=halt|reset|triplefault|triplefault0|poweroff
@@ -174,6 +174,8 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 net_action(v, vn);
         } else if (key_is(k, kn, "vsock")) {
                 vsock_action(v, vn);
+        } else if (key_is(k, kn, "balloon")) {
+                balloon_action(v, vn);
         } else if (key_is(k, kn, "mmioflood")) {
                 mmio_flood(v, vn);
         } else if (key_is(k, kn, "exit")) {
@@ -278,6 +280,7 @@ void guest_main(void)
         for_each_token(apply_setting);
         vdev_configure(&cfg.virtio);
         vsock_configure(&cfg.virtio);
+        balloon_configure(&cfg.virtio);
         for_each_token(run_action);
         do_exit();
 }
