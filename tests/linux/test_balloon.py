@@ -85,7 +85,8 @@ def wait_actual(sock, guest, done, what: str, timeout: float = 180) -> dict:
 def fill_and_free(guest) -> int:
     """Write nearly all free guest memory into tmpfs and delete it: those pages are now resident in the VMM."""
     fill_mib = meminfo(guest)["MemFree"] // MiB - 24
-    guest.run(f"head -c {fill_mib}M /dev/zero > /run/fill/a; sync; rm /run/fill/a", timeout=240).check()
+    guest.run(f"dd if=/dev/zero of=/run/fill/a bs=1M count={fill_mib} 2>/dev/null; rm /run/fill/a",
+              timeout=240).check()
     return fill_mib
 
 
@@ -140,7 +141,8 @@ def test_balloon_gives_memory_back_reports_statistics_and_deflates_on_oom(guests
     before = stats(sock)["actual_mib"]
     available = meminfo(guest)["MemAvailable"] // MiB
     need = available + 48
-    out = guest.run(f"head -c {need}M /dev/zero > /run/fill/b && ls -l /run/fill/b", timeout=240)
+    out = guest.run(f"dd if=/dev/zero of=/run/fill/b bs=1M count={need} 2>/dev/null && ls -l /run/fill/b",
+                    timeout=240)
     print(f"balloon: actual {before} MiB, available {available} MiB, wrote {need} MiB: {out.status}")
     assert out.status == 0, out.output
     after = stats(sock)["actual_mib"]            # read while the file still holds the memory
@@ -168,5 +170,6 @@ def test_balloon_gives_memory_back_reports_statistics_and_deflates_on_oom(guests
     rss_hinted = vmm_rss(guest.pid)
     print(f"balloon: hinting run: VMM RSS {rss_filled / MiB:.1f} MiB -> {rss_hinted / MiB:.1f} MiB")
     assert rss_filled - rss_hinted >= 32 * MiB, (rss_filled, rss_hinted)
-    guest.run("head -c 32M /dev/zero > /run/fill/c && rm /run/fill/c").check()   # the pages are usable again
+    # The hinted pages are the guest's again.
+    guest.run("dd if=/dev/zero of=/run/fill/c bs=1M count=32 2>/dev/null && rm /run/fill/c").check()
     assert guest.stop() == 0, guest.tail()
