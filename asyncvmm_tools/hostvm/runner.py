@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 IN_HOSTVM_ENV = "ASYNCVMM_IN_HOSTVM"
 RESULTS_ENV = "ASYNCVMM_HOSTVM_RESULTS"
 JOB_DISK_MIB = 2048
+INITRAMFS_KEEP_S = 24 * 3600
 MARK_KVM = "asyncvmm-hostvm: kvm "
 MARK_START = "asyncvmm-hostvm: job start"
 MARK_EXIT = "asyncvmm-hostvm: job exit="
@@ -107,6 +108,14 @@ def host_initramfs(cache: Path, kernel: KernelArtifact, busybox: Path) -> Path:
     if not out.exists():
         with publishing(out) as target:
             target.write_bytes(host_initramfs_tree(kernel, busybox).to_cpio())
+    os.utime(out)   # in use
+    for old in out.parent.glob("initramfs-*.cpio"):
+        # Small, and another clone at another commit may still use its own: a day unused, then gone.
+        try:
+            if old != out and time.time() - old.stat().st_mtime > INITRAMFS_KEEP_S:
+                old.unlink()
+        except FileNotFoundError:
+            pass
     return out
 
 

@@ -143,3 +143,19 @@ def test_the_job_finds_the_same_image_cache_inside(monkeypatch, tmp_path):
     monkeypatch.setenv("ASYNCVMM_CACHE", str(tmp_path / "my cache"))
     lines = runner.job_script(["true"], {}, "/").splitlines()
     assert f"export ASYNCVMM_CACHE='{tmp_path / 'my cache'}'" in lines
+
+
+def test_host_initramfs_builds_drop_after_a_day_unused(monkeypatch, tmp_path):
+    import time
+    hostvm_dir = tmp_path / "hostvm"
+    hostvm_dir.mkdir()
+    stale, recent = hostvm_dir / "initramfs-old.cpio", hostvm_dir / "initramfs-other-clone.cpio"
+    for p in (stale, recent):
+        p.write_bytes(b"x")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    monkeypatch.setattr(runner, "host_initramfs_tree", lambda kernel, busybox: type("T", (), {"to_cpio": lambda self: b"cpio"})())
+    monkeypatch.setattr(runner, "sha256_file", lambda p: "0" * 64)
+    kernel = type("K", (), {"root": tmp_path / "kernel-x"})()
+    out = runner.host_initramfs(tmp_path, kernel, tmp_path / "busybox")
+    assert out.read_bytes() == b"cpio"
+    assert sorted(p.name for p in hostvm_dir.iterdir()) == sorted([out.name, recent.name])
