@@ -20,8 +20,9 @@ holds that the VMM must not have, and takes on what the launcher handed over:
   in this process when it becomes readable (``O_ASYNC`` + ``F_SETSIG``), and
   the launcher never writes after its request, so readable means closed.
 
-Before exiting, the child sends its own exit status on the connection, so the
-launcher learns it even when the fork server has gone meanwhile.
+Before exiting, a child whose fork server has gone (it was re-parented) sends
+its own exit status on the connection, so the launcher learns it all the
+same; while the server lives, only the server reports, after the pid.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def become_vmm(request: dict[str, Any], conn_fd: int, stdio: list[int], inherite
                fresh: FreshSignals, entry: Callable[[list[str]], int]) -> None:
     """Turn this freshly forked child into the VMM for ``request`` and run ``entry(argv)``."""
     conn = conn_fd
+    server = os.getppid()
     try:
         os.setsid()
         for obj in inherited:
@@ -159,7 +161,10 @@ def become_vmm(request: dict[str, Any], conn_fd: int, stdio: list[int], inherite
             except (OSError, ValueError):
                 pass
         code = code if isinstance(code, int) and 0 <= code <= 255 else 1
-        _send(conn, {"exit": code})
+        # Only when the server is gone: while it lives it reports (after the pid, which it may
+        # not have sent yet if this child was quick).
+        if os.getppid() != server:
+            _send(conn, {"exit": code})
         os._exit(code)
 
 

@@ -20,9 +20,9 @@ One connection serves one VMM:
   status, ``{"exit": code}`` or ``{"signal": signum}``; or ``{"error": "..."}``
   instead of all of those when the request is refused.
 
-The child may send its own ``{"exit": code}`` just before it exits (so the
-status still arrives when the server has gone); the launcher keeps the first
-status it reads.  The launcher sends nothing after its request: the child
+A child whose server has gone sends its own ``{"exit": code}`` just before it
+exits, so the status still arrives; the launcher keeps the first status it
+reads.  The launcher sends nothing after its request: the child
 treats the connection's end (EOF) as its launcher's death.
 """
 

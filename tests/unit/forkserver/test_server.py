@@ -410,7 +410,7 @@ def test_the_launcher_waits_in_the_waiter_it_was_given(zygote):
         while True:                                       # the exec follows the pid reply
             with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
                 argv0 = f.read().split(b"\0")[0].decode()
-            if "python" not in argv0 or "waiter.py" in open(f"/proc/{proc.pid}/cmdline").read():
+            if argv0 == zygote.waiter or "waiter.py" in open(f"/proc/{proc.pid}/cmdline").read():
                 break
             assert time.monotonic() < deadline
             time.sleep(0.02)
