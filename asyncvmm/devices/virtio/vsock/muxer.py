@@ -28,6 +28,7 @@ import asyncio
 import collections
 import logging
 import os
+import resource
 import socket
 import stat
 from typing import Callable, Sequence
@@ -52,8 +53,10 @@ from asyncvmm.devices.virtio.vsock.packet import (
 
 log = logging.getLogger(__name__)
 
-# Firecracker's limit on live connections per device.
+# Firecracker's limit on live connections per device; lower when the process may open fewer
+# files, so a guest cannot take the descriptors the rest of the VMM needs.
 MAX_CONNECTIONS = 1023
+FD_HEADROOM = 128
 # A guest that neither accepts nor refuses a host connection within this long is refused for it.
 CONNECT_TIMEOUT_S = 2.0
 # After the guest shuts down both ways, the host socket has this long to take what is left.
@@ -69,6 +72,14 @@ LISTEN_BACKLOG = 128
 
 class VsockBackendError(Exception):
     """The host side could not be set up (binding ``uds_path``)."""
+
+
+def connection_limit() -> int:
+    """:data:`MAX_CONNECTIONS`, or fewer: the open-files limit less :data:`FD_HEADROOM`."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(1, min(MAX_CONNECTIONS, soft - FD_HEADROOM))
 
 
 def bind_listener(path: str) -> socket.socket:
@@ -112,6 +123,7 @@ class VsockMuxer:
         self.rsts: collections.deque[Header] = collections.deque()
         self.pending_hosts: dict[int, socket.socket] = {}   # accepted, waiting for CONNECT
         self._next_local_port = FIRST_LOCAL_PORT
+        self.max_connections = connection_limit()
         self.wake_rx: Callable[[], None] = lambda: None
         self._filling = False               # inside fill_rx: the pump is already running
         self.closed = False
@@ -173,7 +185,7 @@ class VsockMuxer:
         self.wake_rx()
 
     def _guest_connect(self, hdr: Header) -> None:
-        if len(self.conns) >= MAX_CONNECTIONS:
+        if len(self.conns) + len(self.pending_hosts) >= self.max_connections:
             self._reset_unknown(hdr)
             return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -267,7 +279,7 @@ class VsockMuxer:
                 self.metrics.muxer_event_fails += 1
                 log.warning("vsock: accept on %s failed: %s", self.uds_path, e)
                 return
-            if len(self.conns) + len(self.pending_hosts) >= MAX_CONNECTIONS:
+            if len(self.conns) + len(self.pending_hosts) >= self.max_connections:
                 self.metrics.muxer_event_fails += 1
                 sock.close()
                 continue
@@ -311,7 +323,7 @@ class VsockMuxer:
             sock.close()
 
     def _allocate_local_port(self) -> int | None:
-        for _ in range(MAX_CONNECTIONS + 1):
+        for _ in range(len(self.conns) + 1):
             port = self._next_local_port
             self._next_local_port = FIRST_LOCAL_PORT if port >= 0xFFFF_FFFE else port + 1
             if not any(k[0] == port for k in self.conns):

@@ -344,3 +344,25 @@ async def test_driver_reset_drops_connections(vsock):
     assert not vsock.dev.muxer.conns
     assert await host_recv_exactly(host, 1) == b""
     host.close()
+
+
+async def test_connections_beyond_the_limit_are_refused_both_ways(vsock):
+    vsock.dev.muxer.max_connections = 2
+    srv = vsock.listen(64)
+    hosts = [await guest_connect(vsock, 3000 + i, 64, srv) for i in range(2)]
+    vsock.guest.send(VIRTIO_VSOCK_OP_REQUEST, 3002, 64)          # a third from the guest
+    hdr, _ = await vsock.guest.recv()
+    assert hdr.op == VIRTIO_VSOCK_OP_RST and hdr.dst_port == 3002
+    sock = await vsock.host_connect(b"CONNECT 9\n")              # and from the host
+    assert await host_recv_exactly(sock, 1) == b""
+    assert len(vsock.dev.muxer.conns) == 2 and vsock.dev.metrics.muxer_event_fails == 1
+    for h in hosts + [sock]:
+        h.close()
+
+
+def test_the_connection_limit_leaves_file_descriptors_for_the_vmm(monkeypatch):
+    import resource
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
+    assert muxer_mod.connection_limit() == 1024 - muxer_mod.FD_HEADROOM
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1 << 20, 1 << 20))
+    assert muxer_mod.connection_limit() == muxer_mod.MAX_CONNECTIONS == 1023
