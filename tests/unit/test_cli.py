@@ -175,7 +175,7 @@ def test_a_broken_vmm_core_exits_before_serving(tmp_path: Any, monkeypatch: Any)
 
 
 @pytest.mark.parametrize("text,reason", [
-    ('{"vsock": {"guest_cid": 3, "uds_path": "/v"}}', "The vsock device (virtio-vsock) is not supported yet by asyncvmm."),
+    ('{"pmem": [{"id": "p0", "path_on_host": "/p"}]}', "The pmem device (virtio-pmem) is not supported yet by asyncvmm."),
     ('{\n  "boot-source": }', "invalid character at line 2 column 18"),
     ('{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "vcpu_count": 2}}', "duplicate field `vcpu_count`"),
 ])
