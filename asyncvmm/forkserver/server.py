@@ -222,8 +222,10 @@ class ForkServer:
             self._refuse(conn, f"fork failed: {err}")
             return
         if pid == 0:
-            # detach: this object must never close the descriptor number the child reuses
-            child.become_vmm(request, conn.detach(), fds, self._inherited(), self._fresh, self.entry)
+            try:      # detach: this object must never close the descriptor number the child reuses
+                child.become_vmm(request, conn.detach(), fds, self._inherited(), self._fresh, self.entry)
+            finally:
+                os._exit(1)                        # never back into the server's loop
         for fd in fds:
             os.close(fd)
         self.served += 1
