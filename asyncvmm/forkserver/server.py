@@ -93,6 +93,7 @@ class ForkServer:
 
     def __init__(self, path: str, entry: Callable[[list[str]], int], *, waiter: str | None = None) -> None:
         _raise_nofile()
+        _ensure_std_fds()
         self.path = path
         self.waiter = waiter                      # a native waiter's path for launchers (native.py)
         self.entry = entry
@@ -279,6 +280,19 @@ class ForkServer:
             except KeyError:
                 pass
             conn.close()
+
+
+def _ensure_std_fds() -> None:
+    """/dev/null on any of 0, 1, 2 that is closed, so that no socket or received descriptor
+    of the server's ever gets one of those numbers (the children put their stdio there)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def _raise_nofile() -> None:

@@ -421,3 +421,4 @@ def test_the_launcher_waits_in_the_waiter_it_was_given(zygote):
     finally:
         proc.kill()
         proc.communicate()
+
