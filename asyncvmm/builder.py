@@ -17,7 +17,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from typing import Callable
+
+import msgspec
 
 from .arch.x86_64 import layout, regs
 from .arch.x86_64.acpi import AcpiError, create_acpi_tables
@@ -30,8 +33,8 @@ from .devices.bus import Bus
 from .devices.irq import EventFd, EventFdIrqLine
 from .devices.legacy.acpi_pm import ACPI_PM_PORT_BASE, ACPI_PM_PORT_SIZE, AcpiPm
 from .devices.legacy.boot_timer import BootTimer
-from .devices.legacy.i8042 import I8042, I8042Metrics
-from .devices.legacy.serial import Serial, SerialMetrics
+from .devices.legacy.i8042 import I8042, I8042Metrics, I8042State
+from .devices.legacy.serial import Serial, SerialMetrics, SerialState
 from .devices.rate_limiter import RateLimiter
 from .devices.virtio.block import Block, BlockFileError, BlockMetrics, UnsupportedEngineError
 from .devices.virtio.device import VirtioDevice
@@ -47,6 +50,8 @@ from .metrics import MetricsRegistry, SummedGroup
 from .mmds import (DEFAULT_MMDS_IPV4, MmdsHttpHandler, MmdsMetrics, MmdsNetworkStack, MmdsStore,
                    MmdsVersion, TokenAuthority)
 from .net.tap import Tap, TapError
+from .snapshot import kvmstate
+from .snapshot.format import SnapshotFormatError, SnapshotState
 from .vcpu import Vcpu, VcpuMetrics, VcpuStopReason
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,15 @@ class BuildContext:
     start_cpu_ns: int = 0
     kvm_path: str = "/dev/kvm"
     mmds_store: MmdsStore | None = None       # the API's data store (a fresh one if None)
+    restore: "Restore | None" = None          # build from a snapshot instead of booting
+
+
+@dataclasses.dataclass
+class Restore:
+    """A snapshot to restore: its state, and its memory file mapped privately (copy-on-write)."""
+
+    state: SnapshotState
+    mem_fd: int
 
 
 @dataclasses.dataclass
@@ -95,12 +109,13 @@ class MicroVm:
     boot_timer: BootTimer | None
     blocks: dict[str, Block]
     rng: Rng | None
-    kernel: KernelLoad
+    kernel: KernelLoad | None                 # None for a microVM restored from a snapshot
     cmdline: str
     resources: contextlib.ExitStack
     nets: dict[str, Net] = dataclasses.field(default_factory=dict)
     vsock: Vsock | None = None
     balloon: Balloon | None = None
+    msr_indices: list[int] = dataclasses.field(default_factory=list)   # what a snapshot saves
 
     def close(self) -> None:
         self.resources.close()
@@ -124,17 +139,38 @@ def kernel_cmdline(config: VmConfig, virtio_windows: list[tuple[int, int, int]])
     return " ".join(p for p in parts if p)
 
 
-def _create_memory(vm: VmFd, mem_size_mib: int, stack: contextlib.ExitStack) -> GuestMemory:
+def _create_memory(vm: VmFd, mem_size_mib: int, stack: contextlib.ExitStack,
+                   restore: Restore | None = None) -> GuestMemory:
     size = mem_size_mib * MiB
     try:
         ram = layout.ram_layout(size)
-        mem = GuestMemory.anonymous(ram)
+        if restore is not None:
+            mem = _snapshot_memory(ram, restore)
+        else:
+            mem = GuestMemory.anonymous(ram)
     except (ValueError, OSError) as e:
         raise BuildError(f"Cannot allocate {mem_size_mib} MiB of guest memory: {e}") from e
     stack.callback(mem.close)
     for slot, region in enumerate(mem.regions):
         vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
     return mem
+
+
+def _snapshot_memory(ram: list[tuple[int, int]], restore: Restore) -> GuestMemory:
+    """The memory file mapped MAP_PRIVATE: pages are read on first touch and copied on first
+    write, so restore time does not grow with guest size and many microVMs share one file."""
+    saved = [(r.guest_addr, r.size) for r in restore.state.memory]
+    if saved != list(ram):
+        raise BuildError(f"the snapshot's memory regions {saved} do not match the machine's {ram}")
+    offsets = [r.file_offset for r in restore.state.memory]
+    expected = [sum(size for _, size in ram[:i]) for i in range(len(ram))]
+    if offsets != expected:
+        raise BuildError("the snapshot's memory regions are not laid out back to back in the file")
+    have = os.fstat(restore.mem_fd).st_size
+    need = restore.state.memory_file_size
+    if have < need or need < sum(size for _, size in ram):
+        raise BuildError(f"the memory file has {have} bytes; the snapshot state says {need}")
+    return GuestMemory.from_file(restore.mem_fd, ram, private=True)
 
 
 def _irq_line(vm: VmFd, gsi: int, stack: contextlib.ExitStack) -> EventFdIrqLine:
@@ -181,6 +217,7 @@ def build_microvm(config: VmConfig, ctx: BuildContext) -> MicroVm:
 
 
 def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
+    restore = ctx.restore
     if config.boot_source is None:
         raise BuildError("Cannot start microvm without kernel configuration.")
     mc = config.machine_config
@@ -196,7 +233,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
         vm.create_irqchip()
         vm.create_pit2()
-        mem = _create_memory(vm, mc.mem_size_mib, stack)
+        mem = _create_memory(vm, mc.mem_size_mib, stack, restore)
 
         # Port I/O is answered on the vCPU threads (per-device locks); the MMIO bus belongs
         # to the loop, where vCPU threads hand their accesses (vcpu.py), so it has no locks.
@@ -243,6 +280,15 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                 mem_size_mib=mc.mem_size_mib,
                 metrics=_register(ctx.metrics, "balloon", BalloonMetrics())))
         virtio_windows = virtio.windows
+        cmdline = kernel_cmdline(config, virtio_windows)
+        if restore is not None:
+            msr_indices = kvm.msr_index_list()
+            vcpus = _vcpus(vm, kvm, mc, pio_bus, mmio_bus, ctx, stack, mem, entry=None)
+            _restore_state(restore.state, vm, vcpus, serial, i8042)
+            return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
+                           serial=serial, i8042=i8042, boot_timer=boot_timer, blocks=blocks,
+                           rng=rng, kernel=None, cmdline=cmdline, resources=stack.pop_all(),
+                           nets=nets, vsock=vsock, balloon=balloon, msr_indices=msr_indices)
 
         try:
             acpi = create_acpi_tables(vcpus=mc.vcpu_count, virtio_devices=virtio_windows,
@@ -254,28 +300,56 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         except (AcpiError, MpTableError) as e:
             raise BuildError(str(e)) from e
 
-        cmdline = kernel_cmdline(config, virtio_windows)
         kernel, entry = _load_boot_image(config, mem, cmdline, acpi.rsdp_addr)
         log.info("Kernel %s loaded at %#x, entry %#x (%s)", config.boot_source.kernel_image_path,
                  kernel.load_addr, entry.entry_addr, "PVH" if entry.pvh else "64-bit boot protocol")
 
-        supported_cpuid = kvm.supported_cpuid()
-        vcpu_metrics = _register(ctx.metrics, "vcpu", SummedGroup(VcpuMetrics))
-        vcpus = []
-        for index in range(mc.vcpu_count):
-            fd = vm.create_vcpu(index)
-            stack.callback(fd.close)
-            regs.configure_vcpu(fd, supported_cpuid, vcpu_count=mc.vcpu_count, smt=mc.smt)
-            if index == 0:
-                regs.set_boot_registers(fd, mem, entry)
-            vcpus.append(Vcpu(fd, pio_bus=pio_bus, mmio_bus=mmio_bus, loop=ctx.loop,
-                              on_stop=ctx.on_vcpu_stop, metrics=vcpu_metrics.new_part()))
+        msr_indices = kvm.msr_index_list()
+        vcpus = _vcpus(vm, kvm, mc, pio_bus, mmio_bus, ctx, stack, mem, entry)
         resources = stack.pop_all()
     # KVM's fd for /dev/kvm is not needed once the VM exists.
     return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus, serial=serial,
                    i8042=i8042, boot_timer=boot_timer, blocks=blocks, rng=rng, kernel=kernel,
                    cmdline=cmdline,
-                   resources=resources, nets=nets, vsock=vsock, balloon=balloon)
+                   resources=resources, nets=nets, vsock=vsock, balloon=balloon,
+                   msr_indices=msr_indices)
+
+
+def _vcpus(vm: VmFd, kvm: Kvm, mc, pio_bus: Bus, mmio_bus: Bus, ctx: BuildContext,
+           stack: contextlib.ExitStack, mem: GuestMemory, entry: regs.BootEntry | None) -> list[Vcpu]:
+    """The vCPUs with their CPUID; the boot vCPU at ``entry`` (None: a snapshot sets them)."""
+    supported_cpuid = kvm.supported_cpuid()
+    vcpu_metrics = _register(ctx.metrics, "vcpu", SummedGroup(VcpuMetrics))
+    vcpus = []
+    for index in range(mc.vcpu_count):
+        fd = vm.create_vcpu(index)
+        stack.callback(fd.close)
+        regs.configure_vcpu(fd, supported_cpuid, vcpu_count=mc.vcpu_count, smt=mc.smt)
+        if index == 0 and entry is not None:
+            regs.set_boot_registers(fd, mem, entry)
+        vcpus.append(Vcpu(fd, pio_bus=pio_bus, mmio_bus=mmio_bus, loop=ctx.loop,
+                          on_stop=ctx.on_vcpu_stop, metrics=vcpu_metrics.new_part()))
+    return vcpus
+
+
+def _restore_state(state: SnapshotState, vm: VmFd, vcpus: list[Vcpu], serial: Serial,
+                   i8042: I8042) -> None:
+    """The snapshot's VM, vCPU and device state, each through its validating setter."""
+    if len(state.vcpus) != len(vcpus):
+        raise BuildError(f"the snapshot has {len(state.vcpus)} vCPU states for {len(vcpus)} vCPUs")
+    try:
+        serial.restore_state(msgspec.convert(state.devices.get("serial"), SerialState))
+        i8042.restore_state(msgspec.convert(state.devices.get("i8042"), I8042State))
+    except (msgspec.ValidationError, ValueError) as e:
+        raise BuildError(f"the snapshot's device state is invalid: {e}") from e
+    try:
+        kvmstate.restore_vm(vm, state.vm)
+        for vcpu, vcpu_state in zip(vcpus, state.vcpus):
+            kvmstate.restore_vcpu(vcpu.fd, vcpu_state)
+    except SnapshotFormatError as e:
+        raise BuildError(str(e)) from e
+    except KvmError as e:
+        raise BuildError(f"KVM refused the snapshot's state: {e}") from e
 
 
 class _VirtioSlots:

@@ -8,8 +8,9 @@ the arguments are known good, so ``--help``/``--version`` stay instant.
 The API socket is bound before them (clients can connect at once), but it
 is served only once the VMM core is imported: a process whose core cannot
 be imported logs why and exits 2 instead of coming up half-working.
-Flags asking for what is not built (``--seccomp-filter``, ``--enable-pci``,
-snapshots) are refused with exit 1, naming the feature.
+Flags asking for what is not built (``--seccomp-filter``, ``--enable-pci``)
+are refused with exit 1, naming the feature.  ``--snapshot-version`` and
+``--describe-snapshot`` print snapshot format versions (docs/snapshots.md).
 """
 
 from __future__ import annotations
@@ -112,16 +113,28 @@ def version_text() -> str:
 
 def _not_built_flag(args: argparse.Namespace) -> str | None:
     """The first flag asking for a feature asyncvmm does not build, as the reason to refuse it."""
-    if args.snapshot_version:
-        return "--snapshot-version: snapshots are not supported yet by asyncvmm."
-    if args.describe_snapshot is not None:
-        return "--describe-snapshot: snapshots are not supported yet by asyncvmm."
     if args.enable_pci:
         return "--enable-pci: PCIe (virtio devices on a PCI bus) is not supported yet by asyncvmm."
     if args.seccomp_filter is not None:
         return ("--seccomp-filter: installing a custom seccomp filter is not supported yet by "
                 "asyncvmm; it installs no seccomp filter (--no-seccomp says so explicitly).")
     return None
+
+
+def _snapshot_version(path: str | None) -> int:
+    """``--snapshot-version`` (the format this build writes) or ``--describe-snapshot PATH``."""
+    from asyncvmm.snapshot.format import FORMAT_VERSION, SnapshotFormatError, file_version, read_bounded
+
+    if path is None:
+        print(f"v{FORMAT_VERSION}.0.0")
+        return EXIT_OK
+    try:
+        version = file_version(read_bounded(path))
+    except SnapshotFormatError as err:
+        print(f"Error: --describe-snapshot: {err}", file=sys.stderr)
+        return EXIT_GENERIC
+    print(f"v{version}.0.0")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(version_text())
         return EXIT_OK
+    if args.snapshot_version or args.describe_snapshot is not None:
+        return _snapshot_version(args.describe_snapshot)
     refused = _not_built_flag(args)
     if refused is not None:
         print(f"Error: {refused}", file=sys.stderr)

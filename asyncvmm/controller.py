@@ -40,6 +40,8 @@ from asyncvmm.config import (
     LoggerConfig,
     MachineConfigUpdate,
     RateLimiterConfig,
+    SnapshotCreateConfig,
+    SnapshotLoadConfig,
     VmConfig,
     check_id,
     to_builtins,
@@ -56,6 +58,13 @@ NOT_SUPPORTED_POST_BOOT = "The requested operation is not supported after starti
 NOT_SUPPORTED_PRE_BOOT = "The requested operation is not supported before starting the microVM."
 MISSING_KERNEL = "Start microvm error: Cannot start microvm without kernel configuration."
 NO_BALLOON = "Balloon config error: No balloon device found."
+LOAD_NOT_ALLOWED = (
+    "Load snapshot error: Loading a microVM snapshot not allowed after configuring "
+    "boot-specific resources."
+)
+CREATE_WHILE_RUNNING = (
+    "Create snapshot error: Cannot create a snapshot of a running microVM; pause it first."
+)
 # Firecracker's answer when a post-boot operation names a device the microVM does not have.
 DEVICE_NOT_FOUND = "Failed perform action on device: Device not found"
 
@@ -97,6 +106,8 @@ class VmmBackend(Protocol):
     """
 
     async def start(self, config: VmConfig, requested_at: StartRequest) -> None: ...
+    async def load_snapshot(self, params: SnapshotLoadConfig) -> VmConfig: ...
+    async def create_snapshot(self, params: SnapshotCreateConfig) -> None: ...
     async def pause(self) -> None: ...
     async def resume(self) -> None: ...
     async def send_ctrl_alt_del(self) -> None: ...
@@ -155,6 +166,8 @@ class VmState(enum.Enum):
 
 class Event(enum.Enum):
     START = "start"
+    LOAD = "load"
+    LOAD_AND_RESUME = "load and resume"
     PAUSE = "pause"
     RESUME = "resume"
 
@@ -162,6 +175,8 @@ class Event(enum.Enum):
 # The VM lifecycle.  Pausing a paused VM and resuming a running one are no-ops.
 TRANSITIONS: dict[tuple[VmState, Event], VmState] = {
     (VmState.NOT_STARTED, Event.START): VmState.RUNNING,
+    (VmState.NOT_STARTED, Event.LOAD): VmState.PAUSED,
+    (VmState.NOT_STARTED, Event.LOAD_AND_RESUME): VmState.RUNNING,
     (VmState.RUNNING, Event.PAUSE): VmState.PAUSED,
     (VmState.PAUSED, Event.PAUSE): VmState.PAUSED,
     (VmState.PAUSED, Event.RESUME): VmState.RUNNING,
@@ -275,9 +290,24 @@ NOT_BUILT: dict[ActionKind, str] = {
     ActionKind.SET_MEMORY_HOTPLUG_DEVICE: unbuilt.MEMORY_HOTPLUG,
     ActionKind.GET_MEMORY_HOTPLUG_STATUS: unbuilt.MEMORY_HOTPLUG,
     ActionKind.UPDATE_MEMORY_HOTPLUG_SIZE: unbuilt.MEMORY_HOTPLUG,
-    ActionKind.CREATE_SNAPSHOT: unbuilt.SNAPSHOT_CREATE,
-    ActionKind.LOAD_SNAPSHOT: unbuilt.SNAPSHOT_LOAD,
 }
+
+# Actions that configure a boot-specific resource: after one of them succeeded, a snapshot
+# may no longer be loaded into this process (logger and metrics are fine).
+BOOT_SPECIFIC: frozenset[ActionKind] = frozenset({
+    ActionKind.CONFIGURE_BOOT_SOURCE,
+    ActionKind.CONFIGURE_SERIAL,
+    ActionKind.PUT_CPU_CONFIGURATION,
+    ActionKind.INSERT_BLOCK_DEVICE,
+    ActionKind.INSERT_NETWORK_DEVICE,
+    ActionKind.INSERT_PMEM_DEVICE,
+    ActionKind.SET_BALLOON_DEVICE,
+    ActionKind.SET_VSOCK_DEVICE,
+    ActionKind.SET_ENTROPY_DEVICE,
+    ActionKind.SET_MMDS_CONFIGURATION,
+    ActionKind.SET_MEMORY_HOTPLUG_DEVICE,
+    ActionKind.UPDATE_MACHINE_CONFIGURATION,
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +353,7 @@ class Controller:
         self.configure_logger = configure_logger
         self.config = VmConfig()
         self.state = VmState.NOT_STARTED
+        self._boot_path = False        # a boot-specific resource was configured
         self._lock = asyncio.Lock()
         self._handlers = self._handler_table()
 
@@ -351,6 +382,8 @@ class Controller:
             K.SET_MMDS_CONFIGURATION: self._set_mmds_configuration,
             K.UPDATE_MACHINE_CONFIGURATION: self._update_machine_configuration,
             K.START_MICRO_VM: self._start_micro_vm,
+            K.LOAD_SNAPSHOT: self._load_snapshot,
+            K.CREATE_SNAPSHOT: self._create_snapshot,
             K.FLUSH_METRICS: self._flush_metrics,
             K.PAUSE: self._pause,
             K.RESUME: self._resume,
@@ -373,7 +406,10 @@ class Controller:
                 if feature is not None:
                     _refuse_not_built(feature, action.payload)
                 self._check_phase(RULES[action.kind])
-                return await self._handlers[action.kind](action.payload)
+                result = await self._handlers[action.kind](action.payload)
+                if action.kind in BOOT_SPECIFIC:
+                    self._boot_path = True
+                return result
             except ConfigError as err:
                 raise ControllerError(err.message) from None
 
@@ -554,6 +590,18 @@ class Controller:
         self._transition(Event.START)
         self._after_boot()
 
+    async def _load_snapshot(self, params: SnapshotLoadConfig) -> None:
+        if self._boot_path:
+            raise ControllerError(LOAD_NOT_ALLOWED)
+        unbuilt.refuse_unbuilt(params)
+        config = await self._backend_call(
+            "Load snapshot error: Failed to restore from snapshot: ", self.backend.load_snapshot(params),
+            "load_snapshot", "vmm_load_snapshot",
+        )
+        self.config = config
+        self._transition(Event.LOAD_AND_RESUME if params.resume_vm else Event.LOAD)
+        self._after_boot()
+
     def _after_boot(self) -> None:
         if self.metrics is not None:
             self.metrics.flush()
@@ -577,6 +625,16 @@ class Controller:
         if self.state is VmState.PAUSED:
             await self._backend_call("Internal VMM error: ", self.backend.resume(), "resume_vm", "vmm_resume_vm")
         self._transition(Event.RESUME)
+
+    async def _create_snapshot(self, params: SnapshotCreateConfig) -> None:
+        unbuilt.refuse_unbuilt(params)
+        if self.state is not VmState.PAUSED:
+            raise ControllerError(CREATE_WHILE_RUNNING)
+        kind = "full" if params.snapshot_type == "Full" else "diff"
+        await self._backend_call(
+            "Create snapshot error: ", self.backend.create_snapshot(params),
+            f"{kind}_create_snapshot", f"vmm_{kind}_create_snapshot",
+        )
 
     async def _send_ctrl_alt_del(self, _: None) -> None:
         await self._backend_call("Internal VMM error: ", self.backend.send_ctrl_alt_del())

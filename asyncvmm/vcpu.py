@@ -131,6 +131,7 @@ class Vcpu:
         self._cond = threading.Condition()
         self._state = RunState.PAUSED        # started paused; resume() lets it run
         self._parked = False                 # the thread is waiting in PAUSED
+        self._ran = False                    # the thread has entered KVM_RUN at least once
         self._waiters: list[concurrent.futures.Future] = []
         self._handoff: concurrent.futures.Future | None = None   # an MMIO access on the loop
         self._thread: threading.Thread | None = None
@@ -206,13 +207,29 @@ class Vcpu:
                 self._state = RunState.EXITING
                 self._ack()
 
+    def _complete_pending_exit(self) -> None:
+        """Re-enter KVM_RUN with ``immediate_exit`` so KVM finishes the last port/MMIO exit
+        (advances RIP past an OUT, stores an IN's data) without running the guest: KVM's
+        API document asks this of a VMM before it reads vCPU state (a snapshot)."""
+        self.fd.set_immediate_exit(True)
+        try:
+            exit_ = self.fd.run()
+        except KvmError as e:
+            log.debug("vCPU %d: completing the last exit before parking: %s", self.index, e)
+            return
+        if not isinstance(exit_, x.Interrupted):
+            log.debug("vCPU %d: KVM_RUN with immediate_exit returned %r", self.index, exit_)
+
     def _wait_until_runnable(self) -> bool:
         with self._cond:
+            if self._state is RunState.PAUSED and self._ran:
+                self._complete_pending_exit()
             while self._state is RunState.PAUSED:
                 self._parked = True
                 self._ack()
                 self._cond.wait()
             self._parked = False
+            self._ran = True
             return self._state is RunState.RUNNING
 
     def _stop(self, reason: VcpuStopReason, detail: str) -> None:

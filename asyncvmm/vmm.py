@@ -16,16 +16,25 @@ import os
 import time
 from typing import Any, Callable
 
-from .builder import BuildContext, BuildError, MicroVm, build_microvm
-from .config import VmConfig
+import msgspec
+
+from . import __version__
+from .builder import BuildContext, BuildError, MicroVm, Restore, build_microvm
+from .config import ConfigError, SnapshotCreateConfig, SnapshotLoadConfig, VmConfig
+from .config.decode import decode
 from .console import SerialConsole
 from .devices.virtio.block import BlockFileError
 from .devices.virtio.balloon import Balloon, BalloonError
 from .controller import BackendError, StartError, StartRequest
 from .exitcodes import ExitCode
+from .kvm import KvmError
 from .kvm.kind import software_kvm_reason, software_kvm_warning
 from .metrics import MetricsRegistry
 from .mmds.store import MmdsStore
+from .snapshot import kvmstate
+from .snapshot.format import (MemoryRegionState, SnapshotFormatError, SnapshotState, read_state_file,
+                              write_state_file)
+from .snapshot.memfile import snapshot_unsupported_devices, write_memory_file
 from .vcpu import Request, VcpuStopReason, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,18 @@ def _not_yet(feature: str) -> BackendError:
     return BackendError(f"{feature} is not supported yet by asyncvmm")
 
 
+def _with_network_overrides(config: VmConfig, overrides) -> VmConfig:
+    """The snapshot's interfaces, each override pointing one at another tap."""
+    ifaces = list(config.network_interfaces)
+    for override in overrides:
+        index = next((i for i, n in enumerate(ifaces) if n.iface_id == override.iface_id), None)
+        if index is None:
+            raise BackendError(f"Invalid network override: the snapshot has no network interface "
+                               f"`{override.iface_id}`")
+        ifaces[index] = msgspec.structs.replace(ifaces[index], host_dev_name=override.host_dev_name)
+    return msgspec.structs.replace(config, network_interfaces=ifaces)
+
+
 class Vmm:
     def __init__(self, loop: asyncio.AbstractEventLoop, *, instance_id: str, boot_timer: bool,
                  metrics: MetricsRegistry, on_exit: Callable[[int], None],
@@ -59,6 +80,7 @@ class Vmm:
         self._stdout_fd = stdout_fd
         self._serial_file: int | None = None
         self.machine: MicroVm | None = None
+        self._config: VmConfig | None = None      # what the machine was built from
         self._console: SerialConsole | None = None
         self._exiting = False
         # The data store the API's PUT/PATCH /mmds write; the guest reads the same one.
@@ -66,7 +88,8 @@ class Vmm:
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def start(self, config: VmConfig, requested_at: StartRequest | None = None) -> None:
+    async def start(self, config: VmConfig, requested_at: StartRequest | None = None, *,
+                    restore: Restore | None = None, resume: bool = True) -> None:
         requested_at = requested_at or StartRequest.now()
         install_kick_handler()
         reason = software_kvm_reason()
@@ -79,18 +102,20 @@ class Vmm:
             on_guest_poweroff=lambda: self._from_vcpu(ExitCode.OK, "the guest powered off (ACPI S5)"),
             serial_out=self._serial_sink(config), serial_on_rx_space=console.on_rx_space,
             boot_timer=self._boot_timer, start_ns=requested_at.monotonic_ns,
-            start_cpu_ns=requested_at.cpu_ns, mmds_store=self.mmds_store)
+            start_cpu_ns=requested_at.cpu_ns, mmds_store=self.mmds_store, restore=restore)
         try:
             machine = build_microvm(config, ctx)
         except BuildError as e:
             self._close_serial_file()
             raise StartError(str(e)) from e
-        self.machine, self._console = machine, console
+        self.machine, self._console, self._config = machine, console, config
         console.attach(machine.serial)
         for vcpu in machine.vcpus:
             vcpu.start()
-        await self._request_all(Request.RESUME)
-        log.info("Started microVM with %d vCPU(s), %d MiB; command line: %s",
+        if resume:
+            await self._request_all(Request.RESUME)
+        log.info("%s microVM with %d vCPU(s), %d MiB; command line: %s",
+                 "Restored" if restore is not None else "Started",
                  len(machine.vcpus), config.machine_config.mem_size_mib, machine.cmdline)
 
     def _serial_sink(self, config: VmConfig) -> Callable[[bytes], None]:
@@ -195,11 +220,59 @@ class Vmm:
     async def update_pmem(self, pmem_id: str, rate_limiter) -> None:
         raise _not_yet("The pmem device")
 
-    async def load_snapshot(self, params) -> None:
-        raise _not_yet("Loading snapshots")
+    async def create_snapshot(self, params: SnapshotCreateConfig) -> None:
+        """Write the paused microVM's state file and memory file (docs/snapshots.md)."""
+        assert self.machine is not None and self._config is not None
+        machine = self.machine
+        unsupported = snapshot_unsupported_devices(machine)
+        if unsupported:
+            raise BackendError(f"Snapshotting a microVM with {', '.join(unsupported)} is not "
+                               f"supported yet by asyncvmm.")
+        if params.snapshot_type != "Full":
+            raise BackendError("Diff snapshots are not supported yet by asyncvmm.")
+        try:
+            vm_state = kvmstate.save_vm(machine.vm)
+            vcpus = [kvmstate.save_vcpu(v.fd, machine.msr_indices) for v in machine.vcpus]
+        except KvmError as e:
+            raise BackendError(f"Cannot read the microVM's KVM state: {e}") from e
+        regions, offset = [], 0
+        for r in machine.mem.regions:
+            regions.append(MemoryRegionState(guest_addr=r.guest_addr, size=r.size, file_offset=offset))
+            offset += r.size
+        state = SnapshotState(
+            asyncvmm_version=__version__, snapshot_type=params.snapshot_type,
+            config=msgspec.json.encode(self._config), memory=regions, memory_file_size=offset,
+            vm=vm_state, vcpus=vcpus,
+            devices={"serial": machine.serial.save_state(), "i8042": machine.i8042.save_state()})
+        try:
+            write_memory_file(params.mem_file_path, machine.mem)
+            write_state_file(params.snapshot_path, state)
+        except OSError as e:
+            raise BackendError(f"Cannot write the snapshot: {e}") from e
 
-    async def create_snapshot(self, params) -> None:
-        raise _not_yet("Creating snapshots")
+    async def load_snapshot(self, params: SnapshotLoadConfig) -> VmConfig:
+        """Build the microVM from a snapshot (paused); returns the configuration it had."""
+        try:
+            state = read_state_file(params.snapshot_path)
+        except SnapshotFormatError as e:
+            raise BackendError(str(e)) from None
+        try:
+            config = decode(state.config, VmConfig)
+        except ConfigError as e:
+            raise BackendError(f"the snapshot's configuration is invalid: {e.message}") from None
+        config = _with_network_overrides(config, params.network_overrides)
+        backend = params.memory_backend()
+        try:
+            mem_fd = os.open(backend.backend_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise BackendError(f"Cannot open the memory file {backend.backend_path}: "
+                               f"{os.strerror(e.errno)} (os error {e.errno})") from None
+        try:
+            await self.start(config, restore=Restore(state=state, mem_fd=mem_fd),
+                             resume=params.resume_vm)
+        finally:
+            os.close(mem_fd)      # the private mapping keeps the file
+        return config
 
     def _balloon(self) -> Balloon:
         balloon = self.machine.balloon if self.machine is not None else None

@@ -9,7 +9,7 @@
  * Actions (run in command-line order):
  *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  blkreset=...  rng=N  net=...
  *   vsock=...  balloon=<start_mib>:<mib>
- *   mmioflood=<addr>:<count>
+ *   mmioflood=<addr>:<count>  count=<n>
  * Exit (runs last; default halt):
  *   exit=halt|reset|triplefault|triplefault0|poweroff
  */
@@ -145,6 +145,21 @@ static void mmio_flood(const char *v, size_t vn)
         con_end();
 }
 
+/* count=<n>: prints "count i=<k>" for k = 1..n, one line every 2^26 TSC ticks (a guest whose
+ * progress the host can read: a restored snapshot must continue the count, not restart it). */
+static void count_up(uint64_t n)
+{
+        for (uint64_t i = 1; i <= n; i++) {
+                uint64_t start = rdtsc();
+
+                while (rdtsc() - start < (1ull << 26))
+                        ;
+                con_begin("count");
+                con_kv("i", i);
+                con_end();
+        }
+}
+
 static const char *exit_how = "halt";
 static size_t exit_how_len = 4;
 
@@ -178,6 +193,8 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 balloon_action(v, vn);
         } else if (key_is(k, kn, "mmioflood")) {
                 mmio_flood(v, vn);
+        } else if (key_is(k, kn, "count") && numeric) {
+                count_up(n);
         } else if (key_is(k, kn, "exit")) {
                 exit_how = v;
                 exit_how_len = vn;

@@ -281,9 +281,8 @@ NOT_BUILT = [
     ("PUT", "/hotplug/memory", {"total_size_mib": 1024}, HOTPLUG),
     ("GET", "/hotplug/memory", None, HOTPLUG),
     ("PATCH", "/hotplug/memory", {"requested_size_mib": 128}, HOTPLUG),
-    ("PUT", "/snapshot/create", {"mem_file_path": "m", "snapshot_path": "s"}, "Creating snapshots" + NOT_YET),
-    ("PUT", "/snapshot/load", {"snapshot_path": "s", "mem_backend": {"backend_type": "File", "backend_path": "m"}},
-     "Loading snapshots" + NOT_YET),
+    ("PUT", "/snapshot/load", {"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}},
+     "Restoring a snapshot through userfaultfd (snapshot-load `mem_backend` `Uffd`)" + NOT_YET),
     ("PUT", "/cpu-config", {"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b" + "x" * 64}]},
      "A custom CPU template (PUT /cpu-config with modifiers)" + NOT_YET),
     ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"},
@@ -563,7 +562,7 @@ def test_balloon_operations_after_boot_without_a_balloon(booted: Api) -> None:
 def test_not_built_features_are_refused_after_boot_too(booted: Api) -> None:
     for method, path, body, fault in NOT_BUILT:
         resp = booted(method, path, body)
-        if path in ("/machine-config", "/cpu-config", "/serial") or path.startswith("/drives"):
+        if path in ("/machine-config", "/cpu-config", "/serial", "/snapshot/load") or path.startswith("/drives"):
             # Built resources whose phase is over: the phase rule answers first.
             assert resp.fault == "The requested operation is not supported after starting the microVM."
         else:

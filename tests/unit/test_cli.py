@@ -132,14 +132,25 @@ def test_metrics_writer_drops_lines_to_a_full_fifo(tmp_path: Any) -> None:
 @pytest.mark.parametrize("argv,named", [
     (["--seccomp-filter", "/etc/hostname"], "--seccomp-filter: installing a custom seccomp filter is not supported yet"),
     (["--enable-pci"], "--enable-pci: PCIe (virtio devices on a PCI bus) is not supported yet"),
-    (["--describe-snapshot", "/s"], "--describe-snapshot: snapshots are not supported yet"),
-    (["--snapshot-version"], "--snapshot-version: snapshots are not supported yet"),
 ])
 def test_flags_not_built_are_refused(argv: list[str], named: str, tmp_path: Any, capsys: Any) -> None:
     sock = tmp_path / "api.sock"
     assert cli.main(["--api-sock", str(sock), *argv]) == cli.EXIT_GENERIC
     assert named in capsys.readouterr().err
     assert not sock.exists()  # refused before anything was bound
+
+
+def test_snapshot_version_flags(tmp_path: Any, capsys: Any) -> None:
+    from asyncvmm.snapshot.format import FORMAT_VERSION, MAGIC
+    assert cli.main(["--snapshot-version"]) == cli.EXIT_OK
+    assert capsys.readouterr().out.strip() == f"v{FORMAT_VERSION}.0.0"
+    state = tmp_path / "vm.snap"
+    state.write_bytes(MAGIC + (7).to_bytes(4, "little") + bytes(12))
+    assert cli.main(["--describe-snapshot", str(state)]) == cli.EXIT_OK
+    assert capsys.readouterr().out.strip() == "v7.0.0"
+    state.write_bytes(b"not a snapshot at all....")
+    assert cli.main(["--describe-snapshot", str(state)]) == cli.EXIT_GENERIC
+    assert "not an asyncvmm snapshot state file" in capsys.readouterr().err
 
 
 def test_no_seccomp_is_accepted() -> None:

@@ -36,6 +36,7 @@ from asyncvmm.config import (
     VsockConfig,
     decode,
 )
+from asyncvmm.config import LoggerConfig, MemoryBackendConfig
 from asyncvmm.config.machine import CpuidLeafModifier, CpuidRegisterModifier
 from asyncvmm.controller import (
     NOT_BUILT,
@@ -74,6 +75,13 @@ class FakeBackend:
 
     async def pause(self) -> None:
         await self._call("pause")
+
+    async def load_snapshot(self, params: Any) -> VmConfig:
+        await self._call("load_snapshot", params)
+        return VmConfig()
+
+    async def create_snapshot(self, params: Any) -> None:
+        await self._call("create_snapshot", params)
 
     async def resume(self) -> None:
         await self._call("resume")
@@ -361,8 +369,6 @@ NOT_BUILT_REQUESTS = [
     (K.SET_MEMORY_HOTPLUG_DEVICE, MemoryHotplugConfig(total_size_mib=1024), HOTPLUG),
     (K.GET_MEMORY_HOTPLUG_STATUS, None, HOTPLUG),
     (K.UPDATE_MEMORY_HOTPLUG_SIZE, MemoryHotplugSizeUpdateConfig(requested_size_mib=128), HOTPLUG),
-    (K.CREATE_SNAPSHOT, SnapshotCreateConfig(mem_file_path="m", snapshot_path="s"), "Creating snapshots " + NOT_YET),
-    (K.LOAD_SNAPSHOT, SnapshotLoadConfig(snapshot_path="s", mem_file_path="m"), "Loading snapshots " + NOT_YET),
 ]
 
 
@@ -570,3 +576,70 @@ async def test_balloon_target_must_fit_a_le32_of_pages(ctl: Controller) -> None:
     assert err.value.message == ("Balloon config error: Error creating the balloon device: Requested memory "
                                  "should be less than 16777215MiB")
     await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=(1 << 24) - 1, deflate_on_oom=False)))
+
+
+# -- snapshots: phase rules, LOAD_NOT_ALLOWED, create only when paused ------------------------
+
+SNAP_LOAD = SnapshotLoadConfig(snapshot_path="s", mem_backend=MemoryBackendConfig(backend_type="File",
+                                                                                  backend_path="m"))
+
+
+@pytest.mark.parametrize("resume,state", [(False, "Paused"), (True, "Running")])
+async def test_snapshot_load_on_a_fresh_process(ctl: Controller, backend: FakeBackend, resume: bool,
+                                                state: str) -> None:
+    await ctl.handle(Action(K.CONFIGURE_LOGGER, LoggerConfig(level="Info")))    # not boot-specific
+    await ctl.handle(Action(K.LOAD_SNAPSHOT, msgspec.structs.replace(SNAP_LOAD, resume_vm=resume)))
+    assert backend.calls[-1][0] == "load_snapshot"
+    assert (await ctl.handle(Action(K.GET_INSTANCE_INFO)))["state"] == state
+    assert ctl.latencies.load_snapshot >= 0
+    with pytest.raises(ControllerError, match="not supported after starting"):
+        await ctl.handle(Action(K.LOAD_SNAPSHOT, SNAP_LOAD))
+
+
+async def test_snapshot_load_after_a_boot_specific_resource_is_refused(ctl: Controller, backend: FakeBackend,
+                                                                       kernel: str) -> None:
+    await ctl.handle(Action(K.CONFIGURE_BOOT_SOURCE, BootSourceConfig(kernel_image_path=kernel)))
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.LOAD_SNAPSHOT, SNAP_LOAD))
+    assert err.value.message == ("Load snapshot error: Loading a microVM snapshot not allowed after "
+                                 "configuring boot-specific resources.")
+    assert not any(name == "load_snapshot" for name, _ in backend.calls)
+
+
+async def test_a_failed_snapshot_load_leaves_the_vm_not_started(ctl: Controller, backend: FakeBackend) -> None:
+    backend.fail["load_snapshot"] = BackendError("the snapshot state file is truncated")
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.LOAD_SNAPSHOT, SNAP_LOAD))
+    assert err.value.message == ("Load snapshot error: Failed to restore from snapshot: the snapshot "
+                                 "state file is truncated")
+    assert ctl.state.value == "Not started"
+
+
+@pytest.mark.parametrize("load,feature", [
+    (msgspec.structs.replace(SNAP_LOAD, mem_backend=MemoryBackendConfig(backend_type="Uffd", backend_path="u")),
+     "userfaultfd"),
+    (msgspec.structs.replace(SNAP_LOAD, track_dirty_pages=True), "Dirty page tracking"),
+    (msgspec.structs.replace(SNAP_LOAD, clock_realtime=True), "clock_realtime"),
+])
+async def test_snapshot_load_options_not_built_are_refused_by_name(ctl: Controller, backend: FakeBackend,
+                                                                   load: Any, feature: str) -> None:
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.LOAD_SNAPSHOT, load))
+    assert feature in err.value.message and err.value.message.endswith(NOT_YET)
+    assert backend.calls == []
+
+
+async def test_snapshot_create_only_when_paused(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    create = SnapshotCreateConfig(mem_file_path="m", snapshot_path="s")
+    with pytest.raises(ControllerError, match="not supported before starting"):
+        await ctl.handle(Action(K.CREATE_SNAPSHOT, create))
+    await boot(ctl, kernel)
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.CREATE_SNAPSHOT, create))
+    assert err.value.message == ("Create snapshot error: Cannot create a snapshot of a running microVM; "
+                                 "pause it first.")
+    await ctl.handle(Action(K.PAUSE))
+    await ctl.handle(Action(K.CREATE_SNAPSHOT, create))
+    assert backend.calls[-1] == ("create_snapshot", (create,))
+    with pytest.raises(ControllerError, match="Diff snapshots"):
+        await ctl.handle(Action(K.CREATE_SNAPSHOT, msgspec.structs.replace(create, snapshot_type="Diff")))

@@ -21,6 +21,8 @@ import dataclasses
 import threading
 from typing import Callable
 
+import msgspec
+
 from ...metrics import MetricGroup
 from ..irq import IrqLine
 
@@ -104,6 +106,17 @@ class I8042Metrics(MetricGroup):
     read_count: int = 0
     reset_count: int = 0
     write_count: int = 0
+
+
+class I8042State(msgspec.Struct, forbid_unknown_fields=True, tag="i8042-v1"):
+    """The controller's registers and output buffer in a snapshot (untrusted on load)."""
+
+    control: int
+    status: int
+    output_port: int
+    pending_cmd: int | None
+    pending_kbd: int | None
+    out: bytes
 
 
 class I8042:
@@ -245,3 +258,27 @@ class I8042:
             if self._cb & CB_XLATE:
                 codes = translate_set2(codes)
             self._push(*codes)
+
+    # -- snapshots -----------------------------------------------------------------
+
+    def save_state(self) -> I8042State:
+        with self._lock:
+            return I8042State(control=self._cb, status=self._status, output_port=self._outp,
+                              pending_cmd=self._pending_cmd, pending_kbd=self._pending_kbd,
+                              out=bytes(self._out))
+
+    def restore_state(self, state: I8042State) -> None:
+        """Take a snapshot's registers, each checked; nothing changes if one is bad."""
+        for name in ("control", "status", "output_port", "pending_cmd", "pending_kbd"):
+            value = getattr(state, name)
+            if value is not None and not 0 <= value <= 0xFF:
+                raise ValueError(f"i8042 state: {name} {value} is not a byte")
+        if len(state.out) > OUTBUF_LIMIT:
+            raise ValueError(f"i8042 state: {len(state.out)} bytes in a {OUTBUF_LIMIT}-byte buffer")
+        with self._lock:
+            self._cb = state.control
+            self._status = state.status
+            self._outp = state.output_port
+            self._pending_cmd = state.pending_cmd
+            self._pending_kbd = state.pending_kbd
+            self._out = collections.deque(state.out)

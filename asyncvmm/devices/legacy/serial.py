@@ -21,6 +21,8 @@ import dataclasses
 import threading
 from typing import Callable
 
+import msgspec
+
 from ...metrics import MetricGroup
 from ..irq import IrqLine
 
@@ -70,6 +72,26 @@ class SerialMetrics(MetricGroup):
     missed_write_count: int = 0
     read_count: int = 0
     write_count: int = 0
+
+
+class SerialState(msgspec.Struct, forbid_unknown_fields=True, tag="serial-v1"):
+    """The UART's registers and receive FIFO in a snapshot (untrusted on load)."""
+
+    ier: int
+    iir: int
+    lcr: int
+    mcr: int
+    msr: int
+    scr: int
+    dll: int
+    dlm: int
+    rx: bytes
+
+
+def _byte(name: str, value: int) -> int:
+    if not 0 <= value <= 0xFF:
+        raise ValueError(f"serial state: {name} {value} is not a byte")
+    return value
 
 
 class Serial:
@@ -220,3 +242,29 @@ class Serial:
     def rx_room(self) -> int:
         with self._lock:
             return FIFO_SIZE - len(self._rx)
+
+    # -- snapshots -----------------------------------------------------------------
+
+    def save_state(self) -> SerialState:
+        with self._lock:
+            return SerialState(ier=self._ier, iir=self._iir, lcr=self._lcr, mcr=self._mcr,
+                               msr=self._msr, scr=self._scr, dll=self._dll, dlm=self._dlm,
+                               rx=bytes(self._rx))
+
+    def restore_state(self, state: SerialState) -> None:
+        """Take a snapshot's registers, each checked; nothing changes if one is bad."""
+        if len(state.rx) > FIFO_SIZE:
+            raise ValueError(f"serial state: {len(state.rx)} bytes in a {FIFO_SIZE}-byte FIFO")
+        values = {name: _byte(name, getattr(state, name))
+                  for name in ("ier", "iir", "lcr", "mcr", "msr", "scr", "dll", "dlm")}
+        with self._lock:
+            self._ier = values["ier"] & IER_MASK
+            self._iir = values["iir"]
+            self._lcr = values["lcr"]
+            self._mcr = values["mcr"] & MCR_MASK
+            self._msr = values["msr"]
+            self._scr = values["scr"]
+            self._dll = values["dll"]
+            self._dlm = values["dlm"]
+            self._rx = collections.deque(state.rx)
+            self._rx_was_full = False

@@ -1,0 +1,111 @@
+"""The state file container: round trip, and every damage refused with a message naming it."""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncvmm.devices.legacy.i8042 import I8042, I8042State
+from asyncvmm.devices.legacy.serial import Serial, SerialState
+from asyncvmm.snapshot.format import (FORMAT_VERSION, MAGIC, MemoryRegionState, SnapshotFormatError,
+                                     SnapshotState, VcpuState, VmState, crc64, decode_state,
+                                     encode_state, file_version)
+
+
+class _Irq:
+    def trigger(self) -> None:
+        pass
+
+
+def sample_state() -> SnapshotState:
+    vcpu = VcpuState(regs=b"r" * 144, sregs=b"s" * 312, fpu=b"f" * 416, xsave=None, xcrs=None,
+                     lapic=b"l" * 1024, msrs=[(0x10, 12345), (0xC0000080, 0xD01)], events=b"e" * 64,
+                     mp_state=0, debugregs=b"d" * 128, tsc_khz=2_000_000)
+    return SnapshotState(
+        asyncvmm_version="0.1.0", snapshot_type="Full", config=b'{"machine-config": {}}',
+        memory=[MemoryRegionState(guest_addr=0, size=64 << 20, file_offset=0)],
+        memory_file_size=64 << 20,
+        vm=VmState(pic_master=b"p", pic_slave=b"q", ioapic=b"i", pit=b"t", clock=b"c"),
+        vcpus=[vcpu],
+        devices={"serial": Serial(_Irq(), None).save_state(), "i8042": I8042(_Irq(), lambda: None).save_state()})
+
+
+def test_crc64_is_crc64_xz() -> None:
+    assert crc64(b"123456789") == 0x995DC9BBDF1939FA
+    assert crc64(b"") == 0
+
+
+def test_round_trip_and_version() -> None:
+    data = encode_state(sample_state())
+    assert data[:8] == MAGIC and file_version(data) == FORMAT_VERSION
+    state = decode_state(data)
+    assert state.vcpus[0].msrs == [(0x10, 12345), (0xC0000080, 0xD01)]
+    assert msgspec.convert(state.devices["serial"], SerialState) == Serial(_Irq(), None).save_state()
+
+
+def test_truncation_anywhere_is_refused() -> None:
+    data = encode_state(sample_state())
+    for cut in (0, 5, 23, 24, len(data) // 2, len(data) - 1):
+        with pytest.raises(SnapshotFormatError, match="truncated|bad magic"):
+            decode_state(data[:cut])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_any_flipped_byte_is_refused(data_strategy) -> None:
+    data = bytearray(encode_state(sample_state()))
+    at = data_strategy.draw(st.integers(0, len(data) - 1))
+    data[at] ^= data_strategy.draw(st.integers(1, 255))
+    with pytest.raises(SnapshotFormatError):
+        decode_state(bytes(data))
+
+
+def test_foreign_file_other_version_and_trailing_bytes() -> None:
+    data = encode_state(sample_state())
+    with pytest.raises(SnapshotFormatError, match="not an asyncvmm snapshot"):
+        decode_state(b"\x7fELF" + data[4:])
+    other = bytearray(data)
+    struct.pack_into("<I", other, 8, FORMAT_VERSION + 1)
+    with pytest.raises(SnapshotFormatError, match=f"format version {FORMAT_VERSION + 1}"):
+        decode_state(bytes(other))
+    with pytest.raises(SnapshotFormatError, match="after its checksum"):
+        decode_state(data + b"x")
+
+
+def test_a_body_with_a_good_checksum_but_wrong_types_is_refused() -> None:
+    body = msgspec.msgpack.encode({"asyncvmm_version": 1})
+    head = struct.pack("<8sIIQ", MAGIC, FORMAT_VERSION, 0, len(body)) + body
+    with pytest.raises(SnapshotFormatError, match="does not decode"):
+        decode_state(head + struct.pack("<Q", crc64(head)))
+
+
+def test_serial_and_i8042_state_round_trip_and_bad_values_change_nothing() -> None:
+    serial = Serial(_Irq(), None)
+    serial.write(3, bytes([0x1B]))           # LCR
+    serial.enqueue_input(b"abc")
+    saved = serial.save_state()
+    other = Serial(_Irq(), None)
+    other.restore_state(saved)
+    assert other.save_state() == saved and other.read(0, 1) == b"a"
+    before = other.save_state()
+    with pytest.raises(ValueError):
+        other.restore_state(msgspec.structs.replace(saved, lcr=300))
+    with pytest.raises(ValueError):
+        other.restore_state(msgspec.structs.replace(saved, rx=bytes(5000)))
+    assert other.save_state() == before
+    kbd = I8042(_Irq(), lambda: None)
+    state = kbd.save_state()
+    kbd2 = I8042(_Irq(), lambda: None)
+    kbd2.restore_state(state)
+    assert kbd2.save_state() == state
+    with pytest.raises(ValueError):
+        kbd2.restore_state(msgspec.structs.replace(state, out=bytes(1000)))
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"type": "serial-v1", "ier": "x"}, SerialState)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(msgspec.to_builtins(state), SerialState)     # another device's state
+    assert isinstance(msgspec.convert(msgspec.to_builtins(state), I8042State), I8042State)
