@@ -8,9 +8,12 @@ the arguments are known good, so ``--help``/``--version`` stay instant.
 The API socket is bound before them (clients can connect at once), but it
 is served only once the VMM core is imported: a process whose core cannot
 be imported logs why and exits 2 instead of coming up half-working.
-Flags asking for what is not built (``--seccomp-filter``, ``--enable-pci``)
-are refused with exit 1, naming the feature.  ``--snapshot-version`` and
+Flags asking for what is not built (``--enable-pci``) are refused with
+exit 1, naming the feature.  ``--snapshot-version`` and
 ``--describe-snapshot`` print snapshot format versions (docs/snapshots.md).
+Seccomp filters (docs/seccomp.md) are installed by default;
+``--seccomp-filter FILE`` takes Firecracker's JSON filter format (compiled
+here), ``--no-seccomp`` installs none.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--id", default=DEFAULT_INSTANCE_ID, help="MicroVM unique identifier.")
     seccomp = p.add_mutually_exclusive_group()
     seccomp.add_argument("--seccomp-filter",
-                         help="Path to a custom seccomp filter (not supported yet by asyncvmm: refused).")
+                         help="Path to a custom seccomp filter: Firecracker's JSON filter format "
+                              "(categories vmm and vcpu), compiled by asyncvmm.")
     seccomp.add_argument("--no-seccomp", action="store_true", help="Start without seccomp filtering.")
     a("--start-time-us", type=int, help="Process start time (monotonic clock, microseconds).")
     a("--start-time-cpu-us", type=int, help="Process start CPU time (microseconds).")
@@ -115,9 +119,6 @@ def _not_built_flag(args: argparse.Namespace) -> str | None:
     """The first flag asking for a feature asyncvmm does not build, as the reason to refuse it."""
     if args.enable_pci:
         return "--enable-pci: PCIe (virtio devices on a PCI bus) is not supported yet by asyncvmm."
-    if args.seccomp_filter is not None:
-        return ("--seccomp-filter: installing a custom seccomp filter is not supported yet by "
-                "asyncvmm; it installs no seccomp filter (--no-seccomp says so explicitly).")
     return None
 
 
@@ -216,8 +217,9 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
         log.error("The VMM core (asyncvmm.vmm) cannot be imported; exiting before serving "
                   "the API.", exc_info=True)
         return EXIT_UNEXPECTED
-    if not args.no_seccomp:
-        log.warning("asyncvmm does not install seccomp filters; see docs/cli.md")
+    seccomp = _seccomp_filters(args, log)
+    if seccomp is False:
+        return EXIT_BAD_CONFIGURATION
 
     registry = MetricsRegistry()
     registry.register("logger", logger_metrics)
@@ -244,7 +246,7 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
     if bind_error is not None:
         log.error("%s", bind_error)
         return EXIT_GENERIC
-    session = _Session(args, logger, registry, writer, texts, api_sock)
+    session = _Session(args, logger, registry, writer, texts, api_sock, seccomp)
     try:
         import uvloop
     except ImportError:
@@ -258,13 +260,32 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
         return EXIT_UNEXPECTED
 
 
+def _seccomp_filters(args: argparse.Namespace, log: logging.Logger) -> Any:
+    """The thread filters to install at boot: None for --no-seccomp, False when the file is unusable."""
+    if args.no_seccomp:
+        log.info("Starting without seccomp filters (--no-seccomp)")
+        return None
+    from asyncvmm.seccomp import PolicyError, ThreadFilters
+
+    if args.seccomp_filter is None:
+        return ThreadFilters.default()
+    try:
+        return ThreadFilters.from_file(args.seccomp_filter)
+    except OSError as err:
+        log.error("Seccomp error: cannot read the filter file %s: %s", args.seccomp_filter, err.strerror)
+    except PolicyError as err:
+        log.error("Seccomp error: invalid filter file %s", err)
+    return False
+
+
 class _Session:
     """One process lifetime: the controller, its backend, the API server."""
 
     def __init__(self, args: argparse.Namespace, logger: Any, registry: Any, writer: Any,
-                 texts: dict[str, str], api_sock: Any) -> None:
+                 texts: dict[str, str], api_sock: Any, seccomp: Any = None) -> None:
         self.args, self.logger, self.registry, self.writer, self.texts = args, logger, registry, writer, texts
         self.api_sock = api_sock
+        self.seccomp = seccomp
         self.log = logging.getLogger(__name__)
 
     def _report_startup(self, api_metrics: Any) -> None:
@@ -317,7 +338,7 @@ class _Session:
             self.log.info("Successfully added metadata to mmds from file")
         # The guest must read the very store the API writes.
         vmm = Vmm(loop, instance_id=args.id, boot_timer=args.boot_timer, metrics=self.registry,
-                  on_exit=on_exit, mmds_store=mmds)
+                  on_exit=on_exit, mmds_store=mmds, seccomp=self.seccomp)
         latencies = LatenciesMetrics()
         self.registry.register("latencies_us", latencies)
         controller = Controller(vmm, instance_id=args.id, mmds=mmds, latencies=latencies,

@@ -135,6 +135,8 @@ class Vcpu:
         self._waiters: list[concurrent.futures.Future] = []
         self._handoff: concurrent.futures.Future | None = None   # an MMIO access on the loop
         self._thread: threading.Thread | None = None
+        #: Run first on the new thread, before any guest code (the seccomp filter goes in here).
+        self.before_run: Callable[[], None] | None = None
 
     @property
     def state(self) -> RunState:
@@ -196,6 +198,8 @@ class Vcpu:
 
     def _thread_main(self) -> None:
         try:
+            if self.before_run is not None:
+                self.before_run()
             while self._wait_until_runnable():
                 if not self._run_once():
                     break

@@ -70,8 +70,10 @@ class Vmm:
     def __init__(self, loop: asyncio.AbstractEventLoop, *, instance_id: str, boot_timer: bool,
                  metrics: MetricsRegistry, on_exit: Callable[[int], None],
                  stdin_fd: int | None = 0, stdout_fd: int = 1,
-                 mmds_store: MmdsStore | None = None) -> None:
+                 mmds_store: MmdsStore | None = None, seccomp: Any = None) -> None:
         self._loop = loop
+        # asyncvmm.seccomp.ThreadFilters, or None for no filters (--no-seccomp, tests).
+        self._seccomp = seccomp
         self.instance_id = instance_id
         self._boot_timer = boot_timer
         self._metrics = metrics
@@ -111,7 +113,16 @@ class Vmm:
         self.machine, self._console, self._config = machine, console, config
         console.attach(machine.serial)
         for vcpu in machine.vcpus:
+            if self._seccomp is not None:  # each vCPU thread filters itself before guest code
+                vcpu.before_run = lambda: self._seccomp.install("vcpu")
             vcpu.start()
+        if self._seccomp is not None:
+            # The loop thread's own filter, once the vCPU threads exist (they must not inherit it)
+            # and before the guest runs; threads the loop starts from now on inherit it.
+            try:
+                self._seccomp.install("vmm")
+            except OSError as e:
+                raise StartError(f"Cannot install the seccomp filter: {e}") from e
         if resume:
             await self._request_all(Request.RESUME)
         log.info("%s microVM with %d vCPU(s), %d MiB; command line: %s",
