@@ -44,6 +44,7 @@ from .devices.virtio.rng import EntropyMetrics, Rng
 from .devices.virtio.vsock import Vsock, VsockBackendError, VsockMetrics
 from .devices.virtio.balloon import Balloon, BalloonMetrics
 from .kvm import Kvm, KvmError, VmFd
+from .kvm.structs import KVM_MEM_LOG_DIRTY_PAGES
 from .guestfault import GuestFaultMetrics, GuestFaults
 from .memory import GuestMemory
 from .metrics import MetricsRegistry, SummedGroup
@@ -151,9 +152,14 @@ def _create_memory(vm: VmFd, mem_size_mib: int, stack: contextlib.ExitStack,
     except (ValueError, OSError) as e:
         raise BuildError(f"Cannot allocate {mem_size_mib} MiB of guest memory: {e}") from e
     stack.callback(mem.close)
-    for slot, region in enumerate(mem.regions):
-        vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
     return mem
+
+
+def _register_memory(vm: VmFd, mem: GuestMemory, track_dirty_pages: bool) -> None:
+    """One KVM slot per region; with dirty page tracking KVM logs the pages the guest writes."""
+    flags = KVM_MEM_LOG_DIRTY_PAGES if track_dirty_pages else 0
+    for slot, region in enumerate(mem.regions):
+        vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr, flags)
 
 
 def _snapshot_memory(ram: list[tuple[int, int]], restore: Restore) -> GuestMemory:
@@ -234,6 +240,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         vm.create_irqchip()
         vm.create_pit2()
         mem = _create_memory(vm, mc.mem_size_mib, stack, restore)
+        _register_memory(vm, mem, mc.track_dirty_pages)
 
         # Port I/O is answered on the vCPU threads (per-device locks); the MMIO bus belongs
         # to the loop, where vCPU threads hand their accesses (vcpu.py), so it has no locks.

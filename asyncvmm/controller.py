@@ -65,6 +65,7 @@ LOAD_NOT_ALLOWED = (
 CREATE_WHILE_RUNNING = (
     "Create snapshot error: Cannot create a snapshot of a running microVM; pause it first."
 )
+DIFF_WITHOUT_TRACKING = "Diff snapshots are not allowed on uVMs with dirty page tracking disabled."
 # Firecracker's answer when a post-boot operation names a device the microVM does not have.
 DEVICE_NOT_FOUND = "Failed perform action on device: Device not found"
 
@@ -627,9 +628,10 @@ class Controller:
         self._transition(Event.RESUME)
 
     async def _create_snapshot(self, params: SnapshotCreateConfig) -> None:
-        unbuilt.refuse_unbuilt(params)
         if self.state is not VmState.PAUSED:
             raise ControllerError(CREATE_WHILE_RUNNING)
+        if params.snapshot_type == "Diff" and not self.config.machine_config.track_dirty_pages:
+            raise ControllerError(DIFF_WITHOUT_TRACKING)
         kind = "full" if params.snapshot_type == "Full" else "diff"
         await self._backend_call(
             "Create snapshot error: ", self.backend.create_snapshot(params),

@@ -34,7 +34,8 @@ from .mmds.store import MmdsStore
 from .snapshot import kvmstate
 from .snapshot.format import (MemoryRegionState, SnapshotFormatError, SnapshotState, read_state_file,
                               write_state_file)
-from .snapshot.memfile import snapshot_unsupported_devices, write_memory_file
+from .snapshot.memfile import (dirty_ranges, snapshot_unsupported_devices, write_diff_file,
+                               write_memory_file)
 from .vcpu import Request, VcpuStopReason, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ def _with_network_overrides(config: VmConfig, overrides) -> VmConfig:
     return msgspec.structs.replace(config, network_interfaces=ifaces)
 
 
+DIFF_WITHOUT_TRACKING = ("Diff snapshots are not allowed on uVMs with dirty page tracking "
+                         "disabled.")
+
+
 class Vmm:
     def __init__(self, loop: asyncio.AbstractEventLoop, *, instance_id: str, boot_timer: bool,
                  metrics: MetricsRegistry, on_exit: Callable[[int], None],
@@ -83,6 +88,10 @@ class Vmm:
         self._serial_file: int | None = None
         self.machine: MicroVm | None = None
         self._config: VmConfig | None = None      # what the machine was built from
+        # A snapshot was taken or loaded since dirty logging began: a Diff holds only the
+        # pages dirtied since then.  Until then a Diff holds every page (the VMM itself
+        # wrote the kernel and boot tables, which KVM's dirty log does not see).
+        self._has_diff_base = False
         self._console: SerialConsole | None = None
         self._exiting = False
         # The data store the API's PUT/PATCH /mmds write; the guest reads the same one.
@@ -239,13 +248,17 @@ class Vmm:
         if unsupported:
             raise BackendError(f"Snapshotting a microVM with {', '.join(unsupported)} is not "
                                f"supported yet by asyncvmm.")
-        if params.snapshot_type != "Full":
-            raise BackendError("Diff snapshots are not supported yet by asyncvmm.")
+        tracking = self._config.machine_config.track_dirty_pages
+        if params.snapshot_type == "Diff" and not tracking:
+            raise BackendError(DIFF_WITHOUT_TRACKING)
         try:
             vm_state = kvmstate.save_vm(machine.vm)
             vcpus = [kvmstate.save_vcpu(v.fd, machine.msr_indices) for v in machine.vcpus]
+            # Reading the dirty log also clears it: the next Diff holds what changes from now on.
+            dirty = self._dirty_ranges(machine) if tracking else None
         except KvmError as e:
             raise BackendError(f"Cannot read the microVM's KVM state: {e}") from e
+        diff = params.snapshot_type == "Diff" and self._has_diff_base
         regions, offset = [], 0
         for r in machine.mem.regions:
             regions.append(MemoryRegionState(guest_addr=r.guest_addr, size=r.size, file_offset=offset))
@@ -254,12 +267,25 @@ class Vmm:
             asyncvmm_version=__version__, snapshot_type=params.snapshot_type,
             config=msgspec.json.encode(self._config), memory=regions, memory_file_size=offset,
             vm=vm_state, vcpus=vcpus,
-            devices={"serial": machine.serial.save_state(), "i8042": machine.i8042.save_state()})
+            devices={"serial": machine.serial.save_state(), "i8042": machine.i8042.save_state()},
+            dirty_ranges=(dirty if diff else [(0, offset)]) if params.snapshot_type == "Diff" else None)
         try:
-            write_memory_file(params.mem_file_path, machine.mem)
+            if diff:
+                write_diff_file(params.mem_file_path, machine.mem, dirty)
+            else:       # a Full one, or the first Diff of this process: every page
+                write_memory_file(params.mem_file_path, machine.mem)
             write_state_file(params.snapshot_path, state)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise BackendError(f"Cannot write the snapshot: {e}") from e
+        self._has_diff_base = tracking
+
+    @staticmethod
+    def _dirty_ranges(machine: MicroVm) -> list[tuple[int, int]]:
+        ranges, offset = [], 0
+        for slot, region in enumerate(machine.mem.regions):
+            ranges.extend(dirty_ranges(machine.vm.get_dirty_log(slot, region.size), offset))
+            offset += region.size
+        return ranges
 
     async def load_snapshot(self, params: SnapshotLoadConfig) -> VmConfig:
         """Build the microVM from a snapshot (paused); returns the configuration it had."""
@@ -272,6 +298,8 @@ class Vmm:
         except ConfigError as e:
             raise BackendError(f"the snapshot's configuration is invalid: {e.message}") from None
         config = _with_network_overrides(config, params.network_overrides)
+        config = msgspec.structs.replace(config, machine_config=msgspec.structs.replace(
+            config.machine_config, track_dirty_pages=params.dirty_page_tracking()))
         backend = params.memory_backend()
         try:
             mem_fd = os.open(backend.backend_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -283,6 +311,8 @@ class Vmm:
                              resume=params.resume_vm)
         finally:
             os.close(mem_fd)      # the private mapping keeps the file
+        # Dirty logging starts with the restored memory: a Diff is relative to this snapshot.
+        self._has_diff_base = config.machine_config.track_dirty_pages
         return config
 
     def _balloon(self) -> Balloon:

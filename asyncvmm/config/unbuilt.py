@@ -19,19 +19,15 @@ from typing import Any
 from asyncvmm.config.devices import DriveConfig, SerialConfig
 from asyncvmm.config.errors import ConfigError
 from asyncvmm.config.machine import CpuConfig, MachineConfig
-from asyncvmm.config.service import SnapshotCreateConfig, SnapshotLoadConfig
+from asyncvmm.config.service import SnapshotLoadConfig
 
 PMEM = "The pmem device (virtio-pmem)"
 MEMORY_HOTPLUG = "Memory hotplug (virtio-mem)"
-SNAPSHOT_DIFF = "Diff snapshots (snapshot-create `snapshot_type: \"Diff\"`)"
 SNAPSHOT_UFFD = "Restoring a snapshot through userfaultfd (snapshot-load `mem_backend` `Uffd`)"
-SNAPSHOT_DIRTY_TRACKING = ("Dirty page tracking after a snapshot load (snapshot-load "
-                           "`track_dirty_pages` / `enable_diff_snapshots`)")
 SNAPSHOT_CLOCK_REALTIME = "Advancing the guest clock on snapshot load (snapshot-load `clock_realtime`)"
 SNAPSHOT_VSOCK_OVERRIDE = "A vsock override on snapshot load (snapshot-load `vsock_override`)"
 CUSTOM_CPU_TEMPLATE = "A custom CPU template (PUT /cpu-config with modifiers)"
 HUGE_PAGES = "Huge pages (machine-config `huge_pages: \"2M\"`)"
-DIRTY_PAGE_TRACKING = "Dirty page tracking (machine-config `track_dirty_pages: true`)"
 VHOST_USER_BLOCK = "A vhost-user block device (drive `socket`)"
 SERIAL_RATE_LIMITER = "Rate limiting the serial console (serial `rate_limiter`)"
 
@@ -53,8 +49,6 @@ def _machine(machine: MachineConfig) -> str | None:
         return static_cpu_template(machine.cpu_template)
     if machine.huge_pages != "None":
         return HUGE_PAGES
-    if machine.track_dirty_pages:
-        return DIRTY_PAGE_TRACKING
     return None
 
 
@@ -66,15 +60,9 @@ def _serial(serial: SerialConfig) -> str | None:
     return SERIAL_RATE_LIMITER if serial.rate_limiter is not None else None
 
 
-def _snapshot_create(params: SnapshotCreateConfig) -> str | None:
-    return SNAPSHOT_DIFF if params.snapshot_type == "Diff" else None
-
-
 def _snapshot_load(params: SnapshotLoadConfig) -> str | None:
     if params.memory_backend().backend_type == "Uffd":
         return SNAPSHOT_UFFD
-    if params.track_dirty_pages or params.enable_diff_snapshots:
-        return SNAPSHOT_DIRTY_TRACKING
     if params.clock_realtime:
         return SNAPSHOT_CLOCK_REALTIME
     if params.vsock_override is not None:
@@ -93,7 +81,6 @@ _CHECKS: dict[type, Any] = {
     DriveConfig: _drive,
     SerialConfig: _serial,
     CpuConfig: _cpu_config,
-    SnapshotCreateConfig: _snapshot_create,
     SnapshotLoadConfig: _snapshot_load,
 }
 

@@ -6,8 +6,11 @@ virtio devices, a Uffd backend) gets a 400 naming the problem and the process st
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -127,3 +130,55 @@ async def test_load_after_configuration_and_devices_without_snapshot_state_are_r
         await vm.client.resume()
         count = counts(vm.console.text)[-1]
         await vm.wait_for_console(f"testguest: count i={count + 1}\n")
+
+
+async def test_a_diff_snapshot_is_small_and_merged_onto_its_base_restores(test_guest, tmp_path):
+    """Full A, the guest counts on, Diff B, then (still paused) Full C: A merged with B is C,
+    byte for byte, and restoring B's state with the merged memory continues the count."""
+    path = {n: str(tmp_path / n) for n in ("a.snap", "a.mem", "b.snap", "b.mem", "c.snap", "c.mem")}
+    async with MicroVM(test_guest.elf_pvh, "count=100000 exit=halt",
+                       config={"machine-config": {"vcpu_count": 1, "mem_size_mib": 64,
+                                                  "track_dirty_pages": True}},
+                       binary=asyncvmm_argv()) as vm:
+        await vm.wait_for_console("testguest: count i=2\n")
+        await vm.client.pause()
+        await vm.client.create_snapshot(snapshot_type="Full", snapshot_path=path["a.snap"],
+                                        mem_file_path=path["a.mem"])
+        at = counts(vm.console.text)[-1]
+        await vm.client.resume()
+        await vm.wait_for_console(f"testguest: count i={at + 2}\n")
+        await vm.client.pause()
+        await vm.client.create_snapshot(snapshot_type="Diff", snapshot_path=path["b.snap"],
+                                        mem_file_path=path["b.mem"])
+        await vm.client.create_snapshot(snapshot_type="Full", snapshot_path=path["c.snap"],
+                                        mem_file_path=path["c.mem"])
+    last = counts(vm.console.text)[-1]
+    disk = {n: os.stat(path[n]).st_blocks * 512 for n in ("a.mem", "b.mem")}
+    assert os.path.getsize(path["b.mem"]) == os.path.getsize(path["a.mem"]) == 64 << 20
+    assert disk["b.mem"] * 8 < disk["a.mem"], disk
+    full = open(path["c.mem"], "rb").read()
+    for how in (["--diff-state", path["b.snap"]], []):      # the state's ranges, or SEEK_DATA
+        merged = str(tmp_path / "merged.mem")
+        shutil.copyfile(path["a.mem"], merged)
+        done = subprocess.run([sys.executable, "-m", "asyncvmm.snapshot.rebase", "--base-file", merged,
+                               "--diff-file", path["b.mem"], *how], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert open(merged, "rb").read() == full, how
+    async with MicroVM(start=False, binary=asyncvmm_argv()) as vm:
+        await vm.client.load_snapshot(snapshot_path=path["b.snap"], resume_vm=True,
+                                      mem_backend={"backend_type": "File", "backend_path": merged})
+        await vm.wait_for_console(f"testguest: count i={last + 2}\n")
+        assert counts(vm.console.text)[0] == last + 1
+
+
+async def test_diff_needs_dirty_page_tracking(test_guest, tmp_path):
+    async with MicroVM(test_guest.elf_pvh, "count=100000 exit=halt", vcpus=1, mem_mib=64,
+                       binary=asyncvmm_argv()) as vm:
+        await vm.wait_for_console("testguest: count i=1\n")
+        await vm.client.pause()
+        with pytest.raises(ApiError) as err:
+            await vm.client.create_snapshot(snapshot_type="Diff", snapshot_path=str(tmp_path / "s"),
+                                            mem_file_path=str(tmp_path / "m"))
+        assert err.value.fault_message == ("Diff snapshots are not allowed on uVMs with dirty page "
+                                           "tracking disabled.")

@@ -429,10 +429,8 @@ async def test_a_not_built_request_keeps_its_own_validation_error(ctl: Controlle
 @pytest.mark.parametrize("machine,message", [
     (MachineConfig(cpu_template="T2"), "The static CPU template `T2` (machine-config `cpu_template`) " + NOT_YET),
     (MachineConfig(huge_pages="2M"), 'Huge pages (machine-config `huge_pages: "2M"`) ' + NOT_YET),
-    (MachineConfig(track_dirty_pages=True), "Dirty page tracking (machine-config `track_dirty_pages: true`) " + NOT_YET),
     (MachineConfigUpdate(cpu_template="C3"), "The static CPU template `C3` (machine-config `cpu_template`) " + NOT_YET),
     (MachineConfigUpdate(huge_pages="2M"), 'Huge pages (machine-config `huge_pages: "2M"`) ' + NOT_YET),
-    (MachineConfigUpdate(track_dirty_pages=True), "Dirty page tracking (machine-config `track_dirty_pages: true`) " + NOT_YET),
 ])
 async def test_machine_config_fields_not_built_are_refused(ctl: Controller, machine: Any, message: str) -> None:
     with pytest.raises(ControllerError) as err:
@@ -618,7 +616,6 @@ async def test_a_failed_snapshot_load_leaves_the_vm_not_started(ctl: Controller,
 @pytest.mark.parametrize("load,feature", [
     (msgspec.structs.replace(SNAP_LOAD, mem_backend=MemoryBackendConfig(backend_type="Uffd", backend_path="u")),
      "userfaultfd"),
-    (msgspec.structs.replace(SNAP_LOAD, track_dirty_pages=True), "Dirty page tracking"),
     (msgspec.structs.replace(SNAP_LOAD, clock_realtime=True), "clock_realtime"),
 ])
 async def test_snapshot_load_options_not_built_are_refused_by_name(ctl: Controller, backend: FakeBackend,
@@ -641,5 +638,16 @@ async def test_snapshot_create_only_when_paused(ctl: Controller, backend: FakeBa
     await ctl.handle(Action(K.PAUSE))
     await ctl.handle(Action(K.CREATE_SNAPSHOT, create))
     assert backend.calls[-1] == ("create_snapshot", (create,))
-    with pytest.raises(ControllerError, match="Diff snapshots"):
+    with pytest.raises(ControllerError) as err:
         await ctl.handle(Action(K.CREATE_SNAPSHOT, msgspec.structs.replace(create, snapshot_type="Diff")))
+    assert err.value.message == "Diff snapshots are not allowed on uVMs with dirty page tracking disabled."
+
+
+async def test_diff_snapshot_with_dirty_page_tracking(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(track_dirty_pages=True)))
+    await boot(ctl, kernel)
+    await ctl.handle(Action(K.PAUSE))
+    diff = SnapshotCreateConfig(mem_file_path="m", snapshot_path="s", snapshot_type="Diff")
+    await ctl.handle(Action(K.CREATE_SNAPSHOT, diff))
+    assert backend.calls[-1] == ("create_snapshot", (diff,))
+    assert ctl.latencies.diff_create_snapshot >= 0
