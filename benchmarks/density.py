@@ -291,7 +291,16 @@ class Run:
             if vm.t_boottimer is None:
                 raise RuntimeError("the console closed before the boot-timer line")
         except (OSError, RuntimeError, asyncio.TimeoutError, ValueError) as err:
-            vm.error = f"{type(err).__name__}: {err}"
+            vm.error = f"{type(err).__name__}: {err}{self.last_words(vm)}"
+
+    def last_words(self, vm: Vm) -> str:
+        """The process's exit status and its log's last line, for a failure message."""
+        code = getattr(vm.proc, "returncode", None)
+        try:
+            lines = vm.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return (f" (exit status {code})" if code is not None else "") + (f"; log: {lines[-1]}" if lines else "")
 
     async def launch_all(self) -> None:
         tasks = []
