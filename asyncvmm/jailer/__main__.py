@@ -1,0 +1,5 @@
+import sys
+
+from asyncvmm.jailer import main
+
+sys.exit(main())
