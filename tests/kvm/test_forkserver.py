@@ -241,3 +241,15 @@ def test_garbage_on_the_fork_server_socket_is_answered_and_the_server_lives_on(t
     argv = _config_argv(tmp_path, "vm", guest_config(test_guest.elf_pvh, "exit=reset"))
     out = subprocess.run(argv, env=zygote.env(), capture_output=True, timeout=TIMEOUT)
     assert out.returncode == 0 and b"testguest: done" in out.stdout
+
+
+def test_a_guest_larger_than_host_ram_boots_as_on_firecracker(test_guest, tmp_path, zygote):
+    # Guest RAM is mapped MAP_NORESERVE (docs/forkserver.md, "Guest memory on dense hosts"):
+    # twice the host's RAM is only address space until the guest touches it.
+    with open("/proc/meminfo") as f:
+        host_mib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:")) // 1024
+    cfg = guest_config(test_guest.elf_pvh, "exit=reset", mem_mib=2 * host_mib)
+    for name, env in (("direct", None), ("forked", zygote.env())):
+        out = subprocess.run(_config_argv(tmp_path, name, cfg), env=env, capture_output=True, timeout=TIMEOUT)
+        assert out.returncode == 0, (name, (tmp_path / f"{name}.log").read_text())
+        assert b"testguest: done" in out.stdout
