@@ -38,7 +38,7 @@ from .devices.legacy.serial import Serial, SerialMetrics, SerialState
 from .devices.rate_limiter import RateLimiter
 from .devices.virtio.block import Block, BlockFileError, BlockMetrics, UnsupportedEngineError
 from .devices.virtio.device import VirtioDevice
-from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport
+from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, TransportState, VirtioMmioTransport
 from .devices.virtio.net import Net, NetMetrics
 from .devices.virtio.rng import EntropyMetrics, Rng
 from .devices.virtio.vsock import Vsock, VsockBackendError, VsockMetrics
@@ -117,6 +117,7 @@ class MicroVm:
     vsock: Vsock | None = None
     balloon: Balloon | None = None
     msr_indices: list[int] = dataclasses.field(default_factory=list)   # what a snapshot saves
+    transports: list[VirtioMmioTransport] = dataclasses.field(default_factory=list)  # attach order
 
     def close(self) -> None:
         self.resources.close()
@@ -291,11 +292,12 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         if restore is not None:
             msr_indices = kvm.msr_index_list()
             vcpus = _vcpus(vm, kvm, mc, pio_bus, mmio_bus, ctx, stack, mem, entry=None)
-            _restore_state(restore.state, vm, vcpus, serial, i8042)
+            _restore_state(restore.state, vm, vcpus, serial, i8042, virtio.transports)
             return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
                            serial=serial, i8042=i8042, boot_timer=boot_timer, blocks=blocks,
                            rng=rng, kernel=None, cmdline=cmdline, resources=stack.pop_all(),
-                           nets=nets, vsock=vsock, balloon=balloon, msr_indices=msr_indices)
+                           nets=nets, vsock=vsock, balloon=balloon, msr_indices=msr_indices,
+                           transports=virtio.transports)
 
         try:
             acpi = create_acpi_tables(vcpus=mc.vcpu_count, virtio_devices=virtio_windows,
@@ -319,7 +321,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                    i8042=i8042, boot_timer=boot_timer, blocks=blocks, rng=rng, kernel=kernel,
                    cmdline=cmdline,
                    resources=resources, nets=nets, vsock=vsock, balloon=balloon,
-                   msr_indices=msr_indices)
+                   msr_indices=msr_indices, transports=virtio.transports)
 
 
 def _vcpus(vm: VmFd, kvm: Kvm, mc, pio_bus: Bus, mmio_bus: Bus, ctx: BuildContext,
@@ -340,13 +342,18 @@ def _vcpus(vm: VmFd, kvm: Kvm, mc, pio_bus: Bus, mmio_bus: Bus, ctx: BuildContex
 
 
 def _restore_state(state: SnapshotState, vm: VmFd, vcpus: list[Vcpu], serial: Serial,
-                   i8042: I8042) -> None:
+                   i8042: I8042, transports: list[VirtioMmioTransport]) -> None:
     """The snapshot's VM, vCPU and device state, each through its validating setter."""
     if len(state.vcpus) != len(vcpus):
         raise BuildError(f"the snapshot has {len(state.vcpus)} vCPU states for {len(vcpus)} vCPUs")
     try:
         serial.restore_state(msgspec.convert(state.devices.get("serial"), SerialState))
         i8042.restore_state(msgspec.convert(state.devices.get("i8042"), I8042State))
+        virtio = msgspec.convert(state.devices.get("virtio", []), list[TransportState])
+        if len(virtio) != len(transports):
+            raise ValueError(f"{len(virtio)} virtio device states for {len(transports)} devices")
+        for transport, transport_state in zip(transports, virtio):
+            transport.restore_state(transport_state)
     except (msgspec.ValidationError, ValueError) as e:
         raise BuildError(f"the snapshot's device state is invalid: {e}") from e
     try:

@@ -67,6 +67,7 @@ def _with_network_overrides(config: VmConfig, overrides) -> VmConfig:
     return msgspec.structs.replace(config, network_interfaces=ifaces)
 
 
+QUIESCE_TIMEOUT_S = 5.0
 DIFF_WITHOUT_TRACKING = ("Diff snapshots are not allowed on uVMs with dirty page tracking "
                          "disabled.")
 
@@ -248,9 +249,13 @@ class Vmm:
         if unsupported:
             raise BackendError(f"Snapshotting a microVM with {', '.join(unsupported)} is not "
                                f"supported yet by asyncvmm.")
+        await self._quiesce_virtio(machine)
         tracking = self._config.machine_config.track_dirty_pages
         if params.snapshot_type == "Diff" and not tracking:
             raise BackendError(DIFF_WITHOUT_TRACKING)
+        if params.snapshot_type == "Diff" and machine.transports:
+            raise BackendError("Diff snapshots of a microVM with virtio devices are not supported yet "
+                               "by asyncvmm (their writes to guest memory are not logged).")
         try:
             vm_state = kvmstate.save_vm(machine.vm)
             vcpus = [kvmstate.save_vcpu(v.fd, machine.msr_indices) for v in machine.vcpus]
@@ -267,7 +272,8 @@ class Vmm:
             asyncvmm_version=__version__, snapshot_type=params.snapshot_type,
             config=msgspec.json.encode(self._config), memory=regions, memory_file_size=offset,
             vm=vm_state, vcpus=vcpus,
-            devices={"serial": machine.serial.save_state(), "i8042": machine.i8042.save_state()},
+            devices={"serial": machine.serial.save_state(), "i8042": machine.i8042.save_state(),
+                     "virtio": [t.save_state() for t in machine.transports]},
             dirty_ranges=(dirty if diff else [(0, offset)]) if params.snapshot_type == "Diff" else None)
         try:
             if diff:
@@ -278,6 +284,17 @@ class Vmm:
         except (OSError, ValueError) as e:
             raise BackendError(f"Cannot write the snapshot: {e}") from e
         self._has_diff_base = tracking
+
+    @staticmethod
+    async def _quiesce_virtio(machine: MicroVm) -> None:
+        """Wait until no virtio device has a request in flight (block I/O finishing on the
+        loop while the vCPUs are paused): a snapshot cannot hold a half-done request."""
+        deadline = time.monotonic() + QUIESCE_TIMEOUT_S
+        while (busy := sum(t.in_flight() for t in machine.transports)):
+            if time.monotonic() > deadline:
+                raise BackendError(f"virtio devices still have {busy} requests in flight after "
+                                   f"{QUIESCE_TIMEOUT_S:g} s; try again")
+            await asyncio.sleep(0.005)
 
     @staticmethod
     def _dirty_ranges(machine: MicroVm) -> list[tuple[int, int]]:

@@ -135,14 +135,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 def snapshot_unsupported_devices(machine) -> list[str]:
     """The devices of ``machine`` whose state a snapshot cannot hold yet (docs/snapshots.md)."""
     found = []
-    if machine.blocks:
-        found.append("block devices")
-    if machine.nets:
-        found.append("network interfaces")
     if machine.vsock is not None:
         found.append("a vsock device")
     if machine.balloon is not None:
         found.append("a balloon device")
-    if machine.rng is not None:
-        found.append("an entropy device")
     return found

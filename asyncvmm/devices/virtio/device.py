@@ -134,6 +134,12 @@ class VirtioDevice:
     def deactivate(self) -> None:
         raise NotImplementedError
 
+    def held_chains(self, queue_index: int) -> int:
+        """Descriptor chains of ``queue_index`` the device popped and keeps unused on purpose
+        (net's receive stock).  A snapshot rewinds the queue by them, so the restored device
+        pops them again."""
+        return 0
+
     def activation_failed(self, reason: str) -> None:
         """The transport could not activate (bad queue setup); count it."""
         self._count("activate_fails")

@@ -37,6 +37,8 @@ import logging
 import struct
 import threading
 
+import msgspec
+
 from asyncvmm import guestfault
 from asyncvmm.devices.irq import EventFd, IrqLine
 from asyncvmm.devices.virtio import status as st
@@ -103,6 +105,43 @@ _QUEUE_ADDR_REGS = {
     VIRTIO_MMIO_QUEUE_USED_HIGH: ("used_ring", True),
 }
 _U32 = struct.Struct("<I")
+
+
+class QueueState(msgspec.Struct, forbid_unknown_fields=True):
+    """A queue in a snapshot: the numbers of :class:`Queue` (untrusted on load)."""
+
+    max_size: int
+    size: int
+    ready: bool
+    desc_table: int
+    avail_ring: int
+    used_ring: int
+    event_idx: bool
+    indirect_desc: bool
+    next_avail: int
+    next_used: int
+    signalled_used: int
+    avail_idx_seen: int
+
+
+class TransportState(msgspec.Struct, forbid_unknown_fields=True, tag="virtio-mmio-v1"):
+    """A virtio-mmio transport's registers and its queues' positions in a snapshot."""
+
+    device_type: int
+    status: int
+    needs_reset: bool
+    device_features_sel: int
+    driver_features_sel: int
+    driver_features: int
+    queue_sel: int
+    shm_sel: int
+    interrupt_status: int
+    config_generation: int
+    queues: list[QueueState]
+
+
+class SnapshotStateError(ValueError):
+    """A snapshot's transport state cannot be taken."""
 
 
 class VirtioMmioTransport:
@@ -347,6 +386,75 @@ class VirtioMmioTransport:
                 log.exception("virtio-mmio: deactivating %s failed", type(self.device).__name__)
             act.gate.close()
         self._reset_registers()
+
+    # -- snapshots (loop thread, vCPUs paused) ---------------------------------
+
+    def in_flight(self) -> int:
+        """Requests the device took from the guest and has not answered yet."""
+        act = self.activation
+        if act is None:
+            return 0
+        return sum((q.next_avail - q.next_used - self.device.held_chains(i)) & 0xFFFF
+                   for i, q in enumerate(act.queues))
+
+    def save_state(self) -> TransportState:
+        """The registers, and each queue where the live device is in it (its held chains
+        given back), for a device with nothing in flight (:meth:`in_flight`)."""
+        act = self.activation
+        queues = []
+        for i, q in enumerate(act.queues if act is not None else self.queues):
+            state = q.state()
+            state["next_avail"] = (q.next_avail - self.device.held_chains(i)) & 0xFFFF
+            queues.append(QueueState(**state))
+        with self._isr_lock:
+            isr = self.interrupt_status
+        return TransportState(
+            device_type=self.device.device_type, status=self.status, needs_reset=self.needs_reset,
+            device_features_sel=self.device_features_sel, driver_features_sel=self.driver_features_sel,
+            driver_features=self.driver_features, queue_sel=self.queue_sel, shm_sel=self.shm_sel,
+            interrupt_status=isr, config_generation=self.config_generation, queues=queues)
+
+    def restore_state(self, state: TransportState) -> None:
+        """Take a snapshot's registers and queues (each checked as the driver's writes are),
+        then activate the device if the driver had (DRIVER_OK) and kick every queue once."""
+        if state.device_type != self.device.device_type:
+            raise SnapshotStateError(f"virtio state of device type {state.device_type} for a "
+                                     f"device of type {self.device.device_type}")
+        if [q.max_size for q in state.queues] != list(self.device.queue_max_sizes):
+            raise SnapshotStateError("virtio state with other queues than the device has")
+        for name in ("status", "queue_sel", "device_features_sel", "driver_features_sel", "shm_sel",
+                     "interrupt_status", "config_generation"):
+            if not 0 <= getattr(state, name) <= 0xFFFF_FFFF:
+                raise SnapshotStateError(f"virtio state: {name} out of range")
+        if not 0 <= state.driver_features < 1 << 64 or state.driver_features & ~self.device.avail_features:
+            raise SnapshotStateError("virtio state: driver features the device does not offer")
+        try:
+            queues = []
+            for q in state.queues:
+                for name in ("next_avail", "next_used", "signalled_used", "avail_idx_seen"):
+                    if not 0 <= getattr(q, name) <= 0xFFFF:
+                        raise SnapshotStateError(f"virtio state: queue {name} out of range")
+                queue = Queue(**msgspec.structs.asdict(q))
+                if queue.ready and state.status & DRIVER_OK:
+                    queue.validate(self.mem)
+                queues.append(queue)
+        except (QueueConfigError, ValueError, TypeError) as e:
+            raise SnapshotStateError(f"virtio state: {e}") from None
+        self.status = state.status & 0xFF
+        self.needs_reset = state.needs_reset
+        self.device_features_sel = state.device_features_sel
+        self.driver_features_sel = state.driver_features_sel
+        self.driver_features = state.driver_features
+        self.queue_sel = state.queue_sel
+        self.shm_sel = state.shm_sel
+        self.config_generation = state.config_generation
+        self.queues = queues
+        with self._isr_lock:
+            self.interrupt_status = state.interrupt_status
+        if self.status & DRIVER_OK and not self.needs_reset:
+            self._activate()
+            for evt in self.queue_events:
+                evt.write(1)
 
     # -- interrupts (loop thread) -------------------------------------------
 

@@ -169,6 +169,11 @@ class Net(VirtioDevice):
                 error = e
         raise ActivationError(f"net {self.iface_id}: TUNSETOFFLOAD {flags:#x} failed: {error}")
 
+    def held_chains(self, queue_index: int) -> int:
+        if self.handler is None or queue_index != RX_QUEUE:
+            return 0
+        return self.handler.rx.buffers.held_chains
+
     def deactivate(self) -> None:
         if self.handler is not None:
             self.handler.stop()

@@ -112,6 +112,11 @@ class RxBuffers:
             self._bytes += bufs.writable.length
         return fit
 
+    @property
+    def held_chains(self) -> int:
+        """Chains popped for the stock and not used yet."""
+        return len(self._chains)
+
     def _unusable(self, mem: GuestMemory, queue: Queue, head: int) -> None:
         self.metrics.rx_fails += 1
         queue.add_used(mem, head, 0)
