@@ -188,3 +188,41 @@ class _Adopted:
 
     def kill(self) -> None:
         os.kill(self.pid, signal.SIGKILL)
+
+
+def test_jailed_vmm_joins_the_netns_and_opens_a_tap_there(test_guest, tmp_path):
+    """--netns: the VMM lives in the given namespace and opens a tap made there for its uid."""
+    from tests.conftest import require_netns_and_taps
+    require_netns_and_taps()
+    from asyncvmm.net.netns import temporary_netns
+
+    with temporary_netns("asyncvmm-jail-") as ns:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "tuntap", "add", "dev", "jtap0", "mode", "tap",
+                        "user", str(UID), "group", str(GID), "vnet_hdr"], check=True)
+        vmm = Jailed(tmp_path, "--netns", f"/var/run/netns/{ns}")
+        try:
+            assert os.stat(f"/proc/{vmm.proc.pid}/ns/net").st_ino == os.stat(f"/var/run/netns/{ns}").st_ino
+            status, answer = api_call(vmm.sock, "PUT", "/network-interfaces/eth0",
+                                      {"iface_id": "eth0", "host_dev_name": "jtap0"})
+            assert status == 204, (answer, vmm.output())
+            vmm.boot(test_guest.elf_pvh)
+            check_jailed(vmm)
+        finally:
+            vmm.close()
+
+
+def test_bad_input_as_root_creates_no_chroot_and_no_cgroup(tmp_path):
+    require(os.geteuid() == 0, "the jailer needs root")
+    base = Path(tempfile.mkdtemp(prefix="avj", dir="/tmp"))
+    try:
+        argv = [*jailer_argv(), "--id", "bad-cg", "--exec-file", vmm_exec_file(), "--uid", str(UID), "--gid",
+                str(GID), "--chroot-base-dir", str(base), "--cgroup-version", "2", "--cgroup", "cpu.shares=1",
+                "--cgroup", "nosuchcontroller.x=1"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, out
+        assert "Jailer error: Controller " in out.stderr and "is unavailable" in out.stderr
+        assert list(base.iterdir()) == []
+        mount = cgroup2_mount()
+        assert mount is None or not (mount / "asyncvmm" / "bad-cg").exists()
+    finally:
+        shutil.rmtree(base)
