@@ -34,6 +34,7 @@ from asyncvmm.devices.virtio.net.handler import NetHandler
 from asyncvmm.devices.virtio.net.header import (
     ETH_ALEN,
     MAC_OFFSET,
+    RX_QUEUE,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_TSO4,
