@@ -52,6 +52,7 @@ from .mmds import (DEFAULT_MMDS_IPV4, MmdsHttpHandler, MmdsMetrics, MmdsNetworkS
                    MmdsVersion, TokenAuthority)
 from .net.tap import Tap, TapError
 from .snapshot import kvmstate
+from .snapshot.uffd import UffdError, register_and_send
 from .snapshot.format import SnapshotFormatError, SnapshotState
 from .vcpu import Vcpu, VcpuMetrics, VcpuStopReason
 
@@ -93,7 +94,8 @@ class Restore:
     """A snapshot to restore: its state, and its memory file mapped privately (copy-on-write)."""
 
     state: SnapshotState
-    mem_fd: int
+    mem_fd: int | None                        # the memory file (File backend)
+    uffd_path: str | None = None              # the page-fault handler's socket (Uffd backend)
 
 
 @dataclasses.dataclass
@@ -147,7 +149,7 @@ def _create_memory(vm: VmFd, mem_size_mib: int, stack: contextlib.ExitStack,
     try:
         ram = layout.ram_layout(size)
         if restore is not None:
-            mem = _snapshot_memory(ram, restore)
+            mem = _snapshot_memory(ram, restore, stack)
         else:
             mem = GuestMemory.anonymous(ram)
     except (ValueError, OSError) as e:
@@ -163,7 +165,8 @@ def _register_memory(vm: VmFd, mem: GuestMemory, track_dirty_pages: bool) -> Non
         vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr, flags)
 
 
-def _snapshot_memory(ram: list[tuple[int, int]], restore: Restore) -> GuestMemory:
+def _snapshot_memory(ram: list[tuple[int, int]], restore: Restore,
+                     stack: contextlib.ExitStack) -> GuestMemory:
     """The memory file mapped MAP_PRIVATE: pages are read on first touch and copied on first
     write, so restore time does not grow with guest size and many microVMs share one file."""
     saved = [(r.guest_addr, r.size) for r in restore.state.memory]
@@ -173,6 +176,15 @@ def _snapshot_memory(ram: list[tuple[int, int]], restore: Restore) -> GuestMemor
     expected = [sum(size for _, size in ram[:i]) for i in range(len(ram))]
     if offsets != expected:
         raise BuildError("the snapshot's memory regions are not laid out back to back in the file")
+    if restore.uffd_path is not None:
+        mem = GuestMemory.anonymous(ram)
+        try:
+            uffd = register_and_send(mem, offsets, restore.uffd_path)
+        except UffdError as e:
+            mem.close()
+            raise BuildError(str(e)) from e
+        stack.callback(os.close, uffd)
+        return mem
     have = os.fstat(restore.mem_fd).st_size
     need = restore.state.memory_file_size
     if have < need or need < sum(size for _, size in ram):

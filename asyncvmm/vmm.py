@@ -318,16 +318,20 @@ class Vmm:
         config = msgspec.structs.replace(config, machine_config=msgspec.structs.replace(
             config.machine_config, track_dirty_pages=params.dirty_page_tracking()))
         backend = params.memory_backend()
-        try:
-            mem_fd = os.open(backend.backend_path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise BackendError(f"Cannot open the memory file {backend.backend_path}: "
-                               f"{os.strerror(e.errno)} (os error {e.errno})") from None
-        try:
-            await self.start(config, restore=Restore(state=state, mem_fd=mem_fd),
-                             resume=params.resume_vm)
-        finally:
-            os.close(mem_fd)      # the private mapping keeps the file
+        if backend.backend_type == "Uffd":
+            restore = Restore(state=state, mem_fd=None, uffd_path=backend.backend_path)
+            await self.start(config, restore=restore, resume=params.resume_vm)
+        else:
+            try:
+                mem_fd = os.open(backend.backend_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise BackendError(f"Cannot open the memory file {backend.backend_path}: "
+                                   f"{os.strerror(e.errno)} (os error {e.errno})") from None
+            try:
+                await self.start(config, restore=Restore(state=state, mem_fd=mem_fd),
+                                 resume=params.resume_vm)
+            finally:
+                os.close(mem_fd)      # the private mapping keeps the file
         # Dirty logging starts with the restored memory: a Diff is relative to this snapshot.
         self._has_diff_base = config.machine_config.track_dirty_pages
         return config

@@ -1,0 +1,79 @@
+"""A page-fault handler for the Uffd snapshot backend, as Firecracker's example handlers work:
+it listens on a Unix socket, receives the VMM's userfaultfd and the region mappings (JSON),
+maps the snapshot's memory file and answers every missing-page fault with UFFDIO_COPY of that
+page from the file.  Runs as a thread of the test process (the VMM is another process)."""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import json
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+
+from asyncvmm.snapshot.uffd import PAGE_SIZE, UFFD_EVENT_PAGEFAULT, copy_page
+
+UFFD_MSG_SIZE = 32
+
+
+class PageFaultHandler(threading.Thread):
+    def __init__(self, sock_path: str, mem_file: str) -> None:
+        super().__init__(daemon=True, name="uffd-handler")
+        self.sock_path, self.mem_file = sock_path, mem_file
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(sock_path)
+        self.listener.listen(1)
+        self.stop_event = threading.Event()
+        self.mappings: list[dict] = []
+        self.faults = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:       # reported by the test
+            self.error = e
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        fds = array.array("i")
+        msg, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4))
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:4])
+        conn.close()
+        uffd = fds[0]
+        self.mappings = json.loads(msg)
+        with open(self.mem_file, "rb") as f:
+            src = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        src_addr = ctypes.addressof(ctypes.c_char.from_buffer(src))
+        poller = select.poll()
+        poller.register(uffd, select.POLLIN)
+        while not self.stop_event.is_set():
+            if not poller.poll(100):
+                continue
+            try:
+                data = os.read(uffd, UFFD_MSG_SIZE * 16)
+            except BlockingIOError:
+                continue
+            for off in range(0, len(data), UFFD_MSG_SIZE):
+                event = data[off]
+                if event != UFFD_EVENT_PAGEFAULT:
+                    continue
+                (address,) = struct.unpack_from("<Q", data, off + 16)
+                page = address & ~(PAGE_SIZE - 1)
+                for m in self.mappings:
+                    base = m["base_host_virt_addr"]
+                    if base <= page < base + m["size"]:
+                        copy_page(uffd, page, src_addr + m["offset"] + page - base, PAGE_SIZE)
+                        self.faults += 1
+                        break
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(5)
+        self.listener.close()
