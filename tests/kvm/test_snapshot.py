@@ -236,3 +236,20 @@ async def test_diff_needs_dirty_page_tracking(test_guest, tmp_path):
                                             mem_file_path=str(tmp_path / "m"))
         assert err.value.fault_message == ("Diff snapshots are not allowed on uVMs with dirty page "
                                            "tracking disabled.")
+
+
+async def test_a_snapshot_restores_into_a_fork_server_child(test_guest, tmp_path):
+    """With ASYNCVMM_FORKSERVER set, asyncvmm is a launcher and the VMM a forked child of the
+    fork server; a snapshot loads there exactly as in a cold process."""
+    from tests.kvm.test_forkserver import Zygote
+    last, snap, mem = await _snapshot_counting_guest(test_guest, tmp_path)
+    zygote = Zygote(tmp_path)
+    try:
+        async with MicroVM(start=False, binary=asyncvmm_argv(), env=zygote.env()) as vm:
+            await vm.client.load_snapshot(snapshot_path=snap, resume_vm=True, mem_backend={
+                "backend_type": "File", "backend_path": mem})
+            assert len(zygote.children()) == 1
+            await vm.wait_for_console(f"testguest: count i={last + 2}\n")
+            assert counts(vm.console.text)[0] == last + 1
+    finally:
+        zygote.close()
