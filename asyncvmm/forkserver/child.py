@@ -138,6 +138,9 @@ def become_vmm(request: dict[str, Any], conn_fd: int, stdio: list[int], inherite
         conn = _take_stdio(stdio, conn_fd)
         _die_with_launcher(conn)
         _apply_request(request)
+        if request.get("jail") is not None:  # asyncvmm-jailer through the fork server
+            from asyncvmm.jailer.jail import jail_this_process
+            jail_this_process(request["jail"])
         _fresh_std_streams()
         _reseed()
         launcher.in_forked_child = True

@@ -155,15 +155,17 @@ def _become_waiter(sock: socket.socket, forwarder: _Forwarder, native: str | Non
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
 
 
-def main(argv: list[str], path: str) -> int:
-    """Run the VMM for ``argv`` through the fork server at ``path``; its exit code."""
+def main(argv: list[str], path: str, jail: list[str] | None = None) -> int:
+    """Run the VMM for ``argv`` through the fork server at ``path``; its exit code.
+
+    ``jail``: asyncvmm-jailer's flags, for a child that jails itself after the fork."""
     def fail(text: str) -> int:
         print(f"Error: fork server {path} ({ENV_VAR}): {text}", file=sys.stderr)
         return EXIT_GENERIC
 
     try:
         request = protocol.make_request(list(argv), os.getcwd(), dict(os.environ),
-                                        current_rlimits(), current_umask())
+                                        current_rlimits(), current_umask(), jail)
     except (OSError, protocol.ProtocolError) as err:
         return fail(f"cannot describe this process: {err}")
     forwarder = _Forwarder()

@@ -80,15 +80,18 @@ def _int(value: Any, what: str, low: int, high: int) -> int:
 
 
 def make_request(argv: list[str], cwd: str, env: dict[str, str],
-                 rlimits: dict[str, tuple[int, int]], umask: int) -> bytes:
-    return encode({"version": VERSION, "argv": argv, "cwd": cwd, "env": env,
-                   "rlimits": {k: list(v) for k, v in rlimits.items()}, "umask": umask})
+                 rlimits: dict[str, tuple[int, int]], umask: int, jail: list[str] | None = None) -> bytes:
+    request = {"version": VERSION, "argv": argv, "cwd": cwd, "env": env,
+               "rlimits": {k: list(v) for k, v in rlimits.items()}, "umask": umask}
+    if jail is not None:  # asyncvmm-jailer's flags: the child jails itself (docs/jailer.md)
+        request["jail"] = jail
+    return encode(request)
 
 
 def parse_request(data: bytes) -> dict[str, Any]:
     """The request's fields, checked; :class:`ProtocolError` names the first bad one."""
     msg = _decode_object(data)
-    unknown = set(msg) - {"version", "argv", "cwd", "env", "rlimits", "umask"}
+    unknown = set(msg) - {"version", "argv", "cwd", "env", "rlimits", "umask", "jail"}
     if unknown:
         raise ProtocolError(f"unknown request fields: {', '.join(sorted(unknown))}")
     if msg.get("version") != VERSION:
@@ -120,7 +123,12 @@ def parse_request(data: bytes) -> dict[str, Any]:
         soft, hard = (_int(v, f"rlimit {name}", -1, 2**63 - 1) for v in pair)
         checked[name] = (soft, hard)
     umask = _int(msg.get("umask"), "umask", 0, 0o777)
-    return {"argv": argv, "cwd": cwd, "env": env, "rlimits": checked, "umask": umask}
+    jail = msg.get("jail")
+    if jail is not None:
+        if not isinstance(jail, list) or len(jail) > MAX_ARGS:
+            raise ProtocolError(f"jail must be a list of at most {MAX_ARGS} strings")
+        jail = [_plain_str(a, "a jailer argument") for a in jail]
+    return {"argv": argv, "cwd": cwd, "env": env, "rlimits": checked, "umask": umask, "jail": jail}
 
 
 def parse_reply(data: bytes) -> tuple[str, Any]:

@@ -41,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     except JailerError as e:
         print(f"Jailer error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    from asyncvmm.forkserver import launcher
+
+    server = launcher.server_path()
+    if server is not None:
+        # Through the fork server (docs/jailer.md): it forks a child that runs these same
+        # steps on itself and then the VMM; this process relays stdio, signals and the code.
+        jailer_args = split_argv(argv)[0]
+        return launcher.main(["--id", env.id, *env.extra_args], server, jail=jailer_args)
     from .jail import _close_inherited_fds, run
 
     _close_inherited_fds()

@@ -190,6 +190,39 @@ def _close_inherited_fds() -> None:
                 pass
 
 
+def _drop_privileges(env: JailEnv) -> None:
+    os.setgroups([])
+    os.setgid(env.gid)
+    os.setuid(env.uid)
+
+
+def jail_this_process(jailer_argv: list[str]) -> None:
+    """A fork-server child jails itself, then runs the VMM in place (no exec: docs/jailer.md).
+
+    The same checks and steps as :func:`run` up to the exec; the child is already in its own
+    session.  ``--new-pid-ns`` is refused: ``unshare(CLONE_NEWPID)`` moves only later children,
+    never the calling process, and this process is the VMM.
+    """
+    from .env import parse
+
+    env = parse(jailer_argv)
+    if env.new_pid_ns:
+        raise JailerError("--new-pid-ns is not supported through the fork server: the forked "
+                          "child is the VMM and cannot enter a PID namespace itself")
+    dev_null = os.open("/dev/null", os.O_RDWR) if env.daemonize else None
+    cgroups.place(env.cgroups, env.cgroup_version, env.parent_cgroup, env.id, os.getpid())
+    _rlimits(env.resource_limits)
+    if env.netns is not None:
+        _join_netns(env.netns)
+    _make_chroot(env)
+    _enter_jail(env)
+    if dev_null is not None:
+        for fd in (0, 1, 2):
+            os.dup2(dev_null, fd)
+        os.close(dev_null)
+    _drop_privileges(env)
+
+
 def run(env: JailEnv, start_us: int, start_cpu_us: int) -> NoReturn:
     dev_null = os.open("/dev/null", os.O_RDWR) if env.daemonize else None
     cgroups.place(env.cgroups, env.cgroup_version, env.parent_cgroup, env.id, os.getpid())
@@ -214,9 +247,7 @@ def run(env: JailEnv, start_us: int, start_cpu_us: int) -> NoReturn:
         for fd in (0, 1, 2):
             os.dup2(dev_null, fd)
         os.close(dev_null)
-    os.setgroups([])
-    os.setgid(env.gid)
-    os.setuid(env.uid)
+    _drop_privileges(env)
     argv = [f"/{env.exec_name}", "--id", env.id, "--start-time-us", str(start_us),
             "--start-time-cpu-us", str(start_cpu_us), "--parent-cpu-time-us", str(parent_cpu_us),
             *env.extra_args]

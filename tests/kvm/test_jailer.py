@@ -226,3 +226,52 @@ def test_bad_input_as_root_creates_no_chroot_and_no_cgroup(tmp_path):
         assert mount is None or not (mount / "asyncvmm" / "bad-cg").exists()
     finally:
         shutil.rmtree(base)
+
+
+def test_a_fork_server_child_jails_itself(test_guest, tmp_path):
+    """asyncvmm-jailer with ASYNCVMM_FORKSERVER set: the server's forked child runs the jail's
+    steps on itself and then the VMM in place; the jailer process relays, as a launcher does."""
+    from tests.kvm.test_forkserver import Zygote
+    from asyncvmm.forkserver.launcher import ENV_VAR
+
+    require(os.geteuid() == 0, "the jailer needs root")
+    zygote = Zygote(tmp_path)
+    base = Path(tempfile.mkdtemp(prefix="avj", dir="/tmp"))
+    jail_id = f"z{uuid.uuid4().hex[:12]}"
+    chroot = base / "asyncvmm" / jail_id / "root"
+    out_path = tmp_path / "out"
+    mount = cgroup2_mount()
+    require(mount is not None and "hugetlb" in (mount / "cgroup.controllers").read_text().split(),
+            "a cgroup2 hierarchy with a controller available (hugetlb)")
+    with open(out_path, "wb") as out:
+        launcher = subprocess.Popen(
+            [*jailer_argv(), "--id", jail_id, "--exec-file", vmm_exec_file(), "--uid", str(UID),
+             "--gid", str(GID), "--chroot-base-dir", str(base), "--cgroup-version", "2",
+             "--cgroup", "hugetlb.2MB.max=0", "--", "--api-sock", "/run/api.sock", "--level", "Debug"],
+            env=dict(os.environ, **{ENV_VAR: zygote.path}), stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT)
+    try:
+        sock = str(chroot / "run" / "api.sock")
+        wait_until(lambda: os.path.exists(sock) or launcher.poll() is not None, 60, "the jailed API socket")
+        assert launcher.poll() is None, out_path.read_text()
+        children = zygote.children()
+        assert len(children) == 1, children
+        vmm = Jailed.__new__(Jailed)          # the helpers, on the fork server's child
+        vmm.id, vmm.base, vmm.chroot, vmm.sock, vmm.out_path = jail_id, base, chroot, sock, out_path
+        vmm.proc = _Adopted(children[0])
+        vmm._out = open(os.devnull, "wb")
+        vmm.boot(test_guest.elf_pvh)
+        check_jailed(vmm)
+        assert f"0::/asyncvmm/{jail_id}" in Path(f"/proc/{children[0]}/cgroup").read_text().splitlines()
+        launcher.send_signal(signal.SIGTERM)      # relayed to the VMM, which exits 0
+        assert launcher.wait(10) == 0, out_path.read_text()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        zygote.close()
+        shutil.rmtree(base, ignore_errors=True)
+        cg = mount / "asyncvmm" / jail_id
+        if cg.exists():
+            wait_until(lambda: not (cg / "cgroup.procs").read_text().strip(), 10, "the cgroup to empty")
+            cg.rmdir()
