@@ -10,8 +10,10 @@ filter once the vCPU threads exist.  The test-only hook
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,11 @@ def seccomp_modes(pid: int) -> dict[int, int]:
     """``Seccomp:`` of every thread of ``pid``, by thread id."""
     modes = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for line in (task / "status").read_text().splitlines():
+        try:
+            status = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):   # a worker thread that just ended
+            continue
+        for line in status.splitlines():
             if line.startswith("Seccomp:"):
                 modes[int(task.name)] = int(line.split()[1])
     return modes
@@ -37,9 +43,10 @@ def seccomp_modes(pid: int) -> dict[int, int]:
 class RunningVmm:
     """A VMM booted from a config file whose guest halts and stays (two vCPU threads)."""
 
-    def __init__(self, tmp_path: Path, kernel: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, kernel: Path, *args: str, cmdline: str = "exit=halt",
+                 **config) -> None:
         cfg = tmp_path / "vm.json"
-        cfg.write_text(json.dumps(guest_config(kernel, "exit=halt", vcpus=2)))
+        cfg.write_text(json.dumps(guest_config(kernel, cmdline, vcpus=2, **config)))
         self.log = tmp_path / "vmm.log"
         self.log.touch()
         self.proc = subprocess.Popen([*asyncvmm_argv(), "--no-api", "--config-file", str(cfg), "--log-path",
@@ -119,3 +126,32 @@ def test_an_unusable_filter_file_is_refused_before_boot(test_guest, tmp_path):
     assert run.returncode == 152, run.all_output
     assert f"Seccomp error: invalid filter file {policy}: not a JSON document" in run.log
     assert "testguest" not in run.stdout
+
+
+def test_io_uring_workers_carry_the_loop_threads_filter(test_guest, tmp_path):
+    """Cold reads at queue depth 32 on an Async (io_uring) drive.  Threads the kernel adds to
+    the process -- io-wq workers (``iou-wrk-*``) when it punts a request, KVM's
+    ``kvm-nx-lpage-recovery`` thread -- are copies of the thread that caused them, filter
+    included: every task listed must still show mode 2."""
+    from tests.kvm.test_block_rng import drive, require_io_uring
+    require_io_uring()
+    disk = tmp_path / "cold.img"
+    disk.write_bytes(os.urandom(64 << 20))
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)     # cold: the reads go to the disk
+    finally:
+        os.close(fd)
+    vmm = RunningVmm(tmp_path, test_guest.elf_pvh, cmdline="blkbench=randread:4096:3000:32 exit=halt",
+                     drives=[drive(disk, io_engine="Async", is_read_only=True)])
+    try:
+        wait_until(lambda: vmm.log.read_text().count("vcpu filter installed") == 2, 10, "the vCPU filters")
+        modes: dict[int, int] = {}
+        deadline = time.monotonic() + 1.5       # sample while the reads run: workers come and go
+        while time.monotonic() < deadline:
+            modes.update(seccomp_modes(vmm.proc.pid))
+            time.sleep(0.02)
+    finally:
+        vmm.close()
+    assert len(modes) >= 3 and set(modes.values()) == {2}, modes
