@@ -72,6 +72,7 @@ _RUNTIME: Spec = {
     "madvise": _any(),                  # the allocator returning memory; thread stacks at exit
     "munmap": _any(),
     "mmap": _no_exec(2),                # allocator arenas; never executable
+    "mprotect": _no_exec(2),            # glibc grows a thread's malloc arena with mprotect
     "brk": _any(),
     "mremap": _any(),
     "rt_sigprocmask": _any(),           # threads block signals around their start and end
@@ -126,7 +127,7 @@ VMM: Spec = {
     "recvfrom": _any(), "recvmsg": _any(), "sendto": _any(), "sendmsg": _any(), "shutdown": _any(),
     "getsockname": _any(), "getpeername": _any(), "setsockopt": _any(), "getsockopt": _any(),
     # memory: guest memory and io_uring rings are shared mappings; still never executable
-    "mprotect": _no_exec(2), "msync": _any(),
+    "msync": _any(),
     # signals: SIGTERM/SIGINT handlers, the kick signal to vCPU threads, the SIGSYS handler
     "rt_sigaction": _any(), "sigaltstack": _any(), "restart_syscall": _any(),
     # threads the loop may start (an executor): clone only for threads; clone3's flags sit in
