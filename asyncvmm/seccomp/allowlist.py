@@ -94,6 +94,7 @@ _RUNTIME: Spec = {
     "lseek": _any(),
     "newfstatat": _any(),
     "fstat": _any(),
+    "statx": _any(),
     "close": _any(),
 }
 
@@ -117,7 +118,7 @@ VMM: Spec = {
     "openat": _any(), "preadv2": _any(), "pwritev2": _any(), "preadv": _any(), "pwritev": _any(),
     "pread64": _any(), "pwrite64": _any(), "readv": _any(), "writev": _any(), "fsync": _any(),
     "fdatasync": _any(), "ftruncate": _any(), "fallocate": _any(), "unlink": _any(), "unlinkat": _any(),
-    "fcntl": _any(), "dup": _any(), "dup3": _any(), "pipe2": _any(), "statx": _any(), "getdents64": _any(),
+    "fcntl": _any(), "dup": _any(), "dup3": _any(), "pipe2": _any(), "getdents64": _any(),
     "readlink": _any(), "getcwd": _any(), "rename": _any(),
     # io_uring (the block device's async engine)
     "io_uring_enter": _any(), "io_uring_setup": _any(), "io_uring_register": _any(),
