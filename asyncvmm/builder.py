@@ -178,6 +178,8 @@ def _snapshot_memory(ram: list[tuple[int, int]], restore: Restore,
         raise BuildError("the snapshot's memory regions are not laid out back to back in the file")
     if restore.uffd_path is not None:
         mem = GuestMemory.anonymous(ram)
+        for region in mem.regions:      # untouched pages are the handler's, not zero
+            region.anonymous = False
         try:
             uffd = register_and_send(mem, offsets, restore.uffd_path)
         except UffdError as e:

@@ -72,6 +72,9 @@ class GuestRegion:
     guest_addr: int
     buffer: mmap.mmap | bytearray
     view: memoryview = field(init=False, repr=False)
+    # Private anonymous memory: a page never touched (not present, not swapped) reads as zero,
+    # which lets a snapshot skip it without reading it (asyncvmm.snapshot.memfile).
+    anonymous: bool = False
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.buffer).cast("B")
@@ -141,7 +144,7 @@ class GuestMemory:
             buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
             if mergeable:
                 buf.madvise(mmap.MADV_MERGEABLE)
-            regions.append(GuestRegion(gpa, buf))
+            regions.append(GuestRegion(gpa, buf, anonymous=True))
         return cls(regions)
 
     @classmethod

@@ -310,7 +310,7 @@ def _run(args: argparse.Namespace, images: Any) -> int:
                                          "as the guest touches them; QEMU reads the whole stream first")
                 comparisons.append(c)
     doc = new_document("snapshot", "Snapshots: create, sizes, restore (asyncvmm vs QEMU microvm)",
-                       "python -m benchmarks.snapshot " + " ".join(argv or sys.argv[1:]),
+                       "python -m benchmarks.snapshot " + " ".join(sys.argv[1:]),
                        machine=describe_machine(), git=git_state(),
                        load={"before": load_before, "after": load_average()},
                        variants=variants, comparisons=comparisons,

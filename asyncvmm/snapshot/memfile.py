@@ -22,6 +22,29 @@ CHUNK = 1 << 16
 _ZERO = bytes(CHUNK)
 
 
+_PAGEMAP_PRESENT_OR_SWAPPED = (1 << 63) | (1 << 62)
+
+
+def _touched_chunks(region) -> list[bool] | None:
+    """For anonymous memory, which CHUNKs hold a page that is present or swapped
+    (``/proc/self/pagemap``); the others were never touched and are zero.  None when
+    unknown (file-backed memory, a test's bytearray, no pagemap): every chunk is read."""
+    if not region.anonymous or region.host_addr % PAGE:
+        return None
+    pages = region.size // PAGE
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), pages * 8, region.host_addr // PAGE * 8)
+    except OSError:
+        return None
+    if len(data) != pages * 8:
+        return None
+    entries = memoryview(data).cast("Q")
+    per = CHUNK // PAGE
+    return [any(e & _PAGEMAP_PRESENT_OR_SWAPPED for e in entries[i:i + per])
+            for i in range(0, pages, per)]
+
+
 def write_memory_file(path: str, mem: GuestMemory) -> int:
     """Write ``mem`` to ``path``; returns the file's size."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -29,7 +52,10 @@ def write_memory_file(path: str, mem: GuestMemory) -> int:
         offset = 0
         for region in mem.regions:
             view = region.view
+            touched = _touched_chunks(region)
             for start in range(0, region.size, CHUNK):
+                if touched is not None and not touched[start // CHUNK]:
+                    continue
                 piece = view[start:start + CHUNK]
                 if piece != _ZERO[:len(piece)]:
                     _pwrite_all(fd, piece, offset + start)

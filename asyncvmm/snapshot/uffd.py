@@ -112,8 +112,12 @@ def register_and_send(mem: GuestMemory, offsets: list[int], backend_path: str) -
 def copy_page(uffd: int, dst: int, src: int, length: int) -> None:
     """UFFDIO_COPY (for handlers, tests among them): ``length`` bytes at host address ``src``
     into the faulting range at ``dst``; a page another fault already filled is fine."""
-    arg = uffdio_copy(dst=dst, src=src, len=length, mode=0)
-    if _libc.ioctl(uffd, ctypes.c_ulong(UFFDIO_COPY), ctypes.byref(arg)) < 0:
+    while True:
+        arg = uffdio_copy(dst=dst, src=src, len=length, mode=0)
+        if _libc.ioctl(uffd, ctypes.c_ulong(UFFDIO_COPY), ctypes.byref(arg)) >= 0:
+            return
         err = ctypes.get_errno()
-        if err != errno.EEXIST:
+        if err == errno.EEXIST:
+            return
+        if err != errno.EAGAIN:     # EAGAIN: the address space changed meanwhile; try again
             raise UffdError(f"UFFDIO_COPY failed: {os.strerror(err)} (os error {err})")

@@ -60,3 +60,17 @@ def test_a_diff_of_another_size_or_a_range_outside_is_refused(tmp_path) -> None:
     open(diff, "wb").write(bytes(8192))
     with pytest.raises(ValueError, match="outside"):
         merge_diff(base, diff, [(4096, 8192)])
+
+
+def test_untouched_anonymous_memory_is_skipped_and_touched_pages_are_written(tmp_path) -> None:
+    mem = GuestMemory.anonymous([(0, 8 << 20)])
+    try:
+        mem.write(0x123456, b"touched")
+        mem.write(0x700000, bytes(10))          # touched, but zero: still a hole
+        path = str(tmp_path / "m")
+        write_memory_file(path, mem)
+        data = open(path, "rb").read()
+        assert len(data) == 8 << 20 and data[0x123456:0x12345D] == b"touched"
+        assert data.count(0) == len(data) - 7
+    finally:
+        mem.close()
