@@ -346,6 +346,9 @@ def warm_up() -> None:
     import asyncvmm.metrics_writer  # noqa: F401
     import asyncvmm.mmds.store  # noqa: F401
     import asyncvmm.vmm  # noqa: F401
+    from asyncvmm.seccomp import default_programs
+
+    default_programs()                             # compiled once, shared by every child
     try:
         import uvloop  # noqa: F401
     except ImportError:

@@ -12,6 +12,7 @@ vCPU threads exist and before they are let run the guest.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
@@ -25,17 +26,34 @@ __all__ = ["ThreadFilters", "PolicyError", "SeccompError"]
 log = logging.getLogger(__name__)
 
 
+Program = list[tuple[int, int, int, int]]
+
+
+def _compile_all(filters: dict[str, Filter]) -> dict[str, Program]:
+    return {c: compile_filter(f) for c, f in filters.items()}
+
+
+@functools.cache
+def default_programs() -> dict[str, Program]:
+    """The default programs, compiled once per process.
+
+    A fork server calls this before it forks, so its children share the
+    compiled programs instead of each building its own (about 1.5 MiB of
+    private memory per child, measured).  Callers must not mutate them.
+    """
+    return _compile_all(allowlist.default_filters())
+
+
 class ThreadFilters:
-    def __init__(self, filters: dict[str, Filter], source: str) -> None:
-        # Compiled up front: a policy that does not compile fails at start-up, not at boot.
-        self.programs = {c: compile_filter(f) for c, f in filters.items()}
+    def __init__(self, programs: dict[str, Program], source: str) -> None:
+        self.programs = programs
         self.source = source
         self._handler_lock = threading.Lock()
         self._handler_installed = False
 
     @classmethod
     def default(cls) -> "ThreadFilters":
-        return cls(allowlist.default_filters(), "the default filters")
+        return cls(default_programs(), "the default filters")
 
     @classmethod
     def from_file(cls, path: str) -> "ThreadFilters":
@@ -43,7 +61,8 @@ class ThreadFilters:
         with open(path, "rb") as f:
             text = f.read()
         try:
-            return cls(policy.parse_policy(text), path)
+            # Compiled up front: a policy that does not compile fails at start-up, not at boot.
+            return cls(_compile_all(policy.parse_policy(text)), path)
         except (PolicyError, ValueError) as e:
             raise PolicyError(f"{path}: {e}") from None
 
