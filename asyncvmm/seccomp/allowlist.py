@@ -6,7 +6,7 @@ net (tap), rng, vsock, balloon, the serial console on a tty, SIGTERM/SIGINT
 and exit (docs/seccomp.md says how to re-trace).  Only calls made *after*
 each thread's filter goes in are listed: start-up (imports, building the VM,
 opening /dev/kvm) happens before.  A call not listed gets
-``SECCOMP_RET_TRAP``: the process logs the call and dies by ``SIGSYS``.
+``SECCOMP_RET_TRAP``: the process logs the call and exits with 148 (Firecracker's code).
 
 Argument restrictions follow Firecracker's: ``ioctl`` only with the request
 numbers each thread uses, ``socket``/``socketpair`` only ``AF_UNIX``, no
@@ -65,7 +65,7 @@ _UNIX_ONLY = [(Cond(0, "eq", socket.AF_UNIX),)]
 # open() for reading only (Python's tracebacks read source files; no creation, no truncation).
 _READ_ONLY_OPEN = [(Cond(2, "masked_eq", 0, mask=O_ACCMODE_CREAT_TRUNC),)]
 
-# Every thread: the Python runtime itself, and what the SIGSYS handler needs to log and die.
+# Every thread: the Python runtime itself, and what the SIGSYS handler needs to log and exit.
 _RUNTIME: Spec = {
     "futex": _any(),                    # the GIL, locks, condition variables, futures
     "write": _any(),                    # log lines, the loop's wake-up fd, console output
@@ -77,10 +77,10 @@ _RUNTIME: Spec = {
     "mremap": _any(),
     "rt_sigprocmask": _any(),           # threads block signals around their start and end
     "rt_sigreturn": _any(),             # returning from the kick and other signal handlers
-    "getpid": _any(),                   # log records, the SIGSYS re-raise
+    "getpid": _any(),                   # log records
     "getppid": _any(),                  # a fork-server child checks its server is still there
     "gettid": _any(),
-    "tgkill": _signals(2, KICK_SIGNAL, signal.SIGSYS, signal.SIGABRT),  # own threads only (tgid)
+    "tgkill": _signals(2, KICK_SIGNAL, signal.SIGABRT),  # own threads only (tgid)
     "sched_yield": _any(),
     "clock_gettime": _any(),            # the vDSO normally answers; a fallback syscall
     "clock_nanosleep": _any(),

@@ -10,11 +10,12 @@ A denied call gets ``SECCOMP_RET_TRAP`` from the default filters: the
 kernel sends the thread ``SIGSYS`` with the call number in
 ``siginfo.si_syscall``.  The handler installed here (a ctypes callback,
 registered with ``SA_SIGINFO | SA_NODEFER | SA_RESETHAND``) writes one log
-line naming the call and the thread, flushes the log, then raises
-``SIGSYS`` again: the disposition is back to the default, so the process
-dies by ``SIGSYS``.  The handler runs Python code in signal context; that
-is acceptable only because the process ends right after, and the calls it
-makes (write, getpid, gettid, tgkill) are in every allowlist.  The core
+line naming the call and the thread, flushes the log, then ends the
+process with ``_exit(148)``, Firecracker's exit code for a bad system call,
+so a client that watches the VMM's exit code sees what it would see from
+Firecracker.  The handler runs Python code in signal context; that is
+acceptable only because the process ends right after, and the calls it
+makes (write, getpid, gettid, exit_group) are in every allowlist.  The core
 limit is set to 0 before any filter goes in: a VMM killed this way must
 not write a core file holding guest memory.
 """
@@ -28,6 +29,8 @@ import resource
 import signal
 import socket
 import threading
+
+from asyncvmm.exitcodes import ExitCode
 
 from .bpf import pack
 from .syscalls import NAMES, SYSCALLS
@@ -92,14 +95,14 @@ def _on_sigsys(signo: int, info, _ctx) -> None:
                 pass
     else:  # the logger is already closed (the VMM is ending): stderr still names the call
         os.write(2, f"asyncvmm: {text}\n".encode())
-    signal.pthread_kill(threading.get_ident(), signal.SIGSYS)
+    os._exit(ExitCode.BAD_SYSCALL)
 
 
 _handler = _HANDLER_T(_on_sigsys)   # kept alive: the kernel calls it
 
 
 def install_sigsys_handler() -> None:
-    """Log-then-die on ``SIGSYS`` for the whole process (once, before the first filter)."""
+    """Log-then-exit(148) on ``SIGSYS`` for the whole process (once, before the first filter)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     act = _Sigaction()
     act.sa_sigaction = _handler
