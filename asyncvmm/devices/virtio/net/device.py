@@ -139,8 +139,9 @@ class Net(VirtioDevice):
     def write_config(self, offset: int, data: bytes) -> None:
         if offset < MAC_OFFSET or offset + len(data) > MAC_OFFSET + ETH_ALEN or not data:
             self.metrics.cfg_fails += 1
-            log.warning("net %s: refused a %d-byte config write at %#x (only mac is writable)",
-                        self.iface_id, len(data), offset)
+            # Rate-limited: a guest writing config space in a loop must not flood the host's log.
+            self.guest_faults.report("virtio_config", "net %s: refused a %d-byte config write at %#x "
+                                     "(only mac is writable)", self.iface_id, len(data), offset)
             return
         mac = bytearray(self.mac)
         mac[offset - MAC_OFFSET:offset - MAC_OFFSET + len(data)] = data

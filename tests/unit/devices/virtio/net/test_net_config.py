@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 
 import pytest
+
+from asyncvmm.guestfault import GuestFaults
 
 from asyncvmm.devices.virtio import mmio as r
 from asyncvmm.devices.virtio.net import Net, random_mac
@@ -152,3 +155,14 @@ async def test_reset_stops_reading_the_tap_and_reactivation_works():
     [(hdr, data)] = await n.wait_received(1)
     assert data == frame(100)
     n.close()
+
+
+def test_a_flood_of_refused_config_writes_is_counted_and_the_log_stays_bounded(caplog):
+    dev = Net("eth0", SocketTap(), guest_mac="aa:fc:00:00:00:01")
+    dev.guest_faults = GuestFaults(burst=3)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5000):
+            dev.write_config(6, b"\x00\x00")          # status is read-only
+    assert dev.metrics.cfg_fails == 5000
+    assert dev.guest_faults.metrics.virtio_config == 5000
+    assert len([r for r in caplog.records if "refused a 2-byte config write" in r.getMessage()]) == 3
