@@ -260,9 +260,10 @@ class QueueHandler:
         Called inside the gate, so only :meth:`halt`: the teardown waits for
         the driver's reset (or the VMM's), which deactivates the device.
         """
-        log.error("%s: %s; device needs reset", self.name, reason)
+        # No log line of our own: the transport counts this as a guest fault and limits its
+        # log lines (a guest can break a ring, reset and re-activate in a loop).
         self.on_event_failure()
-        self.act.interrupts.needs_reset(reason)
+        self.act.interrupts.needs_reset(f"{self.name}: {reason}")
         self.halt()
 
     def guarded(self, fn, *args) -> None:
