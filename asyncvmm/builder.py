@@ -96,6 +96,7 @@ class Restore:
     state: SnapshotState
     mem_fd: int | None                        # the memory file (File backend)
     uffd_path: str | None = None              # the page-fault handler's socket (Uffd backend)
+    clock_realtime: bool = False              # advance kvmclock by the wall time since the snapshot
 
 
 @dataclasses.dataclass
@@ -306,7 +307,8 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         if restore is not None:
             msr_indices = kvm.msr_index_list()
             vcpus = _vcpus(vm, kvm, mc, pio_bus, mmio_bus, ctx, stack, mem, entry=None)
-            _restore_state(restore.state, vm, vcpus, serial, i8042, virtio.transports)
+            _restore_state(restore.state, vm, vcpus, serial, i8042, virtio.transports,
+                           clock_realtime=restore.clock_realtime)
             return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
                            serial=serial, i8042=i8042, boot_timer=boot_timer, blocks=blocks,
                            rng=rng, kernel=None, cmdline=cmdline, resources=stack.pop_all(),
@@ -356,7 +358,8 @@ def _vcpus(vm: VmFd, kvm: Kvm, mc, pio_bus: Bus, mmio_bus: Bus, ctx: BuildContex
 
 
 def _restore_state(state: SnapshotState, vm: VmFd, vcpus: list[Vcpu], serial: Serial,
-                   i8042: I8042, transports: list[VirtioMmioTransport]) -> None:
+                   i8042: I8042, transports: list[VirtioMmioTransport], *,
+                   clock_realtime: bool = False) -> None:
     """The snapshot's VM, vCPU and device state, each through its validating setter."""
     if len(state.vcpus) != len(vcpus):
         raise BuildError(f"the snapshot has {len(state.vcpus)} vCPU states for {len(vcpus)} vCPUs")
@@ -371,7 +374,7 @@ def _restore_state(state: SnapshotState, vm: VmFd, vcpus: list[Vcpu], serial: Se
     except (msgspec.ValidationError, ValueError) as e:
         raise BuildError(f"the snapshot's device state is invalid: {e}") from e
     try:
-        kvmstate.restore_vm(vm, state.vm)
+        kvmstate.restore_vm(vm, state.vm, clock_realtime=clock_realtime)
         for vcpu, vcpu_state in zip(vcpus, state.vcpus):
             kvmstate.restore_vcpu(vcpu.fd, vcpu_state)
     except SnapshotFormatError as e:

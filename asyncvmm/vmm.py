@@ -319,7 +319,8 @@ class Vmm:
             config.machine_config, track_dirty_pages=params.dirty_page_tracking()))
         backend = params.memory_backend()
         if backend.backend_type == "Uffd":
-            restore = Restore(state=state, mem_fd=None, uffd_path=backend.backend_path)
+            restore = Restore(state=state, mem_fd=None, uffd_path=backend.backend_path,
+                              clock_realtime=params.clock_realtime)
             await self.start(config, restore=restore, resume=params.resume_vm)
         else:
             try:
@@ -328,7 +329,8 @@ class Vmm:
                 raise BackendError(f"Cannot open the memory file {backend.backend_path}: "
                                    f"{os.strerror(e.errno)} (os error {e.errno})") from None
             try:
-                await self.start(config, restore=Restore(state=state, mem_fd=mem_fd),
+                await self.start(config, restore=Restore(state=state, mem_fd=mem_fd,
+                                                         clock_realtime=params.clock_realtime),
                                  resume=params.resume_vm)
             finally:
                 os.close(mem_fd)      # the private mapping keeps the file

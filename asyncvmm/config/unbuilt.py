@@ -23,7 +23,6 @@ from asyncvmm.config.service import SnapshotLoadConfig
 
 PMEM = "The pmem device (virtio-pmem)"
 MEMORY_HOTPLUG = "Memory hotplug (virtio-mem)"
-SNAPSHOT_CLOCK_REALTIME = "Advancing the guest clock on snapshot load (snapshot-load `clock_realtime`)"
 SNAPSHOT_VSOCK_OVERRIDE = "A vsock override on snapshot load (snapshot-load `vsock_override`)"
 CUSTOM_CPU_TEMPLATE = "A custom CPU template (PUT /cpu-config with modifiers)"
 HUGE_PAGES = "Huge pages (machine-config `huge_pages: \"2M\"`)"
@@ -60,8 +59,6 @@ def _serial(serial: SerialConfig) -> str | None:
 
 
 def _snapshot_load(params: SnapshotLoadConfig) -> str | None:
-    if params.clock_realtime:
-        return SNAPSHOT_CLOCK_REALTIME
     if params.vsock_override is not None:
         return SNAPSHOT_VSOCK_OVERRIDE
     return None

@@ -89,6 +89,7 @@ class VmState(msgspec.Struct, forbid_unknown_fields=True):
     ioapic: bytes
     pit: bytes
     clock: bytes
+    host_realtime_ns: int = 0     # the host's CLOCK_REALTIME when the clock was read
 
 
 class SnapshotState(msgspec.Struct, forbid_unknown_fields=True):

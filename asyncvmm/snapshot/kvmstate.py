@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import time
 
 from ..kvm import KvmError, VcpuFd, VmFd
 from ..kvm import structs as s
@@ -102,14 +103,32 @@ def save_vm(vm: VmFd) -> VmState:
     return VmState(pic_master=_raw(vm.get_irqchip(s.KVM_IRQCHIP_PIC_MASTER)),
                    pic_slave=_raw(vm.get_irqchip(s.KVM_IRQCHIP_PIC_SLAVE)),
                    ioapic=_raw(vm.get_irqchip(s.KVM_IRQCHIP_IOAPIC)),
-                   pit=_raw(vm.get_pit2()), clock=_raw(vm.get_clock()))
+                   pit=_raw(vm.get_pit2()), clock=_raw(vm.get_clock()),
+                   host_realtime_ns=time.time_ns())
 
 
-def restore_vm(vm: VmFd, state: VmState) -> None:
-    """PIT, kvmclock and the irqchip; before the vCPUs are restored (their LAPICs last)."""
+KVM_CLOCK_REALTIME = 1 << 2      # kvm_clock_data.realtime is valid (<linux/kvm.h>)
+
+
+def restore_vm(vm: VmFd, state: VmState, *, clock_realtime: bool = False,
+               now_realtime_ns=time.time_ns) -> None:
+    """PIT, kvmclock and the irqchip; before the vCPUs are restored (their LAPICs last).
+
+    ``clock_realtime`` (snapshot-load ``clock_realtime``): kvmclock moves on by the host
+    wall-clock time that passed since the snapshot, so the guest's clock does not lag by the
+    time it spent saved: KVM does it (``KVM_CLOCK_REALTIME`` with the saved ``realtime``)
+    where it reported that at save; otherwise the clock value is advanced by the difference
+    of the host's CLOCK_REALTIME now and at save (never backwards)."""
     vm.set_pit2(_struct(s.kvm_pit_state2, state.pit, "PIT state"))
     clock = _struct(s.kvm_clock_data, state.clock, "kvmclock")
-    clock.flags = 0          # only the clock value; KVM refuses flags it does not take on SET
+    if clock_realtime and clock.flags & KVM_CLOCK_REALTIME:
+        clock.flags = KVM_CLOCK_REALTIME
+    else:
+        if clock_realtime:
+            if not state.host_realtime_ns:
+                raise SnapshotFormatError("clock_realtime: the snapshot has no host realtime")
+            clock.clock += max(0, now_realtime_ns() - state.host_realtime_ns)
+        clock.flags = 0      # only the clock value
     vm.set_clock(clock)
     for data, chip_id, what in ((state.pic_master, s.KVM_IRQCHIP_PIC_MASTER, "PIC"),
                                 (state.pic_slave, s.KVM_IRQCHIP_PIC_SLAVE, "PIC"),

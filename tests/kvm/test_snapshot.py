@@ -261,3 +261,12 @@ async def test_a_snapshot_restores_into_a_fork_server_child(test_guest, tmp_path
             assert_continues(before, vm.console.text)
     finally:
         zygote.close()
+
+
+async def test_clock_realtime_load_is_accepted_by_kvm_and_the_guest_continues(test_guest, tmp_path):
+    last, snap, mem, before = await _snapshot_counting_guest(test_guest, tmp_path)
+    async with MicroVM(start=False, binary=asyncvmm_argv()) as vm:
+        await vm.client.load_snapshot(snapshot_path=snap, resume_vm=True, clock_realtime=True,
+                                      mem_backend={"backend_type": "File", "backend_path": mem})
+        await vm.wait_for_console(f"testguest: count i={last + 2}\n")
+        assert_continues(before, vm.console.text)

@@ -614,7 +614,6 @@ async def test_a_failed_snapshot_load_leaves_the_vm_not_started(ctl: Controller,
 
 
 @pytest.mark.parametrize("load,feature", [
-    (msgspec.structs.replace(SNAP_LOAD, clock_realtime=True), "clock_realtime"),
 ])
 async def test_snapshot_load_options_not_built_are_refused_by_name(ctl: Controller, backend: FakeBackend,
                                                                    load: Any, feature: str) -> None:

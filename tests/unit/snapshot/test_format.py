@@ -109,3 +109,43 @@ def test_serial_and_i8042_state_round_trip_and_bad_values_change_nothing() -> No
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert(msgspec.to_builtins(state), SerialState)     # another device's state
     assert isinstance(msgspec.convert(msgspec.to_builtins(state), I8042State), I8042State)
+
+
+class _FakeVm:
+    def __init__(self) -> None:
+        self.clock = None
+
+    def set_pit2(self, pit) -> None:
+        pass
+
+    def set_clock(self, clock) -> None:
+        self.clock = clock
+
+    def set_irqchip(self, chip) -> None:
+        pass
+
+
+def _vm_state(clock_value: int, flags: int, realtime_ns: int) -> VmState:
+    import ctypes
+    from asyncvmm.kvm import structs as s
+    chips = []
+    for chip_id in (0, 1, 2):
+        chips.append(bytes(s.kvm_irqchip(chip_id=chip_id)))
+    clock = s.kvm_clock_data(clock=clock_value, flags=flags, realtime=123)
+    return VmState(pic_master=chips[0], pic_slave=chips[1], ioapic=chips[2],
+                   pit=bytes(ctypes.sizeof(s.kvm_pit_state2)), clock=bytes(clock),
+                   host_realtime_ns=realtime_ns)
+
+
+def test_clock_realtime_advances_kvmclock_by_the_host_time_since_the_snapshot() -> None:
+    from asyncvmm.snapshot.kvmstate import KVM_CLOCK_REALTIME, restore_vm
+    vm = _FakeVm()
+    restore_vm(vm, _vm_state(1_000, 0, 5_000), now_realtime_ns=lambda: 9_000)
+    assert (vm.clock.clock, vm.clock.flags) == (1_000, 0)               # without: as saved
+    restore_vm(vm, _vm_state(1_000, 0, 5_000), clock_realtime=True, now_realtime_ns=lambda: 9_000)
+    assert (vm.clock.clock, vm.clock.flags) == (5_000, 0)               # +4000 ns
+    restore_vm(vm, _vm_state(1_000, 0, 5_000), clock_realtime=True, now_realtime_ns=lambda: 4_000)
+    assert vm.clock.clock == 1_000                                      # never backwards
+    restore_vm(vm, _vm_state(1_000, KVM_CLOCK_REALTIME, 5_000), clock_realtime=True,
+               now_realtime_ns=lambda: 9_000)
+    assert (vm.clock.clock, vm.clock.flags, vm.clock.realtime) == (1_000, KVM_CLOCK_REALTIME, 123)
