@@ -35,7 +35,7 @@ from .devices.legacy.acpi_pm import ACPI_PM_PORT_BASE, ACPI_PM_PORT_SIZE, AcpiPm
 from .devices.legacy.boot_timer import BootTimer
 from .devices.legacy.i8042 import I8042, I8042Metrics, I8042State
 from .devices.legacy.serial import Serial, SerialMetrics, SerialState
-from .devices.rate_limiter import RateLimiter
+from .devices.rate_limiter import RateLimiter, RateLimiterState
 from .devices.virtio.block import Block, BlockFileError, BlockMetrics, UnsupportedEngineError
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, TransportState, VirtioMmioTransport
@@ -52,6 +52,7 @@ from .mmds import (DEFAULT_MMDS_IPV4, MmdsHttpHandler, MmdsMetrics, MmdsNetworkS
                    MmdsVersion, TokenAuthority)
 from .net.tap import Tap, TapError
 from .snapshot import kvmstate
+from .snapshot.memfile import rate_limiters
 from .snapshot.uffd import UffdError, register_and_send
 from .snapshot.format import SnapshotFormatError, SnapshotState
 from .vcpu import Vcpu, VcpuMetrics, VcpuStopReason
@@ -307,13 +308,16 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         if restore is not None:
             msr_indices = kvm.msr_index_list()
             vcpus = _vcpus(vm, kvm, mc, pio_bus, mmio_bus, ctx, stack, mem, entry=None)
+            machine = MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
+                              serial=serial, i8042=i8042, boot_timer=boot_timer, blocks=blocks,
+                              rng=rng, kernel=None, cmdline=cmdline, resources=stack,
+                              nets=nets, vsock=vsock, balloon=balloon, msr_indices=msr_indices,
+                              transports=virtio.transports)
+            _restore_limiters(restore.state, machine)
             _restore_state(restore.state, vm, vcpus, serial, i8042, virtio.transports,
                            clock_realtime=restore.clock_realtime)
-            return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
-                           serial=serial, i8042=i8042, boot_timer=boot_timer, blocks=blocks,
-                           rng=rng, kernel=None, cmdline=cmdline, resources=stack.pop_all(),
-                           nets=nets, vsock=vsock, balloon=balloon, msr_indices=msr_indices,
-                           transports=virtio.transports)
+            machine.resources = stack.pop_all()
+            return machine
 
         try:
             acpi = create_acpi_tables(vcpus=mc.vcpu_count, virtio_devices=virtio_windows,
@@ -355,6 +359,20 @@ def _vcpus(vm: VmFd, kvm: Kvm, mc, pio_bus: Bus, mmio_bus: Bus, ctx: BuildContex
         vcpus.append(Vcpu(fd, pio_bus=pio_bus, mmio_bus=mmio_bus, loop=ctx.loop,
                           on_stop=ctx.on_vcpu_stop, metrics=vcpu_metrics.new_part()))
     return vcpus
+
+
+def _restore_limiters(state: SnapshotState, machine: MicroVm) -> None:
+    """Each device's rate limiter budgets (its buckets come from the snapshot's configuration)."""
+    try:
+        saved = msgspec.convert(state.devices.get("rate_limiters", {}), dict[str, RateLimiterState])
+        limiters = rate_limiters(machine)
+        unknown = sorted(set(saved) - set(limiters))
+        if unknown:
+            raise ValueError(f"rate limiter state for devices the microVM lacks: {unknown}")
+        for name, limiter_state in saved.items():
+            limiters[name].restore_state(limiter_state)
+    except (msgspec.ValidationError, ValueError) as e:
+        raise BuildError(f"the snapshot's device state is invalid: {e}") from e
 
 
 def _restore_state(state: SnapshotState, vm: VmFd, vcpus: list[Vcpu], serial: Serial,

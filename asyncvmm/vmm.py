@@ -34,8 +34,8 @@ from .mmds.store import MmdsStore
 from .snapshot import kvmstate
 from .snapshot.format import (MemoryRegionState, SnapshotFormatError, SnapshotState, read_state_file,
                               write_state_file)
-from .snapshot.memfile import (dirty_ranges, snapshot_unsupported_devices, write_diff_file,
-                               write_memory_file)
+from .snapshot.memfile import (dirty_ranges, rate_limiters, snapshot_unsupported_devices,
+                               write_diff_file, write_memory_file)
 from .vcpu import Request, VcpuStopReason, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,9 @@ class Vmm:
             config=msgspec.json.encode(self._config), memory=regions, memory_file_size=offset,
             vm=vm_state, vcpus=vcpus,
             devices={"serial": machine.serial.save_state(), "i8042": machine.i8042.save_state(),
-                     "virtio": [t.save_state() for t in machine.transports]},
+                     "virtio": [t.save_state() for t in machine.transports],
+                     "rate_limiters": {name: limiter.save_state()
+                                       for name, limiter in rate_limiters(machine).items()}},
             dirty_ranges=(dirty if diff else [(0, offset)]) if params.snapshot_type == "Diff" else None)
         try:
             if diff:

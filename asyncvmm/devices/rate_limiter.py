@@ -32,6 +32,8 @@ import enum
 import time
 from typing import Callable, Protocol
 
+import msgspec
+
 Clock = Callable[[], int]
 NS_PER_MS = 1_000_000
 
@@ -52,6 +54,18 @@ class RateLimiterSpec(Protocol):
 class TokenType(enum.Enum):
     BYTES = "bytes"
     OPS = "ops"
+
+
+class BucketState(msgspec.Struct, forbid_unknown_fields=True):
+    """A bucket's budget in a snapshot: its credit (token-nanoseconds) and burst left."""
+
+    credit: int
+    one_time_burst: int
+
+
+class RateLimiterState(msgspec.Struct, forbid_unknown_fields=True, tag="rate-limiter-v1"):
+    bandwidth: BucketState | None
+    ops: BucketState | None
 
 
 class TokenBucket:
@@ -122,6 +136,24 @@ class TokenBucket:
             self.one_time_burst = min(self.initial_one_time_burst, self.one_time_burst + back)
             credit = self._full
         self._credit = credit
+
+    def save_state(self) -> BucketState:
+        self._refill()
+        return BucketState(credit=self._credit, one_time_burst=self.one_time_burst)
+
+    def restore_state(self, state: BucketState) -> None:
+        """A snapshot's budget for this (same-sized) bucket; refilling goes on from now."""
+        self.check_state(state)
+        self._credit = state.credit
+        self.one_time_burst = state.one_time_burst
+        self._last = self._clock()
+
+    def check_state(self, state: BucketState) -> None:
+        if not -(1 << 62) < state.credit <= self._full:
+            raise ValueError(f"rate limiter state: credit {state.credit} outside the bucket")
+        if not 0 <= state.one_time_burst <= self.initial_one_time_burst:
+            raise ValueError(f"rate limiter state: one_time_burst {state.one_time_burst} outside "
+                             f"0..{self.initial_one_time_burst}")
 
     def describe(self) -> dict[str, int]:
         """The configuration, in the API's field names."""
@@ -196,6 +228,24 @@ class RateLimiter:
             self.refund(1, TokenType.OPS)
             return False
         return True
+
+    def save_state(self) -> RateLimiterState:
+        return RateLimiterState(bandwidth=self.bandwidth.save_state() if self.bandwidth else None,
+                                ops=self.ops.save_state() if self.ops else None)
+
+    def restore_state(self, state: RateLimiterState) -> None:
+        """Budgets from a snapshot for the buckets this limiter has (the configuration, which
+        the snapshot also holds, made them); a budget for a bucket it lacks is refused."""
+        pairs = ((self.bandwidth, state.bandwidth, "bandwidth"), (self.ops, state.ops, "ops"))
+        for bucket, saved, name in pairs:
+            if saved is not None and bucket is None:
+                raise ValueError(f"rate limiter state: a {name} budget for a limiter without one")
+            if saved is not None:
+                bucket.check_state(saved)
+        for bucket, saved, _ in pairs:
+            if bucket is not None and saved is not None:
+                bucket.restore_state(saved)
+        self._blocked_until = None
 
     def update(self, bandwidth: TokenBucket | None | _Unchanged = UNCHANGED,
                ops: TokenBucket | None | _Unchanged = UNCHANGED) -> None:

@@ -158,6 +158,19 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
+def rate_limiters(machine) -> dict:
+    """Every rate limiter of ``machine``'s devices, by a stable name (snapshot state)."""
+    limiters = {}
+    for drive_id, block in machine.blocks.items():
+        limiters[f"block:{drive_id}"] = block.rate_limiter
+    for iface_id, net in machine.nets.items():
+        limiters[f"net-rx:{iface_id}"] = net.rx_rate_limiter
+        limiters[f"net-tx:{iface_id}"] = net.tx_rate_limiter
+    if machine.rng is not None:
+        limiters["entropy"] = machine.rng.rate_limiter
+    return limiters
+
+
 def snapshot_unsupported_devices(machine) -> list[str]:
     """The devices of ``machine`` whose state a snapshot cannot hold yet (docs/snapshots.md)."""
     found = []

@@ -147,7 +147,8 @@ async def test_block_and_entropy_devices_work_on_after_a_restore(test_guest, tmp
     disk.write_bytes(bytes(1 << 20))
     snap, mem = str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
     cmdline = "blk=write:8:0xab:4 rng=16 count=6 blk=read:8:4 rng=16 exit=halt"
-    drives = [{"drive_id": "d0", "path_on_host": str(disk), "is_root_device": False, "is_read_only": False}]
+    drives = [{"drive_id": "d0", "path_on_host": str(disk), "is_root_device": False, "is_read_only": False,
+               "rate_limiter": {"ops": {"size": 1000, "refill_time": 1000, "one_time_burst": 50}}}]
     async with MicroVM(test_guest.elf_pvh, cmdline, vcpus=1, mem_mib=64, drives=drives,
                        config={"entropy": {}}, binary=asyncvmm_argv()) as vm:
         await vm.wait_for_console("testguest: count i=2\n")
@@ -159,6 +160,9 @@ async def test_block_and_entropy_devices_work_on_after_a_restore(test_guest, tmp
         assert err.value.status == 400
     before = vm.console.text
     assert "blk write sector=8 count=4" in before and "status=0" in before
+    from asyncvmm.snapshot.format import read_state_file
+    saved = read_state_file(snap).devices["rate_limiters"]["block:d0"]
+    assert saved["bandwidth"] is None and saved["ops"]["one_time_burst"] < 50   # the burst was used
     async with MicroVM(start=False, binary=asyncvmm_argv()) as vm:
         await vm.client.load_snapshot(snapshot_path=snap, resume_vm=True,
                                       mem_backend={"backend_type": "File", "backend_path": mem})

@@ -149,3 +149,27 @@ def test_clock_realtime_advances_kvmclock_by_the_host_time_since_the_snapshot() 
     restore_vm(vm, _vm_state(1_000, KVM_CLOCK_REALTIME, 5_000), clock_realtime=True,
                now_realtime_ns=lambda: 9_000)
     assert (vm.clock.clock, vm.clock.flags, vm.clock.realtime) == (1_000, KVM_CLOCK_REALTIME, 123)
+
+
+def test_rate_limiter_budgets_round_trip_and_bad_ones_change_nothing() -> None:
+    from asyncvmm.devices.rate_limiter import RateLimiter, RateLimiterState, TokenBucket, TokenType
+    now = [0]
+    clock = lambda: now[0]          # noqa: E731
+    limiter = RateLimiter(bandwidth=TokenBucket(1000, 100, 500, clock=clock),
+                          ops=TokenBucket(10, 100, clock=clock), clock=clock)
+    assert limiter.consume(700, TokenType.BYTES) and limiter.consume(4, TokenType.OPS)
+    saved = msgspec.msgpack.decode(msgspec.msgpack.encode(limiter.save_state()), type=RateLimiterState)
+    other = RateLimiter(bandwidth=TokenBucket(1000, 100, 500, clock=clock),
+                        ops=TokenBucket(10, 100, clock=clock), clock=clock)
+    other.restore_state(saved)
+    assert other.save_state() == limiter.save_state()
+    assert other.bandwidth.one_time_burst == 0 and other.ops.budget == 6
+    fresh = RateLimiter(bandwidth=TokenBucket(1000, 100, 500, clock=clock), clock=clock)
+    before = fresh.save_state()
+    with pytest.raises(ValueError, match="ops budget"):
+        fresh.restore_state(saved)                      # a bucket this limiter does not have
+    bad = msgspec.structs.replace(saved, bandwidth=msgspec.structs.replace(saved.bandwidth,
+                                                                             one_time_burst=501))
+    with pytest.raises(ValueError, match="one_time_burst"):
+        other.restore_state(bad)
+    assert fresh.save_state() == before
