@@ -316,6 +316,10 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
             _restore_limiters(restore.state, machine)
             _restore_state(restore.state, vm, vcpus, serial, i8042, virtio.transports,
                            clock_realtime=restore.clock_realtime)
+            if vsock is not None:
+                # As Firecracker does after a load: the host side's connections are gone, and
+                # the guest is told (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET) to drop its own.
+                vsock.transport_reset()
             machine.resources = stack.pop_all()
             return machine
 

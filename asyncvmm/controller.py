@@ -594,7 +594,6 @@ class Controller:
     async def _load_snapshot(self, params: SnapshotLoadConfig) -> None:
         if self._boot_path:
             raise ControllerError(LOAD_NOT_ALLOWED)
-        unbuilt.refuse_unbuilt(params)
         config = await self._backend_call(
             "Load snapshot error: Failed to restore from snapshot: ", self.backend.load_snapshot(params),
             "load_snapshot", "vmm_load_snapshot",

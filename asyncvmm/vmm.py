@@ -317,6 +317,11 @@ class Vmm:
         except ConfigError as e:
             raise BackendError(f"the snapshot's configuration is invalid: {e.message}") from None
         config = _with_network_overrides(config, params.network_overrides)
+        if params.vsock_override is not None:
+            if config.vsock is None:
+                raise BackendError("Invalid vsock override: the snapshot has no vsock device")
+            config = msgspec.structs.replace(config, vsock=msgspec.structs.replace(
+                config.vsock, uds_path=params.vsock_override.uds_path))
         config = msgspec.structs.replace(config, machine_config=msgspec.structs.replace(
             config.machine_config, track_dirty_pages=params.dirty_page_tracking()))
         backend = params.memory_backend()

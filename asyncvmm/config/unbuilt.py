@@ -19,11 +19,9 @@ from typing import Any
 from asyncvmm.config.devices import DriveConfig, SerialConfig
 from asyncvmm.config.errors import ConfigError
 from asyncvmm.config.machine import CpuConfig, MachineConfig
-from asyncvmm.config.service import SnapshotLoadConfig
 
 PMEM = "The pmem device (virtio-pmem)"
 MEMORY_HOTPLUG = "Memory hotplug (virtio-mem)"
-SNAPSHOT_VSOCK_OVERRIDE = "A vsock override on snapshot load (snapshot-load `vsock_override`)"
 CUSTOM_CPU_TEMPLATE = "A custom CPU template (PUT /cpu-config with modifiers)"
 HUGE_PAGES = "Huge pages (machine-config `huge_pages: \"2M\"`)"
 VHOST_USER_BLOCK = "A vhost-user block device (drive `socket`)"
@@ -58,12 +56,6 @@ def _serial(serial: SerialConfig) -> str | None:
     return SERIAL_RATE_LIMITER if serial.rate_limiter is not None else None
 
 
-def _snapshot_load(params: SnapshotLoadConfig) -> str | None:
-    if params.vsock_override is not None:
-        return SNAPSHOT_VSOCK_OVERRIDE
-    return None
-
-
 def _cpu_config(cpu: CpuConfig) -> str | None:
     groups = (cpu.kvm_capabilities, cpu.cpuid_modifiers, cpu.msr_modifiers, cpu.reg_modifiers,
               cpu.vcpu_features)
@@ -75,7 +67,6 @@ _CHECKS: dict[type, Any] = {
     DriveConfig: _drive,
     SerialConfig: _serial,
     CpuConfig: _cpu_config,
-    SnapshotLoadConfig: _snapshot_load,
 }
 
 

@@ -174,8 +174,6 @@ def rate_limiters(machine) -> dict:
 def snapshot_unsupported_devices(machine) -> list[str]:
     """The devices of ``machine`` whose state a snapshot cannot hold yet (docs/snapshots.md)."""
     found = []
-    if machine.vsock is not None:
-        found.append("a vsock device")
     if machine.balloon is not None:
         found.append("a balloon device")
     return found

@@ -274,3 +274,30 @@ async def test_clock_realtime_load_is_accepted_by_kvm_and_the_guest_continues(te
                                       mem_backend={"backend_type": "File", "backend_path": mem})
         await vm.wait_for_console(f"testguest: count i={last + 2}\n")
         assert_continues(before, vm.console.text)
+
+
+async def test_a_vsock_device_is_restored_on_its_override_socket(test_guest, tmp_path):
+    """A microVM with vsock: the restored one listens on the ``vsock_override`` path (the host
+    side of its connections is new, as after Firecracker's transport reset) and counts on."""
+    import socket as socketlib
+    snap, mem = str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
+    old_uds, new_uds = str(tmp_path / "v-old.sock"), str(tmp_path / "v-new.sock")
+    async with MicroVM(test_guest.elf_pvh, "count=100000 exit=halt", vcpus=1, mem_mib=64,
+                       config={"vsock": {"guest_cid": 3, "uds_path": old_uds}},
+                       binary=asyncvmm_argv()) as vm:
+        await vm.wait_for_console("testguest: count i=2\n")
+        await vm.client.pause()
+        await vm.client.create_snapshot(snapshot_path=snap, mem_file_path=mem)
+        before = vm.console.text
+        last = counts(before)[-1]
+        async with MicroVM(start=False, binary=asyncvmm_argv()) as restored:
+            # The snapshotted process still holds old_uds: the restore needs the override.
+            await restored.client.load_snapshot(
+                snapshot_path=snap, resume_vm=True, vsock_override={"uds_path": new_uds},
+                mem_backend={"backend_type": "File", "backend_path": mem})
+            await restored.wait_for_console(f"testguest: count i={last + 2}\n")
+            assert_continues(before, restored.console.text)
+            with socketlib.socket(socketlib.AF_UNIX) as s:
+                s.connect(new_uds)
+            config = await restored.client.get_export_vm_config()
+            assert config["vsock"]["uds_path"] == new_uds

@@ -9,8 +9,8 @@ The backend (:class:`~asyncvmm.devices.virtio.vsock.muxer.VsockMuxer`) lives
 as long as the device: its listener is bound when the device is built, so a
 host process may connect before the driver is up (its REQUEST waits for the
 driver).  A driver reset drops every connection.  :meth:`Vsock.transport_reset`
-is what Firecracker does after a snapshot load (asyncvmm's snapshots do not
-cover this device yet): every host connection is closed and the guest gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+is what Firecracker does after a snapshot load (the builder calls it on
+restore, docs/snapshots.md): every host connection is closed and the guest gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
 after which it drops its own (§5.10.6.6).
 """
 
