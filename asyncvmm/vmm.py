@@ -241,8 +241,12 @@ class Vmm:
     async def update_pmem(self, pmem_id: str, rate_limiter) -> None:
         raise _not_yet("The pmem device")
 
-    async def create_snapshot(self, params: SnapshotCreateConfig) -> None:
-        """Write the paused microVM's state file and memory file (docs/snapshots.md)."""
+    async def create_snapshot(self, params: SnapshotCreateConfig, config: VmConfig) -> None:
+        """Write the paused microVM's state file and memory file (docs/snapshots.md).
+
+        ``config`` is the controller's current configuration (``GET /vm/config``): what the
+        microVM was built from with every post-boot PATCH (a drive's new file, new rate
+        limits) applied, so the restore opens what the microVM uses now."""
         assert self.machine is not None and self._config is not None
         machine = self.machine
         unsupported = snapshot_unsupported_devices(machine)
@@ -270,7 +274,7 @@ class Vmm:
             offset += r.size
         state = SnapshotState(
             asyncvmm_version=__version__, snapshot_type=params.snapshot_type,
-            config=msgspec.json.encode(self._config), memory=regions, memory_file_size=offset,
+            config=msgspec.json.encode(config), memory=regions, memory_file_size=offset,
             vm=vm_state, vcpus=vcpus,
             devices={"serial": machine.serial.save_state(), "i8042": machine.i8042.save_state(),
                      "virtio": [t.save_state() for t in machine.transports],

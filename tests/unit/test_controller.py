@@ -80,8 +80,8 @@ class FakeBackend:
         await self._call("load_snapshot", params)
         return VmConfig()
 
-    async def create_snapshot(self, params: Any) -> None:
-        await self._call("create_snapshot", params)
+    async def create_snapshot(self, params: Any, config: VmConfig) -> None:
+        await self._call("create_snapshot", params, config)
 
     async def resume(self) -> None:
         await self._call("resume")
@@ -634,7 +634,7 @@ async def test_snapshot_create_only_when_paused(ctl: Controller, backend: FakeBa
                                  "pause it first.")
     await ctl.handle(Action(K.PAUSE))
     await ctl.handle(Action(K.CREATE_SNAPSHOT, create))
-    assert backend.calls[-1] == ("create_snapshot", (create,))
+    assert backend.calls[-1] == ("create_snapshot", (create, ctl.config))
     with pytest.raises(ControllerError) as err:
         await ctl.handle(Action(K.CREATE_SNAPSHOT, msgspec.structs.replace(create, snapshot_type="Diff")))
     assert err.value.message == "Diff snapshots are not allowed on uVMs with dirty page tracking disabled."
@@ -646,5 +646,5 @@ async def test_diff_snapshot_with_dirty_page_tracking(ctl: Controller, backend: 
     await ctl.handle(Action(K.PAUSE))
     diff = SnapshotCreateConfig(mem_file_path="m", snapshot_path="s", snapshot_type="Diff")
     await ctl.handle(Action(K.CREATE_SNAPSHOT, diff))
-    assert backend.calls[-1] == ("create_snapshot", (diff,))
+    assert backend.calls[-1] == ("create_snapshot", (diff, ctl.config))
     assert ctl.latencies.diff_create_snapshot >= 0
