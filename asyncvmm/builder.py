@@ -67,6 +67,11 @@ KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 MiB = 1 << 20
 
 
+HUGE_PAGES_NEED_UFFD = ("a snapshot of a microVM backed by huge pages loads only with the Uffd "
+                        "memory backend (as in Firecracker): the File backend cannot map a "
+                        "memory file onto huge pages")
+
+
 class BuildError(Exception):
     """The microVM could not be built; the message is for the API client."""
 
@@ -146,16 +151,20 @@ def kernel_cmdline(config: VmConfig, virtio_windows: list[tuple[int, int, int]])
 
 
 def _create_memory(vm: VmFd, mem_size_mib: int, stack: contextlib.ExitStack,
-                   restore: Restore | None = None) -> GuestMemory:
+                   restore: Restore | None = None, huge_pages: bool = False) -> GuestMemory:
     size = mem_size_mib * MiB
     try:
         ram = layout.ram_layout(size)
         if restore is not None:
-            mem = _snapshot_memory(ram, restore, stack)
+            mem = _snapshot_memory(ram, restore, stack, huge_pages)
+        elif huge_pages:
+            mem = GuestMemory.hugetlb_2m(ram)
         else:
             mem = GuestMemory.anonymous(ram)
     except (ValueError, OSError) as e:
-        raise BuildError(f"Cannot allocate {mem_size_mib} MiB of guest memory: {e}") from e
+        hint = (" (2 MiB huge pages come from the host's pool: /proc/sys/vm/nr_hugepages)"
+                if huge_pages else "")
+        raise BuildError(f"Cannot allocate {mem_size_mib} MiB of guest memory: {e}{hint}") from e
     stack.callback(mem.close)
     return mem
 
@@ -168,7 +177,7 @@ def _register_memory(vm: VmFd, mem: GuestMemory, track_dirty_pages: bool) -> Non
 
 
 def _snapshot_memory(ram: list[tuple[int, int]], restore: Restore,
-                     stack: contextlib.ExitStack) -> GuestMemory:
+                     stack: contextlib.ExitStack, huge_pages: bool = False) -> GuestMemory:
     """The memory file mapped MAP_PRIVATE: pages are read on first touch and copied on first
     write, so restore time does not grow with guest size and many microVMs share one file."""
     saved = [(r.guest_addr, r.size) for r in restore.state.memory]
@@ -179,7 +188,7 @@ def _snapshot_memory(ram: list[tuple[int, int]], restore: Restore,
     if offsets != expected:
         raise BuildError("the snapshot's memory regions are not laid out back to back in the file")
     if restore.uffd_path is not None:
-        mem = GuestMemory.anonymous(ram)
+        mem = GuestMemory.hugetlb_2m(ram) if huge_pages else GuestMemory.anonymous(ram)
         for region in mem.regions:      # untouched pages are the handler's, not zero
             region.anonymous = False
         try:
@@ -189,6 +198,8 @@ def _snapshot_memory(ram: list[tuple[int, int]], restore: Restore,
             raise BuildError(str(e)) from e
         stack.callback(os.close, uffd)
         return mem
+    if huge_pages:
+        raise BuildError(HUGE_PAGES_NEED_UFFD)
     have = os.fstat(restore.mem_fd).st_size
     need = restore.state.memory_file_size
     if have < need or need < sum(size for _, size in ram):
@@ -244,6 +255,9 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
     if config.boot_source is None:
         raise BuildError("Cannot start microvm without kernel configuration.")
     mc = config.machine_config
+    if mc.huge_pages != "None" and config.balloon is not None:
+        raise BuildError("A balloon device cannot be used with huge pages (as in Firecracker): "
+                         "inflating it would give no memory back.")
     with contextlib.ExitStack() as stack:
         try:
             kvm = Kvm(ctx.kvm_path)
@@ -256,7 +270,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
         vm.create_irqchip()
         vm.create_pit2()
-        mem = _create_memory(vm, mc.mem_size_mib, stack, restore)
+        mem = _create_memory(vm, mc.mem_size_mib, stack, restore, huge_pages=mc.huge_pages == "2M")
         _register_memory(vm, mem, mc.track_dirty_pages)
 
         # Port I/O is answered on the vCPU threads (per-device locks); the MMIO bus belongs

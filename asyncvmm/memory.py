@@ -23,6 +23,10 @@ from typing import Iterable, Iterator
 
 # Linux's MAP_NORESERVE (asm-generic/mman-common.h); Python's mmap module names it only from 3.12 on.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+# Linux's MAP_HUGETLB and MAP_HUGE_2MB (21 << MAP_HUGE_SHIFT); 2 MiB huge pages.
+MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)
+MAP_HUGE_2MB = 21 << 26
+HUGE_PAGE_2M = 2 << 20
 # Set to 1 to offer guest RAM to KSM (docs/density.md): identical pages of many guests merge.
 KSM_ENV = "ASYNCVMM_KSM"
 
@@ -75,6 +79,7 @@ class GuestRegion:
     # Private anonymous memory: a page never touched (not present, not swapped) reads as zero,
     # which lets a snapshot skip it without reading it (asyncvmm.snapshot.memfile).
     anonymous: bool = False
+    page_size: int = 4096                # the host page size behind it (2 MiB: huge pages)
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.buffer).cast("B")
@@ -145,6 +150,24 @@ class GuestMemory:
             if mergeable:
                 buf.madvise(mmap.MADV_MERGEABLE)
             regions.append(GuestRegion(gpa, buf, anonymous=True))
+        return cls(regions)
+
+    @classmethod
+    def hugetlb_2m(cls, layout: Iterable[tuple[int, int]]) -> "GuestMemory":
+        """Private anonymous mappings backed by the host's 2 MiB huge pages (hugetlbfs).
+
+        The pages come from the host's pool (``/proc/sys/vm/nr_hugepages``) and are reserved
+        at mmap (no ``MAP_NORESERVE``: with it a guest touching a page the pool no longer has
+        would kill the VMM with SIGBUS; without it a pool too small fails here, ENOMEM).
+        Every region must be a multiple of 2 MiB.
+        """
+        regions = []
+        for gpa, size in layout:
+            if size % HUGE_PAGE_2M or gpa % HUGE_PAGE_2M:
+                raise ValueError(f"region {gpa:#x}+{size:#x} is not 2 MiB aligned")
+            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                            | MAP_HUGETLB | MAP_HUGE_2MB)
+            regions.append(GuestRegion(gpa, buf, page_size=HUGE_PAGE_2M))
         return cls(regions)
 
     @classmethod

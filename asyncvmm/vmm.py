@@ -257,6 +257,9 @@ class Vmm:
         tracking = self._config.machine_config.track_dirty_pages
         if params.snapshot_type == "Diff" and not tracking:
             raise BackendError(DIFF_WITHOUT_TRACKING)
+        if params.snapshot_type == "Diff" and self._config.machine_config.huge_pages != "None":
+            raise BackendError("Diff snapshots of a microVM backed by huge pages are not supported "
+                               "yet by asyncvmm.")
         if params.snapshot_type == "Diff" and machine.transports:
             raise BackendError("Diff snapshots of a microVM with virtio devices are not supported yet "
                                "by asyncvmm (their writes to guest memory are not logged).")

@@ -23,7 +23,6 @@ from asyncvmm.config.machine import CpuConfig, MachineConfig
 PMEM = "The pmem device (virtio-pmem)"
 MEMORY_HOTPLUG = "Memory hotplug (virtio-mem)"
 CUSTOM_CPU_TEMPLATE = "A custom CPU template (PUT /cpu-config with modifiers)"
-HUGE_PAGES = "Huge pages (machine-config `huge_pages: \"2M\"`)"
 VHOST_USER_BLOCK = "A vhost-user block device (drive `socket`)"
 SERIAL_RATE_LIMITER = "Rate limiting the serial console (serial `rate_limiter`)"
 
@@ -43,8 +42,6 @@ class NotBuiltError(ConfigError):
 def _machine(machine: MachineConfig) -> str | None:
     if machine.cpu_template not in (None, "None"):
         return static_cpu_template(machine.cpu_template)
-    if machine.huge_pages != "None":
-        return HUGE_PAGES
     return None
 
 

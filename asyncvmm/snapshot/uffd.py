@@ -93,8 +93,8 @@ def register_and_send(mem: GuestMemory, offsets: list[int], backend_path: str) -
                                                         mode=UFFDIO_REGISTER_MODE_MISSING),
                    "UFFDIO_REGISTER")
             mappings.append({"base_host_virt_addr": region.host_addr, "size": region.size,
-                             "offset": offset, "page_size": PAGE_SIZE,
-                             "page_size_kib": PAGE_SIZE // 1024})
+                             "offset": offset, "page_size": region.page_size,
+                             "page_size_kib": region.page_size // 1024})
         body = json.dumps(mappings).encode()
         try:
             sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))])

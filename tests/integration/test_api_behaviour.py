@@ -285,7 +285,6 @@ NOT_BUILT = [
      "A custom CPU template (PUT /cpu-config with modifiers)" + NOT_YET),
     ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"},
      "The static CPU template `T2` (machine-config `cpu_template`)" + NOT_YET),
-    ("PATCH", "/machine-config", {"huge_pages": "2M"}, 'Huge pages (machine-config `huge_pages: "2M"`)' + NOT_YET),
     ("PUT", "/drives/vu", {"drive_id": "vu", "is_root_device": False, "socket": "/tmp/vhost.sock"},
      "A vhost-user block device (drive `socket`)" + NOT_YET),
     ("PUT", "/serial", {"rate_limiter": {"size": 100, "refill_time": 10}},

@@ -301,3 +301,66 @@ async def test_a_vsock_device_is_restored_on_its_override_socket(test_guest, tmp
                 s.connect(new_uds)
             config = await restored.client.get_export_vm_config()
             assert config["vsock"]["uds_path"] == new_uds
+
+
+@pytest.fixture
+def huge_page_pool():
+    """At least 40 free 2 MiB huge pages (a 64 MiB guest takes 32), made for the test as root
+    and given back after it."""
+    path = "/proc/sys/vm/nr_hugepages"
+
+    def free() -> int:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("HugePages_Free:")).split()[1])
+
+    with open(path) as f:
+        before = int(f.read())
+    need = 40 - free()
+    if need > 0:
+        try:
+            with open(path, "w") as f:
+                f.write(str(before + need))
+        except OSError as e:
+            from tests.conftest import require
+            require(False, f"cannot reserve huge pages ({path}): {e}")
+    from tests.conftest import require
+    require(free() >= 40, "the host could not reserve 40 huge pages")
+    yield
+    with open(path, "w") as f:
+        f.write(str(before))
+
+
+async def test_huge_pages_snapshot_restores_through_uffd_only(test_guest, tmp_path, huge_page_pool):
+    """A guest on 2 MiB huge pages: Full snapshot; the File backend is refused (Firecracker's
+    limit), a Diff too; the Uffd backend restores it, the handler told 2 MiB pages."""
+    from tests.kvm.uffd_handler import PageFaultHandler
+    snap, mem = str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
+    async with MicroVM(test_guest.elf_pvh, "count=100000 exit=halt",
+                       config={"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "2M",
+                                                  "track_dirty_pages": True}},
+                       binary=asyncvmm_argv()) as vm:
+        await vm.wait_for_console("testguest: count i=2\n")
+        await vm.client.pause()
+        await vm.client.create_snapshot(snapshot_path=snap, mem_file_path=mem)
+        with pytest.raises(ApiError) as err:
+            await vm.client.create_snapshot(snapshot_type="Diff", snapshot_path=snap + ".d",
+                                            mem_file_path=mem + ".d")
+        assert "huge pages" in err.value.fault_message
+    before = vm.console.text
+    last = counts(before)[-1]
+    async with MicroVM(start=False, binary=asyncvmm_argv()) as restored:
+        message = await _refused(restored, snapshot_path=snap,
+                                 mem_backend={"backend_type": "File", "backend_path": mem})
+        assert "only with the Uffd memory backend" in message
+    handler = PageFaultHandler(str(tmp_path / "uffd.sock"), mem)
+    handler.start()
+    try:
+        async with MicroVM(start=False, binary=asyncvmm_argv()) as restored:
+            await restored.client.load_snapshot(snapshot_path=snap, resume_vm=True, mem_backend={
+                "backend_type": "Uffd", "backend_path": str(tmp_path / "uffd.sock")})
+            await restored.wait_for_console(f"testguest: count i={last + 2}\n")
+            assert_continues(before, restored.console.text)
+    finally:
+        handler.stop()
+    assert handler.error is None, handler.error
+    assert handler.mappings[0]["page_size"] == 2 << 20 and handler.mappings[0]["page_size_kib"] == 2048

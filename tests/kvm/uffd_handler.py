@@ -65,11 +65,11 @@ class PageFaultHandler(threading.Thread):
                 if event != UFFD_EVENT_PAGEFAULT:
                     continue
                 (address,) = struct.unpack_from("<Q", data, off + 16)
-                page = address & ~(PAGE_SIZE - 1)
                 for m in self.mappings:
-                    base = m["base_host_virt_addr"]
+                    base, page_size = m["base_host_virt_addr"], m.get("page_size", PAGE_SIZE)
+                    page = address & ~(page_size - 1)
                     if base <= page < base + m["size"]:
-                        copy_page(uffd, page, src_addr + m["offset"] + page - base, PAGE_SIZE)
+                        copy_page(uffd, page, src_addr + m["offset"] + page - base, page_size)
                         self.faults += 1
                         break
 

@@ -428,9 +428,7 @@ async def test_a_not_built_request_keeps_its_own_validation_error(ctl: Controlle
 
 @pytest.mark.parametrize("machine,message", [
     (MachineConfig(cpu_template="T2"), "The static CPU template `T2` (machine-config `cpu_template`) " + NOT_YET),
-    (MachineConfig(huge_pages="2M"), 'Huge pages (machine-config `huge_pages: "2M"`) ' + NOT_YET),
     (MachineConfigUpdate(cpu_template="C3"), "The static CPU template `C3` (machine-config `cpu_template`) " + NOT_YET),
-    (MachineConfigUpdate(huge_pages="2M"), 'Huge pages (machine-config `huge_pages: "2M"`) ' + NOT_YET),
 ])
 async def test_machine_config_fields_not_built_are_refused(ctl: Controller, machine: Any, message: str) -> None:
     with pytest.raises(ControllerError) as err:
@@ -472,7 +470,7 @@ async def test_built_resources_refuse_the_fields_that_are_not_built(ctl: Control
 @pytest.mark.parametrize("item,feature", [
     ('"pmem": [{"id": "p", "path_on_host": "/p"}]', "The pmem device (virtio-pmem)"),
     ('"memory-hotplug": {"total_size_mib": 1024}', "Memory hotplug (virtio-mem)"),
-    ('"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}', "Huge pages"),
+    ('"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"}', "The static CPU template"),
 ])
 async def test_config_file_items_not_built_are_refused(ctl: Controller, kernel: str, item: str, feature: str) -> None:
     cfg = decode(('{"boot-source": {"kernel_image_path": "%s"}, %s}' % (kernel, item)).encode(), VmConfig)
