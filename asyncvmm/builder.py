@@ -43,6 +43,7 @@ from .devices.virtio.net import Net, NetMetrics
 from .devices.virtio.rng import EntropyMetrics, Rng
 from .devices.virtio.vsock import Vsock, VsockBackendError, VsockMetrics
 from .devices.virtio.balloon import Balloon, BalloonMetrics
+from .devices.virtio.balloon.device import BalloonState
 from .kvm import Kvm, KvmError, VmFd
 from .kvm.structs import KVM_MEM_LOG_DIRTY_PAGES
 from .guestfault import GuestFaultMetrics, GuestFaults
@@ -329,7 +330,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                               transports=virtio.transports)
             _restore_limiters(restore.state, machine)
             _restore_state(restore.state, vm, vcpus, serial, i8042, virtio.transports,
-                           clock_realtime=restore.clock_realtime)
+                           clock_realtime=restore.clock_realtime, balloon=balloon)
             if vsock is not None:
                 # As Firecracker does after a load: the host side's connections are gone, and
                 # the guest is told (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET) to drop its own.
@@ -395,13 +396,18 @@ def _restore_limiters(state: SnapshotState, machine: MicroVm) -> None:
 
 def _restore_state(state: SnapshotState, vm: VmFd, vcpus: list[Vcpu], serial: Serial,
                    i8042: I8042, transports: list[VirtioMmioTransport], *,
-                   clock_realtime: bool = False) -> None:
+                   clock_realtime: bool = False, balloon: Balloon | None = None) -> None:
     """The snapshot's VM, vCPU and device state, each through its validating setter."""
     if len(state.vcpus) != len(vcpus):
         raise BuildError(f"the snapshot has {len(state.vcpus)} vCPU states for {len(vcpus)} vCPUs")
     try:
         serial.restore_state(msgspec.convert(state.devices.get("serial"), SerialState))
         i8042.restore_state(msgspec.convert(state.devices.get("i8042"), I8042State))
+        saved_balloon = state.devices.get("balloon")
+        if (saved_balloon is None) != (balloon is None):
+            raise ValueError("the snapshot's balloon state does not match the configuration")
+        if balloon is not None:          # before its transport activates it
+            balloon.restore_state(msgspec.convert(saved_balloon, BalloonState))
         virtio = msgspec.convert(state.devices.get("virtio", []), list[TransportState])
         if len(virtio) != len(transports):
             raise ValueError(f"{len(virtio)} virtio device states for {len(transports)} devices")

@@ -34,8 +34,7 @@ from .mmds.store import MmdsStore
 from .snapshot import kvmstate
 from .snapshot.format import (MemoryRegionState, SnapshotFormatError, SnapshotState, read_state_file,
                               write_state_file)
-from .snapshot.memfile import (dirty_ranges, rate_limiters, snapshot_unsupported_devices,
-                               write_diff_file, write_memory_file)
+from .snapshot.memfile import dirty_ranges, rate_limiters, write_diff_file, write_memory_file
 from .vcpu import Request, VcpuStopReason, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -249,10 +248,6 @@ class Vmm:
         limits) applied, so the restore opens what the microVM uses now."""
         assert self.machine is not None and self._config is not None
         machine = self.machine
-        unsupported = snapshot_unsupported_devices(machine)
-        if unsupported:
-            raise BackendError(f"Snapshotting a microVM with {', '.join(unsupported)} is not "
-                               f"supported yet by asyncvmm.")
         await self._quiesce_virtio(machine)
         tracking = self._config.machine_config.track_dirty_pages
         if params.snapshot_type == "Diff" and not tracking:
@@ -282,7 +277,8 @@ class Vmm:
             devices={"serial": machine.serial.save_state(), "i8042": machine.i8042.save_state(),
                      "virtio": [t.save_state() for t in machine.transports],
                      "rate_limiters": {name: limiter.save_state()
-                                       for name, limiter in rate_limiters(machine).items()}},
+                                       for name, limiter in rate_limiters(machine).items()},
+                     **({"balloon": machine.balloon.save_state()} if machine.balloon else {})},
             dirty_ranges=(dirty if diff else [(0, offset)]) if params.snapshot_type == "Diff" else None)
         try:
             if diff:

@@ -170,10 +170,3 @@ def rate_limiters(machine) -> dict:
         limiters["entropy"] = machine.rng.rate_limiter
     return limiters
 
-
-def snapshot_unsupported_devices(machine) -> list[str]:
-    """The devices of ``machine`` whose state a snapshot cannot hold yet (docs/snapshots.md)."""
-    found = []
-    if machine.balloon is not None:
-        found.append("a balloon device")
-    return found

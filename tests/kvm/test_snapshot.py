@@ -175,26 +175,36 @@ async def test_block_and_entropy_devices_work_on_after_a_restore(test_guest, tmp
     assert rng and "bytes=16" in rng[0], after
 
 
-async def test_load_after_configuration_and_devices_without_snapshot_state_are_refused(
+async def test_load_after_configuration_is_refused(
         test_guest, tmp_path):
     async with MicroVM(start=False, binary=asyncvmm_argv()) as vm:
         await vm.client.put_machine_configuration(vcpu_count=1, mem_size_mib=64)
         message = await _refused(vm, snapshot_path=str(tmp_path / "x"),
                                  mem_backend={"backend_type": "File", "backend_path": str(tmp_path / "y")})
         assert "not allowed after configuring boot-specific resources" in message
+
+
+
+async def test_a_microvm_with_a_balloon_is_restored_with_it(test_guest, tmp_path):
+    snap, mem = str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
     async with MicroVM(test_guest.elf_pvh, "count=100000 exit=halt", vcpus=1, mem_mib=64,
-                       config={"balloon": {"amount_mib": 0, "deflate_on_oom": False}},
+                       config={"balloon": {"amount_mib": 4, "deflate_on_oom": True,
+                                           "stats_polling_interval_s": 1}},
                        binary=asyncvmm_argv()) as vm:
-        await vm.wait_for_console("testguest: count i=1\n")
+        await vm.wait_for_console("testguest: count i=2\n")
         await vm.client.pause()
-        with pytest.raises(ApiError) as err:
-            await vm.client.create_snapshot(mem_file_path=str(tmp_path / "m"),
-                                            snapshot_path=str(tmp_path / "s"))
-        assert err.value.status == 400
-        assert "a balloon device is not supported yet" in err.value.fault_message
-        await vm.client.resume()
-        count = counts(vm.console.text)[-1]
-        await vm.wait_for_console(f"testguest: count i={count + 1}\n")
+        await vm.client.create_snapshot(mem_file_path=mem, snapshot_path=snap)
+    before = vm.console.text
+    from asyncvmm.snapshot.format import read_state_file
+    saved = read_state_file(snap).devices["balloon"]
+    assert saved["num_pages"] == 4 * 256 and saved["type"] == "balloon-v1"
+    async with MicroVM(start=False, binary=asyncvmm_argv()) as vm:
+        await vm.client.load_snapshot(snapshot_path=snap, resume_vm=True,
+                                      mem_backend={"backend_type": "File", "backend_path": mem})
+        await vm.wait_for_console(f"testguest: count i={counts(before)[-1] + 2}\n")
+        assert_continues(before, vm.console.text)
+        stats = await vm.client.describe_balloon_stats()
+        assert stats["target_mib"] == 4 and stats["target_pages"] == 1024
 
 
 async def test_a_diff_snapshot_is_small_and_merged_onto_its_base_restores(test_guest, tmp_path):

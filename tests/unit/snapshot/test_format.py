@@ -173,3 +173,25 @@ def test_rate_limiter_budgets_round_trip_and_bad_ones_change_nothing() -> None:
     with pytest.raises(ValueError, match="one_time_burst"):
         other.restore_state(bad)
     assert fresh.save_state() == before
+
+
+def test_balloon_state_round_trip_and_bad_values_change_nothing() -> None:
+    from asyncvmm.devices.virtio.balloon import Balloon
+    from asyncvmm.devices.virtio.balloon.device import BalloonState
+
+    def balloon() -> Balloon:
+        return Balloon(amount_mib=4, deflate_on_oom=False, stats_polling_interval_s=1,
+                       free_page_reporting=False, mem_size_mib=64)
+    a = balloon()
+    a.write_config(4, (700).to_bytes(4, "little"))        # the driver's `actual`
+    a.latest_stats = {"free_memory": 123}
+    saved = msgspec.msgpack.decode(msgspec.msgpack.encode(a.save_state()), type=BalloonState)
+    b = balloon()
+    b.restore_state(saved)
+    assert b.save_state() == a.save_state() and b.read_config(4, 4) == (700).to_bytes(4, "little")
+    before = b.save_state()
+    for bad in ({"actual_pages": 64 * 256 + 1}, {"hint_cmd_id": 1 << 32},
+                {"latest_stats": {"no_such_stat": 1}}):
+        with pytest.raises(ValueError):
+            b.restore_state(msgspec.structs.replace(saved, **bad))
+        assert b.save_state() == before

@@ -34,6 +34,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import msgspec
+
 from asyncvmm.devices.virtio.balloon.handler import BalloonHandler
 from asyncvmm.devices.virtio.balloon.metrics import BalloonMetrics
 from asyncvmm.devices.virtio.balloon.protocol import (
@@ -52,6 +54,19 @@ from asyncvmm.devices.virtio.spec import VIRTIO_F_VERSION_1, VIRTIO_ID_BALLOON, 
 
 QUEUE_SIZE = 256
 CONFIG = struct.Struct("<III")       # num_pages, actual, free_page_hint_cmd_id
+
+
+class BalloonState(msgspec.Struct, forbid_unknown_fields=True, tag="balloon-v1"):
+    """The balloon in a snapshot (untrusted on load): target and actual sizes, the free page
+    hinting command state, and the statistics the guest last sent."""
+
+    num_pages: int
+    actual_pages: int
+    hint_cmd_id: int
+    last_run_id: int
+    guest_cmd: int | None
+    acknowledge_on_stop: bool
+    latest_stats: dict[str, int]
 ACTUAL_OFFSET = 4
 
 # Firecracker's BalloonError texts (the API prefixes them).
@@ -221,3 +236,36 @@ class Balloon(VirtioDevice):
         if self.handler is not None:
             self.handler.stop()
             self.handler = None
+
+    # -- snapshots ------------------------------------------------------------------
+
+    def held_chains(self, queue_index: int) -> int:
+        """The statistics buffer the device keeps until its next poll."""
+        h = self.handler
+        return int(h is not None and queue_index == h.stats_index and h.held_stats is not None)
+
+    def save_state(self) -> BalloonState:
+        return BalloonState(num_pages=self.num_pages, actual_pages=self.actual_pages,
+                            hint_cmd_id=self.hint_cmd_id, last_run_id=self.last_run_id,
+                            guest_cmd=self.guest_cmd, acknowledge_on_stop=self.acknowledge_on_stop,
+                            latest_stats=dict(self.latest_stats))
+
+    def restore_state(self, state: BalloonState) -> None:
+        """Take a snapshot's balloon state, each value checked; nothing changes if one is bad."""
+        limit = self.mem_size_mib * PAGES_PER_MIB
+        for name in ("num_pages", "actual_pages"):
+            if not 0 <= getattr(state, name) <= min(limit, 0xFFFF_FFFF):
+                raise ValueError(f"balloon state: {name} {getattr(state, name)} outside 0..{limit}")
+        for name in ("hint_cmd_id", "last_run_id", "guest_cmd"):
+            value = getattr(state, name)
+            if value is not None and not 0 <= value <= 0xFFFF_FFFF:
+                raise ValueError(f"balloon state: {name} {value} is not a u32")
+        known = set(STAT_NAMES.values())
+        if not set(state.latest_stats) <= known or any(
+                not 0 <= v < 1 << 64 for v in state.latest_stats.values()):
+            raise ValueError("balloon state: unknown or out-of-range statistics")
+        self.num_pages, self.actual_pages = state.num_pages, state.actual_pages
+        self.hint_cmd_id, self.last_run_id = state.hint_cmd_id, state.last_run_id
+        self.guest_cmd, self.acknowledge_on_stop = state.guest_cmd, state.acknowledge_on_stop
+        self.latest_stats = dict(state.latest_stats)
+        self._update_config()
