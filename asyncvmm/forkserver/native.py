@@ -119,7 +119,7 @@ def build_waiter(directory: Path | None = None) -> str | None:
     target = directory / f"forkserver-waiter-{digest}"
     if os.access(target, os.X_OK):
         return str(target)
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = os.environ.get("CC") or shutil.which("gcc")     # gcc: the package scripts/quickstart installs
     if cc is None:
         return None
     try:
