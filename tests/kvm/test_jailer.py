@@ -122,9 +122,14 @@ def check_jailed(vmm: Jailed) -> None:
     modes = seccomp_modes(pid)
     assert len(modes) >= 3 and set(modes.values()) == {2}, modes
     root = Path(f"/proc/{pid}/root")
-    # The host outside the jail: unreachable from the VMM's root.
-    for host_path in ("etc/hostname", "etc/passwd", "tmp", "proc", "sys", "work/main/tests", "work/main/.git"):
-        assert not (root / host_path).exists(), host_path
+    # The host outside the jail: unreachable from the VMM's root.  The jail binds the runtime at
+    # its host paths (a clone under /tmp puts a /tmp/... skeleton in the jail), so the checks name
+    # host paths beside it: this test's own output file, this project's tests and .git.
+    project = Path(__file__).resolve().parents[2]
+    for host_path in ("/etc/hostname", "/etc/passwd", "/proc", "/sys", str(vmm.out_path),
+                      str(project / "tests"), str(project / ".git")):
+        assert not (root / host_path.lstrip("/")).exists(), host_path
+    assert vmm.out_path.exists() and (project / "tests").is_dir()      # there on the host
     # What the jail holds: the launcher, the devices, the read-only Python runtime.
     assert (root / "asyncvmm").is_file() and (root / "dev/kvm").exists() and (root / "dev/net/tun").exists()
     assert os.stat(root / "dev/kvm").st_uid == UID

@@ -125,8 +125,15 @@ def test_jailed_vmm_boots_debian_with_a_disk_and_a_tap(guests, guest_images, tmp
             assert f"0::/asyncvmm/{jail_id}" in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
             assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/var/run/netns/{ns}").st_ino
             root = Path(f"/proc/{pid}/root")
-            for host_path in ("etc/hostname", "etc/passwd", "tmp", "proc", "sys", "root/.ssh"):
-                assert not (root / host_path).exists(), host_path
+            # The jail binds the runtime at its host paths (a clone under /tmp puts a /tmp/...
+            # skeleton in it), so the checks name host paths beside it.
+            host_only = tmp_path / "host-only"
+            host_only.write_text("x")
+            project = Path(__file__).resolve().parents[2]
+            for host_path in ("/etc/hostname", "/etc/passwd", "/proc", "/sys", str(host_only),
+                              str(project / "tests")):
+                assert not (root / host_path.lstrip("/")).exists(), host_path
+            assert host_only.exists() and (project / "tests").is_dir()   # there on the host
             try:
                 (root / Path(sys.prefix).relative_to("/") / "x").write_text("x")
                 raise AssertionError("the runtime in the jail is writable")
