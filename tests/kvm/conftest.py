@@ -126,9 +126,13 @@ class ApiProcess:
         return self.console.read_text(errors="replace")
 
     def wait_output(self, text: str, timeout: float = 30) -> None:
+        """Wait for the console line holding ``text`` to be complete (the guest writes a
+        line a byte at a time: its fields may still be arriving when ``text`` shows)."""
         def seen() -> bool:
             assert self.proc.poll() is None, self.output() + self.log.read_text()
-            return text in self.output()
+            out = self.output()
+            at = out.find(text)
+            return at >= 0 and "\n" in out[at:]
         wait_until(seen, timeout, f"{text!r} on the console")
 
     def flush_metrics(self, path: Path) -> list[dict]:
