@@ -304,6 +304,25 @@ def conclude(doc: Mapping[str, Any], variants: Sequence[Any], *, write: bool,
     return 0 if all(v.samples for v in variants) else 1
 
 
+def conclude_document(doc: Mapping[str, Any], ok: bool, *, results_dir: Path | None, note: str = "") -> int:
+    """:func:`conclude` for a finished document (a run that may have been nested in the emulated host).
+
+    Prints the comparisons, ``note``, each variant's failure count and first failure, writes the
+    results when ``results_dir`` is not None; the process exit code.
+    """
+    print()
+    print(format_comparisons(doc["comparisons"]))
+    if note:
+        print(note)
+    for name, v in doc["variants"].items():
+        if v["failures"]:
+            print(f"{name}: {len(v['failures'])} failure(s): {v['failures'][0][:300]}")
+    if results_dir is not None:
+        path = write_result(doc, results_dir)
+        print(f"\nwrote {path} and {results_dir / SUMMARY_NAME}")
+    return 0 if ok else 1
+
+
 def dumps(value: Any, indent: int = 0) -> str:
     """JSON with one key per line but lists of numbers or strings on one line (samples stay readable)."""
     pad, inner = " " * indent, " " * (indent + 1)

@@ -427,16 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     else:
         doc, ok = run_direct(settings, command)
-    print()
-    print(report.format_comparisons(doc["comparisons"]))
-    for name, v in doc["variants"].items():
-        if v["failures"]:
-            print(f"{name}: {len(v['failures'])} failure(s): {v['failures'][0][:300]}")
-    if not args.no_write or inside:
-        out = results_dir(args.results_dir, inside)
-        path = report.write_result(doc, out)
-        print(f"\nwrote {path} and {out / report.SUMMARY_NAME}")
-    return 0 if ok else 1
+    out = results_dir(args.results_dir, inside) if not args.no_write or inside else None
+    return report.conclude_document(doc, ok, results_dir=out)
 
 
 if __name__ == "__main__":

@@ -135,3 +135,15 @@ def test_a_reference_has_no_ratio_and_its_own_table():
     assert "floor" in report.format_references([ref])
     with pytest.raises(report.ResultError):
         report.reference(variants, "asyncvmm-x", "qemu-x", "get")
+
+
+def test_conclude_document_prints_the_note_and_failures_and_writes_only_when_asked(tmp_path, capsys):
+    doc = doc_with([30, 40, 50], [10, 20, 30])
+    doc["variants"]["asyncvmm-x"]["failures"] = ["run 2: the guest hung", "run 3: again"]
+    doc["variants"]["qemu-x"]["failures"] = []
+    assert report.conclude_document(doc, False, results_dir=None, note="(a note on ratios)") == 1
+    out = capsys.readouterr().out
+    assert out.index("boot") < out.index("(a note on ratios)") < out.index("asyncvmm-x: 2 failure(s): run 2")
+    assert "qemu-x:" not in out and "wrote" not in out and list(tmp_path.iterdir()) == []
+    assert report.conclude_document(doc, True, results_dir=tmp_path) == 0
+    assert "wrote" in capsys.readouterr().out and (tmp_path / report.SUMMARY_NAME).exists()
