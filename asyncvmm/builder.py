@@ -173,6 +173,8 @@ def _create_memory(vm: VmFd, mem_size_mib: int, stack: contextlib.ExitStack,
 def _register_memory(vm: VmFd, mem: GuestMemory, track_dirty_pages: bool) -> None:
     """One KVM slot per region; with dirty page tracking KVM logs the pages the guest writes."""
     flags = KVM_MEM_LOG_DIRTY_PAGES if track_dirty_pages else 0
+    if track_dirty_pages:
+        mem.track_dirty()         # and the VMM logs its own writes (a Diff takes both)
     for slot, region in enumerate(mem.regions):
         vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr, flags)
 

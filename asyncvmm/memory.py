@@ -19,7 +19,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 # Linux's MAP_NORESERVE (asm-generic/mman-common.h); Python's mmap module names it only from 3.12 on.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -29,6 +29,9 @@ MAP_HUGE_2MB = 21 << 26
 HUGE_PAGE_2M = 2 << 20
 # Set to 1 to offer guest RAM to KSM (docs/density.md): identical pages of many guests merge.
 KSM_ENV = "ASYNCVMM_KSM"
+
+# The granularity of KVM's dirty log and of the VMM's own (GuestRegion.dirty).
+DIRTY_PAGE = 4096
 
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
@@ -80,6 +83,9 @@ class GuestRegion:
     # which lets a snapshot skip it without reading it (asyncvmm.snapshot.memfile).
     anonymous: bool = False
     page_size: int = 4096                # the host page size behind it (2 MiB: huge pages)
+    # With dirty page tracking: the 4 KiB pages the VMM wrote (or handed out a view of) since
+    # the last snapshot, bit i = page i as in KVM's dirty log; None without tracking.
+    dirty: bytearray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.buffer).cast("B")
@@ -102,6 +108,23 @@ class GuestRegion:
                 self.buffer.close()
             except BufferError:
                 pass
+
+    def mark_dirty(self, off: int, length: int) -> None:
+        """Note that the VMM may have written ``[off, off+length)`` (no-op without tracking)."""
+        bitmap = self.dirty
+        if bitmap is None or length <= 0:
+            return
+        for page in range(off // DIRTY_PAGE, (off + length - 1) // DIRTY_PAGE + 1):
+            bitmap[page >> 3] |= 1 << (page & 7)
+
+    def take_dirty(self) -> bytes:
+        """The VMM's dirty bitmap so far, cleared (empty bytes without tracking)."""
+        bitmap = self.dirty
+        if bitmap is None:
+            return b""
+        out = bytes(bitmap)
+        bitmap[:] = bytes(len(bitmap))
+        return out
 
     @property
     def host_addr(self) -> int:
@@ -193,6 +216,36 @@ class GuestMemory:
         for region in self._regions:
             region.close()
 
+    def track_dirty(self) -> None:
+        """Start the VMM-side dirty log: from now on every write and every view handed out
+        marks its pages in the region's :attr:`GuestRegion.dirty` (a view may be written,
+        so taking it counts as writing: conservative, never missing a page).  KVM's log does
+        not see the VMM's writes; a Diff snapshot takes the union of both."""
+        for region in self._regions:
+            if region.dirty is None:
+                pages = -(-region.size // DIRTY_PAGE)
+                # Whole u64 words, like KVM's bitmap, so the two combine word by word.
+                region.dirty = bytearray(-(-pages // 64) * 8)
+
+    @property
+    def tracking_dirty(self) -> bool:
+        return bool(self._regions) and self._regions[0].dirty is not None
+
+    def marker(self, gpa: int, length: int) -> Callable[[], None] | None:
+        """A call that marks ``[gpa, gpa+length)`` written, for an area the VMM writes
+        through a view it holds (a used ring); None without tracking."""
+        if not self.tracking_dirty:
+            return None
+        return lambda: self.mark_dirty(gpa, length)
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Mark ``[gpa, gpa+length)`` written (areas the VMM writes through long-held views,
+        such as a virtqueue's used ring)."""
+        for region in self._regions:
+            lo, hi = max(gpa, region.guest_addr), min(gpa + length, region.end)
+            if lo < hi:
+                region.mark_dirty(lo - region.guest_addr, hi - lo)
+
     # -- queries ------------------------------------------------------------
 
     @property
@@ -238,6 +291,8 @@ class GuestMemory:
         Use it for I/O straight into or out of the guest (``os.preadv``).
         """
         region, off = self._find(gpa, length)
+        if region.dirty is not None:
+            region.mark_dirty(off, length)
         return region.view[off:off + length]
 
     def views(self, gpa: int, length: int) -> Iterator[memoryview]:
@@ -249,6 +304,7 @@ class GuestMemory:
             region = self._regions[i]
             off = gpa - region.guest_addr
             n = min(length, region.size - off)
+            region.mark_dirty(off, n)
             yield region.view[off:off + n]
             gpa += n
             length -= n
@@ -261,10 +317,12 @@ class GuestMemory:
         length = len(data)
         region, off = self._find(gpa, length)
         region.view[off:off + length] = data
+        region.mark_dirty(off, length)
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
         region, off = self._find(gpa, length)
         region.view[off:off + length] = bytes([value]) * length
+        region.mark_dirty(off, length)
 
     def discard(self, gpa: int, length: int) -> None:
         """Give the host memory behind ``[gpa, gpa+length)`` back (a balloon's pages).
@@ -290,6 +348,7 @@ class GuestMemory:
             pieces.append((region, off, n))
             start, left = start + n, left - n
         for region, off, n in pieces:
+            region.mark_dirty(off, n)
             if isinstance(region.buffer, mmap.mmap) and region.guest_addr % mmap.PAGESIZE == 0:
                 region.buffer.madvise(mmap.MADV_DONTNEED, off, n)
             else:
@@ -305,6 +364,7 @@ class GuestMemory:
         region, off = self._find(gpa, fmt.size)
         # A guest may be reading this field right now: one store, never a zeroed field.
         _STORES[fmt.size](region.view, off, value)
+        region.mark_dirty(off, fmt.size)
 
     def read_u8(self, gpa: int) -> int:
         return self._read_fmt(_U8, gpa)

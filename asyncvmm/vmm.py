@@ -34,6 +34,7 @@ from .mmds.store import MmdsStore
 from .snapshot import kvmstate
 from .snapshot.format import (MemoryRegionState, SnapshotFormatError, SnapshotState, read_state_file,
                               write_state_file)
+from .snapshot.mmds import MmdsStateError, load_mmds, save_mmds
 from .snapshot.memfile import dirty_ranges, rate_limiters, write_diff_file, write_memory_file
 from .vcpu import Request, VcpuStopReason, install_kick_handler
 
@@ -255,9 +256,6 @@ class Vmm:
         if params.snapshot_type == "Diff" and self._config.machine_config.huge_pages != "None":
             raise BackendError("Diff snapshots of a microVM backed by huge pages are not supported "
                                "yet by asyncvmm.")
-        if params.snapshot_type == "Diff" and machine.transports:
-            raise BackendError("Diff snapshots of a microVM with virtio devices are not supported yet "
-                               "by asyncvmm (their writes to guest memory are not logged).")
         try:
             vm_state = kvmstate.save_vm(machine.vm)
             vcpus = [kvmstate.save_vcpu(v.fd, machine.msr_indices) for v in machine.vcpus]
@@ -279,6 +277,7 @@ class Vmm:
                      "rate_limiters": {name: limiter.save_state()
                                        for name, limiter in rate_limiters(machine).items()},
                      **({"balloon": machine.balloon.save_state()} if machine.balloon else {})},
+            mmds=save_mmds(self.mmds_store),
             dirty_ranges=(dirty if diff else [(0, offset)]) if params.snapshot_type == "Diff" else None)
         try:
             if diff:
@@ -303,9 +302,15 @@ class Vmm:
 
     @staticmethod
     def _dirty_ranges(machine: MicroVm) -> list[tuple[int, int]]:
+        """The pages written since the last snapshot: KVM's log (the guest's writes) or'd
+        with the VMM's own (its devices' writes, GuestMemory.track_dirty); reading clears both."""
         ranges, offset = [], 0
         for slot, region in enumerate(machine.mem.regions):
-            ranges.extend(dirty_ranges(machine.vm.get_dirty_log(slot, region.size), offset))
+            kvm_log = machine.vm.get_dirty_log(slot, region.size)
+            vmm_log = region.take_dirty()
+            union = (int.from_bytes(kvm_log, "little") | int.from_bytes(vmm_log, "little"))
+            bitmap = union.to_bytes(max(len(kvm_log), len(vmm_log)), "little")
+            ranges.extend(dirty_ranges(bitmap, offset))
             offset += region.size
         return ranges
 
@@ -319,6 +324,10 @@ class Vmm:
             config = decode(state.config, VmConfig)
         except ConfigError as e:
             raise BackendError(f"the snapshot's configuration is invalid: {e.message}") from None
+        try:
+            has_mmds, mmds_doc = load_mmds(state.mmds, self.mmds_store.limit_bytes)
+        except MmdsStateError as e:
+            raise BackendError(str(e)) from None
         config = _with_network_overrides(config, params.network_overrides)
         if params.vsock_override is not None:
             if config.vsock is None:
@@ -331,7 +340,7 @@ class Vmm:
         if backend.backend_type == "Uffd":
             restore = Restore(state=state, mem_fd=None, uffd_path=backend.backend_path,
                               clock_realtime=params.clock_realtime)
-            await self.start(config, restore=restore, resume=params.resume_vm)
+            await self.start(config, restore=restore, resume=False)
         else:
             try:
                 mem_fd = os.open(backend.backend_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -341,9 +350,13 @@ class Vmm:
             try:
                 await self.start(config, restore=Restore(state=state, mem_fd=mem_fd,
                                                          clock_realtime=params.clock_realtime),
-                                 resume=params.resume_vm)
+                                 resume=False)
             finally:
                 os.close(mem_fd)      # the private mapping keeps the file
+        if has_mmds:      # checked above; before the guest runs, so it never sees the old store
+            self.mmds_store.put(mmds_doc)
+        if params.resume_vm:
+            await self.resume()
         # Dirty logging starts with the restored memory: a Diff is relative to this snapshot.
         self._has_diff_base = config.machine_config.track_dirty_pages
         return config

@@ -103,7 +103,8 @@ class SnapshotState(msgspec.Struct, forbid_unknown_fields=True):
     vm: VmState
     vcpus: list[VcpuState]
     devices: dict[str, Any]       # device name -> that device's own versioned state
-    mmds: Any = None              # the MMDS data store's contents
+    # The MMDS data store as compact JSON (asyncvmm.snapshot.mmds); None: never PUT.
+    mmds: bytes | None = None
     # A Diff snapshot: the (offset, length) ranges of the memory file it wrote; the rest of
     # the file is a hole and the base snapshot's memory holds those pages.
     dirty_ranges: list[tuple[int, int]] | None = None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field, fields
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from asyncvmm.devices.virtio.chain import DescriptorChain
 from asyncvmm.devices.virtio.spec import (
@@ -86,6 +86,8 @@ class _Rings(NamedTuple):
     desc: memoryview
     avail: memoryview
     used: memoryview
+    # With dirty page tracking: marks the used ring written (GuestMemory.marker), else None.
+    mark_used: Callable[[], None] | None = None
 
 
 @dataclass
@@ -147,14 +149,16 @@ class Queue:
         Field offsets below stay inside these views because every slot is
         ``idx % size``; a queue that was not validated fails here instead.
         """
-        key = (mem, self.size, self.desc_table, self.avail_ring, self.used_ring, self.event_idx)
+        key = (mem, self.size, self.desc_table, self.avail_ring, self.used_ring, self.event_idx,
+               mem.tracking_dirty)
         rings = self._rings
         if rings is None or rings.key != key:
             try:
                 desc, avail, used = (mem.view(addr, n) for _, addr, n, _ in self._areas())
             except GuestMemoryError as e:
                 raise QueueContractError(f"queue areas not in guest memory: {e}") from None
-            rings = self._rings = _Rings(key, desc, avail, used)
+            _, used_addr, used_len, _ = self._areas()[2]
+            rings = self._rings = _Rings(key, desc, avail, used, mem.marker(used_addr, used_len))
         return rings
 
     # -- the available side -------------------------------------------------
@@ -196,7 +200,10 @@ class Queue:
         """
         if not self.event_idx:
             return self.pending(mem) > 0
-        store_u16(self.rings(mem).used, 4 + VIRTQ_USED_ELEM_SIZE * self.size, self.next_avail)
+        rings = self.rings(mem)
+        store_u16(rings.used, 4 + VIRTQ_USED_ELEM_SIZE * self.size, self.next_avail)
+        if rings.mark_used is not None:
+            rings.mark_used()
         # Dekker: our avail_event store must be visible before we re-read avail idx,
         # or a chain added in between is neither seen now nor kicked later.
         full_memory_barrier()
@@ -206,7 +213,10 @@ class Queue:
 
     def add_used(self, mem: GuestMemory, head: int, length: int) -> None:
         """Return chain ``head`` to the driver with ``length`` bytes written into it."""
-        used = self.rings(mem).used
+        rings = self.rings(mem)
+        used = rings.used
+        if rings.mark_used is not None:
+            rings.mark_used()
         _USED_ELEM.pack_into(used, 4 + VIRTQ_USED_ELEM_SIZE * (self.next_used % self.size), head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
         # x86 keeps stores in order and the GIL keeps ours in program order, so
