@@ -2,10 +2,13 @@
 ends, and a new process loads the snapshot and resumes it: the count goes on from where it
 was, it does not restart.  Two processes restored from one snapshot both run.  Bad input
 (create while running, load after configuration, a damaged state file, a short memory file,
-virtio devices, a Uffd backend) gets a 400 naming the problem and the process stays usable."""
+a Uffd backend nobody serves) gets a 400 naming the problem and the process stays usable.  Diff
+snapshots with virtio devices hold what the VMM wrote into guest memory, and the MMDS store
+comes back with the snapshot."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -17,6 +20,7 @@ import pytest
 from asyncvmm.client import ApiError, MicroVM
 from asyncvmm.snapshot.format import FORMAT_VERSION
 from tests.kvm.conftest import asyncvmm_argv
+from tests.kvm.test_net import netns_tap  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.kvm
 
@@ -157,7 +161,7 @@ async def test_block_and_entropy_devices_work_on_after_a_restore(test_guest, tmp
         with pytest.raises(ApiError) as err:
             await vm.client.create_snapshot(snapshot_type="Diff", snapshot_path=snap + ".d",
                                             mem_file_path=mem + ".d")
-        assert err.value.status == 400
+        assert err.value.status == 400 and "dirty page tracking disabled" in err.value.fault_message
     before = vm.console.text
     assert "blk write sector=8 count=4" in before and "status=0" in before
     from asyncvmm.snapshot.format import read_state_file
@@ -374,3 +378,119 @@ async def test_huge_pages_snapshot_restores_through_uffd_only(test_guest, tmp_pa
         handler.stop()
     assert handler.error is None, handler.error
     assert handler.mappings[0]["page_size"] == 2 << 20 and handler.mappings[0]["page_size_kib"] == 2048
+
+
+def _merged_equals_full(tmp_path, path) -> str:
+    """Merge Diff B onto Full A (the state's ranges); assert it is Full C byte for byte."""
+    merged = str(tmp_path / "merged.mem")
+    shutil.copyfile(path["a.mem"], merged)
+    done = subprocess.run([sys.executable, "-m", "asyncvmm.snapshot.rebase", "--base-file", merged,
+                           "--diff-file", path["b.mem"], "--diff-state", path["b.snap"]],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    full = open(path["c.mem"], "rb").read()
+    got = open(merged, "rb").read()
+    differ = [i for i in range(0, len(full), 4096) if got[i:i + 4096] != full[i:i + 4096]]
+    assert not differ, [hex(p) for p in differ[:8]]
+    return merged
+
+
+async def test_a_diff_snapshot_holds_what_a_block_device_wrote(test_guest, tmp_path):
+    """Full A, then the guest writes a pattern to its disk and reads it back into its RAM
+    (the VMM's preadv/io_uring writes guest memory), Diff B, Full C: A merged with B is C."""
+    path = {n: str(tmp_path / n) for n in ("a.snap", "a.mem", "b.snap", "b.mem", "c.snap", "c.mem")}
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    drives = [{"drive_id": "d0", "path_on_host": str(disk), "is_root_device": False,
+               "is_read_only": False}]
+    async with MicroVM(test_guest.elf_pvh,
+                       "serialecho=1 blk=write:8:0x5a:64 blk=read:8:64 count=100000 exit=halt",
+                       drives=drives, binary=asyncvmm_argv(),
+                       config={"machine-config": {"vcpu_count": 1, "mem_size_mib": 64,
+                                                  "track_dirty_pages": True}}) as vm:
+        await vm.wait_for_console("testguest: serialecho ready")
+        await vm.client.pause()
+        await vm.client.create_snapshot(snapshot_type="Full", snapshot_path=path["a.snap"],
+                                        mem_file_path=path["a.mem"])
+        await vm.client.resume()
+        await vm.write_console("go\n")
+        await vm.wait_for_console("testguest: count i=2\n")
+        await vm.client.pause()
+        await vm.client.create_snapshot(snapshot_type="Diff", snapshot_path=path["b.snap"],
+                                        mem_file_path=path["b.mem"])
+        await vm.client.create_snapshot(snapshot_type="Full", snapshot_path=path["c.snap"],
+                                        mem_file_path=path["c.mem"])
+    before = vm.console.text
+    read = next(line for line in before.splitlines() if line.startswith("testguest: blk read"))
+    assert "status=0" in read and "first=0x5a" in read and "uniform=1" in read, read
+    merged = _merged_equals_full(tmp_path, path)
+    async with MicroVM(start=False, binary=asyncvmm_argv()) as vm:
+        await vm.client.load_snapshot(snapshot_path=path["b.snap"], resume_vm=True,
+                                      mem_backend={"backend_type": "File", "backend_path": merged})
+        await vm.wait_for_console(f"testguest: count i={counts(before)[-1] + 2}\n")
+        assert_continues(before, vm.console.text)
+
+
+MMDS_DOC = {"latest": {"meta-data": {"instance-id": "i-0123", "tags": ["a", "b"], "n": 2 ** 70}}}
+MMDS_CONFIG = {"network_interfaces": ["eth0"], "version": "V2", "ipv4_address": "169.254.170.2",
+               "imds_compat": True}
+
+
+async def test_mmds_and_a_received_frame_survive_a_diff_snapshot(test_guest, tmp_path, netns_tap):
+    """A microVM with a network interface, MMDS config and data.  The guest receives a first
+    frame, then waits on its serial console: Full A.  The host sends a second frame, which
+    the VMM writes into the posted receive buffer while the guest does not touch it (so KVM's
+    dirty log cannot see it): Diff B, Full C.  A merged with B is C byte for byte, so B holds
+    the VMM's write.  The process restored from B answers GET /mmds with the document and
+    GET /vm/config with the MMDS config (no PUT /mmds), and the guest, let go on, finds the
+    second frame in its restored memory."""
+    from tests.kvm.test_net import GUEST_MAC, HOST_MAC, packet_socket
+
+    ns, tap = netns_tap
+    netns = ["ip", "netns", "exec", ns]
+    path = {n: str(tmp_path / n) for n in ("a.snap", "a.mem", "b.snap", "b.mem", "c.snap", "c.mem")}
+    frames = [GUEST_MAC + HOST_MAC + b"\x88\xb5" + bytes((i * k + 3) & 0xFF for i in range(1200))
+              for k in (5, 7)]
+    iface = {"iface_id": "eth0", "host_dev_name": tap, "guest_mac": GUEST_MAC.hex(":")}
+    sock = packet_socket(ns, tap)
+    try:
+        async with MicroVM(test_guest.elf_pvh, "net=recv serialecho=1 net=recv count=100000 exit=halt",
+                           network_interfaces=[iface], mmds=MMDS_DOC, binary=[*netns, *asyncvmm_argv()],
+                           config={"machine-config": {"vcpu_count": 1, "mem_size_mib": 64,
+                                                      "track_dirty_pages": True},
+                                   "mmds-config": MMDS_CONFIG}) as vm:
+            await vm.wait_for_console("testguest: net device mac=")
+            sock.send(frames[0])
+            await vm.wait_for_console("testguest: serialecho ready")
+            await vm.client.pause()
+            await vm.client.create_snapshot(snapshot_type="Full", snapshot_path=path["a.snap"],
+                                            mem_file_path=path["a.mem"])
+            await vm.client.resume()
+            sock.send(frames[1])
+            await asyncio.sleep(1.0)          # the loop writes it into the guest's buffer
+            await vm.client.pause()
+            await vm.client.create_snapshot(snapshot_type="Diff", snapshot_path=path["b.snap"],
+                                            mem_file_path=path["b.mem"])
+            await vm.client.create_snapshot(snapshot_type="Full", snapshot_path=path["c.snap"],
+                                            mem_file_path=path["c.mem"])
+    finally:
+        sock.close()
+    before = vm.console.text
+    assert f"frame={frames[0].hex()}" in before and f"frame={frames[1].hex()}" not in before
+    assert frames[1] in open(path["c.mem"], "rb").read(), "the second frame did not reach the guest"
+    merged = _merged_equals_full(tmp_path, path)
+    load = dict(snapshot_path=path["b.snap"], mem_backend={"backend_type": "File", "backend_path": merged})
+    async with MicroVM(start=False, binary=[*netns, *asyncvmm_argv()],
+                       extra_args=["--mmds-size-limit", "32"]) as vm:
+        message = await _refused(vm, **load)
+        assert "MMDS data store has" in message and "MMDS size limit of 32 bytes" in message, message
+    async with MicroVM(start=False, binary=[*netns, *asyncvmm_argv()]) as vm:
+        await vm.client.load_snapshot(snapshot_path=path["b.snap"], resume_vm=True,
+                                      mem_backend={"backend_type": "File", "backend_path": merged})
+        assert await vm.client.get_mmds() == MMDS_DOC
+        config = await vm.client.get_export_vm_config()
+        assert config["mmds-config"] == MMDS_CONFIG, config["mmds-config"]
+        await vm.write_console("go\n")
+        await vm.wait_for_console("testguest: count i=2\n")
+        assert f"frame={frames[1].hex()}" in vm.console.text
+        assert_continues(before, vm.console.text)
