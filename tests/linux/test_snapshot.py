@@ -4,12 +4,14 @@ The guest runs a shell loop that writes a counter to the console; the microVM is
 snapshotted and its process killed.  A new process, in another network namespace with
 another tap, loads the snapshot with ``network_overrides`` pointing ``eth0`` at that tap and
 resumes: the loop goes on from the next number (no reboot), the guest pings the host side
-of the new tap, reads MMDS (the new process's store) and its disk (a file written before
+of the new tap, reads MMDS (the store PUT before the snapshot, restored
+with it) and its disk (a file written before
 the snapshot, and new I/O), and its wall clock moved forward, never back.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import sys
@@ -53,6 +55,8 @@ def test_a_restored_guest_continues_its_loop_on_another_tap(guests, guest_images
         first.wait_for(READY, BOOT_TIMEOUT)
         wait_for_api(sock1, first)
         first.run(f"ip route add {MMDS} dev eth0").check()
+        # The store goes into the snapshot: the restored process is never PUT /mmds.
+        assert api(sock1, "PUT", "/mmds", {"restored": {"token": token}})[0] == 204
         first.run(f"echo before-{token} > /root/snapshot-probe && sync").check()
         first.run(f"ping -c 1 -W 5 {net1.host_ip}").check()
         before_s = int(first.run("date +%s").check().output.strip())
@@ -88,11 +92,13 @@ def test_a_restored_guest_continues_its_loop_on_another_tap(guests, guest_images
                    "cat /root/snapshot-probe2").check()
         second.run("ip neigh flush all").check()
         second.run(f"ping -c 3 -W 5 {net2.host_ip}").check()
-        assert api(sock2, "PUT", "/mmds", {"restored": {"token": token}})[0] == 204
+        status, body = api(sock2, "GET", "/mmds")
+        assert status == 200 and json.loads(body) == {"restored": {"token": token}}, body
         got = second.run(f"wget -q -O - http://{MMDS}/restored/token").check().output.strip()
         assert got == token
         after_s = int(second.run("date +%s").check().output.strip())
         assert after_s >= before_s, (before_s, after_s)
         status, body = api(sock2, "GET", "/vm/config")
         assert status == 200 and net2.tap in body, body
+        assert json.loads(body)["mmds-config"]["network_interfaces"] == ["eth0"], body
         assert second.stop() == 0, second.tail()
