@@ -304,7 +304,8 @@ class GuestMemory:
             region = self._regions[i]
             off = gpa - region.guest_addr
             n = min(length, region.size - off)
-            region.mark_dirty(off, n)
+            if region.dirty is not None:
+                region.mark_dirty(off, n)
             yield region.view[off:off + n]
             gpa += n
             length -= n
@@ -317,7 +318,8 @@ class GuestMemory:
         length = len(data)
         region, off = self._find(gpa, length)
         region.view[off:off + length] = data
-        region.mark_dirty(off, length)
+        if region.dirty is not None:
+            region.mark_dirty(off, length)
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
         region, off = self._find(gpa, length)
@@ -364,7 +366,8 @@ class GuestMemory:
         region, off = self._find(gpa, fmt.size)
         # A guest may be reading this field right now: one store, never a zeroed field.
         _STORES[fmt.size](region.view, off, value)
-        region.mark_dirty(off, fmt.size)
+        if region.dirty is not None:
+            region.mark_dirty(off, fmt.size)
 
     def read_u8(self, gpa: int) -> int:
         return self._read_fmt(_U8, gpa)
