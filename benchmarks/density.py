@@ -78,6 +78,7 @@ from typing import Any
 
 from asyncvmm.forkserver.client import ForkedVmm, SpawnError, spawn
 from benchmarks import machine, report
+from benchmarks.launch import stop_process
 from benchmarks.smaps import SmapsError, read_process_memory
 from benchmarks.vmms import BOOTTIMER_WRITTEN, GuestSpec, asyncvmm_executable, load_test_guest, qemu_microvm_argv
 
@@ -475,12 +476,7 @@ class Zygote:
         return f"the fork server exited with {self.proc.returncode}: {tail}"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 10)
 
 
 # -- the cold-start steps ---------------------------------------------------------

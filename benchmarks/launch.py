@@ -172,13 +172,7 @@ class Launched:
     def stop(self, grace: float = STOP_GRACE_S) -> int:
         """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit status."""
         try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            stop_process(self.proc, grace)
         finally:
             _forget(self.proc)
             if self.proc.stdin is not None:
@@ -293,6 +287,21 @@ def install_cleanup() -> None:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             if signal.getsignal(sig) in (signal.SIG_DFL, None):
                 signal.signal(sig, _raise_exit)
+
+
+def stop_process(proc: subprocess.Popen, grace: float) -> int:
+    """Stop ``proc`` if it still runs: SIGTERM, SIGKILL after ``grace`` seconds; its exit status.
+
+    The one stop of a VMM or fork server process for benchmarks and tests (tests/kvm, tests/integration).
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def kill_all() -> None:

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from typing import Any
 
 import jsonschema
 import yaml
+
+from benchmarks.launch import stop_process
 
 # The contract, kept in the repository so that the tests do not depend on the checkout's location.
 SPEC_PATH = Path(__file__).resolve().parents[2] / "spec" / "firecracker-api-v1.16.1.yaml"
@@ -119,15 +120,9 @@ class Process:
         return out
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, 10)
         self._out.close()
-        return self.proc.returncode
+        return code
 
 
 class SpecValidator:

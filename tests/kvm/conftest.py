@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.launch import stop_process
 from tests.conftest import require
 
 KVM_PATH = "/dev/kvm"
@@ -142,11 +143,5 @@ class ApiProcess:
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         self._out.close()

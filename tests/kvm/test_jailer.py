@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.launch import stop_process
 from tests.conftest import require
 from tests.kvm.conftest import api_call, wait_until
 from tests.kvm.test_seccomp import seccomp_modes
@@ -90,13 +91,7 @@ class Jailed:
         wait_until(lambda: self.output().count("vcpu filter installed") == 2, 10, "the vCPU filters")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         self._out.close()
         shutil.rmtree(self.base, ignore_errors=True)
 
@@ -184,8 +179,15 @@ class _Adopted:
     def poll(self):
         return None if Path(f"/proc/{self.pid}").exists() else 0
 
+    @property
+    def returncode(self):
+        return self.poll()
+
     def send_signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float | None = None):
         wait_until(lambda: self.poll() is not None, timeout or 10, "the VMM to end")
