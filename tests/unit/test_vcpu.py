@@ -147,21 +147,27 @@ async def test_port_io_stays_on_the_vcpu_thread():
     assert all(t != threading.get_ident() for _, t in dev.threads)
 
 
-async def test_an_exit_request_cancels_a_pending_hand_off():
-    """The loop is busy (here: blocked in join, as Vmm.close does); EXIT must still end the vCPU."""
-    loop = asyncio.get_running_loop()
+def vcpu_at_a_hand_off(loop, later_exits=()):
+    """A started, resumed vCPU whose first exit, an MMIO read of a :class:`ThreadRecorder`, is handed
+    to ``loop``; waits (up to ~2 s, without yielding to the loop) for the hand-off.  (vcpu, device)."""
     dev = ThreadRecorder()
     mmio = Bus("mmio", locked=False)
     mmio.insert(0x1000, 0x100, dev)
     fd = ScriptedVcpuFd(0, [])
-    fd._exits = [fd.mmio_read(0x1004, 4)]
+    fd._exits = [fd.mmio_read(0x1004, 4), *later_exits]
     vcpu = make_vcpu(loop, fd, mmio=mmio)
     vcpu.start()
     vcpu.request(Request.RESUME)
-    for _ in range(1000):                     # wait (without yielding to the loop) for the hand-off
+    for _ in range(1000):
         if vcpu._handoff is not None:
             break
         threading.Event().wait(0.002)
+    return vcpu, dev
+
+
+async def test_an_exit_request_cancels_a_pending_hand_off():
+    """The loop is busy (here: blocked in join, as Vmm.close does); EXIT must still end the vCPU."""
+    vcpu, dev = vcpu_at_a_hand_off(asyncio.get_running_loop())
     assert vcpu._handoff is not None
     vcpu.request(Request.EXIT)
     vcpu.join(5.0)                            # blocks the loop, like Vmm.close
@@ -172,18 +178,7 @@ async def test_an_exit_request_cancels_a_pending_hand_off():
 
 def test_a_vcpu_waiting_on_a_closed_loop_ends():
     loop = asyncio.new_event_loop()
-    dev = ThreadRecorder()
-    mmio = Bus("mmio", locked=False)
-    mmio.insert(0x1000, 0x100, dev)
-    fd = ScriptedVcpuFd(0, [])
-    fd._exits = [fd.mmio_read(0x1004, 4)]
-    vcpu = make_vcpu(loop, fd, mmio=mmio)
-    vcpu.start()
-    vcpu.request(Request.RESUME)
-    for _ in range(1000):
-        if vcpu._handoff is not None:
-            break
-        threading.Event().wait(0.002)
+    vcpu, dev = vcpu_at_a_hand_off(loop)
     loop.close()                              # the callback is never run
     vcpu.join(5.0)
     assert not vcpu.is_alive()
@@ -191,19 +186,7 @@ def test_a_vcpu_waiting_on_a_closed_loop_ends():
 
 
 async def test_a_pause_completes_while_a_hand_off_is_pending():
-    loop = asyncio.get_running_loop()
-    dev = ThreadRecorder()
-    mmio = Bus("mmio", locked=False)
-    mmio.insert(0x1000, 0x100, dev)
-    fd = ScriptedVcpuFd(0, [])
-    fd._exits = [fd.mmio_read(0x1004, 4)] + [x.Interrupted()] * 5
-    vcpu = make_vcpu(loop, fd, mmio=mmio)
-    vcpu.start()
-    vcpu.request(Request.RESUME)
-    for _ in range(1000):
-        if vcpu._handoff is not None:
-            break
-        threading.Event().wait(0.002)
+    vcpu, dev = vcpu_at_a_hand_off(asyncio.get_running_loop(), [x.Interrupted()] * 5)
     await asyncio.wait_for(asyncio.wrap_future(vcpu.request(Request.PAUSE)), 5.0)
     assert dev.threads == [("read", threading.get_ident())]   # answered, then parked
     vcpu.request(Request.EXIT)
