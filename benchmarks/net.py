@@ -596,14 +596,21 @@ def nest_document(inner: dict[str, Any], outer_machine: dict[str, Any], git: dic
 
 def run_nested(settings: Settings, command: str, timeout: float | None) -> tuple[dict[str, Any] | None, bool]:
     """Run this benchmark inside the emulated KVM host; its document, or None with the reason printed."""
+    return run_benchmark_nested(NAME, settings.argv(), timeout or hostvm_timeout(settings), command)
+
+
+def run_benchmark_nested(name: str, argv: Sequence[str], limit: float,
+                         command: str) -> tuple[dict[str, Any] | None, bool]:
+    """``python -m benchmarks.<name> argv`` inside the emulated KVM host, for at most ``limit`` s: the
+    document it wrote, nested in this machine's facts (:func:`nest_document`), and whether it passed;
+    None with the reason printed when it wrote none.  The net and vsock benchmarks' hostvm mode."""
     from asyncvmm_tools.hostvm import HostVmError, run_in_hostvm
 
     load_before = machine.load_average()
-    inner = [sys.executable, "-m", "benchmarks.net", *settings.argv()]
-    limit = timeout or hostvm_timeout(settings)
-    print(f"[net] /dev/kvm here is not hardware KVM: running `{' '.join(inner[1:])}` inside the "
-          f"emulated KVM host (QEMU TCG, nested SVM), at most {limit:.0f} s", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-net-hostvm-") as tmp:
+    inner = [sys.executable, "-m", f"benchmarks.{name}", *argv]
+    print(f"[{name}] running `{' '.join(inner[1:])}` inside the emulated KVM host (QEMU TCG, nested SVM), "
+          f"at most {limit:.0f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-hostvm-") as tmp:
         results = Path(tmp) / "results"
         try:
             r = run_in_hostvm(inner, timeout=limit, results_dir=results, echo=sys.stdout,
@@ -611,7 +618,7 @@ def run_nested(settings: Settings, command: str, timeout: float | None) -> tuple
         except HostVmError as err:
             print(f"error: {err}", file=sys.stderr)
             return None, False
-        path = results / f"{NAME}.json"
+        path = results / f"{name}.json"
         if not path.exists():
             why = "timed out" if r.timed_out else f"exit status {r.returncode}"
             print(f"error: the run inside the emulated host left no {path.name} ({why})", file=sys.stderr)

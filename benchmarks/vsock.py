@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks import machine, report
-from benchmarks.net import choose_mode, nest_document, results_dir
+from benchmarks.net import choose_mode, results_dir, run_benchmark_nested
 from benchmarks.rounds import interleaved_rounds
 
 NAME = "vsock"
@@ -358,34 +358,8 @@ def run_direct(settings: Settings, command: str) -> tuple[dict[str, Any], bool]:
 
 
 def run_nested(settings: Settings, command: str, timeout: float | None) -> tuple[dict[str, Any] | None, bool]:
-    import json
-
-    from asyncvmm_tools.hostvm import HostVmError, run_in_hostvm
-
-    load_before = machine.load_average()
-    inner = [sys.executable, "-m", "benchmarks.vsock", *settings.argv()]
     limit = timeout or 900 + len(settings.variants) * settings.runs * (60 + settings.mib * 10)
-    print(f"[vsock] running `{' '.join(inner[1:])}` inside the emulated KVM host, at most {limit:.0f} s",
-          flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-vsock-hostvm-") as tmp:
-        results = Path(tmp) / "results"
-        try:
-            r = run_in_hostvm(inner, timeout=limit, results_dir=results, echo=sys.stdout,
-                              progress=lambda m: print(m, file=sys.stderr, flush=True))
-        except HostVmError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return None, False
-        path = results / f"{NAME}.json"
-        if not path.exists():
-            print(f"error: the run inside the emulated host left no {path.name} "
-                  f"({'timed out' if r.timed_out else f'exit status {r.returncode}'})", file=sys.stderr)
-            return None, False
-        inner_doc = json.loads(path.read_text(encoding="utf-8"))
-    hostvm = {"kvm": r.kvm_line, "timings_s": {k: round(v, 1) for k, v in r.timings.items()},
-              "inner_exit_status": r.returncode}
-    doc = nest_document(inner_doc, machine.describe(), machine.git_state(),
-                        {"before": load_before, "after": machine.load_average()}, command, hostvm)
-    return doc, r.returncode == 0
+    return run_benchmark_nested(NAME, settings.argv(), limit, command)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -317,3 +317,29 @@ def test_the_host_vm_timeout_grows_with_the_work():
     small = net.Settings(1, 1, 1, ("asyncvmm",))
     big = net.Settings(10, 10, 100, ("asyncvmm", "qemu-microvm"))
     assert 600 < net.hostvm_timeout(small) < net.hostvm_timeout(big)
+
+
+def test_a_benchmark_run_nested_hands_back_the_inner_document_or_says_why_not(monkeypatch, capsys):
+    import types
+
+    import asyncvmm_tools.hostvm as hostvm
+
+    seen = {}
+
+    def fake_run_in_hostvm(argv, *, timeout, results_dir, echo, progress, write=True):
+        seen.update(argv=argv, timeout=timeout)
+        if write:
+            results_dir.mkdir(parents=True)
+            (results_dir / "vsock.json").write_text(json.dumps({"benchmark": "vsock", "machine": {"cpus": 1},
+                                                                "load": {}, "variants": {}}))
+        return types.SimpleNamespace(kvm_line="kvm ready", timings={"boot": 1.234}, returncode=0, timed_out=False)
+
+    monkeypatch.setattr(hostvm, "run_in_hostvm", fake_run_in_hostvm)
+    doc, ok = net.run_benchmark_nested("vsock", ["--quick"], 77.0, "python -m benchmarks.vsock")
+    assert ok and seen["argv"][1:] == ["-m", "benchmarks.vsock", "--quick"] and seen["timeout"] == 77.0
+    assert doc["benchmark"] == "vsock" and doc["command"] == "python -m benchmarks.vsock"
+    assert doc["emulated_host"]["machine"] == {"cpus": 1}
+    assert doc["emulated_host"]["timings_s"] == {"boot": 1.2} and doc["emulated_host"]["inner_exit_status"] == 0
+    monkeypatch.setattr(hostvm, "run_in_hostvm", lambda *a, **k: fake_run_in_hostvm(*a, **k, write=False))
+    assert net.run_benchmark_nested("vsock", [], 5.0, "c") == (None, False)
+    assert "left no vsock.json (exit status 0)" in capsys.readouterr().err
