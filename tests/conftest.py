@@ -24,6 +24,15 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: a process gone or a zombie (exited, not reaped yet) does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"     # the state follows the (comm) field
+    except (FileNotFoundError, ProcessLookupError):      # gone, even between open and read
+        return False
+
+
 def require_netns_and_taps() -> None:
     """What a test that makes network namespaces and tap devices needs of the host."""
     require(os.geteuid() == 0, "needs root (network namespaces, taps)")

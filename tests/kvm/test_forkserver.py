@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from asyncvmm.forkserver import ENV_VAR, protocol
+from tests.conftest import process_alive
 from tests.integration.apiclient import UnixHTTPConnection
 from tests.kvm.conftest import asyncvmm_argv, guest_config
 
@@ -59,14 +60,6 @@ def zygote(tmp_path):
     z = Zygote(tmp_path)
     yield z
     z.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):      # gone, even between open and read
-        return False
 
 
 def _wait_for(predicate, what: str, timeout: float = TIMEOUT) -> None:
@@ -167,7 +160,7 @@ def test_sigkill_of_the_launcher_ends_its_microvm(test_guest, tmp_path, zygote):
         assert _api(sock, "PUT", path, body)[0] == 204
     proc.kill()
     proc.wait()
-    _wait_for(lambda: not _alive(child), "the microVM to end with its launcher")
+    _wait_for(lambda: not process_alive(child), "the microVM to end with its launcher")
     _wait_for(lambda: zygote.children() == [], "the fork server to reap it")
     assert zygote.proc.poll() is None
 

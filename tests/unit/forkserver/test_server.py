@@ -22,23 +22,15 @@ import pytest
 
 from asyncvmm.forkserver import ENV_VAR, protocol
 from asyncvmm.forkserver.server import ForkServerError, bind_private_socket
-from tests.conftest import require
+from tests.conftest import process_alive, require
 
 REPO = Path(__file__).resolve().parents[3]
 TIMEOUT = 20
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):      # gone, even between open and read
-        return False
-
-
 def _wait_gone(pid: int, timeout: float = TIMEOUT) -> bool:
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while process_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
@@ -200,7 +192,7 @@ def test_sigkill_of_the_server_leaves_children_running_and_their_status_arrives(
     assert proc.stdout.readline() == b"sleeping\n"
     zygote.proc.kill()
     zygote.proc.wait()
-    assert _alive(state["pid"])
+    assert process_alive(state["pid"])
     assert _finish(proc)[0] == 0            # the child reports its own exit when the server is gone
 
 

@@ -10,22 +10,13 @@ import textwrap
 import time
 
 from asyncvmm_tools.hostvm.process import Child, TerminatedError, terminate_on_signals
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); look at its state
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
+from tests.conftest import process_alive
 
 
 def _wait_gone(pid: int, seconds: float = 10) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        if not _alive(pid):
+        if not process_alive(pid):
             return True
         time.sleep(0.05)
     return False
@@ -66,7 +57,7 @@ def test_child_dies_with_a_sigkilled_parent(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     child_pid = int(pidfile.read_text())
-    assert _alive(child_pid)
+    assert process_alive(child_pid)
     parent.kill()
     parent.wait()
     assert _wait_gone(child_pid)
