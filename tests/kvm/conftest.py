@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -91,6 +92,16 @@ def wait_until(condition, timeout: float, what: str, poll_s: float = 0.02):
         time.sleep(poll_s)
 
 
+def accepts(sock_path: str) -> bool:
+    """Whether the API socket takes connections: its file appears at bind(), before listen()."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(sock_path)
+        return True
+    except OSError:
+        return False
+
+
 def api_call(sock_path: str, method: str, path: str, body=None) -> tuple[int, Any]:
     """One request on the API socket: (status, decoded JSON body or None)."""
     from tests.integration.apiclient import UnixHTTPConnection
@@ -117,11 +128,17 @@ class ApiProcess:
         self.proc = subprocess.Popen([*prefix, *asyncvmm_argv(), "--api-sock", self.sock,
                                       "--log-path", str(self.log), "--level", "Info"],
                                      stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
-        wait_until(lambda: os.path.exists(self.sock) or self.proc.poll() is not None, 30, "the API socket")
+        wait_until(lambda: accepts(self.sock) or self.proc.poll() is not None, 30, "the API socket")
         assert self.proc.poll() is None, self.log.read_text()
 
     def __call__(self, method: str, path: str, body=None) -> tuple[int, Any]:
         return api_call(self.sock, method, path, body)
+
+    def configure(self, steps: list[tuple[str, str, Any]]) -> None:
+        """Each (method, path, body) request in turn; every one must answer 204."""
+        for method, path, body in steps:
+            status, answer = self(method, path, body)
+            assert status == 204, (path, answer)
 
     def output(self) -> str:
         return self.console.read_text(errors="replace")

@@ -40,9 +40,7 @@ def test_inflate_gives_touched_guest_pages_back_to_the_host(test_guest, tmp_path
             ("PUT", "/balloon", {"amount_mib": 0, "deflate_on_oom": False}),
             ("PUT", "/actions", {"action_type": "InstanceStart"}),
         ]
-        for method, path, body in steps:
-            status, answer = vmm(method, path, body)
-            assert status == 204, (path, answer)
+        vmm.configure(steps)
         vmm.wait_output("balloon touched")
         rss_touched = vmm_rss(vmm.proc.pid)
 

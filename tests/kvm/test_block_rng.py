@@ -98,9 +98,7 @@ def test_rng_fills_buffers_with_random_bytes_from_the_device(test_guest, tmp_pat
             ("PUT", "/entropy", {}),
             ("PUT", "/actions", {"action_type": "InstanceStart"}),
         ]
-        for method, path, body in steps:
-            status, answer = vmm(method, path, body)
-            assert status == 204, (path, answer)
+        vmm.configure(steps)
         vmm.wait_output("testguest: exit halt")
         reports = vmm.flush_metrics(metrics)
     finally:
@@ -172,9 +170,7 @@ def boot_with_drives(vmm: ApiProcess, kernel, boot_args: str, drives: list[dict]
              ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": mem_mib})]
     steps += [("PUT", f"/drives/{d['drive_id']}", d) for d in drives]
     steps.append(("PUT", "/actions", {"action_type": "InstanceStart"}))
-    for method, path, body in steps:
-        status, answer = vmm(method, path, body)
-        assert status == 204, (path, answer)
+    vmm.configure(steps)
 
 
 def test_io_uring_serves_async_drives_and_only_them(test_guest, tmp_path):

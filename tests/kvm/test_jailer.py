@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.launch import stop_process
 from tests.conftest import require
-from tests.kvm.conftest import api_call, wait_until
+from tests.kvm.conftest import accepts, api_call, wait_until
 from tests.kvm.test_seccomp import seccomp_modes
 
 pytestmark = pytest.mark.kvm
@@ -67,7 +67,7 @@ class Jailed:
             # the pid file in the jail names it.
             assert self.proc.wait(60) == 0, self.output()
             self.proc = _Adopted(int((self.chroot / "asyncvmm.pid").read_text()))
-        wait_until(lambda: os.path.exists(self.sock) or self.proc.poll() is not None, 60, "the jailed API socket")
+        wait_until(lambda: accepts(self.sock) or self.proc.poll() is not None, 60, "the jailed API socket")
         assert self.proc.poll() is None, self.output()
 
     def output(self) -> str:
@@ -259,7 +259,7 @@ def test_a_fork_server_child_jails_itself(test_guest, tmp_path):
             stderr=subprocess.STDOUT)
     try:
         sock = str(chroot / "run" / "api.sock")
-        wait_until(lambda: os.path.exists(sock) or launcher.poll() is not None, 60, "the jailed API socket")
+        wait_until(lambda: accepts(sock) or launcher.poll() is not None, 60, "the jailed API socket")
         assert launcher.poll() is None, out_path.read_text()
         children = zygote.children()
         assert len(children) == 1, children

@@ -31,9 +31,7 @@ def _boot(vmm: ApiProcess, guest, metrics, cmdline: str) -> None:
         ("PUT", "/entropy", {}),
         ("PUT", "/actions", {"action_type": "InstanceStart"}),
     ]
-    for method, path, body in steps:
-        status, answer = vmm(method, path, body)
-        assert status == 204, (path, answer)
+    vmm.configure(steps)
 
 
 def _mmio_writes(vmm: ApiProcess, metrics) -> int:

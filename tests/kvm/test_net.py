@@ -206,9 +206,7 @@ def test_patch_rate_limiters_after_boot_and_net_metrics(test_guest, tmp_path, ne
             ("PUT", "/mmds/config", {"network_interfaces": ["eth0"]}),
             ("PUT", "/actions", {"action_type": "InstanceStart"}),
         ]
-        for method, path, body in steps:
-            status, answer = vmm(method, path, body)
-            assert status == 204, (path, answer)
+        vmm.configure(steps)
         limited = {"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 100000, "refill_time": 100}},
                    "tx_rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}}
         assert vmm("PATCH", "/network-interfaces/eth0", limited)[0] == 204
@@ -255,9 +253,7 @@ def test_tx_ops_limit_throttles_by_its_counters_and_patch_lifts_it(test_guest, t
                 "tx_rate_limiter": {"ops": {"size": 1, "refill_time": 1000}}}),
             ("PUT", "/actions", {"action_type": "InstanceStart"}),
         ]
-        for method, path, body in steps:
-            status, answer = vmm(method, path, body)
-            assert status == 204, (path, answer)
+        vmm.configure(steps)
         is_test = lambda f: f[12:14] == ETHERTYPE_TEST.to_bytes(2, "big")     # noqa: E731
         assert recv_frame(sock, is_test, VMM_TIMEOUT_S) == first
         assert recv_frame(sock, is_test, VMM_TIMEOUT_S) == second
