@@ -686,17 +686,12 @@ def results_dir(requested: Path | None, inside: bool) -> Path:
     return report.RESULTS_DIR
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_and_conclude(args: argparse.Namespace, settings: Any, command: str, run_nested: Callable[..., Any],
+                     run_direct: Callable[..., Any], note: str = "") -> int:
+    """Run here or nested in the emulated KVM host (``--mode``), then report and write the results
+    (:func:`report.conclude_document`); the exit code.  The net and vsock benchmarks' main()."""
     from asyncvmm_tools.hostvm import in_hostvm, kvm_kind
 
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    try:
-        settings = settings_from(args)
-    except ValueError as err:
-        print(err, file=sys.stderr)
-        return 2
-    command = " ".join(["python -m benchmarks.net", *argv])
     inside = in_hostvm()
     if choose_mode(args.mode, kvm_kind(), inside) == "hostvm":
         doc, ok = run_nested(settings, command, args.hostvm_timeout)
@@ -705,8 +700,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         doc, ok = run_direct(settings, command)
     out = results_dir(args.results_dir, inside) if not args.no_write or inside else None
-    return report.conclude_document(doc, ok, results_dir=out, note="(throughput ratios are of rates: above 1.0 "
-                                    "asyncvmm is faster; latency and CPU: below 1.0)")
+    return report.conclude_document(doc, ok, results_dir=out, note=note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    command = " ".join(["python -m benchmarks.net", *argv])
+    return run_and_conclude(args, settings, command, run_nested, run_direct,
+                            note="(throughput ratios are of rates: above 1.0 asyncvmm is faster; latency and "
+                                 "CPU: below 1.0)")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks import machine, report
-from benchmarks.net import choose_mode, results_dir, run_benchmark_nested
+from benchmarks.net import run_and_conclude, run_benchmark_nested
 from benchmarks.rounds import interleaved_rounds
 
 NAME = "vsock"
@@ -381,8 +381,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asyncvmm_tools.hostvm import in_hostvm, kvm_kind
-
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     names = tuple(args.variants.split(",")) if args.variants else tuple(n for n, _ in VARIANTS)
@@ -394,15 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(runs=args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS),
                         mib=args.mib or (QUICK_MIB if args.quick else DEFAULT_MIB), variants=names)
     command = " ".join(["python -m benchmarks.vsock", *argv])
-    inside = in_hostvm()
-    if choose_mode(args.mode, kvm_kind(), inside) == "hostvm":
-        doc, ok = run_nested(settings, command, args.hostvm_timeout)
-        if doc is None:
-            return 1
-    else:
-        doc, ok = run_direct(settings, command)
-    out = results_dir(args.results_dir, inside) if not args.no_write or inside else None
-    return report.conclude_document(doc, ok, results_dir=out)
+    return run_and_conclude(args, settings, command, run_nested, run_direct)
 
 
 if __name__ == "__main__":

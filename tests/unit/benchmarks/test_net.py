@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks import net
+from benchmarks import net, report
 from benchmarks.net import CpuTicks, IperfResult, Link, PingResult, RunFailed
 
 LINK = Link("bench1", 1)
@@ -343,3 +343,33 @@ def test_a_benchmark_run_nested_hands_back_the_inner_document_or_says_why_not(mo
     monkeypatch.setattr(hostvm, "run_in_hostvm", lambda *a, **k: fake_run_in_hostvm(*a, **k, write=False))
     assert net.run_benchmark_nested("vsock", [], 5.0, "c") == (None, False)
     assert "left no vsock.json (exit status 0)" in capsys.readouterr().err
+
+
+def test_run_and_conclude_picks_the_mode_and_writes_unless_told_not_to(monkeypatch, tmp_path, capsys):
+    import argparse
+
+    import asyncvmm_tools.hostvm as hostvm
+
+    monkeypatch.setattr(hostvm, "in_hostvm", lambda: False)
+    monkeypatch.setattr(hostvm, "kvm_kind", lambda: "kvm_pvm")        # auto: not hardware, so hostvm
+    doc = report.new_document("net", "Net", "c", variants={"asyncvmm": {"failures": []}}, comparisons=[])
+    ran = []
+
+    def direct(settings, command):
+        ran.append(("direct", settings, command))
+        return doc, True
+
+    def nested(settings, command, timeout):
+        ran.append(("nested", settings, command, timeout))
+        return None, False
+
+    args = argparse.Namespace(mode="auto", hostvm_timeout=9.0, results_dir=tmp_path, no_write=False)
+    assert net.run_and_conclude(args, "s", "c", nested, direct) == 1       # the nested run wrote nothing
+    assert ran == [("nested", "s", "c", 9.0)] and list(tmp_path.iterdir()) == []
+    args.mode = "direct"
+    assert net.run_and_conclude(args, "s", "c", nested, direct, note="(a note)") == 0
+    assert ran[-1] == ("direct", "s", "c") and (tmp_path / report.SUMMARY_NAME).exists()
+    assert "(a note)" in capsys.readouterr().out
+    args.no_write, args.results_dir = True, tmp_path / "not-written"
+    assert net.run_and_conclude(args, "s", "c", nested, direct) == 0
+    assert not args.results_dir.exists()
