@@ -4,8 +4,9 @@
 words of serde (``unknown field `x`, expected one of ...``, ``missing field
 `x```, ``unknown variant ...``, ``duplicate field `x```, syntax errors ``at
 line L column C``), because Firecracker clients match on them.  Like serde,
-it refuses an object that names a key twice (a plain JSON parser would keep
-the last one silently).
+it refuses a schema object that names a field twice (a plain JSON parser
+would keep the last one silently); a free-form document (MMDS, ``--metadata``)
+keeps the last of two equal keys, as serde_json's ``Value`` does.
 It also runs every ``check()`` in the decoded tree: syntax rules Firecracker
 applies while deserializing (MAC addresses, CPU template bitmaps ...).
 :func:`to_builtins` drops unset optional fields, as Firecracker's serializer does.
@@ -43,7 +44,8 @@ def decode(body: bytes, type_: type[T]) -> T:
         raise ConfigError(_syntax_message(str(err), body)) from None
     except RecursionError:
         raise ConfigError("recursion limit exceeded") from None
-    _refuse_duplicate_keys(body)
+    if isinstance(type_, type) and issubclass(type_, msgspec.Struct):
+        _refuse_duplicate_keys(body)
     check_tree(value)
     return value
 
