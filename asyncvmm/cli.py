@@ -219,7 +219,7 @@ def run(args: argparse.Namespace, api_sock: Any = None, bind_error: OSError | No
         return EXIT_UNEXPECTED
     seccomp = _seccomp_filters(args, log)
     if seccomp is False:
-        return EXIT_BAD_CONFIGURATION
+        return EXIT_GENERIC          # Firecracker's code for a seccomp filter it cannot use
 
     registry = MetricsRegistry()
     registry.register("logger", logger_metrics)
