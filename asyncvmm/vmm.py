@@ -132,6 +132,7 @@ class Vmm:
             try:
                 self._seccomp.install("vmm")
             except OSError as e:
+                self.close()        # the vCPU threads, KVM fds and memory of this attempt
                 raise StartError(f"Cannot install the seccomp filter: {e}") from e
         if resume:
             await self._request_all(Request.RESUME)
@@ -286,6 +287,9 @@ class Vmm:
                 write_memory_file(params.mem_file_path, machine.mem)
             write_state_file(params.snapshot_path, state)
         except (OSError, ValueError) as e:
+            # The dirty logs were read (and so cleared) above: without a written base, the next
+            # Diff must hold every page again.
+            self._has_diff_base = False
             raise BackendError(f"Cannot write the snapshot: {e}") from e
         self._has_diff_base = tracking
 
