@@ -21,6 +21,8 @@ DEFAULT_CHROOT_BASE = "/srv/jailer"
 ID_MAX_LEN = 64
 _ID_CHAR = re.compile(r"[A-Za-z0-9-]")
 RLIMITS = {"fsize", "no-file"}
+# Firecracker's jailer bounds the open files to this when --resource-limit does not name no-file.
+DEFAULT_NO_FILE = 2048
 
 
 class JailerError(Exception):
@@ -147,6 +149,7 @@ def parse(argv: list[str], cgroup_root: Path | None = None) -> JailEnv:
         if name not in RLIMITS:
             raise JailerError(f"Invalid resource argument: {name}")
         limits[name] = int(value)
+    limits.setdefault("no-file", DEFAULT_NO_FILE)
     if args.netns is not None and not os.path.exists(args.netns):
         raise JailerError(f"Failed to open file {args.netns}: No such file or directory (os error 2)")
     if chroot_dir.exists():

@@ -220,6 +220,9 @@ def jail_this_process(jailer_argv: list[str]) -> None:
         for fd in (0, 1, 2):
             os.dup2(dev_null, fd)
         os.close(dev_null)
+    # The launcher's environment came with the request; nothing of it goes into the jail (the
+    # exec path gives the VMM an empty environment too, as Firecracker's jailer does).
+    os.environ.clear()
     _drop_privileges(env)
 
 

@@ -38,6 +38,14 @@ def test_a_good_command_line(jail):
     assert list(base.iterdir()) == []                     # checking created nothing
 
 
+def test_open_files_are_bounded_to_2048_unless_named(jail):
+    """Firecracker's jailer default: no-file 2048 when --resource-limit does not name it."""
+    exec_file, base = jail
+    assert parse(_argv(exec_file, base)).resource_limits == {"no-file": 2048}
+    assert parse(_argv(exec_file, base, "--resource-limit", "fsize=4096")).resource_limits == \
+        {"fsize": 4096, "no-file": 2048}
+
+
 @pytest.mark.parametrize("extra, jail_id, message", [
     ((), "a/b", "Invalid instance ID: Invalid char (/) at position 1"),
     ((), "..", "Invalid instance ID: Invalid char (.) at position 0"),

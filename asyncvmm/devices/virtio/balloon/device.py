@@ -265,7 +265,10 @@ class Balloon(VirtioDevice):
                 not 0 <= v < 1 << 64 for v in state.latest_stats.values()):
             raise ValueError("balloon state: unknown or out-of-range statistics")
         self.num_pages, self.actual_pages = state.num_pages, state.actual_pages
-        self.hint_cmd_id, self.last_run_id = state.hint_cmd_id, state.last_run_id
+        # A hinting run never survives a restore (Firecracker's rule): the device asks for DONE,
+        # so the guest gives its held free pages back instead of waiting for a stop.
+        self.hint_cmd_id = None if state.hint_cmd_id is None else VIRTIO_BALLOON_CMD_ID_DONE
+        self.last_run_id = state.last_run_id
         self.guest_cmd, self.acknowledge_on_stop = state.guest_cmd, state.acknowledge_on_stop
         self.latest_stats = dict(state.latest_stats)
         self._update_config()
