@@ -28,6 +28,7 @@ MEM_BELOW_BALLOON = (
     "Machine config error: The memory size (MiB) is smaller than the previously set balloon "
     "device target size."
 )
+HUGE_PAGES_AND_BALLOON = "Firecracker's huge pages support is incompatible with memory ballooning."
 MMDS_UNKNOWN_IFACE = (
     "MMMDS config error: The list of network interface IDs provided contains at least one ID "
     "that does not correspond to any existing network interface."
@@ -38,6 +39,8 @@ def set_machine_config(cfg: VmConfig, machine: MachineConfig) -> VmConfig:
     machine.validate()
     if cfg.balloon is not None and machine.mem_size_mib < cfg.balloon.amount_mib:
         raise ConfigError(MEM_BELOW_BALLOON)
+    if cfg.balloon is not None and machine.huge_pages not in (None, "None"):
+        raise ConfigError("Machine config error: " + HUGE_PAGES_AND_BALLOON)
     return _replace(cfg, machine_config=machine)
 
 
@@ -82,6 +85,8 @@ def set_balloon(cfg: VmConfig, balloon: BalloonConfig) -> VmConfig:
     """Create or replace the balloon; its target may not exceed guest memory."""
     if balloon.amount_mib > cfg.machine_config.mem_size_mib:
         raise ConfigError(BALLOON_TOO_LARGE)
+    if cfg.machine_config.huge_pages not in (None, "None"):
+        raise ConfigError("Balloon config error: " + HUGE_PAGES_AND_BALLOON)
     if balloon.amount_mib > BALLOON_MAX_MIB:      # num_pages is a le32 of 4 KiB pages
         raise ConfigError("Balloon config error: Error creating the balloon device: Requested memory "
                           f"should be less than {BALLOON_MAX_MIB}MiB")

@@ -506,6 +506,22 @@ async def test_balloon_pre_boot_rules(ctl: Controller) -> None:
         assert err.value.message == NOT_SUPPORTED_PRE_BOOT
 
 
+async def test_balloon_and_huge_pages_refuse_each_other_at_configuration(ctl: Controller) -> None:
+    """Firecracker refuses the pair when it is configured, in either order, not at InstanceStart."""
+    incompatible = "Firecracker's huge pages support is incompatible with memory ballooning."
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(huge_pages="2M")))
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=1, deflate_on_oom=False)))
+    assert err.value.message == "Balloon config error: " + incompatible
+    assert ctl.config.balloon is None
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig()))
+    await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=1, deflate_on_oom=False)))
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(huge_pages="2M")))
+    assert err.value.message == "Machine config error: " + incompatible
+    assert ctl.config.machine_config.huge_pages == "None"
+
+
 async def test_balloon_free_page_hinting_calls(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
     await ctl.handle(Action(K.SET_BALLOON_DEVICE, BalloonConfig(amount_mib=1, deflate_on_oom=False,
                                                                  free_page_hinting=True)))
