@@ -4,7 +4,8 @@
   ``CONNECT <port>\\n``; the muxer sends the guest a REQUEST for that port
   and, on the guest's RESPONSE, answers ``OK <host port>\\n`` on the socket,
   which is from then on a byte stream to the guest's listener.  A RST (no
-  listener) or no answer within :data:`CONNECT_TIMEOUT_S` closes the socket.
+  listener) or no answer within :data:`CONNECT_TIMEOUT_S` closes the socket, and so
+  does a line not complete within :data:`CONNECT_LINE_TIMEOUT_S`.
 * Guest-initiated: a REQUEST to host port P connects to ``<uds_path>_P``; a
   refused or missing socket answers RST.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import os
 import resource
@@ -65,9 +67,23 @@ SHUTDOWN_FLUSH_TIMEOUT_S = 2.0
 FIRST_LOCAL_PORT = 1 << 30
 # "CONNECT 4294967295\n" is 19 bytes; a line longer than this is not a request.
 MAX_CONNECT_LINE = 32
+# A host connection that has not sent its whole CONNECT line within this long is closed, so idle
+# host sockets cannot hold the connection slots.
+CONNECT_LINE_TIMEOUT_S = 5.0
+# accept() failing (EMFILE and friends) stops watching the listener for this long: the pending
+# connection keeps it readable, and retrying at every loop turn would spin.
+ACCEPT_RETRY_S = 0.1
 # RSTs for packets that belong to no connection, waiting for an RX buffer; beyond this they are dropped.
 MAX_PENDING_RSTS = 256
 LISTEN_BACKLOG = 128
+
+
+@dataclasses.dataclass(eq=False)
+class _PendingHost:
+    """An accepted host socket whose ``CONNECT`` line is still arriving."""
+    sock: socket.socket
+    line: bytearray = dataclasses.field(default_factory=bytearray)
+    timer: asyncio.TimerHandle | None = None
 
 
 class VsockBackendError(Exception):
@@ -121,12 +137,14 @@ class VsockMuxer:
         self.conns: dict[tuple[int, int], Connection] = {}
         self.rx_ready: dict[tuple[int, int], None] = {}    # insertion-ordered: fair turns
         self.rsts: collections.deque[Header] = collections.deque()
-        self.pending_hosts: dict[int, socket.socket] = {}   # accepted, waiting for CONNECT
+        self.pending_hosts: dict[int, _PendingHost] = {}    # accepted, waiting for CONNECT
         self._next_local_port = FIRST_LOCAL_PORT
         self.max_connections = connection_limit()
         self.wake_rx: Callable[[], None] = lambda: None
         self._filling = False               # inside fill_rx: the pump is already running
         self.closed = False
+        self._accept_retry: asyncio.TimerHandle | None = None   # accepts paused after a failure
+        self._accept_failing = False        # logged the current run of failed accepts
         loop.add_reader(self.listener.fileno(), self._on_accept)
 
     # -- the guest's packets ------------------------------------------------
@@ -275,36 +293,58 @@ class VsockMuxer:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:                   # EMFILE and friends: try again on the next poll
-                self.metrics.muxer_event_fails += 1
-                log.warning("vsock: accept on %s failed: %s", self.uds_path, e)
+            except OSError as e:                   # EMFILE and friends
+                self._pause_accepts(e)
                 return
+            if self._accept_failing:
+                self._accept_failing = False
+                log.warning("vsock: accepting on %s again", self.uds_path)
             if len(self.conns) + len(self.pending_hosts) >= self.max_connections:
                 self.metrics.muxer_event_fails += 1
                 sock.close()
                 continue
             sock.setblocking(False)
-            self.pending_hosts[sock.fileno()] = sock
-            self.loop.add_reader(sock.fileno(), self._on_connect_line, sock)
+            pending = _PendingHost(sock)
+            pending.timer = self.loop.call_later(CONNECT_LINE_TIMEOUT_S, self._on_connect_line_timeout, pending)
+            self.pending_hosts[sock.fileno()] = pending
+            self.loop.add_reader(sock.fileno(), self._on_connect_line, pending)
 
-    def _on_connect_line(self, sock: socket.socket) -> None:
-        """Read ``CONNECT <port>\\n`` and nothing after it (the stream's data is the guest's)."""
+    def _pause_accepts(self, err: OSError) -> None:
+        """Stop watching the listener for :data:`ACCEPT_RETRY_S`; one warning per run of failures."""
+        self.metrics.muxer_event_fails += 1
+        if not self._accept_failing:
+            self._accept_failing = True
+            log.warning("vsock: accept on %s failed: %s; retrying every %g s", self.uds_path, err, ACCEPT_RETRY_S)
+        self.loop.remove_reader(self.listener.fileno())
+        self._accept_retry = self.loop.call_later(ACCEPT_RETRY_S, self._resume_accepts)
+
+    def _resume_accepts(self) -> None:
+        self._accept_retry = None
+        if not self.closed:
+            self.loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    def _on_connect_line(self, pending: _PendingHost) -> None:
+        """Read ``CONNECT <port>\\n`` and nothing after it (the stream's data is the guest's): peek
+        for the newline, take the bytes up to it, keep a partial line until the rest comes."""
+        sock = pending.sock
         try:
-            peek = sock.recv(MAX_CONNECT_LINE, socket.MSG_PEEK)
+            peek = sock.recv(MAX_CONNECT_LINE - len(pending.line), socket.MSG_PEEK)
+            end = peek.find(b"\n")
+            got = sock.recv(end + 1 if end >= 0 else len(peek)) if peek else b""
         except BlockingIOError:
             return
         except OSError:
-            peek = b""
-        end = peek.find(b"\n")
-        if end < 0 and peek and len(peek) < MAX_CONNECT_LINE:
+            got = b""
+        pending.line += got
+        complete = pending.line.endswith(b"\n")
+        if got and not complete and len(pending.line) < MAX_CONNECT_LINE:
             return                                 # the rest of the line is still coming
-        self._drop_pending_host(sock, close=False)
-        port = parse_connect_line(peek[:end]) if end >= 0 else None
-        if port is None:
+        self._drop_pending_host(pending, close=False)
+        port = parse_connect_line(bytes(pending.line[:-1])) if complete else None
+        if port is None:                           # malformed, too long, or closed mid-line
             self.metrics.muxer_event_fails += 1
             sock.close()
             return
-        sock.recv(end + 1)
         local_port = self._allocate_local_port()
         if local_port is None:
             sock.close()
@@ -316,11 +356,20 @@ class VsockMuxer:
         conn.timer = self.loop.call_later(CONNECT_TIMEOUT_S, self._on_timeout, conn.key)
         self._update(conn)
 
-    def _drop_pending_host(self, sock: socket.socket, *, close: bool) -> None:
-        self.pending_hosts.pop(sock.fileno(), None)
-        self.loop.remove_reader(sock.fileno())
+    def _on_connect_line_timeout(self, pending: _PendingHost) -> None:
+        pending.timer = None
+        log.debug("vsock: host connection sent no CONNECT line within %g s; closed", CONNECT_LINE_TIMEOUT_S)
+        self.metrics.muxer_event_fails += 1
+        self._drop_pending_host(pending, close=True)
+
+    def _drop_pending_host(self, pending: _PendingHost, *, close: bool) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+        self.pending_hosts.pop(pending.sock.fileno(), None)
+        self.loop.remove_reader(pending.sock.fileno())
         if close:
-            sock.close()
+            pending.sock.close()
 
     def _allocate_local_port(self) -> int | None:
         for _ in range(len(self.conns) + 1):
@@ -505,8 +554,11 @@ class VsockMuxer:
             return
         self.closed = True
         self.reset_connections()
-        for sock in list(self.pending_hosts.values()):
-            self._drop_pending_host(sock, close=True)
+        for pending in list(self.pending_hosts.values()):
+            self._drop_pending_host(pending, close=True)
+        if self._accept_retry is not None:
+            self._accept_retry.cancel()
+            self._accept_retry = None
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
         try:

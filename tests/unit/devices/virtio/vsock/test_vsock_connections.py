@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import socket
 import struct
@@ -366,3 +368,105 @@ def test_the_connection_limit_leaves_file_descriptors_for_the_vmm(monkeypatch):
     assert muxer_mod.connection_limit() == 1024 - muxer_mod.FD_HEADROOM
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1 << 20, 1 << 20))
     assert muxer_mod.connection_limit() == muxer_mod.MAX_CONNECTIONS == 1023
+
+
+async def test_a_partial_connect_line_is_read_not_polled_for(vsock, monkeypatch):
+    muxer = vsock.dev.muxer
+    calls = []
+    real = muxer._on_connect_line
+    monkeypatch.setattr(muxer, "_on_connect_line", lambda pending: (calls.append(1), real(pending)))
+    sock = await vsock.host_connect(b"CONN")
+    await vsock.guest.quiet(0.1)                              # many loop turns, no new bytes
+    (pending,) = muxer.pending_hosts.values()
+    assert pending.line == b"CONN"                            # taken off the socket...
+    assert len(calls) == 1                                    # ...so the reader fired once, not per turn
+    await asyncio.get_running_loop().sock_sendall(sock, b"ECT 77\nearly bytes")
+    hdr, _ = await vsock.guest.recv()
+    assert hdr.op == VIRTIO_VSOCK_OP_REQUEST and hdr.dst_port == 77
+    assert len(calls) <= 3 and not muxer.pending_hosts
+    vsock.guest.send(VIRTIO_VSOCK_OP_RESPONSE, 77, hdr.src_port)
+    got = b""
+    while len(got) < 11:
+        h, data = await vsock.guest.recv()
+        if h.op == VIRTIO_VSOCK_OP_RW:
+            got += data
+    assert got == b"early bytes"                              # the bytes after the newline are the stream's
+    assert await host_recv_exactly(sock, len(f"OK {hdr.src_port}\n")) == f"OK {hdr.src_port}\n".encode()
+    sock.close()
+
+
+async def test_a_connect_line_longer_than_the_limit_over_several_writes_is_closed(vsock):
+    sock = await vsock.host_connect(b"CONNECT 0000000000")
+    await vsock.guest.quiet(0.02)
+    await asyncio.get_running_loop().sock_sendall(sock, b"0" * 20 + b"1\n")
+    assert await host_recv_exactly(sock, 1) == b""
+    assert not vsock.dev.muxer.pending_hosts and not vsock.dev.muxer.conns
+    assert vsock.dev.metrics.muxer_event_fails == 1
+    sock.close()
+
+
+async def test_a_host_connection_without_its_line_is_closed_and_frees_its_slot(vsock, monkeypatch):
+    monkeypatch.setattr(muxer_mod, "CONNECT_LINE_TIMEOUT_S", 0.05)
+    vsock.dev.muxer.max_connections = 1
+    idle = await vsock.host_connect(b"CONNECT 5")             # never finishes its line
+    await vsock.guest.quiet(0.01)
+    srv = vsock.listen(70)
+    assert len(vsock.dev.muxer.pending_hosts) == 1
+    vsock.guest.send(VIRTIO_VSOCK_OP_REQUEST, 1024, 70)      # the slot is taken for now
+    hdr, _ = await vsock.guest.recv()
+    assert hdr.op == VIRTIO_VSOCK_OP_RST
+    assert await host_recv_exactly(idle, 1) == b""           # closed by the timeout
+    assert not vsock.dev.muxer.pending_hosts and vsock.dev.metrics.muxer_event_fails == 1
+    assert await vsock.guest.quiet() == []                   # the guest never heard of it
+    host = await guest_connect(vsock, 1025, 70, srv)          # and the slot is free again
+    idle.close()
+    host.close()
+
+
+async def test_a_completed_connect_line_stops_its_timer(vsock, monkeypatch):
+    monkeypatch.setattr(muxer_mod, "CONNECT_LINE_TIMEOUT_S", 0.05)
+    sock = await vsock.host_connect(b"CONNECT 78\n")
+    hdr, _ = await vsock.guest.recv()
+    assert hdr.op == VIRTIO_VSOCK_OP_REQUEST
+    await asyncio.sleep(0.15)                                 # well past the line timeout
+    vsock.guest.send(VIRTIO_VSOCK_OP_RESPONSE, 78, hdr.src_port)
+    assert await host_recv_exactly(sock, len(f"OK {hdr.src_port}\n")) == f"OK {hdr.src_port}\n".encode()
+    assert vsock.dev.metrics.muxer_event_fails == 0 and len(vsock.dev.muxer.conns) == 1
+    sock.close()
+
+
+class _FailingListener:
+    """The muxer's listener, with accept() failing as at the open-files limit."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def fileno(self):
+        return self.real.fileno()
+
+    def accept(self):
+        self.calls += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    def close(self):
+        self.real.close()
+
+
+async def test_accept_failure_pauses_the_listener_and_logs_once(vsock, monkeypatch, caplog):
+    monkeypatch.setattr(muxer_mod, "ACCEPT_RETRY_S", 0.05)
+    muxer = vsock.dev.muxer
+    real = muxer.listener
+    failing = _FailingListener(real)
+    monkeypatch.setattr(muxer, "listener", failing)
+    caplog.set_level(logging.WARNING, logger=muxer_mod.__name__)
+    sock = await vsock.host_connect(b"CONNECT 79\n")          # queued in the backlog, readable listener
+    await asyncio.sleep(0.3)
+    # Retried after each pause (a slow loop retries less, a spinning one thousands of times).
+    assert 2 <= failing.calls <= 10 and muxer.metrics.muxer_event_fails == failing.calls
+    assert [r.getMessage() for r in caplog.records if "accept" in r.getMessage()] == [
+        f"vsock: accept on {muxer.uds_path} failed: [Errno {errno.EMFILE}] Too many open files; retrying every 0.05 s"]
+    muxer.listener = real                                     # descriptors are back
+    hdr, _ = await vsock.guest.recv()
+    assert hdr.op == VIRTIO_VSOCK_OP_REQUEST and hdr.dst_port == 79
+    assert "accepting on" in caplog.records[-1].getMessage()
+    sock.close()
