@@ -51,10 +51,6 @@ EXIT_CODES = {
 VCPU_JOIN_TIMEOUT_S = 2.0
 
 
-def _not_yet(feature: str) -> BackendError:
-    return BackendError(f"{feature} is not supported yet by asyncvmm")
-
-
 def _with_network_overrides(config: VmConfig, overrides) -> VmConfig:
     """The snapshot's interfaces, each override pointing one at another tap."""
     ifaces = list(config.network_interfaces)
@@ -68,8 +64,6 @@ def _with_network_overrides(config: VmConfig, overrides) -> VmConfig:
 
 
 QUIESCE_TIMEOUT_S = 5.0
-DIFF_WITHOUT_TRACKING = ("Diff snapshots are not allowed on uVMs with dirty page tracking "
-                         "disabled.")
 
 
 class Vmm:
@@ -239,8 +233,6 @@ class Vmm:
         except ValueError as e:
             raise BackendError(f"Unable to patch the network interface: {e}") from e
 
-    async def update_pmem(self, pmem_id: str, rate_limiter) -> None:
-        raise _not_yet("The pmem device")
 
     async def create_snapshot(self, params: SnapshotCreateConfig, config: VmConfig) -> None:
         """Write the paused microVM's state file and memory file (docs/snapshots.md).
@@ -252,8 +244,6 @@ class Vmm:
         machine = self.machine
         await self._quiesce_virtio(machine)
         tracking = self._config.machine_config.track_dirty_pages
-        if params.snapshot_type == "Diff" and not tracking:
-            raise BackendError(DIFF_WITHOUT_TRACKING)
         if params.snapshot_type == "Diff" and self._config.machine_config.huge_pages != "None":
             raise BackendError("Diff snapshots of a microVM backed by huge pages are not supported "
                                "yet by asyncvmm.")
@@ -408,8 +398,4 @@ class Vmm:
         except BalloonError as e:
             raise BackendError(f"Balloon: {e}") from None
 
-    async def memory_hotplug_status(self) -> dict[str, Any]:
-        raise _not_yet("Memory hotplug")
 
-    async def update_memory_hotplug(self, requested_size_mib: int | None) -> None:
-        raise _not_yet("Memory hotplug")
