@@ -114,6 +114,40 @@ async def test_a_guest_restored_through_a_uffd_page_fault_handler_continues(test
     assert handler.mappings[0]["size"] == 64 << 20 and handler.mappings[0]["page_size"] == 4096
 
 
+async def test_a_balloon_inflated_after_a_uffd_restore_reads_zeros_through_the_handler(test_guest, tmp_path):
+    """The userfaultfd has UFFD_FEATURE_EVENT_REMOVE: the balloon's MADV_DONTNEED reaches the
+    handler as remove events, so the guest's pages given back read zeros afterwards (the guest
+    counts any that do not), not the touched contents the memory file still holds."""
+    from tests.kvm.uffd_handler import PageFaultHandler
+    snap, mem = str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
+    async with MicroVM(test_guest.elf_pvh, "balloon=16:32", vcpus=1, mem_mib=64,
+                       config={"balloon": {"amount_mib": 0, "deflate_on_oom": False}},
+                       binary=asyncvmm_argv()) as vm:
+        await vm.wait_for_console("balloon touched")
+        await vm.client.pause()
+        await vm.client.create_snapshot(mem_file_path=mem, snapshot_path=snap)
+    handler = PageFaultHandler(str(tmp_path / "uffd.sock"), mem)
+    handler.start()
+    try:
+        async with MicroVM(start=False, binary=asyncvmm_argv()) as vm:
+            await vm.client.load_snapshot(snapshot_path=snap, resume_vm=True, mem_backend={
+                "backend_type": "Uffd", "backend_path": str(tmp_path / "uffd.sock")})
+            for _ in range(600):                  # until the guest's driver has started the device
+                try:
+                    await vm.client.patch_balloon(amount_mib=24)
+                    break
+                except ApiError as e:
+                    assert "Device not activated yet" in e.fault_message, e.fault_message
+                    await asyncio.sleep(0.05)
+            inflated = await vm.wait_for_console(re.compile(r"balloon inflated pages=(\d+) nonzero=(\d+)\n"),
+                                                 timeout=60)
+    finally:
+        handler.stop()
+    assert handler.error is None, handler.error
+    assert int(inflated.group(1)) == 24 * 256 and int(inflated.group(2)) == 0, inflated.group(0)
+    assert handler.removes and handler.zero_faults > 0, (handler.removes[:3], handler.zero_faults)
+
+
 async def test_bad_snapshots_are_refused_and_the_process_stays_usable(test_guest, tmp_path):
     last, snap, mem, before = await _snapshot_counting_guest(test_guest, tmp_path)
     data = open(snap, "rb").read()
