@@ -196,6 +196,26 @@ def _drop_privileges(env: JailEnv) -> None:
     os.setuid(env.uid)
 
 
+def _build_jail(env: JailEnv) -> int | None:
+    """The steps both paths share, in Firecracker's order: cgroups, rlimits, netns, the chroot,
+    the mount namespace and ``pivot_root``.  Returns ``/dev/null`` opened for ``--daemonize``
+    (opened first: there is none inside the jail)."""
+    dev_null = os.open("/dev/null", os.O_RDWR) if env.daemonize else None
+    cgroups.place(env.cgroups, env.cgroup_version, env.parent_cgroup, env.id, os.getpid())
+    _rlimits(env.resource_limits)
+    if env.netns is not None:
+        _join_netns(env.netns)
+    _make_chroot(env)
+    _enter_jail(env)
+    return dev_null
+
+
+def _stdio_to(dev_null: int) -> None:
+    for fd in (0, 1, 2):
+        os.dup2(dev_null, fd)
+    os.close(dev_null)
+
+
 def jail_this_process(jailer_argv: list[str]) -> None:
     """A fork-server child jails itself, then runs the VMM in place (no exec: docs/jailer.md).
 
@@ -209,17 +229,9 @@ def jail_this_process(jailer_argv: list[str]) -> None:
     if env.new_pid_ns:
         raise JailerError("--new-pid-ns is not supported through the fork server: the forked "
                           "child is the VMM and cannot enter a PID namespace itself")
-    dev_null = os.open("/dev/null", os.O_RDWR) if env.daemonize else None
-    cgroups.place(env.cgroups, env.cgroup_version, env.parent_cgroup, env.id, os.getpid())
-    _rlimits(env.resource_limits)
-    if env.netns is not None:
-        _join_netns(env.netns)
-    _make_chroot(env)
-    _enter_jail(env)
+    dev_null = _build_jail(env)
     if dev_null is not None:
-        for fd in (0, 1, 2):
-            os.dup2(dev_null, fd)
-        os.close(dev_null)
+        _stdio_to(dev_null)
     # The launcher's environment came with the request; nothing of it goes into the jail (the
     # exec path gives the VMM an empty environment too, as Firecracker's jailer does).
     os.environ.clear()
@@ -227,13 +239,7 @@ def jail_this_process(jailer_argv: list[str]) -> None:
 
 
 def run(env: JailEnv, start_us: int, start_cpu_us: int) -> NoReturn:
-    dev_null = os.open("/dev/null", os.O_RDWR) if env.daemonize else None
-    cgroups.place(env.cgroups, env.cgroup_version, env.parent_cgroup, env.id, os.getpid())
-    _rlimits(env.resource_limits)
-    if env.netns is not None:
-        _join_netns(env.netns)
-    _make_chroot(env)
-    _enter_jail(env)
+    dev_null = _build_jail(env)
     parent_cpu_us = 0      # exec keeps this process: its CPU time so far counts from start_cpu_us
     if env.new_pid_ns:
         _check(_libc.unshare(CLONE_NEWPID), "Failed cloning into a new child process")
@@ -245,11 +251,9 @@ def run(env: JailEnv, start_us: int, start_cpu_us: int) -> NoReturn:
                 f.write(str(child))
             os._exit(0)
         start_cpu_us, parent_cpu_us = 0, jailer_cpu_us   # a new process: its CPU clock starts at 0
-    if env.daemonize:
+    if dev_null is not None:
         os.setsid()
-        for fd in (0, 1, 2):
-            os.dup2(dev_null, fd)
-        os.close(dev_null)
+        _stdio_to(dev_null)
     _drop_privileges(env)
     argv = [f"/{env.exec_name}", "--id", env.id, "--start-time-us", str(start_us),
             "--start-time-cpu-us", str(start_cpu_us), "--parent-cpu-time-us", str(parent_cpu_us),
