@@ -9,6 +9,7 @@ comes back with the snapshot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -39,6 +40,24 @@ def assert_continues(before: str, after: str) -> None:
     together = counts(before + after)
     assert together == list(range(1, len(together) + 1)), (counts(before)[-3:], counts(after)[:3])
     assert len(together) > len(counts(before))
+
+
+@contextlib.asynccontextmanager
+async def _restored_through_uffd(tmp_path, snap: str, mem: str):
+    """A microVM restored from ``snap`` (resumed) through the test page-fault handler serving
+    ``mem``; yields ``(vm, handler)``.  The handler must end without an error."""
+    from tests.kvm.uffd_handler import PageFaultHandler
+    sock = str(tmp_path / "uffd.sock")
+    handler = PageFaultHandler(sock, mem)
+    handler.start()
+    try:
+        async with MicroVM(start=False, binary=asyncvmm_argv()) as vm:
+            await vm.client.load_snapshot(snapshot_path=snap, resume_vm=True,
+                                          mem_backend={"backend_type": "Uffd", "backend_path": sock})
+            yield vm, handler
+    finally:
+        handler.stop()
+    assert handler.error is None, handler.error
 
 
 async def _snapshot_counting_guest(test_guest, tmp_path, *, at: int = 3) -> tuple[int, str, str]:
@@ -96,19 +115,10 @@ async def _refused(vm: MicroVM, **load) -> str:
 async def test_a_guest_restored_through_a_uffd_page_fault_handler_continues(test_guest, tmp_path):
     """The Uffd backend: the VMM hands its userfaultfd and the region mappings to a handler
     (Firecracker's protocol) that serves every page from the memory file."""
-    from tests.kvm.uffd_handler import PageFaultHandler
     last, snap, mem, before = await _snapshot_counting_guest(test_guest, tmp_path)
-    handler = PageFaultHandler(str(tmp_path / "uffd.sock"), mem)
-    handler.start()
-    try:
-        async with MicroVM(start=False, binary=asyncvmm_argv()) as vm:
-            await vm.client.load_snapshot(snapshot_path=snap, resume_vm=True, mem_backend={
-                "backend_type": "Uffd", "backend_path": str(tmp_path / "uffd.sock")})
-            await vm.wait_for_console(f"testguest: count i={last + 2}\n")
-            assert_continues(before, vm.console.text)
-    finally:
-        handler.stop()
-    assert handler.error is None, handler.error
+    async with _restored_through_uffd(tmp_path, snap, mem) as (vm, handler):
+        await vm.wait_for_console(f"testguest: count i={last + 2}\n")
+        assert_continues(before, vm.console.text)
     assert handler.faults > 0
     assert [m["offset"] for m in handler.mappings] == [0]
     assert handler.mappings[0]["size"] == 64 << 20 and handler.mappings[0]["page_size"] == 4096
@@ -118,7 +128,6 @@ async def test_a_balloon_inflated_after_a_uffd_restore_reads_zeros_through_the_h
     """The userfaultfd has UFFD_FEATURE_EVENT_REMOVE: the balloon's MADV_DONTNEED reaches the
     handler as remove events, so the guest's pages given back read zeros afterwards (the guest
     counts any that do not), not the touched contents the memory file still holds."""
-    from tests.kvm.uffd_handler import PageFaultHandler
     snap, mem = str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
     async with MicroVM(test_guest.elf_pvh, "balloon=16:32", vcpus=1, mem_mib=64,
                        config={"balloon": {"amount_mib": 0, "deflate_on_oom": False}},
@@ -126,24 +135,16 @@ async def test_a_balloon_inflated_after_a_uffd_restore_reads_zeros_through_the_h
         await vm.wait_for_console("balloon touched")
         await vm.client.pause()
         await vm.client.create_snapshot(mem_file_path=mem, snapshot_path=snap)
-    handler = PageFaultHandler(str(tmp_path / "uffd.sock"), mem)
-    handler.start()
-    try:
-        async with MicroVM(start=False, binary=asyncvmm_argv()) as vm:
-            await vm.client.load_snapshot(snapshot_path=snap, resume_vm=True, mem_backend={
-                "backend_type": "Uffd", "backend_path": str(tmp_path / "uffd.sock")})
-            for _ in range(600):                  # until the guest's driver has started the device
-                try:
-                    await vm.client.patch_balloon(amount_mib=24)
-                    break
-                except ApiError as e:
-                    assert "Device not activated yet" in e.fault_message, e.fault_message
-                    await asyncio.sleep(0.05)
-            inflated = await vm.wait_for_console(re.compile(r"balloon inflated pages=(\d+) nonzero=(\d+)\n"),
-                                                 timeout=60)
-    finally:
-        handler.stop()
-    assert handler.error is None, handler.error
+    async with _restored_through_uffd(tmp_path, snap, mem) as (vm, handler):
+        for _ in range(600):                  # until the guest's driver has started the device
+            try:
+                await vm.client.patch_balloon(amount_mib=24)
+                break
+            except ApiError as e:
+                assert "Device not activated yet" in e.fault_message, e.fault_message
+                await asyncio.sleep(0.05)
+        inflated = await vm.wait_for_console(re.compile(r"balloon inflated pages=(\d+) nonzero=(\d+)\n"),
+                                             timeout=60)
     assert int(inflated.group(1)) == 24 * 256 and int(inflated.group(2)) == 0, inflated.group(0)
     assert handler.removes and handler.zero_faults > 0, (handler.removes[:3], handler.zero_faults)
 
@@ -381,7 +382,6 @@ def huge_page_pool():
 async def test_huge_pages_snapshot_restores_through_uffd_only(test_guest, tmp_path, huge_page_pool):
     """A guest on 2 MiB huge pages: Full snapshot; the File backend is refused (Firecracker's
     limit), a Diff too; the Uffd backend restores it, the handler told 2 MiB pages."""
-    from tests.kvm.uffd_handler import PageFaultHandler
     snap, mem = str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
     async with MicroVM(test_guest.elf_pvh, "count=100000 exit=halt",
                        config={"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "2M",
@@ -400,17 +400,9 @@ async def test_huge_pages_snapshot_restores_through_uffd_only(test_guest, tmp_pa
         message = await _refused(restored, snapshot_path=snap,
                                  mem_backend={"backend_type": "File", "backend_path": mem})
         assert "only with the Uffd memory backend" in message
-    handler = PageFaultHandler(str(tmp_path / "uffd.sock"), mem)
-    handler.start()
-    try:
-        async with MicroVM(start=False, binary=asyncvmm_argv()) as restored:
-            await restored.client.load_snapshot(snapshot_path=snap, resume_vm=True, mem_backend={
-                "backend_type": "Uffd", "backend_path": str(tmp_path / "uffd.sock")})
-            await restored.wait_for_console(f"testguest: count i={last + 2}\n")
-            assert_continues(before, restored.console.text)
-    finally:
-        handler.stop()
-    assert handler.error is None, handler.error
+    async with _restored_through_uffd(tmp_path, snap, mem) as (restored, handler):
+        await restored.wait_for_console(f"testguest: count i={last + 2}\n")
+        assert_continues(before, restored.console.text)
     assert handler.mappings[0]["page_size"] == 2 << 20 and handler.mappings[0]["page_size_kib"] == 2048
 
 
