@@ -82,3 +82,8 @@ def virtio_mmio_window(index: int) -> tuple[int, int, int]:
     if gsi > IRQ_LAST:
         raise ValueError(f"no interrupt line left for virtio device #{index}")
     return VIRTIO_MMIO_START + index * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, gsi
+
+# MSI(-X) interrupts are routed on GSIs after the IOAPIC's pins (KVM_SET_GSI_ROUTING); 4095 is
+# the last GSI KVM accepts (KVM_MAX_IRQ_ROUTES is 4096 on x86).
+GSI_MSI_START = IRQ_LAST + 1
+GSI_MSI_END = 4095
