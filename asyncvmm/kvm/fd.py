@@ -167,6 +167,20 @@ class VmFd(_Fd):
         arg = s.kvm_irqfd(fd=eventfd, gsi=gsi, flags=s.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0)
         _ioctl(self.fd, "KVM_IRQFD", io.KVM_IRQFD, arg)
 
+    def set_gsi_routing(self, entries: Sequence[s.kvm_irq_routing_entry]) -> None:
+        """Replace the VM's whole GSI routing table with ``entries`` (KVM keeps no other route)."""
+        buf = s.with_entries(s.kvm_irq_routing, s.kvm_irq_routing_entry, len(entries))()
+        buf.nr = len(entries)
+        for i, e in enumerate(entries):
+            buf.entries[i] = e
+        _ioctl(self.fd, "KVM_SET_GSI_ROUTING", io.KVM_SET_GSI_ROUTING, buf)
+
+    def signal_msi(self, address: int, data: int) -> int:
+        """Inject one MSI; > 0 delivered, 0 blocked by the guest (e.g. a masked LAPIC), per the
+        KVM API document."""
+        msi = s.kvm_msi(address_lo=address & 0xFFFF_FFFF, address_hi=address >> 32, data=data)
+        return _ioctl(self.fd, "KVM_SIGNAL_MSI", io.KVM_SIGNAL_MSI, msi)
+
     def register_ioeventfd(self, eventfd: int, addr: int, length: int, *,
                            datamatch: int | None = None, pio: bool = False,
                            deassign: bool = False) -> None:

@@ -64,6 +64,8 @@ KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_IRQ_LINE = _IOW(KVMIO, 0x61, s.kvm_irq_level)
 KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, s.kvm_irqchip)
 KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, s.kvm_irqchip)
+# The size is the header's alone (8 bytes): the entries follow it in the same buffer.
+KVM_SET_GSI_ROUTING = _IOW(KVMIO, 0x6A, s.kvm_irq_routing)
 KVM_IRQFD = _IOW(KVMIO, 0x76, s.kvm_irqfd)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, s.kvm_pit_config)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, s.kvm_ioeventfd)
@@ -72,6 +74,7 @@ KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, s.kvm_clock_data)
 KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, s.kvm_pit_state2)
 KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, s.kvm_pit_state2)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, s.kvm_enable_cap)
+KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, s.kvm_msi)
 
 # vCPU ioctls.
 KVM_RUN = _IO(KVMIO, 0x80)
@@ -125,5 +128,6 @@ KVM_CAP_XCRS = 56
 KVM_CAP_TSC_CONTROL = 60
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_KVMCLOCK_CTRL = 76
+KVM_CAP_SIGNAL_MSI = 77
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_GET_MSR_FEATURES = 153

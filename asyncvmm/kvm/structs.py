@@ -97,6 +97,48 @@ class kvm_dirty_log(_Struct):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class kvm_irq_routing_irqchip(_Struct):
+    """struct kvm_irq_routing_irqchip { __u32 irqchip; __u32 pin; };"""
+    _fields_ = [("irqchip", u32), ("pin", u32)]
+
+
+class kvm_irq_routing_msi(_Struct):
+    """struct kvm_irq_routing_msi { __u32 address_lo; __u32 address_hi; __u32 data;
+    union { __u32 pad; __u32 devid; }; };"""
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("devid", u32)]
+
+
+class _kvm_irq_routing_u(ctypes.Union):
+    # The other members (s390 adapter, Hyper-V SINT, Xen event channel) are not used on x86 here.
+    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("msi", kvm_irq_routing_msi),
+                ("pad", u32 * 8)]
+
+
+class kvm_irq_routing_entry(_Struct):
+    """struct kvm_irq_routing_entry { __u32 gsi; __u32 type; __u32 flags; __u32 pad;
+    union { struct kvm_irq_routing_irqchip irqchip; struct kvm_irq_routing_msi msi;
+    struct kvm_irq_routing_s390_adapter adapter; struct kvm_irq_routing_hv_sint hv_sint;
+    struct kvm_irq_routing_xen_evtchn xen_evtchn; __u32 pad[8]; } u; };"""
+    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32),
+                ("u", _kvm_irq_routing_u)]
+
+
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+
+
+class kvm_irq_routing(_Struct):
+    """struct kvm_irq_routing { __u32 nr; __u32 flags; struct kvm_irq_routing_entry entries[]; };"""
+    _fields_ = [("nr", u32), ("flags", u32)]
+
+
+class kvm_msi(_Struct):
+    """struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags;
+    __u32 devid; __u8 pad[12]; };"""
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("flags", u32),
+                ("devid", u32), ("pad", u8 * 12)]
+
+
 # --- <asm/kvm.h> (x86) -------------------------------------------------------
 
 class kvm_regs(_Struct):

@@ -21,7 +21,8 @@ STRUCTS = [
     "kvm_dtable", "kvm_sregs", "kvm_fpu", "kvm_msr_entry", "kvm_msrs", "kvm_msr_list",
     "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_lapic_state", "kvm_pit_config", "kvm_pit_channel_state",
     "kvm_pit_state2", "kvm_irqchip", "kvm_vcpu_events", "kvm_debugregs", "kvm_xsave", "kvm_xcr",
-    "kvm_xcrs",
+    "kvm_xcrs", "kvm_irq_routing_irqchip", "kvm_irq_routing_msi", "kvm_irq_routing_entry",
+    "kvm_irq_routing", "kvm_msi",
 ]
 
 OFFSETS = [
@@ -36,6 +37,8 @@ OFFSETS = [
     ("kvm_pit_channel_state", "count_load_time"), ("kvm_pit_state2", "flags"),
     ("kvm_irqchip", "chip"), ("kvm_clock_data", "realtime"), ("kvm_clock_data", "host_tsc"),
     ("kvm_xcrs", "xcrs"), ("kvm_xcrs", "padding"), ("kvm_debugregs", "dr7"),
+    ("kvm_irq_routing_entry", "u"), ("kvm_irq_routing_msi", "data"), ("kvm_msi", "flags"),
+    ("kvm_msi", "devid"),
 ]
 
 RUN_EXIT_OFFSETS = [
@@ -49,6 +52,9 @@ RUN_EXIT_OFFSETS = [
 
 IOCTLS = [name for name in dir(ioctls) if name.startswith("KVM_") and not name.startswith("KVM_CAP_")]
 CAPS = [name for name in dir(ioctls) if name.startswith("KVM_CAP_")]
+# Constants kept beside their structs (compared with the same-named macros).
+STRUCT_CONSTANTS = ["KVM_IRQ_ROUTING_IRQCHIP", "KVM_IRQ_ROUTING_MSI", "KVM_IRQCHIP_PIC_MASTER",
+                    "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC", "KVM_IRQFD_FLAG_DEASSIGN"]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +70,8 @@ def kernel_values(tmp_path_factory) -> dict[str, int]:
         lines.append(f'printf("runexit {label} %zu\\n", offsetof(struct kvm_run, {label}));')
     for name in IOCTLS + CAPS:
         lines.append(f'printf("ioctl {name} %lu\\n", (unsigned long)({name}));')
+    for name in STRUCT_CONSTANTS:
+        lines.append(f'printf("const {name} %lu\\n", (unsigned long)({name}));')
     lines += ["return 0;", "}"]
     src = d / "probe.c"
     src.write_text("\n".join(lines))
@@ -102,6 +110,11 @@ def test_kvm_run_exit_offsets(kernel_values, label, member, field):
 @pytest.mark.parametrize("name", IOCTLS + CAPS)
 def test_ioctl_numbers(kernel_values, name):
     assert getattr(ioctls, name) == kernel_values[f"ioctl {name}"]
+
+
+@pytest.mark.parametrize("name", STRUCT_CONSTANTS)
+def test_struct_constants(kernel_values, name):
+    assert getattr(s, name) == kernel_values[f"const {name}"]
 
 
 def test_with_entries_appends_the_array():
