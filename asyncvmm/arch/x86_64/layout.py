@@ -10,8 +10,13 @@ test guest agree on.  Nothing here does I/O.
     0x0000_8ff0  boot stack top          0x0009_fc00  EBDA: MP floating pointer + table
     0x000e_0000  ACPI (RSDP first)       0x0010_0000  HIMEM: kernels load here or above
     0xc000_0000  32-bit MMIO gap: boot timer, then one 4 KiB window per virtio-mmio device
+    0xc100_0000  with PCI instead: the 32-bit BAR window, up to the ECAM
+    0xeec0_0000  PCI ECAM (MMCONFIG), 256 MiB, e820-reserved; bus 0 decodes its first 1 MiB
     0xfec0_0000  IOAPIC                  0xfee0_0000  local APIC
     0x1_0000_0000  RAM above the gap for guests larger than 3 GiB
+    256 GiB (or the first 1 GiB boundary past RAM)  the 64-bit PCI BAR window, 256 GiB
+
+Port I/O: 0x60/0x64 i8042, 0x3f8 COM1, 0xcf8..0xcff PCI configuration mechanism #1.
 """
 
 from __future__ import annotations
@@ -46,6 +51,22 @@ VIRTIO_MMIO_SIZE = 0x1000        # one window per device
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 RAM_ABOVE_GAP_START = 1 << 32
+
+# PCI (only with --enable-pci; then there are no virtio-mmio windows).  The
+# ECAM is the PCI Express enhanced configuration space (PCI Firmware 3.2
+# section 4.1.2): 1 MiB per bus = 32 devices x 8 functions x 4 KiB.  256 MiB
+# would cover 256 buses; it ends where the IOAPIC starts, and only bus 0 is
+# decoded.
+PCI_ECAM_START = 0xEEC0_0000
+PCI_ECAM_SIZE = 256 * MiB
+PCI_ECAM_BUS0_SIZE = 1 * MiB
+PCI_MMIO32_START = 0xC100_0000   # 32-bit BAR window: 16 MiB into the gap, clear of the boot timer
+PCI_MMIO32_END = PCI_ECAM_START  # exclusive
+PCI_MMIO64_MIN_START = 256 * GiB
+PCI_MMIO64_ALIGN = 1 * GiB
+PCI_MMIO64_SIZE = 256 * GiB
+PCI_CONFIG_IO_PORT = 0xCF8       # CONFIG_ADDRESS 0xcf8, CONFIG_DATA 0xcfc..0xcff
+PCI_CONFIG_IO_SIZE = 8
 
 # Legacy ISA interrupt lines; virtio-mmio devices take GSIs from IRQ_FIRST_DEVICE.
 IRQ_I8042 = 1
@@ -87,3 +108,15 @@ def virtio_mmio_window(index: int) -> tuple[int, int, int]:
 # the last GSI KVM accepts (KVM_MAX_IRQ_ROUTES is 4096 on x86).
 GSI_MSI_START = IRQ_LAST + 1
 GSI_MSI_END = 4095
+
+
+def pci_mmio64_window(ram_end: int) -> tuple[int, int]:
+    """``(start, size)`` of the 64-bit PCI BAR window for a guest whose RAM ends at ``ram_end``.
+
+    It starts at 256 GiB, or at the first 1 GiB boundary at or past the end
+    of RAM when RAM reaches that far, so the window never overlaps RAM.
+    """
+    if ram_end < 0:
+        raise ValueError(f"RAM end {ram_end:#x} is negative")
+    aligned = (ram_end + PCI_MMIO64_ALIGN - 1) & ~(PCI_MMIO64_ALIGN - 1)
+    return max(PCI_MMIO64_MIN_START, aligned), PCI_MMIO64_SIZE
