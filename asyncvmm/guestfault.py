@@ -38,6 +38,9 @@ class GuestFaultMetrics(MetricGroup):
     virtio_mmio_access: int = 0      # bad size/alignment, read-only or unknown register
     virtio_mmio_protocol: int = 0    # a register written in the wrong device status
     virtio_config: int = 0           # device configuration space outside its bounds or read-only
+    virtio_pci_access: int = 0       # virtio-pci BAR0: bad size/alignment, read-only or unknown field
+    virtio_pci_protocol: int = 0     # virtio-pci: a common-config field written in the wrong status
+    pci_msix: int = 0                # an MSI-X table/PBA access that is not an aligned DWORD/QWORD in range
     other: int = 0                   # a kind this group has no field for
     log_lines_suppressed: int = 0
 
