@@ -22,8 +22,20 @@ IRQ_TAG = 0x23                   # small item 0x4, length 3
 IO_PORT_TAG = 0x47               # small item 0x8, length 7
 END_TAG = 0x79                   # small item 0xF, length 1
 MEMORY32_FIXED_TAG = 0x86        # large item 0x06
-QWORD_ADDRESS_TAG = 0x8A         # large item 0x0A
+DWORD_ADDRESS_TAG = 0x87         # large item 0x07
+WORD_ADDRESS_TAG = 0x88          # large item 0x08
 EXTENDED_IRQ_TAG = 0x89          # large item 0x09
+QWORD_ADDRESS_TAG = 0x8A         # large item 0x0A
+
+# Address Space Descriptors (6.4.3.5, Tables 6.44-6.46): Resource Type, General Flags.
+RESOURCE_TYPE_MEMORY = 0
+RESOURCE_TYPE_BUS_NUMBER = 2
+_GENERAL_CONSUMER = 1 << 0       # clear: ResourceProducer (a bridge window)
+_GENERAL_MIN_FIXED = 1 << 2      # _MIF
+_GENERAL_MAX_FIXED = 1 << 3      # _MAF
+# Memory Resource Flag (Type Specific, Table 6.49): _RW bit 0, _MEM bits 2-1.
+_MEMORY_READ_WRITE = 1 << 0
+_MEMORY_CACHEABLE = 1 << 1
 
 # Extended Interrupt Descriptor flags (6.4.3.6): _HE, _LL, _SHR, _WKC.
 _CONSUMER = 1 << 0
@@ -81,21 +93,52 @@ def memory32_fixed(base: int, length: int, *, writeable: bool = True) -> bytes:
     return struct.pack("<BHBII", MEMORY32_FIXED_TAG, 9, 1 if writeable else 0, base, length)
 
 
+def _address_space(tag: int, width: int, resource_type: int, specific: int, minimum: int,
+                   length: int, *, consumer: bool) -> bytes:
+    """A Word/DWord/QWord Address Space Descriptor (6.4.3.5.1-3) for one fixed range.
+
+    Min and max are fixed (_MIF, _MAF) and decoding positive; granularity and
+    translation offset are 0, as 6.4.3.5 requires of a fixed-size,
+    fixed-location range.
+    """
+    limit = 1 << (8 * width)
+    _check("range minimum", minimum, limit)
+    if isinstance(length, bool) or not isinstance(length, int) or length <= 0 \
+            or minimum + length > limit:
+        raise AmlError(f"range {minimum:#x}+{length!r} is empty or does not fit "
+                       f"{8 * width}-bit addresses")
+    general = _GENERAL_MIN_FIXED | _GENERAL_MAX_FIXED | (_GENERAL_CONSUMER if consumer else 0)
+    fields = "<BBB" + {2: "H", 4: "I", 8: "Q"}[width] * 5
+    body = struct.pack(fields, resource_type, general, specific, 0, minimum, minimum + length - 1,
+                       0, length)
+    return struct.pack("<BH", tag, len(body)) + body
+
+
+def _memory_flags(cacheable: bool, writeable: bool) -> int:
+    return (_MEMORY_READ_WRITE if writeable else 0) | (_MEMORY_CACHEABLE if cacheable else 0)
+
+
+def word_bus_number(minimum: int, length: int, *, consumer: bool = False) -> bytes:
+    """ASL ``WordBusNumber``: the bus numbers ``minimum .. minimum + length - 1``.
+
+    A PCI host bridge *produces* its bus range, hence the producer default.
+    """
+    return _address_space(WORD_ADDRESS_TAG, 2, RESOURCE_TYPE_BUS_NUMBER, 0, minimum, length,
+                          consumer=consumer)
+
+
+def dword_memory(minimum: int, length: int, *, consumer: bool = True, cacheable: bool = False,
+                 writeable: bool = True) -> bytes:
+    """ASL ``DWordMemory`` for a fixed range below 4 GiB (6.4.3.5.2)."""
+    return _address_space(DWORD_ADDRESS_TAG, 4, RESOURCE_TYPE_MEMORY,
+                          _memory_flags(cacheable, writeable), minimum, length, consumer=consumer)
+
+
 def qword_memory(minimum: int, length: int, *, consumer: bool = True, cacheable: bool = False,
                  writeable: bool = True) -> bytes:
-    """QWord Address Space Descriptor (6.4.3.5.1) for a fixed memory range.
-
-    Min and max are fixed (_MIF, _MAF), decoding is positive, granularity 0
-    and translation offset 0: the shape of a plain MMIO window.
-    """
-    _check("memory minimum", minimum, 1 << 64)
-    if length <= 0 or minimum + length > 1 << 64:
-        raise AmlError(f"memory range {minimum:#x}+{length:#x} is empty or crosses 2**64")
-    general = 0x0C | (1 if consumer else 0)                         # _MAF, _MIF, consumer
-    specific = (1 if writeable else 0) | ((1 if cacheable else 0) << 1)   # _RW, _MEM
-    body = struct.pack("<BBBQQQQQ", 0, general, specific, 0, minimum, minimum + length - 1, 0,
-                       length)
-    return struct.pack("<BH", QWORD_ADDRESS_TAG, len(body)) + body
+    """ASL ``QWordMemory`` for a fixed range (6.4.3.5.1), the shape of a plain MMIO window."""
+    return _address_space(QWORD_ADDRESS_TAG, 8, RESOURCE_TYPE_MEMORY,
+                          _memory_flags(cacheable, writeable), minimum, length, consumer=consumer)
 
 
 def extended_interrupt(*gsis: int, consumer: bool = True, edge: bool = True,

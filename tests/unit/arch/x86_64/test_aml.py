@@ -18,7 +18,8 @@ from hypothesis import given, strategies as st
 from asyncvmm.arch.x86_64.acpi import aml
 from asyncvmm.arch.x86_64.acpi.aml import AmlError
 from asyncvmm.arch.x86_64.acpi.resources import (
-    end_tag, extended_interrupt, io, irq, memory32_fixed, qword_memory, resource_template)
+    dword_memory, end_tag, extended_interrupt, io, irq, memory32_fixed, qword_memory,
+    resource_template, word_bus_number)
 from tests.conftest import require
 
 
@@ -304,6 +305,41 @@ def test_qword_memory_descriptor() -> None:
     assert struct.unpack("<5Q", d[6:]) == (0, 0x1_0000_0000, 0x1_0000_0FFF, 0, 0x1000)
 
 
+def test_qword_memory_producer_and_cacheable() -> None:
+    d = qword_memory(0x40_0000_0000, 0x40_0000_0000, consumer=False, cacheable=True, writeable=False)
+    assert d[3:6] == b"\x00\x0c\x02"                         # producer: bit 0 clear; _MEM cacheable
+    assert struct.unpack("<5Q", d[6:]) == (0, 0x40_0000_0000, 0x7F_FFFF_FFFF, 0, 0x40_0000_0000)
+    assert qword_memory((1 << 64) - 0x1000, 0x1000)[-8:] == struct.pack("<Q", 0x1000)
+    for args in ((0, 0), ((1 << 64) - 0x1000, 0x2000), (-1, 1)):
+        with pytest.raises(AmlError):
+            qword_memory(*args)
+
+
+def test_dword_memory_descriptor() -> None:
+    # DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
+    #              0, 0xC1000000, 0xEEBFFFFF, 0, 0x2DC00000)
+    d = dword_memory(0xC100_0000, 0x2DC0_0000, consumer=False)
+    assert d == bytes.fromhex("871700" "000c01" "00000000" "000000c1" "ffffbfee" "00000000"
+                              "0000c02d")
+    assert dword_memory(0x1000, 0x1000)[3:6] == b"\x00\x0d\x01"   # consumer
+    assert dword_memory(0xFFFF_F000, 0x1000)[10:18] == struct.pack("<II", 0xFFFF_F000, 0xFFFF_FFFF)
+    for args in ((0xFFFF_F000, 0x2000), (1 << 32, 0x1000), (0x1000, 0), (0x1000, True)):
+        with pytest.raises(AmlError):
+            dword_memory(*args)
+
+
+def test_word_bus_number_descriptor() -> None:
+    # WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, 0, 0, 0, 1)
+    assert word_bus_number(0, 1) == bytes.fromhex("880d00" "020c00" "0000" "0000" "0000" "0000"
+                                                   "0100")
+    d = word_bus_number(0x10, 0xF0, consumer=True)
+    assert d[3:6] == b"\x02\x0d\x00"
+    assert struct.unpack("<5H", d[6:]) == (0, 0x10, 0xFF, 0, 0xF0)
+    for args in ((0, 0), (0xFFFF, 2), (0x10000, 1)):
+        with pytest.raises(AmlError):
+            word_bus_number(*args)
+
+
 def test_end_tag_and_template() -> None:
     body = memory32_fixed(0xC0001000, 0x1000)
     assert end_tag(body) == b"\x79\x00"
@@ -364,6 +400,20 @@ DefinitionBlock ("", "DSDT", 2, "ASYVMM", "AVMMTEST", 1)
             }})
             Method (MTH2, 3, Serialized) {{ Return (One) }}
         }}
+        Device (PC00)
+        {{
+            Name (_CRS, ResourceTemplate ()
+            {{
+                WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode,
+                               0, 0, 0x3F, 0, 0x40)
+                DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable,
+                             ReadWrite, 0, 0xC1000000, 0xEEBFFFFF, 0, 0x2DC00000)
+                QWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable,
+                             ReadWrite, 0, 0x4000000000, 0x7FFFFFFFFF, 0, 0x4000000000)
+                DWordMemory (ResourceConsumer, PosDecode, MinFixed, MaxFixed, Cacheable,
+                             ReadOnly, 0, 0x1000, 0x1FFF, 0, 0x1000)
+            }})
+        }}
     }}
 }}
 """
@@ -394,7 +444,14 @@ DefinitionBlock ("", "DSDT", 2, "ASYVMM", "AVMMTEST", 1)
                 irq(9, flags=True, edge=False, active_low=True, shared=True),
                 extended_interrupt(16, 17, edge=False, active_low=True, shared=True),
                 qword_memory(0x1_0000_0000, 0x1000))),
-            aml.method("MTH2", 3, aml.return_(aml.integer(1)), serialized=True))),
+            aml.method("MTH2", 3, aml.return_(aml.integer(1)), serialized=True)),
+            aml.device(
+            "PC00",
+            aml.name("_CRS", resource_template(
+                word_bus_number(0, 0x40),
+                dword_memory(0xC100_0000, 0x2DC0_0000, consumer=False),
+                qword_memory(0x40_0000_0000, 0x40_0000_0000, consumer=False),
+                dword_memory(0x1000, 0x1000, cacheable=True, writeable=False))))),
     ])
     return asl, ours
 
