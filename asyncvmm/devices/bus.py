@@ -77,26 +77,38 @@ class Bus:
         self._locked = locked
         self._faults = faults or guestfault.DEFAULT
         self._fault_kind = f"{name}_unclaimed"
-        self._entries: list[_Entry] = []
-        self._bases: list[int] = []
+        # (bases, entries), replaced whole on insert/remove: vCPU threads look up while the
+        # owner hot-plugs, and one attribute read gives them one consistent table.
+        self._table: tuple[list[int], list[_Entry]] = ([], [])
 
     def insert(self, base: int, length: int, device: BusDevice) -> None:
         if length <= 0:
             raise BusError(f"{self.name}: empty range at {base:#x}")
-        i = bisect.bisect_right(self._bases, base)
-        if i > 0 and self._entries[i - 1].base + self._entries[i - 1].length > base:
+        bases, entries = self._table
+        i = bisect.bisect_right(bases, base)
+        if i > 0 and entries[i - 1].base + entries[i - 1].length > base:
             raise BusError(f"{self.name}: range {base:#x}+{length:#x} overlaps")
-        if i < len(self._entries) and base + length > self._entries[i].base:
+        if i < len(entries) and base + length > entries[i].base:
             raise BusError(f"{self.name}: range {base:#x}+{length:#x} overlaps")
         lock = threading.Lock() if self._locked else _NO_LOCK
-        self._entries.insert(i, _Entry(base, length, device, lock))
-        self._bases.insert(i, base)
+        self._table = ([*bases[:i], base, *bases[i:]],
+                       [*entries[:i], _Entry(base, length, device, lock), *entries[i:]])
+
+    def remove(self, base: int) -> BusDevice:
+        """Take out the device inserted at ``base`` and return it; :class:`BusError` if none is."""
+        bases, entries = self._table
+        i = bisect.bisect_left(bases, base)
+        if i == len(bases) or bases[i] != base:
+            raise BusError(f"{self.name}: no device at {base:#x}")
+        self._table = (bases[:i] + bases[i + 1:], entries[:i] + entries[i + 1:])
+        return entries[i].device
 
     def _lookup(self, addr: int, size: int) -> _Entry | None:
-        i = bisect.bisect_right(self._bases, addr) - 1
+        bases, entries = self._table
+        i = bisect.bisect_right(bases, addr) - 1
         if i < 0:
             return None
-        e = self._entries[i]
+        e = entries[i]
         if addr + size > e.base + e.length:
             return None
         return e

@@ -77,3 +77,28 @@ def test_inline_registers_only_where_the_device_answers_them():
     assert bus.write_inline(0x1064, b"\1\0\0\0") and dev.writes == [("inline", b"\1\0\0\0")]
     assert not bus.write_inline(0x1070, b"\1\0\0\0")
     assert not bus.write_inline(0x9000, b"\1")
+
+
+def test_remove_takes_out_exactly_one_device_and_frees_its_range():
+    bus = Bus("mmio", locked=False, faults=GuestFaults(GuestFaultMetrics()))
+    a, b, c = Regs(), Regs(), Regs()
+    bus.insert(0x1000, 0x100, a)
+    bus.insert(0x2000, 0x100, b)
+    bus.insert(0x3000, 0x100, c)
+    assert bus.remove(0x2000) is b
+    assert bus.device_at(0x2000) is None and bus.read(0x2004, 1) == b"\xff"
+    assert bus.device_at(0x1004) is a and bus.device_at(0x3004) is c
+    bus.insert(0x2080, 0x100, b)                   # the range is free again (and may move)
+    assert bus.read(0x2084, 1) == b"\x04"
+
+
+def test_remove_needs_the_exact_base():
+    bus = Bus("pio")
+    bus.insert(0xCF8, 8, Regs())
+    with pytest.raises(BusError, match="no device at 0xcfc"):
+        bus.remove(0xCFC)                          # inside the range, not its base
+    with pytest.raises(BusError):
+        bus.remove(0x3F8)
+    bus.remove(0xCF8)
+    with pytest.raises(BusError):
+        bus.remove(0xCF8)
