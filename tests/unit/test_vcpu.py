@@ -2,7 +2,8 @@
 
 What is checked: an MMIO register access taken on a vCPU thread runs on the
 loop thread and its answer reaches the guest; registers a device answers
-inline stay on the vCPU thread; port I/O stays on the vCPU thread; an exit
+inline stay on the vCPU thread; port I/O stays on the vCPU thread unless a
+loop-owned port bus claims the port (then it runs on the loop); an exit
 request or a closed loop ends a vCPU that waits for a hand-off; per-vCPU
 counters bumped by two threads at once sum exactly.
 """
@@ -10,6 +11,7 @@ counters bumped by two threads at once sum exactly.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import threading
 
 import pytest
@@ -84,11 +86,12 @@ class InlineRecorder(ThreadRecorder):
         return False
 
 
-def make_vcpu(loop, fd, *, mmio: Bus, pio: Bus | None = None, stops=None, metrics=None) -> Vcpu:
+def make_vcpu(loop, fd, *, mmio: Bus, pio: Bus | None = None, stops=None, metrics=None,
+              pio_loop: Bus | None = None) -> Vcpu:
     stops = stops if stops is not None else []
     return Vcpu(fd, pio_bus=pio or Bus("pio"), mmio_bus=mmio, loop=loop,
                 on_stop=lambda i, reason, detail: stops.append((i, reason)),
-                metrics=metrics or VcpuMetrics())
+                metrics=metrics or VcpuMetrics(), pio_loop_bus=pio_loop)
 
 
 async def run_until_stopped(vcpu: Vcpu, stops: list, timeout: float = 10.0) -> None:
@@ -145,6 +148,33 @@ async def test_port_io_stays_on_the_vcpu_thread():
     await run_until_stopped(vcpu, [])
     assert dev.writes == [b"a", b"b"]
     assert all(t != threading.get_ident() for _, t in dev.threads)
+
+
+async def test_ports_the_loop_bus_claims_are_answered_on_the_loop_and_others_stay():
+    loop = asyncio.get_running_loop()
+    legacy, pci = ThreadRecorder(), ThreadRecorder()
+    pio, pio_loop = Bus("pio"), Bus("pio", locked=False)
+    pio.insert(0x3F8, 8, legacy)
+    pio_loop.insert(0xCF8, 8, pci)
+    page = (ctypes.c_uint8 * 16)()
+    fd = ScriptedVcpuFd(0, [
+        x.IoOut(0xCF8, b"\x00\x00\x00\x80", 4),        # CONFIG_ADDRESS
+        x.IoIn(0xCFC, 2, 2, page, 0),                    # rep insw on CONFIG_DATA: one hand-off
+        x.IoOut(0x3F8, b"a", 1),
+        x.IoIn(0x3F8, 1, 1, page, 8),
+        x.IoOut(0xCFC, b"\x01\x02\x03\x04", 2),        # rep outsw
+    ])
+    vcpu = make_vcpu(loop, fd, mmio=Bus("mmio", locked=False), pio=pio, pio_loop=pio_loop)
+    await run_until_stopped(vcpu, [])
+    loop_thread = threading.get_ident()
+    assert pci.threads == [("write", loop_thread), ("read", loop_thread), ("read", loop_thread),
+                           ("write", loop_thread), ("write", loop_thread)]
+    assert pci.writes == [b"\x00\x00\x00\x80", b"\x01\x02", b"\x03\x04"]
+    assert bytes(page[:4]) == b"\x44" * 4                # offset 4 into the loop device, twice
+    assert [k for k, _ in legacy.threads] == ["write", "read"]
+    assert all(t != loop_thread for _, t in legacy.threads)
+    assert legacy.writes == [b"a"] and page[8] == 0x40
+    assert (vcpu.metrics.exit_io_out, vcpu.metrics.exit_io_in) == (3, 2)
 
 
 def vcpu_at_a_hand_off(loop, later_exits=()):
