@@ -224,7 +224,8 @@ no_idt_ptr:                             /* limit 0: nothing can be delivered */
  * Identity map of 0..4 GiB in 2 MiB pages, built by the assembler (no loop
  * runs in ring 0).  U/S is set at every level so ring 3 reaches RAM, the
  * virtio-mmio windows and the local APIC; the 3..4 GiB gigabyte (MMIO gap)
- * is mapped uncached (PCD|PWT).  Accessed/dirty bits are preset so the
+ * is mapped uncached (PCD|PWT), and so is the gigabyte at MMIO64_MAP_START
+ * (guest.h), where PCI BARs live above 4 GiB.  Accessed/dirty bits are preset so the
  * page walker never has to write them back.
  */
 #define PTE_P   0x001
@@ -247,7 +248,9 @@ pdpt:
         .quad   pd + 0x1000 + PTE_DIR
         .quad   pd + 0x2000 + PTE_DIR
         .quad   pd + 0x3000 + PTE_DIR
-        .fill   508, 8, 0
+        .fill   MMIO64_MAP_START / 0x40000000 - 4, 8, 0
+        .quad   pd_mmio64 + PTE_DIR
+        .fill   511 - MMIO64_MAP_START / 0x40000000, 8, 0
 pd:
         .set    addr, 0
         .rept   1536
@@ -255,6 +258,12 @@ pd:
         .set    addr, addr + 0x200000
         .endr
         .rept   512
+        .quad   addr + (PTE_2M | PTE_PWT | PTE_PCD)
+        .set    addr, addr + 0x200000
+        .endr
+pd_mmio64:                              /* PCI BARs (--enable-pci), uncached */
+        .set    addr, MMIO64_MAP_START
+        .rept   MMIO64_MAP_SIZE / 0x200000
         .quad   addr + (PTE_2M | PTE_PWT | PTE_PCD)
         .set    addr, addr + 0x200000
         .endr

@@ -24,6 +24,14 @@
 #define TRAMP_ADDR      0x3000
 #define MAX_CPUS        32
 
+/* What entry.S maps uncached for devices: the 3..4 GiB MMIO gap, and the first
+ * GiB of asyncvmm's 64-bit PCI BAR window (pci_mmio64_window() in
+ * asyncvmm/arch/x86_64/layout.py: 256 GiB for guests below 256 GiB of RAM). */
+#define MMIO32_MAP_START        0xC0000000
+#define MMIO32_MAP_END          0x100000000
+#define MMIO64_MAP_START        0x4000000000
+#define MMIO64_MAP_SIZE         0x40000000
+
 #ifndef __ASSEMBLER__
 #include <stddef.h>
 #include <stdint.h>
@@ -80,6 +88,18 @@ static inline void mmio_write32(uint64_t addr, uint32_t v)
 static inline void mmio_write8(uint64_t addr, uint8_t v)
 {
         *(volatile uint8_t *)phys(addr) = v;
+}
+static inline uint8_t mmio_read8(uint64_t addr)
+{
+        return *(volatile uint8_t *)phys(addr);
+}
+static inline uint16_t mmio_read16(uint64_t addr)
+{
+        return *(volatile uint16_t *)phys(addr);
+}
+static inline void mmio_write16(uint64_t addr, uint16_t v)
+{
+        *(volatile uint16_t *)phys(addr) = v;
 }
 
 __attribute__((noreturn)) void guest_syscall(uint64_t nr);
@@ -145,6 +165,13 @@ void vsock_configure(const struct virtio_params *p);    /* vsock.c */
 void balloon_configure(const struct virtio_params *p);  /* balloon.c */
 void balloon_action(const char *arg, size_t n);
 void vsock_action(const char *arg, size_t n);
+
+/* ---- pci.c: PCI bus 0 through ECAM, virtio-pci ---- */
+void pci_configure(uint64_t ecam_base);
+void pci_rng_action(const char *arg, size_t n);
+void pci_blk_action(const char *arg, size_t n);
+void pci_move_action(const char *arg, size_t n);
+void pci_bad_bar_action(const char *arg, size_t n);
 
 #endif /* __ASSEMBLER__ */
 #endif /* TESTGUEST_H */

@@ -6,9 +6,11 @@
  * Settings (read first, wherever they appear):
  *   virtio_base=0x..  virtio_stride=0x..  virtio_count=N   where to probe
  *   pmport=0x..  pmmmio=0x..  slptyp=N                     ACPI sleep control
+ *   pci_ecam=0x..                                          PCI ECAM base (pci.c)
  * Actions (run in command-line order):
  *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  blkreset=...  rng=N  net=...
  *   vsock=...  balloon=<start_mib>:<mib>
+ *   pci-rng=N  pci-blk=<sector>  pci-move=<addr>:<n>  pci-bad-bar=<addr>   (pci.c)
  *   mmioflood=<addr>:<count>  count=<n>
  * Exit (runs last; default halt):
  *   exit=halt|reset|triplefault|triplefault0|poweroff
@@ -35,8 +37,10 @@ static size_t cmdline_len;
 static struct {
         struct virtio_params virtio;
         uint64_t pmport, pmmmio, slptyp;
+        uint64_t pci_ecam;
 } cfg = {
         .virtio = {0xc0001000, 0x1000, 8},
+        .pci_ecam = 0xeec00000,                 /* PCI_ECAM_START in asyncvmm/arch/x86_64/layout.py */
         .slptyp = 5,                            /* S5, soft off */
 };
 
@@ -117,6 +121,7 @@ static void apply_setting(const char *k, size_t kn, const char *v, size_t vn)
                 {"pmport", &cfg.pmport},
                 {"pmmmio", &cfg.pmmmio},
                 {"slptyp", &cfg.slptyp},
+                {"pci_ecam", &cfg.pci_ecam},
         };
 
         for (size_t i = 0; i < sizeof(settings) / sizeof(settings[0]); i++)
@@ -191,6 +196,14 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 vsock_action(v, vn);
         } else if (key_is(k, kn, "balloon")) {
                 balloon_action(v, vn);
+        } else if (key_is(k, kn, "pci-rng")) {
+                pci_rng_action(v, vn);
+        } else if (key_is(k, kn, "pci-blk")) {
+                pci_blk_action(v, vn);
+        } else if (key_is(k, kn, "pci-move")) {
+                pci_move_action(v, vn);
+        } else if (key_is(k, kn, "pci-bad-bar")) {
+                pci_bad_bar_action(v, vn);
         } else if (key_is(k, kn, "mmioflood")) {
                 mmio_flood(v, vn);
         } else if (key_is(k, kn, "count") && numeric) {
@@ -298,6 +311,7 @@ void guest_main(void)
         vdev_configure(&cfg.virtio);
         vsock_configure(&cfg.virtio);
         balloon_configure(&cfg.virtio);
+        pci_configure(cfg.pci_ecam);
         for_each_token(run_action);
         do_exit();
 }
