@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,6 +34,7 @@ from asyncvmm.arch.x86_64.layout import GSI_MSI_END, GSI_MSI_START, IRQ_LAST
 from asyncvmm.devices.irq import EventFd
 from asyncvmm.kvm import KvmError, VmFd
 from asyncvmm.kvm import structs as s
+from asyncvmm.kvm.ioctls import KVM_CAP_IRQ_ROUTING
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +177,11 @@ class GsiRouter(RoutingTable):
         try:
             self.vm.set_gsi_routing(to_kvm_entries(routes))
         except KvmError as e:
-            top = max(r.gsi for r in routes)
-            raise GsiRoutingError(f"KVM refused the GSI routing table ({len(routes)} routes, highest "
-                                  f"GSI {top}; KVM takes GSIs below KVM_CAP_IRQ_ROUTING's "
-                                  f"limit, 4096 on x86): {e.strerror}") from e
+            limit = self.vm.check_extension(KVM_CAP_IRQ_ROUTING)    # KVM_MAX_IRQ_ROUTES
+            raise GsiRoutingError(
+                f"KVM_SET_GSI_ROUTING refused the table of {len(routes)} routes, highest GSI "
+                f"{max(r.gsi for r in routes)} (this KVM takes at most {limit} routes, on GSIs "
+                f"below {limit}): {os.strerror(e.errno)}") from e
         self.dirty = False
 
 

@@ -22,6 +22,7 @@ from asyncvmm.irqroute import (GsiRouter, GsiRoutingError, IrqchipRoute, MsiRout
                                RoutingTable, default_routes, to_kvm_entries)
 from asyncvmm.kvm import KvmError
 from asyncvmm.kvm import structs as s
+from asyncvmm.kvm.ioctls import KVM_CAP_IRQ_ROUTING
 
 LAPIC_MSG = 0xFEE0_0000
 
@@ -40,6 +41,10 @@ class FakeVm:
         else:
             assert eventfd not in self.irqfds
             self.irqfds[eventfd] = gsi
+
+    def check_extension(self, cap: int) -> int:
+        assert cap == KVM_CAP_IRQ_ROUTING
+        return 4096
 
     def set_gsi_routing(self, entries) -> None:
         if self.fail_routing:
@@ -175,7 +180,8 @@ def test_a_refused_commit_is_a_clear_error_and_stays_staged():
     gsi = r.allocate()
     r.set_msi(gsi, LAPIC_MSG, 0x40)
     vm.fail_routing = True
-    with pytest.raises(GsiRoutingError, match=r"41 routes, highest GSI 24.*Invalid argument"):
+    with pytest.raises(GsiRoutingError, match=r"refused the table of 41 routes, highest GSI 24 \(this KVM takes at most "
+                       r"4096 routes, on GSIs below 4096\): Invalid argument$"):
         r.commit()
     assert r.dirty
     vm.fail_routing = False
