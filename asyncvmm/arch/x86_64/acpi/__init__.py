@@ -1,4 +1,5 @@
-"""ACPI tables for an asyncvmm x86-64 guest: RSDP, XSDT, FADT, MADT and a DSDT in AML.
+"""ACPI tables for an asyncvmm x86-64 guest: RSDP, XSDT, FADT, MADT, a DSDT in AML and,
+with a PCI host bridge, MCFG.
 
 Contract: :func:`create_acpi_tables` validates the machine description and
 returns each table's bytes with its guest-physical address, all inside
@@ -9,7 +10,10 @@ copies them into guest memory.
 
 The port-I/O power-management registers the FADT names are served by
 :class:`asyncvmm.devices.legacy.acpi_pm.AcpiPm`; the builder must put
-it on the I/O bus at ``ACPI_PM_PORT_BASE``.
+it on the I/O bus at ``ACPI_PM_PORT_BASE``.  With ``pci``, the caller also
+reserves :attr:`PciHostBridge.ecam` in the e820 map and passes no
+virtio-mmio devices (they would still be described if given, as long as
+their windows stay clear of the bridge's ranges).
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from dataclasses import dataclass, field
 from ....memory import GuestMemory
 from .. import layout
 from .dsdt import dsdt
+from .pci import PciHostBridge, mcfg
 from .sdt import AcpiError
 from .tables import MAX_VCPUS, RSDP, fadt, madt, rsdp, xsdt
 
-__all__ = ["AcpiError", "AcpiTables", "create_acpi_tables", "MAX_VCPUS"]
+__all__ = ["AcpiError", "AcpiTables", "PciHostBridge", "create_acpi_tables", "MAX_VCPUS"]
 
 TABLE_ALIGN = 16
 
@@ -43,7 +48,8 @@ def _align(n: int) -> int:
     return (n + TABLE_ALIGN - 1) & ~(TABLE_ALIGN - 1)
 
 
-def _validate_virtio(devices: list[tuple[int, int, int]], *, serial: bool, i8042: bool) -> None:
+def _validate_virtio(devices: list[tuple[int, int, int]], *, serial: bool, i8042: bool,
+                     pci: PciHostBridge | None) -> None:
     taken = {layout.IRQ_COM1: "COM1"} if serial else {}
     if i8042:
         taken[layout.IRQ_I8042] = "i8042"
@@ -59,15 +65,21 @@ def _validate_virtio(devices: list[tuple[int, int, int]], *, serial: bool, i8042
         for b, s in windows:
             if base < b + s and b < base + size:
                 raise AcpiError(f"virtio device #{i}: window {base:#x}+{size:#x} overlaps another")
+        for label, b, s in pci.ranges() if pci is not None else ():
+            if base < b + s and b < base + size:
+                raise AcpiError(f"virtio device #{i}: window {base:#x}+{size:#x} overlaps the {label}")
         windows.append((base, size))
 
 
 def create_acpi_tables(*, vcpus: int, virtio_devices: list[tuple[int, int, int]], serial: bool,
-                       i8042: bool) -> AcpiTables:
-    """Build and place the tables for ``vcpus`` vCPUs and ``(base, size, gsi)`` virtio devices."""
+                       i8042: bool, pci: PciHostBridge | None = None) -> AcpiTables:
+    """Build and place the tables for ``vcpus`` vCPUs, ``(base, size, gsi)`` virtio-mmio
+    devices and, if given, the PCI host bridge ``pci`` (validated when it was built)."""
     if not 1 <= vcpus <= MAX_VCPUS:
         raise AcpiError(f"{vcpus} vCPUs: ACPI xAPIC ids allow 1..{MAX_VCPUS}")
-    _validate_virtio(virtio_devices, serial=serial, i8042=i8042)
+    if pci is not None and not isinstance(pci, PciHostBridge):
+        raise AcpiError(f"pci must be a PciHostBridge, not {type(pci).__name__}")
+    _validate_virtio(virtio_devices, serial=serial, i8042=i8042, pci=pci)
 
     addresses: dict[str, int] = {"RSDP": layout.ACPI_START}
     blobs: list[tuple[int, bytes]] = []
@@ -80,10 +92,13 @@ def create_acpi_tables(*, vcpus: int, virtio_devices: list[tuple[int, int, int]]
         cursor += _align(len(blob))
         return addresses[signature]
 
-    dsdt_addr = place("DSDT", dsdt(virtio_devices=virtio_devices, serial=serial, i8042=i8042))
-    fadt_addr = place("FACP", fadt(dsdt_addr, i8042=i8042))
-    madt_addr = place("APIC", madt(vcpus))
-    xsdt_addr = place("XSDT", xsdt([fadt_addr, madt_addr]))
+    dsdt_addr = place("DSDT", dsdt(virtio_devices=virtio_devices, serial=serial, i8042=i8042,
+                                   pci=pci))
+    listed = [place("FACP", fadt(dsdt_addr, i8042=i8042, pci=pci is not None)),
+              place("APIC", madt(vcpus))]
+    if pci is not None:
+        listed.append(place("MCFG", mcfg(pci)))
+    xsdt_addr = place("XSDT", xsdt(listed))
     if cursor > layout.ACPI_END:
         raise AcpiError(f"ACPI tables end at {cursor:#x}, beyond {layout.ACPI_END:#x}")
     blobs.insert(0, (layout.ACPI_START, rsdp(xsdt_addr)))

@@ -8,6 +8,9 @@ included); no I/O.  Its namespace is::
     \\_SB_.PS2K            PNP0303, IO 0x60 and 0x64, IRQ 1    (when there is an i8042)
     \\_SB_.VRnn            LNRO0005 per virtio-mmio device: its 4 KiB window and an
                            edge-triggered, active-high, exclusive interrupt
+    \\_SB_.PC00            PNP0A08 PCI Express host bridge: bus range, 0xCF8/8, its
+                           memory windows                       (with PCI, see pci.py)
+    \\_SB_.MRES            PNP0C02 motherboard resource: the ECAM (with PCI)
 
 ``LNRO0005`` is the id Linux's virtio_mmio driver matches in its ACPI table;
 it is how kernels without ``VIRTIO_MMIO_CMDLINE_DEVICES`` (Debian's) find
@@ -21,6 +24,7 @@ from ....devices.legacy.acpi_pm import S5_SLP_TYP
 from .. import layout
 from . import aml
 from .resources import extended_interrupt, io, irq, memory32_fixed, resource_template
+from .pci import PciHostBridge, pci_devices
 from .sdt import sdt
 
 DSDT_REVISION = 2                # 2 and above: AML integers are 64 bits
@@ -65,13 +69,17 @@ def _virtio(index: int, base: int, size: int, gsi: int) -> bytes:
                       aml.name("_UID", aml.integer(index)), aml.name("_CRS", crs))
 
 
-def dsdt(*, virtio_devices: list[tuple[int, int, int]], serial: bool, i8042: bool) -> bytes:
-    """The DSDT for ``virtio_devices`` given as ``(base, size, gsi)``, validated by the caller."""
+def dsdt(*, virtio_devices: list[tuple[int, int, int]], serial: bool, i8042: bool,
+         pci: PciHostBridge | None = None) -> bytes:
+    """The DSDT for ``virtio_devices`` given as ``(base, size, gsi)``, validated by the caller,
+    and for the PCI host bridge ``pci`` if there is one."""
     devices: list[bytes] = []
     if serial:
         devices.append(_com1())
     if i8042:
         devices.append(_i8042())
     devices.extend(_virtio(i, base, size, gsi) for i, (base, size, gsi) in enumerate(virtio_devices))
+    if pci is not None:
+        devices.extend(pci_devices(pci))
     body = _s5() + aml.scope("\\_SB_", *devices)
     return sdt(b"DSDT", DSDT_REVISION, b"AVMMDSDT", body)

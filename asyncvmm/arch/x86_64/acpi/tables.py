@@ -1,4 +1,4 @@
-"""The fixed-format ACPI tables: RSDP, XSDT, FADT and MADT.
+"""The fixed-format ACPI tables: RSDP, XSDT, FADT and MADT (MCFG lives in pci.py).
 
 Contract: pure functions returning table bytes for given guest-physical
 addresses; no I/O.  Field layouts and section numbers are those of ACPI 6.4;
@@ -16,8 +16,11 @@ Why the FADT looks the way it does (what Linux reads from it):
   only a PNP0303 device; with the bit set it probes ports 0x60/0x64 anyway,
   which is what Ctrl-Alt-Del injection needs.  "VGA Not Present" sets
   ``x86_platform.legacy.no_vga``; "CMOS RTC Not Present" stops Linux
-  registering an RTC platform device for ports 0x70/0x71 that nothing serves;
-  "MSI Not Supported" because there is no PCI bus.
+  registering an RTC platform device for ports 0x70/0x71 that nothing serves.
+  Without a PCI bus, "MSI Not Supported" (Linux would call ``pci_no_msi``);
+  with one, that flag must be clear, and "PCIe ASPM Controls" is set so that
+  Linux leaves link power management alone ("FADT indicates ASPM is
+  unsupported, using BIOS configuration"): there are no links to manage.
 * RESET_REG: a byte write of 0xFE to system I/O port 0x64, the i8042's pulse
   reset line, so ``reboot=acpi`` (Linux's first choice on x86) ends in the
   same VM exit as the keyboard-controller reset.
@@ -76,6 +79,7 @@ FADT_HW_REDUCED_ACPI = 1 << 20
 IAPC_BOOT_ARCH_8042 = 1 << 1
 IAPC_BOOT_ARCH_VGA_NOT_PRESENT = 1 << 2
 IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED = 1 << 3
+IAPC_BOOT_ARCH_PCIE_ASPM_CONTROLS = 1 << 4   # set: OSPM must not enable ASPM control
 IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT = 1 << 5
 
 RESET_PORT = 0x64                # i8042 command port
@@ -93,8 +97,9 @@ _FADT_SLEEP_CONTROL_REG = 244
 _FADT_SLEEP_STATUS_REG = 256
 
 
-def fadt(dsdt_addr: int, *, i8042: bool) -> bytes:
-    """A hardware-reduced revision-6 FADT; the reset register only when an i8042 serves it."""
+def fadt(dsdt_addr: int, *, i8042: bool, pci: bool = False) -> bytes:
+    """A hardware-reduced revision-6 FADT; the reset register only when an i8042 serves it,
+    MSI allowed only when there is a ``pci`` bus."""
     if not 0 < dsdt_addr < 1 << 32:
         raise AcpiError(f"DSDT address {dsdt_addr:#x} does not fit the 32-bit DSDT field")
     body = bytearray(FADT_LENGTH - 36)
@@ -103,8 +108,8 @@ def fadt(dsdt_addr: int, *, i8042: bool) -> bytes:
         struct.pack_into(fmt, body, offset - 36, *values)
 
     flags = FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_HW_REDUCED_ACPI
-    boot_arch = (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED
-                 | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT)
+    boot_arch = IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT
+    boot_arch |= IAPC_BOOT_ARCH_PCIE_ASPM_CONTROLS if pci else IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED
     if i8042:
         flags |= FADT_RESET_REG_SUP
         boot_arch |= IAPC_BOOT_ARCH_8042
