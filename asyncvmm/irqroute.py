@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 MSI_ADDRESS_START = 0xFEE0_0000     # SDM 11.11.1: bits 31:20 of an MSI address are 0xFEE
 MSI_ADDRESS_END = 0xFEEF_FFFF
 
+#: KVM_MAX_IRQ_ROUTES on x86 (what KVM_CHECK_EXTENSION(KVM_CAP_IRQ_ROUTING) reports): the most
+#: entries one KVM_SET_GSI_ROUTING takes, the KVM defaults included.
+KVM_MAX_IRQ_ROUTES = GSI_MSI_END + 1
+
 #: The guest-fault kind of an MSI-X message with an address outside the LAPIC window.
 FAULT_KIND = "msi_address"
 
@@ -100,14 +104,19 @@ def to_kvm_entries(routes: Sequence[IrqchipRoute | MsiRoute]) -> list[s.kvm_irq_
 class RoutingTable:
     """GSI allocation in ``[first, last]`` and the staged MSI routes; no I/O.
 
-    ``dirty`` says whether the staged table differs from the last one committed.
+    At most ``max_routes`` routes in all: KVM refuses a longer table, so no
+    more GSIs are handed out than the defaults leave room for (a table of
+    every allocated GSI routed always fits).  ``dirty`` says whether the
+    staged table differs from the last one committed.
     """
 
-    def __init__(self, *, first: int = GSI_MSI_START, last: int = GSI_MSI_END) -> None:
+    def __init__(self, *, first: int = GSI_MSI_START, last: int = GSI_MSI_END,
+                 max_routes: int = KVM_MAX_IRQ_ROUTES) -> None:
         if not IRQ_LAST < first <= last:
             raise ValueError(f"MSI GSIs {first}..{last} must follow the IOAPIC pins 0..{IRQ_LAST}")
         self.first, self.last = first, last
         self._defaults = default_routes()
+        self.max_routes = max_routes
         self._next = first                   # never handed out yet from here on
         self._freed: list[int] = []          # heap: released GSIs, lowest reused first
         self._allocated: set[int] = set()
@@ -116,6 +125,10 @@ class RoutingTable:
 
     def allocate(self) -> int:
         """The lowest free GSI; :class:`GsiRoutingError` when all are taken."""
+        if len(self._defaults) + len(self._allocated) >= self.max_routes:
+            raise GsiRoutingError(f"no free GSI left for MSI: {len(self._allocated)} MSI GSIs and "
+                                  f"{len(self._defaults)} default routes fill KVM's "
+                                  f"{self.max_routes}-route table")
         if self._freed:
             gsi = heapq.heappop(self._freed)
         elif self._next <= self.last:
@@ -162,8 +175,9 @@ class RoutingTable:
 class GsiRouter(RoutingTable):
     """The routing table of one VM with an in-kernel irqchip; :meth:`commit` installs it."""
 
-    def __init__(self, vm: VmFd, *, first: int = GSI_MSI_START, last: int = GSI_MSI_END) -> None:
-        super().__init__(first=first, last=last)
+    def __init__(self, vm: VmFd, *, first: int = GSI_MSI_START, last: int = GSI_MSI_END,
+                 max_routes: int = KVM_MAX_IRQ_ROUTES) -> None:
+        super().__init__(first=first, last=last, max_routes=max_routes)
         self.vm = vm
 
     def commit(self) -> None:
@@ -243,7 +257,10 @@ class MsiVectors:
                 self._faults.report(FAULT_KIND, "MSI-X vector %d: address %#x is outside the local "
                                     "APIC window %#x..%#x; not routed", vector, address,
                                     MSI_ADDRESS_START, MSI_ADDRESS_END)
-        self._router.commit()
+        try:
+            self._router.commit()
+        except GsiRoutingError as e:     # a host failure; the guest's write must not fail with it
+            log.error("MSI-X vector %d (GSI %d): %s; the route stays staged", vector, gsi, e)
 
     def close(self) -> None:
         """Deassign the irqfds, drop the routes, free the GSIs and close the eventfds."""

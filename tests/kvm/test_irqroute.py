@@ -1,12 +1,13 @@
 """GSI routing and MSI injection on the local /dev/kvm (no guest; the ioctls themselves).
 
 What is checked: KVM reports the routing limit the layout assumes; a VM with
-an in-kernel irqchip takes the whole table (KVM's defaults plus MSI routes)
-and a second commit that replaces routes; MsiVectors assigns an irqfd per
-vector and close() deassigns them (proved by assigning the same eventfd
-again, which KVM refuses with EBUSY while it is assigned); KVM_SIGNAL_MSI to
-APIC id 0 answers >= 0 once vCPU 0 exists; an MSI route on a GSI beyond
-KVM's limit is refused with an error that says so.
+an in-kernel irqchip takes the whole table (KVM's defaults plus MSI routes),
+a second commit that replaces routes, and a table of every GSI the router
+hands out; MsiVectors assigns an irqfd per vector and close() deassigns them
+(proved by assigning the same eventfd again, which KVM refuses with EBUSY
+while it is assigned); KVM_SIGNAL_MSI to APIC id 0 answers >= 0 once vCPU 0
+exists; an MSI route on a GSI beyond KVM's limit is refused with an error
+that says so.
 """
 
 from __future__ import annotations
@@ -54,6 +55,20 @@ def test_the_whole_table_with_msi_routes_is_taken_and_replaced(vm):
     assert not router.dirty
     vectors.close()
     assert not router.dirty                # the table shrank back to KVM's defaults
+
+
+def test_a_table_of_every_gsi_the_router_hands_out_fits_kvm(vm):
+    router = GsiRouter(vm)
+    gsis = []
+    while True:
+        try:
+            gsis.append(router.allocate())
+        except GsiRoutingError:
+            break
+    for gsi in gsis:
+        router.set_msi(gsi, LAPIC_MSG, 0x40 + gsi % 0xA0)
+    assert len(router.routes()) == vm.check_extension(KVM_CAP_IRQ_ROUTING)
+    router.commit()
 
 
 def test_irqfds_are_assigned_and_deassigned_on_msi_gsis(vm):

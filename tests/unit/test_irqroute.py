@@ -92,14 +92,25 @@ def test_allocation_starts_after_the_ioapic_and_reuses_the_lowest_freed():
     assert t.allocate() == 27
 
 
-def test_allocation_runs_out_at_the_limit():
+def test_allocation_stops_where_kvms_route_table_would_overflow():
     t = RoutingTable()
-    got = [t.allocate() for _ in range(GSI_MSI_END - GSI_MSI_START + 1)]
-    assert got[-1] == GSI_MSI_END == 4095
-    with pytest.raises(GsiRoutingError, match="no free GSI"):
+    got = [t.allocate() for _ in range(4096 - 40)]
+    assert got[-1] == 24 + 4055
+    with pytest.raises(GsiRoutingError, match="4056 MSI GSIs and 40 default routes fill KVM's 4096-route"):
         t.allocate()
+    for gsi in got:
+        t.set_msi(gsi, LAPIC_MSG, 0x40)
+    assert len(t.routes()) == 4096
     t.release(100)
     assert t.allocate() == 100
+
+
+def test_allocation_runs_out_at_the_last_gsi():
+    t = RoutingTable(last=GSI_MSI_END, max_routes=10_000)
+    got = [t.allocate() for _ in range(GSI_MSI_END - GSI_MSI_START + 1)]
+    assert got[-1] == GSI_MSI_END == 4095
+    with pytest.raises(GsiRoutingError, match=r"no free GSI left for MSI \(GSIs 24..4095 taken\)"):
+        t.allocate()
 
 
 def test_the_range_must_follow_the_ioapic_pins():
@@ -187,6 +198,16 @@ def test_a_refused_commit_is_a_clear_error_and_stays_staged():
     vm.fail_routing = False
     r.commit()
     assert vm.tables[-1][-1] == (gsi, "msi", LAPIC_MSG, 0x40)
+
+
+def test_a_refused_commit_does_not_fail_the_guests_route_write(caplog):
+    vm, router, _, v = vectors(1)
+    vm.fail_routing = True
+    v.route(0, LAPIC_MSG, 0x40, masked=False)
+    assert "MSI-X vector 0 (GSI 24)" in caplog.text and router.dirty
+    vm.fail_routing = False
+    v.route(0, LAPIC_MSG, 0x40, masked=False)      # the next change retries the staged table
+    assert vm.tables[-1][-1] == (24, "msi", LAPIC_MSG, 0x40)
 
 
 # --- MsiVectors ------------------------------------------------------------------
