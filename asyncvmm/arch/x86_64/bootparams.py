@@ -175,7 +175,8 @@ class E820Entry:
         return self.addr + self.size
 
 
-def e820_map(mem_layout: Iterable[tuple[int, int]]) -> list[E820Entry]:
+def e820_map(mem_layout: Iterable[tuple[int, int]],
+             reserved: Iterable[tuple[int, int]] = ()) -> list[E820Entry]:
     """The guest's physical memory map, shared by the zero page and PVH.
 
     ``mem_layout`` is ``[(guest_addr, size), ...]`` as from
@@ -185,7 +186,10 @@ def e820_map(mem_layout: Iterable[tuple[int, int]]) -> list[E820Entry]:
     640 KiB..1 MiB to reserved on its own (``trim_bios_range``) and looks
     for the RSDP and MP table there whatever the type, and "ACPI reclaimable"
     would invite an OS to reuse pages whose tables it reads again at runtime
-    (DSDT AML is interpreted in place).  The MMIO gap is simply absent.
+    (DSDT AML is interpreted in place).  The MMIO gap is simply absent,
+    except for the ``reserved`` ``(addr, size)`` ranges, typed
+    E820_TYPE_RESERVED: with PCI, the ECAM, which Linux accepts as MMCONFIG
+    only if firmware reserves it.  Entries come in address order.
     """
     regions = sorted((int(gpa), int(size)) for gpa, size in mem_layout)
     if not regions or regions[0][0] != 0:
@@ -204,7 +208,15 @@ def e820_map(mem_layout: Iterable[tuple[int, int]]) -> list[E820Entry]:
         E820Entry(layout.HIMEM_START, low_end - layout.HIMEM_START, E820_TYPE_RAM),
     ]
     entries += [E820Entry(gpa, size, E820_TYPE_RAM) for gpa, size in regions[1:]]
-    return entries
+    for gpa, size in sorted((int(gpa), int(size)) for gpa, size in reserved):
+        if size <= 0 or gpa < 0:
+            raise BootParamsError(f"empty or negative reserved range {gpa:#x}+{size:#x}")
+        clash = next((e for e in entries if gpa < e.end and e.addr < gpa + size), None)
+        if clash is not None:
+            raise BootParamsError(f"reserved range {gpa:#x}+{size:#x} overlaps the e820 entry "
+                                  f"{clash.addr:#x}+{clash.size:#x}")
+        entries.append(E820Entry(gpa, size, E820_TYPE_RESERVED))
+    return sorted(entries, key=lambda e: e.addr)
 
 
 def encode_cmdline(cmdline: str | bytes, max_len: int) -> bytes:
@@ -240,11 +252,13 @@ def write_cmdline(mem: GuestMemory, cmdline: str | bytes, *, max_len: int,
 
 def build_boot_params(*, mem_layout: Iterable[tuple[int, int]], cmdline_addr: int, cmdline_len: int,
                       initrd: tuple[int, int] | None = None, setup_header: bytes | None = None,
-                      acpi_rsdp_addr: int | None = None) -> bytes:
+                      acpi_rsdp_addr: int | None = None,
+                      reserved: Iterable[tuple[int, int]] = ()) -> bytes:
     """The 4096-byte zero page for the 64-bit boot protocol.
 
     ``setup_header`` is ``KernelLoad.setup_header`` (bzImage) or None (ELF);
-    ``initrd`` is ``(addr, size)``; ``cmdline_len`` excludes the NUL.
+    ``initrd`` is ``(addr, size)``; ``cmdline_len`` excludes the NUL;
+    ``reserved`` ranges ``(addr, size)`` go into the e820 map (see :func:`e820_map`).
     """
     if not 0 <= cmdline_len < layout.CMDLINE_MAX_SIZE:
         raise CmdlineError(f"kernel command line length {cmdline_len} out of range")
@@ -265,7 +279,7 @@ def build_boot_params(*, mem_layout: Iterable[tuple[int, int]], cmdline_addr: in
     if initrd is not None:
         _set_initrd(params, initrd, above_4g_ok=setup_header is None
                     or bool(hdr.xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G))
-    _set_e820(params, e820_map(mem_layout))
+    _set_e820(params, e820_map(mem_layout, reserved))
     if acpi_rsdp_addr is not None:
         params.acpi_rsdp_addr = acpi_rsdp_addr
     return bytes(params)

@@ -79,10 +79,11 @@ class hvm_memmap_table_entry(ctypes.LittleEndianStructure):
     ]
 
 
-def pvh_memmap(mem_layout: Iterable[tuple[int, int]]) -> bytes:
+def pvh_memmap(mem_layout: Iterable[tuple[int, int]],
+               reserved: Iterable[tuple[int, int]] = ()) -> bytes:
     """The memmap table: the e820 map as hvm_memmap_table_entry records."""
     return b"".join(bytes(hvm_memmap_table_entry(addr=e.addr, size=e.size, type=e.type))
-                    for e in e820_map(mem_layout))
+                    for e in e820_map(mem_layout, reserved))
 
 
 def modlist_addr(memmap_len: int) -> int:
@@ -92,9 +93,13 @@ def modlist_addr(memmap_len: int) -> int:
 
 def write_pvh_start_info(mem: GuestMemory, *, mem_layout: Iterable[tuple[int, int]],
                          cmdline_addr: int, initrd: tuple[int, int] | None = None,
-                         rsdp_addr: int | None = None) -> int:
-    """Write start info, memmap and module list; return the start info address (for ``%ebx``)."""
-    memmap = pvh_memmap(mem_layout)
+                         rsdp_addr: int | None = None,
+                         reserved: Iterable[tuple[int, int]] = ()) -> int:
+    """Write start info, memmap and module list; return the start info address (for ``%ebx``).
+
+    ``reserved`` ``(addr, size)`` ranges join the memmap as XEN_HVM_MEMMAP_TYPE_RESERVED.
+    """
+    memmap = pvh_memmap(mem_layout, reserved)
     blobs = [(layout.PVH_MEMMAP_START, memmap)]
     nr_modules = modlist = 0
     if initrd is not None:

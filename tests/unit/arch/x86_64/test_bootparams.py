@@ -104,6 +104,35 @@ def test_e820_accounts_for_all_ram_and_avoids_the_gap(mem_size):
     assert not any(e.addr < layout.MMIO32_END and e.end > layout.MMIO32_START for e in entries)
 
 
+ECAM = (layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE)
+
+
+def test_e820_reserved_ranges_are_type_2_in_address_order():
+    high = (1 << 40, 2 * MiB)
+    entries = e820_map(layout.ram_layout(6 * GiB), [high, ECAM])
+    assert [(e.addr, e.size, e.type) for e in entries] == [
+        (0, 0x9FC00, E820_TYPE_RAM),
+        (0x9FC00, 0x100000 - 0x9FC00, E820_TYPE_RESERVED),
+        (0x100000, 3 * GiB - 0x100000, E820_TYPE_RAM),
+        (0xEEC0_0000, 256 * MiB, E820_TYPE_RESERVED),
+        (4 * GiB, 3 * GiB, E820_TYPE_RAM),
+        (1 << 40, 2 * MiB, E820_TYPE_RESERVED),
+    ]
+    assert e820_map(layout.ram_layout(64 * MiB), [ECAM])[3] == E820Entry(*ECAM, E820_TYPE_RESERVED)
+
+
+@pytest.mark.parametrize("reserved, match", [
+    ([(64 * MiB, 0)], "empty"),
+    ([(-4096, 8192)], "negative"),
+    ([(32 * MiB, MiB)], "overlaps the e820 entry 0x100000"),            # RAM
+    ([(0xA0000, 0x1000)], "overlaps the e820 entry 0x9fc00"),           # EBDA/ACPI reservation
+    ([ECAM, (0xFE00_0000, 32 * MiB)], "overlaps the e820 entry 0xeec00000"),
+])
+def test_e820_refuses_reserved_ranges_that_overlap(reserved, match):
+    with pytest.raises(BootParamsError, match=match):
+        e820_map(layout.ram_layout(128 * MiB), reserved)
+
+
 def zero_page(**kw) -> boot_params:
     args = dict(mem_layout=layout.ram_layout(128 * MiB), cmdline_addr=layout.CMDLINE_START, cmdline_len=10)
     args.update(kw)
@@ -123,6 +152,14 @@ def test_elf_zero_page_fields():
     assert p.e820_entries == 3
     got = [(e.addr, e.size, e.type) for e in p.e820_table[:3]]
     assert got == [(e.addr, e.size, e.type) for e in e820_map(layout.ram_layout(128 * MiB))]
+
+
+def test_zero_page_carries_the_reserved_ranges():
+    p = zero_page(mem_layout=layout.ram_layout(6 * GiB), reserved=[ECAM])
+    assert p.e820_entries == 5
+    assert [(e.addr, e.size, e.type) for e in p.e820_table[:5]] == [
+        (e.addr, e.size, e.type) for e in e820_map(layout.ram_layout(6 * GiB), [ECAM])]
+    assert (p.e820_table[3].addr, p.e820_table[3].type) == (layout.PCI_ECAM_START, 2)
 
 
 def test_no_initrd_no_rsdp_leaves_fields_zero():

@@ -61,6 +61,22 @@ def test_start_info_and_memmap(mem_size):
     assert read_memmap(mem, info) == [(e.addr, e.size, e.type) for e in e820_map(ram)]
 
 
+def test_memmap_carries_the_reserved_ranges():
+    mem = low_mem()
+    ram, ecam = layout.ram_layout(6 * GiB), (layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE)
+    write_pvh_start_info(mem, mem_layout=ram, cmdline_addr=layout.CMDLINE_START, reserved=[ecam],
+                         initrd=(0x5000000, 0x4321))
+    info = mem.read_struct(layout.PVH_INFO_START, hvm_start_info)
+    got = read_memmap(mem, info)
+    assert got == [(e.addr, e.size, e.type) for e in e820_map(ram, [ecam])]
+    assert got[3] == (0xEEC0_0000, 256 * MiB, 2) and len(got) == 5     # XEN_HVM_MEMMAP_TYPE_RESERVED
+    assert [a for a, _, _ in got] == sorted(a for a, _, _ in got)
+    memmap_end = info.memmap_paddr + 5 * ctypes.sizeof(hvm_memmap_table_entry)
+    assert info.modlist_paddr >= memmap_end                            # the module list moved along
+    with pytest.raises(BootParamsError, match="overlaps"):
+        write_pvh_start_info(mem, mem_layout=ram, cmdline_addr=0, reserved=[(GiB, MiB)])
+
+
 def test_initrd_is_module_zero():
     mem = low_mem()
     write_pvh_start_info(mem, mem_layout=layout.ram_layout(6 * GiB), cmdline_addr=layout.CMDLINE_START,
