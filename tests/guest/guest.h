@@ -172,6 +172,7 @@ void pci_rng_action(const char *arg, size_t n);
 void pci_blk_action(const char *arg, size_t n);
 void pci_move_action(const char *arg, size_t n);
 void pci_bad_bar_action(const char *arg, size_t n);
+void pci_kick_action(const char *arg, size_t n);
 
 #endif /* __ASSEMBLER__ */
 #endif /* TESTGUEST_H */

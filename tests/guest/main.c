@@ -10,7 +10,7 @@
  * Actions (run in command-line order):
  *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  blkreset=...  rng=N  net=...
  *   vsock=...  balloon=<start_mib>:<mib>
- *   pci-rng=N  pci-blk=<sector>  pci-move=<addr>:<n>  pci-bad-bar=<addr>   (pci.c)
+ *   pci-rng=N  pci-blk=<sector>  pci-move=<addr>:<n>  pci-bad-bar=<addr>  pci-kick=new|old:<n>  (pci.c)
  *   mmioflood=<addr>:<count>  count=<n>
  * Exit (runs last; default halt):
  *   exit=halt|reset|triplefault|triplefault0|poweroff
@@ -204,6 +204,8 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 pci_move_action(v, vn);
         } else if (key_is(k, kn, "pci-bad-bar")) {
                 pci_bad_bar_action(v, vn);
+        } else if (key_is(k, kn, "pci-kick")) {
+                pci_kick_action(v, vn);
         } else if (key_is(k, kn, "mmioflood")) {
                 mmio_flood(v, vn);
         } else if (key_is(k, kn, "count") && numeric) {

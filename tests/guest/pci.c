@@ -12,6 +12,11 @@
  *                            reads what the guest wrote (no device answers), puts the BAR back and reads
  *                            entropy again     -> "pci bad-bar addr= readback= crc_same= ram_ok=", "pci rng"
  *
+ *   pci-kick=new|old:<n>     n 16-bit writes of virtio-rng's queue index to its notify address, or to the one
+ *                            it had before the last pci-move (spurious kicks: with the VMM's ioeventfd at the
+ *                            right place the first are no VM exits, the second all are)
+ *                                                           -> "pci kick which= notify= count="
+ *
  * The first use prints every function on bus 0 ("pci fn dev= fn= vendor= device= class= header=");
  * initialising a device prints its capabilities ("pci cap ...") and "pci virtio init ...".
  * Errors print "pci error reason=... " and the action stops.
@@ -102,6 +107,7 @@ struct pci_vdev {
 };
 
 static uint64_t ecam = ECAM_DEFAULT;
+static uint64_t notify_before_move;     /* rng's notify address before the last pci-move */
 static struct pci_vdev rng = {.name = "rng", .type = VIRTIO_ID_RNG};
 static struct pci_vdev blk = {.name = "blk", .type = VIRTIO_ID_BLOCK};
 static uint8_t buf[RNG_MAX] __attribute__((aligned(4096)));
@@ -603,6 +609,7 @@ void pci_move_action(const char *arg, size_t n)
                 return;
         }
         uint64_t from = rng.bar;
+        notify_before_move = rng.q.base;
         int ok = rng_move(to) == 0;
 
         con_begin("pci move");
@@ -615,6 +622,35 @@ void pci_move_action(const char *arg, size_t n)
         con_end();
         if (ok)
                 rng_read(want);
+}
+
+void pci_kick_action(const char *arg, size_t n)
+{
+        const char *f[2];
+        size_t fl[2];
+        uint64_t count, addr;
+        int old;
+
+        if (split_fields(arg, n, f, fl, 2) != 2 || parse_u64(f[1], fl[1], &count) < 0 ||
+            (!(old = word_is(f[0], fl[0], "old")) && !word_is(f[0], fl[0], "new"))) {
+                bad_argument("pci-kick", arg, n);
+                return;
+        }
+        if (pci_ensure(&rng, 0) < 0)
+                return;
+        addr = old ? notify_before_move : rng.q.base;
+        if (!addr) {
+                pci_error("no-move-before-kick-old", 0);
+                return;
+        }
+        barrier();
+        for (uint64_t i = 0; i < count; i++)
+                mmio_write16(addr, rng.q.index);
+        con_begin("pci kick which=");
+        con_puts(old ? "old" : "new");
+        con_kvx("notify", addr);
+        con_kv("count", count);
+        con_end();
 }
 
 /*

@@ -119,14 +119,15 @@ def api_call(sock_path: str, method: str, path: str, body=None) -> tuple[int, An
 class ApiProcess:
     """``asyncvmm --api-sock`` as a subprocess with its console and log in files."""
 
-    def __init__(self, tmp_path: Path, *prefix: str) -> None:
+    def __init__(self, tmp_path: Path, *prefix: str, args: tuple[str, ...] = ()) -> None:
+        """``prefix`` runs before asyncvmm (a wrapper command), ``args`` are more asyncvmm flags."""
         self.sock = str(tmp_path / "api.sock")
         self.log = tmp_path / "vmm.log"
         self.log.touch()
         self.console = tmp_path / "console.out"
         self._out = open(self.console, "wb")
         self.proc = subprocess.Popen([*prefix, *asyncvmm_argv(), "--api-sock", self.sock,
-                                      "--log-path", str(self.log), "--level", "Info"],
+                                      "--log-path", str(self.log), "--level", "Info", *args],
                                      stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
         wait_until(lambda: accepts(self.sock) or self.proc.poll() is not None, 30, "the API socket")
         assert self.proc.poll() is None, self.log.read_text()

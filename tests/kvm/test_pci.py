@@ -1,0 +1,250 @@
+"""virtio over PCI (``--enable-pci``) on the local /dev/kvm, driven by the test guest's PCI driver.
+
+The guest (``tests/guest/pci.c``) does what a PCI-aware kernel does, from ring 3
+and by polling: it lists bus 0 through ECAM, walks a virtio function's
+capabilities, turns on memory decode of BAR0, initialises the device through
+the common configuration structure and kicks its queue at the notify address
+(an ioeventfd: no VM exit).  Beyond plain I/O it moves BAR0 (the VMM must move
+the MMIO mapping and the ioeventfds with it) and programs BAR0 over its own RAM
+(the VMM must refuse that mapping, say so once in its log and carry on).
+
+The last test runs the same guest commands under QEMU's q35 machine, the peer:
+if they work there and not under asyncvmm, the bug is in asyncvmm.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import zlib
+
+import pytest
+
+from asyncvmm.arch.x86_64 import layout
+from tests.conftest import require
+from tests.guest.output import find, parse_lines
+from tests.guest.qemu import QEMU, qemu_available
+from tests.kvm.conftest import ApiProcess, guest_config, run_vmm
+
+SECTOR = 512
+MEM_MIB = 64
+MMIO64_START, MMIO64_SIZE = layout.pci_mmio64_window(MEM_MIB << 20)
+BAR0_SIZE = 0x8000                       # docs: the virtio-pci transport's BAR0
+# The layout inside BAR0 the transport advertises (cfg_type -> offset), and notify_off_multiplier.
+CAP_OFFSETS = {1: 0x0000, 3: 0x1000, 4: 0x2000, 2: 0x3000}
+NOTIFY_OFF_MULTIPLIER = 4
+VIRTIO_PCI_CAP_PCI_CFG = 5
+PCI_CAP_ID_MSIX = 0x11
+VIRTIO_F_VERSION_1 = 1 << 32
+KICKS = 2000
+
+
+def pci_config(kernel, cmdline: str, **extra) -> dict:
+    return guest_config(kernel, cmdline, mem_mib=MEM_MIB, **extra)
+
+
+def drive(path) -> dict:
+    return {"drive_id": "disk0", "path_on_host": str(path), "is_root_device": False,
+            "is_read_only": True}
+
+
+def functions(lines) -> dict[int, dict[str, int]]:
+    return {l.number("dev"): {k: l.number(k) for k in ("vendor", "device", "class")}
+            for l in find(lines, "pci fn")}
+
+
+def init_line(lines, dev: str):
+    found = [l for l in find(lines, "pci virtio init") if l.fields["dev"] == dev]
+    assert len(found) == 1, [l.text for l in lines]
+    return found[0]
+
+
+def api_run(tmp_path, kernel, cmdline: str, *, done: str = "testguest: exit halt",
+            extra_steps=()) -> tuple[ApiProcess, list, list[dict]]:
+    """Boot through the API with --enable-pci and virtio-rng; wait for ``done``, flush metrics.
+
+    The process is returned still running (the caller closes it)."""
+    metrics = tmp_path / "metrics.json"
+    vmm = ApiProcess(tmp_path, args=("--enable-pci",))
+    try:
+        vmm.configure([
+            ("PUT", "/metrics", {"metrics_path": str(metrics)}),
+            ("PUT", "/boot-source", {"kernel_image_path": str(kernel), "boot_args": cmdline}),
+            ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": MEM_MIB}),
+            ("PUT", "/entropy", {}),
+            *extra_steps,
+            ("PUT", "/actions", {"action_type": "InstanceStart"}),
+        ])
+        vmm.wait_output(done, timeout=120)
+        reports = vmm.flush_metrics(metrics)
+    except BaseException:
+        vmm.close()
+        raise
+    return vmm, parse_lines(vmm.output()), reports
+
+
+def summed(reports: list[dict], group: str) -> dict[str, int]:
+    return {k: sum(r[group][k] for r in reports) for k in reports[-1][group]}
+
+
+@pytest.mark.kvm
+def test_bus_0_lists_the_host_bridge_and_virtio_functions_with_their_capabilities(test_guest, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8 * SECTOR))
+    run = run_vmm(tmp_path, pci_config(test_guest.elf_pvh, "pci-rng=16 exit=reset", entropy={},
+                                       drives=[drive(disk)]), "--enable-pci")
+    assert run.returncode == 0, run.all_output
+    lines = parse_lines(run.stdout)
+    fns = functions(lines)
+    assert fns[0] == {"vendor": 0x8086, "device": 0x0D57, "class": 0x060000}, fns
+    virtio = sorted((f["device"], f["class"]) for dev, f in fns.items() if f["vendor"] == 0x1AF4)
+    assert virtio == [(0x1042, 0x018000), (0x1044, 0xFF0000)], fns
+    assert find(lines, "pci bus")[0].number("functions") == 3
+
+    rng_dev = next(dev for dev, f in fns.items() if f["device"] == 0x1044)
+    caps = [l for l in find(lines, "pci cap") if l.number("dev") == rng_dev]
+    vendor = {l.number("cfg_type"): l for l in caps if l.number("id") == 0x09}
+    assert set(vendor) == {1, 2, 3, 4, VIRTIO_PCI_CAP_PCI_CFG}, [l.text for l in caps]
+    assert all(l.number("bar") == 0 for t, l in vendor.items() if t != VIRTIO_PCI_CAP_PCI_CFG)
+    assert {t: vendor[t].number("offset") for t in CAP_OFFSETS} == CAP_OFFSETS
+    assert vendor[2].number("notify_off_multiplier") == NOTIFY_OFF_MULTIPLIER
+    assert any(l.number("id") == PCI_CAP_ID_MSIX for l in caps)
+
+    init = init_line(lines, "rng")
+    bar = init.number("bar")
+    assert init.number("bar_index") == 0 and init.number("bar_size") == BAR0_SIZE
+    assert MMIO64_START <= bar and bar + BAR0_SIZE <= MMIO64_START + MMIO64_SIZE and bar % BAR0_SIZE == 0
+    assert init.number("features") == VIRTIO_F_VERSION_1 and init.number("status") == 0xF
+    assert init.number("notify") == bar + CAP_OFFSETS[2]     # queue 0: queue_notify_off 0
+    rng, = find(lines, "pci rng")
+    assert rng.number("bytes") == 16 and bytes.fromhex(rng.fields["hex"]) != bytes(16)
+
+
+@pytest.mark.kvm
+def test_virtio_blk_over_pci_reads_sector_0_of_the_file(test_guest, tmp_path):
+    disk = tmp_path / "disk.img"
+    data = os.urandom(16 * SECTOR)
+    disk.write_bytes(data)
+    run = run_vmm(tmp_path, pci_config(test_guest.elf_pvh, "pci-blk=0 pci-blk=5 exit=reset",
+                                       drives=[drive(disk)]), "--enable-pci")
+    assert run.returncode == 0, run.all_output
+    reads = find(parse_lines(run.stdout), "pci blk")
+    assert [r.number("sector") for r in reads] == [0, 5], run.stdout
+    for r in reads:
+        sector = data[r.number("sector") * SECTOR:][:SECTOR]
+        assert r.number("status") == 0 and r.number("used") == SECTOR + 1
+        assert r.number("capacity") == 16
+        assert r.number("crc") == zlib.crc32(sector)
+        assert r.fields["hex"] == sector[:16].hex()
+
+
+@pytest.mark.kvm
+def test_virtio_rng_over_pci_through_the_api(test_guest, tmp_path):
+    vmm, lines, reports = api_run(tmp_path, test_guest.elf_pvh, "pci-rng=64 pci-rng=64 pci-rng=64 exit=halt")
+    vmm.close()
+    reads = find(lines, "pci rng")
+    assert [r.number("bytes") for r in reads] == [64] * 3, vmm.output()
+    samples = {bytes.fromhex(r.fields["hex"]) for r in reads}
+    assert len(samples) == 3 and bytes(16) not in samples, samples
+    assert len({r.number("crc") for r in reads}) == 3
+    assert summed(reports, "entropy")["entropy_bytes"] == 3 * 64
+    assert summed(reports, "guest_faults")["mmio_unclaimed"] == 0
+
+
+@pytest.mark.kvm
+# Both inside the guest's page tables (the 3..4 GiB gap; the first GiB of the 64-bit window).
+@pytest.mark.parametrize("target", [MMIO64_START + 0x1000_0000, layout.PCI_MMIO32_START],
+                         ids=["mmio64", "mmio32"])
+def test_moving_bar0_moves_the_mapping_and_the_notify_ioeventfd(test_guest, tmp_path, target):
+    """After the move the old base answers all ones, the device works at the new one, kicks
+    at the new notify address are ioeventfd writes (no VM exit) and kicks at the old one
+    reach nobody (each one an unclaimed MMIO write)."""
+    vmm, lines, reports = api_run(
+        tmp_path, test_guest.elf_pvh,
+        f"pci-rng=16 pci-move={target:#x}:32 pci-kick=new:{KICKS} pci-kick=old:{KICKS} pci-rng=48 exit=halt")
+    vmm.close()
+    before, after_move, last = find(lines, "pci rng")
+    move, = find(lines, "pci move")
+    assert move.number("from") == before.number("bar") != target
+    assert move.number("readback") == target, move.text
+    assert move.number("old_num_queues") == 0xFFFF        # nothing decodes there: all ones
+    assert move.number("new_num_queues") == 1
+    assert after_move.number("bar") == target and after_move.number("bytes") == 32
+    assert last.number("bar") == target and last.number("bytes") == 48
+    assert bytes.fromhex(after_move.fields["hex"]) != bytes(16) != bytes.fromhex(last.fields["hex"])
+    new, old = find(lines, "pci kick")
+    assert new.number("notify") == target + CAP_OFFSETS[2]
+    assert old.number("notify") == before.number("bar") + CAP_OFFSETS[2]
+
+    faults = summed(reports, "guest_faults")
+    writes = summed(reports, "vcpu")["exit_mmio_write"]
+    # The old notify address: every kick exits and nobody claims it (plus the one old_num_queues read).
+    assert KICKS <= faults["mmio_unclaimed"] <= KICKS + 1, faults
+    # The new one: KVM swallows the kicks.  The guest's other MMIO writes (configuration space,
+    # common config) are a few dozen, so a missing ioeventfd would show as KICKS more exits.
+    assert KICKS <= writes < KICKS + KICKS // 4, writes
+    assert "guest fault pci_bar" not in vmm.log.read_text(errors="replace")
+
+
+@pytest.mark.kvm
+def test_bar0_over_guest_ram_is_not_mapped_and_the_vmm_carries_on(test_guest, tmp_path):
+    vmm, lines, reports = api_run(tmp_path, test_guest.elf_pvh,
+                                  "pci-rng=16 pci-bad-bar=0x100000 pci-rng=16 exit=halt")
+    try:
+        bad, = find(lines, "pci bad-bar")
+        assert bad.number("addr") == 0x100000 and bad.number("readback") == 0x100000
+        assert bad.number("ram_ok") == 1, "RAM under the BAR did not keep what the guest wrote"
+        assert bad.number("crc_same") == 1, "RAM under the BAR changed"
+        # The BAR went back home and the device works as before, twice (the action's own read, ours).
+        first, *rest = find(lines, "pci rng")
+        assert len(rest) == 2 and all(r.number("bar") == first.number("bar") for r in rest), vmm.output()
+        assert all(r.number("bytes") == 16 for r in rest)
+        log = vmm.log.read_text(errors="replace")
+        faults = [l for l in log.splitlines() if "guest fault pci_bar" in l]
+        assert len(faults) == 1 and "0x100000" in faults[0], faults
+        # The VMM still answers its API.
+        status, info = vmm("GET", "/")
+        assert status == 200 and info["state"] == "Running", info
+        status, _ = vmm("GET", "/machine-config")
+        assert status == 200
+    finally:
+        vmm.close()
+
+
+# -- the peer ----------------------------------------------------------------------------
+
+Q35_ECAM = 0xB000_0000
+
+
+def test_the_same_commands_work_under_qemu_q35(tmp_path):
+    """Modern-only virtio-rng-pci/virtio-blk-pci on q35 (SeaBIOS places BAR4 below 4 GiB); the
+    guest moves the rng BAR into the gigabyte its page tables map at 256 GiB, as asyncvmm's
+    window is there, and over its own RAM."""
+    require(qemu_available(), "qemu-system-x86_64 is not installed")
+    from tests.guest.build import build_test_guest
+    images = build_test_guest()
+    disk = tmp_path / "disk.img"
+    data = os.urandom(8 * SECTOR)
+    disk.write_bytes(data)
+    target = MMIO64_START + 0x10_0000
+    cmd = (f"pci_ecam={Q35_ECAM:#x} pci-rng=16 pci-blk=0 pci-move={target:#x}:32 pci-kick=new:10 "
+           "pci-bad-bar=0x100000 exit=reset")
+    argv = [QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256M", "-nodefaults",
+            "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
+            "-kernel", str(images.bzimage), "-append", cmd,
+            "-device", "virtio-rng-pci,disable-legacy=on",
+            "-drive", f"id=d0,file={disk},format=raw,if=none,readonly=on",
+            "-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
+    out = subprocess.run(argv, capture_output=True, timeout=60, check=False).stdout.decode(errors="replace")
+    lines = parse_lines(out)
+    assert lines and lines[-1].event == "done", out
+    assert not [l for l in lines if l.event.startswith("pci error")], out
+    blk, = find(lines, "pci blk")
+    assert blk.number("status") == 0 and blk.number("crc") == zlib.crc32(data[:SECTOR])
+    move, = find(lines, "pci move")
+    assert move.number("readback") == target and move.number("new_num_queues") == 1
+    bad, = find(lines, "pci bad-bar")
+    assert bad.number("ram_ok") == 1 and bad.number("crc_same") == 1
+    rngs = find(lines, "pci rng")
+    assert [r.number("bytes") for r in rngs] == [16, 32, 16], out
+    assert rngs[1].number("bar") == target
