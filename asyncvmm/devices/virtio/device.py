@@ -47,10 +47,11 @@ class ActivationError(Exception):
 
 
 class Interrupts(Protocol):
-    """The device's side of the transport's interrupt logic (§4.2.3.4)."""
+    """The device's side of the transport's interrupt logic (§4.1.5.3-§4.1.5.4, §4.2.3.4)."""
 
-    def signal_used(self) -> None:
-        """A used buffer notification (InterruptStatus bit 0)."""
+    def signal_used(self, queue: int | None = None) -> None:
+        """A used buffer notification for ``queue`` (virtio-mmio: InterruptStatus bit 0;
+        virtio-pci: the queue's MSI-X vector).  ``None``: not said, so every queue's vector."""
 
     def signal_config(self) -> None:
         """A configuration change notification (InterruptStatus bit 1)."""

@@ -15,7 +15,7 @@ entries and waits for the ones inside.  Loop accesses are over before the
 reset runs (it runs on the loop too); a worker's would be one syscall.  An
 io_uring op leaves the gate only when the loop reaps its completion, so on
 the loop the device's engine is closed (which reaps everything) *before*
-the gate: see ``VirtioMmioTransport._reset``.
+the gate: see ``VirtioTransport._reset`` (transport.py).
 """
 
 from __future__ import annotations

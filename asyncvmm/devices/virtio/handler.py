@@ -252,7 +252,7 @@ class QueueHandler:
     def notify(self, index: int) -> None:
         """Raise the used-buffer interrupt if entries were added and the driver wants one."""
         if self.act.queues[index].needs_notification(self.mem):
-            self.act.interrupts.signal_used()
+            self.act.interrupts.signal_used(index)
 
     def fail(self, reason: str) -> None:
         """Halt and tell the driver it must reset the device (§2.1.2).

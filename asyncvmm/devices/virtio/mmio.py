@@ -25,6 +25,10 @@ writes InterruptACK on every interrupt, so :meth:`read_inline` /
 shared between the loop (which raises interrupts) and the vCPUs, and only
 it is behind a lock.
 
+What is not about registers (the status state machine, feature
+negotiation, activation, reset, the queues' snapshot state) is shared with
+virtio-pci in :mod:`asyncvmm.devices.virtio.transport`.
+
 Everything a driver does wrong is ignored and reported to the VM's
 :class:`~asyncvmm.guestfault.GuestFaults` (counted; logged a few times).
 """
@@ -32,7 +36,6 @@ Everything a driver does wrong is ignored and reported to the VM's
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import struct
 import threading
@@ -42,18 +45,13 @@ import msgspec
 from asyncvmm import guestfault
 from asyncvmm.devices.irq import EventFd, IrqLine
 from asyncvmm.devices.virtio import status as st
-from asyncvmm.devices.virtio.device import Activation, VirtioDevice
-from asyncvmm.devices.virtio.gate import DmaGate
-from asyncvmm.devices.virtio.queue import Queue, QueueConfigError
-from asyncvmm.devices.virtio.spec import (
-    DEVICE_NEEDS_RESET,
-    DRIVER_OK,
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    bit,
-)
+from asyncvmm.devices.virtio.device import VirtioDevice
+from asyncvmm.devices.virtio.spec import DRIVER_OK
+from asyncvmm.devices.virtio.transport import QueueState, SnapshotStateError, VirtioTransport
 from asyncvmm.memory import GuestMemory
+
+# QueueState and SnapshotStateError live in transport.py; their old home still names them.
+__all__ = ["DRIVER_OK", "QueueState", "SnapshotStateError", "TransportState", "VirtioMmioTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +105,6 @@ _QUEUE_ADDR_REGS = {
 _U32 = struct.Struct("<I")
 
 
-class QueueState(msgspec.Struct, forbid_unknown_fields=True):
-    """A queue in a snapshot: the numbers of :class:`Queue` (untrusted on load)."""
-
-    max_size: int
-    size: int
-    ready: bool
-    desc_table: int
-    avail_ring: int
-    used_ring: int
-    event_idx: bool
-    indirect_desc: bool
-    next_avail: int
-    next_used: int
-    signalled_used: int
-    avail_idx_seen: int
-
-
 class TransportState(msgspec.Struct, forbid_unknown_fields=True, tag="virtio-mmio-v1"):
     """A virtio-mmio transport's registers and its queues' positions in a snapshot."""
 
@@ -140,54 +121,26 @@ class TransportState(msgspec.Struct, forbid_unknown_fields=True, tag="virtio-mmi
     queues: list[QueueState]
 
 
-class SnapshotStateError(ValueError):
-    """A snapshot's transport state cannot be taken."""
-
-
-class VirtioMmioTransport:
+class VirtioMmioTransport(VirtioTransport):
     """One virtio-mmio window driving one :class:`VirtioDevice`."""
+
+    NAME = "virtio-mmio"
+    FAULT_ACCESS = "virtio_mmio_access"
+    FAULT_PROTOCOL = "virtio_mmio_protocol"
 
     def __init__(self, device: VirtioDevice, *, mem: GuestMemory, irq: IrqLine,
                  queue_events: list[EventFd], loop: asyncio.AbstractEventLoop,
                  faults: guestfault.GuestFaults | None = None) -> None:
-        if len(queue_events) != device.num_queues:
-            raise ValueError(f"{device.num_queues} queues but {len(queue_events)} eventfds")
-        self.device = device
-        self.mem = mem
         self.irq = irq
-        self.queue_events = queue_events
-        self.loop = loop
-        self.faults = faults or guestfault.DEFAULT
         self._isr_lock = threading.Lock()      # interrupt_status: the loop and vCPU threads
         self.interrupt_status = 0
-        self.config_generation = 0
-        self.activation: Activation | None = None
-        self._reset_registers()
-        device.set_config_listener(self._on_config_change)
-        device.guest_faults = self.faults
+        super().__init__(device, mem=mem, queue_events=queue_events, loop=loop, faults=faults)
 
     def _reset_registers(self) -> None:
-        self.status = st.RESET
-        self.needs_reset = False
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.driver_features = 0
-        self.unoffered_feature_written = False   # a bit beyond the 64 any device offers
-        self.queue_sel = 0
+        super()._reset_registers()
         self.shm_sel = 0
-        # QueueNum reads back as the maximum until the driver picks a size (§4.2.3.2).
-        self.queues = [Queue(max_size=n, size=n) for n in self.device.queue_max_sizes]
         with self._isr_lock:
             self.interrupt_status = 0
-
-    @property
-    def device_status(self) -> int:
-        """The Status register: the driver's bits plus the device's DEVICE_NEEDS_RESET."""
-        return self.status | (DEVICE_NEEDS_RESET if self.needs_reset else 0)
-
-    def _fault(self, kind: str, fmt: str, *args, level: int = logging.WARNING) -> None:
-        self.faults.report(kind, "virtio-mmio %s: " + fmt, type(self.device).__name__, *args,
-                           level=level)
 
     # -- BusDevice (loop thread) --------------------------------------------
 
@@ -196,7 +149,7 @@ class VirtioMmioTransport:
             data = self.device.read_config(offset - VIRTIO_MMIO_CONFIG, size)
             return bytes(data[:size]).ljust(size, b"\0")
         if size != 4 or offset % 4:
-            self._fault("virtio_mmio_access", "%d-byte read at register offset %#x ignored", size, offset)
+            self._fault(self.FAULT_ACCESS, "%d-byte read at register offset %#x ignored", size, offset)
             return bytes(size)
         return _U32.pack(self._read_register(offset) & 0xFFFF_FFFF)
 
@@ -205,7 +158,7 @@ class VirtioMmioTransport:
             self.device.write_config(offset - VIRTIO_MMIO_CONFIG, bytes(data))
             return
         if len(data) != 4 or offset % 4:
-            self._fault("virtio_mmio_access", "%d-byte write at register offset %#x ignored",
+            self._fault(self.FAULT_ACCESS, "%d-byte write at register offset %#x ignored",
                         len(data), offset)
             return
         self._write_register(offset, _U32.unpack(data)[0])
@@ -232,9 +185,6 @@ class VirtioMmioTransport:
 
     # -- registers ----------------------------------------------------------
 
-    def _selected_queue(self) -> Queue | None:
-        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
-
     def _read_register(self, offset: int) -> int:
         q = self._selected_queue()
         if offset == VIRTIO_MMIO_MAGIC_VALUE:
@@ -246,8 +196,7 @@ class VirtioMmioTransport:
         if offset == VIRTIO_MMIO_VENDOR_ID:
             return VENDOR_ID
         if offset == VIRTIO_MMIO_DEVICE_FEATURES:
-            # Feature words beyond the second are all zero: no device offers bits above 63.
-            return self.device.avail_features >> (32 * self.device_features_sel) if self.device_features_sel < 2 else 0
+            return self.device_features_word()
         if offset == VIRTIO_MMIO_QUEUE_NUM_MAX:
             return q.max_size if q else 0   # 0: no such queue (§4.2.3.2)
         if offset == VIRTIO_MMIO_QUEUE_READY:
@@ -286,32 +235,21 @@ class VirtioMmioTransport:
         elif offset in (VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_READY) or offset in _QUEUE_ADDR_REGS:
             self._write_queue_register(offset, value)
         else:
-            self._fault("virtio_mmio_access", "write of %#x to read-only or unknown register %#x ignored",
+            self._fault(self.FAULT_ACCESS, "write of %#x to read-only or unknown register %#x ignored",
                         value, offset)
-
-    def _write_driver_features(self, value: int) -> None:
-        # §3.1.1 step 4 (and §2.2.1): features are only written between DRIVER and FEATURES_OK.
-        if self.status != st.S_DRIVER:
-            self._fault("virtio_mmio_protocol", "DriverFeatures written in status %#x ignored", self.status)
-            return
-        if self.driver_features_sel >= 2:
-            self.unoffered_feature_written |= value != 0
-            return
-        shift = 32 * self.driver_features_sel
-        self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
 
     def _write_queue_register(self, offset: int, value: int) -> None:
         q = self._selected_queue()
         # §4.2.3.2: queues are set up after FEATURES_OK and before DRIVER_OK.
         if q is None or self.status != st.S_FEATURES_OK:
-            self._fault("virtio_mmio_protocol", "queue register %#x written for queue %d in status %#x "
+            self._fault(self.FAULT_PROTOCOL, "queue register %#x written for queue %d in status %#x "
                         "ignored", offset, self.queue_sel, self.status)
             return
         if offset == VIRTIO_MMIO_QUEUE_READY:
             q.ready = bool(value & 1)
         elif q.ready:
             # §4.2.2.2: a ready queue's configuration must not change.
-            self._fault("virtio_mmio_protocol", "queue %d reconfigured while ready; ignored", self.queue_sel)
+            self._fault(self.FAULT_PROTOCOL, "queue %d reconfigured while ready; ignored", self.queue_sel)
         elif offset == VIRTIO_MMIO_QUEUE_NUM:
             q.size = value
         else:
@@ -320,126 +258,28 @@ class VirtioMmioTransport:
             new = (old & 0xFFFF_FFFF) | (value << 32) if high else (old & ~0xFFFF_FFFF) | value
             setattr(q, attr, new)
 
-    # -- the status state machine -------------------------------------------
-
-    def _write_status(self, value: int) -> None:
-        action = st.transition(self.status, value)
-        if action is None:
-            self._fault("virtio_mmio_protocol", "status %#x -> %#x is not a valid transition; ignored",
-                        self.status, value)
-            return
-        if action is st.Action.RESET:
-            self._reset()
-        elif action is st.Action.NEGOTIATE:
-            self._negotiate()
-        elif action is st.Action.ACTIVATE:
-            self.status = value & ~DEVICE_NEEDS_RESET
-            self._activate()
-        else:
-            self.status = value & ~DEVICE_NEEDS_RESET & 0xFF
-
-    def _negotiate(self) -> None:
-        offered = self.device.avail_features
-        extra = self.driver_features & ~offered
-        if extra or self.unoffered_feature_written or not self.driver_features & bit(VIRTIO_F_VERSION_1):
-            # §3.1.1 step 6: the driver re-reads the status and sees FEATURES_OK clear.
-            self._fault("virtio_mmio_protocol", "refusing driver features %#x (offered %#x)",
-                        self.driver_features, offered)
-            return
-        self.status = st.S_FEATURES_OK
-
-    def _activate(self) -> None:
-        features = self.driver_features
-        queues = [dataclasses.replace(q, event_idx=bool(features & bit(VIRTIO_F_EVENT_IDX)),
-                                      indirect_desc=bool(features & bit(VIRTIO_F_INDIRECT_DESC)))
-                  for q in self.queues]
-        try:
-            for q in queues:
-                if q.ready:
-                    q.validate(self.mem)
-        except QueueConfigError as e:
-            self._fault("virtio_mmio_protocol", "cannot activate: %s", e, level=logging.ERROR)
-            self.device.activation_failed(str(e))
-            self.set_needs_reset()
-            return
-        gate = DmaGate()
-        act = Activation(mem=self.mem, queues=queues, queue_events=self.queue_events,
-                         acked_features=features, interrupts=_Interrupts(self, gate),
-                         loop=self.loop, gate=gate)
-        self.activation = act
-        try:
-            self.device.activate(act)
-        except Exception as e:           # a host failure (e.g. opening a file); the VMM lives on
-            log.error("virtio-mmio: activating %s failed: %s", type(self.device).__name__, e)
-            self.device.activation_failed(str(e))
-            act.interrupts.needs_reset(str(e))
-
-    def _reset(self) -> None:
-        act, self.activation = self.activation, None
-        if act is not None:
-            # Stop the device first: its engines drain their in-flight operations (an
-            # io_uring op leaves the gate only when this loop reaps it).  Then the gate
-            # is drained and shut, whatever deactivate did.
-            try:
-                self.device.deactivate()
-            except Exception:
-                log.exception("virtio-mmio: deactivating %s failed", type(self.device).__name__)
-            act.gate.close()
-        self._reset_registers()
-
     # -- snapshots (loop thread, vCPUs paused) ---------------------------------
-
-    def in_flight(self) -> int:
-        """Requests the device took from the guest and has not answered yet."""
-        act = self.activation
-        if act is None:
-            return 0
-        return sum((q.next_avail - q.next_used - self.device.held_chains(i)) & 0xFFFF
-                   for i, q in enumerate(act.queues))
 
     def save_state(self) -> TransportState:
         """The registers, and each queue where the live device is in it (its held chains
         given back), for a device with nothing in flight (:meth:`in_flight`)."""
-        act = self.activation
-        queues = []
-        for i, q in enumerate(act.queues if act is not None else self.queues):
-            state = q.state()
-            state["next_avail"] = (q.next_avail - self.device.held_chains(i)) & 0xFFFF
-            queues.append(QueueState(**state))
         with self._isr_lock:
             isr = self.interrupt_status
         return TransportState(
             device_type=self.device.device_type, status=self.status, needs_reset=self.needs_reset,
             device_features_sel=self.device_features_sel, driver_features_sel=self.driver_features_sel,
             driver_features=self.driver_features, queue_sel=self.queue_sel, shm_sel=self.shm_sel,
-            interrupt_status=isr, config_generation=self.config_generation, queues=queues)
+            interrupt_status=isr, config_generation=self.config_generation, queues=self._queue_states())
 
     def restore_state(self, state: TransportState) -> None:
         """Take a snapshot's registers and queues (each checked as the driver's writes are),
         then activate the device if the driver had (DRIVER_OK) and kick every queue once."""
-        if state.device_type != self.device.device_type:
-            raise SnapshotStateError(f"virtio state of device type {state.device_type} for a "
-                                     f"device of type {self.device.device_type}")
-        if [q.max_size for q in state.queues] != list(self.device.queue_max_sizes):
-            raise SnapshotStateError("virtio state with other queues than the device has")
-        for name in ("status", "queue_sel", "device_features_sel", "driver_features_sel", "shm_sel",
-                     "interrupt_status", "config_generation"):
-            if not 0 <= getattr(state, name) <= 0xFFFF_FFFF:
-                raise SnapshotStateError(f"virtio state: {name} out of range")
-        if not 0 <= state.driver_features < 1 << 64 or state.driver_features & ~self.device.avail_features:
-            raise SnapshotStateError("virtio state: driver features the device does not offer")
-        try:
-            queues = []
-            for q in state.queues:
-                for name in ("next_avail", "next_used", "signalled_used", "avail_idx_seen"):
-                    if not 0 <= getattr(q, name) <= 0xFFFF:
-                        raise SnapshotStateError(f"virtio state: queue {name} out of range")
-                queue = Queue(**msgspec.structs.asdict(q))
-                if queue.ready and state.status & DRIVER_OK:
-                    queue.validate(self.mem)
-                queues.append(queue)
-        except (QueueConfigError, ValueError, TypeError) as e:
-            raise SnapshotStateError(f"virtio state: {e}") from None
+        queues = self._check_state(
+            device_type=state.device_type, status=state.status, driver_features=state.driver_features,
+            queues=state.queues,
+            registers={name: getattr(state, name) for name in (
+                "queue_sel", "device_features_sel", "driver_features_sel", "shm_sel",
+                "interrupt_status", "config_generation")})
         self.status = state.status & 0xFF
         self.needs_reset = state.needs_reset
         self.device_features_sel = state.device_features_sel
@@ -451,10 +291,7 @@ class VirtioMmioTransport:
         self.queues = queues
         with self._isr_lock:
             self.interrupt_status = state.interrupt_status
-        if self.status & DRIVER_OK and not self.needs_reset:
-            self._activate()
-            for evt in self.queue_events:
-                evt.write(1)
+        self._resume()
 
     # -- interrupts (loop thread) -------------------------------------------
 
@@ -463,38 +300,8 @@ class VirtioMmioTransport:
             self.interrupt_status |= bits
         self.irq.trigger()
 
-    def set_needs_reset(self) -> None:
-        self.needs_reset = True
-        # §2.1.2: a device that is live tells the driver with a configuration change notification.
-        if self.status & DRIVER_OK:
-            self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
+    def _signal_used(self, queue: int | None) -> None:
+        self.raise_interrupt(VIRTIO_MMIO_INT_VRING)
 
-    def _on_config_change(self) -> None:
-        """The device's configuration changed (loop thread)."""
-        self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
-        if self.status & DRIVER_OK:
-            self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
-
-
-class _Interrupts:
-    """The interrupts one activation may raise; silent once that activation is reset."""
-
-    def __init__(self, transport: VirtioMmioTransport, gate: DmaGate) -> None:
-        self.transport = transport
-        self.gate = gate
-
-    def _live(self) -> bool:
-        return self.gate.is_open
-
-    def signal_used(self) -> None:
-        if self._live():
-            self.transport.raise_interrupt(VIRTIO_MMIO_INT_VRING)
-
-    def signal_config(self) -> None:
-        if self._live():
-            self.transport.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
-
-    def needs_reset(self, reason: str) -> None:
-        if self._live():
-            self.transport._fault("virtio_mmio_protocol", "needs reset: %s", reason, level=logging.ERROR)
-            self.transport.set_needs_reset()
+    def _signal_config(self) -> None:
+        self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
