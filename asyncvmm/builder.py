@@ -23,12 +23,13 @@ from typing import Callable
 import msgspec
 
 from .arch.x86_64 import layout, regs
-from .arch.x86_64.acpi import AcpiError, create_acpi_tables
+from .arch.x86_64.acpi import AcpiError, PciHostBridge, create_acpi_tables
 from .arch.x86_64.bootparams import BootParamsError, build_boot_params, write_cmdline
 from .arch.x86_64.loader import KernelLoad, LoaderError, load_initrd, load_kernel
 from .arch.x86_64.mptable import MpTableError, create_mptable
 from .arch.x86_64.pvh import write_pvh_start_info
 from .config import VmConfig
+from .config.machine import DEFAULT_KERNEL_CMDLINE
 from .devices.bus import Bus
 from .devices.irq import EventFd, EventFdIrqLine
 from .devices.legacy.acpi_pm import ACPI_PM_PORT_BASE, ACPI_PM_PORT_SIZE, AcpiPm
@@ -39,6 +40,7 @@ from .devices.rate_limiter import RateLimiter, RateLimiterState
 from .devices.virtio.block import Block, BlockFileError, BlockMetrics, UnsupportedEngineError
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, TransportState, VirtioMmioTransport
+from .devices.virtio.pci import PciTransportState
 from .devices.virtio.net import Net, NetMetrics
 from .devices.virtio.rng import EntropyMetrics, Rng
 from .devices.virtio.vsock import Vsock, VsockBackendError, VsockMetrics
@@ -47,11 +49,13 @@ from .devices.virtio.balloon.device import BalloonState
 from .kvm import Kvm, KvmError, VmFd
 from .kvm.structs import KVM_MEM_LOG_DIRTY_PAGES
 from .guestfault import GuestFaultMetrics, GuestFaults
+from .irqroute import GsiRouter
 from .memory import GuestMemory
 from .metrics import MetricsRegistry, SummedGroup
 from .mmds import (DEFAULT_MMDS_IPV4, MmdsHttpHandler, MmdsMetrics, MmdsNetworkStack, MmdsStore,
                    MmdsVersion, TokenAuthority)
 from .net.tap import Tap, TapError
+from .pcislots import PciSlotError, PciSlots
 from .snapshot import kvmstate
 from .snapshot.memfile import rate_limiters
 from .snapshot.uffd import UffdError, register_and_send
@@ -60,9 +64,6 @@ from .vcpu import Vcpu, VcpuMetrics, VcpuStopReason
 
 log = logging.getLogger(__name__)
 
-# Firecracker's command line when boot_args is not given.
-DEFAULT_KERNEL_CMDLINE = ("reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 "
-                          "i8042.noaux i8042.nomux i8042.dumbkbd")
 KVM_TSS_ADDRESS = 0xFFFB_D000
 KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 MiB = 1 << 20
@@ -94,6 +95,7 @@ class BuildContext:
     kvm_path: str = "/dev/kvm"
     mmds_store: MmdsStore | None = None       # the API's data store (a fresh one if None)
     restore: "Restore | None" = None          # build from a snapshot instead of booting
+    pci: bool = False                         # --enable-pci: virtio devices on PCI, not virtio-mmio
 
 
 @dataclasses.dataclass
@@ -127,21 +129,28 @@ class MicroVm:
     vsock: Vsock | None = None
     balloon: Balloon | None = None
     msr_indices: list[int] = dataclasses.field(default_factory=list)   # what a snapshot saves
-    transports: list[VirtioMmioTransport] = dataclasses.field(default_factory=list)  # attach order
+    transports: list = dataclasses.field(default_factory=list)   # virtio transports, attach order
+    transport_ids: list[str] = dataclasses.field(default_factory=list)   # the device of each
+    pci: PciSlots | None = None               # the PCI bus (--enable-pci)
+    hotplugged: dict[str, contextlib.ExitStack] = dataclasses.field(default_factory=dict)
 
     def close(self) -> None:
         self.resources.close()
 
 
-def kernel_cmdline(config: VmConfig, virtio_windows: list[tuple[int, int, int]]) -> str:
+def kernel_cmdline(config: VmConfig, virtio_windows: list[tuple[int, int, int]], *,
+                   pci: bool = False) -> str:
     """boot_args (or Firecracker's default), then what Firecracker v1.16 appends after them.
 
-    That is ``pci=off`` (there is no PCI bus; appended even when boot_args has it, as
-    Firecracker does), the root device, and one ``virtio_mmio.device=`` per device for
-    kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; others find the devices in the DSDT.
+    That is ``pci=off`` when there is no PCI bus (appended even when boot_args has it, as
+    Firecracker does; never with ``--enable-pci``), the root device, and one
+    ``virtio_mmio.device=`` per virtio-mmio device for kernels built with
+    VIRTIO_MMIO_CMDLINE_DEVICES; others find the devices in the DSDT.
     """
     boot = config.boot_source
-    parts = [boot.boot_args if boot and boot.boot_args is not None else DEFAULT_KERNEL_CMDLINE, "pci=off"]
+    parts = [boot.boot_args if boot and boot.boot_args is not None else DEFAULT_KERNEL_CMDLINE]
+    if not pci:
+        parts.append("pci=off")
     root = next((d for d in config.drives if d.is_root_device), None)
     if root is not None:
         dev = f"PARTUUID={root.partuuid}" if root.partuuid else "/dev/vda"
@@ -217,8 +226,8 @@ def _irq_line(vm: VmFd, gsi: int, stack: contextlib.ExitStack) -> EventFdIrqLine
     return line
 
 
-def _load_boot_image(config: VmConfig, mem: GuestMemory, cmdline: str, rsdp_addr: int
-                     ) -> tuple[KernelLoad, regs.BootEntry]:
+def _load_boot_image(config: VmConfig, mem: GuestMemory, cmdline: str, rsdp_addr: int,
+                     reserved: list[tuple[int, int]]) -> tuple[KernelLoad, regs.BootEntry]:
     boot = config.boot_source
     try:
         kernel = load_kernel(mem, boot.kernel_image_path)
@@ -230,11 +239,12 @@ def _load_boot_image(config: VmConfig, mem: GuestMemory, cmdline: str, rsdp_addr
         ram = [(r.guest_addr, r.size) for r in mem.regions]
         if kernel.pvh_entry is not None:
             write_pvh_start_info(mem, mem_layout=ram, cmdline_addr=layout.CMDLINE_START,
-                                 initrd=initrd, rsdp_addr=rsdp_addr)
+                                 initrd=initrd, rsdp_addr=rsdp_addr, reserved=reserved)
             return kernel, regs.BootEntry(kernel.pvh_entry, pvh=True)
         zero_page = build_boot_params(mem_layout=ram, cmdline_addr=layout.CMDLINE_START,
                                       cmdline_len=cmdline_len, initrd=initrd,
-                                      setup_header=kernel.setup_header, acpi_rsdp_addr=rsdp_addr)
+                                      setup_header=kernel.setup_header, acpi_rsdp_addr=rsdp_addr,
+                                      reserved=reserved)
         mem.write(layout.ZERO_PAGE_START, zero_page)
         return kernel, regs.BootEntry(kernel.entry)
     except OSError as e:
@@ -294,23 +304,36 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
             boot_timer = BootTimer(ctx.start_ns, ctx.start_cpu_ns)
             mmio_bus.insert(layout.BOOT_TIMER_ADDR, layout.BOOT_TIMER_SIZE, boot_timer)
 
-        virtio = _VirtioSlots(vm, mem, mmio_bus, ctx.loop, stack, faults)
+        # The PCI CONFIG_ADDRESS/DATA ports belong to the loop, like the MMIO bus.
+        loop_pio_bus = Bus("pio", locked=False, faults=faults)
+        # A snapshot is restored on the transport it was taken on, whatever this process's flag.
+        pci = "pci_slots" in restore.state.devices if restore is not None else ctx.pci
+        if pci:
+            router = GsiRouter(vm)
+            slots = PciSlots(vm, mem, mmio_bus, loop_pio_bus, ctx.loop, faults, router)
+            stack.callback(slots.close)
+            saved_slots = restore.state.devices["pci_slots"] if restore is not None else None
+            virtio = _PciAttach(slots, saved_slots)
+        else:
+            virtio = _VirtioSlots(vm, mem, mmio_bus, ctx.loop, stack, faults)
         blocks = {}
         # The root device goes first so that it is /dev/vda, as the command line says.
         for drive in sorted(config.drives, key=lambda d: not d.is_root_device):
-            blocks[drive.drive_id] = virtio.attach(_block_device(drive, ctx, stack))
+            blocks[drive.drive_id] = virtio.attach(_block_device(drive, ctx, stack),
+                                                   f"block:{drive.drive_id}")
         nets = {}
         mmds_stacks = _mmds_stacks(config, ctx)
         for iface in config.network_interfaces:
             nets[iface.iface_id] = virtio.attach(
-                _net_device(iface, mmds_stacks.get(iface.iface_id), ctx, stack))
+                _net_device(iface, mmds_stacks.get(iface.iface_id), ctx, stack),
+                f"net:{iface.iface_id}")
         vsock = None
         if config.vsock is not None:
-            vsock = virtio.attach(_vsock_device(config.vsock, ctx))
+            vsock = virtio.attach(_vsock_device(config.vsock, ctx), "vsock")
         rng = None
         if config.entropy is not None:
             rng = virtio.attach(Rng(RateLimiter.from_config(config.entropy.rate_limiter),
-                                    _register(ctx.metrics, "entropy", EntropyMetrics())))
+                                    _register(ctx.metrics, "entropy", EntropyMetrics())), "entropy")
         balloon = None
         if config.balloon is not None:
             b = config.balloon
@@ -319,19 +342,20 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                 stats_polling_interval_s=b.stats_polling_interval_s,
                 free_page_hinting=b.free_page_hinting, free_page_reporting=b.free_page_reporting,
                 mem_size_mib=mc.mem_size_mib,
-                metrics=_register(ctx.metrics, "balloon", BalloonMetrics())))
+                metrics=_register(ctx.metrics, "balloon", BalloonMetrics())), "balloon")
         virtio_windows = virtio.windows
-        cmdline = kernel_cmdline(config, virtio_windows)
+        cmdline = kernel_cmdline(config, virtio_windows, pci=pci)
         if restore is not None:
             msr_indices = kvm.msr_index_list()
-            vcpus = _vcpus(vm, kvm, mc, pio_bus, mmio_bus, ctx, stack, mem, entry=None)
+            vcpus = _vcpus(vm, kvm, mc, pio_bus, loop_pio_bus, mmio_bus, ctx, stack, mem, entry=None)
             machine = MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
                               serial=serial, i8042=i8042, boot_timer=boot_timer, blocks=blocks,
                               rng=rng, kernel=None, cmdline=cmdline, resources=stack,
                               nets=nets, vsock=vsock, balloon=balloon, msr_indices=msr_indices,
-                              transports=virtio.transports)
+                              transports=virtio.transports, transport_ids=virtio.ids,
+                              pci=virtio.slots if pci else None)
             _restore_limiters(restore.state, machine)
-            _restore_state(restore.state, vm, vcpus, serial, i8042, virtio.transports,
+            _restore_state(restore.state, vm, vcpus, serial, i8042, machine,
                            clock_realtime=restore.clock_realtime, balloon=balloon)
             if vsock is not None:
                 # As Firecracker does after a load: the host side's connections are gone, and
@@ -342,7 +366,8 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
 
         try:
             acpi = create_acpi_tables(vcpus=mc.vcpu_count, virtio_devices=virtio_windows,
-                                      serial=True, i8042=True)
+                                      serial=True, i8042=True,
+                                      pci=_host_bridge(virtio.slots) if pci else None)
             acpi.write_into(mem)
             mp_addr, mp_table = create_mptable(vcpus=mc.vcpu_count,
                                                extra_gsis=[gsi for _, _, gsi in virtio_windows])
@@ -350,23 +375,26 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         except (AcpiError, MpTableError) as e:
             raise BuildError(str(e)) from e
 
-        kernel, entry = _load_boot_image(config, mem, cmdline, acpi.rsdp_addr)
+        reserved = [(layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE)] if pci else []
+        kernel, entry = _load_boot_image(config, mem, cmdline, acpi.rsdp_addr, reserved)
         log.info("Kernel %s loaded at %#x, entry %#x (%s)", config.boot_source.kernel_image_path,
                  kernel.load_addr, entry.entry_addr, "PVH" if entry.pvh else "64-bit boot protocol")
 
         msr_indices = kvm.msr_index_list()
-        vcpus = _vcpus(vm, kvm, mc, pio_bus, mmio_bus, ctx, stack, mem, entry)
+        vcpus = _vcpus(vm, kvm, mc, pio_bus, loop_pio_bus, mmio_bus, ctx, stack, mem, entry)
         resources = stack.pop_all()
     # KVM's fd for /dev/kvm is not needed once the VM exists.
     return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus, serial=serial,
                    i8042=i8042, boot_timer=boot_timer, blocks=blocks, rng=rng, kernel=kernel,
                    cmdline=cmdline,
                    resources=resources, nets=nets, vsock=vsock, balloon=balloon,
-                   msr_indices=msr_indices, transports=virtio.transports)
+                   msr_indices=msr_indices, transports=virtio.transports,
+                   transport_ids=virtio.ids, pci=virtio.slots if pci else None)
 
 
-def _vcpus(vm: VmFd, kvm: Kvm, mc, pio_bus: Bus, mmio_bus: Bus, ctx: BuildContext,
-           stack: contextlib.ExitStack, mem: GuestMemory, entry: regs.BootEntry | None) -> list[Vcpu]:
+def _vcpus(vm: VmFd, kvm: Kvm, mc, pio_bus: Bus, loop_pio_bus: Bus, mmio_bus: Bus,
+           ctx: BuildContext, stack: contextlib.ExitStack, mem: GuestMemory,
+           entry: regs.BootEntry | None) -> list[Vcpu]:
     """The vCPUs with their CPUID; the boot vCPU at ``entry`` (None: a snapshot sets them)."""
     supported_cpuid = kvm.supported_cpuid()
     vcpu_metrics = _register(ctx.metrics, "vcpu", SummedGroup(VcpuMetrics))
@@ -377,7 +405,8 @@ def _vcpus(vm: VmFd, kvm: Kvm, mc, pio_bus: Bus, mmio_bus: Bus, ctx: BuildContex
         regs.configure_vcpu(fd, supported_cpuid, vcpu_count=mc.vcpu_count, smt=mc.smt)
         if index == 0 and entry is not None:
             regs.set_boot_registers(fd, mem, entry)
-        vcpus.append(Vcpu(fd, pio_bus=pio_bus, mmio_bus=mmio_bus, loop=ctx.loop,
+        vcpus.append(Vcpu(fd, pio_bus=pio_bus, pio_loop_bus=loop_pio_bus, mmio_bus=mmio_bus,
+                          loop=ctx.loop,
                           on_stop=ctx.on_vcpu_stop, metrics=vcpu_metrics.new_part()))
     return vcpus
 
@@ -397,9 +426,10 @@ def _restore_limiters(state: SnapshotState, machine: MicroVm) -> None:
 
 
 def _restore_state(state: SnapshotState, vm: VmFd, vcpus: list[Vcpu], serial: Serial,
-                   i8042: I8042, transports: list[VirtioMmioTransport], *,
+                   i8042: I8042, machine: MicroVm, *,
                    clock_realtime: bool = False, balloon: Balloon | None = None) -> None:
     """The snapshot's VM, vCPU and device state, each through its validating setter."""
+    transports = machine.transports
     if len(state.vcpus) != len(vcpus):
         raise BuildError(f"the snapshot has {len(state.vcpus)} vCPU states for {len(vcpus)} vCPUs")
     try:
@@ -410,11 +440,21 @@ def _restore_state(state: SnapshotState, vm: VmFd, vcpus: list[Vcpu], serial: Se
             raise ValueError("the snapshot's balloon state does not match the configuration")
         if balloon is not None:          # before its transport activates it
             balloon.restore_state(msgspec.convert(saved_balloon, BalloonState))
-        virtio = msgspec.convert(state.devices.get("virtio", []), list[TransportState])
+        virtio = msgspec.convert(state.devices.get("virtio", []),
+                                 list[TransportState | PciTransportState])
         if len(virtio) != len(transports):
             raise ValueError(f"{len(virtio)} virtio device states for {len(transports)} devices")
+        ids = state.devices.get("virtio_ids")
+        if ids is not None:       # states in the snapshot's attach order, matched by device
+            by_id = dict(zip(msgspec.convert(ids, list[str]), virtio))
+            if sorted(by_id) != sorted(machine.transport_ids):
+                raise ValueError(f"virtio device states for {sorted(by_id)}, devices "
+                                 f"{sorted(machine.transport_ids)}")
+            virtio = [by_id[i] for i in machine.transport_ids]
         for transport, transport_state in zip(transports, virtio):
             transport.restore_state(transport_state)
+            if machine.pci is not None:
+                machine.pci.restored(transport)
     except (msgspec.ValidationError, ValueError) as e:
         raise BuildError(f"the snapshot's device state is invalid: {e}") from e
     try:
@@ -436,8 +476,9 @@ class _VirtioSlots:
         self._faults = faults
         self.windows: list[tuple[int, int, int]] = []
         self.transports: list[VirtioMmioTransport] = []
+        self.ids: list[str] = []
 
-    def attach(self, device: VirtioDevice):
+    def attach(self, device: VirtioDevice, device_id: str):
         try:
             base, size, gsi = layout.virtio_mmio_window(len(self.windows))
         except ValueError as e:
@@ -457,7 +498,39 @@ class _VirtioSlots:
         self._bus.insert(base, size, transport)
         self.windows.append((base, size, gsi))
         self.transports.append(transport)
+        self.ids.append(device_id)
         return device
+
+
+class _PciAttach:
+    """The builder's view of :class:`PciSlots`: attach in order, or at a snapshot's slots."""
+
+    windows: list[tuple[int, int, int]] = []       # no virtio-mmio windows with PCI
+
+    def __init__(self, slots: PciSlots, saved_slots: dict | None) -> None:
+        self.slots = slots
+        self._saved = msgspec.convert(saved_slots, dict[str, int]) if saved_slots is not None else None
+        self.transports: list = []
+        self.ids: list[str] = []
+
+    def attach(self, device: VirtioDevice, device_id: str):
+        slot = None
+        if self._saved is not None:
+            if device_id not in self._saved:
+                raise BuildError(f"the snapshot has no PCI slot for device {device_id}")
+            slot = self._saved[device_id]
+        try:
+            transport = self.slots.attach(device, slot=slot)
+        except PciSlotError as e:
+            raise BuildError(str(e)) from e
+        self.transports.append(transport)
+        self.ids.append(device_id)
+        return device
+
+
+def _host_bridge(slots: PciSlots) -> PciHostBridge:
+    return PciHostBridge(ecam_base=layout.PCI_ECAM_START, ecam_size=layout.PCI_ECAM_BUS0_SIZE,
+                         bus_start=0, bus_end=0, mmio32=slots.mmio32, mmio64=slots.mmio64)
 
 
 def _vsock_device(cfg, ctx: BuildContext) -> Vsock:
@@ -532,3 +605,54 @@ def _register(metrics: MetricsRegistry, name: str, group):
         return existing
     metrics.register(name, group)
     return group
+
+
+# -- hot-plug (--enable-pci) ------------------------------------------------------------------
+
+
+def hotplug_device(machine: MicroVm, ctx: BuildContext, cfg) -> None:
+    """Create the device ``cfg`` asks for (a drive or a network interface) and put it on the
+    running microVM's PCI bus; the guest finds it when it rescans the bus.  A failure leaves
+    the microVM as it was."""
+    if machine.pci is None:
+        raise BuildError("PCI is not enabled")
+    with contextlib.ExitStack() as stack:
+        if hasattr(cfg, "drive_id"):
+            device_id, device = f"block:{cfg.drive_id}", _block_device(cfg, ctx, stack)
+        else:
+            device_id = f"net:{cfg.iface_id}"
+            device = _net_device(cfg, None, ctx, stack)
+        try:
+            transport = machine.pci.attach(device)
+        except PciSlotError as e:
+            raise BuildError(str(e)) from e
+        stack.callback(machine.pci.detach, transport)
+        machine.transports.append(transport)
+        machine.transport_ids.append(device_id)
+        if hasattr(cfg, "drive_id"):
+            machine.blocks[cfg.drive_id] = device
+        else:
+            machine.nets[cfg.iface_id] = device
+        device_stack = stack.pop_all()
+    machine.hotplugged[device_id] = device_stack
+    machine.resources.callback(device_stack.close)
+
+
+def unplug_device(machine: MicroVm, device_id: str, metrics: MetricsRegistry) -> None:
+    """Take a device off the running microVM's PCI bus (the guest removed it first)."""
+    if machine.pci is None:
+        raise BuildError("PCI is not enabled")
+    try:
+        index = machine.transport_ids.index(device_id)
+    except ValueError:
+        raise BuildError("Device not found") from None
+    transport = machine.transports.pop(index)
+    del machine.transport_ids[index]
+    kind, _, name = device_id.partition(":")
+    (machine.blocks if kind == "block" else machine.nets).pop(name, None)
+    stack = machine.hotplugged.pop(device_id, None)
+    if stack is None:               # a device the microVM booted with
+        machine.pci.detach(transport)
+        metrics.unregister(f"{kind}_{name}")
+    else:
+        stack.close()

@@ -21,9 +21,11 @@ MAX_SUPPORTED_VCPUS = 32
 DEFAULT_MEM_SIZE_MIB = 128
 # x86_64 boot protocol: the command line buffer holds 2048 bytes including its NUL.
 CMDLINE_MAX_SIZE = 2048
+# Firecracker 1.16's command line when boot_args is not given (``pci=off`` is appended to it
+# separately, and only without --enable-pci).
 DEFAULT_KERNEL_CMDLINE = (
-    "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 "
-    "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+    "reboot=k panic=1 nomodule 8250.nr_uarts=0 "
+    "i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce"
 )
 
 CpuTemplate = Literal["C3", "T2", "T2S", "T2CL", "T2A", "V1N1", "None"]

@@ -39,6 +39,7 @@ TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUNGETVNETHDRSZ = 0x800454D7
 TUNGETIFF = 0x800454D2
+TUNSETIFF = 0x400454CA
 KICK_SIGNAL = int(signal.SIGRTMIN) + 2      # asyncvmm.vcpu.KICK_SIGNAL (not imported: no cycle)
 
 Spec = dict[str, list[tuple[Cond, ...]]]   # call name -> rules (each a tuple of AND-ed conditions)
@@ -141,7 +142,11 @@ VMM: Spec = {
         FIONBIO, FIOCLEX,                                          # the loop's fds
         termios.TCGETS, termios.TCSETS, termios.TCSETSW, termios.TCSETSF, termios.TIOCGWINSZ,  # console
         TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNGETVNETHDRSZ, TUNGETIFF,  # tap, as the guest negotiates
+        TUNSETIFF,                                                 # a tap opened for a hot-plug
         k.KVM_IRQ_LINE, k.KVM_KVMCLOCK_CTRL, k.KVM_SET_USER_MEMORY_REGION, k.KVM_GET_DIRTY_LOG,
+        # PCI (--enable-pci): the guest's MSI-X table writes re-route vectors, its BAR moves
+        # move the notify ioeventfds, and hot-plug wires a new device's irqfds and ioeventfds
+        k.KVM_SET_GSI_ROUTING, k.KVM_IOEVENTFD, k.KVM_IRQFD,
         # snapshots read the VM's and vCPUs' state from the loop (vCPUs paused)
         k.KVM_GET_REGS, k.KVM_GET_SREGS, k.KVM_GET_MSRS, k.KVM_GET_FPU, k.KVM_GET_LAPIC,
         k.KVM_GET_CPUID2, k.KVM_GET_MP_STATE, k.KVM_GET_VCPU_EVENTS, k.KVM_GET_DEBUGREGS,

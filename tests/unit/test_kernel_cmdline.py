@@ -36,3 +36,17 @@ def test_writable_root_by_partuuid():
 def test_empty_boot_args_are_kept_empty():
     cfg = _config(**{"boot-source": {"kernel_image_path": "/k", "boot_args": ""}})
     assert kernel_cmdline(cfg, []) == "pci=off"
+
+
+def test_firecracker_1_16_default_has_no_pci_off_of_its_own():
+    assert "pci=off" not in DEFAULT_KERNEL_CMDLINE
+    assert DEFAULT_KERNEL_CMDLINE.endswith("i8042.dumbkbd swiotlb=noforce")
+
+
+def test_pci_machines_get_no_pci_off_and_no_virtio_mmio_devices():
+    cfg = _config(drives=[{"drive_id": "root", "path_on_host": "/r", "is_root_device": True,
+                           "is_read_only": False}])
+    line = kernel_cmdline(cfg, [], pci=True)
+    assert line == f"{DEFAULT_KERNEL_CMDLINE} root=/dev/vda rw"
+    assert "pci=off" not in kernel_cmdline(_config(**{"boot-source": {"kernel_image_path": "/k",
+                                                                      "boot_args": "quiet"}}), [], pci=True)
