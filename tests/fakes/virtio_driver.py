@@ -250,17 +250,21 @@ class FakeDriver:
         return pending
 
     async def wait_used(self, vq: FakeVirtqueue, count: int, timeout: float = 10.0) -> list[tuple[int, int]]:
-        """Collect ``count`` used elements, letting the loop (and I/O threads) run meanwhile."""
-        got: list[tuple[int, int]] = []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            got.extend(vq.take_used())
-            if len(got) >= count:
-                return got
-            if loop.time() > deadline:
-                raise TimeoutError(f"{len(got)} of {count} used elements after {timeout}s")
-            await asyncio.sleep(0 if len(got) == 0 else 0.0005)
+        return await wait_used(vq, count, timeout)
+
+
+async def wait_used(vq: FakeVirtqueue, count: int, timeout: float = 10.0) -> list[tuple[int, int]]:
+    """Collect ``count`` used elements, letting the loop (and I/O threads) run meanwhile."""
+    got: list[tuple[int, int]] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        got.extend(vq.take_used())
+        if len(got) >= count:
+            return got
+        if loop.time() > deadline:
+            raise TimeoutError(f"{len(got)} of {count} used elements after {timeout}s")
+        await asyncio.sleep(0 if len(got) == 0 else 0.0005)
 
 
 async def settle(rounds: int = 5) -> None:
