@@ -1,4 +1,4 @@
-"""The guest initramfs: busybox, the virtio/vsock modules and the asyncvmm ``/init``.
+"""The guest initramfs: busybox, the virtio (mmio and pci)/vsock modules and the asyncvmm ``/init``.
 
 Written as a deterministic cpio newc archive (uncompressed: under emulation
 decompressing costs more boot time than reading a few MB more).
@@ -14,10 +14,13 @@ from .guestinit import init_script
 from .kernel import KernelArtifact
 from .tree import FsTree
 
-# What a guest of asyncvmm needs: virtio-mmio transport, block, net, entropy,
-# balloon, vsock, ext4.  Names that are built into the kernel are skipped.
-GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "virtio_balloon", "vsock",
-                 "vmw_vsock_virtio_transport", "ext4"]
+# What a guest of asyncvmm needs: both virtio transports (virtio-mmio by default,
+# virtio-pci with --enable-pci; each loads harmlessly where it finds no device), block,
+# net, entropy, balloon, vsock, ext4.  Transports come first so the device drivers bind
+# as they load.  Names that are built into the kernel are skipped; dependencies
+# (virtio_pci's virtio_pci_modern_dev / virtio_pci_legacy_dev) come from kmod.load_order.
+GUEST_MODULES = ["virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "virtio_rng", "virtio_balloon",
+                 "vsock", "vmw_vsock_virtio_transport", "ext4"]
 
 
 def busybox_applets(busybox: Path) -> list[str]:

@@ -89,6 +89,26 @@ def test_load_order_puts_dependencies_first_once_and_skips_builtins():
     assert len(order) == len(set(order)) == 4
 
 
+# virtio_pci's lines in Debian 12's cloud kernel (6.1.0-57-cloud-amd64) modules.dep.
+PCI_DEP = DEP + "".join(line + "\n" for line in (
+    "kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_ring.ko "
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_pci_legacy_dev.ko "
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko:",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko:"))
+
+
+def test_guest_modules_load_both_transports_and_their_libraries_before_the_drivers():
+    from asyncvmm_tools.images.initramfs import GUEST_MODULES
+    order = load_order([m for m in GUEST_MODULES if m in ("virtio_mmio", "virtio_pci", "virtio_blk")],
+                       parse_modules_dep(PCI_DEP))
+    names = [module_name(p) for p in order]
+    pci = names.index("virtio_pci")
+    assert names.index("virtio_pci_modern_dev") < pci and names.index("virtio_pci_legacy_dev") < pci
+    assert pci < names.index("virtio_blk") and names.index("virtio_mmio") < names.index("virtio_blk")
+    assert GUEST_MODULES.index("virtio_pci") < GUEST_MODULES.index("virtio_net")
+
+
 def test_unknown_module_and_cycles_are_errors():
     table = parse_modules_dep(DEP)
     with pytest.raises(ModuleError, match="neither built in nor present"):

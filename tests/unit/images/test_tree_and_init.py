@@ -119,3 +119,20 @@ def test_paths_sh_prints_quoted_assignments_a_shell_can_eval(tmp_path):
     out = subprocess.run(["sh", "-c", f'eval "$1"; printf "%s\\n" "$KERNEL" "$BZIMAGE" "$INITRD" "$ROOTFS"',
                           "sh", shell_assignments(images)], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == [str(d / "vmlinux"), str(d / "vmlinuz"), str(d / "i.cpio"), str(d / "r'oot.ext4")]
+
+
+def test_init_loads_every_listed_module_and_goes_on_past_one_that_fails(tmp_path):
+    """The initramfs's module loop, run with an insmod that refuses one module (absent, or
+    refused by this kernel): the failure is reported and the later modules still load."""
+    require(shutil.which("busybox") is not None, "busybox not installed")
+    lines = init_script("initramfs").decode().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.strip().startswith("while read -r m"))
+    end = next(i for i in range(start, len(lines)) if "done < /etc/asyncvmm/modules" in lines[i])
+    listing = tmp_path / "modules"
+    listing.write_text("virtio_mmio.ko\nvirtio_pci.ko\n\nvirtio_blk.ko\n")
+    loop = "\n".join(lines[start:end + 1]).replace("/etc/asyncvmm/modules", str(listing))
+    script = ('say() { echo "asyncvmm-guest: $*"; }\n'
+              'insmod() { echo "loaded $1"; [ "$1" != /lib/modules/virtio_pci.ko ]; }\n' + loop + "\necho end\n")
+    out = subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True).stdout.splitlines()
+    assert out == ["loaded /lib/modules/virtio_mmio.ko", "loaded /lib/modules/virtio_pci.ko",
+                   "asyncvmm-guest: insmod virtio_pci.ko failed", "loaded /lib/modules/virtio_blk.ko", "end"]
