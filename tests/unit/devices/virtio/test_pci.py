@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
 
 from asyncvmm.devices.irq import EventFd
 from asyncvmm.devices.virtio import pci as p
@@ -444,6 +446,45 @@ async def test_notify_writes_for_absent_queues_are_ignored(rig):
     rig.transport.write(p.NOTIFY_OFFSET + 4 * 0, struct.pack("<H", 0))
     assert [e.read() for e in rig.transport.queue_events] == [1, 0]
     assert rig.metrics.virtio_pci_access == 1
+
+
+_FIELDS = [*p._COMMON_FIELDS, p.VIRTIO_PCI_COMMON_Q_DESCHI, p.ISR_OFFSET, p.DEVICE_CFG_OFFSET,
+           p.NOTIFY_OFFSET, p.NOTIFY_OFFSET + 4, p.MSIX_TABLE_OFFSET + 12, p.MSIX_TABLE_OFFSET + 16,
+           p.MSIX_PBA_OFFSET]
+_access = hs.tuples(
+    hs.sampled_from(["bar", "cfg"]),
+    hs.one_of(hs.sampled_from(_FIELDS), hs.integers(0, 0x8010)),
+    hs.sampled_from([1, 2, 3, 4, 8]),
+    hs.one_of(hs.sampled_from([b"\0" * 8, b"\xff" * 8, b"\x01" + b"\0" * 7, b"\x0f" + b"\0" * 7]),
+              hs.binary(min_size=8, max_size=8)),
+    hs.booleans())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(accesses=hs.lists(_access, max_size=80))
+async def test_any_access_sequence_after_init_is_survived(accesses):
+    """Whatever a guest does to BAR0 and config space: no exception, and the registers stay sane."""
+    rig = make_pci_rig(EchoDevice())
+    try:
+        await rig.driver.init()
+        t = rig.transport
+        for space, offset, size, data, write in accesses:
+            if space == "cfg":
+                offset %= 0x1000
+            writer, reader = (t.config_write, t.config_read) if space == "cfg" else (t.write, t.read)
+            if write:
+                writer(offset, data[:size])
+            else:
+                assert len(reader(offset, size)) == size
+        await settle()
+        assert t.status & ~(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK | 0x80) == 0
+        assert all(v == NO_VECTOR or v < 3 for v in [t.config_msix_vector, *t.queue_msix_vectors])
+        assert t.isr <= 3 and t.config_generation <= 0xFF
+        assert all(q.ready is False for q in t.queues) or t.status & FEATURES_OK
+    finally:
+        if rig.transport.activation is not None:
+            rig.transport.device.deactivate()
+        rig.close()
 
 
 # -- the PCI configuration access capability (§4.1.4.9) -------------------------------------
