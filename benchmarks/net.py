@@ -3,23 +3,33 @@
 Both VMMs boot the linux tier's Debian guest (cloud kernel, the project's
 initramfs, the ext4 rootfs with iperf3; see docs/images.md), 1 vCPU,
 256 MiB, each with one virtio-net device on its own tap in a private
-network namespace:
+network namespace, once per transport (virtio-mmio, virtio-pci):
 
 ``asyncvmm``
     ``asyncvmm --no-api --config-file vm.json`` with a ``network-interfaces``
     entry (``host_dev_name`` = the tap): userspace virtio-net, the only kind
-    asyncvmm has.
+    asyncvmm has, on virtio-mmio.
 ``qemu-microvm``
     ``-netdev tap,ifname=...,script=no,downscript=no,vhost=off
     -device virtio-net-device,netdev=...,mac=...``: QEMU's userspace
     virtio-net, no vhost, on modern virtio-mmio
     (``-global virtio-mmio.force-legacy=false``, the transport version
     asyncvmm and Firecracker offer).
+``asyncvmm-pci``
+    the same as ``asyncvmm`` with ``--enable-pci``: the NIC and the root disk
+    are virtio-pci functions (modern only, MSI-X), the kernel runs without
+    ``pci=off``.
+``qemu-microvm-pci``
+    the same microvm machine with ``pcie=on`` (a PCIe host bridge with ECAM,
+    described in ACPI) and the devices moved onto it:
+    ``-device virtio-net-pci,disable-legacy=on,netdev=...`` and the root disk
+    on ``virtio-blk-pci,disable-legacy=on`` (the 1af4:1041/1042 functions
+    asyncvmm offers), no ``pci=off`` either.
 
 Each guest gets ``avm.ip=172.16.<i>.2/24`` and runs ``iperf3 -s -D``; the
-host side of its tap is ``172.16.<i>.1/24``.  Both guests are booted first
-and stay up; then every round measures each VMM in a rotated order, from the
-host side, in the namespace:
+host side of its tap is ``172.16.<i>.1/24``.  All guests are booted first
+and stay up; then every round measures each variant in a rotated order, from
+the host side, in the namespace:
 
 * ``h2g``: ``iperf3 -c <guest> -t S -J``: TCP, host sends, the guest
   receives (the device's RX path);
@@ -63,8 +73,8 @@ from benchmarks import machine, report, stats
 from benchmarks.rounds import interleaved_rounds
 
 NAME = "net"
-TITLE = ("Network: asyncvmm virtio-net vs QEMU microvm virtio-net (tap, no vhost), same Debian guest, "
-         "nested emulated host (ratios only)")
+TITLE = ("Network: asyncvmm virtio-net vs QEMU microvm virtio-net (tap, no vhost; virtio-mmio and virtio-pci), "
+         "same Debian guest, nested emulated host (ratios only)")
 DEFAULT_RUNS = 10
 QUICK_RUNS = 2
 DEFAULT_SECONDS = 4
@@ -235,6 +245,50 @@ def qemu_net_args(link: Link) -> list[str]:
             "-device", f"virtio-net-device,netdev=bench0,mac={GUEST_MAC}"]
 
 
+def without_pci_off(boot_args: str) -> str:
+    """The kernel command line with PCI left on (the harness's base arguments say ``pci=off``)."""
+    return " ".join(w for w in boot_args.split() if w != "pci=off")
+
+
+QEMU_PCI_DEVICES = {"virtio-net-device": "virtio-net-pci", "virtio-blk-device": "virtio-blk-pci"}
+
+
+def qemu_pci_argv(argv: Sequence[str]) -> list[str]:
+    """A QEMU microvm command line moved onto PCI: ``pcie=on`` for the machine, each virtio-mmio
+    device as its modern-only virtio-pci twin (``disable-legacy=on``), the virtio-mmio global gone.
+
+    Everything else (memory, CPU, serial, kernel, drive backends) stays as it was, so the two QEMU
+    variants differ by the transport only.
+    """
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        value = args[i + 1] if i + 1 < len(args) else None
+        if arg == "-global" and value is not None and value.startswith("virtio-mmio."):
+            i += 2
+            continue
+        if arg == "-M" and value is not None:
+            machine = value.split(",")
+            if not machine[0] == "microvm":
+                raise ValueError(f"not a microvm machine: {value!r}")
+            out += [arg, ",".join([w for w in machine if not w.startswith("pcie=")] + ["pcie=on"])]
+            i += 2
+            continue
+        if arg == "-device" and value is not None:
+            driver, sep, props = value.partition(",")
+            if driver in QEMU_PCI_DEVICES:
+                out += [arg, f"{QEMU_PCI_DEVICES[driver]},disable-legacy=on{sep}{props}"]
+                i += 2
+                continue
+            if driver.startswith("virtio-") and driver.endswith("-device"):
+                raise ValueError(f"no virtio-pci twin known for {driver}")
+        out.append(arg)
+        i += 1
+    return out
+
+
 def netns_argv(netns: str, argv: Sequence[str], ip: str = "ip") -> list[str]:
     """``ip netns exec`` execs ``argv`` in place, so the pid stays the command's."""
     return [ip, "netns", "exec", netns, *argv]
@@ -285,13 +339,15 @@ def unit_of(name: str) -> str:
 COMPARED = ("h2g_mib_s", "g2h_mib_s", "ping_median_us", "ping_p99_us",
             "h2g_vmm_cpu_ms_per_mib", "g2h_vmm_cpu_ms_per_mib",
             "h2g_guest_cpu_ms_per_mib", "g2h_guest_cpu_ms_per_mib")
-SUBJECT, PEER = "asyncvmm", "qemu-microvm"
+# Each VMM against its peer on the same transport, then what moving asyncvmm onto PCI costs.
+PAIRS = (("asyncvmm", "qemu-microvm", COMPARED),
+         ("asyncvmm-pci", "qemu-microvm-pci", COMPARED),
+         ("asyncvmm-pci", "asyncvmm", COMPARED))
 
 
 def comparisons(vdocs: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """asyncvmm / QEMU per metric; throughput ratios are marked higher_is_better."""
-    return report.compare_pairs(vdocs, [(SUBJECT, PEER, COMPARED)],
-                                higher_is_better=lambda name: name.endswith("_mib_s"))
+    """Per metric, each pair of :data:`PAIRS` that ran; throughput ratios are marked higher_is_better."""
+    return report.compare_pairs(vdocs, PAIRS, higher_is_better=lambda name: name.endswith("_mib_s"))
 
 
 def pooled_pings(rtts_us: Sequence[float]) -> dict[str, float]:
@@ -308,6 +364,10 @@ NOTES = [
     "mean something: both VMMs ran in the same emulated host, in the same run, rounds interleaved.",
     "Ratios: h2g_mib_s and g2h_mib_s are rates (higher_is_better in the JSON): ABOVE 1.0 asyncvmm moves "
     "more. Latencies and CPU per MiB: below 1.0 asyncvmm is faster / cheaper.",
+    "Transports: asyncvmm vs qemu-microvm compares the two VMMs on virtio-mmio, asyncvmm-pci vs "
+    "qemu-microvm-pci on virtio-pci (QEMU microvm,pcie=on, modern-only virtio-pci functions, MSI-X, the root "
+    "disk on PCI too, no pci=off on either), and asyncvmm-pci vs asyncvmm what the PCI transport costs or "
+    "saves asyncvmm itself (above 1.0 for rates: PCI moves more).",
     "h2g: iperf3 client in the host namespace sends to iperf3 -s in the guest (the device's RX path); "
     "g2h: the same with -R (the guest sends: TX path). TCP, one stream, throughput as counted by the "
     "receiver. Before the rounds each guest had one discarded iperf3 run per direction and 5 pings.",
@@ -319,13 +379,13 @@ NOTES = [
     "(the kernel on its behalf: tap I/O, eventfds, and KVM handling the vCPU's exits, which the nested "
     "emulation makes expensive for both VMMs). *_guest_cpu_ms_per_mib is guest_time: how hard the guest "
     "worked per MiB (more interrupts or smaller batches show there). All tick-sampled.",
-    "TCP's TSO floor: tcp_min_tso_segs is 32 (settings.tcp_min_tso_segs) in both guests and the host "
+    "TCP's TSO floor: tcp_min_tso_segs is 32 (settings.tcp_min_tso_segs) in every guest and the host "
     "namespace. TCP sizes TSO packets to ~1 ms of its pacing rate; at emulated rates that is ~3 KB, and "
     "without the floor connections fell into a slow steady state of tiny packets (guest-to-host 0.3 vs "
     "8 MiB/s from one run to the next, for both VMMs), an artefact of emulation that hardware never "
     "reaches. `--min-tso-segs 0` measures with the kernels' default of 2.",
-    "Both guests stay booted for the whole run (each on its own tap and /24); the one not being measured "
-    "idles.",
+    "All guests stay booted for the whole run (each on its own tap and /24); those not being measured "
+    "idle.",
 ]
 
 
@@ -344,9 +404,14 @@ class Variant:
 
 
 VARIANTS = (
-    ("asyncvmm", "asyncvmm --no-api --config-file, one network-interfaces entry on a tap"),
+    ("asyncvmm", "asyncvmm --no-api --config-file, one network-interfaces entry on a tap (virtio-mmio)"),
     ("qemu-microvm", "QEMU microvm, -netdev tap,vhost=off -device virtio-net-device (modern virtio-mmio)"),
+    ("asyncvmm-pci", "asyncvmm --enable-pci --no-api --config-file, the same interface: virtio-net and the "
+                     "root disk on virtio-pci (MSI-X)"),
+    ("qemu-microvm-pci", "QEMU microvm,pcie=on, -netdev tap,vhost=off -device virtio-net-pci,disable-legacy=on "
+                         "(the root disk on virtio-blk-pci)"),
 )
+PCI_VARIANTS = frozenset({"asyncvmm-pci", "qemu-microvm-pci"})
 
 
 def make_variants(names: Sequence[str] | None = None) -> list[Variant]:
@@ -374,11 +439,13 @@ def _launchers(variant: Variant, netns: str, workdir: Path):
 
     class QemuNet(QemuMicrovmLauncher):
         def argv(self, spec, wd):
-            return netns_argv(netns, super().argv(spec, wd) + qemu_net_args(link), ip)
+            argv = super().argv(spec, wd) + qemu_net_args(link)
+            return netns_argv(netns, qemu_pci_argv(argv) if variant.name in PCI_VARIANTS else argv, ip)
 
-    if variant.name == "asyncvmm":
+    if variant.name.startswith("asyncvmm"):
         # Logs to a file: the console then carries only the guest, as QEMU's does.
-        return AsyncVmmNet(extra_args=["--log-path", str(workdir / "vmm.log"), "--level", "Info"])
+        pci = ["--enable-pci"] if variant.name in PCI_VARIANTS else []
+        return AsyncVmmNet(extra_args=["--log-path", str(workdir / "vmm.log"), "--level", "Info", *pci])
     return QemuNet()
 
 
@@ -389,6 +456,8 @@ def boot(variant: Variant, netns: str, images, workdir: Path, min_tso_segs: int)
     wd = workdir / variant.name
     wd.mkdir(parents=True, exist_ok=True)
     spec = default_spec(images, wd, extra_args=variant.link.guest_args, mem_mib=MEM_MIB)
+    if variant.name in PCI_VARIANTS:
+        spec = dataclasses.replace(spec, boot_args=without_pci_off(spec.boot_args))
     guest = Guest(_launchers(variant, netns, wd), spec, wd)
     variant.guest = guest
     variant.command = [a.replace(str(wd), "$WORKDIR").replace(netns, "$NETNS") for a in guest.argv]
@@ -515,7 +584,7 @@ class Settings:
 
 
 def run_direct(settings: Settings, command: str) -> tuple[dict[str, Any], bool]:
-    """Boot both guests here, measure, and return (the result document, every variant measured)."""
+    """Boot every variant's guest here, measure, and return (the result document, every variant measured)."""
     from asyncvmm_tools.images import ensure_images
     from asyncvmm.net.netns import NETNS_RUN_DIR, create_tap, temporary_netns
 

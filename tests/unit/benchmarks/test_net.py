@@ -148,8 +148,9 @@ def test_links_have_their_own_slash_24():
     assert (LINK.host_cidr, LINK.guest_ip, LINK.guest_args) == (
         "172.16.1.1/24", "172.16.1.2", "avm.ip=172.16.1.2/24")
     variants = net.make_variants()
-    assert [v.name for v in variants] == ["asyncvmm", "qemu-microvm"]
-    assert len({v.link.tap for v in variants}) == len({v.link.subnet for v in variants}) == 2
+    assert [v.name for v in variants] == ["asyncvmm", "qemu-microvm", "asyncvmm-pci", "qemu-microvm-pci"]
+    assert len({v.link.tap for v in variants}) == len({v.link.subnet for v in variants}) == 4
+    assert [v.link for v in net.make_variants(["qemu-microvm-pci"])] == [variants[3].link]
 
 
 def test_unknown_variants_are_refused():
@@ -186,14 +187,49 @@ def test_launchers_run_inside_the_namespace_with_one_nic(tmp_path):
     from tests.linux.harness import VmSpec
 
     spec = VmSpec(kernel=Path("/k"), boot_args="console=ttyS0")
-    a, q = net.make_variants()
+    a, q, apci, qpci = net.make_variants()
     argv = net._launchers(a, "ns1", tmp_path).argv(spec, tmp_path)
     assert argv[1:4] == ["netns", "exec", "ns1"]
     config = json.loads((tmp_path / "vm.json").read_text())
     assert config["network-interfaces"] == [net.asyncvmm_interface(a.link)]
     assert argv[argv.index("--log-path") + 1] == str(tmp_path / "vmm.log")
+    assert "--enable-pci" not in argv
     qargv = net._launchers(q, "ns1", tmp_path).argv(spec, tmp_path)
     assert qargv[1:4] == ["netns", "exec", "ns1"] and "tap,id=bench0,ifname=bench1" in " ".join(qargv)
+    assert "virtio-net-device" in " ".join(qargv) and "pcie=on" not in " ".join(qargv)
+
+    pargv = net._launchers(apci, "ns1", tmp_path).argv(spec, tmp_path)
+    assert pargv[1:4] == ["netns", "exec", "ns1"] and "--enable-pci" in pargv
+    assert json.loads((tmp_path / "vm.json").read_text())["network-interfaces"] == [
+        net.asyncvmm_interface(apci.link)]
+    qpargv = net._launchers(qpci, "ns1", tmp_path).argv(spec, tmp_path)
+    joined = " ".join(qpargv)
+    assert qpargv[1:4] == ["netns", "exec", "ns1"] and f"ifname={qpci.link.tap}" in joined
+    assert "virtio-net-pci,disable-legacy=on,netdev=bench0" in joined and "virtio-mmio" not in joined
+    assert "pcie=on" in qpargv[qpargv.index("-M") + 1]
+
+
+def test_qemu_pci_argv_moves_the_virtio_devices_and_nothing_else_onto_pci():
+    argv = ["qemu", "-M", "microvm,acpi=on,rtc=off", "-m", "256", "-append", "console=ttyS0 root=/dev/vda",
+            "-drive", "id=disk0,file=/r.ext4,format=raw,if=none,cache=unsafe,readonly=on",
+            "-device", "virtio-blk-device,drive=disk0,serial=rootfs",
+            "-global", "virtio-mmio.force-legacy=false",
+            "-netdev", "tap,id=bench0,ifname=t0", "-device", "virtio-net-device,netdev=bench0,mac=m"]
+    assert net.qemu_pci_argv(argv) == [
+        "qemu", "-M", "microvm,acpi=on,rtc=off,pcie=on", "-m", "256", "-append", "console=ttyS0 root=/dev/vda",
+        "-drive", "id=disk0,file=/r.ext4,format=raw,if=none,cache=unsafe,readonly=on",
+        "-device", "virtio-blk-pci,disable-legacy=on,drive=disk0,serial=rootfs",
+        "-netdev", "tap,id=bench0,ifname=t0", "-device", "virtio-net-pci,disable-legacy=on,netdev=bench0,mac=m"]
+    assert net.qemu_pci_argv(["q", "-M", "microvm,pcie=off"]) == ["q", "-M", "microvm,pcie=on"]
+    with pytest.raises(ValueError, match="microvm"):
+        net.qemu_pci_argv(["q", "-M", "q35"])
+    with pytest.raises(ValueError, match="virtio-rng-device"):
+        net.qemu_pci_argv(["q", "-device", "virtio-rng-device"])
+
+
+def test_pci_variants_boot_without_pci_off():
+    assert net.without_pci_off("console=ttyS0 pci=off quiet") == "console=ttyS0 quiet"
+    assert net.without_pci_off("console=ttyS0") == "console=ttyS0"
 
 
 # -- metrics and the document ----------------------------------------------------------------
@@ -241,6 +277,19 @@ def _vdocs(a: dict[str, list[float]], q: dict[str, list[float]]) -> dict:
     from benchmarks import report
     return {name: {"metrics": {k: report.metric(s, net.unit_of(k)) for k, s in d.items()}}
             for name, d in (("asyncvmm", a), ("qemu-microvm", q))}
+
+
+def test_comparisons_pair_each_transport_with_its_peer_and_asyncvmm_pci_with_mmio():
+    from benchmarks import report
+    m = {"h2g_mib_s": [10.0]}
+    vdocs = {name: {"metrics": {k: report.metric(s, net.unit_of(k)) for k, s in m.items()}}
+             for name, _ in net.VARIANTS}
+    comps, _ = net.comparisons(vdocs)
+    assert [(c["subject"], c["peer"]) for c in comps] == [
+        ("asyncvmm", "qemu-microvm"), ("asyncvmm-pci", "qemu-microvm-pci"), ("asyncvmm-pci", "asyncvmm")]
+    only_pci = {k: v for k, v in vdocs.items() if k.endswith("-pci")}
+    assert [(c["subject"], c["peer"]) for c in net.comparisons(only_pci)[0]] == [
+        ("asyncvmm-pci", "qemu-microvm-pci")]
 
 
 def test_comparisons_mark_rates_higher_is_better():
