@@ -95,7 +95,7 @@ class Msix:
         """Bytes of the PBA: whole QWORDs (§6.8.2.10)."""
         return 8 * ((self.num_vectors + 63) // 64)
 
-    # -- the capability (§6.8.2.1) ------------------------------------------
+    # -- the capability (§6.8.2.1-§6.8.2.5) ------------------------------------
 
     def capability(self, *, table_bar: int, table_offset: int, pba_bar: int, pba_offset: int
                    ) -> tuple[bytes, bytes]:

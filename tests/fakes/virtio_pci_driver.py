@@ -260,7 +260,8 @@ class FakePciDriver:
         if not self.negotiate(features, mask=mask):
             raise RuntimeError("device refused the features")
         assert self.set_config_vector(0) == 0
-        vqs = [self.setup_queue(i, (queue_sizes or {}).get(i), vector=i + 1) for i in range(self.num_queues())]
+        sizes = queue_sizes or {}
+        vqs = [self.setup_queue(i, sizes.get(i), vector=i + 1) for i in range(self.num_queues())]
         for vq in vqs:
             self.enable_queue(vq.index)
         self.add_status(DRIVER_OK)

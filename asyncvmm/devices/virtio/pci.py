@@ -169,6 +169,11 @@ def _pci_class(device_type: int) -> int:
     return PCI_CLASS_OTHERS
 
 
+def _in_device_cfg(offset: int, size: int) -> bool:
+    """Inside the device configuration; any access up to 8 bytes goes to the device (§4.1.4.6)."""
+    return DEVICE_CFG_OFFSET <= offset and offset + size <= DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE and size <= 8
+
+
 def _overlaps(offset: int, size: int, start: int, length: int) -> bool:
     return offset < start + length and start < offset + size
 
@@ -288,7 +293,7 @@ class VirtioPciTransport(VirtioTransport):
             # §4.1.4.5.1: reading the ISR status resets it to 0.
             isr, self.isr = self.isr, 0
             return bytes([isr])
-        if DEVICE_CFG_OFFSET <= offset and offset + size <= DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE and size <= 8:
+        if _in_device_cfg(offset, size):
             data = self.device.read_config(offset - DEVICE_CFG_OFFSET, size)
             return bytes(data[:size]).ljust(size, b"\0")
         if MSIX_TABLE_OFFSET <= offset < MSIX_PBA_OFFSET:
@@ -302,7 +307,7 @@ class VirtioPciTransport(VirtioTransport):
         size = len(data)
         if COMMON_CFG_OFFSET <= offset < COMMON_CFG_OFFSET + COMMON_CFG_SIZE:
             self._write_common(offset - COMMON_CFG_OFFSET, bytes(data))
-        elif DEVICE_CFG_OFFSET <= offset and offset + size <= DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE and size <= 8:
+        elif _in_device_cfg(offset, size):
             self.device.write_config(offset - DEVICE_CFG_OFFSET, bytes(data))
         elif (NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + NOTIFY_OFF_MULTIPLIER * self.device.num_queues
               and size in (2, 4) and offset % NOTIFY_OFF_MULTIPLIER == 0):
@@ -349,7 +354,8 @@ class VirtioPciTransport(VirtioTransport):
         if start == VIRTIO_PCI_COMMON_GFSELECT:
             return self.driver_features_sel
         if start == VIRTIO_PCI_COMMON_GF:
-            return self.driver_features >> (32 * self.driver_features_sel) if self.driver_features_sel < 2 else 0
+            sel = self.driver_features_sel
+            return self.driver_features >> (32 * sel) if sel < 2 else 0
         if start == VIRTIO_PCI_COMMON_MSIX:
             return self.config_msix_vector
         if start == VIRTIO_PCI_COMMON_NUMQ:
@@ -425,7 +431,8 @@ class VirtioPciTransport(VirtioTransport):
                 q.ready = True
             else:
                 # §4.1.4.3.2: the driver MUST NOT write 0 to queue_enable.
-                self._fault(self.FAULT_PROTOCOL, "queue_enable %d for queue %d ignored", value, self.queue_sel)
+                self._fault(self.FAULT_PROTOCOL, "queue_enable %d for queue %d ignored", value,
+                            self.queue_sel)
         elif start == VIRTIO_PCI_COMMON_Q_SIZE:
             q.size = value           # checked at DRIVER_OK, as on virtio-mmio
         else:

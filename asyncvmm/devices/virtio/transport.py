@@ -18,8 +18,9 @@ the register layout and the way an interrupt reaches the guest differ.
 
 A subclass names itself (:attr:`VirtioTransport.NAME`, used in fault
 messages), says which guest-fault kinds it reports (:attr:`FAULT_ACCESS`,
-:attr:`FAULT_PROTOCOL`), adds its own registers to :meth:`_reset_registers` (called
-from ``__init__`` too, so a subclass sets up what it needs first) and turns the two notifications into interrupts (:meth:`_signal_used`,
+:attr:`FAULT_PROTOCOL`), adds its own registers to :meth:`_reset_registers`
+(called from ``__init__`` too, so a subclass sets up what it needs first)
+and turns the two notifications into interrupts (:meth:`_signal_used`,
 :meth:`_signal_config`).
 
 Threads: everything here runs on the asyncio loop that owns the device.

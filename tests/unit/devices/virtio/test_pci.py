@@ -506,7 +506,8 @@ async def test_pci_cfg_window_reads_and_writes_bar0_through_config_space(rig):
     assert rig.transport.status == ACKNOWLEDGE
 
 
-@pytest.mark.parametrize("bar,offset,length", [(1, 0, 4), (0, 0, 3), (0, 2, 4), (0, 0x8000, 4), (0, 0x7FFE, 4)])
+@pytest.mark.parametrize("bar,offset,length",
+                         [(1, 0, 4), (0, 0, 3), (0, 2, 4), (0, 0x8000, 4), (0, 0x7FFE, 4)])
 async def test_pci_cfg_window_refuses_what_no_bar_access_could_be(rig, bar, offset, length):
     d = rig.driver
     d.probe()
