@@ -12,6 +12,14 @@ handled one at a time, like Firecracker's single VMM thread.
 The VM lifecycle is the table :data:`TRANSITIONS` (Not started -> Running
 <-> Paused).  A failed InstanceStart leaves the VM configurable.
 
+PCI hot-plug (docs/api.md): with ``--enable-pci`` (``pci_enabled``), a
+``PUT /drives/{id}`` or ``PUT /network-interfaces/{id}`` after boot plugs a new
+device into the running microVM and ``DELETE`` on them unplugs one; the
+controller checks Firecracker's rules in Firecracker's order (PCI enabled, ID
+free or device present, not the root device, then the pre-boot validation of
+the body) before the backend is asked, and keeps its configuration (``GET
+/vm/config``) in step with the devices the microVM has.
+
 Nothing is accepted and then ignored: an action of a feature asyncvmm does
 not build (:data:`NOT_BUILT`) is refused in every phase, after its body's
 own validation, with a message naming the feature; a built resource whose
@@ -30,15 +38,17 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import msgspec
 
 from asyncvmm import FIRECRACKER_API_VERSION
 from asyncvmm.config import (
     ConfigError,
+    DriveConfig,
     LoggerConfig,
     MachineConfigUpdate,
+    NetworkInterfaceConfig,
     RateLimiterConfig,
     SnapshotCreateConfig,
     SnapshotLoadConfig,
@@ -68,6 +78,15 @@ CREATE_WHILE_RUNNING = (
 DIFF_WITHOUT_TRACKING = "Diff snapshots are not allowed on uVMs with dirty page tracking disabled."
 # Firecracker's answer when a post-boot operation names a device the microVM does not have.
 DEVICE_NOT_FOUND = "Failed perform action on device: Device not found"
+# PCI hot-plug and hot-unplug (Firecracker's VmmActionError, which adds no category to these).
+PCI_NOT_ENABLED = "PCI is not enabled"
+DEVICE_ID_IN_USE = "Device ID in use"
+HOTPLUG_DEVICE_NOT_FOUND = "Device not found"
+CANNOT_UNPLUG_ROOT = "Cannot unplug root device"
+PCI_MANAGER_ERROR = "PCI manager error: "
+
+# The kinds of device ``DELETE`` can unplug: ``/drives``, ``/network-interfaces``, ``/pmem``.
+DeviceKind = Literal["drive", "net", "pmem"]
 
 
 class BackendError(Exception):
@@ -76,6 +95,15 @@ class BackendError(Exception):
 
 class StartError(BackendError):
     """Building or booting the microVM failed."""
+
+
+class PciError(BackendError):
+    """The PCI bus cannot take or give back a device (no free slot, no BAR space ...).
+
+    The client sees ``PCI manager error: <message>``, whatever the call; Firecracker's
+    message for a full bus is ``PCI root error: Could not find an available device slot
+    on the PCI bus.``
+    """
 
 
 class ControllerError(Exception):
@@ -124,6 +152,37 @@ class VmmBackend(Protocol):
     async def start_balloon_hinting(self, acknowledge_on_stop: bool) -> None: ...
     async def balloon_hinting_status(self) -> dict[str, Any]: ...
     async def stop_balloon_hinting(self) -> None: ...
+
+    async def hotplug_drive(self, drive: DriveConfig) -> None:
+        """Plug a new virtio-block device into the running (or paused) microVM's PCI bus.
+
+        Called only with ``--enable-pci``, after boot, for a drive the controller has checked
+        (its ID is free, it is not a root device, its file opens).  The guest finds the device
+        when it rescans the bus.  A failure leaves the microVM as it was: :class:`PciError`
+        for the bus, :class:`BackendError` for the device (the client sees
+        ``Drive config error: <message>``).
+        """
+        ...
+
+    async def hotplug_network_interface(self, iface: NetworkInterfaceConfig) -> None:
+        """Plug a new virtio-net device on the tap ``iface.host_dev_name`` into the PCI bus.
+
+        As :meth:`hotplug_drive` (the ID and the guest MAC are free); a tap that cannot be
+        opened is a :class:`BackendError` the client sees as ``Network config error:
+        <message>`` (Firecracker's says ``Could not create the network device: Open tap
+        device failed: ...``).
+        """
+        ...
+
+    async def unplug_device(self, kind: DeviceKind, device_id: str) -> None:
+        """Take the device ``device_id`` of ``kind`` off the PCI bus and release what it holds.
+
+        Called only with ``--enable-pci``, after boot, for a device the microVM has and that is
+        not its root device; the guest is expected to have removed it first.  :class:`PciError`
+        reads ``PCI manager error: <message>``; any other :class:`BackendError` reaches the
+        client as its bare message.
+        """
+        ...
 
 
 class MetricsSink(Protocol):
@@ -237,6 +296,15 @@ class ActionKind(enum.Enum):
     UPDATE_PMEM_DEVICE = enum.auto()
     GET_MEMORY_HOTPLUG_STATUS = enum.auto()
     UPDATE_MEMORY_HOTPLUG_SIZE = enum.auto()
+    HOT_UNPLUG_DEVICE = enum.auto()
+
+
+@dataclasses.dataclass(frozen=True)
+class VirtioDeviceId:
+    """The payload of :attr:`ActionKind.HOT_UNPLUG_DEVICE`: which device to unplug."""
+
+    kind: DeviceKind
+    device_id: str
 
 
 # Phase rule of every action (API-BEHAVIOUR.md "Phases"), built or not: the contract a
@@ -255,9 +323,10 @@ RULES: dict[ActionKind, Phase] = {
     ActionKind.CONFIGURE_METRICS: PRE,
     ActionKind.CONFIGURE_SERIAL: PRE,
     ActionKind.PUT_CPU_CONFIGURATION: PRE,
-    ActionKind.INSERT_BLOCK_DEVICE: PRE,
-    ActionKind.INSERT_NETWORK_DEVICE: PRE,
-    ActionKind.INSERT_PMEM_DEVICE: PRE,
+    # Devices are configured before boot and hot-plugged after it (PCI only).
+    ActionKind.INSERT_BLOCK_DEVICE: ANY,
+    ActionKind.INSERT_NETWORK_DEVICE: ANY,
+    ActionKind.INSERT_PMEM_DEVICE: ANY,
     ActionKind.SET_BALLOON_DEVICE: PRE,
     ActionKind.SET_VSOCK_DEVICE: PRE,
     ActionKind.SET_ENTROPY_DEVICE: PRE,
@@ -282,6 +351,7 @@ RULES: dict[ActionKind, Phase] = {
     ActionKind.UPDATE_PMEM_DEVICE: POST,
     ActionKind.GET_MEMORY_HOTPLUG_STATUS: POST,
     ActionKind.UPDATE_MEMORY_HOTPLUG_SIZE: POST,
+    ActionKind.HOT_UNPLUG_DEVICE: POST,
 }
 
 # The actions of features asyncvmm does not build yet, in every phase: the feature each names.
@@ -344,8 +414,10 @@ class Controller:
         configure_logger: Callable[[LoggerConfig], None] | None = None,
         latencies: LatenciesMetrics | None = None,
         clock_us: Callable[[], int] = _monotonic_us,
+        pci_enabled: bool = False,
     ) -> None:
         self.backend = backend
+        self.pci_enabled = pci_enabled    # --enable-pci: devices may be hot-plugged after boot
         self.latencies = latencies if latencies is not None else LatenciesMetrics()
         self.clock_us = clock_us
         self.instance_id = instance_id
@@ -397,6 +469,7 @@ class Controller:
             K.START_FREE_PAGE_HINTING: self._start_free_page_hinting,
             K.GET_FREE_PAGE_HINTING_STATUS: self._get_free_page_hinting_status,
             K.STOP_FREE_PAGE_HINTING: self._stop_free_page_hinting,
+            K.HOT_UNPLUG_DEVICE: self._hot_unplug_device,
         }
 
     async def handle(self, action: Action) -> Any:
@@ -433,6 +506,8 @@ class Controller:
         start = self.clock_us()
         try:
             result = await call
+        except PciError as err:
+            raise ControllerError(PCI_MANAGER_ERROR + str(err)) from None
         except BackendError as err:
             raise ControllerError(prefix + str(err)) from None
         elapsed = self.clock_us() - start
@@ -533,7 +608,15 @@ class Controller:
         self.config = _replace(self.config, cpu_config=cpu)
 
     async def _insert_block_device(self, drive: Any) -> None:
+        if self.state is not VmState.NOT_STARTED:
+            return await self._hotplug_drive(drive)
         new = resources.insert_drive(self.config, drive)
+        self._check_drive(drive)
+        self.config = new
+
+    @staticmethod
+    def _check_drive(drive: DriveConfig) -> None:
+        """What Firecracker checks when it creates a block device: features built, file opens."""
         unbuilt.refuse_unbuilt(drive)
         if drive.path_on_host is not None:
             try:
@@ -550,9 +633,10 @@ class Controller:
                 check_async_engine()
             except UnsupportedEngineError as err:
                 raise ConfigError(f"Drive config error: Unable to create the virtio block device: {err}") from None
-        self.config = new
 
     async def _insert_network_device(self, iface: Any) -> None:
+        if self.state is not VmState.NOT_STARTED:
+            return await self._hotplug_network_interface(iface)
         self.config = resources.insert_network_interface(self.config, iface)
 
     async def _set_balloon_device(self, balloon: Any) -> None:
@@ -710,6 +794,54 @@ class Controller:
         self._balloon(prefix)
         await self._backend_call(prefix, self.backend.stop_balloon_hinting())
 
+    # -- PCI hot-plug (docs/api.md "PCI hot-plug") -----------------------------------
+
+    def _check_pci(self) -> None:
+        if not self.pci_enabled:
+            raise ControllerError(PCI_NOT_ENABLED)
+
+    async def _hotplug_drive(self, drive: DriveConfig) -> None:
+        self._check_pci()
+        if any(d.drive_id == drive.drive_id for d in self.config.drives):
+            raise ControllerError(DEVICE_ID_IN_USE)
+        if drive.is_root_device:       # the root device is on the command line: boot only
+            raise ControllerError(resources.ROOT_DRIVE_EXISTS)
+        drive.validate()
+        self._check_drive(drive)
+        await self._backend_call("Drive config error: ", self.backend.hotplug_drive(drive))
+        self.config = _replace(self.config, drives=[*self.config.drives, drive])
+
+    async def _hotplug_network_interface(self, iface: NetworkInterfaceConfig) -> None:
+        self._check_pci()
+        ifaces = self.config.network_interfaces
+        if any(n.iface_id == iface.iface_id for n in ifaces):
+            raise ControllerError(DEVICE_ID_IN_USE)
+        mac = iface.guest_mac.lower() if iface.guest_mac else None
+        if mac is not None and any(n.guest_mac and n.guest_mac.lower() == mac for n in ifaces):
+            raise ControllerError(resources.MAC_IN_USE + mac)
+        # A tap another device holds fails to open (EBUSY) in the backend, as in Firecracker.
+        await self._backend_call("Network config error: ", self.backend.hotplug_network_interface(iface))
+        self.config = _replace(self.config, network_interfaces=[*ifaces, iface])
+
+    async def _hot_unplug_device(self, target: VirtioDeviceId) -> None:
+        self._check_pci()
+        cfg = self.config
+        if target.kind == "drive":
+            found = next((d for d in cfg.drives if d.drive_id == target.device_id), None)
+            root = found is not None and found.is_root_device
+        elif target.kind == "net":
+            found = next((n for n in cfg.network_interfaces if n.iface_id == target.device_id), None)
+            root = False
+        else:                           # no pmem device can exist: PUT /pmem is not built
+            found = next((p for p in cfg.pmem if p.id == target.device_id), None)
+            root = found is not None and found.root_device
+        if found is None:
+            raise ControllerError(HOTPLUG_DEVICE_NOT_FOUND)
+        if root:
+            raise ControllerError(CANNOT_UNPLUG_ROOT)
+        await self._backend_call("", self.backend.unplug_device(target.kind, target.device_id))
+        self.config = _without_device(self.config, target)
+
     # -- --config-file ------------------------------------------------------------
 
     async def configure(self, cfg: VmConfig) -> None:
@@ -744,6 +876,21 @@ class Controller:
             if payload is not None:
                 await self.handle(Action(kind, payload))
 
+
+def _without_device(cfg: VmConfig, target: VirtioDeviceId) -> VmConfig:
+    """``cfg`` after the device ``target`` was unplugged: an interface leaves MMDS with it."""
+    name = target.device_id
+    if target.kind == "drive":
+        return _replace(cfg, drives=[d for d in cfg.drives if d.drive_id != name])
+    if target.kind == "pmem":
+        return _replace(cfg, pmem=[p for p in cfg.pmem if p.id != name])
+    cfg = _replace(cfg, network_interfaces=[n for n in cfg.network_interfaces if n.iface_id != name])
+    mmds = cfg.mmds_config
+    if mmds is not None and name in mmds.network_interfaces:
+        # Firecracker derives its mmds-config from the interfaces that serve MMDS: none left, none.
+        left = [i for i in mmds.network_interfaces if i != name]
+        cfg = _replace(cfg, mmds_config=_replace(mmds, network_interfaces=left) if left else None)
+    return cfg
 
 
 def _refuse_not_built(feature: str, payload: Any) -> None:

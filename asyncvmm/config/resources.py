@@ -22,6 +22,7 @@ from asyncvmm.config.vm import VmConfig
 _replace = msgspec.structs.replace
 
 ROOT_DRIVE_EXISTS = "Drive config error: A root block device already exists!"
+MAC_IN_USE = "Network config error: The MAC address is already in use: "   # + the MAC, lower case
 BALLOON_TOO_LARGE = "Balloon config error: Amount of pages requested is too large."
 BALLOON_MAX_MIB = 0xFFFF_FFFF // 256
 MEM_BELOW_BALLOON = (
@@ -72,7 +73,7 @@ def insert_network_interface(cfg: VmConfig, iface: NetworkInterfaceConfig) -> Vm
                 f"Network config error: The host device name {iface.host_dev_name} is already in use."
             )
         if mac is not None and other.guest_mac and other.guest_mac.lower() == mac:
-            raise ConfigError(f"Network config error: The guest MAC address {mac} is already in use.")
+            raise ConfigError(MAC_IN_USE + mac)
     ifaces = [i for i in cfg.network_interfaces if i.iface_id != iface.iface_id]
     position = next(
         (n for n, i in enumerate(cfg.network_interfaces) if i.iface_id == iface.iface_id), len(ifaces)

@@ -5,9 +5,11 @@ URL path and the raw body (``None`` when there is none) and returns a
 :class:`ParsedRequest` or raises :class:`RequestError` with Firecracker's
 exact ``fault_message``.  No I/O and no state: the VM's phase is the
 controller's business.  Routing follows Firecracker: the first path segment
-names the resource, ``GET`` with a body and ``PUT``/``PATCH`` without one are
-refused before routing, and anything unknown is ``Invalid request method
-and/or path: <METHOD> <resource>.``
+names the resource, ``GET``/``DELETE`` with a body and ``PUT``/``PATCH``
+without one are refused before routing, and anything unknown is ``Invalid
+request method and/or path: <METHOD> <resource>.``  ``DELETE`` (hot-unplug)
+routes only ``/drives/{id}``, ``/network-interfaces/{id}`` and ``/pmem/{id}``;
+Firecracker's swagger file does not list it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from asyncvmm import config as c
-from asyncvmm.controller import Action, ActionKind
+from asyncvmm.controller import Action, ActionKind, DeviceKind, VirtioDeviceId
 
 K = ActionKind
 
@@ -293,6 +295,25 @@ def parse_patch_hotplug(tokens: list[str], body: bytes) -> ParsedRequest:
     return _sync(K.UPDATE_MEMORY_HOTPLUG_SIZE, _decode(body, c.MemoryHotplugSizeUpdateConfig))
 
 
+# -- DELETE (PCI hot-unplug) -------------------------------------------------------------
+
+
+def _unplug(kind: DeviceKind, tokens: list[str]) -> ParsedRequest:
+    return _sync(K.HOT_UNPLUG_DEVICE, VirtioDeviceId(kind, _id(tokens[1] if len(tokens) > 1 else None)))
+
+
+def parse_delete_drives(tokens: list[str]) -> ParsedRequest:
+    return _unplug("drive", tokens)
+
+
+def parse_delete_network_interfaces(tokens: list[str]) -> ParsedRequest:
+    return _unplug("net", tokens)
+
+
+def parse_delete_pmem(tokens: list[str]) -> ParsedRequest:
+    return _unplug("pmem", tokens)
+
+
 # -- routing -----------------------------------------------------------------------
 
 GET_ROUTES: dict[str, Callable[[list[str]], ParsedRequest]] = {
@@ -331,6 +352,11 @@ PATCH_ROUTES: dict[str, Callable[[list[str], bytes], ParsedRequest]] = {
     "vm": parse_patch_vm,
     "hotplug": parse_patch_hotplug,
 }
+DELETE_ROUTES: dict[str, Callable[[list[str]], ParsedRequest]] = {
+    "drives": parse_delete_drives,
+    "network-interfaces": parse_delete_network_interfaces,
+    "pmem": parse_delete_pmem,
+}
 
 
 def split_path(path: str) -> list[str]:
@@ -362,4 +388,9 @@ def parse_request(method: str, path: str, body: bytes | None) -> ParsedRequest:
             raise RequestError("Empty PATCH request.")
         if resource in PATCH_ROUTES:
             return PATCH_ROUTES[resource](tokens, body)
+    elif method == "DELETE":
+        if body is not None:          # Firecracker's words for a DELETE that has a body
+            raise RequestError("Empty Delete request.")
+        if resource in DELETE_ROUTES:
+            return DELETE_ROUTES[resource](tokens)
     raise invalid_path(method, resource)

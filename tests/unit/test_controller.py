@@ -1,5 +1,5 @@
 """Controller: phase rules, lifecycle table, pre-boot resource rules, backend delegation,
-and the refusal of every feature that is not built."""
+PCI hot-plug, and the refusal of every feature that is not built."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from asyncvmm.config import (
     NetworkInterfaceUpdateConfig,
     PmemConfig,
     PmemUpdateConfig,
+    RateLimiterConfig,
     SerialConfig,
     SnapshotCreateConfig,
     SnapshotLoadConfig,
@@ -51,7 +52,9 @@ from asyncvmm.controller import (
     ControllerError,
     Event,
     Phase,
+    PciError,
     StartError,
+    VirtioDeviceId,
     VmState,
 )
 
@@ -114,6 +117,15 @@ class FakeBackend:
 
     async def stop_balloon_hinting(self) -> None:
         await self._call("stop_balloon_hinting")
+
+    async def hotplug_drive(self, drive: DriveConfig) -> None:
+        await self._call("hotplug_drive", drive)
+
+    async def hotplug_network_interface(self, iface: NetworkInterfaceConfig) -> None:
+        await self._call("hotplug_network_interface", iface)
+
+    async def unplug_device(self, kind: str, device_id: str) -> None:
+        await self._call("unplug_device", kind, device_id)
 
 
 class FakeMetrics:
@@ -288,7 +300,7 @@ async def test_network_uniqueness_and_mmds_config(ctl: Controller) -> None:
     await ctl.handle(Action(K.INSERT_NETWORK_DEVICE, eth0))
     with pytest.raises(ControllerError, match="The host device name tap0 is already in use."):
         await ctl.handle(Action(K.INSERT_NETWORK_DEVICE, NetworkInterfaceConfig(iface_id="eth1", host_dev_name="tap0")))
-    with pytest.raises(ControllerError, match="guest MAC address aa:fc:00:00:00:01 is already in use"):
+    with pytest.raises(ControllerError, match="The MAC address is already in use: aa:fc:00:00:00:01"):
         await ctl.handle(Action(K.INSERT_NETWORK_DEVICE, NetworkInterfaceConfig(
             iface_id="eth1", host_dev_name="tap1", guest_mac="aa:fc:00:00:00:01")))
     with pytest.raises(ControllerError, match="does not correspond to any existing network interface"):
@@ -669,3 +681,215 @@ async def test_diff_snapshot_with_dirty_page_tracking(ctl: Controller, backend: 
     await ctl.handle(Action(K.CREATE_SNAPSHOT, diff))
     assert backend.calls[-1] == ("create_snapshot", (diff, ctl.config))
     assert ctl.latencies.diff_create_snapshot >= 0
+
+
+# -- PCI hot-plug: PUT after boot plugs a device, DELETE unplugs one (--enable-pci) -----------------
+
+
+@pytest.fixture
+def pci(backend: FakeBackend) -> Controller:
+    return Controller(backend, pci_enabled=True)
+
+
+@pytest.fixture
+def disk(tmp_path: Any) -> str:
+    path = tmp_path / "disk"
+    path.write_bytes(b"\0" * 512)
+    return str(path)
+
+
+def data_drive(drive_id: str, path: str, **kw: Any) -> DriveConfig:
+    return DriveConfig(drive_id=drive_id, is_root_device=False, path_on_host=path, **kw)
+
+
+async def boot_with_root(ctl: Controller, kernel: str, disk: str) -> None:
+    await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, DriveConfig(drive_id="rootfs", is_root_device=True,
+                                                               path_on_host=disk)))
+    await ctl.handle(Action(K.INSERT_NETWORK_DEVICE, NetworkInterfaceConfig(
+        iface_id="eth0", host_dev_name="tap0", guest_mac="06:00:00:00:00:01")))
+    await ctl.handle(Action(K.SET_MMDS_CONFIGURATION, MmdsConfig(network_interfaces=["eth0"])))
+    await boot(ctl, kernel)
+
+
+def unplug(kind: str, device_id: str) -> Action:
+    return Action(K.HOT_UNPLUG_DEVICE, VirtioDeviceId(kind, device_id))  # type: ignore[arg-type]
+
+
+def test_devices_are_configured_before_boot_and_hot_plugged_after() -> None:
+    for kind in (K.INSERT_BLOCK_DEVICE, K.INSERT_NETWORK_DEVICE, K.INSERT_PMEM_DEVICE):
+        assert RULES[kind] is Phase.ANY
+    assert RULES[K.HOT_UNPLUG_DEVICE] is Phase.POST_BOOT
+
+
+@pytest.mark.parametrize("pci_enabled", [False, True])
+async def test_before_boot_put_configures_and_delete_is_refused(backend: FakeBackend, disk: str,
+                                                                pci_enabled: bool) -> None:
+    ctl = Controller(backend, pci_enabled=pci_enabled)
+    await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, data_drive("d", disk)))
+    await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, data_drive("d", disk, is_read_only=True)))  # replaced
+    assert [d.is_read_only for d in ctl.config.drives] == [True]
+    for kind, name in (("drive", "d"), ("net", "eth0"), ("pmem", "p0")):
+        with pytest.raises(ControllerError) as err:
+            await ctl.handle(unplug(kind, name))
+        assert err.value.message == NOT_SUPPORTED_PRE_BOOT
+    assert backend.calls == []
+
+
+async def test_without_pci_hot_plug_and_unplug_are_refused(ctl: Controller, backend: FakeBackend,
+                                                          kernel: str, disk: str) -> None:
+    await boot_with_root(ctl, kernel, disk)
+    before, calls = await ctl.handle(Action(K.GET_FULL_VM_CONFIG)), list(backend.calls)
+    requests = [
+        Action(K.INSERT_BLOCK_DEVICE, data_drive("block0", disk)),
+        Action(K.INSERT_BLOCK_DEVICE, data_drive("rootfs", disk)),           # PCI comes before the ID
+        Action(K.INSERT_NETWORK_DEVICE, NetworkInterfaceConfig(iface_id="eth1", host_dev_name="tap1")),
+        unplug("drive", "block0"), unplug("net", "eth0"), unplug("pmem", "pmem0"),
+    ]
+    for action in requests:
+        with pytest.raises(ControllerError) as err:
+            await ctl.handle(action)
+        assert err.value.message == "PCI is not enabled" and err.value.status == 400
+    assert await ctl.handle(Action(K.GET_FULL_VM_CONFIG)) == before
+    assert backend.calls == calls
+
+
+@pytest.mark.parametrize("paused", [False, True])
+async def test_hot_plugged_drive_reaches_the_vmm_and_the_config(pci: Controller, backend: FakeBackend,
+                                                                kernel: str, disk: str, paused: bool) -> None:
+    await boot_with_root(pci, kernel, disk)
+    if paused:
+        await pci.handle(Action(K.PAUSE))
+    drive = data_drive("block0", disk, rate_limiter=RateLimiterConfig(ops=TokenBucketConfig(size=100, refill_time=100)))
+    assert await pci.handle(Action(K.INSERT_BLOCK_DEVICE, drive)) is None
+    assert backend.calls[-1] == ("hotplug_drive", (drive,))
+    assert [d.drive_id for d in pci.config.drives] == ["rootfs", "block0"]
+    shown = (await pci.handle(Action(K.GET_FULL_VM_CONFIG)))["drives"][1]
+    assert shown["drive_id"] == "block0" and shown["rate_limiter"]["ops"] == {"size": 100, "refill_time": 100}
+    # The hot-plugged drive is a drive like the others: PATCH reaches it.
+    await pci.handle(Action(K.UPDATE_BLOCK_DEVICE, DriveUpdateConfig(drive_id="block0", path_on_host=disk)))
+    assert backend.calls[-1] == ("update_drive", ("block0", disk, None))
+
+
+async def test_hot_plugged_drive_is_checked_as_firecracker_does(pci: Controller, backend: FakeBackend,
+                                                                kernel: str, disk: str) -> None:
+    await boot_with_root(pci, kernel, disk)
+    await pci.handle(Action(K.INSERT_BLOCK_DEVICE, data_drive("block0", disk)))
+    before, calls = await pci.handle(Action(K.GET_FULL_VM_CONFIG)), list(backend.calls)
+    refused = [
+        (data_drive("block0", disk), "Device ID in use"),
+        (DriveConfig(drive_id="rootfs", is_root_device=True, path_on_host=disk), "Device ID in use"),
+        (DriveConfig(drive_id="block_root", is_root_device=True, path_on_host=disk),
+         "Drive config error: A root block device already exists!"),
+        (data_drive("block_bad", "/nonexistent"),
+         "Drive config error: Unable to create the virtio block device: Virtio backend error: Error "
+         "manipulating the backing file: No such file or directory (os error 2) /nonexistent"),
+        (DriveConfig(drive_id="nopath", is_root_device=False),
+         "Drive config error: Unable to create the virtio block device: `path_on_host` is required for a "
+         "virtio-block drive."),
+        (DriveConfig(drive_id="vu", is_root_device=False, socket="/tmp/vhost.sock"),
+         "A vhost-user block device (drive `socket`) is not supported yet by asyncvmm."),
+    ]
+    for drive, message in refused:
+        with pytest.raises(ControllerError) as err:
+            await pci.handle(Action(K.INSERT_BLOCK_DEVICE, drive))
+        assert err.value.message == message, drive
+    assert await pci.handle(Action(K.GET_FULL_VM_CONFIG)) == before
+    assert backend.calls == calls          # refused before the VMM was asked
+
+
+@pytest.mark.parametrize("error,message", [
+    (BackendError("Unable to create the block device block1: Permission denied"),
+     "Drive config error: Unable to create the block device block1: Permission denied"),
+    (PciError("PCI root error: Could not find an available device slot on the PCI bus."),
+     "PCI manager error: PCI root error: Could not find an available device slot on the PCI bus."),
+])
+async def test_a_failed_drive_hot_plug_leaves_the_config(pci: Controller, backend: FakeBackend, kernel: str,
+                                                         disk: str, error: BackendError, message: str) -> None:
+    await boot_with_root(pci, kernel, disk)
+    backend.fail["hotplug_drive"] = error
+    with pytest.raises(ControllerError) as err:
+        await pci.handle(Action(K.INSERT_BLOCK_DEVICE, data_drive("block1", disk)))
+    assert err.value.message == message
+    assert [d.drive_id for d in pci.config.drives] == ["rootfs"]
+    del backend.fail["hotplug_drive"]
+    await pci.handle(Action(K.INSERT_BLOCK_DEVICE, data_drive("block1", disk)))   # the ID is still free
+    assert [d.drive_id for d in pci.config.drives] == ["rootfs", "block1"]
+
+
+async def test_hot_plugged_network_interface(pci: Controller, backend: FakeBackend, kernel: str,
+                                             disk: str) -> None:
+    await boot_with_root(pci, kernel, disk)
+    eth1 = NetworkInterfaceConfig(iface_id="eth1", host_dev_name="tap1", guest_mac="06:00:00:00:00:02")
+    await pci.handle(Action(K.INSERT_NETWORK_DEVICE, eth1))
+    assert backend.calls[-1] == ("hotplug_network_interface", (eth1,))
+    shown = (await pci.handle(Action(K.GET_FULL_VM_CONFIG)))["network-interfaces"]
+    assert [n["iface_id"] for n in shown] == ["eth0", "eth1"]
+    calls = list(backend.calls)
+    refused = [
+        (NetworkInterfaceConfig(iface_id="eth1", host_dev_name="tap2", guest_mac="06:00:00:00:00:03"),
+         "Device ID in use"),
+        (NetworkInterfaceConfig(iface_id="eth2", host_dev_name="tap2", guest_mac="06:00:00:00:00:02"),
+         "Network config error: The MAC address is already in use: 06:00:00:00:00:02"),
+        (NetworkInterfaceConfig(iface_id="eth2", host_dev_name="tap2", guest_mac="06:00:00:00:00:01".upper()),
+         "Network config error: The MAC address is already in use: 06:00:00:00:00:01"),
+    ]
+    for iface, message in refused:
+        with pytest.raises(ControllerError) as err:
+            await pci.handle(Action(K.INSERT_NETWORK_DEVICE, iface))
+        assert err.value.message == message, iface
+    assert backend.calls == calls
+    # The tap is the VMM's to open: one another device holds, or one that cannot be made, fails there.
+    backend.fail["hotplug_network_interface"] = BackendError(
+        "Could not create the network device eth2: Open tap device failed: Device or resource busy")
+    with pytest.raises(ControllerError) as err:
+        await pci.handle(Action(K.INSERT_NETWORK_DEVICE, NetworkInterfaceConfig(iface_id="eth2", host_dev_name="tap1")))
+    assert err.value.message == ("Network config error: Could not create the network device eth2: Open tap "
+                                 "device failed: Device or resource busy")
+    assert [n.iface_id for n in pci.config.network_interfaces] == ["eth0", "eth1"]
+
+
+async def test_hot_unplug(pci: Controller, backend: FakeBackend, kernel: str, disk: str) -> None:
+    await boot_with_root(pci, kernel, disk)
+    await pci.handle(Action(K.INSERT_BLOCK_DEVICE, data_drive("block0", disk)))
+    calls = list(backend.calls)
+    for action, message in ((unplug("drive", "nonexistent"), "Device not found"),
+                            (unplug("net", "block0"), "Device not found"),      # IDs are per kind
+                            (unplug("pmem", "rootfs"), "Device not found"),
+                            (unplug("drive", "rootfs"), "Cannot unplug root device")):
+        with pytest.raises(ControllerError) as err:
+            await pci.handle(action)
+        assert err.value.message == message
+    assert backend.calls == calls
+    assert await pci.handle(unplug("drive", "block0")) is None
+    assert backend.calls[-1] == ("unplug_device", ("drive", "block0"))
+    assert [d["drive_id"] for d in (await pci.handle(Action(K.GET_FULL_VM_CONFIG)))["drives"]] == ["rootfs"]
+    with pytest.raises(ControllerError, match="^Device not found$"):
+        await pci.handle(unplug("drive", "block0"))
+    # Unplugged, its ID is free again.
+    await pci.handle(Action(K.INSERT_BLOCK_DEVICE, data_drive("block0", disk)))
+    assert [d.drive_id for d in pci.config.drives] == ["rootfs", "block0"]
+
+
+async def test_unplugging_the_mmds_interface_takes_it_out_of_mmds_config(pci: Controller, backend: FakeBackend,
+                                                                         kernel: str, disk: str) -> None:
+    await boot_with_root(pci, kernel, disk)
+    await pci.handle(unplug("net", "eth0"))
+    assert backend.calls[-1] == ("unplug_device", ("net", "eth0"))
+    out = await pci.handle(Action(K.GET_FULL_VM_CONFIG))
+    assert out["network-interfaces"] == [] and out["mmds-config"] is None
+    decode(msgspec.json.encode(out), VmConfig)        # still a valid --config-file
+
+
+async def test_a_failed_unplug_keeps_the_device(pci: Controller, backend: FakeBackend, kernel: str,
+                                                disk: str) -> None:
+    await boot_with_root(pci, kernel, disk)
+    backend.fail["unplug_device"] = PciError("Bus error: the device is not on the bus")
+    with pytest.raises(ControllerError) as err:
+        await pci.handle(unplug("net", "eth0"))
+    assert err.value.message == "PCI manager error: Bus error: the device is not on the bus"
+    backend.fail["unplug_device"] = BackendError("Device not found")
+    with pytest.raises(ControllerError) as err:
+        await pci.handle(unplug("net", "eth0"))
+    assert err.value.message == "Device not found"
+    assert [n.iface_id for n in pci.config.network_interfaces] == ["eth0"]
+    assert pci.config.mmds_config is not None

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncvmm.controller import ActionKind as K
+from asyncvmm.controller import VirtioDeviceId
 from asyncvmm.http.parse import ParsedRequest, RequestError, parse_request
 
 DESER = "An error occurred when deserializing the json body of a request: "
@@ -74,6 +75,9 @@ GOOD = [
     ("PATCH", "/vm", {"state": "Resumed"}, K.RESUME),
     ("PUT", "/hotplug/memory", {"total_size_mib": 1024}, K.SET_MEMORY_HOTPLUG_DEVICE),
     ("PATCH", "/hotplug/memory", {"requested_size_mib": 512}, K.UPDATE_MEMORY_HOTPLUG_SIZE),
+    ("DELETE", "/drives/root", None, K.HOT_UNPLUG_DEVICE),
+    ("DELETE", "/network-interfaces/eth0", None, K.HOT_UNPLUG_DEVICE),
+    ("DELETE", "/pmem/p0", None, K.HOT_UNPLUG_DEVICE),
 ]
 
 
@@ -134,7 +138,8 @@ def test_unknown_paths_and_methods() -> None:
     assert err("PATCH", "/boot-source", {}) == "Invalid request method and/or path: PATCH boot-source."
     assert err("PATCH", "/logger", {}) == "Invalid request method and/or path: PATCH logger."
     assert err("PUT", "/vm", {"state": "Paused"}) == "Invalid request method and/or path: PUT vm."
-    assert err("DELETE", "/drives/root") == "Invalid request method and/or path: DELETE drives."
+    assert err("DELETE", "/machine-config") == "Invalid request method and/or path: DELETE machine-config."
+    assert err("DELETE", "/") == "Invalid request method and/or path: DELETE ."
     assert err("GET", "/nothing") == "Invalid request method and/or path: GET nothing."
     assert err("GET", "/vm") == "Invalid request method and/or path: GET vm."
     assert err("PUT", "/mmds/other", {}) == "Unrecognized PUT request path `other`."
@@ -159,6 +164,28 @@ def test_resource_ids() -> None:
         "The id from the path does not match the id from the body!"
     )
     assert err("PATCH", "/drives/x.y", {"drive_id": "x.y"}).startswith("API Resource IDs")
+
+
+@pytest.mark.parametrize("path,kind,device_id", [
+    ("/drives/block0", "drive", "block0"),
+    ("/network-interfaces/eth_1", "net", "eth_1"),
+    ("/pmem/pmem0/", "pmem", "pmem0"),
+    ("/drives/block0/ignored", "drive", "block0"),     # Firecracker reads only the ID token
+])
+def test_delete_unplugs_a_device_by_kind_and_id(path: str, kind: str, device_id: str) -> None:
+    action = ok("DELETE", path).action
+    assert action.kind is K.HOT_UNPLUG_DEVICE
+    assert action.payload == VirtioDeviceId(kind, device_id)  # type: ignore[arg-type]
+
+
+def test_delete_errors() -> None:
+    assert err("DELETE", "/drives") == "The ID cannot be empty."
+    assert err("DELETE", "/network-interfaces/") == "The ID cannot be empty."
+    assert err("DELETE", "/pmem/p-0") == "API Resource IDs can only contain alphanumeric characters and underscores."
+    # A DELETE with a body is refused before routing, in Firecracker's words.
+    assert err("DELETE", "/drives/root", {"drive_id": "root"}) == "Empty Delete request."
+    assert err("DELETE", "/nowhere", b"x") == "Empty Delete request."
+    assert err("DELETE", "/vm/config") == "Invalid request method and/or path: DELETE vm."
 
 
 def test_patch_only_accepts_updatable_fields() -> None:

@@ -99,6 +99,38 @@ async def test_deprecation_header(served: Any) -> None:
     assert status == 204 and hdrs["deprecation"] == "true"
 
 
+async def test_hot_plug_and_unplug_over_http(tmp_path: Any) -> None:
+    """PUT after boot plugs, DELETE unplugs: the HTTP layer routes both to the controller."""
+    kernel, disk = tmp_path / "vmlinux", tmp_path / "disk"
+    kernel.write_bytes(b"\x7fELF")
+    disk.write_bytes(bytes(512))
+    backend = FakeBackend()
+    path = str(tmp_path / "api.sock")
+    server = ApiServer(Controller(backend, pci_enabled=True))
+    await server.start(path)
+    try:
+        status, _, body = await request(path, "DELETE", "/drives/block0")
+        assert (status, json.loads(body)) == (400, {"fault_message": (
+            "The requested operation is not supported before starting the microVM.")})
+        for method, url, payload in (("PUT", "/boot-source", {"kernel_image_path": str(kernel)}),
+                                     ("PUT", "/actions", {"action_type": "InstanceStart"}),
+                                     ("PUT", "/drives/block0", {"drive_id": "block0", "is_root_device": False,
+                                                                "path_on_host": str(disk)})):
+            assert (await request(path, method, url, json.dumps(payload).encode()))[0] == 204
+        assert backend.calls[-1][0] == "hotplug_drive"
+        drives = json.loads((await request(path, "GET", "/vm/config"))[2])["drives"]
+        assert [d["drive_id"] for d in drives] == ["block0"]
+        status, _, body = await request(path, "DELETE", "/drives/block0", b"{}")
+        assert (status, json.loads(body)["fault_message"]) == (400, "Empty Delete request.")
+        status, hdrs, body = await request(path, "DELETE", "/drives/block0")
+        assert (status, body, hdrs["server"]) == (204, b"", "Firecracker API")
+        assert backend.calls[-1] == ("unplug_device", ("drive", "block0"))
+        status, _, body = await request(path, "DELETE", "/drives/block0")
+        assert (status, json.loads(body)["fault_message"]) == (400, "Device not found")
+    finally:
+        await server.stop()
+
+
 async def test_existing_socket_path_is_refused(tmp_path: Any) -> None:
     path = str(tmp_path / "busy.sock")
     stale = socket.socket(socket.AF_UNIX)
