@@ -8,9 +8,10 @@ the arguments are known good, so ``--help``/``--version`` stay instant.
 The API socket is bound before them (clients can connect at once), but it
 is served only once the VMM core is imported: a process whose core cannot
 be imported logs why and exits 2 instead of coming up half-working.
-Flags asking for what is not built (``--enable-pci``) are refused with
-exit 1, naming the feature.  ``--snapshot-version`` and
-``--describe-snapshot`` print snapshot format versions (docs/snapshots.md).
+``--enable-pci`` puts every virtio device on a PCI bus (no ``pci=off`` on
+the kernel command line) and lets devices be hot-plugged after boot
+(docs/api.md).  ``--snapshot-version`` and ``--describe-snapshot`` print
+snapshot format versions (docs/snapshots.md).
 Seccomp filters (docs/seccomp.md) are installed by default;
 ``--seccomp-filter FILE`` takes Firecracker's JSON filter format (compiled
 here), ``--no-seccomp`` installs none.
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--http-api-max-payload-size", type=int, default=HTTP_MAX_PAYLOAD_SIZE,
       help="Http API request payload max size, in bytes.")
     a("--mmds-size-limit", type=int, help="Mmds data store limit, in bytes (default: the payload size).")
-    a("--enable-pci", action="store_true", help="Enable PCIe support (not supported yet by asyncvmm: refused).")
+    a("--enable-pci", action="store_true",
+      help="Enable PCIe support: virtio devices on a PCI bus, hot-plug after boot.")
     a("--help", "-h", action="store_true", help="Print this help.")
     return p
 
@@ -113,13 +115,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def version_text() -> str:
     return f"Firecracker v{FIRECRACKER_API_VERSION}\nasyncvmm v{__version__}\n"
-
-
-def _not_built_flag(args: argparse.Namespace) -> str | None:
-    """The first flag asking for a feature asyncvmm does not build, as the reason to refuse it."""
-    if args.enable_pci:
-        return "--enable-pci: PCIe (virtio devices on a PCI bus) is not supported yet by asyncvmm."
-    return None
 
 
 def _snapshot_version(path: str | None) -> int:
@@ -159,10 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.snapshot_version or args.describe_snapshot is not None:
         return _snapshot_version(args.describe_snapshot)
-    refused = _not_built_flag(args)
-    if refused is not None:
-        print(f"Error: {refused}", file=sys.stderr)
-        return EXIT_GENERIC
     # Bind first, before the heavy imports: clients polling for the socket can connect at
     # once (their requests queue until the server runs).  A failure is logged once the
     # logger exists, as Firecracker does.
@@ -338,11 +329,12 @@ class _Session:
             self.log.info("Successfully added metadata to mmds from file")
         # The guest must read the very store the API writes.
         vmm = Vmm(loop, instance_id=args.id, boot_timer=args.boot_timer, metrics=self.registry,
-                  on_exit=on_exit, mmds_store=mmds, seccomp=self.seccomp)
+                  on_exit=on_exit, mmds_store=mmds, seccomp=self.seccomp, enable_pci=args.enable_pci)
         latencies = LatenciesMetrics()
         self.registry.register("latencies_us", latencies)
         controller = Controller(vmm, instance_id=args.id, mmds=mmds, latencies=latencies,
-                                metrics=self.writer, configure_logger=self.logger.apply)
+                                metrics=self.writer, configure_logger=self.logger.apply,
+                                pci_enabled=args.enable_pci)
         api_metrics = ApiMetrics()
         api_metrics.register(self.registry)
         server = None

@@ -70,8 +70,10 @@ class Vmm:
     def __init__(self, loop: asyncio.AbstractEventLoop, *, instance_id: str, boot_timer: bool,
                  metrics: MetricsRegistry, on_exit: Callable[[int], None],
                  stdin_fd: int | None = 0, stdout_fd: int = 1,
-                 mmds_store: MmdsStore | None = None, seccomp: Any = None) -> None:
+                 mmds_store: MmdsStore | None = None, seccomp: Any = None,
+                 enable_pci: bool = False) -> None:
         self._loop = loop
+        self._enable_pci = enable_pci    # --enable-pci: virtio devices on a PCI bus
         # asyncvmm.seccomp.ThreadFilters, or None for no filters (--no-seccomp, tests).
         self._seccomp = seccomp
         self.instance_id = instance_id
@@ -108,7 +110,8 @@ class Vmm:
             on_guest_poweroff=lambda: self._from_vcpu(ExitCode.OK, "the guest powered off (ACPI S5)"),
             serial_out=self._serial_sink(config), serial_on_rx_space=console.on_rx_space,
             boot_timer=self._boot_timer, start_ns=requested_at.monotonic_ns,
-            start_cpu_ns=requested_at.cpu_ns, mmds_store=self.mmds_store, restore=restore)
+            start_cpu_ns=requested_at.cpu_ns, mmds_store=self.mmds_store, restore=restore,
+            pci=self._enable_pci)
         try:
             machine = build_microvm(config, ctx)
         except BuildError as e:

@@ -72,8 +72,9 @@ class MicroVM:
 
     How to run it: ``binary`` (a path, or an argv prefix; default :func:`default_binary`),
     ``vm_id`` (``--id``), ``level`` (``--level``), ``boot_timer`` (``--boot-timer``),
-    ``extra_args`` (appended to the command line), ``env`` (added to the inherited
-    environment).  ``api_sock``, ``metrics_path`` and ``log_path`` default to files in
+    ``enable_pci`` (``--enable-pci``: devices on PCI, hot-plug after boot), ``extra_args``
+    (appended to the command line), ``env`` (added to the inherited environment).
+    ``api_sock``, ``metrics_path`` and ``log_path`` default to files in
     ``workdir``, itself a new temporary directory unless given; the SDK removes the socket,
     and the work directory only when it made it.  ``api_timeout`` bounds each API request,
     ``start_timeout`` the wait for the API to answer, ``console_limit`` the characters of
@@ -101,6 +102,7 @@ class MicroVM:
         log_path: StrPath | None = None,
         level: str | None = None,
         boot_timer: bool = False,
+        enable_pci: bool = False,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         api_timeout: float = DEFAULT_TIMEOUT_S,
@@ -126,6 +128,7 @@ class MicroVM:
         self.api_sock = self.metrics_path = self.log_path = Path()
         self.level = level
         self.boot_timer = boot_timer
+        self.enable_pci = enable_pci
         self.extra_args = list(extra_args)
         self.env = None if env is None else dict(env)
         self.start_timeout = start_timeout
@@ -193,6 +196,8 @@ class MicroVM:
             argv += ["--level", self.level]
         if self.boot_timer:
             argv.append("--boot-timer")
+        if self.enable_pci:
+            argv.append("--enable-pci")
         return argv + self.extra_args
 
     async def spawn(self) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def test_success_without_data_is_204(api: Api) -> None:
 
 @pytest.mark.parametrize("method,path,resource", [
     ("PATCH", "/boot-source", "boot-source"), ("PATCH", "/logger", "logger"),
-    ("PUT", "/vm", "vm"), ("POST", "/actions", "actions"), ("DELETE", "/drives/root", "drives"),
+    ("PUT", "/vm", "vm"), ("POST", "/actions", "actions"), ("DELETE", "/boot-source", "boot-source"),
     ("GET", "/nonexistent", "nonexistent"),
 ])
 def test_unknown_method_or_path_is_400(api: Api, method: str, path: str, resource: str) -> None:
@@ -90,6 +90,23 @@ def test_get_with_body_and_empty_put_patch(api: Api) -> None:
     assert api("GET", "/", raw=b"{}").fault == "GET request cannot have a body."
     assert api("PUT", "/boot-source", raw=b"").fault == "Empty PUT request."
     assert api("PATCH", "/machine-config", raw=b"").fault == "Empty PATCH request."
+    assert api("DELETE", "/drives/root", raw=b"{}").fault == "Empty Delete request."
+
+
+@pytest.mark.parametrize("flags", [(), ("--enable-pci",)])
+def test_delete_unplugs_only_after_boot(tmp_path: Path, flags: tuple[str, ...]) -> None:
+    """DELETE /drives|network-interfaces|pmem/{id} is PCI hot-unplug: refused before boot, with or
+    without --enable-pci (which the process accepts)."""
+    proc = Process(tmp_path, *flags)
+    try:
+        api = Api(proc)
+        for path in ("/drives/root", "/network-interfaces/eth0", "/pmem/p0"):
+            resp = api("DELETE", path)
+            assert resp.status == 400
+            assert resp.fault == "The requested operation is not supported before starting the microVM."
+        assert api("DELETE", "/drives/").fault == "The ID cannot be empty."
+    finally:
+        proc.stop()
 
 
 def test_resource_ids(api: Api, disk: str) -> None:
@@ -497,8 +514,6 @@ PRE_BOOT_ONLY = [
     ("PUT", "/metrics", {"metrics_path": "/m"}),
     ("PUT", "/serial", {}),
     ("PUT", "/cpu-config", {}),
-    ("PUT", "/drives/d", {"drive_id": "d", "is_root_device": False, "path_on_host": "/x"}),
-    ("PUT", "/network-interfaces/n", {"iface_id": "n", "host_dev_name": "t"}),
     ("PUT", "/actions", {"action_type": "InstanceStart"}),
     ("PUT", "/balloon", {"amount_mib": 1, "deflate_on_oom": False}),
 ]
@@ -508,6 +523,17 @@ PRE_BOOT_ONLY = [
 def test_pre_boot_only_operations_fail_after_boot(booted: Api, method: str, path: str, body: Any) -> None:
     resp = booted(method, path, body)
     assert resp.fault == "The requested operation is not supported after starting the microVM."
+
+
+def test_hot_plug_after_boot_needs_enable_pci(booted: Api, disk: str) -> None:
+    """Without --enable-pci, the device requests of hot-plug and hot-unplug all say so first."""
+    for method, path, body in (
+            ("PUT", "/drives/d", {"drive_id": "d", "is_root_device": False, "path_on_host": disk}),
+            ("PUT", "/network-interfaces/n", {"iface_id": "n", "host_dev_name": "t"}),
+            ("DELETE", "/drives/d", None), ("DELETE", "/network-interfaces/n", None), ("DELETE", "/pmem/p", None)):
+        resp = booted(method, path, body)
+        assert (resp.status, resp.fault) == (400, "PCI is not enabled"), (method, path)
+    assert booted("GET", "/vm/config").json()["drives"] == []
 
 
 def test_balloon_after_boot_without_a_driver(api: Api, guest_kernel: str) -> None:
@@ -557,9 +583,12 @@ def test_balloon_operations_after_boot_without_a_balloon(booted: Api) -> None:
 def test_not_built_features_are_refused_after_boot_too(booted: Api) -> None:
     for method, path, body, fault in NOT_BUILT:
         resp = booted(method, path, body)
-        if path in ("/machine-config", "/cpu-config", "/serial", "/snapshot/load") or path.startswith("/drives"):
+        if path in ("/machine-config", "/cpu-config", "/serial", "/snapshot/load"):
             # Built resources whose phase is over: the phase rule answers first.
             assert resp.fault == "The requested operation is not supported after starting the microVM."
+        elif path.startswith("/drives"):
+            # After boot PUT /drives is a hot-plug, which needs --enable-pci before anything else.
+            assert resp.fault == "PCI is not enabled"
         else:
             assert resp.fault == fault, (method, path)
 

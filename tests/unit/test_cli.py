@@ -126,17 +126,37 @@ def test_metrics_writer_drops_lines_to_a_full_fifo(tmp_path: Any) -> None:
     writer.close()
 
 
-# -- flags that ask for what is not built are refused, naming it ------------------------------
+# -- --enable-pci reaches the VMM and the controller ------------------------------------------
 
 
-@pytest.mark.parametrize("argv,named", [
-    (["--enable-pci"], "--enable-pci: PCIe (virtio devices on a PCI bus) is not supported yet"),
-])
-def test_flags_not_built_are_refused(argv: list[str], named: str, tmp_path: Any, capsys: Any) -> None:
-    sock = tmp_path / "api.sock"
-    assert cli.main(["--api-sock", str(sock), *argv]) == cli.EXIT_GENERIC
-    assert named in capsys.readouterr().err
-    assert not sock.exists()  # refused before anything was bound
+@pytest.mark.parametrize("argv,pci", [([], False), (["--enable-pci"], True), (["-enable-pci"], True)])
+def test_enable_pci_is_passed_to_the_vmm_and_the_controller(argv: list[str], pci: bool, tmp_path: Any,
+                                                            monkeypatch: Any) -> None:
+    import asyncvmm.controller
+    import asyncvmm.vmm
+
+    seen: dict[str, Any] = {}
+
+    class Vmm:
+        def __init__(self, loop: Any, *, on_exit: Any, enable_pci: bool, **_: Any) -> None:
+            seen["vmm"] = enable_pci
+            loop.call_soon(on_exit, 0)          # nothing to run: the process ends at once
+
+        def exit(self, code: int, why: str) -> None:
+            pass
+
+    class Controller(asyncvmm.controller.Controller):
+        def __init__(self, backend: Any, **kwargs: Any) -> None:
+            super().__init__(backend, **kwargs)
+            seen["controller"] = self.pci_enabled
+
+    monkeypatch.setattr(asyncvmm.vmm, "Vmm", Vmm)
+    monkeypatch.setattr(asyncvmm.controller, "Controller", Controller)
+    assert cli.parse_args(argv).enable_pci is pci
+    code = cli.main(["--api-sock", str(tmp_path / "s"), "--no-seccomp", "--log-path", str(tmp_path / "log"),
+                     *argv])
+    assert code == cli.EXIT_OK
+    assert seen == {"vmm": pci, "controller": pci}
 
 
 def test_snapshot_version_flags(tmp_path: Any, capsys: Any) -> None:
@@ -154,13 +174,12 @@ def test_snapshot_version_flags(tmp_path: Any, capsys: Any) -> None:
 
 def test_no_seccomp_is_accepted() -> None:
     assert cli.parse_args(["--no-seccomp"]).no_seccomp
-    assert cli._not_built_flag(cli.parse_args(["--no-seccomp"])) is None
 
 
 def test_seccomp_filter_is_built_and_an_unusable_file_exits_1(tmp_path: Any) -> None:
     """--seccomp-filter takes Firecracker's JSON filter format (docs/seccomp.md); anything else
     exits 1, as Firecracker does for a filter it cannot use (152 is its code for a bad config file)."""
-    assert cli._not_built_flag(cli.parse_args(["--seccomp-filter", "f.json"])) is None
+    assert cli.parse_args(["--seccomp-filter", "f.json"]).seccomp_filter == "f.json"
     bad = tmp_path / "filter.json"
     bad.write_text('{"vmm": {}, "vcpu": {}}')
     log = tmp_path / "log"

@@ -189,12 +189,14 @@ FIRECRACKER_FLAGS = {
 
 def test_the_command_line_uses_only_firecrackers_flags():
     vm = MicroVM(binary="/usr/local/bin/firecracker", vm_id="vm1", level="Debug", boot_timer=True,
-                 extra_args=["--no-seccomp"])
+                 enable_pci=True, extra_args=["--no-seccomp"])
     argv = vm.argv()
     assert argv[0] == "/usr/local/bin/firecracker"
     flags = [a for a in argv[1:] if a.startswith("--")]
     assert set(flags) <= FIRECRACKER_FLAGS
-    assert flags == ["--api-sock", "--log-path", "--metrics-path", "--id", "--level", "--boot-timer", "--no-seccomp"]
+    assert flags == ["--api-sock", "--log-path", "--metrics-path", "--id", "--level", "--boot-timer",
+                     "--enable-pci", "--no-seccomp"]
+    assert "--enable-pci" not in MicroVM().argv()
     assert argv[argv.index("--id") + 1] == "vm1" and argv[argv.index("--level") + 1] == "Debug"
 
 
