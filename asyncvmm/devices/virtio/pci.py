@@ -191,9 +191,6 @@ class VirtioPciTransport(VirtioTransport):
                  loop: asyncio.AbstractEventLoop, faults: guestfault.GuestFaults | None = None,
                  deliver: Callable[[int], None], on_route_change: Callable[[int], None],
                  on_bar_change: Callable[[], None]) -> None:
-        self.isr = 0
-        self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
-        self.queue_msix_vectors = [VIRTIO_MSI_NO_VECTOR] * device.num_queues
         super().__init__(device, mem=mem, queue_events=queue_events, loop=loop, faults=faults)
         self.on_bar_change = on_bar_change
         self.msix = Msix(device.num_queues + 1, deliver=deliver, on_route_change=on_route_change,
