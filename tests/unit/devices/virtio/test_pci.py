@@ -625,3 +625,19 @@ async def test_status_transitions_follow_the_shared_table(rig):
     assert d.status == ACKNOWLEDGE | DRIVER
     assert rig.metrics.virtio_pci_protocol == 2
     await settle()
+
+
+async def test_a_used_notification_without_a_queue_signals_every_queue_vector_once(rig):
+    await rig.driver.init()
+    rig.transport.activation.interrupts.signal_used()
+    assert sorted(rig.sent) == [1, 2]
+
+
+async def test_a_reset_activation_raises_no_more_interrupts(rig):
+    await rig.driver.init()
+    act = rig.transport.activation
+    await rig.driver.reset()
+    act.interrupts.signal_used(0)
+    act.interrupts.signal_config()
+    act.interrupts.needs_reset("late")
+    assert rig.sent == [] and rig.transport.isr == 0 and rig.driver.status == 0
