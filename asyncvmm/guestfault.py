@@ -41,6 +41,9 @@ class GuestFaultMetrics(MetricGroup):
     virtio_pci_access: int = 0       # virtio-pci BAR0: bad size/alignment, read-only or unknown field
     virtio_pci_protocol: int = 0     # virtio-pci: a common-config field written in the wrong status
     pci_msix: int = 0                # an MSI-X table/PBA access that is not an aligned DWORD/QWORD in range
+    pci_config: int = 0              # a PCI configuration access of a bad size, alignment or offset
+    pci_bar: int = 0                 # a BAR the guest placed outside the windows or over another
+    msi_address: int = 0             # an unmasked MSI-X vector whose address is not the local APICs'
     other: int = 0                   # a kind this group has no field for
     log_lines_suppressed: int = 0
 
