@@ -136,6 +136,8 @@ class VmmBackend(Protocol):
 
     async def start(self, config: VmConfig, requested_at: StartRequest) -> None: ...
     async def load_snapshot(self, params: SnapshotLoadConfig) -> VmConfig: ...
+    #: Whether the microVM built (or loaded) has a PCI bus: a snapshot decides that itself.
+    pci_enabled: bool
     async def create_snapshot(self, params: SnapshotCreateConfig, config: VmConfig) -> None: ...
     async def pause(self) -> None: ...
     async def resume(self) -> None: ...
@@ -683,6 +685,8 @@ class Controller:
             "load_snapshot", "vmm_load_snapshot",
         )
         self.config = config
+        # The snapshot says whether the microVM has a PCI bus, whatever this process's flag.
+        self.pci_enabled = self.backend.pci_enabled
         self._transition(Event.LOAD_AND_RESUME if params.resume_vm else Event.LOAD)
         self._after_boot()
 

@@ -38,7 +38,7 @@ from .guestfault import GuestFaults
 from .irqroute import GsiRouter, MsiVectors
 from .kvm import VmFd
 from .memory import GuestMemory
-from .pci.bars import BarSpace
+from .pci.bars import BarAllocationError, BarSpace
 from .pci.bus import PciBus, PciBusFullError, PciConfigIo, PciConfigMmio
 from .pci.hostbridge import HostBridge
 
@@ -113,7 +113,10 @@ class PciSlots:
                 deliver=vectors.deliver,
                 on_route_change=lambda v: self._route(holder[0], v),
                 on_bar_change=lambda: self._remap(holder[0]))
-            base = self.space.allocate(BAR0_SIZE)
+            try:
+                base = self.space.allocate(BAR0_SIZE)
+            except BarAllocationError as e:
+                raise PciSlotError(f"no room for a BAR of {BAR0_SIZE:#x} bytes: {e}") from e
             stack.callback(self.space.free, base, BAR0_SIZE)
             transport.config.set_bar_address(0, base)
             try:

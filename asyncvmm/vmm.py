@@ -19,17 +19,19 @@ from typing import Any, Callable
 import msgspec
 
 from . import __version__
-from .builder import BuildContext, BuildError, MicroVm, Restore, build_microvm
+from .builder import (BuildContext, BuildError, MicroVm, Restore, build_microvm, hotplug_device,
+                      unplug_device)
 from .config import ConfigError, SnapshotCreateConfig, SnapshotLoadConfig, VmConfig
 from .config.decode import decode
 from .console import SerialConsole
 from .devices.virtio.block import BlockFileError
 from .devices.virtio.balloon import Balloon, BalloonError
-from .controller import BackendError, StartError, StartRequest
+from .controller import BackendError, PciError, StartError, StartRequest
 from .exitcodes import ExitCode
 from .kvm import KvmError
 from .kvm.kind import software_kvm_reason, software_kvm_warning
 from .metrics import MetricsRegistry
+from .pcislots import PciSlotError
 from .mmds.store import MmdsStore
 from .snapshot import kvmstate
 from .snapshot.format import (MemoryRegionState, SnapshotFormatError, SnapshotState, read_state_file,
@@ -118,6 +120,7 @@ class Vmm:
             self._close_serial_file()
             raise StartError(str(e)) from e
         self.machine, self._console, self._config = machine, console, config
+        self._build_ctx = ctx
         console.attach(machine.serial)
         for vcpu in machine.vcpus:
             if self._seccomp is not None:  # each vCPU thread filters itself before guest code
@@ -237,6 +240,43 @@ class Vmm:
             raise BackendError(f"Unable to patch the network interface: {e}") from e
 
 
+    # -- PCI hot-plug ----------------------------------------------------------------
+
+    async def hotplug_drive(self, drive) -> None:
+        """PUT /drives after boot with --enable-pci: a new virtio-blk function on the bus."""
+        self._hotplug(drive)
+
+    async def hotplug_network_interface(self, iface) -> None:
+        """PUT /network-interfaces after boot with --enable-pci."""
+        self._hotplug(iface)
+
+    def _hotplug(self, cfg) -> None:
+        assert self.machine is not None
+        try:
+            hotplug_device(self.machine, self._build_ctx, cfg)
+        except PciSlotError as e:
+            raise PciError(f"PCI root error: {e}") from None
+        except BuildError as e:
+            raise BackendError(str(e)) from None
+
+    @property
+    def pci_enabled(self) -> bool:
+        """The microVM has a PCI bus (--enable-pci, or a snapshot of such a microVM)."""
+        if self.machine is not None:
+            return self.machine.pci is not None
+        return self._enable_pci
+
+    async def unplug_device(self, kind: str, device_id: str) -> None:
+        """DELETE /drives|network-interfaces/{id} after boot: the guest removed the device first."""
+        assert self.machine is not None
+        prefix = {"drive": "block", "net": "net"}.get(kind)
+        if prefix is None:
+            raise BackendError("Device not found")
+        try:
+            unplug_device(self.machine, f"{prefix}:{device_id}", self._metrics)
+        except BuildError as e:
+            raise BackendError(str(e)) from None
+
     async def create_snapshot(self, params: SnapshotCreateConfig, config: VmConfig) -> None:
         """Write the paused microVM's state file and memory file (docs/snapshots.md).
 
@@ -268,6 +308,10 @@ class Vmm:
             vm=vm_state, vcpus=vcpus,
             devices={"serial": machine.serial.save_state(), "i8042": machine.i8042.save_state(),
                      "virtio": [t.save_state() for t in machine.transports],
+                     "virtio_ids": list(machine.transport_ids),
+                     **({"pci_slots": {i: machine.pci.slot_of(t) for i, t in
+                                       zip(machine.transport_ids, machine.transports)}}
+                        if machine.pci is not None else {}),
                      "rate_limiters": {name: limiter.save_state()
                                        for name, limiter in rate_limiters(machine).items()},
                      **({"balloon": machine.balloon.save_state()} if machine.balloon else {})},

@@ -62,6 +62,7 @@ K = ActionKind
 
 
 class FakeBackend:
+    pci_enabled = False
     """Records calls; ``fail`` maps a method name to the BackendError it raises."""
 
     def __init__(self) -> None:
