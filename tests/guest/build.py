@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-OBJECTS_C = ("main.c", "console.c", "lib.c", "acpi.c", "smp.c", "virtio.c", "vdev.c", "blkbench.c", "blkreset.c", "vsock.c", "balloon.c", "pci.c")
+OBJECTS_C = ("main.c", "console.c", "lib.c", "acpi.c", "smp.c", "virtio.c", "vdev.c", "blkbench.c", "blkreset.c", "vsock.c", "balloon.c", "pci.c", "cpuid.c")
 OBJECTS_S = ("entry.S",)
 PVH_NOTE = "pvhnote.S"
 SETUP_STUB = "setup.S"

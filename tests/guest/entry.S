@@ -13,7 +13,8 @@
  *   common64            own GDT, IDT and TSS, own CR3, then iretq to ring 3
  *                       with IOPL=3 and IF=0.
  *   ud_entry            the only way back up: ring 3 executes ud2 with eax =
- *                       SYS_HALT (hlt forever) or anything else (triple fault).
+ *                       SYS_HALT (hlt forever), SYS_CPUID (CPUID in ring 0,
+ *                       then back to ring 3) or anything else (triple fault).
  *   ap_tramp            real-mode AP trampoline, copied below 1 MiB by ring 3
  *                       (smp.c); real mode -> ap_start32 -> ap_start64.
  *
@@ -120,15 +121,25 @@ enter_ring3:
         iretq
 
 /* #UD from either ring (an interrupt gate: IF stays clear), eax = SYS_*.
- * Never returns.  SYS_HALT is a magic number, so a stray ud2 is fatal. */
+ * Returns only for SYS_CPUID.  The numbers are magic, so a stray ud2 is fatal. */
         .globl  ud_entry
 ud_entry:
+        cmpl    $SYS_CPUID, %eax
+        je      3f
         cmpl    $SYS_HALT, %eax
         jne     1f
 2:      hlt
         jmp     2b
 1:      lidt    no_idt_ptr(%rip)
         ud2     /* no IDT left: #UD -> #DF -> triple fault */
+/* SYS_CPUID: CPUID leaf esi, subleaf ecx, executed here in ring 0 (which a
+ * hypervisor always answers from the vCPU's table; on kvm_pvm ring 3 runs
+ * CPUID natively), results in eax..edx; back past the ud2 (2 bytes) in the
+ * caller's ring.  #UD pushes no error code: (%rsp) is the saved RIP. */
+3:      movl    %esi, %eax
+        cpuid
+        addq    $2, (%rsp)
+        iretq
 
         .text
 /* exit=triplefault from ring 3: hlt is privileged, so #GP, which has no

@@ -18,6 +18,7 @@
  * entry.S.  SYS_HALT is a magic value so that a stray ud2 is fatal. */
 #define SYS_HALT        0x7e570001
 #define SYS_TRIPLE_FAULT 0x7e570002
+#define SYS_CPUID       0x7e570003      /* esi = leaf, ecx = subleaf; returns eax..edx */
 
 /* Real-mode AP trampoline page (SIPI vector TRAMP_ADDR >> 12).  0x1000..0x5fff
  * is unused by asyncvmm's layout (GDT 0x500, PVH info 0x6000, zero page 0x7000). */
@@ -164,6 +165,9 @@ void blkreset_action(const char *arg, size_t n);        /* blkreset.c */
 void vsock_configure(const struct virtio_params *p);    /* vsock.c */
 void balloon_configure(const struct virtio_params *p);  /* balloon.c */
 void balloon_action(const char *arg, size_t n);
+
+/* ---- cpuid.c ---- */
+void cpuid_action(const char *v, size_t vn);
 void vsock_action(const char *arg, size_t n);
 
 /* ---- pci.c: PCI bus 0 through ECAM, virtio-pci ---- */

@@ -12,6 +12,7 @@
  *   vsock=...  balloon=<start_mib>:<mib>
  *   pci-rng=N  pci-blk=<sector>  pci-move=<addr>:<n>  pci-bad-bar=<addr>  pci-kick=new|old:<n>  (pci.c)
  *   mmioflood=<addr>:<count>  count=<n>
+ *   cpuid=LEAF[.SUBLEAF]                                   (cpuid.c)
  * Exit (runs last; default halt):
  *   exit=halt|reset|triplefault|triplefault0|poweroff
  */
@@ -208,6 +209,8 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 pci_kick_action(v, vn);
         } else if (key_is(k, kn, "mmioflood")) {
                 mmio_flood(v, vn);
+        } else if (key_is(k, kn, "cpuid")) {
+                cpuid_action(v, vn);
         } else if (key_is(k, kn, "count") && numeric) {
                 count_up(n);
         } else if (key_is(k, kn, "exit")) {
