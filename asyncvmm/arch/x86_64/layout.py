@@ -15,6 +15,8 @@ test guest agree on.  Nothing here does I/O.
     0xfec0_0000  IOAPIC                  0xfee0_0000  local APIC
     0x1_0000_0000  RAM above the gap for guests larger than 3 GiB
     256 GiB (or the first 1 GiB boundary past RAM)  the 64-bit PCI BAR window, 256 GiB
+    512 GiB (right after that window)  virtio-pmem regions, 2 MiB aligned, 512 GiB;
+                                       the virtio-mem hotplug region at its top
 
 Port I/O: 0x60/0x64 i8042, 0x3f8 COM1, 0xcf8..0xcff PCI configuration mechanism #1.
 """
@@ -120,3 +122,36 @@ def pci_mmio64_window(ram_end: int) -> tuple[int, int]:
         raise ValueError(f"RAM end {ram_end:#x} is negative")
     aligned = (ram_end + PCI_MMIO64_ALIGN - 1) & ~(PCI_MMIO64_ALIGN - 1)
     return max(PCI_MMIO64_MIN_START, aligned), PCI_MMIO64_SIZE
+
+
+# virtio-pmem: each device's file is mapped in guest-physical space past the 64-bit PCI
+# window, with or without PCI (where Firecracker puts it: its FIRST_ADDR_PAST_64BITS_MMIO,
+# 512 GiB long); the region's start and size are 2 MiB aligned, as the guest's
+# memremap of it (devm_memremap_pages, a memory section) wants.
+PMEM_ALIGN = 2 * MiB
+PMEM_WINDOW_SIZE = 512 * GiB
+
+
+def pmem_window(ram_end: int) -> tuple[int, int]:
+    """``(start, size)`` of the window virtio-pmem regions are placed in, past the 64-bit
+    PCI window of a guest whose RAM ends at ``ram_end``."""
+    start, size = pci_mmio64_window(ram_end)
+    return start + size, PMEM_WINDOW_SIZE
+
+
+# virtio-mem (memory hotplug): the region sits at the top of the window virtio-pmem regions fill
+# from the bottom (past the 64-bit PCI window, with or without PCI, so its address does not
+# depend on --enable-pci), on a 1 GiB boundary: slots are 128 MiB or more, and Linux adds
+# hotplugged memory in memory blocks (128 MiB, up to 2 GiB for large guests).
+MEMORY_HOTPLUG_ALIGN = 1 * GiB
+
+
+def memory_hotplug_region(ram_end: int, size: int) -> tuple[int, int]:
+    """``(start, size)`` of the hotpluggable memory region of ``size`` bytes for a guest whose
+    RAM ends at ``ram_end``: the top of :func:`pmem_window`, never over RAM or BARs."""
+    window, window_size = pmem_window(ram_end)
+    if not 0 < size <= window_size // 2:
+        raise ValueError(f"hotpluggable memory of {size} bytes does not fit its window "
+                         f"(at most {window_size // 2})")
+    start = (window + window_size - size) & ~(MEMORY_HOTPLUG_ALIGN - 1)
+    return start, size
