@@ -21,10 +21,10 @@ from asyncvmm.config.devices import (
     SerialConfig,
     VsockConfig,
 )
+from asyncvmm.config.cputemplate import CpuConfig
 from asyncvmm.config.errors import ConfigError
 from asyncvmm.config.machine import (
     BootSourceConfig,
-    CpuConfig,
     MachineConfig,
     MachineConfigPut,
     MachineConfigUpdate,

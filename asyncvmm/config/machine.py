@@ -9,12 +9,11 @@ Firecracker's category prefix ("Machine config error: ...").  No I/O here.
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 import msgspec
 
-from asyncvmm.config.common import I32, U8, U64, Base
+from asyncvmm.config.common import U8, U64, Base
 from asyncvmm.config.errors import ConfigError
 
 MAX_SUPPORTED_VCPUS = 32
@@ -73,12 +72,13 @@ class MachineConfigPut(Base):
     huge_pages: HugePages = "None"
 
     def to_config(self) -> MachineConfig:
-        template = None if self.cpu_template in (None, "None") else self.cpu_template
+        """The new MachineConfig; ``cpu_template`` stays as given (``"None"`` or absent), because
+        the controller keeps the current template when the field is absent (Firecracker does)."""
         return MachineConfig(
             vcpu_count=self.vcpu_count,
             mem_size_mib=self.mem_size_mib,
             smt=self.smt,
-            cpu_template=template,
+            cpu_template=self.cpu_template,
             track_dirty_pages=self.track_dirty_pages,
             huge_pages=self.huge_pages,
         )
@@ -123,89 +123,6 @@ class BootSourceConfig(Base):
                 "Boot source error: The kernel command line is invalid: "
                 "Command line string is too large"
             )
-
-
-_NUMBER_RE = re.compile(r"0x[0-9a-fA-F]+|0b[01]+|[0-9]+")
-
-
-def _check_number(text: str, bits: int, what: str) -> None:
-    if not _NUMBER_RE.fullmatch(text):
-        raise ConfigError(f"Failed to parse string [{text}] as a number for {what}")
-    if int(text, 0) >= 1 << bits:
-        raise ConfigError(f"{what} value [{text}] does not fit in {bits} bits")
-
-
-def _check_bitmap(text: str, bits: int, what: str, exact: bool = True) -> None:
-    digits = text[2:].replace("_", "") if text.startswith("0b") else None
-    if digits is None or not re.fullmatch(r"[01xX]*", digits):
-        raise ConfigError(f"Invalid bitmap [{text}] for {what}: expected 0b followed by 0, 1 or x")
-    if (exact and len(digits) != bits) or len(digits) > bits or not digits:
-        raise ConfigError(f"Invalid bitmap [{text}] for {what}: expected {bits} bits")
-
-
-class CpuidRegisterModifier(Base):
-    register: Literal["eax", "ebx", "ecx", "edx"]
-    bitmap: str
-
-    def check(self) -> None:
-        _check_bitmap(self.bitmap, 32, "CPUID register")
-
-
-class CpuidLeafModifier(Base):
-    leaf: str
-    subleaf: str
-    flags: I32
-    modifiers: list[CpuidRegisterModifier]
-
-    def check(self) -> None:
-        _check_number(self.leaf, 32, "CPUID leaf")
-        _check_number(self.subleaf, 32, "CPUID subleaf")
-        for m in self.modifiers:
-            m.check()
-
-
-class MsrModifier(Base):
-    addr: str
-    bitmap: str
-
-    def check(self) -> None:
-        _check_number(self.addr, 32, "MSR address")
-        _check_bitmap(self.bitmap, 64, "MSR")
-
-
-class ArmRegisterModifier(Base):
-    addr: str
-    bitmap: str
-
-    def check(self) -> None:
-        _check_number(self.addr, 64, "register address")
-        _check_bitmap(self.bitmap, 128, "register", exact=False)
-
-
-class VcpuFeatures(Base):
-    index: I32
-    bitmap: str
-
-    def check(self) -> None:
-        _check_bitmap(self.bitmap, 32, "vCPU features")
-
-
-class CpuConfig(Base):
-    """``CpuConfig``: a custom CPU template (x86_64 uses CPUID and MSR modifiers)."""
-
-    kvm_capabilities: list[str] | None = None
-    cpuid_modifiers: list[CpuidLeafModifier] | None = None
-    msr_modifiers: list[MsrModifier] | None = None
-    reg_modifiers: list[ArmRegisterModifier] | None = None
-    vcpu_features: list[VcpuFeatures] | None = None
-
-    def check(self) -> None:
-        for cap in self.kvm_capabilities or ():
-            if not re.fullmatch(r"!?[0-9]+", cap) or int(cap.lstrip("!")) >= 1 << 32:
-                raise ConfigError(f"Invalid KVM capability [{cap}]: expected a number, optionally prefixed with '!'")
-        for group in (self.cpuid_modifiers, self.msr_modifiers, self.reg_modifiers, self.vcpu_features):
-            for modifier in group or ():
-                modifier.check()
 
 
 class MemoryHotplugConfig(Base):

@@ -19,7 +19,8 @@ from asyncvmm.config.devices import (
     SerialConfig,
     VsockConfig,
 )
-from asyncvmm.config.machine import BootSourceConfig, CpuConfig, MachineConfig, MemoryHotplugConfig
+from asyncvmm.config.cputemplate import CpuConfig
+from asyncvmm.config.machine import BootSourceConfig, MachineConfig, MemoryHotplugConfig
 from asyncvmm.config.service import LoggerConfig, MetricsConfig, MmdsConfig
 
 _RENAMES = {
