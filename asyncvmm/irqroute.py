@@ -238,6 +238,10 @@ class MsiVectors:
         if self._router.route(self.gsis[vector]) is not None:
             self._eventfds[vector].write(1)
 
+    def eventfd(self, vector: int) -> EventFd:
+        """``vector``'s irqfd, for a back end that signals it itself (vhost's call fd)."""
+        return self._eventfds[vector]
+
     def route(self, vector: int, address: int, data: int, masked: bool) -> None:
         """Route ``vector`` to its current message and commit.
 

@@ -112,7 +112,7 @@ class PciSlots:
                 device, mem=self._mem, queue_events=events, loop=self._loop, faults=self._faults,
                 deliver=vectors.deliver,
                 on_route_change=lambda v: self._route(holder[0], v),
-                on_bar_change=lambda: self._remap(holder[0]))
+                on_bar_change=lambda: self._remap(holder[0]), vector_eventfd=vectors.eventfd)
             try:
                 base = self.space.allocate(BAR0_SIZE)
             except BarAllocationError as e:

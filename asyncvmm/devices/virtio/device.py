@@ -59,6 +59,13 @@ class Interrupts(Protocol):
     def needs_reset(self, reason: str) -> None:
         """The driver broke the protocol: set DEVICE_NEEDS_RESET (§2.1.2)."""
 
+    def irqfd(self, queue: int) -> int | None:
+        """An eventfd whose write *is* ``queue``'s used buffer notification, delivered by KVM
+        without the loop (virtio-pci: the queue's MSI-X vector's irqfd while it is enabled and
+        unmasked), for a back end outside the VMM (vhost) to signal; ``None`` where the
+        transport must see each notification (virtio-mmio's InterruptStatus, a masked vector):
+        then the device relays each one through :meth:`signal_used`."""
+
 
 @dataclass(eq=False)
 class Activation:

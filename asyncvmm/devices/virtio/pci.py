@@ -190,9 +190,11 @@ class VirtioPciTransport(VirtioTransport):
     def __init__(self, device: VirtioDevice, *, mem: GuestMemory, queue_events: list[EventFd],
                  loop: asyncio.AbstractEventLoop, faults: guestfault.GuestFaults | None = None,
                  deliver: Callable[[int], None], on_route_change: Callable[[int], None],
-                 on_bar_change: Callable[[], None]) -> None:
+                 on_bar_change: Callable[[], None],
+                 vector_eventfd: Callable[[int], EventFd] | None = None) -> None:
         super().__init__(device, mem=mem, queue_events=queue_events, loop=loop, faults=faults)
         self.on_bar_change = on_bar_change
+        self._vector_eventfd = vector_eventfd    # a vector's irqfd, for vhost back ends
         self.msix = Msix(device.num_queues + 1, deliver=deliver, on_route_change=on_route_change,
                          faults=self.faults)
         if self.msix.table_size > MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET:
@@ -450,6 +452,15 @@ class VirtioPciTransport(VirtioTransport):
         self.isr |= VIRTIO_PCI_ISR_CONFIG
         if self.config_msix_vector != VIRTIO_MSI_NO_VECTOR:
             self.msix.trigger(self.config_msix_vector)
+
+    def _queue_irqfd(self, queue: int) -> int | None:
+        # Only a vector the guest has enabled and unmasked: a masked one must set its pending
+        # bit instead (Msix.trigger), which takes the loop.  The vector is the one at DRIVER_OK.
+        vector = self.queue_msix_vectors[queue]
+        if (self._vector_eventfd is None or vector == VIRTIO_MSI_NO_VECTOR or not self.msix.enabled
+                or self.msix.masked(vector)):
+            return None
+        return self._vector_eventfd(vector).fd
 
     def _on_config_change(self) -> None:
         self.config_generation = (self.config_generation + 1) & 0xFF    # an 8-bit field here

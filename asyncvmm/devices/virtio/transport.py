@@ -218,6 +218,10 @@ class VirtioTransport:
         """A configuration change notification."""
         raise NotImplementedError
 
+    def _queue_irqfd(self, queue: int) -> int | None:
+        """The eventfd that sends ``queue``'s notification inside KVM, if there is one."""
+        return None
+
     def set_needs_reset(self) -> None:
         self.needs_reset = True
         # §2.1.2: a device that is live tells the driver with a configuration change notification.
@@ -307,6 +311,9 @@ class ActivationInterrupts:
     def signal_config(self) -> None:
         if self._live():
             self.transport._signal_config()
+
+    def irqfd(self, queue: int) -> int | None:
+        return self.transport._queue_irqfd(queue) if self._live() else None
 
     def needs_reset(self, reason: str) -> None:
         if self._live():
