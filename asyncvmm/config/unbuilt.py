@@ -6,10 +6,9 @@ with :class:`NotBuiltError` ("<feature> is not supported yet by asyncvmm."),
 after the value's own validation ran.  Whole resources that are not built
 (pmem, ...) are refused by action in the controller; this
 module names them and refuses the *fields* of built resources that ask for
-more than is built.  Default and no-op values (``cpu_template: "None"``,
-``huge_pages: "None"``, ``track_dirty_pages: false``, an empty CPU template)
-ask for nothing and pass.  When a feature is built, its line here goes and
-the test that pins the refusal turns around.  No I/O here.
+more than is built.  Default and no-op values ask for nothing and pass.
+When a feature is built, its line here goes and the test that pins the
+refusal turns around.  No I/O here.
 """
 
 from __future__ import annotations
@@ -18,17 +17,11 @@ from typing import Any
 
 from asyncvmm.config.devices import DriveConfig, SerialConfig
 from asyncvmm.config.errors import ConfigError
-from asyncvmm.config.machine import CpuConfig, MachineConfig
 
 PMEM = "The pmem device (virtio-pmem)"
 MEMORY_HOTPLUG = "Memory hotplug (virtio-mem)"
-CUSTOM_CPU_TEMPLATE = "A custom CPU template (PUT /cpu-config with modifiers)"
 VHOST_USER_BLOCK = "A vhost-user block device (drive `socket`)"
 SERIAL_RATE_LIMITER = "Rate limiting the serial console (serial `rate_limiter`)"
-
-
-def static_cpu_template(name: str) -> str:
-    return f"The static CPU template `{name}` (machine-config `cpu_template`)"
 
 
 class NotBuiltError(ConfigError):
@@ -39,12 +32,6 @@ class NotBuiltError(ConfigError):
         self.feature = feature
 
 
-def _machine(machine: MachineConfig) -> str | None:
-    if machine.cpu_template not in (None, "None"):
-        return static_cpu_template(machine.cpu_template)
-    return None
-
-
 def _drive(drive: DriveConfig) -> str | None:
     return VHOST_USER_BLOCK if drive.socket is not None else None
 
@@ -53,17 +40,9 @@ def _serial(serial: SerialConfig) -> str | None:
     return SERIAL_RATE_LIMITER if serial.rate_limiter is not None else None
 
 
-def _cpu_config(cpu: CpuConfig) -> str | None:
-    groups = (cpu.kvm_capabilities, cpu.cpuid_modifiers, cpu.msr_modifiers, cpu.reg_modifiers,
-              cpu.vcpu_features)
-    return CUSTOM_CPU_TEMPLATE if any(groups) else None
-
-
 _CHECKS: dict[type, Any] = {
-    MachineConfig: _machine,
     DriveConfig: _drive,
     SerialConfig: _serial,
-    CpuConfig: _cpu_config,
 }
 
 
