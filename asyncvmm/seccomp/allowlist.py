@@ -25,6 +25,7 @@ import signal
 import socket
 import termios
 
+from asyncvmm.devices.vhost import ioctls as vhost
 from asyncvmm.kvm import ioctls as k
 
 from .bpf import SECCOMP_RET_ALLOW, SECCOMP_RET_TRAP, Cond, Filter, Rule
@@ -143,6 +144,9 @@ VMM: Spec = {
         termios.TCGETS, termios.TCSETS, termios.TCSETSW, termios.TCSETSF, termios.TIOCGWINSZ,  # console
         TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNGETVNETHDRSZ, TUNGETIFF,  # tap, as the guest negotiates
         TUNSETIFF,                                                 # a tap opened for a hot-plug
+        # vhost-net interfaces: activation and reset set up and stop the kernel's queues;
+        # a hot-plugged one is opened and owned here too
+        *vhost.RUNTIME_IOCTLS,
         k.KVM_IRQ_LINE, k.KVM_KVMCLOCK_CTRL, k.KVM_SET_USER_MEMORY_REGION, k.KVM_GET_DIRTY_LOG,
         # PCI (--enable-pci): the guest's MSI-X table writes re-route vectors, its BAR moves
         # move the notify ioeventfds, and hot-plug wires a new device's irqfds and ioeventfds
