@@ -26,6 +26,8 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 # Linux's MAP_HUGETLB and MAP_HUGE_2MB (21 << MAP_HUGE_SHIFT); 2 MiB huge pages.
 MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)
 MAP_HUGE_2MB = 21 << 26
+# memfd_create's MFD_HUGE_2MB (the same 21 << MFD_HUGE_SHIFT encoding).
+MFD_HUGE_2MB = 21 << 26
 HUGE_PAGE_2M = 2 << 20
 # Set to 1 to offer guest RAM to KSM (docs/density.md): identical pages of many guests merge.
 KSM_ENV = "ASYNCVMM_KSM"
@@ -86,6 +88,10 @@ class GuestRegion:
     # With dirty page tracking: the 4 KiB pages the VMM wrote (or handed out a view of) since
     # the last snapshot, bit i = page i as in KVM's dirty log; None without tracking.
     dirty: bytearray | None = field(default=None, init=False, repr=False)
+    # A shared file mapping another process may map too (vhost-user): the file and where in it
+    # the region starts; None for private memory.
+    shared_fd: int | None = None
+    file_offset: int = 0
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.buffer).cast("B")
@@ -194,6 +200,43 @@ class GuestMemory:
         return cls(regions)
 
     @classmethod
+    def memfd(cls, layout: Iterable[tuple[int, int]], *, huge_pages: bool = False) -> "GuestMemory":
+        """Regions of one memfd laid out back to back, mapped ``MAP_SHARED``, so that another
+        process (a vhost-user backend) can map the same pages from the fd and the offsets
+        (:attr:`GuestRegion.shared_fd`, :attr:`GuestRegion.file_offset`).
+
+        ``MAP_NORESERVE`` as in :meth:`anonymous`; with ``huge_pages`` the memfd is on
+        hugetlbfs (``MFD_HUGETLB | MFD_HUGE_2MB``) and reserves its pages at mmap, as
+        :meth:`hugetlb_2m` does.  The memfd is closed with the memory (:meth:`close`).
+        """
+        layout = list(layout)
+        flags = os.MFD_CLOEXEC
+        if huge_pages:
+            flags |= os.MFD_HUGETLB | MFD_HUGE_2MB
+            for gpa, size in layout:
+                if size % HUGE_PAGE_2M or gpa % HUGE_PAGE_2M:
+                    raise ValueError(f"region {gpa:#x}+{size:#x} is not 2 MiB aligned")
+        fd = os.memfd_create("asyncvmm-guest-ram", flags)
+        regions = []
+        try:
+            os.ftruncate(fd, sum(size for _, size in layout))
+            offset = 0
+            map_flags = mmap.MAP_SHARED | (0 if huge_pages else MAP_NORESERVE)
+            for gpa, size in layout:
+                buf = mmap.mmap(fd, size, flags=map_flags, offset=offset)
+                regions.append(GuestRegion(gpa, buf, page_size=HUGE_PAGE_2M if huge_pages else 4096,
+                                           shared_fd=fd, file_offset=offset))
+                offset += size
+        except BaseException:
+            for region in regions:
+                region.close()
+            os.close(fd)
+            raise
+        mem = cls(regions)
+        mem._memfd = fd
+        return mem
+
+    @classmethod
     def from_file(cls, fd: int, layout: Iterable[tuple[int, int]], *, private: bool) -> "GuestMemory":
         """Map regions of a file laid out back to back (snapshot restore).
 
@@ -215,6 +258,12 @@ class GuestMemory:
     def close(self) -> None:
         for region in self._regions:
             region.close()
+        fd, self._memfd = self._memfd, None
+        if fd is not None:
+            os.close(fd)
+
+    #: The memfd behind :meth:`memfd` memory (owned: closed by :meth:`close`).
+    _memfd: int | None = None
 
     def track_dirty(self) -> None:
         """Start the VMM-side dirty log: from now on every write and every view handed out
@@ -352,7 +401,9 @@ class GuestMemory:
         for region, off, n in pieces:
             region.mark_dirty(off, n)
             if isinstance(region.buffer, mmap.mmap) and region.guest_addr % mmap.PAGESIZE == 0:
-                region.buffer.madvise(mmap.MADV_DONTNEED, off, n)
+                # A shared memfd's pages outlive MADV_DONTNEED (the file keeps them): remove them.
+                advice = mmap.MADV_DONTNEED if region.shared_fd is None else mmap.MADV_REMOVE
+                region.buffer.madvise(advice, off, n)
             else:
                 region.view[off:off + n] = bytes(n)
 
