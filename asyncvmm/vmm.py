@@ -240,6 +240,17 @@ class Vmm:
             raise BackendError(f"Unable to patch the network interface: {e}") from e
 
 
+    async def update_pmem(self, pmem_id: str, rate_limiter) -> None:
+        """PATCH /pmem: new flush rate limiter buckets (absent ones stay)."""
+        assert self.machine is not None
+        pmem = self.machine.pmems.get(pmem_id)
+        if pmem is None:
+            raise BackendError("Failed perform action on device: Device not found")
+        try:
+            pmem.update_rate_limiter(rate_limiter)
+        except ValueError as e:
+            raise BackendError(str(e)) from e
+
     # -- PCI hot-plug ----------------------------------------------------------------
 
     async def hotplug_drive(self, drive) -> None:
@@ -249,6 +260,10 @@ class Vmm:
     async def hotplug_network_interface(self, iface) -> None:
         """PUT /network-interfaces after boot with --enable-pci."""
         self._hotplug(iface)
+
+    async def hotplug_pmem(self, pmem) -> None:
+        """PUT /pmem after boot with --enable-pci: a new virtio-pmem function and its region."""
+        self._hotplug(pmem)
 
     def _hotplug(self, cfg) -> None:
         assert self.machine is not None
@@ -267,9 +282,9 @@ class Vmm:
         return self._enable_pci
 
     async def unplug_device(self, kind: str, device_id: str) -> None:
-        """DELETE /drives|network-interfaces/{id} after boot: the guest removed the device first."""
+        """DELETE /drives|network-interfaces|pmem/{id} after boot: the guest removed the device first."""
         assert self.machine is not None
-        prefix = {"drive": "block", "net": "net"}.get(kind)
+        prefix = {"drive": "block", "net": "net", "pmem": "pmem"}.get(kind)
         if prefix is None:
             raise BackendError("Device not found")
         try:
@@ -314,7 +329,9 @@ class Vmm:
                         if machine.pci is not None else {}),
                      "rate_limiters": {name: limiter.save_state()
                                        for name, limiter in rate_limiters(machine).items()},
-                     **({"balloon": machine.balloon.save_state()} if machine.balloon else {})},
+                     **({"balloon": machine.balloon.save_state()} if machine.balloon else {}),
+                     **({"pmem": {i: p.save_state() for i, p in machine.pmems.items()}}
+                        if machine.pmems else {})},
             mmds=save_mmds(self.mmds_store),
             dirty_ranges=(dirty if diff else [(0, offset)]) if params.snapshot_type == "Diff" else None)
         try:

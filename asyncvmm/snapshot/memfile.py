@@ -168,5 +168,7 @@ def rate_limiters(machine) -> dict:
         limiters[f"net-tx:{iface_id}"] = net.tx_rate_limiter
     if machine.rng is not None:
         limiters["entropy"] = machine.rng.rate_limiter
+    for pmem_id, pmem in getattr(machine, "pmems", {}).items():
+        limiters[f"pmem:{pmem_id}"] = pmem.rate_limiter
     return limiters
 
