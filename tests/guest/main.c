@@ -10,7 +10,8 @@
  * Actions (run in command-line order):
  *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  blkreset=...  rng=N  net=...
  *   vsock=...  balloon=<start_mib>:<mib>
- *   pci-rng=N  pci-blk=<sector>  pci-move=<addr>:<n>  pci-bad-bar=<addr>  pci-kick=new|old:<n>  (pci.c)
+ *   pci-rng=N  pci-blk=<sector>  pci-move=<addr>:<n>  pci-bad-bar=<addr>
+ *   pci-kick=new|old:<n>  pci-msix=<vector>  pci-cf8=1                 (pci.c)
  *   mmioflood=<addr>:<count>  count=<n>
  *   cpuid=LEAF[.SUBLEAF]                                   (cpuid.c)
  * Exit (runs last; default halt):
@@ -207,6 +208,10 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 pci_bad_bar_action(v, vn);
         } else if (key_is(k, kn, "pci-kick")) {
                 pci_kick_action(v, vn);
+        } else if (key_is(k, kn, "pci-msix")) {
+                pci_msix_action(v, vn);
+        } else if (key_is(k, kn, "pci-cf8")) {
+                pci_cf8_action(v, vn);
         } else if (key_is(k, kn, "mmioflood")) {
                 mmio_flood(v, vn);
         } else if (key_is(k, kn, "cpuid")) {

@@ -17,6 +17,17 @@
  *                            right place the first are no VM exits, the second all are)
  *                                                           -> "pci kick which= notify= count="
  *
+ *   pci-msix=<vector>        re-initialises virtio-rng with MSI-X on: table entry 0 = (local APIC of this CPU,
+ *                            vector) and queue 0's vector 0.  A read with entry 0 masked must leave the
+ *                            PBA bit set and nothing in the local APIC's IRR; unmasking must deliver
+ *                            it (IRR bit set, PBA clear); entry 0 re-aimed at vector + 1 must deliver
+ *                            the next read there.  Interrupts stay off (IF=0): the IRR holds them.
+ *                                                           -> "pci msix vector= entries= masked_pba=
+ *                                                              masked_irr= unmasked_irr= unmasked_pba= moved_irr="
+ *   pci-cf8=1                lists bus 0 again through CONFIG_ADDRESS/CONFIG_DATA (ports 0xcf8/0xcfc) and
+ *                            compares every dword and word read with ECAM
+ *                                                           -> "pci cf8 functions= mismatches="
+ *
  * The first use prints every function on bus 0 ("pci fn dev= fn= vendor= device= class= header=");
  * initialising a device prints its capabilities ("pci cap ...") and "pci virtio init ...".
  * Errors print "pci error reason=... " and the action stops.
@@ -50,6 +61,29 @@
 #define PCI_CAPABILITY_LIST     0x34
 #define PCI_CAP_ID_VNDR         0x09
 #define PCI_CAP_ID_MSIX         0x11
+#define PCI_MSIX_FLAGS          2       /* Message Control */
+#define PCI_MSIX_FLAGS_QSIZE    0x07ff
+#define PCI_MSIX_FLAGS_MASKALL  0x4000
+#define PCI_MSIX_FLAGS_ENABLE   0x8000
+#define PCI_MSIX_TABLE          4       /* BIR in bits 2:0, offset above */
+#define PCI_MSIX_PBA            8
+#define PCI_MSIX_BIR            0x7
+#define PCI_MSIX_ENTRY_SIZE     16
+#define PCI_MSIX_ENTRY_LOWER_ADDR       0
+#define PCI_MSIX_ENTRY_UPPER_ADDR       4
+#define PCI_MSIX_ENTRY_DATA             8
+#define PCI_MSIX_ENTRY_VECTOR_CTRL      12
+#define PCI_MSIX_ENTRY_CTRL_MASKBIT     1
+/* PCI 3.0 section 3.2.2.3.2, configuration mechanism #1 */
+#define PCI_CONFIG_ADDRESS      0xcf8
+#define PCI_CONFIG_DATA         0xcfc
+#define PCI_CONFIG_ENABLE       0x80000000u
+/* The local APIC (SDM 3A 10.4, 10.11: MSI address 0xFEEx_xxxx with the destination in bits 19:12) */
+#define LAPIC_BASE              0xfee00000ull
+#define LAPIC_ID                0x020
+#define LAPIC_SVR               0x0f0
+#define LAPIC_SVR_ENABLE        0x100
+#define LAPIC_IRR               0x200   /* 8 registers, 16 bytes apart */
 #define PCI_MAX_CAPS            48      /* 192 bytes of capabilities, 4 each at least */
 
 /* virtio-pci (4.1.2, 4.1.4) */
@@ -101,6 +135,8 @@ struct pci_vdev {
         uint32_t common, isr, device, notify;   /* offsets in that BAR */
         uint32_t notify_mult;
         uint32_t pcicfg;        /* config-space offset of the VIRTIO_PCI_CAP_PCI_CFG capability */
+        uint32_t msix;          /* config-space offset of the MSI-X capability, 0 if none */
+        uint16_t queue_vector;  /* queue 0's MSI-X vector (VIRTIO_MSI_NO_VECTOR: none) */
         uint64_t features;
         int ready;
         struct virtq q;
@@ -108,8 +144,8 @@ struct pci_vdev {
 
 static uint64_t ecam = ECAM_DEFAULT;
 static uint64_t notify_before_move;     /* rng's notify address before the last pci-move */
-static struct pci_vdev rng = {.name = "rng", .type = VIRTIO_ID_RNG};
-static struct pci_vdev blk = {.name = "blk", .type = VIRTIO_ID_BLOCK};
+static struct pci_vdev rng = {.name = "rng", .type = VIRTIO_ID_RNG, .queue_vector = VIRTIO_MSI_NO_VECTOR};
+static struct pci_vdev blk = {.name = "blk", .type = VIRTIO_ID_BLOCK, .queue_vector = VIRTIO_MSI_NO_VECTOR};
 static uint8_t buf[RNG_MAX] __attribute__((aligned(4096)));
 static struct virtio_blk_req_hdr blk_hdr;
 static volatile uint8_t blk_status;
@@ -258,6 +294,8 @@ static int read_caps(struct pci_vdev *d)
                 con_kv("dev", d->slot);
                 con_kvx("at", at);
                 con_kvx("id", id);
+                if (id == PCI_CAP_ID_MSIX)
+                        d->msix = at;
                 if (id != PCI_CAP_ID_VNDR) {
                         con_end();
                         continue;
@@ -356,7 +394,10 @@ static int setup_queue(struct pci_vdev *d, uint16_t want)
         q->index = 0;
         q->size = max < want ? max : want;
         mmio_write16(common(d, VIRTIO_PCI_COMMON_Q_SIZE), q->size);
-        mmio_write16(common(d, VIRTIO_PCI_COMMON_Q_MSIX), VIRTIO_MSI_NO_VECTOR);
+        /* 4.1.5.1.2.1: the device answers VIRTIO_MSI_NO_VECTOR if it cannot use the vector */
+        mmio_write16(common(d, VIRTIO_PCI_COMMON_Q_MSIX), d->queue_vector);
+        if (mmio_read16(common(d, VIRTIO_PCI_COMMON_Q_MSIX)) != d->queue_vector)
+                return -1;
         write64(common(d, VIRTIO_PCI_COMMON_Q_DESCLO), q->desc);
         write64(common(d, VIRTIO_PCI_COMMON_Q_AVAILLO), &q->avail);
         write64(common(d, VIRTIO_PCI_COMMON_Q_USEDLO), &q->used);
@@ -650,6 +691,156 @@ void pci_kick_action(const char *arg, size_t n)
         con_puts(old ? "old" : "new");
         con_kvx("notify", addr);
         con_kv("count", count);
+        con_end();
+}
+
+/* ---- MSI-X (PCI 3.0 section 6.8.2) into the local APIC's IRR ---- */
+
+/* Where the MSI-X structure whose Offset/BIR register is at reg lives: in the virtio BAR (asyncvmm),
+ * or another memory BAR (QEMU's BAR1), programmed by firmware. */
+static uint64_t msix_structure(const struct pci_vdev *d, uint32_t reg)
+{
+        uint32_t v = cfg32(d->cfg, d->msix + reg), bir = v & PCI_MSIX_BIR;
+        uint32_t lo = cfg32(d->cfg, PCI_BASE_ADDRESS_0 + 4 * bir);
+        uint64_t base = lo & PCI_BASE_ADDRESS_MEM_MASK;
+
+        if (bir == d->barno)
+                base = d->bar;
+        else if ((lo & PCI_BASE_ADDRESS_MEM_TYPE_MASK) == PCI_BASE_ADDRESS_MEM_TYPE_64)
+                base |= (uint64_t)cfg32(d->cfg, PCI_BASE_ADDRESS_0 + 4 * bir + 4) << 32;
+        return base + (v & ~PCI_MSIX_BIR);
+}
+
+static uint64_t msix_entry(const struct pci_vdev *d, uint32_t entry, uint32_t field)
+{
+        return msix_structure(d, PCI_MSIX_TABLE) + entry * PCI_MSIX_ENTRY_SIZE + field;
+}
+
+static int msix_pending(const struct pci_vdev *d, uint32_t entry)
+{
+        return (mmio_read32(msix_structure(d, PCI_MSIX_PBA) + entry / 32 * 4) >> (entry % 32)) & 1;
+}
+
+static int irr_set(uint32_t vector)
+{
+        return (mmio_read32(LAPIC_BASE + LAPIC_IRR + vector / 32 * 0x10) >> (vector % 32)) & 1;
+}
+
+/* Polls fn(arg) for up to WAIT_TSC; the last answer. */
+static int wait_for(int (*fn)(uint32_t), uint32_t arg)
+{
+        uint64_t start = rdtsc();
+        int v;
+
+        while (!(v = fn(arg)) && rdtsc() - start < WAIT_TSC)
+                cpu_relax();
+        return v;
+}
+
+static int rng_entry0_pending(uint32_t unused)
+{
+        (void)unused;
+        return msix_pending(&rng, 0);
+}
+
+static void msix_aim(const struct pci_vdev *d, uint32_t apic_id, uint32_t vector, int masked)
+{
+        mmio_write32(msix_entry(d, 0, PCI_MSIX_ENTRY_VECTOR_CTRL), PCI_MSIX_ENTRY_CTRL_MASKBIT);
+        mmio_write32(msix_entry(d, 0, PCI_MSIX_ENTRY_LOWER_ADDR), (uint32_t)LAPIC_BASE | apic_id << 12);
+        mmio_write32(msix_entry(d, 0, PCI_MSIX_ENTRY_UPPER_ADDR), 0);
+        mmio_write32(msix_entry(d, 0, PCI_MSIX_ENTRY_DATA), vector);   /* fixed, edge */
+        if (!masked)
+                mmio_write32(msix_entry(d, 0, PCI_MSIX_ENTRY_VECTOR_CTRL), 0);
+}
+
+void pci_msix_action(const char *arg, size_t n)
+{
+        uint64_t vector;
+
+        if (parse_u64(arg, n, &vector) < 0 || vector < 0x20 || vector > 0xfe) {
+                bad_argument("pci-msix", arg, n);
+                return;
+        }
+        if (pci_ensure(&rng, 0) < 0)
+                return;
+        if (!rng.msix || !mmio_mapped(msix_structure(&rng, PCI_MSIX_TABLE), PCI_MSIX_ENTRY_SIZE) ||
+            !mmio_mapped(msix_structure(&rng, PCI_MSIX_PBA), 4)) {
+                pci_error("no-reachable-MSI-X-table", rng.msix);
+                return;
+        }
+        uint32_t apic_id = mmio_read32(LAPIC_BASE + LAPIC_ID) >> 24;
+        uint16_t ctrl = cfg16(rng.cfg, rng.msix + PCI_MSIX_FLAGS);
+
+        /* Fixed interrupts reach a software-enabled local APIC only; IF=0 keeps them in IRR. */
+        mmio_write32(LAPIC_BASE + LAPIC_SVR, mmio_read32(LAPIC_BASE + LAPIC_SVR) | LAPIC_SVR_ENABLE);
+        cfg_write16(rng.cfg, rng.msix + PCI_MSIX_FLAGS, ctrl | PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL);
+        msix_aim(&rng, apic_id, (uint32_t)vector, 1);
+        cfg_write16(rng.cfg, rng.msix + PCI_MSIX_FLAGS, (ctrl | PCI_MSIX_FLAGS_ENABLE) & ~PCI_MSIX_FLAGS_MASKALL);
+        rng.ready = 0;
+        rng.queue_vector = 0;
+        if (virtio_pci_init(&rng, 0) < 0)
+                return;
+
+        rng_read(16);                                   /* entry 0 masked: pending, not sent */
+        int masked_pba = wait_for(rng_entry0_pending, 0);
+        int masked_irr = irr_set((uint32_t)vector);
+        mmio_write32(msix_entry(&rng, 0, PCI_MSIX_ENTRY_VECTOR_CTRL), 0);      /* unmask: sent now */
+        int unmasked_irr = wait_for(irr_set, (uint32_t)vector);
+        int unmasked_pba = msix_pending(&rng, 0);
+        msix_aim(&rng, apic_id, (uint32_t)vector + 1, 0);
+        rng_read(16);                                   /* to the new vector */
+        int moved_irr = wait_for(irr_set, (uint32_t)vector + 1);
+
+        con_begin("pci msix");
+        con_kvx("vector", vector);
+        con_kv("apic_id", apic_id);
+        con_kv("entries", (cfg16(rng.cfg, rng.msix + PCI_MSIX_FLAGS) & PCI_MSIX_FLAGS_QSIZE) + 1u);
+        con_kv("masked_pba", (uint64_t)masked_pba);
+        con_kv("masked_irr", (uint64_t)masked_irr);
+        con_kv("unmasked_irr", (uint64_t)unmasked_irr);
+        con_kv("unmasked_pba", (uint64_t)unmasked_pba);
+        con_kv("moved_irr", (uint64_t)moved_irr);
+        con_end();
+}
+
+/* ---- configuration mechanism #1 (ports 0xcf8/0xcfc) against ECAM ---- */
+
+static uint32_t cf8_address(uint32_t dev, uint32_t fn, uint32_t reg)
+{
+        return PCI_CONFIG_ENABLE | dev << 11 | fn << 8 | (reg & 0xfc);
+}
+
+void pci_cf8_action(const char *arg, size_t n)
+{
+        static const uint32_t regs[] = {PCI_VENDOR_ID, PCI_CLASS_REVISION, PCI_BASE_ADDRESS_0,
+                                        PCI_BASE_ADDRESS_0 + 4, PCI_CAPABILITY_LIST};
+        uint32_t found = 0, mismatches = 0;
+
+        if (!word_is(arg, n, "1")) {
+                bad_argument("pci-cf8", arg, n);
+                return;
+        }
+        pci_enumerate();
+        for (uint32_t dev = 0; dev < 32; dev++) {
+                uint64_t cfg = fn_cfg(dev, 0);
+
+                outl(PCI_CONFIG_ADDRESS, cf8_address(dev, 0, PCI_VENDOR_ID));
+                if (inl(PCI_CONFIG_DATA) == 0xffffffff) {
+                        mismatches += cfg32(cfg, PCI_VENDOR_ID) != 0xffffffff;
+                        continue;
+                }
+                found++;
+                for (size_t i = 0; i < sizeof(regs) / sizeof(regs[0]); i++) {
+                        outl(PCI_CONFIG_ADDRESS, cf8_address(dev, 0, regs[i]));
+                        mismatches += inl(PCI_CONFIG_DATA) != cfg32(cfg, regs[i]);
+                }
+                /* a word at CONFIG_DATA + 2: the device ID */
+                outl(PCI_CONFIG_ADDRESS, cf8_address(dev, 0, PCI_VENDOR_ID));
+                mismatches += inw(PCI_CONFIG_DATA + 2) != cfg16(cfg, PCI_DEVICE_ID);
+        }
+        con_begin("pci cf8");
+        con_kv("functions", found);
+        con_kv("mismatches", mismatches);
         con_end();
 }
 

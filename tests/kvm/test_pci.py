@@ -150,7 +150,9 @@ def test_virtio_rng_over_pci_through_the_api(test_guest, tmp_path):
     # 4.1.4.5: with MSI-X off the device sets the queue-interrupt bit of ISR for each used buffer.
     assert [r.number("isr") for r in reads] == [1] * 3
     assert summed(reports, "entropy")["entropy_bytes"] == 3 * 64
-    assert summed(reports, "guest_faults")["mmio_unclaimed"] == 0
+    # A driver that keeps to the spec makes no guest fault of any kind.
+    faults = summed(reports, "guest_faults")
+    assert not any(faults.values()), faults
 
 
 @pytest.mark.kvm
@@ -185,7 +187,7 @@ def test_moving_bar0_moves_the_mapping_and_the_notify_ioeventfd(test_guest, tmp_
     # The new one: KVM swallows the kicks.  The guest's other MMIO writes (configuration space,
     # common config) are a few dozen, so a missing ioeventfd would show as KICKS more exits.
     assert KICKS <= writes < KICKS + KICKS // 4, writes
-    assert "guest fault pci_bar" not in vmm.log.read_text(errors="replace")
+    assert faults["pci_bar"] == 0 and "guest fault pci_bar" not in vmm.log.read_text(errors="replace")
 
 
 @pytest.mark.kvm
@@ -204,6 +206,7 @@ def test_bar0_over_guest_ram_is_not_mapped_and_the_vmm_carries_on(test_guest, tm
         log = vmm.log.read_text(errors="replace")
         faults = [l for l in log.splitlines() if "guest fault pci_bar" in l]
         assert len(faults) == 1 and "0x100000" in faults[0], faults
+        assert summed(reports, "guest_faults")["pci_bar"] == 1
         # The VMM still answers its API.
         status, info = vmm("GET", "/")
         assert status == 200 and info["state"] == "Running", info
@@ -211,6 +214,35 @@ def test_bar0_over_guest_ram_is_not_mapped_and_the_vmm_carries_on(test_guest, tm
         assert status == 200
     finally:
         vmm.close()
+
+
+@pytest.mark.kvm
+def test_msix_vectors_reach_the_local_apic_and_follow_mask_and_table_writes(test_guest, tmp_path):
+    """Queue 0 on MSI-X vector 0 (fixed, to this CPU's local APIC); interrupts stay off, so a
+    delivered message waits in the APIC's IRR, which the guest reads.  Masked: the pending bit
+    is set and nothing arrives.  Unmasked: the pending message is sent.  Re-aimed at another
+    vector (a table write, so a new GSI route): the next used buffer arrives there."""
+    vmm, lines, reports = api_run(tmp_path, test_guest.elf_pvh, "pci-msix=0x40 pci-rng=16 exit=halt")
+    vmm.close()
+    msix, = find(lines, "pci msix")
+    assert msix.number("entries") == 2                   # one queue + configuration changes
+    assert msix.number("masked_pba") == 1 and msix.number("masked_irr") == 0, msix.text
+    assert msix.number("unmasked_irr") == 1 and msix.number("unmasked_pba") == 0, msix.text
+    assert msix.number("moved_irr") == 1, msix.text
+    assert all(r.number("bytes") == 16 for r in find(lines, "pci rng"))
+    faults = summed(reports, "guest_faults")
+    assert not any(faults.values()), faults
+
+
+@pytest.mark.kvm
+def test_configuration_mechanism_1_ports_agree_with_ecam(test_guest, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8 * SECTOR))
+    run = run_vmm(tmp_path, pci_config(test_guest.elf_pvh, "pci-cf8=1 exit=reset", entropy={},
+                                       drives=[drive(disk)]), "--enable-pci")
+    assert run.returncode == 0, run.all_output
+    cf8, = find(parse_lines(run.stdout), "pci cf8")
+    assert cf8.number("functions") == 3 and cf8.number("mismatches") == 0, cf8.text
 
 
 # -- the peer ----------------------------------------------------------------------------
@@ -230,7 +262,7 @@ def test_the_same_commands_work_under_qemu_q35(tmp_path):
     disk.write_bytes(data)
     target = MMIO64_START + 0x10_0000
     cmd = (f"pci_ecam={Q35_ECAM:#x} pci-rng=16 pci-blk=0 pci-move={target:#x}:32 pci-kick=new:10 "
-           "pci-bad-bar=0x100000 exit=reset")
+           "pci-bad-bar=0x100000 pci-cf8=1 pci-msix=0x40 exit=reset")
     argv = [QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256M", "-nodefaults",
             "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
             "-kernel", str(images.bzimage), "-append", cmd,
@@ -248,5 +280,10 @@ def test_the_same_commands_work_under_qemu_q35(tmp_path):
     bad, = find(lines, "pci bad-bar")
     assert bad.number("ram_ok") == 1 and bad.number("crc_same") == 1
     rngs = find(lines, "pci rng")
-    assert [r.number("bytes") for r in rngs] == [16, 32, 16], out
+    assert [r.number("bytes") for r in rngs] == [16, 32, 16, 16, 16], out
     assert rngs[1].number("bar") == target
+    cf8, = find(lines, "pci cf8")     # function 0 of: host bridge, rng, blk, the ICH9 LPC bridge
+    assert cf8.number("functions") == 4 and cf8.number("mismatches") == 0
+    msix, = find(lines, "pci msix")
+    assert [msix.number(k) for k in ("masked_pba", "masked_irr", "unmasked_irr", "unmasked_pba",
+                                     "moved_irr")] == [1, 0, 1, 0, 1], msix.text
