@@ -92,6 +92,9 @@ class GuestRegion:
     # the region starts; None for private memory.
     shared_fd: int | None = None
     file_offset: int = 0
+    # Hotpluggable memory (virtio-mem): ``accessible(off, length)`` says whether the whole range
+    # is plugged; the VMM refuses the rest like an address outside RAM.  None: all accessible.
+    accessible: Callable[[int, int], bool] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.buffer).cast("B")
@@ -147,13 +150,25 @@ class GuestMemory:
     """Guest RAM as a sorted set of non-overlapping regions."""
 
     def __init__(self, regions: Iterable[GuestRegion]) -> None:
+        self._ram = sorted(regions, key=lambda r: r.guest_addr)
+        self._index(self._ram)
+        first = self._regions[0] if self._regions else None
+        self._low = first if first is not None and first.guest_addr == 0 else None
+
+    def _index(self, regions: list[GuestRegion]) -> None:
         self._regions = sorted(regions, key=lambda r: r.guest_addr)
         for a, b in zip(self._regions, self._regions[1:]):
             if a.end > b.guest_addr:
                 raise ValueError(f"guest regions overlap at {b.guest_addr:#x}")
         self._starts = [r.guest_addr for r in self._regions]
-        first = self._regions[0] if self._regions else None
-        self._low = first if first is not None and first.guest_addr == 0 else None
+
+    def add_hotplug_region(self, region: GuestRegion) -> None:
+        """Accept accesses to ``region`` (virtio-mem) where its ``accessible`` says so.
+
+        It is not boot RAM: :attr:`regions`, :attr:`total_size` and :attr:`end` (what KVM
+        slots, the boot memory map and snapshots are made of) leave it out.
+        """
+        self._index([*self._regions, region])
 
     # -- construction -------------------------------------------------------
 
@@ -270,7 +285,7 @@ class GuestMemory:
         marks its pages in the region's :attr:`GuestRegion.dirty` (a view may be written,
         so taking it counts as writing: conservative, never missing a page).  KVM's log does
         not see the VMM's writes; a Diff snapshot takes the union of both."""
-        for region in self._regions:
+        for region in self._ram:
             if region.dirty is None:
                 pages = -(-region.size // DIRTY_PAGE)
                 # Whole u64 words, like KVM's bitmap, so the two combine word by word.
@@ -278,7 +293,7 @@ class GuestMemory:
 
     @property
     def tracking_dirty(self) -> bool:
-        return bool(self._regions) and self._regions[0].dirty is not None
+        return bool(self._ram) and self._ram[0].dirty is not None
 
     def marker(self, gpa: int, length: int) -> Callable[[], None] | None:
         """A call that marks ``[gpa, gpa+length)`` written, for an area the VMM writes
@@ -299,16 +314,17 @@ class GuestMemory:
 
     @property
     def regions(self) -> list[GuestRegion]:
-        return list(self._regions)
+        """Boot RAM (hotplug regions are not listed)."""
+        return list(self._ram)
 
     @property
     def total_size(self) -> int:
-        return sum(r.size for r in self._regions)
+        return sum(r.size for r in self._ram)
 
     @property
     def end(self) -> int:
-        """One past the highest guest RAM address."""
-        return self._regions[-1].end if self._regions else 0
+        """One past the highest boot RAM address."""
+        return self._ram[-1].end if self._ram else 0
 
     def _find(self, gpa: int, length: int) -> tuple[GuestRegion, int]:
         if gpa < 0 or length < 0:
@@ -322,6 +338,8 @@ class GuestMemory:
             region = self._regions[i]
             off = gpa - region.guest_addr
             if off + length <= region.size:
+                if region.accessible is not None and not region.accessible(off, length):
+                    raise GuestMemoryError(gpa, length, "unplugged hotplug memory")
                 return region, off
         raise GuestMemoryError(gpa, length)
 
@@ -353,6 +371,8 @@ class GuestMemory:
             region = self._regions[i]
             off = gpa - region.guest_addr
             n = min(length, region.size - off)
+            if region.accessible is not None and not region.accessible(off, n):
+                raise GuestMemoryError(gpa, length, "unplugged hotplug memory")
             if region.dirty is not None:
                 region.mark_dirty(off, n)
             yield region.view[off:off + n]
@@ -396,6 +416,8 @@ class GuestMemory:
             region = self._regions[i]
             off = start - region.guest_addr
             n = min(left, region.size - off)
+            if region.accessible is not None and not region.accessible(off, n):
+                raise GuestMemoryError(gpa, length, "unplugged hotplug memory")
             pieces.append((region, off, n))
             start, left = start + n, left - n
         for region, off, n in pieces:
