@@ -4,7 +4,7 @@ Contract: nothing is accepted and then ignored.  A request (or ``--config-file``
 item) that asks for a feature asyncvmm does not build fails where it is made,
 with :class:`NotBuiltError` ("<feature> is not supported yet by asyncvmm."),
 after the value's own validation ran.  Whole resources that are not built
-(pmem, ...) are refused by action in the controller; this
+(memory hotplug, ...) are refused by action in the controller; this
 module names them and refuses the *fields* of built resources that ask for
 more than is built.  Default and no-op values ask for nothing and pass.
 When a feature is built, its line here goes and the test that pins the
@@ -18,7 +18,6 @@ from typing import Any
 from asyncvmm.config.devices import DriveConfig, SerialConfig
 from asyncvmm.config.errors import ConfigError
 
-PMEM = "The pmem device (virtio-pmem)"
 MEMORY_HOTPLUG = "Memory hotplug (virtio-mem)"
 VHOST_USER_BLOCK = "A vhost-user block device (drive `socket`)"
 SERIAL_RATE_LIMITER = "Rate limiting the serial console (serial `rate_limiter`)"

@@ -10,6 +10,7 @@ wait in the in-kernel LAPIC for INIT/SIPI.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...kvm import VcpuFd
@@ -17,12 +18,16 @@ from ...kvm import structs as s
 from ...memory import GuestMemory
 from . import gdt, layout, paging
 from .cpuid import adjust_cpuid
+from .cputemplate import CpuTemplateError
 from .lapic import configure_lint
 from .msrs import boot_msrs
 
 X86_EFLAGS_FIXED = 0x2
 FPU_FCW_DEFAULT = 0x37F           # all x87 exceptions masked, 64-bit precision
 MXCSR_DEFAULT = 0x1F80            # all SSE exceptions masked
+# Firecracker's words when KVM takes only part of a vCPU's MSRs (a template's value refused).
+MSRS_INCOMPLETE = ("System configuration error: Error configuring the vcpu for boot: "
+                   "Failed to set MSRs: Not all given MSRs were set.")
 
 
 @dataclass(frozen=True)
@@ -76,13 +81,23 @@ def boot_regs(entry: BootEntry) -> s.kvm_regs:
 
 
 def configure_vcpu(vcpu: VcpuFd, supported_cpuid: list[s.kvm_cpuid_entry2], *,
-                   vcpu_count: int, smt: bool = False) -> None:
-    """State every vCPU needs: CPUID, MSRs, FPU and the LAPIC's LINT pins."""
+                   vcpu_count: int, smt: bool = False,
+                   template_msrs: Sequence[tuple[int, int]] = ()) -> None:
+    """State every vCPU needs: CPUID, MSRs, FPU and the LAPIC's LINT pins.
+
+    ``supported_cpuid`` is KVM's list with the CPU template already applied
+    (:func:`.cputemplate.apply_cpuid`); normalization runs on it here.  The
+    template's MSR values go in first and the boot protocol's over them, as in
+    Firecracker (docs/cpu_templates/boot-protocol.md)."""
     vcpu.set_cpuid2(adjust_cpuid(supported_cpuid, vcpu_id=vcpu.vcpu_id, vcpu_count=vcpu_count,
                                  smt=smt))
-    msrs = boot_msrs()
+    values = dict(template_msrs)
+    values.update(boot_msrs())
+    msrs = list(values.items())
     accepted = vcpu.set_msrs(msrs)
     if accepted != len(msrs):
+        if msrs[accepted][0] in dict(template_msrs):
+            raise CpuTemplateError(MSRS_INCOMPLETE)
         raise ValueError(f"KVM refused boot MSR {msrs[accepted][0]:#x}")
     fpu = s.kvm_fpu()
     fpu.fcw = FPU_FCW_DEFAULT
