@@ -13,8 +13,8 @@ The VM lifecycle is the table :data:`TRANSITIONS` (Not started -> Running
 <-> Paused).  A failed InstanceStart leaves the VM configurable.
 
 PCI hot-plug (docs/api.md): with ``--enable-pci`` (``pci_enabled``), a
-``PUT /drives/{id}``, ``PUT /network-interfaces/{id}`` or ``PUT /pmem/{id}`` after
-boot plugs a new device into the running microVM and ``DELETE`` on them unplugs one; the
+``PUT /drives/{id}`` or ``PUT /network-interfaces/{id}`` after boot plugs a new
+device into the running microVM and ``DELETE`` on them unplugs one; the
 controller checks Firecracker's rules in Firecracker's order (PCI enabled, ID
 free or device present, not the root device, then the pre-boot validation of
 the body) before the backend is asked, and keeps its configuration (``GET
@@ -49,7 +49,6 @@ from asyncvmm.config import (
     LoggerConfig,
     MachineConfigUpdate,
     NetworkInterfaceConfig,
-    PmemConfig,
     RateLimiterConfig,
     SnapshotCreateConfig,
     SnapshotLoadConfig,
@@ -59,6 +58,7 @@ from asyncvmm.config import (
 )
 from asyncvmm.config import resources, unbuilt
 from asyncvmm.config.common import Base
+from asyncvmm.config.devices import VHOST_RATE_LIMITER
 from asyncvmm.metrics import MetricGroup
 from asyncvmm.mmds.store import DataStoreLimitExceededError, MmdsStore, MmdsStoreError
 
@@ -75,6 +75,10 @@ LOAD_NOT_ALLOWED = (
 )
 CREATE_WHILE_RUNNING = (
     "Create snapshot error: Cannot create a snapshot of a running microVM; pause it first."
+)
+VHOST_SNAPSHOT = (
+    "Create snapshot error: A microVM with a vhost-net interface cannot be snapshotted: the host "
+    "kernel writes guest memory and holds queue state the snapshot cannot see. vhost interfaces: "
 )
 DIFF_WITHOUT_TRACKING = "Diff snapshots are not allowed on uVMs with dirty page tracking disabled."
 # Firecracker's answer when a post-boot operation names a device the microVM does not have.
@@ -175,19 +179,6 @@ class VmmBackend(Protocol):
         <message>`` (Firecracker's says ``Could not create the network device: Open tap
         device failed: ...``).
         """
-        ...
-
-    async def hotplug_pmem(self, pmem: PmemConfig) -> None:
-        """Plug a new virtio-pmem device (its file mapped into guest-physical memory).
-
-        As :meth:`hotplug_drive` (the ID is free, it is not a root device); a file that
-        cannot be mapped is a :class:`BackendError` the client sees as ``Pmem config error:
-        <message>`` (``Unable to create the virtio-pmem device: ...``).
-        """
-        ...
-
-    async def update_pmem(self, pmem_id: str, rate_limiter: RateLimiterConfig) -> None:
-        """New flush rate limiter buckets for the pmem device ``pmem_id`` (absent ones stay)."""
         ...
 
     async def unplug_device(self, kind: DeviceKind, device_id: str) -> None:
@@ -372,6 +363,8 @@ RULES: dict[ActionKind, Phase] = {
 
 # The actions of features asyncvmm does not build yet, in every phase: the feature each names.
 NOT_BUILT: dict[ActionKind, str] = {
+    ActionKind.INSERT_PMEM_DEVICE: unbuilt.PMEM,
+    ActionKind.UPDATE_PMEM_DEVICE: unbuilt.PMEM,
     ActionKind.SET_MEMORY_HOTPLUG_DEVICE: unbuilt.MEMORY_HOTPLUG,
     ActionKind.GET_MEMORY_HOTPLUG_STATUS: unbuilt.MEMORY_HOTPLUG,
     ActionKind.UPDATE_MEMORY_HOTPLUG_SIZE: unbuilt.MEMORY_HOTPLUG,
@@ -401,6 +394,18 @@ class Action:
 
     kind: ActionKind
     payload: Any = None
+
+
+def _check_vhost(iface: NetworkInterfaceConfig) -> None:
+    """A vhost-net interface needs /dev/vhost-net to open (asyncvmm extension, docs/network.md)."""
+    if not iface.vhost:
+        return
+    from asyncvmm.devices.vhost.fd import VhostError, check_vhost_net
+    try:
+        check_vhost_net()
+    except VhostError as err:
+        raise ConfigError(f"Network config error: vhost-net is not available for {iface.iface_id}: "
+                          f"{err.strerror}") from None
 
 
 def os_error_text(err: OSError) -> str:
@@ -463,7 +468,6 @@ class Controller:
             K.PUT_CPU_CONFIGURATION: self._put_cpu_configuration,
             K.INSERT_BLOCK_DEVICE: self._insert_block_device,
             K.INSERT_NETWORK_DEVICE: self._insert_network_device,
-            K.INSERT_PMEM_DEVICE: self._insert_pmem_device,
             K.SET_BALLOON_DEVICE: self._set_balloon_device,
             K.SET_VSOCK_DEVICE: self._set_vsock_device,
             K.SET_ENTROPY_DEVICE: self._set_entropy_device,
@@ -478,7 +482,6 @@ class Controller:
             K.SEND_CTRL_ALT_DEL: self._send_ctrl_alt_del,
             K.UPDATE_BLOCK_DEVICE: self._update_block_device,
             K.UPDATE_NETWORK_INTERFACE: self._update_network_interface,
-            K.UPDATE_PMEM_DEVICE: self._update_pmem_device,
             K.GET_BALLOON_STATS: self._get_balloon_stats,
             K.UPDATE_BALLOON: self._update_balloon,
             K.UPDATE_BALLOON_STATISTICS: self._update_balloon_statistics,
@@ -653,13 +656,9 @@ class Controller:
     async def _insert_network_device(self, iface: Any) -> None:
         if self.state is not VmState.NOT_STARTED:
             return await self._hotplug_network_interface(iface)
-        self.config = resources.insert_network_interface(self.config, iface)
-
-    async def _insert_pmem_device(self, pmem: PmemConfig) -> None:
-        # As in Firecracker, the file is opened and mapped at InstanceStart, not here.
-        if self.state is not VmState.NOT_STARTED:
-            return await self._hotplug_pmem(pmem)
-        self.config = resources.insert_pmem(self.config, pmem)
+        new = resources.insert_network_interface(self.config, iface)
+        _check_vhost(iface)
+        self.config = new
 
     async def _set_balloon_device(self, balloon: Any) -> None:
         self.config = resources.set_balloon(self.config, balloon)
@@ -739,6 +738,9 @@ class Controller:
             raise ControllerError(CREATE_WHILE_RUNNING)
         if params.snapshot_type == "Diff" and not self.config.machine_config.track_dirty_pages:
             raise ControllerError(DIFF_WITHOUT_TRACKING)
+        vhost = [n.iface_id for n in self.config.network_interfaces if n.vhost]
+        if vhost:
+            raise ControllerError(VHOST_SNAPSHOT + ", ".join(vhost))
         kind = "full" if params.snapshot_type == "Full" else "diff"
         await self._backend_call(
             "Create snapshot error: ", self.backend.create_snapshot(params, self.config),
@@ -772,6 +774,8 @@ class Controller:
         index = next((i for i, n in enumerate(ifaces) if n.iface_id == update.iface_id), None)
         if index is None:
             raise ControllerError("Network config error: Invalid interface ID - not found.")
+        if ifaces[index].vhost and (update.rx_rate_limiter is not None or update.tx_rate_limiter is not None):
+            raise ControllerError(VHOST_RATE_LIMITER)
         await self._backend_call(
             "Network config error: ",
             self.backend.update_network_interface(update.iface_id, update.rx_rate_limiter, update.tx_rate_limiter),
@@ -779,21 +783,6 @@ class Controller:
         changes = {k: v for k in ("rx_rate_limiter", "tx_rate_limiter") if (v := getattr(update, k)) is not None}
         ifaces[index] = _replace(ifaces[index], **changes)
         self.config = _replace(self.config, network_interfaces=ifaces)
-
-    async def _update_pmem_device(self, update: Any) -> None:
-        if update.rate_limiter is None:     # nothing to change: Firecracker does not look further
-            return
-        prefix = resources.PMEM_CONFIG_ERROR + "Unable to patch the pmem device: "
-        index = next((i for i, p in enumerate(self.config.pmem) if p.id == update.id), None)
-        if index is None:
-            raise ControllerError(prefix + DEVICE_NOT_FOUND + " Please verify the request arguments.")
-        try:
-            await self.backend.update_pmem(update.id, update.rate_limiter)
-        except BackendError as err:
-            raise ControllerError(prefix + f"{err} Please verify the request arguments.") from None
-        pmem = list(self.config.pmem)
-        pmem[index] = _replace(pmem[index], rate_limiter=update.rate_limiter)
-        self.config = _replace(self.config, pmem=pmem)
 
     def _balloon(self, prefix: str) -> Any:
         if self.config.balloon is None:
@@ -858,18 +847,11 @@ class Controller:
         mac = iface.guest_mac.lower() if iface.guest_mac else None
         if mac is not None and any(n.guest_mac and n.guest_mac.lower() == mac for n in ifaces):
             raise ControllerError(resources.MAC_IN_USE + mac)
+        iface.validate()
+        _check_vhost(iface)
         # A tap another device holds fails to open (EBUSY) in the backend, as in Firecracker.
         await self._backend_call("Network config error: ", self.backend.hotplug_network_interface(iface))
         self.config = _replace(self.config, network_interfaces=[*ifaces, iface])
-
-    async def _hotplug_pmem(self, pmem: PmemConfig) -> None:
-        self._check_pci()
-        if any(p.id == pmem.id for p in self.config.pmem):
-            raise ControllerError(DEVICE_ID_IN_USE)
-        if pmem.root_device:           # the root device is on the command line: boot only
-            raise ControllerError(resources.PMEM_CONFIG_ERROR + resources.PMEM_ROOT_IS_BLOCK)
-        await self._backend_call(resources.PMEM_CONFIG_ERROR, self.backend.hotplug_pmem(pmem))
-        self.config = _replace(self.config, pmem=[*self.config.pmem, pmem])
 
     async def _hot_unplug_device(self, target: VirtioDeviceId) -> None:
         self._check_pci()
@@ -880,7 +862,7 @@ class Controller:
         elif target.kind == "net":
             found = next((n for n in cfg.network_interfaces if n.iface_id == target.device_id), None)
             root = False
-        else:
+        else:                           # no pmem device can exist: PUT /pmem is not built
             found = next((p for p in cfg.pmem if p.id == target.device_id), None)
             root = found is not None and found.root_device
         if found is None:

@@ -17,6 +17,14 @@ from asyncvmm.config.common import U16, U32, Base, RateLimiterConfig, TokenBucke
 from asyncvmm.config.errors import ConfigError
 
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+VHOST_RATE_LIMITER = (
+    "Network config error: A vhost-net interface (`vhost`: true) cannot have a rate limiter: the "
+    "host kernel moves its frames and does not rate-limit them."
+)
+VHOST_MMDS = (
+    "Network config error: A vhost-net interface (`vhost`: true) cannot serve the MMDS: its frames "
+    "never reach the VMM. Name another interface in the MMDS config."
+)
 # The virtio vsock spec reserves CIDs 0-2 (hypervisor, local, host).
 VSOCK_MIN_GUEST_CID = 3
 
@@ -65,10 +73,17 @@ class NetworkInterfaceConfig(Base):
     mtu: Annotated[int, msgspec.Meta(ge=68, le=65535)] | None = None
     rx_rate_limiter: RateLimiterConfig | None = None
     tx_rate_limiter: RateLimiterConfig | None = None
+    # asyncvmm extension (docs/network.md): true puts the data path in the host kernel
+    # (/dev/vhost-net).  Unset reads back as absent, so GET /vm/config stays Firecracker's.
+    vhost: bool | None = None
 
     def check(self) -> None:
         if self.guest_mac is not None and not _MAC_RE.fullmatch(self.guest_mac):
             raise ConfigError(f"invalid value: string \"{self.guest_mac}\", expected a MAC address")
+
+    def validate(self) -> None:
+        if self.vhost and (self.rx_rate_limiter is not None or self.tx_rate_limiter is not None):
+            raise ConfigError(VHOST_RATE_LIMITER)
 
 
 class NetworkInterfaceUpdateConfig(Base):
