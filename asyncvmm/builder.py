@@ -22,7 +22,7 @@ from typing import Callable
 
 import msgspec
 
-from .arch.x86_64 import layout, regs
+from .arch.x86_64 import cputemplate, layout, regs
 from .arch.x86_64.acpi import AcpiError, PciHostBridge, create_acpi_tables
 from .arch.x86_64.bootparams import BootParamsError, build_boot_params, write_cmdline
 from .arch.x86_64.loader import KernelLoad, LoaderError, load_initrd, load_kernel
@@ -269,6 +269,8 @@ def build_microvm(config: VmConfig, ctx: BuildContext) -> MicroVm:
         return _build(config, ctx)
     except KvmError as e:
         raise BuildError(f"KVM refused the VM set-up: {e}") from e
+    except cputemplate.CpuTemplateError as e:
+        raise BuildError(str(e)) from e
 
 
 def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
@@ -285,6 +287,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         except KvmError as e:
             raise BuildError(f"Cannot open /dev/kvm: {e}") from e
         stack.callback(kvm.close)
+        template = _cpu_template(config, kvm, restore)
         vm = kvm.create_vm()
         stack.callback(vm.close)
         vm.set_tss_address(KVM_TSS_ADDRESS)
@@ -364,7 +367,8 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         cmdline = kernel_cmdline(config, virtio_windows, pci=pci)
         if restore is not None:
             msr_indices = kvm.msr_index_list()
-            vcpus = _vcpus(vm, kvm, mc, pio_bus, loop_pio_bus, mmio_bus, ctx, stack, mem, entry=None)
+            vcpus = _vcpus(vm, kvm, mc, pio_bus, loop_pio_bus, mmio_bus, ctx, stack, mem, entry=None,
+                           template=template)
             machine = MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
                               serial=serial, i8042=i8042, boot_timer=boot_timer, blocks=blocks,
                               rng=rng, kernel=None, cmdline=cmdline, resources=stack,
@@ -399,7 +403,8 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                  kernel.load_addr, entry.entry_addr, "PVH" if entry.pvh else "64-bit boot protocol")
 
         msr_indices = kvm.msr_index_list()
-        vcpus = _vcpus(vm, kvm, mc, pio_bus, loop_pio_bus, mmio_bus, ctx, stack, mem, entry)
+        vcpus = _vcpus(vm, kvm, mc, pio_bus, loop_pio_bus, mmio_bus, ctx, stack, mem, entry,
+                       template=template)
         resources = stack.pop_all()
     # KVM's fd for /dev/kvm is not needed once the VM exists.
     return MicroVm(vm=vm, mem=mem, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus, serial=serial,
@@ -411,17 +416,35 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                    pmems=pmems, pmem_regions=pmem_regions)
 
 
+def _cpu_template(config: VmConfig, kvm: Kvm, restore: Restore | None) -> cputemplate.CpuTemplate:
+    """The CPU template (static or custom, docs/cpu-templates.md), checked against the host CPU
+    (not for a restore: the guest already runs with it) and KVM's capabilities."""
+    template = cputemplate.select_template(config.machine_config.cpu_template, config.cpu_config,
+                                           kvm.supported_cpuid(), check_host=restore is None)
+    cputemplate.check_capabilities(template, kvm.check_extension)
+    return template
+
+
 def _vcpus(vm: VmFd, kvm: Kvm, mc, pio_bus: Bus, loop_pio_bus: Bus, mmio_bus: Bus,
            ctx: BuildContext, stack: contextlib.ExitStack, mem: GuestMemory,
-           entry: regs.BootEntry | None) -> list[Vcpu]:
-    """The vCPUs with their CPUID; the boot vCPU at ``entry`` (None: a snapshot sets them)."""
-    supported_cpuid = kvm.supported_cpuid()
+           entry: regs.BootEntry | None,
+           template: cputemplate.CpuTemplate = cputemplate.CpuTemplate()) -> list[Vcpu]:
+    """The vCPUs with their CPUID; the boot vCPU at ``entry`` (None: a snapshot sets them).
+
+    The template's CPUID changes go onto KVM's supported CPUID before normalization; its MSR
+    changes onto the values vCPU 0 reads (a snapshot brings its own MSRs)."""
+    cpuid_base = cputemplate.apply_cpuid(kvm.supported_cpuid(), template)
+    template_msrs: list[tuple[int, int]] = []
     vcpu_metrics = _register(ctx.metrics, "vcpu", SummedGroup(VcpuMetrics))
     vcpus = []
     for index in range(mc.vcpu_count):
         fd = vm.create_vcpu(index)
         stack.callback(fd.close)
-        regs.configure_vcpu(fd, supported_cpuid, vcpu_count=mc.vcpu_count, smt=mc.smt)
+        if index == 0 and template.msrs and entry is not None:
+            template_msrs = cputemplate.apply_msrs(fd.get_msrs([a for a, _ in template.msrs]),
+                                                   template)
+        regs.configure_vcpu(fd, cpuid_base, vcpu_count=mc.vcpu_count, smt=mc.smt,
+                            template_msrs=template_msrs)
         if index == 0 and entry is not None:
             regs.set_boot_registers(fd, mem, entry)
         vcpus.append(Vcpu(fd, pio_bus=pio_bus, pio_loop_bus=loop_pio_bus, mmio_bus=mmio_bus,
@@ -634,30 +657,17 @@ def _net_device(iface, mmds: MmdsNetworkStack | None, ctx: BuildContext,
     stack.callback(tap.close)          # until the device owns it (Net.close closes it too)
     metrics = NetMetrics()
     try:
-        if iface.vhost:
-            net = _vhost_net_device(iface, tap, metrics, stack)
-        else:
-            net = Net(iface.iface_id, tap, guest_mac=iface.guest_mac, mtu=iface.mtu,
-                      rx_rate_limiter=RateLimiter.from_config(iface.rx_rate_limiter),
-                      tx_rate_limiter=RateLimiter.from_config(iface.tx_rate_limiter),
-                      mmds=mmds, metrics=metrics)
-    except (ValueError, OSError) as e:
+        net = Net(iface.iface_id, tap, guest_mac=iface.guest_mac, mtu=iface.mtu,
+                  rx_rate_limiter=RateLimiter.from_config(iface.rx_rate_limiter),
+                  tx_rate_limiter=RateLimiter.from_config(iface.tx_rate_limiter),
+                  mmds=mmds, metrics=metrics)
+    except ValueError as e:
         raise BuildError(f"Could not create the network device {iface.iface_id}: {e}") from e
     ctx.metrics.register(f"net_{iface.iface_id}", metrics, aggregate="net")
     stack.callback(ctx.metrics.unregister, f"net_{iface.iface_id}")
     log.info("Network interface %s on tap %s, guest MAC %s%s", iface.iface_id, tap.name,
              net.mac_address, " (MMDS)" if mmds is not None else "")
     return net
-
-
-def _vhost_net_device(iface, tap: Tap, metrics: NetMetrics, stack: contextlib.ExitStack) -> Net:
-    """The asyncvmm extension ``vhost``: the same device, its queues served by /dev/vhost-net."""
-    from .devices.vhost.net import VhostNet, open_backend
-    vhost, kernel_features = open_backend()
-    stack.callback(vhost.close)        # until the device owns it (VhostNet.close closes it too)
-    log.info("Network interface %s: vhost-net, kernel features %#x", iface.iface_id, kernel_features)
-    return VhostNet(iface.iface_id, tap, vhost, kernel_features, guest_mac=iface.guest_mac,
-                    mtu=iface.mtu, metrics=metrics)
 
 
 def _register(metrics: MetricsRegistry, name: str, group):
