@@ -23,7 +23,7 @@ the body) before the backend is asked, and keeps its configuration (``GET
 Nothing is accepted and then ignored: an action of a feature asyncvmm does
 not build (:data:`NOT_BUILT`) is refused in every phase, after its body's
 own validation, with a message naming the feature; a built resource whose
-body asks for more than is built (a static CPU template, huge pages ...) is
+body asks for more than is built (a serial rate limiter ...) is
 refused by :func:`asyncvmm.config.unbuilt.refuse_unbuilt`.  Each action kind
 has exactly one entry: a handler in :meth:`Controller._handler_table` or a
 feature name in :data:`NOT_BUILT`.
@@ -552,6 +552,7 @@ class Controller:
 
     async def _get_full_vm_config(self, _: None) -> Any:
         out = to_builtins(self.config, keep_top_level_nulls=True)
+        out["cpu-config"] = None  # Firecracker never shows a custom template here
         if out.get("serial") is None:  # not part of FullVmConfiguration
             out.pop("serial", None)
         return out
@@ -623,8 +624,9 @@ class Controller:
         self.config = _replace(self.config, serial=serial)
 
     async def _put_cpu_configuration(self, cpu: Any) -> None:
-        unbuilt.refuse_unbuilt(cpu)  # an empty template asks for nothing
-        self.config = _replace(self.config, cpu_config=cpu)
+        # Firecracker keeps one CPU template, static or custom: the last configured wins.
+        machine = _replace(self.config.machine_config, cpu_template=None)
+        self.config = _replace(self.config, cpu_config=cpu, machine_config=machine)
 
     async def _insert_block_device(self, drive: Any) -> None:
         if self.state is not VmState.NOT_STARTED:
@@ -682,10 +684,14 @@ class Controller:
 
     async def _update_machine_configuration(self, update: Any) -> None:
         # PUT brings a whole MachineConfig, PATCH the fields to change.
-        machine = update.apply(self.config.machine_config) if isinstance(update, MachineConfigUpdate) else update
-        new = resources.set_machine_config(self.config, machine)
-        unbuilt.refuse_unbuilt(machine)
-        self.config = new
+        current = self.config.machine_config
+        machine = update.apply(current) if isinstance(update, MachineConfigUpdate) else update
+        # cpu_template: absent keeps the CPU template (static or custom) even on PUT, "None"
+        # drops either, a static one replaces a custom one (Firecracker's single template slot).
+        asked = update.cpu_template
+        template = current.cpu_template if asked is None else (None if asked == "None" else asked)
+        new = resources.set_machine_config(self.config, _replace(machine, cpu_template=template))
+        self.config = new if asked is None else _replace(new, cpu_config=None)
 
     async def _start_micro_vm(self, _: None) -> None:
         if self.config.boot_source is None:

@@ -27,7 +27,8 @@ DEFAULT_KERNEL_CMDLINE = (
     "i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce"
 )
 
-CpuTemplate = Literal["C3", "T2", "T2S", "T2CL", "T2A", "V1N1", "None"]
+# Firecracker 1.16 on x86_64, in its order (serde lists them so in "unknown variant"); V1N1 is aarch64.
+CpuTemplate = Literal["C3", "T2", "T2S", "None", "T2CL", "T2A"]
 HugePages = Literal["None", "2M"]
 
 INVALID_VCPU_COUNT = (
