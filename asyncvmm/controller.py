@@ -13,8 +13,8 @@ The VM lifecycle is the table :data:`TRANSITIONS` (Not started -> Running
 <-> Paused).  A failed InstanceStart leaves the VM configurable.
 
 PCI hot-plug (docs/api.md): with ``--enable-pci`` (``pci_enabled``), a
-``PUT /drives/{id}`` or ``PUT /network-interfaces/{id}`` after boot plugs a new
-device into the running microVM and ``DELETE`` on them unplugs one; the
+``PUT /drives/{id}``, ``PUT /network-interfaces/{id}`` or ``PUT /pmem/{id}`` after
+boot plugs a new device into the running microVM and ``DELETE`` on them unplugs one; the
 controller checks Firecracker's rules in Firecracker's order (PCI enabled, ID
 free or device present, not the root device, then the pre-boot validation of
 the body) before the backend is asked, and keeps its configuration (``GET
@@ -49,6 +49,7 @@ from asyncvmm.config import (
     LoggerConfig,
     MachineConfigUpdate,
     NetworkInterfaceConfig,
+    PmemConfig,
     RateLimiterConfig,
     SnapshotCreateConfig,
     SnapshotLoadConfig,
@@ -179,6 +180,19 @@ class VmmBackend(Protocol):
         <message>`` (Firecracker's says ``Could not create the network device: Open tap
         device failed: ...``).
         """
+        ...
+
+    async def hotplug_pmem(self, pmem: PmemConfig) -> None:
+        """Plug a new virtio-pmem device (its file mapped into guest-physical memory).
+
+        As :meth:`hotplug_drive` (the ID is free, it is not a root device); a file that
+        cannot be mapped is a :class:`BackendError` the client sees as ``Pmem config error:
+        <message>`` (``Unable to create the virtio-pmem device: ...``).
+        """
+        ...
+
+    async def update_pmem(self, pmem_id: str, rate_limiter: RateLimiterConfig) -> None:
+        """New flush rate limiter buckets for the pmem device ``pmem_id`` (absent ones stay)."""
         ...
 
     async def unplug_device(self, kind: DeviceKind, device_id: str) -> None:
@@ -363,8 +377,6 @@ RULES: dict[ActionKind, Phase] = {
 
 # The actions of features asyncvmm does not build yet, in every phase: the feature each names.
 NOT_BUILT: dict[ActionKind, str] = {
-    ActionKind.INSERT_PMEM_DEVICE: unbuilt.PMEM,
-    ActionKind.UPDATE_PMEM_DEVICE: unbuilt.PMEM,
     ActionKind.SET_MEMORY_HOTPLUG_DEVICE: unbuilt.MEMORY_HOTPLUG,
     ActionKind.GET_MEMORY_HOTPLUG_STATUS: unbuilt.MEMORY_HOTPLUG,
     ActionKind.UPDATE_MEMORY_HOTPLUG_SIZE: unbuilt.MEMORY_HOTPLUG,
@@ -468,6 +480,7 @@ class Controller:
             K.PUT_CPU_CONFIGURATION: self._put_cpu_configuration,
             K.INSERT_BLOCK_DEVICE: self._insert_block_device,
             K.INSERT_NETWORK_DEVICE: self._insert_network_device,
+            K.INSERT_PMEM_DEVICE: self._insert_pmem_device,
             K.SET_BALLOON_DEVICE: self._set_balloon_device,
             K.SET_VSOCK_DEVICE: self._set_vsock_device,
             K.SET_ENTROPY_DEVICE: self._set_entropy_device,
@@ -482,6 +495,7 @@ class Controller:
             K.SEND_CTRL_ALT_DEL: self._send_ctrl_alt_del,
             K.UPDATE_BLOCK_DEVICE: self._update_block_device,
             K.UPDATE_NETWORK_INTERFACE: self._update_network_interface,
+            K.UPDATE_PMEM_DEVICE: self._update_pmem_device,
             K.GET_BALLOON_STATS: self._get_balloon_stats,
             K.UPDATE_BALLOON: self._update_balloon,
             K.UPDATE_BALLOON_STATISTICS: self._update_balloon_statistics,
@@ -662,6 +676,12 @@ class Controller:
         _check_vhost(iface)
         self.config = new
 
+    async def _insert_pmem_device(self, pmem: PmemConfig) -> None:
+        # As in Firecracker, the file is opened and mapped at InstanceStart, not here.
+        if self.state is not VmState.NOT_STARTED:
+            return await self._hotplug_pmem(pmem)
+        self.config = resources.insert_pmem(self.config, pmem)
+
     async def _set_balloon_device(self, balloon: Any) -> None:
         self.config = resources.set_balloon(self.config, balloon)
 
@@ -790,6 +810,21 @@ class Controller:
         ifaces[index] = _replace(ifaces[index], **changes)
         self.config = _replace(self.config, network_interfaces=ifaces)
 
+    async def _update_pmem_device(self, update: Any) -> None:
+        if update.rate_limiter is None:     # nothing to change: Firecracker does not look further
+            return
+        prefix = resources.PMEM_CONFIG_ERROR + "Unable to patch the pmem device: "
+        index = next((i for i, p in enumerate(self.config.pmem) if p.id == update.id), None)
+        if index is None:
+            raise ControllerError(prefix + DEVICE_NOT_FOUND + " Please verify the request arguments.")
+        try:
+            await self.backend.update_pmem(update.id, update.rate_limiter)
+        except BackendError as err:
+            raise ControllerError(prefix + f"{err} Please verify the request arguments.") from None
+        pmem = list(self.config.pmem)
+        pmem[index] = _replace(pmem[index], rate_limiter=update.rate_limiter)
+        self.config = _replace(self.config, pmem=pmem)
+
     def _balloon(self, prefix: str) -> Any:
         if self.config.balloon is None:
             raise ControllerError(prefix + DEVICE_NOT_FOUND)
@@ -859,6 +894,15 @@ class Controller:
         await self._backend_call("Network config error: ", self.backend.hotplug_network_interface(iface))
         self.config = _replace(self.config, network_interfaces=[*ifaces, iface])
 
+    async def _hotplug_pmem(self, pmem: PmemConfig) -> None:
+        self._check_pci()
+        if any(p.id == pmem.id for p in self.config.pmem):
+            raise ControllerError(DEVICE_ID_IN_USE)
+        if pmem.root_device:           # the root device is on the command line: boot only
+            raise ControllerError(resources.PMEM_CONFIG_ERROR + resources.PMEM_ROOT_IS_BLOCK)
+        await self._backend_call(resources.PMEM_CONFIG_ERROR, self.backend.hotplug_pmem(pmem))
+        self.config = _replace(self.config, pmem=[*self.config.pmem, pmem])
+
     async def _hot_unplug_device(self, target: VirtioDeviceId) -> None:
         self._check_pci()
         cfg = self.config
@@ -868,7 +912,7 @@ class Controller:
         elif target.kind == "net":
             found = next((n for n in cfg.network_interfaces if n.iface_id == target.device_id), None)
             root = False
-        else:                           # no pmem device can exist: PUT /pmem is not built
+        else:
             found = next((p for p in cfg.pmem if p.id == target.device_id), None)
             root = found is not None and found.root_device
         if found is None:

@@ -3,8 +3,7 @@
 Firecracker's ``VmResources`` rules, without I/O: drives keep the root device
 first and allow only one root; network interfaces may not share a tap or a
 guest MAC; MMDS may only name existing interfaces; balloon and memory sizes
-must agree.  The rules of resources asyncvmm does not build yet (pmem; see
-:mod:`asyncvmm.config.unbuilt`) come with them.  Each function returns a new
+must agree; one root device, a drive or a pmem device.  Each function returns a new
 :class:`VmConfig` or raises :class:`ConfigError` with Firecracker's message; the
 input is never modified.
 """
@@ -13,7 +12,7 @@ from __future__ import annotations
 
 import msgspec
 
-from asyncvmm.config.devices import VHOST_MMDS, BalloonConfig, DriveConfig, NetworkInterfaceConfig
+from asyncvmm.config.devices import VHOST_MMDS, BalloonConfig, DriveConfig, NetworkInterfaceConfig, PmemConfig
 from asyncvmm.config.errors import ConfigError
 from asyncvmm.config.machine import MachineConfig
 from asyncvmm.config.service import DEFAULT_MMDS_IPV4, MmdsConfig
@@ -22,6 +21,12 @@ from asyncvmm.config.vm import VmConfig
 _replace = msgspec.structs.replace
 
 ROOT_DRIVE_EXISTS = "Drive config error: A root block device already exists!"
+ROOT_IS_PMEM = ("Drive config error: Attempt to add block as a root device while the root device "
+                "defined as a pmem device")
+PMEM_CONFIG_ERROR = "Pmem config error: "
+PMEM_ROOT_IS_BLOCK = ("Attempt to add pmem as a root device while the root device defined as a "
+                      "block device")
+PMEM_ROOT_EXISTS = "A root pmem device already exist"
 MAC_IN_USE = "Network config error: The MAC address is already in use: "   # + the MAC, lower case
 BALLOON_TOO_LARGE = "Balloon config error: Amount of pages requested is too large."
 BALLOON_MAX_MIB = 0xFFFF_FFFF // 256
@@ -48,6 +53,8 @@ def set_machine_config(cfg: VmConfig, machine: MachineConfig) -> VmConfig:
 def insert_drive(cfg: VmConfig, drive: DriveConfig) -> VmConfig:
     """Create or replace by ``drive_id``; the root device is kept first."""
     drive.validate()
+    if drive.is_root_device and any(p.root_device for p in cfg.pmem):
+        raise ConfigError(ROOT_IS_PMEM)
     drives = list(cfg.drives)
     index = next((i for i, d in enumerate(drives) if d.drive_id == drive.drive_id), None)
     if drive.is_root_device:
@@ -60,6 +67,23 @@ def insert_drive(cfg: VmConfig, drive: DriveConfig) -> VmConfig:
         if drive.is_root_device and index != 0:
             drives.insert(0, drives.pop(index))
     return _replace(cfg, drives=drives)
+
+
+def insert_pmem(cfg: VmConfig, pmem: PmemConfig) -> VmConfig:
+    """Create or replace by ``id``, in configuration order (``/dev/pmem<n>`` follows it);
+    one root device in all."""
+    if pmem.root_device and any(d.is_root_device for d in cfg.drives):
+        raise ConfigError(PMEM_CONFIG_ERROR + PMEM_ROOT_IS_BLOCK)
+    devices = list(cfg.pmem)
+    index = next((i for i, p in enumerate(devices) if p.id == pmem.id), None)
+    replaces_root = index is not None and devices[index].root_device
+    if pmem.root_device and not replaces_root and any(p.root_device for p in devices):
+        raise ConfigError(PMEM_CONFIG_ERROR + PMEM_ROOT_EXISTS)
+    if index is None:
+        devices.append(pmem)
+    else:
+        devices[index] = pmem
+    return _replace(cfg, pmem=devices)
 
 
 def insert_network_interface(cfg: VmConfig, iface: NetworkInterfaceConfig) -> VmConfig:
