@@ -43,6 +43,7 @@ from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, TransportState, Virti
 from .devices.virtio.pci import PciTransportState
 from .devices.virtio.net import Net, NetMetrics
 from .devices.virtio.rng import EntropyMetrics, Rng
+from .devices.virtio.pmem import Pmem, PmemMetrics, PmemState
 from .devices.virtio.vsock import Vsock, VsockBackendError, VsockMetrics
 from .devices.virtio.balloon import Balloon, BalloonMetrics
 from .devices.virtio.balloon.device import BalloonState
@@ -56,6 +57,7 @@ from .mmds import (DEFAULT_MMDS_IPV4, MmdsHttpHandler, MmdsMetrics, MmdsNetworkS
                    MmdsVersion, TokenAuthority)
 from .net.tap import Tap, TapError
 from .pcislots import PciSlotError, PciSlots
+from .pmemslots import PmemBacking, PmemError, PmemRegions
 from .snapshot import kvmstate
 from .snapshot.memfile import rate_limiters
 from .snapshot.uffd import UffdError, register_and_send
@@ -133,6 +135,8 @@ class MicroVm:
     transport_ids: list[str] = dataclasses.field(default_factory=list)   # the device of each
     pci: PciSlots | None = None               # the PCI bus (--enable-pci)
     hotplugged: dict[str, contextlib.ExitStack] = dataclasses.field(default_factory=dict)
+    pmems: dict[str, Pmem] = dataclasses.field(default_factory=dict)
+    pmem_regions: PmemRegions | None = None
 
     def close(self) -> None:
         self.resources.close()
@@ -143,9 +147,10 @@ def kernel_cmdline(config: VmConfig, virtio_windows: list[tuple[int, int, int]],
     """boot_args (or Firecracker's default), then what Firecracker v1.16 appends after them.
 
     That is ``pci=off`` when there is no PCI bus (appended even when boot_args has it, as
-    Firecracker does; never with ``--enable-pci``), the root device, and one
-    ``virtio_mmio.device=`` per virtio-mmio device for kernels built with
-    VIRTIO_MMIO_CMDLINE_DEVICES; others find the devices in the DSDT.
+    Firecracker does; never with ``--enable-pci``), the root device (a drive, or the
+    n-th pmem device as ``/dev/pmem<n>``), and one ``virtio_mmio.device=`` per
+    virtio-mmio device for kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; others find
+    the devices in the DSDT.
     """
     boot = config.boot_source
     parts = [boot.boot_args if boot and boot.boot_args is not None else DEFAULT_KERNEL_CMDLINE]
@@ -155,6 +160,9 @@ def kernel_cmdline(config: VmConfig, virtio_windows: list[tuple[int, int, int]],
     if root is not None:
         dev = f"PARTUUID={root.partuuid}" if root.partuuid else "/dev/vda"
         parts.append(f"root={dev} {'ro' if root.is_read_only else 'rw'}")
+    for index, pmem in enumerate(config.pmem):
+        if pmem.root_device:
+            parts.append(f"root=/dev/pmem{index} {'ro' if pmem.read_only else 'rw'}")
     for base, size, gsi in virtio_windows:
         parts.append(f"virtio_mmio.device={size // 1024}K@{base:#x}:{gsi}")
     return " ".join(p for p in parts if p)
@@ -330,6 +338,15 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
             nets[iface.iface_id] = virtio.attach(
                 _net_device(iface, mmds_stacks.get(iface.iface_id), ctx, stack),
                 f"net:{iface.iface_id}")
+        pmem_regions = PmemRegions(vm, mem.end)
+        saved_pmem = restore.state.devices.get("pmem", {}) if restore is not None else {}
+        pmems = {}
+        for cfg in config.pmem:
+            try:
+                device = _pmem_device(cfg, ctx, stack, pmem_regions, saved_pmem.get(cfg.id))
+            except PmemError as e:
+                raise BuildError(f"Cannot create pmem device: {e}") from e
+            pmems[cfg.id] = virtio.attach(device, f"pmem:{cfg.id}")
         vsock = None
         if config.vsock is not None:
             vsock = virtio.attach(_vsock_device(config.vsock, ctx), "vsock")
@@ -357,7 +374,8 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                               rng=rng, kernel=None, cmdline=cmdline, resources=stack,
                               nets=nets, vsock=vsock, balloon=balloon, msr_indices=msr_indices,
                               transports=virtio.transports, transport_ids=virtio.ids,
-                              pci=virtio.slots if pci else None)
+                              pci=virtio.slots if pci else None, pmems=pmems,
+                              pmem_regions=pmem_regions)
             _restore_limiters(restore.state, machine)
             _restore_state(restore.state, vm, vcpus, serial, i8042, machine,
                            clock_realtime=restore.clock_realtime, balloon=balloon)
@@ -394,16 +412,8 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                    cmdline=cmdline,
                    resources=resources, nets=nets, vsock=vsock, balloon=balloon,
                    msr_indices=msr_indices, transports=virtio.transports,
-                   transport_ids=virtio.ids, pci=virtio.slots if pci else None)
-
-
-def _cpu_template(config: VmConfig, kvm: Kvm, restore: Restore | None) -> cputemplate.CpuTemplate:
-    """The CPU template (static or custom, docs/cpu-templates.md), checked against the host CPU
-    (not for a restore: the guest already runs with it) and KVM's capabilities."""
-    template = cputemplate.select_template(config.machine_config.cpu_template, config.cpu_config,
-                                           kvm.supported_cpuid(), check_host=restore is None)
-    cputemplate.check_capabilities(template, kvm.check_extension)
-    return template
+                   transport_ids=virtio.ids, pci=virtio.slots if pci else None,
+                   pmems=pmems, pmem_regions=pmem_regions)
 
 
 def _cpu_template(config: VmConfig, kvm: Kvm, restore: Restore | None) -> cputemplate.CpuTemplate:
@@ -589,6 +599,35 @@ def _block_device(drive, ctx: BuildContext, stack: contextlib.ExitStack) -> Bloc
     return block
 
 
+def _pmem_device(cfg, ctx: BuildContext, stack: contextlib.ExitStack, regions: PmemRegions,
+                 saved=None) -> Pmem:
+    """The file of ``cfg`` mapped into the guest (where a snapshot had it, if ``saved``) and
+    its virtio-pmem device; raises :class:`PmemError`."""
+    backing = PmemBacking(cfg.path_on_host, cfg.read_only)
+    stack.callback(backing.close)
+    if saved is not None:
+        try:
+            placed = msgspec.convert(saved, PmemState)
+        except msgspec.ValidationError as e:
+            raise PmemError(f"the snapshot's pmem state is invalid: {e}") from None
+        if placed.size != backing.mmap_len:
+            raise PmemError(f"the snapshot's region is {placed.size:#x} bytes, the file "
+                            f"{cfg.path_on_host} now needs {backing.mmap_len:#x}")
+        regions.check(placed.start, placed.size)
+        start = placed.start
+    else:
+        start = regions.allocate(backing.mmap_len)
+    regions.map(backing, start)
+    stack.callback(regions.unmap, start)
+    metrics = PmemMetrics()
+    device = Pmem(cfg.id, start=start, size=backing.mmap_len, file_len=backing.file_len,
+                  flush=backing.flush, read_only=cfg.read_only, root_device=cfg.root_device,
+                  rate_limiter=RateLimiter.from_config(cfg.rate_limiter), metrics=metrics)
+    ctx.metrics.register(f"pmem_{cfg.id}", metrics, aggregate="pmem")
+    stack.callback(ctx.metrics.unregister, f"pmem_{cfg.id}")
+    return device
+
+
 def _mmds_stacks(config: VmConfig, ctx: BuildContext) -> dict[str, MmdsNetworkStack]:
     """One MMDS network stack per interface listed in ``mmds-config``, sharing one handler.
 
@@ -618,17 +657,30 @@ def _net_device(iface, mmds: MmdsNetworkStack | None, ctx: BuildContext,
     stack.callback(tap.close)          # until the device owns it (Net.close closes it too)
     metrics = NetMetrics()
     try:
-        net = Net(iface.iface_id, tap, guest_mac=iface.guest_mac, mtu=iface.mtu,
-                  rx_rate_limiter=RateLimiter.from_config(iface.rx_rate_limiter),
-                  tx_rate_limiter=RateLimiter.from_config(iface.tx_rate_limiter),
-                  mmds=mmds, metrics=metrics)
-    except ValueError as e:
+        if iface.vhost:
+            net = _vhost_net_device(iface, tap, metrics, stack)
+        else:
+            net = Net(iface.iface_id, tap, guest_mac=iface.guest_mac, mtu=iface.mtu,
+                      rx_rate_limiter=RateLimiter.from_config(iface.rx_rate_limiter),
+                      tx_rate_limiter=RateLimiter.from_config(iface.tx_rate_limiter),
+                      mmds=mmds, metrics=metrics)
+    except (ValueError, OSError) as e:
         raise BuildError(f"Could not create the network device {iface.iface_id}: {e}") from e
     ctx.metrics.register(f"net_{iface.iface_id}", metrics, aggregate="net")
     stack.callback(ctx.metrics.unregister, f"net_{iface.iface_id}")
     log.info("Network interface %s on tap %s, guest MAC %s%s", iface.iface_id, tap.name,
              net.mac_address, " (MMDS)" if mmds is not None else "")
     return net
+
+
+def _vhost_net_device(iface, tap: Tap, metrics: NetMetrics, stack: contextlib.ExitStack) -> Net:
+    """The asyncvmm extension ``vhost``: the same device, its queues served by /dev/vhost-net."""
+    from .devices.vhost.net import VhostNet, open_backend
+    vhost, kernel_features = open_backend()
+    stack.callback(vhost.close)        # until the device owns it (VhostNet.close closes it too)
+    log.info("Network interface %s: vhost-net, kernel features %#x", iface.iface_id, kernel_features)
+    return VhostNet(iface.iface_id, tap, vhost, kernel_features, guest_mac=iface.guest_mac,
+                    mtu=iface.mtu, metrics=metrics)
 
 
 def _register(metrics: MetricsRegistry, name: str, group):
@@ -643,14 +695,20 @@ def _register(metrics: MetricsRegistry, name: str, group):
 
 
 def hotplug_device(machine: MicroVm, ctx: BuildContext, cfg) -> None:
-    """Create the device ``cfg`` asks for (a drive or a network interface) and put it on the
-    running microVM's PCI bus; the guest finds it when it rescans the bus.  A failure leaves
-    the microVM as it was."""
+    """Create the device ``cfg`` asks for (a drive, a network interface or a pmem device)
+    and put it on the running microVM's PCI bus; the guest finds it when it rescans the
+    bus.  A failure leaves the microVM as it was."""
     if machine.pci is None:
         raise BuildError("PCI is not enabled")
     with contextlib.ExitStack() as stack:
         if hasattr(cfg, "drive_id"):
             device_id, device = f"block:{cfg.drive_id}", _block_device(cfg, ctx, stack)
+        elif hasattr(cfg, "path_on_host"):
+            device_id = f"pmem:{cfg.id}"
+            try:
+                device = _pmem_device(cfg, ctx, stack, machine.pmem_regions)
+            except PmemError as e:
+                raise BuildError(f"Unable to create the virtio-pmem device: {e}") from e
         else:
             device_id = f"net:{cfg.iface_id}"
             device = _net_device(cfg, None, ctx, stack)
@@ -660,6 +718,8 @@ def hotplug_device(machine: MicroVm, ctx: BuildContext, cfg) -> None:
         machine.transport_ids.append(device_id)
         if hasattr(cfg, "drive_id"):
             machine.blocks[cfg.drive_id] = device
+        elif isinstance(device, Pmem):
+            machine.pmems[cfg.id] = device
         else:
             machine.nets[cfg.iface_id] = device
         device_stack = stack.pop_all()
@@ -678,10 +738,13 @@ def unplug_device(machine: MicroVm, device_id: str, metrics: MetricsRegistry) ->
     transport = machine.transports.pop(index)
     del machine.transport_ids[index]
     kind, _, name = device_id.partition(":")
-    (machine.blocks if kind == "block" else machine.nets).pop(name, None)
+    device = {"block": machine.blocks, "pmem": machine.pmems}.get(kind, machine.nets).pop(name, None)
     stack = machine.hotplugged.pop(device_id, None)
     if stack is None:               # a device the microVM booted with
         machine.pci.detach(transport)
         metrics.unregister(f"{kind}_{name}")
+        if isinstance(device, Pmem):
+            # The guest loses the region now; the host mapping goes when the microVM closes.
+            machine.pmem_regions.unmap(device.start)
     else:
         stack.close()
