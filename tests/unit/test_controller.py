@@ -122,6 +122,12 @@ class FakeBackend:
     async def hotplug_drive(self, drive: DriveConfig) -> None:
         await self._call("hotplug_drive", drive)
 
+    async def hotplug_pmem(self, pmem: PmemConfig) -> None:
+        await self._call("hotplug_pmem", pmem)
+
+    async def update_pmem(self, pmem_id: str, rate_limiter: Any) -> None:
+        await self._call("update_pmem", pmem_id, rate_limiter)
+
     async def hotplug_network_interface(self, iface: NetworkInterfaceConfig) -> None:
         await self._call("hotplug_network_interface", iface)
 
@@ -371,14 +377,11 @@ async def test_configure_from_file_uses_the_api_rules(ctl: Controller, kernel: s
 # -- nothing accepted and then ignored: features not built are refused, naming them --------
 
 NOT_YET = "is not supported yet by asyncvmm."
-PMEM = "The pmem device (virtio-pmem) " + NOT_YET
 HOTPLUG = "Memory hotplug (virtio-mem) " + NOT_YET
 
 # One valid request of every not-built action, and the exact refusal it gets.  When a feature
 # is built, its rows go and a test of the feature takes their place.
 NOT_BUILT_REQUESTS = [
-    (K.INSERT_PMEM_DEVICE, PmemConfig(id="p0", path_on_host="/p"), PMEM),
-    (K.UPDATE_PMEM_DEVICE, PmemUpdateConfig(id="p0"), PMEM),
     (K.SET_MEMORY_HOTPLUG_DEVICE, MemoryHotplugConfig(total_size_mib=1024), HOTPLUG),
     (K.GET_MEMORY_HOTPLUG_STATUS, None, HOTPLUG),
     (K.UPDATE_MEMORY_HOTPLUG_SIZE, MemoryHotplugSizeUpdateConfig(requested_size_mib=128), HOTPLUG),
@@ -481,7 +484,6 @@ async def test_built_resources_refuse_the_fields_that_are_not_built(ctl: Control
 
 
 @pytest.mark.parametrize("item,feature", [
-    ('"pmem": [{"id": "p", "path_on_host": "/p"}]', "The pmem device (virtio-pmem)"),
     ('"memory-hotplug": {"total_size_mib": 1024}', "Memory hotplug (virtio-mem)"),
     ('"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"}', "The static CPU template"),
 ])
@@ -894,3 +896,120 @@ async def test_a_failed_unplug_keeps_the_device(pci: Controller, backend: FakeBa
     assert err.value.message == "Device not found"
     assert [n.iface_id for n in pci.config.network_interfaces] == ["eth0"]
     assert pci.config.mmds_config is not None
+
+
+# -- virtio-pmem (Firecracker's rules and messages, docs/pmem.md) ----------------------------
+
+PMEM_ROOT_IS_BLOCK = ("Pmem config error: Attempt to add pmem as a root device while the root device "
+                      "defined as a block device")
+
+
+async def test_pmem_before_boot_keeps_order_and_one_root(ctl: Controller, backend: FakeBackend) -> None:
+    # The file is opened at InstanceStart, as in Firecracker: a path that does not exist yet passes.
+    await ctl.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="a", path_on_host="/not/yet")))
+    await ctl.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="b", path_on_host="/b", root_device=True,
+                                                             read_only=True)))
+    await ctl.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="a", path_on_host="/a2")))   # replaced in place
+    shown = (await ctl.handle(Action(K.GET_FULL_VM_CONFIG)))["pmem"]
+    assert shown == [{"id": "a", "path_on_host": "/a2", "root_device": False, "read_only": False},
+                     {"id": "b", "path_on_host": "/b", "root_device": True, "read_only": True}]
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="c", path_on_host="/c", root_device=True)))
+    assert err.value.message == "Pmem config error: A root pmem device already exist"
+    with pytest.raises(ControllerError) as err:      # nor may "a" become a second root
+        await ctl.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="a", path_on_host="/a", root_device=True)))
+    assert err.value.message == "Pmem config error: A root pmem device already exist"
+    # The root itself may be replaced, still as root.
+    await ctl.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="b", path_on_host="/b2", root_device=True)))
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, DriveConfig(drive_id="rootfs", is_root_device=True,
+                                                                   path_on_host="/dev/null")))
+    assert err.value.message == ("Drive config error: Attempt to add block as a root device while the root "
+                                 "device defined as a pmem device")
+    assert [p.id for p in ctl.config.pmem] == ["a", "b"] and ctl.config.drives == []
+    assert backend.calls == []
+
+
+async def test_pmem_root_after_a_block_root_is_refused(ctl: Controller, disk: str) -> None:
+    await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, DriveConfig(drive_id="rootfs", is_root_device=True,
+                                                               path_on_host=disk)))
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="p", path_on_host=disk, root_device=True)))
+    assert err.value.message == PMEM_ROOT_IS_BLOCK
+    await ctl.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="p", path_on_host=disk)))
+    assert [p.id for p in ctl.config.pmem] == ["p"]
+
+
+async def test_pmem_from_the_config_file(ctl: Controller, kernel: str) -> None:
+    cfg = decode(('{"boot-source": {"kernel_image_path": "%s"}, "pmem": [{"id": "p0", "path_on_host": "/p",'
+                  ' "root_device": true}, {"id": "p1", "path_on_host": "/q", "read_only": true}]}'
+                  % kernel).encode(), VmConfig)
+    await ctl.configure(cfg)
+    assert [(p.id, p.root_device, p.read_only) for p in ctl.config.pmem] == [("p0", True, False),
+                                                                             ("p1", False, True)]
+    bad = decode(b'{"pmem": [{"id": "p-0", "path_on_host": "/p"}]}', VmConfig)
+    with pytest.raises(ControllerError, match="API Resource IDs"):
+        await Controller(FakeBackend()).configure(bad)
+
+
+async def test_pmem_patch_changes_the_rate_limiter(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    await ctl.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="p0", path_on_host="/p")))
+    with pytest.raises(ControllerError) as err:      # PATCH is for a running microVM
+        await ctl.handle(Action(K.UPDATE_PMEM_DEVICE, PmemUpdateConfig(id="p0")))
+    assert err.value.message == NOT_SUPPORTED_PRE_BOOT
+    await boot(ctl, kernel)
+    limiter = RateLimiterConfig(ops=TokenBucketConfig(size=10, refill_time=1000))
+    assert await ctl.handle(Action(K.UPDATE_PMEM_DEVICE, PmemUpdateConfig(id="p0", rate_limiter=limiter))) is None
+    assert backend.calls[-1] == ("update_pmem", ("p0", limiter))
+    shown = (await ctl.handle(Action(K.GET_FULL_VM_CONFIG)))["pmem"][0]
+    assert shown["rate_limiter"]["ops"] == {"size": 10, "refill_time": 1000}
+    calls = list(backend.calls)
+    # No rate limiter: nothing to do, whatever the ID (as Firecracker answers).
+    assert await ctl.handle(Action(K.UPDATE_PMEM_DEVICE, PmemUpdateConfig(id="nope"))) is None
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.UPDATE_PMEM_DEVICE, PmemUpdateConfig(id="nope", rate_limiter=limiter)))
+    assert err.value.message == ("Pmem config error: Unable to patch the pmem device: Failed perform action "
+                                 "on device: Device not found Please verify the request arguments.")
+    assert backend.calls == calls
+
+
+async def test_pmem_after_boot_without_pci_is_refused(ctl: Controller, backend: FakeBackend,
+                                                      kernel: str) -> None:
+    await boot(ctl, kernel)
+    calls = list(backend.calls)
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="p0", path_on_host="/p")))
+    assert err.value.message == "PCI is not enabled"
+    assert backend.calls == calls and ctl.config.pmem == []
+
+
+async def test_hot_plugged_pmem(pci: Controller, backend: FakeBackend, kernel: str, disk: str) -> None:
+    await pci.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="root", path_on_host=disk, root_device=True)))
+    await boot(pci, kernel)
+    pmem = PmemConfig(id="p1", path_on_host=disk, read_only=True)
+    assert await pci.handle(Action(K.INSERT_PMEM_DEVICE, pmem)) is None
+    assert backend.calls[-1] == ("hotplug_pmem", (pmem,))
+    assert [p["id"] for p in (await pci.handle(Action(K.GET_FULL_VM_CONFIG)))["pmem"]] == ["root", "p1"]
+    calls = list(backend.calls)
+    for cfg, message in ((PmemConfig(id="p1", path_on_host=disk), "Device ID in use"),
+                         (PmemConfig(id="p2", path_on_host=disk, root_device=True), PMEM_ROOT_IS_BLOCK)):
+        with pytest.raises(ControllerError) as err:
+            await pci.handle(Action(K.INSERT_PMEM_DEVICE, cfg))
+        assert err.value.message == message
+    assert backend.calls == calls
+    backend.fail["hotplug_pmem"] = BackendError("Unable to create the virtio-pmem device: Error backing "
+                                                "file size is 0")
+    with pytest.raises(ControllerError) as err:
+        await pci.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="p3", path_on_host=disk)))
+    assert err.value.message == ("Pmem config error: Unable to create the virtio-pmem device: Error backing "
+                                 "file size is 0")
+    del backend.fail["hotplug_pmem"]
+    # Unplug: the root one stays, the hot-plugged one goes, and its ID is free again.
+    with pytest.raises(ControllerError, match="^Cannot unplug root device$"):
+        await pci.handle(unplug("pmem", "root"))
+    with pytest.raises(ControllerError, match="^Device not found$"):
+        await pci.handle(unplug("drive", "p1"))
+    assert await pci.handle(unplug("pmem", "p1")) is None
+    assert backend.calls[-1] == ("unplug_device", ("pmem", "p1"))
+    assert [p.id for p in pci.config.pmem] == ["root"]
+    await pci.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="p1", path_on_host=disk)))
