@@ -195,6 +195,7 @@ void pci_bad_bar_action(const char *arg, size_t n);
 void pci_kick_action(const char *arg, size_t n);
 void pci_msix_action(const char *arg, size_t n);
 void pci_cf8_action(const char *arg, size_t n);
+void pci_wait_action(const char *arg, size_t n);
 
 #endif /* __ASSEMBLER__ */
 #endif /* TESTGUEST_H */

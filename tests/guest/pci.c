@@ -24,6 +24,12 @@
  *                            the next read there.  Interrupts stay off (IF=0): the IRR holds them.
  *                                                           -> "pci msix vector= entries= masked_pba=
  *                                                              masked_irr= unmasked_irr= unmasked_pba= moved_irr="
+ *   pci-wait=<rng|blk>:<present|absent>
+ *                            waits (up to about a minute) until bus 0 has, or no longer has, a function of that
+ *                            kind: a hot-plug or unplug by the host.  For absent, the device is released first
+ *                            (reset, memory decode off), as Linux does before an unplug.
+ *                                                           -> "pci wait dev= for=" (then the host acts),
+ *                                                              "pci wait dev= found= slot= scans="
  *   pci-cf8=1                lists bus 0 again through CONFIG_ADDRESS/CONFIG_DATA (ports 0xcf8/0xcfc) and
  *                            compares every dword and word read with ECAM
  *                                                           -> "pci cf8 functions= mismatches="
@@ -461,6 +467,19 @@ static int virtio_pci_init(struct pci_vdev *d, uint64_t wanted)
         return 0;
 }
 
+/* The slot of the first function 0 on bus 0 that is a d->type virtio device, or -1. */
+static int find_slot(const struct pci_vdev *d)
+{
+        for (uint32_t dev = 0; dev < 32; dev++) {
+                uint64_t cfg = fn_cfg(dev, 0);
+
+                if (cfg16(cfg, PCI_VENDOR_ID) == PCI_VENDOR_ID_REDHAT_QUMRANET &&
+                    cfg16(cfg, PCI_DEVICE_ID) == VIRTIO_PCI_DEVICE_ID_BASE + d->type)
+                        return (int)dev;
+        }
+        return -1;
+}
+
 /* Finds the device on bus 0, turns its BAR's memory decode on and initialises it, once. */
 static int pci_ensure(struct pci_vdev *d, uint64_t wanted)
 {
@@ -469,20 +488,14 @@ static int pci_ensure(struct pci_vdev *d, uint64_t wanted)
         if (d->ready)
                 return 0;
         pci_enumerate();
-        d->cfg = 0;
-        for (uint32_t dev = 0; dev < 32 && !d->cfg; dev++) {
-                uint64_t cfg = fn_cfg(dev, 0);
-
-                if (cfg16(cfg, PCI_VENDOR_ID) == PCI_VENDOR_ID_REDHAT_QUMRANET &&
-                    cfg16(cfg, PCI_DEVICE_ID) == VIRTIO_PCI_DEVICE_ID_BASE + d->type) {
-                        d->cfg = cfg;
-                        d->slot = dev;
-                }
-        }
-        if (!d->cfg) {
+        int slot = find_slot(d);
+        if (slot < 0) {
                 pci_error("no-device", VIRTIO_PCI_DEVICE_ID_BASE + d->type);
                 return -1;
         }
+        d->slot = (uint32_t)slot;
+        d->cfg = fn_cfg(d->slot, 0);
+        d->msix = 0;
         if (read_caps(d) < 0)
                 return -1;
         d->bar = bar_read(d, &is64);
@@ -800,6 +813,57 @@ void pci_msix_action(const char *arg, size_t n)
         con_kv("unmasked_irr", (uint64_t)unmasked_irr);
         con_kv("unmasked_pba", (uint64_t)unmasked_pba);
         con_kv("moved_irr", (uint64_t)moved_irr);
+        con_end();
+}
+
+/* ---- hot-plug: bus 0 rescanned until a function comes or goes ---- */
+
+#define WAIT_SCAN_TSC           (1ull << 24)    /* a few ms between scans */
+#define WAIT_SCANS              20000
+
+void pci_wait_action(const char *arg, size_t n)
+{
+        const char *f[2];
+        size_t fl[2];
+        struct pci_vdev *d = 0;
+        int want_present = 0, slot = -1;
+        uint64_t scans = 0;
+
+        if (split_fields(arg, n, f, fl, 2) == 2) {
+                d = word_is(f[0], fl[0], "rng") ? &rng : word_is(f[0], fl[0], "blk") ? &blk : 0;
+                want_present = word_is(f[1], fl[1], "present");
+        }
+        if (!d || (!want_present && !word_is(f[1], fl[1], "absent"))) {
+                bad_argument("pci-wait", arg, n);
+                return;
+        }
+        pci_enumerate();
+        if (!want_present && d->ready) {
+                set_status(d, 0);
+                cfg_write16(d->cfg, PCI_COMMAND, cfg16(d->cfg, PCI_COMMAND) &
+                            ~(PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER));
+        }
+        d->ready = 0;           /* found and initialised again on its next use */
+        con_begin("pci wait dev=");
+        con_puts(d->name);
+        con_puts(want_present ? " for=present" : " for=absent");
+        con_end();
+        while (scans++ < WAIT_SCANS) {
+                slot = find_slot(d);
+                if ((slot >= 0) == want_present)
+                        break;
+                for (uint64_t start = rdtsc(); rdtsc() - start < WAIT_SCAN_TSC;)
+                        cpu_relax();
+        }
+        con_begin("pci wait dev=");
+        con_puts(d->name);
+        con_kv("found", slot >= 0);
+        con_puts(" slot=");
+        if (slot >= 0)
+                con_dec((uint64_t)slot);
+        else
+                con_puts("none");
+        con_kv("scans", scans);
         con_end();
 }
 

@@ -24,7 +24,7 @@ from asyncvmm.arch.x86_64 import layout
 from tests.conftest import require
 from tests.guest.output import find, parse_lines
 from tests.guest.qemu import QEMU, qemu_available
-from tests.kvm.conftest import ApiProcess, guest_config, run_vmm
+from tests.kvm.conftest import ApiProcess, guest_config, run_vmm, wait_until
 
 SECTOR = 512
 MEM_MIB = 64
@@ -243,6 +243,52 @@ def test_configuration_mechanism_1_ports_agree_with_ecam(test_guest, tmp_path):
     assert run.returncode == 0, run.all_output
     cf8, = find(parse_lines(run.stdout), "pci cf8")
     assert cf8.number("functions") == 3 and cf8.number("mismatches") == 0, cf8.text
+
+
+@pytest.mark.kvm
+def test_a_hot_plugged_drive_appears_on_bus_0_and_goes_away_when_unplugged(test_guest, tmp_path):
+    """The guest rescans bus 0 until a virtio-blk function shows up (PUT /drives after boot), reads
+    it, releases it and waits for it to go (DELETE), then the same for a second file."""
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    data = {first: os.urandom(8 * SECTOR), second: os.urandom(8 * SECTOR)}
+    for path, content in data.items():
+        path.write_bytes(content)
+    cmd = ("pci-rng=16 pci-wait=blk:present pci-blk=0 pci-wait=blk:absent pci-wait=blk:present "
+           "pci-blk=1 exit=halt")
+    vmm = ApiProcess(tmp_path, args=("--enable-pci",))
+
+    def guest_says(text: str, times: int = 1) -> None:
+        wait_until(lambda: vmm.output().count(text) >= times and vmm.output().endswith("\n"), 60,
+                   f"{text!r} x{times} on the console")
+
+    try:
+        vmm.configure([
+            ("PUT", "/boot-source", {"kernel_image_path": str(test_guest.elf_pvh), "boot_args": cmd}),
+            ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": MEM_MIB}),
+            ("PUT", "/entropy", {}),
+            ("PUT", "/actions", {"action_type": "InstanceStart"}),
+        ])
+        guest_says("pci wait dev=blk for=present")
+        status, body = vmm("PUT", "/drives/data", {**drive(first), "drive_id": "data"})
+        assert status == 204, body
+        guest_says("pci wait dev=blk for=absent")
+        status, body = vmm("DELETE", "/drives/data")
+        assert status == 204, body
+        guest_says("pci wait dev=blk for=present", 2)
+        status, body = vmm("PUT", "/drives/again", {**drive(second), "drive_id": "again"})
+        assert status == 204, body
+        vmm.wait_output("testguest: exit halt", timeout=60)
+        lines = parse_lines(vmm.output())
+        waits = [l for l in find(lines, "pci wait") if "found" in l.fields]
+        assert [l.number("found") for l in waits] == [1, 0, 1], vmm.output()
+        reads = find(lines, "pci blk")
+        assert [(r.number("sector"), r.number("status")) for r in reads] == [(0, 0), (1, 0)], vmm.output()
+        assert reads[0].number("crc") == zlib.crc32(data[first][:SECTOR])
+        assert reads[1].number("crc") == zlib.crc32(data[second][SECTOR:2 * SECTOR])
+        status, config = vmm("GET", "/vm/config")
+        assert status == 200 and [d["drive_id"] for d in config["drives"]] == ["again"], config
+    finally:
+        vmm.close()
 
 
 # -- the peer ----------------------------------------------------------------------------
