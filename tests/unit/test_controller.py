@@ -38,7 +38,7 @@ from asyncvmm.config import (
     decode,
 )
 from asyncvmm.config import LoggerConfig, MemoryBackendConfig, NetworkOverrideConfig, VsockOverrideConfig
-from asyncvmm.config.machine import CpuidLeafModifier, CpuidRegisterModifier
+from asyncvmm.config.cputemplate import CpuidLeafModifier, CpuidRegisterModifier
 from asyncvmm.controller import (
     NOT_BUILT,
     NOT_SUPPORTED_POST_BOOT,
@@ -261,7 +261,7 @@ async def test_backend_error_reaches_client_with_prefix(ctl: Controller, backend
 async def test_machine_config_rules(ctl: Controller) -> None:
     for bad in (MachineConfig(vcpu_count=0), MachineConfig(vcpu_count=33), MachineConfig(vcpu_count=3, smt=True),
                 MachineConfig(mem_size_mib=0), MachineConfig(mem_size_mib=3, huge_pages="2M"),
-                MachineConfig(mem_size_mib=0, cpu_template="T2")):  # validation before refusal
+                MachineConfig(mem_size_mib=0, cpu_template="T2")):
         with pytest.raises(ControllerError, match="Machine config error"):
             await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, bad))
     await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(vcpu_count=2, smt=True)))
@@ -442,15 +442,52 @@ async def test_a_not_built_request_keeps_its_own_validation_error(ctl: Controlle
         await ctl.handle(Action(K.SET_MEMORY_HOTPLUG_DEVICE, MemoryHotplugConfig(total_size_mib=0)))
 
 
-@pytest.mark.parametrize("machine,message", [
-    (MachineConfig(cpu_template="T2"), "The static CPU template `T2` (machine-config `cpu_template`) " + NOT_YET),
-    (MachineConfigUpdate(cpu_template="C3"), "The static CPU template `C3` (machine-config `cpu_template`) " + NOT_YET),
-])
-async def test_machine_config_fields_not_built_are_refused(ctl: Controller, machine: Any, message: str) -> None:
-    with pytest.raises(ControllerError) as err:
-        await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, machine))
-    assert err.value.message == message
-    assert ctl.config.machine_config == MachineConfig()  # unchanged
+CUSTOM = CpuConfig(kvm_capabilities=["!56"], cpuid_modifiers=[CpuidLeafModifier(
+    leaf="0x1", subleaf="0x0", flags=0, modifiers=[CpuidRegisterModifier(register="ecx", bitmap="0b0")])])
+
+
+async def test_cpu_templates_share_one_slot_and_the_last_configured_wins(ctl: Controller) -> None:
+    # Firecracker keeps a static and a custom template in one place (docs/cpu-templates.md).
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(cpu_template="T2")))
+    assert (await ctl.handle(Action(K.GET_MACHINE_CONFIG)))["cpu_template"] == "T2"
+    await ctl.handle(Action(K.PUT_CPU_CONFIGURATION, CUSTOM))
+    assert ctl.config.cpu_config == CUSTOM and ctl.config.machine_config.cpu_template is None
+    # PUT and PATCH without cpu_template keep the template, custom or static.
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(vcpu_count=2)))
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfigUpdate(mem_size_mib=256)))
+    assert ctl.config.cpu_config == CUSTOM
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfigUpdate(cpu_template="T2A")))
+    assert ctl.config.cpu_config is None and ctl.config.machine_config.cpu_template == "T2A"
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(mem_size_mib=512)))
+    assert ctl.config.machine_config.cpu_template == "T2A"
+    # "None" drops either kind.
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(cpu_template="None")))
+    assert ctl.config.machine_config.cpu_template is None
+    await ctl.handle(Action(K.PUT_CPU_CONFIGURATION, CUSTOM))
+    await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfigUpdate(cpu_template="None")))
+    assert ctl.config.cpu_config is None and ctl.config.machine_config.cpu_template is None
+    assert "cpu_template" not in await ctl.handle(Action(K.GET_MACHINE_CONFIG))
+
+
+async def test_full_vm_config_never_shows_a_custom_template(ctl: Controller) -> None:
+    await ctl.handle(Action(K.PUT_CPU_CONFIGURATION, CUSTOM))
+    cfg = await ctl.handle(Action(K.GET_FULL_VM_CONFIG))
+    assert cfg["cpu-config"] is None and "cpu_template" not in cfg["machine-config"]
+
+
+async def test_a_failed_machine_config_keeps_the_template(ctl: Controller) -> None:
+    await ctl.handle(Action(K.PUT_CPU_CONFIGURATION, CUSTOM))
+    with pytest.raises(ControllerError, match="Machine config error"):
+        await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(vcpu_count=0, cpu_template="C3")))
+    assert ctl.config.cpu_config == CUSTOM and ctl.config.machine_config == MachineConfig()
+
+
+async def test_the_template_reaches_the_backend_at_start(ctl: Controller, backend: FakeBackend,
+                                                         kernel: str) -> None:
+    await ctl.handle(Action(K.PUT_CPU_CONFIGURATION, CUSTOM))
+    await boot(ctl, kernel)
+    started = next(args for call, args in backend.calls if call == "start")
+    assert started[0].cpu_config == CUSTOM
 
 
 @pytest.mark.parametrize("machine", [
@@ -470,11 +507,6 @@ async def test_built_resources_refuse_the_fields_that_are_not_built(ctl: Control
     with pytest.raises(ControllerError) as err:
         await ctl.handle(Action(K.CONFIGURE_SERIAL, SerialConfig(rate_limiter=TokenBucketConfig(size=1, refill_time=1))))
     assert err.value.message == "Rate limiting the serial console (serial `rate_limiter`) " + NOT_YET
-    modifiers = CpuConfig(cpuid_modifiers=[CpuidLeafModifier(leaf="0x1", subleaf="0", flags=0, modifiers=[
-        CpuidRegisterModifier(register="ecx", bitmap="0b" + "x" * 31 + "1")])])
-    with pytest.raises(ControllerError) as err:
-        await ctl.handle(Action(K.PUT_CPU_CONFIGURATION, modifiers))
-    assert err.value.message == "A custom CPU template (PUT /cpu-config with modifiers) " + NOT_YET
     cfg = await ctl.handle(Action(K.GET_FULL_VM_CONFIG))
     assert cfg["drives"] == [] and cfg["cpu-config"] is None and "serial" not in cfg
     # The same resources without those fields are built and accepted.
@@ -485,13 +517,22 @@ async def test_built_resources_refuse_the_fields_that_are_not_built(ctl: Control
 
 @pytest.mark.parametrize("item,feature", [
     ('"memory-hotplug": {"total_size_mib": 1024}', "Memory hotplug (virtio-mem)"),
-    ('"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"}', "The static CPU template"),
 ])
 async def test_config_file_items_not_built_are_refused(ctl: Controller, kernel: str, item: str, feature: str) -> None:
     cfg = decode(('{"boot-source": {"kernel_image_path": "%s"}, %s}' % (kernel, item)).encode(), VmConfig)
     with pytest.raises(ControllerError) as err:
         await ctl.configure(cfg)
     assert err.value.message.startswith(feature) and err.value.message.endswith(NOT_YET)
+
+
+async def test_config_file_cpu_config_comes_after_machine_config(ctl: Controller, kernel: str) -> None:
+    # As in Firecracker's --config-file: both given, the custom template is the one kept.
+    cfg = decode(('{"boot-source": {"kernel_image_path": "%s"}, "machine-config": {"vcpu_count": 1, '
+                  '"mem_size_mib": 128, "cpu_template": "T2"}, "cpu-config": {"kvm_capabilities": ["!56"]}}'
+                  % kernel).encode(), VmConfig)
+    await ctl.configure(cfg)
+    assert ctl.config.cpu_config == CpuConfig(kvm_capabilities=["!56"])
+    assert ctl.config.machine_config.cpu_template is None
 
 
 # -- balloon (Firecracker's messages, API-BEHAVIOUR.md) ------------------------------------
