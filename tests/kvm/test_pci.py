@@ -291,6 +291,63 @@ def test_a_hot_plugged_drive_appears_on_bus_0_and_goes_away_when_unplugged(test_
         vmm.close()
 
 
+@pytest.mark.kvm
+def test_a_restored_pci_microvm_keeps_its_moved_bar_and_its_device(test_guest, tmp_path):
+    """Snapshot a guest whose rng BAR0 it moved, mid-count; load it in a new process (without the
+    flag: the snapshot knows it has a PCI bus).  The restored guest finishes its count, then uses
+    the device at the moved BAR (mapping and notify ioeventfd rebuilt from the restored
+    configuration space), and sets MSI-X up afresh (new routes in the new process)."""
+    target = MMIO64_START + 0x1000_0000
+    cmd = (f"pci-rng=16 pci-move={target:#x}:16 count=60 pci-rng=32 pci-kick=new:{KICKS} "
+           "pci-msix=0x50 exit=halt")
+    snap, mem = tmp_path / "vm.snap", tmp_path / "vm.mem"
+    (tmp_path / "first").mkdir()
+    first = ApiProcess(tmp_path / "first", args=("--enable-pci",))
+    try:
+        first.configure([
+            ("PUT", "/boot-source", {"kernel_image_path": str(test_guest.elf_pvh), "boot_args": cmd}),
+            ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": MEM_MIB}),
+            ("PUT", "/entropy", {}),
+            ("PUT", "/actions", {"action_type": "InstanceStart"}),
+        ])
+        first.wait_output("testguest: count i=2")
+        first.configure([
+            ("PATCH", "/vm", {"state": "Paused"}),
+            ("PUT", "/snapshot/create", {"snapshot_path": str(snap), "mem_file_path": str(mem)}),
+        ])
+    finally:
+        first.close()
+    before = parse_lines(first.output())
+    assert not find(before, "exit halt"), "the guest finished before the snapshot: count longer"
+    assert find(before, "pci move")[0].number("readback") == target
+
+    (tmp_path / "second").mkdir()
+    metrics = tmp_path / "second" / "metrics.json"
+    second = ApiProcess(tmp_path / "second")
+    try:
+        second.configure([
+            ("PUT", "/metrics", {"metrics_path": str(metrics)}),
+            ("PUT", "/snapshot/load", {"snapshot_path": str(snap), "resume_vm": True,
+                                       "mem_backend": {"backend_type": "File", "backend_path": str(mem)}}),
+        ])
+        second.wait_output("testguest: exit halt", timeout=120)
+        reports = second.flush_metrics(metrics)
+    finally:
+        second.close()
+    after = parse_lines(second.output())
+    assert not find(after, "hello"), "the restored guest rebooted"
+    rngs = find(after, "pci rng")
+    assert rngs and rngs[0].number("bytes") == 32 and rngs[0].number("bar") == target, second.output()
+    assert bytes.fromhex(rngs[0].fields["hex"]) != bytes(16)
+    msix, = find(after, "pci msix")
+    assert [msix.number(k) for k in ("masked_pba", "masked_irr", "unmasked_irr", "unmasked_pba",
+                                     "moved_irr")] == [1, 0, 1, 0, 1], msix.text
+    # The kicks at the moved notify address were ioeventfd writes in the new process too.
+    assert summed(reports, "vcpu")["exit_mmio_write"] < KICKS // 4
+    faults = summed(reports, "guest_faults")
+    assert not any(faults.values()), faults
+
+
 # -- the peer ----------------------------------------------------------------------------
 
 Q35_ECAM = 0xB000_0000
