@@ -195,6 +195,15 @@ class VmmBackend(Protocol):
         """New flush rate limiter buckets for the pmem device ``pmem_id`` (absent ones stay)."""
         ...
 
+    async def memory_hotplug_status(self) -> dict[str, Any]:
+        """GET /hotplug/memory: the virtio-mem device's sizes (MiB), for a microVM that has one."""
+        ...
+
+    async def update_memory_hotplug_size(self, requested_size_mib: int) -> None:
+        """PATCH /hotplug/memory: a new target for the driver; :class:`BackendError` reads
+        ``Failed to create memory hotplug device: <VirtioMemError>`` as Firecracker's does."""
+        ...
+
     async def unplug_device(self, kind: DeviceKind, device_id: str) -> None:
         """Take the device ``device_id`` of ``kind`` off the PCI bus and release what it holds.
 
@@ -377,9 +386,6 @@ RULES: dict[ActionKind, Phase] = {
 
 # The actions of features asyncvmm does not build yet, in every phase: the feature each names.
 NOT_BUILT: dict[ActionKind, str] = {
-    ActionKind.SET_MEMORY_HOTPLUG_DEVICE: unbuilt.MEMORY_HOTPLUG,
-    ActionKind.GET_MEMORY_HOTPLUG_STATUS: unbuilt.MEMORY_HOTPLUG,
-    ActionKind.UPDATE_MEMORY_HOTPLUG_SIZE: unbuilt.MEMORY_HOTPLUG,
 }
 
 # Actions that configure a boot-specific resource: after one of them succeeded, a snapshot
@@ -485,6 +491,9 @@ class Controller:
             K.SET_VSOCK_DEVICE: self._set_vsock_device,
             K.SET_ENTROPY_DEVICE: self._set_entropy_device,
             K.SET_MMDS_CONFIGURATION: self._set_mmds_configuration,
+            K.SET_MEMORY_HOTPLUG_DEVICE: self._set_memory_hotplug_device,
+            K.GET_MEMORY_HOTPLUG_STATUS: self._get_memory_hotplug_status,
+            K.UPDATE_MEMORY_HOTPLUG_SIZE: self._update_memory_hotplug_size,
             K.UPDATE_MACHINE_CONFIGURATION: self._update_machine_configuration,
             K.START_MICRO_VM: self._start_micro_vm,
             K.LOAD_SNAPSHOT: self._load_snapshot,
@@ -824,6 +833,24 @@ class Controller:
         pmem = list(self.config.pmem)
         pmem[index] = _replace(pmem[index], rate_limiter=update.rate_limiter)
         self.config = _replace(self.config, pmem=pmem)
+
+    # -- memory hotplug (docs/memory-hotplug.md) -------------------------------------
+
+    async def _set_memory_hotplug_device(self, cfg: Any) -> None:
+        cfg.validate()
+        self.config = _replace(self.config, memory_hotplug=cfg)
+
+    async def _get_memory_hotplug_status(self, _: None) -> Any:
+        prefix = "Internal VMM error: "
+        if self.config.memory_hotplug is None:
+            raise ControllerError(prefix + DEVICE_NOT_FOUND)
+        return await self._backend_call(prefix, self.backend.memory_hotplug_status())
+
+    async def _update_memory_hotplug_size(self, update: Any) -> None:
+        prefix = "Memory hotplug update error: "
+        if self.config.memory_hotplug is None:
+            raise ControllerError(prefix + DEVICE_NOT_FOUND)
+        await self._backend_call(prefix, self.backend.update_memory_hotplug_size(update.requested_size_mib))
 
     def _balloon(self, prefix: str) -> Any:
         if self.config.balloon is None:

@@ -127,23 +127,30 @@ class BootSourceConfig(Base):
 
 
 class MemoryHotplugConfig(Base):
-    """``MemoryHotplugConfig``: a virtio-mem region of ``total_size_mib``."""
+    """``MemoryHotplugConfig``: a virtio-mem region of ``total_size_mib`` (docs/memory-hotplug.md)."""
 
-    total_size_mib: U64 | None = None
-    slot_size_mib: U64 = 128
+    total_size_mib: U64
     block_size_mib: U64 = 2
+    slot_size_mib: U64 = 128
 
     def validate(self) -> None:
+        """Firecracker's checks, in its order, with its messages."""
         prefix = "Memory hotplug config error: "
-        if self.block_size_mib < 2 or self.block_size_mib & (self.block_size_mib - 1):
-            raise ConfigError(prefix + "Block size must be a power of 2 and at least 2 MiB.")
-        if self.slot_size_mib < 128 or self.slot_size_mib % self.block_size_mib:
-            raise ConfigError(prefix + "Slot size must be at least 128 MiB and a multiple of the block size.")
-        if not self.total_size_mib or self.total_size_mib % self.slot_size_mib:
-            raise ConfigError(prefix + "Total size must be non-zero and a multiple of the slot size.")
+        if self.block_size_mib < 2:
+            raise ConfigError(prefix + "Block size must not be lower than 2 MiB")
+        if self.block_size_mib & (self.block_size_mib - 1):
+            raise ConfigError(prefix + "Block size must be a power of 2")
+        if self.slot_size_mib < 128:
+            raise ConfigError(prefix + "Slot size must not be lower than 128 MiB")
+        if self.slot_size_mib % self.block_size_mib:
+            raise ConfigError(prefix + f"Slot size must be a multiple of block size ({self.block_size_mib} MiB)")
+        if self.total_size_mib < self.slot_size_mib:
+            raise ConfigError(prefix + f"Total size must not be lower than slot size ({self.slot_size_mib} MiB)")
+        if self.total_size_mib % self.slot_size_mib:
+            raise ConfigError(prefix + f"Total size must be a multiple of slot size ({self.slot_size_mib} MiB)")
 
 
 class MemoryHotplugSizeUpdateConfig(Base):
     """``MemoryHotplugSizeUpdate``: the new target size of the hotplug region."""
 
-    requested_size_mib: U64 | None = None
+    requested_size_mib: U64

@@ -18,7 +18,6 @@ from typing import Any
 from asyncvmm.config.devices import DriveConfig, SerialConfig
 from asyncvmm.config.errors import ConfigError
 
-MEMORY_HOTPLUG = "Memory hotplug (virtio-mem)"
 VHOST_USER_BLOCK = "A vhost-user block device (drive `socket`)"
 SERIAL_RATE_LIMITER = "Rate limiting the serial console (serial `rate_limiter`)"
 

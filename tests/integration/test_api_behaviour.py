@@ -288,16 +288,12 @@ def test_logger_line_format(tmp_path: Path) -> None:
 
 NOT_YET = " is not supported yet by asyncvmm."
 PMEM = "The pmem device (virtio-pmem)" + NOT_YET
-HOTPLUG = "Memory hotplug (virtio-mem)" + NOT_YET
 
 # Every request of a feature that is not built, valid per the spec, and its refusal.  When a feature
 # is built, its rows leave this table and a test of the working feature replaces them.
 NOT_BUILT = [
     ("PUT", "/pmem/p0", {"id": "p0", "path_on_host": "/etc/hostname"}, PMEM),
     ("PATCH", "/pmem/p0", {"id": "p0", "rate_limiter": {}}, PMEM),
-    ("PUT", "/hotplug/memory", {"total_size_mib": 1024}, HOTPLUG),
-    ("GET", "/hotplug/memory", None, HOTPLUG),
-    ("PATCH", "/hotplug/memory", {"requested_size_mib": 128}, HOTPLUG),
     ("PUT", "/cpu-config", {"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b" + "x" * 64}]},
      "A custom CPU template (PUT /cpu-config with modifiers)" + NOT_YET),
     ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"},
@@ -317,6 +313,24 @@ def test_not_built_features_are_refused_naming_them(api: Api, method: str, path:
     assert resp.status == 400 and resp.fault == fault
     assert api("GET", "/vm/config").json() == before  # nothing was stored
     assert api("GET", "/machine-config").json()["track_dirty_pages"] is False
+
+
+def test_memory_hotplug_before_boot(api: Api) -> None:
+    """PUT /hotplug/memory is pre-boot only, validated with Firecracker's messages; GET and PATCH
+    are post-boot only (docs/memory-hotplug.md)."""
+    resp = api("PUT", "/hotplug/memory", {"total_size_mib": 1000})
+    assert resp.status == 400 and resp.fault == (
+        "Memory hotplug config error: Total size must be a multiple of slot size (128 MiB)")
+    resp = api("PUT", "/hotplug/memory", {"block_size_mib": 2})
+    assert resp.status == 400 and "missing field `total_size_mib`" in resp.fault
+    assert api("GET", "/vm/config").json()["memory-hotplug"] is None
+    assert api("PUT", "/hotplug/memory", {"total_size_mib": 1024}).status == 204
+    assert api("GET", "/vm/config").json()["memory-hotplug"] == {
+        "total_size_mib": 1024, "block_size_mib": 2, "slot_size_mib": 128}
+    for method, body in (("GET", None), ("PATCH", {"requested_size_mib": 128})):
+        resp = api(method, "/hotplug/memory", body)
+        assert resp.status == 400
+        assert resp.fault == "The requested operation is not supported before starting the microVM."
 
 
 def test_balloon_before_boot(api: Api) -> None:

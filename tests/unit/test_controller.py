@@ -134,6 +134,14 @@ class FakeBackend:
     async def unplug_device(self, kind: str, device_id: str) -> None:
         await self._call("unplug_device", kind, device_id)
 
+    async def memory_hotplug_status(self) -> dict[str, Any]:
+        await self._call("memory_hotplug_status")
+        return {"block_size_mib": 2, "total_size_mib": 1024, "slot_size_mib": 128,
+                "plugged_size_mib": 0, "requested_size_mib": 0}
+
+    async def update_memory_hotplug_size(self, requested_size_mib: int) -> None:
+        await self._call("update_memory_hotplug_size", requested_size_mib)
+
 
 class FakeMetrics:
     def __init__(self) -> None:
@@ -377,14 +385,10 @@ async def test_configure_from_file_uses_the_api_rules(ctl: Controller, kernel: s
 # -- nothing accepted and then ignored: features not built are refused, naming them --------
 
 NOT_YET = "is not supported yet by asyncvmm."
-HOTPLUG = "Memory hotplug (virtio-mem) " + NOT_YET
 
 # One valid request of every not-built action, and the exact refusal it gets.  When a feature
 # is built, its rows go and a test of the feature takes their place.
 NOT_BUILT_REQUESTS = [
-    (K.SET_MEMORY_HOTPLUG_DEVICE, MemoryHotplugConfig(total_size_mib=1024), HOTPLUG),
-    (K.GET_MEMORY_HOTPLUG_STATUS, None, HOTPLUG),
-    (K.UPDATE_MEMORY_HOTPLUG_SIZE, MemoryHotplugSizeUpdateConfig(requested_size_mib=128), HOTPLUG),
 ]
 
 
@@ -438,8 +442,6 @@ async def test_vsock_path_that_cannot_be_bound_is_refused(ctl: Controller, tmp_p
 async def test_a_not_built_request_keeps_its_own_validation_error(ctl: Controller) -> None:
     with pytest.raises(ControllerError, match="The guest CID must be at least 3"):
         await ctl.handle(Action(K.SET_VSOCK_DEVICE, VsockConfig(guest_cid=2, uds_path="/v")))
-    with pytest.raises(ControllerError, match="Total size must be non-zero"):
-        await ctl.handle(Action(K.SET_MEMORY_HOTPLUG_DEVICE, MemoryHotplugConfig(total_size_mib=0)))
 
 
 CUSTOM = CpuConfig(kvm_capabilities=["!56"], cpuid_modifiers=[CpuidLeafModifier(
@@ -516,7 +518,6 @@ async def test_built_resources_refuse_the_fields_that_are_not_built(ctl: Control
 
 
 @pytest.mark.parametrize("item,feature", [
-    ('"memory-hotplug": {"total_size_mib": 1024}', "Memory hotplug (virtio-mem)"),
 ])
 async def test_config_file_items_not_built_are_refused(ctl: Controller, kernel: str, item: str, feature: str) -> None:
     cfg = decode(('{"boot-source": {"kernel_image_path": "%s"}, %s}' % (kernel, item)).encode(), VmConfig)
@@ -1054,3 +1055,81 @@ async def test_hot_plugged_pmem(pci: Controller, backend: FakeBackend, kernel: s
     assert backend.calls[-1] == ("unplug_device", ("pmem", "p1"))
     assert [p.id for p in pci.config.pmem] == ["root"]
     await pci.handle(Action(K.INSERT_PMEM_DEVICE, PmemConfig(id="p1", path_on_host=disk)))
+
+
+# -- memory hotplug (virtio-mem): Firecracker's phases, validation and messages ---------------
+
+HP_PREFIX = "Memory hotplug config error: "
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (MemoryHotplugConfig(total_size_mib=1024, block_size_mib=1), "Block size must not be lower than 2 MiB"),
+    (MemoryHotplugConfig(total_size_mib=1024, block_size_mib=3), "Block size must be a power of 2"),
+    (MemoryHotplugConfig(total_size_mib=1024, slot_size_mib=64), "Slot size must not be lower than 128 MiB"),
+    (MemoryHotplugConfig(total_size_mib=1024, block_size_mib=4, slot_size_mib=130),
+     "Slot size must be a multiple of block size (4 MiB)"),
+    (MemoryHotplugConfig(total_size_mib=64), "Total size must not be lower than slot size (128 MiB)"),
+    (MemoryHotplugConfig(total_size_mib=0), "Total size must not be lower than slot size (128 MiB)"),
+    (MemoryHotplugConfig(total_size_mib=1000), "Total size must be a multiple of slot size (128 MiB)"),
+])
+async def test_memory_hotplug_config_is_validated_like_firecracker(ctl: Controller, cfg: Any, message: str) -> None:
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.SET_MEMORY_HOTPLUG_DEVICE, cfg))
+    assert err.value.message == HP_PREFIX + message and err.value.status == 400
+    assert (await ctl.handle(Action(K.GET_FULL_VM_CONFIG)))["memory-hotplug"] is None
+
+
+async def test_memory_hotplug_is_configured_before_boot_and_operated_after(
+        ctl: Controller, backend: FakeBackend, kernel: str) -> None:
+    cfg = decode(b'{"total_size_mib": 1024}', MemoryHotplugConfig)       # Firecracker's defaults
+    assert (cfg.block_size_mib, cfg.slot_size_mib) == (2, 128)
+    await ctl.handle(Action(K.SET_MEMORY_HOTPLUG_DEVICE, cfg))
+    assert (await ctl.handle(Action(K.GET_FULL_VM_CONFIG)))["memory-hotplug"] == {
+        "total_size_mib": 1024, "block_size_mib": 2, "slot_size_mib": 128}
+    for kind, payload in [(K.GET_MEMORY_HOTPLUG_STATUS, None),
+                          (K.UPDATE_MEMORY_HOTPLUG_SIZE, MemoryHotplugSizeUpdateConfig(requested_size_mib=2))]:
+        with pytest.raises(ControllerError) as err:
+            await ctl.handle(Action(kind, payload))
+        assert err.value.message == NOT_SUPPORTED_PRE_BOOT
+    await boot(ctl, kernel)
+    assert backend.calls[-1][1][0].memory_hotplug == cfg                 # the VMM builds it
+    status = await ctl.handle(Action(K.GET_MEMORY_HOTPLUG_STATUS))
+    assert status["total_size_mib"] == 1024
+    await ctl.handle(Action(K.UPDATE_MEMORY_HOTPLUG_SIZE, MemoryHotplugSizeUpdateConfig(requested_size_mib=512)))
+    assert backend.calls[-1] == ("update_memory_hotplug_size", (512,))
+    backend.fail["update_memory_hotplug_size"] = BackendError(
+        "Failed to create memory hotplug device: Size 3145728 is invalid: it must be a multiple of block "
+        "size and less than the total size")
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.UPDATE_MEMORY_HOTPLUG_SIZE, MemoryHotplugSizeUpdateConfig(requested_size_mib=3)))
+    assert err.value.message == ("Memory hotplug update error: Failed to create memory hotplug device: Size "
+                                 "3145728 is invalid: it must be a multiple of block size and less than the "
+                                 "total size")
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.SET_MEMORY_HOTPLUG_DEVICE, cfg))
+    assert err.value.message == NOT_SUPPORTED_POST_BOOT
+
+
+async def test_memory_hotplug_operations_without_the_device(ctl: Controller, backend: FakeBackend,
+                                                            kernel: str) -> None:
+    await boot(ctl, kernel)
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.GET_MEMORY_HOTPLUG_STATUS))
+    assert err.value.message == "Internal VMM error: Failed perform action on device: Device not found"
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.UPDATE_MEMORY_HOTPLUG_SIZE, MemoryHotplugSizeUpdateConfig(requested_size_mib=2)))
+    assert err.value.message == "Memory hotplug update error: Failed perform action on device: Device not found"
+    assert not any(name.startswith(("memory_hotplug", "update_memory")) for name, _ in backend.calls)
+
+
+async def test_memory_hotplug_from_the_config_file(ctl: Controller, kernel: str) -> None:
+    cfg = decode(('{"boot-source": {"kernel_image_path": "%s"}, "memory-hotplug": '
+                  '{"total_size_mib": 2048, "slot_size_mib": 256, "block_size_mib": 4}}' % kernel).encode(), VmConfig)
+    await ctl.configure(cfg)
+    assert (await ctl.handle(Action(K.GET_FULL_VM_CONFIG)))["memory-hotplug"] == {
+        "total_size_mib": 2048, "block_size_mib": 4, "slot_size_mib": 256}
+    bad = decode(('{"boot-source": {"kernel_image_path": "%s"}, "memory-hotplug": {"total_size_mib": 100}}'
+                  % kernel).encode(), VmConfig)
+    with pytest.raises(ControllerError) as err:
+        await Controller(FakeBackend()).configure(bad)
+    assert err.value.message == HP_PREFIX + "Total size must not be lower than slot size (128 MiB)"
