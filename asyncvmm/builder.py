@@ -47,7 +47,10 @@ from .devices.virtio.pmem import Pmem, PmemMetrics, PmemState
 from .devices.virtio.vsock import Vsock, VsockBackendError, VsockMetrics
 from .devices.virtio.balloon import Balloon, BalloonMetrics
 from .devices.virtio.balloon.device import BalloonState
+from .devices.virtio.mem import VirtioMem, VirtioMemMetrics
+from .devices.virtio.mem.backing import HotplugBacking
 from .kvm import Kvm, KvmError, VmFd
+from .kvm.ioctls import KVM_CAP_NR_MEMSLOTS
 from .kvm.structs import KVM_MEM_LOG_DIRTY_PAGES
 from .guestfault import GuestFaultMetrics, GuestFaults
 from .irqroute import GsiRouter
@@ -74,6 +77,10 @@ MiB = 1 << 20
 HUGE_PAGES_NEED_UFFD = ("a snapshot of a microVM backed by huge pages loads only with the Uffd "
                         "memory backend (as in Firecracker): the File backend cannot map a "
                         "memory file onto huge pages")
+
+
+MEMORY_HOTPLUG_SNAPSHOT = ("snapshots of a microVM with memory hotplug (virtio-mem) are not "
+                           "supported yet by asyncvmm")
 
 
 class BuildError(Exception):
@@ -135,6 +142,7 @@ class MicroVm:
     transport_ids: list[str] = dataclasses.field(default_factory=list)   # the device of each
     pci: PciSlots | None = None               # the PCI bus (--enable-pci)
     hotplugged: dict[str, contextlib.ExitStack] = dataclasses.field(default_factory=dict)
+    memory_hotplug: VirtioMem | None = None   # the virtio-mem device (PUT /hotplug/memory)
     pmems: dict[str, Pmem] = dataclasses.field(default_factory=dict)
     pmem_regions: PmemRegions | None = None
 
@@ -363,6 +371,12 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                 free_page_hinting=b.free_page_hinting, free_page_reporting=b.free_page_reporting,
                 mem_size_mib=mc.mem_size_mib,
                 metrics=_register(ctx.metrics, "balloon", BalloonMetrics())), "balloon")
+        memory_hotplug = None
+        if config.memory_hotplug is not None:
+            if restore is not None:
+                raise BuildError(MEMORY_HOTPLUG_SNAPSHOT)
+            memory_hotplug = virtio.attach(_virtio_mem(config.memory_hotplug, vm, mem, ctx, stack),
+                                           "memory_hotplug")
         virtio_windows = virtio.windows
         cmdline = kernel_cmdline(config, virtio_windows, pci=pci)
         if restore is not None:
@@ -413,6 +427,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                    resources=resources, nets=nets, vsock=vsock, balloon=balloon,
                    msr_indices=msr_indices, transports=virtio.transports,
                    transport_ids=virtio.ids, pci=virtio.slots if pci else None,
+                   memory_hotplug=memory_hotplug,
                    pmems=pmems, pmem_regions=pmem_regions)
 
 
@@ -625,6 +640,45 @@ def _pmem_device(cfg, ctx: BuildContext, stack: contextlib.ExitStack, regions: P
                   rate_limiter=RateLimiter.from_config(cfg.rate_limiter), metrics=metrics)
     ctx.metrics.register(f"pmem_{cfg.id}", metrics, aggregate="pmem")
     stack.callback(ctx.metrics.unregister, f"pmem_{cfg.id}")
+    return device
+
+
+# KVM slots left for pmem regions (they count down from KVM's last slot) when hotplug slots are
+# counted up from the RAM slots.
+_SLOTS_KEPT_FOR_PMEM = 64
+
+
+def _virtio_mem(cfg, vm: VmFd, mem: GuestMemory, ctx: BuildContext,
+                stack: contextlib.ExitStack) -> VirtioMem:
+    """The virtio-mem device over its region (layout.memory_hotplug_region); its KVM slots
+    follow the RAM slots and are registered only while a block in them is plugged."""
+    size, slot_size = cfg.total_size_mib * MiB, cfg.slot_size_mib * MiB
+    try:
+        addr, _ = layout.memory_hotplug_region(mem.end, size)
+    except ValueError as e:
+        raise BuildError(f"Cannot place the hotpluggable memory: {e}") from e
+    first_slot = len(mem.regions)
+    slots = size // slot_size
+    nr_slots = vm.check_extension(KVM_CAP_NR_MEMSLOTS) or 509
+    if first_slot + slots > nr_slots - _SLOTS_KEPT_FOR_PMEM:
+        raise BuildError(f"Hotpluggable memory needs {slots} KVM memory slots of "
+                         f"{cfg.slot_size_mib} MiB; KVM has {nr_slots}: use larger slots")
+
+    def set_region(index: int, gpa: int, length: int, host_addr: int) -> None:
+        vm.set_user_memory_region(first_slot + index, gpa, length, host_addr)
+
+    try:
+        backing = HotplugBacking(addr, size, slot_size, set_region)
+    except OSError as e:
+        raise BuildError(f"Cannot allocate {cfg.total_size_mib} MiB of hotpluggable memory: {e}") from e
+    stack.callback(backing.close)
+    device = VirtioMem(addr=addr, total_size_mib=cfg.total_size_mib, block_size_mib=cfg.block_size_mib,
+                       slot_size_mib=cfg.slot_size_mib, backing=backing,
+                       metrics=_register(ctx.metrics, "memory_hotplug", VirtioMemMetrics()))
+    backing.region.accessible = device.accessible
+    mem.add_hotplug_region(backing.region)
+    log.info("Hotpluggable memory: %d MiB at %#x, blocks of %d MiB, KVM slots of %d MiB from slot %d",
+             cfg.total_size_mib, addr, cfg.block_size_mib, cfg.slot_size_mib, first_slot)
     return device
 
 

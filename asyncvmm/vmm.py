@@ -19,13 +19,14 @@ from typing import Any, Callable
 import msgspec
 
 from . import __version__
-from .builder import (BuildContext, BuildError, MicroVm, Restore, build_microvm, hotplug_device,
+from .builder import (MEMORY_HOTPLUG_SNAPSHOT, BuildContext, BuildError, MicroVm, Restore, build_microvm, hotplug_device,
                       unplug_device)
 from .config import ConfigError, SnapshotCreateConfig, SnapshotLoadConfig, VmConfig
 from .config.decode import decode
 from .console import SerialConsole
 from .devices.virtio.block import BlockFileError
 from .devices.virtio.balloon import Balloon, BalloonError
+from .devices.virtio.mem import VirtioMem, VirtioMemError
 from .controller import BackendError, PciError, StartError, StartRequest
 from .exitcodes import ExitCode
 from .kvm import KvmError
@@ -300,6 +301,9 @@ class Vmm:
         limits) applied, so the restore opens what the microVM uses now."""
         assert self.machine is not None and self._config is not None
         machine = self.machine
+        if machine.memory_hotplug is not None:
+            # The memory file and the restore would have to carry the hotplug region too.
+            raise BackendError(MEMORY_HOTPLUG_SNAPSHOT[0].upper() + MEMORY_HOTPLUG_SNAPSHOT[1:] + ".")
         await self._quiesce_virtio(machine)
         tracking = self._config.machine_config.track_dirty_pages
         if params.snapshot_type == "Diff" and self._config.machine_config.huge_pages != "None":
@@ -418,6 +422,24 @@ class Vmm:
         # Dirty logging starts with the restored memory: a Diff is relative to this snapshot.
         self._has_diff_base = config.machine_config.track_dirty_pages
         return config
+
+    def _virtio_mem(self) -> VirtioMem:
+        device = self.machine.memory_hotplug if self.machine is not None else None
+        if device is None:
+            raise BackendError("Failed perform action on device: Device not found")
+        return device
+
+    async def memory_hotplug_status(self) -> dict[str, Any]:
+        """GET /hotplug/memory after boot."""
+        return self._virtio_mem().status()
+
+    async def update_memory_hotplug_size(self, requested_size_mib: int) -> None:
+        """PATCH /hotplug/memory: a new requested size, told to the guest's driver."""
+        try:
+            self._virtio_mem().update_requested_size(requested_size_mib)
+        except VirtioMemError as e:
+            # Firecracker's VmmError::VirtioMem prints every device error with this prefix.
+            raise BackendError(f"Failed to create memory hotplug device: {e}") from None
 
     def _balloon(self) -> Balloon:
         balloon = self.machine.balloon if self.machine is not None else None
