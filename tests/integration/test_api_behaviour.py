@@ -287,13 +287,10 @@ def test_logger_line_format(tmp_path: Path) -> None:
 # -- nothing accepted and then ignored -------------------------------------------------------
 
 NOT_YET = " is not supported yet by asyncvmm."
-PMEM = "The pmem device (virtio-pmem)" + NOT_YET
 
 # Every request of a feature that is not built, valid per the spec, and its refusal.  When a feature
 # is built, its rows leave this table and a test of the working feature replaces them.
 NOT_BUILT = [
-    ("PUT", "/pmem/p0", {"id": "p0", "path_on_host": "/etc/hostname"}, PMEM),
-    ("PATCH", "/pmem/p0", {"id": "p0", "rate_limiter": {}}, PMEM),
     ("PUT", "/cpu-config", {"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b" + "x" * 64}]},
      "A custom CPU template (PUT /cpu-config with modifiers)" + NOT_YET),
     ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"},
@@ -331,6 +328,30 @@ def test_memory_hotplug_before_boot(api: Api) -> None:
         resp = api(method, "/hotplug/memory", body)
         assert resp.status == 400
         assert resp.fault == "The requested operation is not supported before starting the microVM."
+
+
+def test_pmem_before_boot(api: Api, disk: str) -> None:
+    """PUT /pmem configures (the file opens at InstanceStart), one root device among drives and
+    pmem, PATCH is post-boot only; GET /vm/config lists them in order (docs/pmem.md)."""
+    assert api("PUT", "/pmem/p0", {"id": "p0", "path_on_host": disk, "root_device": True}).status == 204
+    assert api("PUT", "/pmem/p1", {"id": "p1", "path_on_host": "/later", "read_only": True,
+                                   "rate_limiter": {"ops": {"size": 1, "refill_time": 100}}}).status == 204
+    resp = api("PUT", "/pmem/p2", {"id": "p2", "path_on_host": disk, "root_device": True})
+    assert resp.status == 400 and resp.fault == "Pmem config error: A root pmem device already exist"
+    resp = api("PUT", "/drives/rootfs", {"drive_id": "rootfs", "is_root_device": True, "path_on_host": disk})
+    assert resp.status == 400 and resp.fault == ("Drive config error: Attempt to add block as a root device "
+                                                 "while the root device defined as a pmem device")
+    resp = api("PUT", "/pmem/p9", {"id": "p0", "path_on_host": disk})
+    assert resp.status == 400
+    resp = api("PATCH", "/pmem/p0", {"id": "p0", "rate_limiter": {}})
+    assert resp.status == 400 and resp.fault == "The requested operation is not supported before starting the microVM."
+    pmem = api("GET", "/vm/config").json()["pmem"]
+    assert [(p["id"], p["root_device"], p["read_only"]) for p in pmem] == [("p0", True, False), ("p1", False, True)]
+    assert pmem[1]["rate_limiter"]["ops"] == {"size": 1, "refill_time": 100}
+    assert api("PUT", "/boot-source", {"kernel_image_path": disk}).status == 204   # no kernel: never reached
+    resp = api("PUT", "/actions", {"action_type": "InstanceStart"})
+    assert resp.status == 400 and resp.fault.startswith("Start microvm error: Cannot create pmem device: "
+                                                        "Error accessing backing file: No such file")
 
 
 def test_balloon_before_boot(api: Api) -> None:
@@ -410,14 +431,18 @@ def test_bad_config_file_exits_152(tmp_path: Path) -> None:
     assert run_cli("--api-sock", str(tmp_path / "s"), "--config-file", str(cfg)).returncode == 152
 
 
-def test_config_file_asking_for_a_feature_not_built_exits_152_naming_it(tmp_path: Path, disk: str) -> None:
+def test_config_file_pmem_is_opened_at_start(tmp_path: Path, disk: str) -> None:
+    """A config file's pmem list is built at InstanceStart; a file that does not open fails it
+    with Firecracker's message (exit 152)."""
     cfg = tmp_path / "vm.json"
     cfg.write_text(json.dumps({"boot-source": {"kernel_image_path": disk},
-                               "pmem": [{"id": "p0", "path_on_host": disk}]}))
+                               "pmem": [{"id": "p0", "path_on_host": str(tmp_path / "nope"),
+                                         "root_device": True}]}))
     out = run_cli("--api-sock", str(tmp_path / "s"), "--config-file", str(cfg), "--no-api")
     assert out.returncode == 152
-    assert (f"Configuration for VMM from one single json failed: {cfg}: "
-            "The pmem device (virtio-pmem) is not supported yet by asyncvmm.") in out.stdout + out.stderr
+    assert (f"Configuration for VMM from one single json failed: {cfg}: Start microvm error: Cannot "
+            "create pmem device: Error accessing backing file: No such file or directory (os error 2)"
+            ) in out.stdout + out.stderr
 
 
 def test_config_file_syntax_error_and_duplicates_say_where(tmp_path: Path) -> None:
