@@ -38,6 +38,7 @@ from .devices.legacy.i8042 import I8042, I8042Metrics, I8042State
 from .devices.legacy.serial import Serial, SerialMetrics, SerialState
 from .devices.rate_limiter import RateLimiter, RateLimiterState
 from .devices.virtio.block import Block, BlockFileError, BlockMetrics, UnsupportedEngineError
+from .devices.virtio.block.vhost_user import VhostUserBlock, VhostUserBlockError, VhostUserBlockMetrics
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, TransportState, VirtioMmioTransport
 from .devices.virtio.pci import PciTransportState
@@ -177,12 +178,15 @@ def kernel_cmdline(config: VmConfig, virtio_windows: list[tuple[int, int, int]],
 
 
 def _create_memory(vm: VmFd, mem_size_mib: int, stack: contextlib.ExitStack,
-                   restore: Restore | None = None, huge_pages: bool = False) -> GuestMemory:
+                   restore: Restore | None = None, huge_pages: bool = False,
+                   shared: bool = False) -> GuestMemory:
     size = mem_size_mib * MiB
     try:
         ram = layout.ram_layout(size)
         if restore is not None:
             mem = _snapshot_memory(ram, restore, stack, huge_pages)
+        elif shared:                    # a vhost-user backend maps guest RAM from the memfd
+            mem = GuestMemory.memfd(ram, huge_pages=huge_pages)
         elif huge_pages:
             mem = GuestMemory.hugetlb_2m(ram)
         else:
@@ -302,7 +306,8 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
         vm.create_irqchip()
         vm.create_pit2()
-        mem = _create_memory(vm, mc.mem_size_mib, stack, restore, huge_pages=mc.huge_pages == "2M")
+        mem = _create_memory(vm, mc.mem_size_mib, stack, restore, huge_pages=mc.huge_pages == "2M",
+                             shared=any(d.socket is not None for d in config.drives))
         _register_memory(vm, mem, mc.track_dirty_pages)
 
         # Port I/O is answered on the vCPU threads (per-device locks); the MMIO bus belongs
@@ -598,9 +603,9 @@ def _vsock_device(cfg, ctx: BuildContext) -> Vsock:
         raise BuildError(f"Cannot create backend for vsock device: {e}") from e
 
 
-def _block_device(drive, ctx: BuildContext, stack: contextlib.ExitStack) -> Block:
+def _block_device(drive, ctx: BuildContext, stack: contextlib.ExitStack) -> Block | VhostUserBlock:
     if drive.socket is not None:
-        raise BuildError(f"Drive {drive.drive_id}: vhost-user block devices are not supported")
+        return _vhost_user_block(drive, ctx, stack)
     metrics = BlockMetrics()
     try:
         block = Block(drive.drive_id, drive.path_on_host, read_only=bool(drive.is_read_only),
@@ -682,6 +687,23 @@ def _virtio_mem(cfg, vm: VmFd, mem: GuestMemory, ctx: BuildContext,
     return device
 
 
+def _vhost_user_block(drive, ctx: BuildContext, stack: contextlib.ExitStack) -> VhostUserBlock:
+    """A drive whose back end serves the guest's queue itself (connected and agreed with now)."""
+    metrics = VhostUserBlockMetrics()
+    try:
+        block = VhostUserBlock(drive.drive_id, drive.socket, is_root_device=drive.is_root_device,
+                               partuuid=drive.partuuid, cache_type=drive.cache_type, metrics=metrics)
+    except VhostUserBlockError as e:
+        raise BuildError(f"Unable to create the block device {drive.drive_id}: Vhost user backend "
+                         f"error: {e}") from e
+    stack.callback(block.close)             # until attached (the transport's close repeats it)
+    name = f"vhost_user_block_{drive.drive_id}"     # Firecracker's metrics group
+    ctx.metrics.register(name, metrics)
+    stack.callback(ctx.metrics.unregister, name)
+    log.info("Drive %s: vhost-user back end at %s", drive.drive_id, drive.socket)
+    return block
+
+
 def _mmds_stacks(config: VmConfig, ctx: BuildContext) -> dict[str, MmdsNetworkStack]:
     """One MMDS network stack per interface listed in ``mmds-config``, sharing one handler.
 
@@ -754,6 +776,9 @@ def hotplug_device(machine: MicroVm, ctx: BuildContext, cfg) -> None:
     bus.  A failure leaves the microVM as it was."""
     if machine.pci is None:
         raise BuildError("PCI is not enabled")
+    if getattr(cfg, "socket", None) is not None and machine.mem.regions[0].shared_fd is None:
+        raise BuildError("Vhost user backend error: guest memory is not shared (it is, when a "
+                         "vhost-user drive is configured before boot)")
     with contextlib.ExitStack() as stack:
         if hasattr(cfg, "drive_id"):
             device_id, device = f"block:{cfg.drive_id}", _block_device(cfg, ctx, stack)

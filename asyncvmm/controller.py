@@ -81,6 +81,9 @@ VHOST_SNAPSHOT = (
     "Create snapshot error: A microVM with a vhost-net interface cannot be snapshotted: the host "
     "kernel writes guest memory and holds queue state the snapshot cannot see. vhost interfaces: "
 )
+VHOST_USER_SNAPSHOT = (
+    "Create snapshot error: Snapshotting of vhost-user-blk devices is not supported. vhost-user drives: "
+)
 DIFF_WITHOUT_TRACKING = "Diff snapshots are not allowed on uVMs with dirty page tracking disabled."
 # Firecracker's answer when a post-boot operation names a device the microVM does not have.
 DEVICE_NOT_FOUND = "Failed perform action on device: Device not found"
@@ -670,6 +673,15 @@ class Controller:
                     "Drive config error: Unable to create the virtio block device: Virtio backend "
                     f"error: Error manipulating the backing file: {os_error_text(err)} {drive.path_on_host}"
                 ) from None
+        if drive.socket is not None:
+            # Firecracker connects here and agrees the features with the back end; so do we (and
+            # hang up: InstanceStart connects again), so a path with no back end is refused now.
+            from asyncvmm.devices.virtio.block.vhost_user import VhostUserBlock, VhostUserBlockError
+            try:
+                VhostUserBlock(drive.drive_id, drive.socket, cache_type=drive.cache_type).close()
+            except VhostUserBlockError as err:
+                raise ConfigError("Drive config error: Unable to create the virtio block device: "
+                                  f"Vhost user backend error: {err}") from None
         if drive.io_engine == "Async":
             # Firecracker refuses an Async drive here, at PUT /drives, on a host without io_uring.
             from asyncvmm.devices.virtio.block import UnsupportedEngineError, check_async_engine
@@ -776,6 +788,9 @@ class Controller:
         vhost = [n.iface_id for n in self.config.network_interfaces if n.vhost]
         if vhost:
             raise ControllerError(VHOST_SNAPSHOT + ", ".join(vhost))
+        vhost_user = [d.drive_id for d in self.config.drives if d.socket is not None]
+        if vhost_user:       # Firecracker 1.16 cannot either (VhostUserBlockError::SnapshottingNotSupported)
+            raise ControllerError(VHOST_USER_SNAPSHOT + ", ".join(vhost_user))
         kind = "full" if params.snapshot_type == "Full" else "diff"
         await self._backend_call(
             "Create snapshot error: ", self.backend.create_snapshot(params, self.config),

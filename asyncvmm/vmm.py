@@ -25,6 +25,7 @@ from .config import ConfigError, SnapshotCreateConfig, SnapshotLoadConfig, VmCon
 from .config.decode import decode
 from .console import SerialConsole
 from .devices.virtio.block import BlockFileError
+from .devices.virtio.block.vhost_user import VhostUserBlock, VhostUserBlockError
 from .devices.virtio.balloon import Balloon, BalloonError
 from .devices.virtio.mem import VirtioMem, VirtioMemError
 from .controller import BackendError, PciError, StartError, StartRequest
@@ -221,6 +222,16 @@ class Vmm:
         block = self.machine.blocks.get(drive_id)
         if block is None:
             raise BackendError(f"Invalid block device ID: {drive_id}")
+        if isinstance(block, VhostUserBlock):
+            # Firecracker: no file and no rate limiter to change; without fields, the back
+            # end's config is read again and the guest told (a resized disk).
+            if path_on_host is not None or rate_limiter is not None:
+                raise BackendError("Running method expected different backend.")
+            try:
+                block.config_update()
+            except VhostUserBlockError as e:
+                raise BackendError(str(e)) from e
+            return
         try:
             if path_on_host is not None:
                 block.update_path(path_on_host)

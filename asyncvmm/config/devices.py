@@ -25,6 +25,8 @@ VHOST_MMDS = (
     "Network config error: A vhost-net interface (`vhost`: true) cannot serve the MMDS: its frames "
     "never reach the VMM. Name another interface in the MMDS config."
 )
+# A drive with `socket` and a field of a file drive (Firecracker's BlockError::InvalidBlockConfig).
+VHOST_USER_INVALID = "Drive config error: Unable to create the virtio block device: Invalid block config."
 # The virtio vsock spec reserves CIDs 0-2 (hypervisor, local, host).
 VSOCK_MIN_GUEST_CID = 3
 
@@ -54,6 +56,12 @@ class DriveConfig(Base):
                 prefix + "Unable to create the virtio block device: `path_on_host` is "
                 "required for a virtio-block drive."
             )
+        # A vhost-user drive is the back end's: Firecracker takes none of the file drive's
+        # fields with it (its VhostUserBlockConfig); "Sync", the default, cannot be told apart
+        # from an absent io_engine here.
+        if self.socket is not None and (self.rate_limiter is not None or self.is_read_only is not None
+                                        or self.io_engine != "Sync"):
+            raise ConfigError(VHOST_USER_INVALID)
 
 
 class DriveUpdateConfig(Base):

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from asyncvmm.config.devices import DriveConfig, SerialConfig
+from asyncvmm.config.devices import SerialConfig
 from asyncvmm.config.errors import ConfigError
 
-VHOST_USER_BLOCK = "A vhost-user block device (drive `socket`)"
 SERIAL_RATE_LIMITER = "Rate limiting the serial console (serial `rate_limiter`)"
 
 
@@ -30,16 +29,11 @@ class NotBuiltError(ConfigError):
         self.feature = feature
 
 
-def _drive(drive: DriveConfig) -> str | None:
-    return VHOST_USER_BLOCK if drive.socket is not None else None
-
-
 def _serial(serial: SerialConfig) -> str | None:
     return SERIAL_RATE_LIMITER if serial.rate_limiter is not None else None
 
 
 _CHECKS: dict[type, Any] = {
-    DriveConfig: _drive,
     SerialConfig: _serial,
 }
 

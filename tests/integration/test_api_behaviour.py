@@ -295,8 +295,6 @@ NOT_BUILT = [
      "A custom CPU template (PUT /cpu-config with modifiers)" + NOT_YET),
     ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"},
      "The static CPU template `T2` (machine-config `cpu_template`)" + NOT_YET),
-    ("PUT", "/drives/vu", {"drive_id": "vu", "is_root_device": False, "socket": "/tmp/vhost.sock"},
-     "A vhost-user block device (drive `socket`)" + NOT_YET),
     ("PUT", "/serial", {"rate_limiter": {"size": 100, "refill_time": 10}},
      "Rate limiting the serial console (serial `rate_limiter`)" + NOT_YET),
 ]
@@ -352,6 +350,20 @@ def test_pmem_before_boot(api: Api, disk: str) -> None:
     resp = api("PUT", "/actions", {"action_type": "InstanceStart"})
     assert resp.status == 400 and resp.fault.startswith("Start microvm error: Cannot create pmem device: "
                                                         "Error accessing backing file: No such file")
+
+
+def test_vhost_user_drive_is_refused_without_a_back_end_or_with_a_file_drives_fields(api: Api, tmp_path: Path) -> None:
+    """PUT /drives with `socket` connects to the back end, as Firecracker does (docs/devices.md)."""
+    before = api("GET", "/vm/config").json()
+    resp = api("PUT", "/drives/vu", {"drive_id": "vu", "is_root_device": False, "socket": str(tmp_path / "none")})
+    assert resp.status == 400 and resp.fault == (
+        "Drive config error: Unable to create the virtio block device: Vhost user backend error: "
+        "Vhost-user error: Failed to connect to UDS Unix stream: No such file or directory (os error 2)")
+    resp = api("PUT", "/drives/vu", {"drive_id": "vu", "is_root_device": False, "socket": str(tmp_path / "none"),
+                                     "rate_limiter": {"ops": {"size": 1, "refill_time": 100}}})
+    assert resp.status == 400 and resp.fault == ("Drive config error: Unable to create the virtio block "
+                                                 "device: Invalid block config.")
+    assert api("GET", "/vm/config").json() == before
 
 
 def test_balloon_before_boot(api: Api) -> None:

@@ -57,6 +57,7 @@ from asyncvmm.controller import (
     VirtioDeviceId,
     VmState,
 )
+from tests.fakes.vhost_user_backend import FakeBackend as FakeVhostUserBackend
 
 K = ActionKind
 
@@ -504,9 +505,6 @@ async def test_machine_config_defaults_and_no_op_values_are_accepted(ctl: Contro
 
 async def test_built_resources_refuse_the_fields_that_are_not_built(ctl: Controller, tmp_path: Any) -> None:
     with pytest.raises(ControllerError) as err:
-        await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, DriveConfig(drive_id="v", is_root_device=False, socket="/vu")))
-    assert err.value.message == "A vhost-user block device (drive `socket`) " + NOT_YET
-    with pytest.raises(ControllerError) as err:
         await ctl.handle(Action(K.CONFIGURE_SERIAL, SerialConfig(rate_limiter=TokenBucketConfig(size=1, refill_time=1))))
     assert err.value.message == "Rate limiting the serial console (serial `rate_limiter`) " + NOT_YET
     cfg = await ctl.handle(Action(K.GET_FULL_VM_CONFIG))
@@ -718,6 +716,62 @@ async def test_snapshot_create_only_when_paused(ctl: Controller, backend: FakeBa
     assert err.value.message == "Diff snapshots are not allowed on uVMs with dirty page tracking disabled."
 
 
+def vhost_user_backend(tmp_path: Any, name: str = "vu.sock") -> tuple[FakeVhostUserBackend, str]:
+    backend = FakeVhostUserBackend(features=1 << 32 | 1 << 30, protocol_features=1 << 9)
+    path = str(tmp_path / name)
+    backend.listen(path)
+    return backend, path
+
+
+async def test_a_vhost_user_drive_is_checked_with_its_back_end_at_put(ctl: Controller, tmp_path: Any) -> None:
+    # As Firecracker does at PUT /drives: connect, agree the features, read the config.
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, DriveConfig(
+            drive_id="vu", is_root_device=True, socket=str(tmp_path / "nobody.sock"))))
+    assert err.value.message == (
+        "Drive config error: Unable to create the virtio block device: Vhost user backend error: "
+        "Vhost-user error: Failed to connect to UDS Unix stream: No such file or directory (os error 2)")
+    backend, path = vhost_user_backend(tmp_path)
+    drive = DriveConfig(drive_id="vu", is_root_device=True, socket=path, cache_type="Writeback")
+    await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, drive))
+    backend.join()                            # the check hung up after its handshake
+    assert backend.requests()[:2] == [3, 1]   # SET_OWNER, GET_FEATURES
+    assert (await ctl.handle(Action(K.GET_FULL_VM_CONFIG)))["drives"][0]["socket"] == path
+    backend.close()
+
+
+@pytest.mark.parametrize("extra", [
+    {"rate_limiter": RateLimiterConfig(ops=TokenBucketConfig(size=1, refill_time=100))},
+    {"is_read_only": False},
+    {"io_engine": "Async"},
+])
+async def test_a_vhost_user_drive_takes_none_of_a_file_drives_fields(ctl: Controller, extra: dict) -> None:
+    # Firecracker's VhostUserBlockConfig has no rate limiter, read-only flag or engine: the
+    # request fits neither kind of drive (BlockError::InvalidBlockConfig).
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, DriveConfig(
+            drive_id="vu", is_root_device=False, socket="/nonexistent.sock", **extra)))
+    assert err.value.message == ("Drive config error: Unable to create the virtio block device: "
+                                 "Invalid block config.")
+    assert (await ctl.handle(Action(K.GET_FULL_VM_CONFIG)))["drives"] == []
+
+
+async def test_a_microvm_with_a_vhost_user_drive_is_not_snapshotted(ctl: Controller, backend: FakeBackend,
+                                                                    kernel: str, tmp_path: Any) -> None:
+    vu, path = vhost_user_backend(tmp_path)
+    await ctl.handle(Action(K.INSERT_BLOCK_DEVICE, DriveConfig(drive_id="vu", is_root_device=False,
+                                                               socket=path)))
+    vu.join()
+    vu.close()
+    await boot(ctl, kernel)
+    await ctl.handle(Action(K.PAUSE))
+    with pytest.raises(ControllerError) as err:
+        await ctl.handle(Action(K.CREATE_SNAPSHOT, SnapshotCreateConfig(mem_file_path="m", snapshot_path="s")))
+    assert err.value.message == ("Create snapshot error: Snapshotting of vhost-user-blk devices is not "
+                                 "supported. vhost-user drives: vu")
+    assert not [c for c in backend.calls if c[0] == "create_snapshot"]
+
+
 async def test_diff_snapshot_with_dirty_page_tracking(ctl: Controller, backend: FakeBackend, kernel: str) -> None:
     await ctl.handle(Action(K.UPDATE_MACHINE_CONFIGURATION, MachineConfig(track_dirty_pages=True)))
     await boot(ctl, kernel)
@@ -831,8 +885,9 @@ async def test_hot_plugged_drive_is_checked_as_firecracker_does(pci: Controller,
         (DriveConfig(drive_id="nopath", is_root_device=False),
          "Drive config error: Unable to create the virtio block device: `path_on_host` is required for a "
          "virtio-block drive."),
-        (DriveConfig(drive_id="vu", is_root_device=False, socket="/tmp/vhost.sock"),
-         "A vhost-user block device (drive `socket`) is not supported yet by asyncvmm."),
+        (DriveConfig(drive_id="vu", is_root_device=False, socket="/nonexistent/vhost.sock"),
+         "Drive config error: Unable to create the virtio block device: Vhost user backend error: "
+         "Vhost-user error: Failed to connect to UDS Unix stream: No such file or directory (os error 2)"),
     ]
     for drive, message in refused:
         with pytest.raises(ControllerError) as err:
