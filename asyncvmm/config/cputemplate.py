@@ -67,7 +67,7 @@ def _rust_uint(digits: str, radix: int, bits: int) -> int | str:
     body = digits[1:] if digits.startswith("+") else digits
     if not digits:
         return "Empty"
-    allowed = "01" if radix == 2 else "0123456789abcdefABCDEF"
+    allowed = {2: "01", 10: "0123456789", 16: "0123456789abcdefABCDEF"}[radix]
     if not body or any(ch not in allowed for ch in body):
         return "InvalidDigit"
     number = int(body, radix)
