@@ -291,10 +291,6 @@ NOT_YET = " is not supported yet by asyncvmm."
 # Every request of a feature that is not built, valid per the spec, and its refusal.  When a feature
 # is built, its rows leave this table and a test of the working feature replaces them.
 NOT_BUILT = [
-    ("PUT", "/cpu-config", {"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b" + "x" * 64}]},
-     "A custom CPU template (PUT /cpu-config with modifiers)" + NOT_YET),
-    ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"},
-     "The static CPU template `T2` (machine-config `cpu_template`)" + NOT_YET),
     ("PUT", "/serial", {"rate_limiter": {"size": 100, "refill_time": 10}},
      "Rate limiting the serial console (serial `rate_limiter`)" + NOT_YET),
 ]
@@ -364,6 +360,55 @@ def test_vhost_user_drive_is_refused_without_a_back_end_or_with_a_file_drives_fi
     assert resp.status == 400 and resp.fault == ("Drive config error: Unable to create the virtio block "
                                                  "device: Invalid block config.")
     assert api("GET", "/vm/config").json() == before
+
+
+def _leaf(leaf: str = "0x1", register: str = "ecx", bitmap: str = "0b0") -> dict:
+    return {"leaf": leaf, "subleaf": "0x0", "flags": 0,
+            "modifiers": [{"register": register, "bitmap": bitmap}]}
+
+
+NO_PREFIX = ("No supported number system prefix found in value [1]. Make sure to prefix the number "
+             "with '0x' for hexadecimal numbers or '0b' for binary numbers.")
+
+
+@pytest.mark.parametrize("body,fault", [
+    ({"cpuid_modifiers": [_leaf(leaf="1")]}, NO_PREFIX),
+    ({"cpuid_modifiers": [_leaf(register="ekx")]},
+     "Invalid CPUID register. Must be one of [eax, ebx, ecx, edx]"),
+    ({"cpuid_modifiers": [_leaf(bitmap="0b1?0")]},
+     "Failed to parse string [0b1?0] as a bitmap - unknown character: 63"),
+    ({"cpuid_modifiers": [_leaf(bitmap="0b" + "1" * 33)]},
+     "Failed to parse string [0b" + "1" * 33 + "] as a bitmap - string is too long"),
+    ({"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b" + "x" * 65}]},
+     "Failed to parse string [0b" + "x" * 65 + "] as a bitmap - string is too long"),
+    ({"kvm_capabilities": ["!abc"]},
+     "Failed to parse string [!abc] as a kvm capability - can not convert to numeric: invalid digit "
+     "found in string"),
+    ({"reg_modifiers": []},
+     "unknown field `reg_modifiers`, expected one of `kvm_capabilities`, `cpuid_modifiers`, "
+     "`msr_modifiers`"),
+])
+def test_custom_cpu_template_is_refused_naming_the_field(api: Api, body: dict, fault: str) -> None:
+    resp = api("PUT", "/cpu-config", body)
+    assert resp.status == 400
+    assert resp.fault == f"An error occurred when deserializing the json body of a request: {fault}."
+
+
+def test_cpu_templates_before_boot(api: Api) -> None:
+    """A custom template is stored (GET /vm/config never shows it, as in Firecracker); a static
+    one shows in machine-config until a custom one replaces it (docs/cpu-templates.md)."""
+    body = {"kvm_capabilities": ["!56", "7"], "cpuid_modifiers": [_leaf(bitmap="0b0_xx1")],
+            "msr_modifiers": [{"addr": "0x10a", "bitmap": "0b" + "x" * 64}]}
+    assert api("PUT", "/cpu-config", body).status == 204
+    assert api("GET", "/vm/config").json()["cpu-config"] is None
+    resp = api("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2A"})
+    assert resp.status == 204 and resp.headers.get("deprecation") == "true"
+    assert api("GET", "/machine-config").json()["cpu_template"] == "T2A"
+    assert api("PUT", "/cpu-config", body).status == 204
+    assert "cpu_template" not in api("GET", "/machine-config").json()
+    resp = api("PATCH", "/machine-config", {"cpu_template": "V1N1"})
+    assert resp.status == 400
+    assert "unknown variant `V1N1`, expected one of `C3`, `T2`, `T2S`, `None`, `T2CL`, `T2A`" in resp.fault
 
 
 def test_balloon_before_boot(api: Api) -> None:
