@@ -26,6 +26,14 @@ network namespace, once per transport (virtio-mmio, virtio-pci):
     on ``virtio-blk-pci,disable-legacy=on`` (the 1af4:1041/1042 functions
     asyncvmm offers), no ``pci=off`` either.
 
+vhost-net, on request (``--variants``, not in the default set):
+
+``asyncvmm-vhost`` / ``asyncvmm-pci-vhost``
+    the interface with asyncvmm's ``"vhost": true``: the same device, its
+    queues served by the host kernel's vhost-net (docs/network.md).
+``qemu-microvm-vhost`` / ``qemu-microvm-pci-vhost``
+    QEMU's ``-netdev tap,...,vhost=on``: its vhost-net, the same transports.
+
 Each guest gets ``avm.ip=172.16.<i>.2/24`` and runs ``iperf3 -s -D``; the
 host side of its tap is ``172.16.<i>.1/24``.  All guests are booted first
 and stay up; then every round measures each variant in a rotated order, from
@@ -233,15 +241,17 @@ def min_tso_command(segments: int) -> str | None:
     return f"echo {segments} > {MIN_TSO_SYSCTL}" if segments else None
 
 
-def asyncvmm_interface(link: Link) -> dict[str, Any]:
-    """The Firecracker ``network-interfaces`` entry for ``link``."""
-    return {"iface_id": "eth0", "host_dev_name": link.tap, "guest_mac": GUEST_MAC}
+def asyncvmm_interface(link: Link, vhost: bool = False) -> dict[str, Any]:
+    """The Firecracker ``network-interfaces`` entry for ``link`` (asyncvmm's ``vhost`` if asked)."""
+    entry = {"iface_id": "eth0", "host_dev_name": link.tap, "guest_mac": GUEST_MAC}
+    return {**entry, "vhost": True} if vhost else entry
 
 
-def qemu_net_args(link: Link) -> list[str]:
-    """QEMU's userspace virtio-net on the tap (no vhost, no helper scripts), modern virtio-mmio."""
+def qemu_net_args(link: Link, vhost: bool = False) -> list[str]:
+    """QEMU's virtio-net on the tap (no helper scripts), modern virtio-mmio: userspace, or its
+    vhost-net with ``vhost``."""
     return ["-global", "virtio-mmio.force-legacy=false",
-            "-netdev", f"tap,id=bench0,ifname={link.tap},script=no,downscript=no,vhost=off",
+            "-netdev", f"tap,id=bench0,ifname={link.tap},script=no,downscript=no,vhost={'on' if vhost else 'off'}",
             "-device", f"virtio-net-device,netdev=bench0,mac={GUEST_MAC}"]
 
 
@@ -342,7 +352,13 @@ COMPARED = ("h2g_mib_s", "g2h_mib_s", "ping_median_us", "ping_p99_us",
 # Each VMM against its peer on the same transport, then what moving asyncvmm onto PCI costs.
 PAIRS = (("asyncvmm", "qemu-microvm", COMPARED),
          ("asyncvmm-pci", "qemu-microvm-pci", COMPARED),
-         ("asyncvmm-pci", "asyncvmm", COMPARED))
+         ("asyncvmm-pci", "asyncvmm", COMPARED),
+         # vhost-net (when asked for): each VMM's vhost against the other's, and against its own
+         # userspace path on the same transport.
+         ("asyncvmm-vhost", "qemu-microvm-vhost", COMPARED),
+         ("asyncvmm-pci-vhost", "qemu-microvm-pci-vhost", COMPARED),
+         ("asyncvmm-vhost", "asyncvmm", COMPARED),
+         ("asyncvmm-pci-vhost", "asyncvmm-pci", COMPARED))
 
 
 def comparisons(vdocs: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -411,12 +427,22 @@ VARIANTS = (
     ("qemu-microvm-pci", "QEMU microvm,pcie=on, -netdev tap,vhost=off -device virtio-net-pci,disable-legacy=on "
                          "(the root disk on virtio-blk-pci)"),
 )
-PCI_VARIANTS = frozenset({"asyncvmm-pci", "qemu-microvm-pci"})
+# vhost-net variants: known to --variants, not run by default (they need /dev/vhost-net).
+VHOST_VARIANTS = (
+    ("asyncvmm-vhost", "asyncvmm, the same interface with \"vhost\": true: the host kernel's vhost-net "
+                       "serves its queues (virtio-mmio)"),
+    ("qemu-microvm-vhost", "QEMU microvm, -netdev tap,vhost=on -device virtio-net-device (modern virtio-mmio)"),
+    ("asyncvmm-pci-vhost", "asyncvmm --enable-pci, \"vhost\": true (virtio-pci, MSI-X irqfds signalled by "
+                           "the kernel)"),
+    ("qemu-microvm-pci-vhost", "QEMU microvm,pcie=on, -netdev tap,vhost=on -device "
+                               "virtio-net-pci,disable-legacy=on"),
+)
+PCI_VARIANTS = frozenset({"asyncvmm-pci", "qemu-microvm-pci", "asyncvmm-pci-vhost", "qemu-microvm-pci-vhost"})
 
 
 def make_variants(names: Sequence[str] | None = None) -> list[Variant]:
-    known = {name: (i, desc) for i, (name, desc) in enumerate(VARIANTS)}
-    wanted = list(names) if names else list(known)
+    known = {name: (i, desc) for i, (name, desc) in enumerate(VARIANTS + VHOST_VARIANTS)}
+    wanted = list(names) if names else [name for name, _ in VARIANTS]
     unknown = [n for n in wanted if n not in known]
     if unknown:
         raise ValueError(f"unknown variants: {', '.join(unknown)} (known: {', '.join(known)})")
@@ -432,14 +458,15 @@ def _launchers(variant: Variant, netns: str, workdir: Path):
 
     class AsyncVmmNet(AsyncVmmLauncher):
         def config(self, spec):
-            return {**AsyncVmmLauncher.config(spec), "network-interfaces": [asyncvmm_interface(link)]}
+            return {**AsyncVmmLauncher.config(spec),
+                    "network-interfaces": [asyncvmm_interface(link, vhost=variant.name.endswith("-vhost"))]}
 
         def argv(self, spec, wd):
             return netns_argv(netns, super().argv(spec, wd), ip)
 
     class QemuNet(QemuMicrovmLauncher):
         def argv(self, spec, wd):
-            argv = super().argv(spec, wd) + qemu_net_args(link)
+            argv = super().argv(spec, wd) + qemu_net_args(link, vhost=variant.name.endswith("-vhost"))
             return netns_argv(netns, qemu_pci_argv(argv) if variant.name in PCI_VARIANTS else argv, ip)
 
     if variant.name.startswith("asyncvmm"):
@@ -709,7 +736,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"{QUICK_RUNS} rounds, {QUICK_SECONDS} s per iperf3 run, {QUICK_PINGS} pings")
     p.add_argument("--seconds", type=int, help=f"seconds per iperf3 run (default {DEFAULT_SECONDS})")
     p.add_argument("--pings", type=int, help=f"pings per round (default {DEFAULT_PINGS})")
-    p.add_argument("--variants", help=f"comma-separated subset of {','.join(n for n, _ in VARIANTS)}")
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(n for n, _ in VARIANTS)} "
+                                      f"(default: all of them) and {','.join(n for n, _ in VHOST_VARIANTS)}")
     p.add_argument("--min-tso-segs", type=int, default=MIN_TSO_SEGS,
                    help=f"tcp_min_tso_segs in the guests and the host namespace (default {MIN_TSO_SEGS}; "
                         "0: the kernels' default)")
