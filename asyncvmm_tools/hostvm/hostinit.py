@@ -25,7 +25,8 @@ from ..images.tree import FsTree
 
 # (module, insmod arguments).  kvm_amd: the TCG CPU (-cpu max) is an AMD with SVM.
 HOST_MODULES = [("virtio_mmio", ""), ("virtio_blk", ""), ("overlay", ""), ("kvm_amd", "nested=1"),
-                ("tun", ""), ("veth", ""), ("bridge", ""), ("vhost_vsock", ""), ("virtio_rng", "")]
+                ("tun", ""), ("veth", ""), ("bridge", ""), ("vhost_vsock", ""), ("virtio_rng", ""),
+                ("vhost_net", "")]
 JOB_MOUNT = "/hostvm-job"
 ROOT_SERIAL = "avmroot"
 JOB_SERIAL = "avmjob"

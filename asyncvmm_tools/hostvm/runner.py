@@ -33,7 +33,7 @@ from ..images.kernel import KernelArtifact
 from ..images.rootfs import make_ext4
 from .detect import tsc_khz
 from .hostdisk import copy_project, ensure_host_disk, project_root
-from .hostinit import JOB_MOUNT, JOB_SERIAL, ROOT_SERIAL, host_init_script, host_initramfs_tree
+from .hostinit import HOST_MODULES, JOB_MOUNT, JOB_SERIAL, ROOT_SERIAL, host_init_script, host_initramfs_tree
 from .process import Child, terminate_on_signals
 from .qemu import Disk, MachineSpec, host_cmdline, machine_argv
 
@@ -103,7 +103,9 @@ def split_console(console: str) -> tuple[str, int | None, str]:
 
 
 def host_initramfs(cache: Path, kernel: KernelArtifact, busybox: Path) -> Path:
-    key = content_key(["hostinit", kernel.root.name, sha256_file(busybox), host_init_script().decode()])
+    # The module list is part of the key: adding a module must build a new initramfs.
+    key = content_key(["hostinit", kernel.root.name, sha256_file(busybox), host_init_script().decode(),
+                       repr(HOST_MODULES)])
     out = cache / "hostvm" / f"initramfs-{key}.cpio"
     if not out.exists():
         with publishing(out) as target:
