@@ -8,7 +8,9 @@ serial console:
   the initramfs mounted the root it then ``switch_root``s to.
 * ``asyncvmm-guest: ready (<stage>)`` when the guest can take commands.
 * Kernel command-line flags (dotted, so the kernel leaves them to us):
-  ``root=/dev/vdX`` [``rw``] [``rootfstype=``] switch to that root;
+  ``root=/dev/vdX`` (or ``/dev/pmemN``, a virtio-pmem device) [``rw``]
+  [``rootfstype=``] [``rootflags=`` extra mount options, e.g. ``dax``] switch to
+  that root;
   ``avm.run=<base64 of a shell command>`` runs it, framed by
   ``asyncvmm-guest: run-begin`` and ``asyncvmm-guest: run-exit=<status>``;
   ``avm.then=reboot|poweroff|halt|shell`` what to do after the command
@@ -60,8 +62,9 @@ if [ "$STAGE" = initramfs ]; then
         while [ ! -b "$root" ] && [ $tries -lt 300 ]; do sleep 0.1; tries=$((tries + 1)); done
         mode=ro; flag rw && mode=rw
         fstype=$(param rootfstype) || fstype=ext4
+        opts=$mode; flags=$(param rootflags) && opts="$mode,$flags"
         mkdir -p /newroot
-        if mount -t "$fstype" -o "$mode" "$root" /newroot; then
+        if mount -t "$fstype" -o "$opts" "$root" /newroot; then
             say "root $root mounted ($fstype, $mode)"
             for d in dev proc sys run tmp; do mkdir -p /newroot/$d 2>/dev/null; mount --move /$d /newroot/$d; done
             exec switch_root /newroot /sbin/init

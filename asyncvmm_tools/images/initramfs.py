@@ -16,11 +16,12 @@ from .tree import FsTree
 
 # What a guest of asyncvmm needs: both virtio transports (virtio-mmio by default,
 # virtio-pci with --enable-pci; each loads harmlessly where it finds no device), block,
-# net, entropy, balloon, virtio-mem, vsock, ext4.  Transports come first so the device drivers bind
+# net, entropy, balloon, virtio-mem, virtio-pmem (nd_pmem makes its /dev/pmemN), vsock, ext4.
+# Transports come first so the device drivers bind
 # as they load.  Names that are built into the kernel are skipped; dependencies
 # (virtio_pci's virtio_pci_modern_dev / virtio_pci_legacy_dev) come from kmod.load_order.
 GUEST_MODULES = ["virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "virtio_rng", "virtio_balloon",
-                 "virtio_mem", "vsock", "vmw_vsock_virtio_transport", "ext4"]
+                 "virtio_mem", "virtio_pmem", "nd_pmem", "vsock", "vmw_vsock_virtio_transport", "ext4"]
 
 
 def busybox_applets(busybox: Path) -> list[str]:

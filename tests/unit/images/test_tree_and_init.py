@@ -136,3 +136,29 @@ def test_init_loads_every_listed_module_and_goes_on_past_one_that_fails(tmp_path
     out = subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True).stdout.splitlines()
     assert out == ["loaded /lib/modules/virtio_mmio.ko", "loaded /lib/modules/virtio_pci.ko",
                    "asyncvmm-guest: insmod virtio_pci.ko failed", "loaded /lib/modules/virtio_blk.ko", "end"]
+
+
+@pytest.mark.parametrize("cmdline,expected", [
+    ("root=/dev/pmem0 rw rootflags=dax", "mount -t ext4 -o rw,dax /dev/pmem0 /newroot"),
+    ("root=/dev/pmem0 ro", "mount -t ext4 -o ro /dev/pmem0 /newroot"),
+    ("root=/dev/vda rootfstype=ext2", "mount -t ext2 -o ro /dev/vda /newroot"),
+])
+def test_init_mounts_the_root_the_command_line_names(tmp_path, cmdline, expected):
+    """The initramfs's root switch, with mount stubbed and switch_root echoed: a virtio-pmem root
+    (Firecracker's ``root=/dev/pmem0 rw``) and ``rootflags=`` (``dax``) reach the mount."""
+    require(shutil.which("busybox") is not None, "busybox not installed")
+    lines = init_script("initramfs").decode().splitlines()
+    helpers = [l for l in lines if l.startswith(("param()", "flag()"))]
+    start = next(i for i, l in enumerate(lines) if l.strip() == "root=$(param root)")
+    end = next(i for i in range(start, len(lines)) if "staying in the initramfs" in lines[i])
+    block = "\n".join(lines[start:end + 2])
+    (tmp_path / "cmdline").write_text(f"console=ttyS0 {cmdline}\n")
+    script = ("\n".join(helpers).replace("/proc/cmdline", str(tmp_path / "cmdline")) + "\n"
+              'say() { echo "asyncvmm-guest: $*"; }\n'
+              'mount() { case "$1" in --move) return 0;; esac; echo "mount $*"; }\n'
+              'mkdir() { :; }\nsleep() { :; }\n'
+              + block.replace('[ ! -b "$root" ]', "false").replace("exec switch_root", "echo switch_root")
+              + "\n")
+    out = subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True).stdout.splitlines()
+    assert out[0] == expected
+    assert out[1].startswith("asyncvmm-guest: root ") and out[2] == "switch_root /newroot /sbin/init"
