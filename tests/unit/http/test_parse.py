@@ -62,7 +62,7 @@ GOOD = [
     ("PUT", "/logger", {"log_path": "/l", "level": "debug", "show_level": True}, K.CONFIGURE_LOGGER),
     ("PUT", "/metrics", {"metrics_path": "/m"}, K.CONFIGURE_METRICS),
     ("PUT", "/serial", {"serial_out_path": "/s"}, K.CONFIGURE_SERIAL),
-    ("PUT", "/cpu-config", {"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0", "flags": 0, "modifiers": [
+    ("PUT", "/cpu-config", {"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0, "modifiers": [
         {"register": "ecx", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx1"}]}],
         "msr_modifiers": [{"addr": "0x10a", "bitmap": "0b" + "x" * 64}]}, K.PUT_CPU_CONFIGURATION),
     ("PUT", "/mmds", {"latest": {"meta-data": {}}}, K.PUT_MMDS),
@@ -122,7 +122,11 @@ def test_wrong_types_and_variants() -> None:
     assert "invalid type" in err("PUT", "/machine-config", {"vcpu_count": "2", "mem_size_mib": 1})
     assert "out of range" in err("PUT", "/machine-config", {"vcpu_count": 256, "mem_size_mib": 1})
     assert "MAC address" in err("PUT", "/network-interfaces/eth0", {**IFACE, "guest_mac": "zz"})
-    assert "bitmap" in err("PUT", "/cpu-config", {"msr_modifiers": [{"addr": "0x10", "bitmap": "0b1"}]})
+    assert "as a bitmap - unknown character: 50" in err("PUT", "/cpu-config", {"msr_modifiers": [
+        {"addr": "0x10", "bitmap": "0b2"}]})
+    assert "No supported number system prefix" in err("PUT", "/cpu-config", {"msr_modifiers": [
+        {"addr": "16", "bitmap": "0b1"}]})
+    assert "unknown field `vcpu_features`" in err("PUT", "/cpu-config", {"vcpu_features": []})
 
 
 def test_empty_bodies_and_get_with_body() -> None:
