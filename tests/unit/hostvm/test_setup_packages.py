@@ -58,7 +58,8 @@ def base_system(package: str) -> bool:
 
 def test_the_source_scan_finds_the_known_tools():
     assert {"iasl", "acpiexec", "gcc", "qemu-system-x86_64", "iperf3", "busybox", "debugfs", "ld"} <= looked_up_tools()
-    assert {"acpica-tools", "gcc", "qemu-system-x86", "iperf3", "busybox-static"} <= quickstart_packages()
+    assert {"acpica-tools", "gcc", "qemu-system-x86", "iperf3", "busybox-static",
+            "qemu-system-common"} <= quickstart_packages()
 
 
 def test_every_tool_the_tests_look_up_comes_from_a_package_the_quickstart_installs():
