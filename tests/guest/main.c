@@ -11,7 +11,8 @@
  *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  blkreset=...  rng=N  net=...
  *   vsock=...  balloon=<start_mib>:<mib>
  *   pci-rng=N  pci-blk=<sector>  pci-move=<addr>:<n>  pci-bad-bar=<addr>
- *   pci-kick=new|old:<n>  pci-msix=<vector>  pci-cf8=1  pci-wait=<dev>:<present|absent>  (pci.c)
+ *   pci-kick=new|old:<n>  pci-msix=<vector>  pci-cf8=1  pci-wait=<dev>:<present|absent>
+ *   pci-hostile=1                                          (pci.c)
  *   mmioflood=<addr>:<count>  count=<n>
  *   cpuid=LEAF[.SUBLEAF]                                   (cpuid.c)
  * Exit (runs last; default halt):
@@ -214,6 +215,8 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 pci_cf8_action(v, vn);
         } else if (key_is(k, kn, "pci-wait")) {
                 pci_wait_action(v, vn);
+        } else if (key_is(k, kn, "pci-hostile")) {
+                pci_hostile_action(v, vn);
         } else if (key_is(k, kn, "mmioflood")) {
                 mmio_flood(v, vn);
         } else if (key_is(k, kn, "cpuid")) {

@@ -11,6 +11,8 @@
  *   pci-bad-bar=<addr>       programs virtio-rng's BAR over guest RAM at addr, checks that RAM there still
  *                            reads what the guest wrote (no device answers), puts the BAR back and reads
  *                            entropy again     -> "pci bad-bar addr= readback= crc_same= ram_ok=", "pci rng"
+ *   pci-bad-bar=blk          the same over virtio-blk's BAR (no RAM checks)
+ *                                              -> "pci bad-bar addr= readback=", "pci rng"
  *
  *   pci-kick=new|old:<n>     n 16-bit writes of virtio-rng's queue index to its notify address, or to the one
  *                            it had before the last pci-move (spurious kicks: with the VMM's ioeventfd at the
@@ -30,6 +32,12 @@
  *                            (reset, memory decode off), as Linux does before an unplug.
  *                                                           -> "pci wait dev= for=" (then the host acts),
  *                                                              "pci wait dev= found= slot= scans="
+ *   pci-hostile=1            accesses a careless or hostile driver makes (wrong sizes and alignment in
+ *                            configuration space, common config, MSI-X table and PBA; writes to read-only
+ *                            registers; an absent queue; reconfiguring an enabled queue; an invalid status
+ *                            transition), then initialises virtio-rng again and reads from it
+ *                                                           -> "pci hostile vendor= absent_queue_size=
+ *                                                              desc_kept= ecam_qword=", then "pci rng"
  *   pci-cf8=1                lists bus 0 again through CONFIG_ADDRESS/CONFIG_DATA (ports 0xcf8/0xcfc) and
  *                            compares every dword and word read with ECAM
  *                                                           -> "pci cf8 functions= mismatches="
@@ -125,6 +133,7 @@
 #define VIRTIO_PCI_COMMON_Q_USEDLO      0x30
 #define VIRTIO_MSI_NO_VECTOR            0xffff
 
+#define BAR0_UNUSED_OFFSET      0x7ffc  /* asyncvmm's BAR0 (docs/pci.md): nothing past the PBA page */
 #define RESET_SPINS             (1u << 20)
 #define WAIT_TSC                (8ull << 30)    /* a few seconds: a kick the device never saw */
 #define RNG_MAX                 4096
@@ -816,6 +825,74 @@ void pci_msix_action(const char *arg, size_t n)
         con_end();
 }
 
+/* ---- a driver that breaks the rules: the VMM must ignore it and carry on ---- */
+
+static uint64_t mmio_read64(uint64_t addr)
+{
+        return *(volatile uint64_t *)phys(addr);
+}
+
+static void mmio_write64(uint64_t addr, uint64_t v)
+{
+        *(volatile uint64_t *)phys(addr) = v;
+}
+
+void pci_hostile_action(const char *arg, size_t n)
+{
+        if (!word_is(arg, n, "1")) {
+                bad_argument("pci-hostile", arg, n);
+                return;
+        }
+        if (pci_ensure(&rng, 0) < 0)
+                return;
+        /* configuration space: a QWORD, an unaligned DWORD, a write to the read-only vendor ID */
+        uint64_t ecam_qword = mmio_read64(rng.cfg + PCI_VENDOR_ID);
+        (void)cfg32(rng.cfg, PCI_VENDOR_ID + 2);
+        cfg_write16(rng.cfg, PCI_VENDOR_ID, 0x1234);
+        uint16_t vendor = cfg16(rng.cfg, PCI_VENDOR_ID);
+        /* CONFIG_ADDRESS without the enable bit: CONFIG_DATA reads all ones */
+        outl(PCI_CONFIG_ADDRESS, rng.slot << 11);
+        (void)inl(PCI_CONFIG_DATA);
+        outl(PCI_CONFIG_ADDRESS, 0);
+
+        /* common configuration: wrong widths, an absent queue, an enabled queue reconfigured */
+        mmio_write32(common(&rng, VIRTIO_PCI_COMMON_Q_SELECT - 2), 0xffffffff);       /* over two fields */
+        (void)mmio_read64(common(&rng, VIRTIO_PCI_COMMON_DFSELECT));
+        mmio_write16(common(&rng, VIRTIO_PCI_COMMON_Q_SELECT), 5);
+        uint16_t absent_size = mmio_read16(common(&rng, VIRTIO_PCI_COMMON_Q_SIZE));
+        mmio_write16(common(&rng, VIRTIO_PCI_COMMON_Q_ENABLE), 1);
+        mmio_write16(common(&rng, VIRTIO_PCI_COMMON_Q_SELECT), 0);
+        mmio_write32(common(&rng, VIRTIO_PCI_COMMON_Q_DESCLO), 0x1000);
+        int desc_kept = mmio_read32(common(&rng, VIRTIO_PCI_COMMON_Q_DESCLO)) ==
+                        (uint32_t)(uintptr_t)rng.q.desc;
+        mmio_write8(rng.bar + rng.isr, 0xff);                           /* ISR is read-only */
+        mmio_write16(rng.bar + rng.notify + 9 * rng.notify_mult, 9);    /* no queue 9 */
+        mmio_write64(rng.bar + rng.notify, 0);                          /* not a 16-bit kick */
+        (void)mmio_read32(rng.bar + rng.device + 0xffc);               /* rng has no device config */
+        (void)mmio_read32(rng.bar + BAR0_UNUSED_OFFSET);
+        if (rng.msix) {
+                mmio_write16(msix_entry(&rng, 0, PCI_MSIX_ENTRY_DATA), 0x41);   /* not a DWORD */
+                (void)mmio_read32(msix_entry(&rng, 64, 0));                     /* beyond the table */
+                mmio_write32(msix_structure(&rng, PCI_MSIX_PBA), 0xffffffff);    /* PBA is read-only */
+        }
+        /* an invalid status transition: DRIVER_OK straight after a reset */
+        set_status(&rng, 0);
+        while (get_status(&rng) != 0)
+                cpu_relax();
+        set_status(&rng, VIRTIO_CONFIG_S_DRIVER_OK);
+
+        con_begin("pci hostile");
+        con_kvx("vendor", vendor);
+        con_kv("absent_queue_size", absent_size);
+        con_kv("desc_kept", (uint64_t)desc_kept);
+        con_kvx("ecam_qword", ecam_qword);
+        con_kvx("status_after_bad_transition", get_status(&rng));
+        con_end();
+        rng.ready = 0;
+        if (pci_ensure(&rng, 0) == 0)
+                rng_read(16);
+}
+
 /* ---- hot-plug: bus 0 rescanned until a function comes or goes ---- */
 
 #define WAIT_SCAN_TSC           (1ull << 24)    /* a few ms between scans */
@@ -922,29 +999,12 @@ static __attribute__((noinline)) int ram_word_holds(volatile uint32_t *p, uint32
         return got == v;
 }
 
-void pci_bad_bar_action(const char *arg, size_t n)
+/* RAM under a BAR that nothing may map: words written there read back, the checksum holds. */
+static void check_ram_under(uint64_t addr, int *crc_same, int *ram_ok, uint32_t crc_before)
 {
         static const uint32_t probe_offsets[] = {
                 VIRTIO_PCI_COMMON_DF, VIRTIO_PCI_COMMON_NUMQ & ~3u, VIRTIO_PCI_COMMON_STATUS & ~3u,
         };
-        uint64_t addr;
-
-        if (parse_u64(arg, n, &addr) < 0 || addr % 4) {
-                bad_argument("pci-bad-bar", arg, n);
-                return;
-        }
-        if (pci_ensure(&rng, 0) < 0)
-                return;
-        if (addr + rng.bar_size > MMIO32_MAP_START) {
-                pci_error("bad-bar-address-not-in-low-RAM", addr);
-                return;
-        }
-        uint64_t home = rng.bar;
-        uint32_t crc_before = crc32_update(0, phys(addr), rng.bar_size);
-        int is64, ram_ok = 1;
-
-        bar_program(&rng, addr);
-        uint64_t readback = bar_read(&rng, &is64);
         /* If the device answered here, these would be its registers (read-only or selectors);
          * RAM keeps whatever is written. */
         uint64_t probes[] = {
@@ -952,18 +1012,50 @@ void pci_bad_bar_action(const char *arg, size_t n)
                 addr + rng.common + probe_offsets[2], addr + rng.isr, addr + rng.notify,
         };
         uint64_t self = (uint64_t)(uintptr_t)ram_word_holds;
+
+        *ram_ok = 1;
         for (size_t i = 0; i < sizeof(probes) / sizeof(probes[0]); i++) {
                 if (probes[i] + 4 > self - 64 && probes[i] < self + 256)
                         continue;
-                ram_ok &= ram_word_holds(phys(probes[i]), 0x5aa5c33c ^ (uint32_t)i);
+                *ram_ok &= ram_word_holds(phys(probes[i]), 0x5aa5c33c ^ (uint32_t)i);
         }
-        int crc_same = crc32_update(0, phys(addr), rng.bar_size) == crc_before;
+        *crc_same = crc32_update(0, phys(addr), rng.bar_size) == crc_before;
+}
+
+/* pci-bad-bar=<addr in RAM below 3 GiB>, or pci-bad-bar=blk: over virtio-blk's BAR */
+void pci_bad_bar_action(const char *arg, size_t n)
+{
+        uint64_t addr = 0;
+        int over_blk = word_is(arg, n, "blk");
+
+        if (!over_blk && (parse_u64(arg, n, &addr) < 0 || addr % 4)) {
+                bad_argument("pci-bad-bar", arg, n);
+                return;
+        }
+        if (pci_ensure(&rng, 0) < 0 || (over_blk && pci_ensure(&blk, 0) < 0))
+                return;
+        if (over_blk)
+                addr = blk.bar;
+        else if (addr + rng.bar_size > MMIO32_MAP_START) {
+                pci_error("bad-bar-address-not-in-low-RAM", addr);
+                return;
+        }
+        uint64_t home = rng.bar;
+        uint32_t crc_before = over_blk ? 0 : crc32_update(0, phys(addr), rng.bar_size);
+        int is64, crc_same = 0, ram_ok = 0;
+
+        bar_program(&rng, addr);
+        uint64_t readback = bar_read(&rng, &is64);
+        if (!over_blk)
+                check_ram_under(addr, &crc_same, &ram_ok, crc_before);
 
         con_begin("pci bad-bar");
         con_kvx("addr", addr);
         con_kvx("readback", readback);
-        con_kv("crc_same", (uint64_t)crc_same);
-        con_kv("ram_ok", (uint64_t)ram_ok);
+        if (!over_blk) {
+                con_kv("crc_same", (uint64_t)crc_same);
+                con_kv("ram_ok", (uint64_t)ram_ok);
+        }
         con_end();
         /* Back home, where the device must work as before. */
         if (rng_move(home) < 0) {

@@ -217,6 +217,53 @@ def test_bar0_over_guest_ram_is_not_mapped_and_the_vmm_carries_on(test_guest, tm
 
 
 @pytest.mark.kvm
+def test_bar0_over_another_devices_bar0_is_not_mapped(test_guest, tmp_path):
+    disk = tmp_path / "disk.img"
+    data = os.urandom(8 * SECTOR)
+    disk.write_bytes(data)
+    vmm, lines, reports = api_run(tmp_path, test_guest.elf_pvh,
+                                  "pci-blk=0 pci-bad-bar=blk pci-blk=1 exit=halt",
+                                  extra_steps=[("PUT", "/drives/disk0", drive(disk))])
+    vmm.close()
+    bad, = find(lines, "pci bad-bar")
+    blk_bar = init_line(lines, "blk").number("bar")
+    assert bad.number("addr") == bad.number("readback") == blk_bar
+    # virtio-blk kept its BAR: both reads (before, after) are right; rng works back home.
+    reads = find(lines, "pci blk")
+    assert [r.number("crc") for r in reads] == [zlib.crc32(data[:SECTOR]), zlib.crc32(data[SECTOR:][:SECTOR])]
+    rng, = find(lines, "pci rng")
+    assert rng.number("bytes") == 16 and rng.number("bar") != blk_bar
+    log = [l for l in vmm.log.read_text(errors="replace").splitlines() if "guest fault pci_bar" in l]
+    assert len(log) == 1 and f"{blk_bar:#x}" in log[0], log
+    assert summed(reports, "guest_faults")["pci_bar"] == 1
+
+
+@pytest.mark.kvm
+def test_a_driver_that_breaks_the_rules_is_ignored_counted_and_the_device_recovers(test_guest, tmp_path):
+    """Wrong access sizes in configuration space, common config, notify area and MSI-X table; writes
+    to read-only registers and the PBA; an absent queue; an enabled queue reconfigured; an invalid
+    status transition.  Each is refused and counted; a reset and a fresh initialisation work."""
+    vmm, lines, reports = api_run(tmp_path, test_guest.elf_pvh, "pci-hostile=1 pci-rng=16 exit=halt")
+    try:
+        hostile, = find(lines, "pci hostile")
+        assert hostile.number("vendor") == 0x1AF4                # read-only
+        assert hostile.number("absent_queue_size") == 0          # 4.1.4.3: 0 = no such queue
+        assert hostile.number("desc_kept") == 1, hostile.text    # queue 0 is enabled: not reconfigured
+        rngs = find(lines, "pci rng")
+        assert [r.number("bytes") for r in rngs] == [16, 16], vmm.output()
+        faults = summed(reports, "guest_faults")
+        for kind in ("pci_config", "virtio_pci_access", "virtio_pci_protocol", "pci_msix", "virtio_config"):
+            assert faults[kind] >= 1, (kind, faults)
+        assert faults["mmio_unclaimed"] == 0 and faults["other"] == 0, faults
+        log = vmm.log.read_text(errors="replace")
+        assert "Traceback" not in log, log[-3000:]
+        status, info = vmm("GET", "/")
+        assert status == 200 and info["state"] == "Running", info
+    finally:
+        vmm.close()
+
+
+@pytest.mark.kvm
 def test_msix_vectors_reach_the_local_apic_and_follow_mask_and_table_writes(test_guest, tmp_path):
     """Queue 0 on MSI-X vector 0 (fixed, to this CPU's local APIC); interrupts stay off, so a
     delivered message waits in the APIC's IRR, which the guest reads.  Masked: the pending bit
@@ -365,7 +412,7 @@ def test_the_same_commands_work_under_qemu_q35(tmp_path):
     disk.write_bytes(data)
     target = MMIO64_START + 0x10_0000
     cmd = (f"pci_ecam={Q35_ECAM:#x} pci-rng=16 pci-blk=0 pci-move={target:#x}:32 pci-kick=new:10 "
-           "pci-bad-bar=0x100000 pci-cf8=1 pci-msix=0x40 exit=reset")
+           "pci-bad-bar=0x100000 pci-cf8=1 pci-msix=0x40 pci-hostile=1 exit=reset")
     argv = [QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256M", "-nodefaults",
             "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
             "-kernel", str(images.bzimage), "-append", cmd,
@@ -383,10 +430,12 @@ def test_the_same_commands_work_under_qemu_q35(tmp_path):
     bad, = find(lines, "pci bad-bar")
     assert bad.number("ram_ok") == 1 and bad.number("crc_same") == 1
     rngs = find(lines, "pci rng")
-    assert [r.number("bytes") for r in rngs] == [16, 32, 16, 16, 16], out
+    assert [r.number("bytes") for r in rngs] == [16, 32, 16, 16, 16, 16], out
     assert rngs[1].number("bar") == target
     cf8, = find(lines, "pci cf8")     # function 0 of: host bridge, rng, blk, the ICH9 LPC bridge
     assert cf8.number("functions") == 4 and cf8.number("mismatches") == 0
     msix, = find(lines, "pci msix")
     assert [msix.number(k) for k in ("masked_pba", "masked_irr", "unmasked_irr", "unmasked_pba",
                                      "moved_irr")] == [1, 0, 1, 0, 1], msix.text
+    hostile, = find(lines, "pci hostile")
+    assert hostile.number("vendor") == 0x1AF4 and hostile.number("absent_queue_size") == 0
