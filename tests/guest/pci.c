@@ -38,6 +38,10 @@
  *                            transition), then initialises virtio-rng again and reads from it
  *                                                           -> "pci hostile vendor= absent_queue_size=
  *                                                              desc_kept= ecam_qword=", then "pci rng"
+ *   pci-cfgwin=1             uses virtio-rng through the VIRTIO_PCI_CAP_PCI_CFG window (4.1.4.9) alone: reads
+ *                            num_queues, writes device_feature_select, reads device_feature, and kicks queue 0
+ *                            for an entropy read           -> "pci cfgwin num_queues= df_hi= df_hi_mmio= kicked=",
+ *                                                             "pci rng"
  *   pci-cf8=1                lists bus 0 again through CONFIG_ADDRESS/CONFIG_DATA (ports 0xcf8/0xcfc) and
  *                            compares every dword and word read with ECAM
  *                                                           -> "pci cf8 functions= mismatches="
@@ -114,6 +118,7 @@
 #define VIRTIO_PCI_CAP_OFFSET           8
 #define VIRTIO_PCI_CAP_LENGTH           12
 #define VIRTIO_PCI_NOTIFY_CAP_MULT      16      /* struct virtio_pci_notify_cap */
+#define VIRTIO_PCI_CFG_DATA             16      /* struct virtio_pci_cfg_cap: pci_cfg_data[4] */
 /* struct virtio_pci_common_cfg (4.1.4.3) */
 #define VIRTIO_PCI_COMMON_DFSELECT      0x00
 #define VIRTIO_PCI_COMMON_DF            0x04
@@ -891,6 +896,67 @@ void pci_hostile_action(const char *arg, size_t n)
         rng.ready = 0;
         if (pci_ensure(&rng, 0) == 0)
                 rng_read(16);
+}
+
+/* ---- the configuration-space window into the BAR (4.1.4.9) ---- */
+
+static void cfgwin_aim(const struct pci_vdev *d, uint32_t offset, uint32_t length)
+{
+        mmio_write8(d->cfg + d->pcicfg + VIRTIO_PCI_CAP_BAR, (uint8_t)d->barno);
+        cfg_write32(d->cfg, d->pcicfg + VIRTIO_PCI_CAP_OFFSET, offset);
+        cfg_write32(d->cfg, d->pcicfg + VIRTIO_PCI_CAP_LENGTH, length);
+}
+
+void pci_cfgwin_action(const char *arg, size_t n)
+{
+        if (!word_is(arg, n, "1")) {
+                bad_argument("pci-cfgwin", arg, n);
+                return;
+        }
+        if (pci_ensure(&rng, 0) < 0)
+                return;
+        if (!rng.pcicfg) {
+                pci_error("no-VIRTIO_PCI_CAP_PCI_CFG", 0);
+                return;
+        }
+        uint32_t win = rng.pcicfg + VIRTIO_PCI_CFG_DATA;
+
+        cfgwin_aim(&rng, rng.common + VIRTIO_PCI_COMMON_NUMQ, 2);
+        uint16_t num_queues = cfg16(rng.cfg, win);
+        cfgwin_aim(&rng, rng.common + VIRTIO_PCI_COMMON_DFSELECT, 4);
+        cfg_write32(rng.cfg, win, 1);
+        uint32_t df_hi_mmio = mmio_read32(common(&rng, VIRTIO_PCI_COMMON_DF));
+        cfgwin_aim(&rng, rng.common + VIRTIO_PCI_COMMON_DF, 4);
+        uint32_t df_hi = cfg32(rng.cfg, win);
+        mmio_write32(common(&rng, VIRTIO_PCI_COMMON_DFSELECT), 0);
+
+        /* an entropy request kicked through the window: no write to the notify address */
+        struct vbuf b = {buf, 16, 1};
+        uint32_t got;
+        uint8_t isr;
+
+        memset(buf, 0, 16);
+        vq_add(&rng.q, &b, 1);
+        barrier();
+        cfgwin_aim(&rng, (uint32_t)(rng.q.base - rng.bar), 2);
+        cfg_write16(rng.cfg, win, rng.q.index);
+        int kicked = pci_wait(&rng, &got, &isr) == 0;
+
+        con_begin("pci cfgwin");
+        con_kv("num_queues", num_queues);
+        con_kvx("df_hi", df_hi);
+        con_kvx("df_hi_mmio", df_hi_mmio);
+        con_kv("kicked", (uint64_t)kicked);
+        con_end();
+        if (kicked) {
+                con_begin("pci rng");
+                con_kv("requested", 16);
+                con_kv("bytes", got);
+                con_puts(" hex=");
+                con_bytes_hex(buf, got < 16 ? got : 16);
+                con_kvx("bar", rng.bar);
+                con_end();
+        }
 }
 
 /* ---- hot-plug: bus 0 rescanned until a function comes or goes ---- */

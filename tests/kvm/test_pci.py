@@ -282,6 +282,22 @@ def test_msix_vectors_reach_the_local_apic_and_follow_mask_and_table_writes(test
 
 
 @pytest.mark.kvm
+def test_the_pci_cfg_capability_window_reaches_bar0(test_guest, tmp_path):
+    """§4.1.4.9: through pci_cfg_data alone the guest reads num_queues, selects and reads the
+    feature word holding VERSION_1, and kicks queue 0 for an entropy read."""
+    run = run_vmm(tmp_path, pci_config(test_guest.elf_pvh, "pci-cfgwin=1 exit=reset", entropy={}),
+                  "--enable-pci")
+    assert run.returncode == 0, run.all_output
+    lines = parse_lines(run.stdout)
+    win, = find(lines, "pci cfgwin")
+    assert win.number("num_queues") == 1
+    assert win.number("df_hi") == win.number("df_hi_mmio") == VIRTIO_F_VERSION_1 >> 32, win.text
+    assert win.number("kicked") == 1, run.stdout
+    rng, = find(lines, "pci rng")
+    assert rng.number("bytes") == 16 and bytes.fromhex(rng.fields["hex"]) != bytes(16)
+
+
+@pytest.mark.kvm
 def test_configuration_mechanism_1_ports_agree_with_ecam(test_guest, tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(8 * SECTOR))
@@ -412,7 +428,7 @@ def test_the_same_commands_work_under_qemu_q35(tmp_path):
     disk.write_bytes(data)
     target = MMIO64_START + 0x10_0000
     cmd = (f"pci_ecam={Q35_ECAM:#x} pci-rng=16 pci-blk=0 pci-move={target:#x}:32 pci-kick=new:10 "
-           "pci-bad-bar=0x100000 pci-cf8=1 pci-msix=0x40 pci-hostile=1 exit=reset")
+           "pci-bad-bar=0x100000 pci-cf8=1 pci-msix=0x40 pci-hostile=1 pci-cfgwin=1 exit=reset")
     argv = [QEMU, "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256M", "-nodefaults",
             "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
             "-kernel", str(images.bzimage), "-append", cmd,
@@ -430,7 +446,7 @@ def test_the_same_commands_work_under_qemu_q35(tmp_path):
     bad, = find(lines, "pci bad-bar")
     assert bad.number("ram_ok") == 1 and bad.number("crc_same") == 1
     rngs = find(lines, "pci rng")
-    assert [r.number("bytes") for r in rngs] == [16, 32, 16, 16, 16, 16], out
+    assert [r.number("bytes") for r in rngs] == [16, 32, 16, 16, 16, 16, 16], out
     assert rngs[1].number("bar") == target
     cf8, = find(lines, "pci cf8")     # function 0 of: host bridge, rng, blk, the ICH9 LPC bridge
     assert cf8.number("functions") == 4 and cf8.number("mismatches") == 0
@@ -439,3 +455,5 @@ def test_the_same_commands_work_under_qemu_q35(tmp_path):
                                      "moved_irr")] == [1, 0, 1, 0, 1], msix.text
     hostile, = find(lines, "pci hostile")
     assert hostile.number("vendor") == 0x1AF4 and hostile.number("absent_queue_size") == 0
+    win, = find(lines, "pci cfgwin")
+    assert win.number("kicked") == 1 and win.number("df_hi") == win.number("df_hi_mmio")
