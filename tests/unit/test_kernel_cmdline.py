@@ -50,3 +50,12 @@ def test_pci_machines_get_no_pci_off_and_no_virtio_mmio_devices():
     assert line == f"{DEFAULT_KERNEL_CMDLINE} root=/dev/vda rw"
     assert "pci=off" not in kernel_cmdline(_config(**{"boot-source": {"kernel_image_path": "/k",
                                                                       "boot_args": "quiet"}}), [], pci=True)
+
+
+def test_pmem_root_is_named_by_its_position_in_the_pmem_list():
+    pmem = [{"id": "data", "path_on_host": "/d"},
+            {"id": "root", "path_on_host": "/r", "root_device": True, "read_only": True}]
+    assert kernel_cmdline(_config(pmem=pmem), []).endswith(" pci=off root=/dev/pmem1 ro")
+    pmem[1]["read_only"] = False
+    assert kernel_cmdline(_config(pmem=pmem), [], pci=True).endswith(" root=/dev/pmem1 rw")
+    assert "root=" not in kernel_cmdline(_config(pmem=pmem[:1]), [])
