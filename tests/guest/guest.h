@@ -198,6 +198,7 @@ void pci_cf8_action(const char *arg, size_t n);
 void pci_wait_action(const char *arg, size_t n);
 void pci_hostile_action(const char *arg, size_t n);
 void pci_cfgwin_action(const char *arg, size_t n);
+void pci_blk_resize_action(const char *arg, size_t n);
 
 #endif /* __ASSEMBLER__ */
 #endif /* TESTGUEST_H */

@@ -12,7 +12,7 @@
  *   vsock=...  balloon=<start_mib>:<mib>
  *   pci-rng=N  pci-blk=<sector>  pci-move=<addr>:<n>  pci-bad-bar=<addr>
  *   pci-kick=new|old:<n>  pci-msix=<vector>  pci-cf8=1  pci-wait=<dev>:<present|absent>
- *   pci-hostile=1  pci-cfgwin=1                            (pci.c)
+ *   pci-hostile=1  pci-cfgwin=1  pci-blk-resize=1          (pci.c)
  *   mmioflood=<addr>:<count>  count=<n>
  *   cpuid=LEAF[.SUBLEAF]                                   (cpuid.c)
  * Exit (runs last; default halt):
@@ -219,6 +219,8 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 pci_hostile_action(v, vn);
         } else if (key_is(k, kn, "pci-cfgwin")) {
                 pci_cfgwin_action(v, vn);
+        } else if (key_is(k, kn, "pci-blk-resize")) {
+                pci_blk_resize_action(v, vn);
         } else if (key_is(k, kn, "mmioflood")) {
                 mmio_flood(v, vn);
         } else if (key_is(k, kn, "cpuid")) {

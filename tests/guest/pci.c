@@ -42,6 +42,10 @@
  *                            num_queues, writes device_feature_select, reads device_feature, and kicks queue 0
  *                            for an entropy read           -> "pci cfgwin num_queues= df_hi= df_hi_mmio= kicked=",
  *                                                             "pci rng"
+ *   pci-blk-resize=1         waits (up to about a minute) for virtio-blk's capacity to change (a PATCH /drives with
+ *                            another file), reading it under config_generation (4.1.4.3.1)
+ *                                                           -> "pci blk-resize waiting capacity= generation=",
+ *                                                              "pci blk-resize capacity= generation= isr="
  *   pci-cf8=1                lists bus 0 again through CONFIG_ADDRESS/CONFIG_DATA (ports 0xcf8/0xcfc) and
  *                            compares every dword and word read with ECAM
  *                                                           -> "pci cf8 functions= mismatches="
@@ -141,6 +145,8 @@
 #define BAR0_UNUSED_OFFSET      0x7ffc  /* asyncvmm's BAR0 (docs/pci.md): nothing past the PBA page */
 #define RESET_SPINS             (1u << 20)
 #define WAIT_TSC                (8ull << 30)    /* a few seconds: a kick the device never saw */
+#define WAIT_SCAN_TSC           (1ull << 24)    /* a few ms between scans */
+#define WAIT_SCANS              20000
 #define RNG_MAX                 4096
 #define ECAM_DEFAULT            0xeec00000ull   /* PCI_ECAM_START, asyncvmm/arch/x86_64/layout.py */
 
@@ -959,10 +965,52 @@ void pci_cfgwin_action(const char *arg, size_t n)
         }
 }
 
+/* ---- device configuration changes ---- */
+
+/* virtio_blk_config.capacity, read until config_generation is the same before and after. */
+static uint64_t blk_capacity_stable(uint8_t *generation)
+{
+        uint64_t cap;
+        uint8_t gen;
+
+        do {
+                gen = mmio_read8(common(&blk, VIRTIO_PCI_COMMON_CFGGENERATION));
+                cap = mmio_read32(blk.bar + blk.device) |
+                      (uint64_t)mmio_read32(blk.bar + blk.device + 4) << 32;
+        } while (gen != mmio_read8(common(&blk, VIRTIO_PCI_COMMON_CFGGENERATION)));
+        *generation = gen;
+        return cap;
+}
+
+void pci_blk_resize_action(const char *arg, size_t n)
+{
+        uint8_t gen0, gen;
+        uint64_t scans = 0, cap;
+
+        if (!word_is(arg, n, "1")) {
+                bad_argument("pci-blk-resize", arg, n);
+                return;
+        }
+        if (pci_ensure(&blk, 0) < 0)
+                return;
+        uint64_t cap0 = blk_capacity_stable(&gen0);
+        (void)mmio_read8(blk.bar + blk.isr);            /* start from a clear ISR */
+        con_begin("pci blk-resize waiting");
+        con_kv("capacity", cap0);
+        con_kv("generation", gen0);
+        con_end();
+        while ((cap = blk_capacity_stable(&gen)) == cap0 && scans++ < WAIT_SCANS)
+                for (uint64_t start = rdtsc(); rdtsc() - start < WAIT_SCAN_TSC;)
+                        cpu_relax();
+        con_begin("pci blk-resize");
+        con_kv("capacity", cap);
+        con_kv("generation", gen);
+        con_kvx("isr", mmio_read8(blk.bar + blk.isr));
+        con_end();
+}
+
 /* ---- hot-plug: bus 0 rescanned until a function comes or goes ---- */
 
-#define WAIT_SCAN_TSC           (1ull << 24)    /* a few ms between scans */
-#define WAIT_SCANS              20000
 
 void pci_wait_action(const char *arg, size_t n)
 {

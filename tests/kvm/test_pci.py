@@ -298,6 +298,40 @@ def test_the_pci_cfg_capability_window_reaches_bar0(test_guest, tmp_path):
 
 
 @pytest.mark.kvm
+def test_a_drive_patched_to_a_bigger_file_changes_capacity_generation_and_isr(test_guest, tmp_path):
+    """PATCH /drives path_on_host: a configuration change (§4.1.4.3.1 config_generation moves,
+    §4.1.4.5 ISR bit 1 with MSI-X off), and reads come from the new file."""
+    small, big = tmp_path / "small.img", tmp_path / "big.img"
+    small.write_bytes(os.urandom(8 * SECTOR))
+    data = os.urandom(16 * SECTOR)
+    big.write_bytes(data)
+    vmm = ApiProcess(tmp_path, args=("--enable-pci",))
+    try:
+        vmm.configure([
+            ("PUT", "/boot-source", {"kernel_image_path": str(test_guest.elf_pvh),
+                                     "boot_args": "pci-blk=0 pci-blk-resize=1 pci-blk=12 exit=halt"}),
+            ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": MEM_MIB}),
+            ("PUT", "/drives/disk0", drive(small)),
+            ("PUT", "/actions", {"action_type": "InstanceStart"}),
+        ])
+        vmm.wait_output("testguest: pci blk-resize waiting")
+        status, body = vmm("PATCH", "/drives/disk0", {"drive_id": "disk0", "path_on_host": str(big)})
+        assert status == 204, body
+        vmm.wait_output("testguest: exit halt", timeout=60)
+    finally:
+        vmm.close()
+    lines = parse_lines(vmm.output())
+    waiting, = find(lines, "pci blk-resize waiting")
+    resized, = find(lines, "pci blk-resize")
+    assert waiting.number("capacity") == 8 and resized.number("capacity") == 16, vmm.output()
+    assert resized.number("generation") != waiting.number("generation")
+    assert resized.number("isr") & 2, resized.text
+    last = find(lines, "pci blk")[-1]
+    assert last.number("sector") == 12 and last.number("status") == 0
+    assert last.number("crc") == zlib.crc32(data[12 * SECTOR:13 * SECTOR])
+
+
+@pytest.mark.kvm
 def test_configuration_mechanism_1_ports_agree_with_ecam(test_guest, tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(8 * SECTOR))
