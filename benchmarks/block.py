@@ -18,6 +18,15 @@ same round.  Variants, run in a rotated order each round:
     and compare a disk with memory).  aio=threads is QEMU's portable
     thread-pool path; ``qemu-microvm-io_uring`` (not run by default) is the
     same with aio=io_uring.
+``asyncvmm-vhost-user``
+    the same file exported read-only by ``qemu-storage-daemon`` as
+    ``vhost-user-blk`` (page cache on, as for the others) and the drive's
+    ``socket`` pointing at it: the guest's requests go from its ring to the
+    daemon, never through asyncvmm (docs/devices.md).
+``qemu-microvm-vhost-user``
+    QEMU microvm on the same kind of daemon: ``-device vhost-user-blk`` on
+    virtio-mmio, guest RAM a shared memfd backend.  The peer of the vhost-user
+    variant (a vhost path compares with a vhost path).
 ``host-cached`` / ``host-direct``
     this process reading the file with ``os.preadv`` at the same offsets in
     the same order, one request at a time: through the page cache (the
@@ -42,6 +51,7 @@ returned wrong data fails the run instead of posting a number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -49,6 +59,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -315,6 +326,71 @@ def asyncvmm_runner(engine: str) -> Callable[[Options, Path], tuple[dict[str, fl
     return run
 
 
+QSD = "qemu-storage-daemon"
+QSD_SOCKET_WAIT_S = 10.0
+
+
+def storage_daemon_args(disk: Path, sock: Path) -> list[str]:
+    """The daemon's export: read-only, through the page cache (as asyncvmm's and QEMU's reads)."""
+    return ["--blockdev", f"driver=file,node-name=bench,filename={disk}",
+            "--export", f"type=vhost-user-blk,id=bench,node-name=bench,addr.type=unix,"
+                        f"addr.path={sock},writable=off"]
+
+
+def vhost_user_drive(sock: Path) -> dict[str, Any]:
+    return {"drive_id": "bench", "socket": str(sock), "is_root_device": False}
+
+
+def qemu_vhost_user(sock: Path) -> list[str]:
+    """QEMU's vhost-user-blk on virtio-mmio; the back end maps guest RAM, so RAM is a shared memfd."""
+    return ["-global", "virtio-mmio.force-legacy=false",
+            "-object", f"memory-backend-memfd,id=ram,size={MEM_MIB}M,share=on",
+            "-machine", "memory-backend=ram",
+            "-chardev", f"socket,id=vu,path={sock}",
+            "-device", "vhost-user-blk,chardev=vu,num-queues=1"]
+
+
+@contextlib.contextmanager
+def storage_daemon(disk: Path, sock: Path) -> Iterator[list[str]]:
+    """``qemu-storage-daemon`` exporting ``disk`` read-only as vhost-user-blk at ``sock``."""
+    exe = shutil.which(QSD)
+    if exe is None:
+        raise RunFailed(f"{QSD} is not installed (Debian: qemu-system-common)")
+    argv = [exe, *storage_daemon_args(disk, sock)]
+    with launch(argv) as daemon:
+        deadline = time.monotonic() + QSD_SOCKET_WAIT_S
+        while not sock.exists():
+            if daemon.proc.poll() is not None or time.monotonic() > deadline:
+                raise RunFailed(f"{QSD} did not serve {sock}: {_tail(daemon.stderr.data)!r}")
+            time.sleep(0.01)
+        yield argv
+
+
+def asyncvmm_vhost_user_runner() -> Callable[[Options, Path], tuple[dict[str, float], list[str]]]:
+    def run(opts: Options, tmp: Path) -> tuple[dict[str, float], list[str]]:
+        sock = tmp / "vu.sock"
+        with storage_daemon(opts.disk, sock) as daemon:
+            config = asyncvmm_config(GuestSpec(opts.kernel, opts.cmdline(), mem_mib=MEM_MIB))
+            config["drives"] = [vhost_user_drive(sock)]
+            path, log = tmp / "vm.json", tmp / "vmm.log"
+            path.write_text(json.dumps(config))
+            argv = asyncvmm_config_argv(path, log, boot_timer=False)
+            with launch(argv) as vmm:
+                return _guest_run(vmm, opts, log), argv + ["# back end:", *daemon]
+    return run
+
+
+def qemu_vhost_user_runner() -> Callable[[Options, Path], tuple[dict[str, float], list[str]]]:
+    def run(opts: Options, tmp: Path) -> tuple[dict[str, float], list[str]]:
+        sock = tmp / "vu.sock"
+        with storage_daemon(opts.disk, sock) as daemon:
+            guest = GuestSpec(opts.kernel, f"{MICROVM_VIRTIO} {opts.cmdline()}", mem_mib=MEM_MIB)
+            argv = qemu_microvm_argv(guest, extra=qemu_vhost_user(sock))
+            with launch(argv) as vmm:
+                return _guest_run(vmm, opts), argv + ["# back end:", *daemon]
+    return run
+
+
 def qemu_drive(disk: Path, aio: str) -> list[str]:
     return ["-global", "virtio-mmio.force-legacy=false",
             "-drive", f"id=bench,file={disk},format=raw,if=none,readonly=on,cache=writeback,aio={aio}",
@@ -401,13 +477,18 @@ def make_variants() -> list[Variant]:
                 qemu_runner("threads")),
         Variant("qemu-microvm-io_uring", "QEMU microvm virtio-blk-device, cache=writeback, aio=io_uring",
                 qemu_runner("io_uring")),
+        Variant("asyncvmm-vhost-user", "asyncvmm, drive `socket` on qemu-storage-daemon's read-only "
+                "vhost-user-blk export", asyncvmm_vhost_user_runner()),
+        Variant("qemu-microvm-vhost-user", "QEMU microvm vhost-user-blk on virtio-mmio, the same "
+                "daemon export, memfd RAM", qemu_vhost_user_runner()),
         Variant("host-cached", "this process, os.preadv, page cache warm", host_runner(False)),
         Variant("host-direct", "this process, os.preadv, O_DIRECT", host_runner(True)),
     ]
 
 
-DEFAULT_VARIANTS = ("asyncvmm-sync", "asyncvmm-async", "qemu-microvm", "host-cached", "host-direct")
-SUBJECTS = ("asyncvmm-sync", "asyncvmm-async")
+DEFAULT_VARIANTS = ("asyncvmm-sync", "asyncvmm-async", "qemu-microvm", "asyncvmm-vhost-user",
+                    "qemu-microvm-vhost-user", "host-cached", "host-direct")
+SUBJECTS = ("asyncvmm-sync", "asyncvmm-async", "asyncvmm-vhost-user")
 PEERS = ("qemu-microvm", "qemu-microvm-io_uring", "host-cached")
 
 
@@ -453,7 +534,9 @@ def unit_of(metric: str) -> str:
 
 def comparisons(vdocs: dict[str, Any], workloads: Sequence[Workload]) -> tuple[list[dict], list[str]]:
     """Ratios subject/peer of every rate; here higher is better (the flag says so)."""
-    pairs = [(s, p) for s in SUBJECTS for p in PEERS] + [("asyncvmm-async", "asyncvmm-sync")]
+    pairs = [(s, p) for s in SUBJECTS for p in PEERS] + [("asyncvmm-async", "asyncvmm-sync"),
+                                                         ("asyncvmm-vhost-user", "qemu-microvm-vhost-user"),
+                                                         ("asyncvmm-vhost-user", "asyncvmm-sync")]
     return report.compare_pairs(vdocs, [(s, p, [w.metric for w in workloads]) for s, p in pairs],
                                 higher_is_better=lambda name: True)
 

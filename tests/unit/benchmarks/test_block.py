@@ -173,6 +173,20 @@ def test_qemu_reads_through_the_page_cache_with_its_thread_pool(tmp_path):
     assert "virtio-mmio.force-legacy=false" in args
 
 
+def test_vhost_user_variants_share_one_daemon_export_and_qemu_shares_its_ram(tmp_path):
+    sock = tmp_path / "vu.sock"
+    args = block.storage_daemon_args(tmp_path / "d.img", sock)
+    export = args[args.index("--export") + 1]
+    assert export.startswith("type=vhost-user-blk,") and f"addr.path={sock}" in export
+    assert "writable=off" in export and "cache.direct" not in " ".join(args)     # page cache, read-only
+    drive = block.vhost_user_drive(sock)
+    assert drive["socket"] == str(sock) and "path_on_host" not in drive and "is_read_only" not in drive
+    qemu = block.qemu_vhost_user(sock)
+    assert f"memory-backend-memfd,id=ram,size={block.MEM_MIB}M,share=on" in qemu
+    assert "memory-backend=ram" in qemu and "vhost-user-blk,chardev=vu,num-queues=1" in qemu
+    assert {"asyncvmm-vhost-user", "qemu-microvm-vhost-user"} <= set(block.DEFAULT_VARIANTS)
+
+
 def test_rate_comparisons_say_higher_is_better():
     metric = {"unit": "count", "median": 0.0}
     vdocs = {name: {"metrics": {"r_iops": metric | {"median": m}}}
