@@ -650,6 +650,8 @@ class Controller:
         self.config = _replace(self.config, serial=serial)
 
     async def _put_cpu_configuration(self, cpu: Any) -> None:
+        if isinstance(cpu, str):        # --config-file may name a template file instead
+            cpu = _read_cpu_template(cpu)
         # Firecracker keeps one CPU template, static or custom: the last configured wins.
         machine = _replace(self.config.machine_config, cpu_template=None)
         self.config = _replace(self.config, cpu_config=cpu, machine_config=machine)
@@ -997,6 +999,21 @@ class Controller:
         for kind, payload in steps:
             if payload is not None:
                 await self.handle(Action(kind, payload))
+
+
+def _read_cpu_template(path: str) -> Any:
+    """The custom CPU template in the JSON file ``path`` (``cpu-config`` as a path in
+    ``--config-file``), with Firecracker's messages for a file it cannot read or parse."""
+    from asyncvmm.config import CpuConfig, decode
+    try:
+        with open(path, "rb") as f:
+            body = f.read()
+    except OSError as err:
+        raise ControllerError(f"File operation error: {os_error_text(err)}") from None
+    try:
+        return decode(body, CpuConfig)
+    except ConfigError as err:
+        raise ControllerError(f"Invalid JSON: {err.message}") from None
 
 
 def _without_device(cfg: VmConfig, target: VirtioDeviceId) -> VmConfig:

@@ -39,7 +39,7 @@ class VmConfig(msgspec.Struct, forbid_unknown_fields=True, rename=_RENAMES):
     balloon: BalloonConfig | None = None
     drives: list[DriveConfig] = msgspec.field(default_factory=list)
     boot_source: BootSourceConfig | None = None
-    cpu_config: CpuConfig | None = None
+    cpu_config: CpuConfig | str | None = None     # --config-file: inline, or a file's path
     logger: LoggerConfig | None = None
     machine_config: MachineConfig = msgspec.field(default_factory=MachineConfig)
     metrics: MetricsConfig | None = None

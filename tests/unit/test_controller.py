@@ -524,6 +524,25 @@ async def test_config_file_items_not_built_are_refused(ctl: Controller, kernel: 
     assert err.value.message.startswith(feature) and err.value.message.endswith(NOT_YET)
 
 
+async def test_config_file_cpu_config_may_name_a_json_file(ctl: Controller, kernel: str,
+                                                         tmp_path: Any) -> None:
+    path = tmp_path / "t.json"
+    path.write_text('{"kvm_capabilities": ["171"]}')
+    cfg = decode(('{"boot-source": {"kernel_image_path": "%s"}, "cpu-config": "%s"}'
+                  % (kernel, path)).encode(), VmConfig)
+    await ctl.configure(cfg)
+    assert ctl.config.cpu_config == CpuConfig(kvm_capabilities=["171"])
+    path.write_text('{"kvm_capabilities": ["x"]}')
+    with pytest.raises(ControllerError) as err:
+        await Controller(FakeBackend()).configure(cfg)
+    assert err.value.message == ("Invalid JSON: Failed to parse string [x] as a kvm capability - can not "
+                                 "convert to numeric: invalid digit found in string")
+    path.unlink()
+    with pytest.raises(ControllerError) as err:
+        await Controller(FakeBackend()).configure(cfg)
+    assert err.value.message == "File operation error: No such file or directory (os error 2)"
+
+
 async def test_config_file_cpu_config_comes_after_machine_config(ctl: Controller, kernel: str) -> None:
     # As in Firecracker's --config-file: both given, the custom template is the one kept.
     cfg = decode(('{"boot-source": {"kernel_image_path": "%s"}, "machine-config": {"vcpu_count": 1, '
