@@ -9,7 +9,8 @@ length is not a multiple of 2 MiB is followed, up to the boundary, by private
 anonymous pages that are never written back (docs/pmem.md says so).
 
 :class:`PmemRegions` places the regions first fit in the window past the
-64-bit PCI window (:func:`layout.pmem_window`), as Firecracker does, and
+64-bit PCI window (:func:`layout.pmem_window`), as Firecracker does (its lower
+half: virtio-mem's hotpluggable memory takes the upper one), and
 takes KVM slot numbers from the top of KVM's range downwards, so they never
 meet the RAM slots counted from 0.  A flush is ``msync(MS_SYNC)`` over the
 file's pages (:meth:`PmemBacking.flush`); it runs on a worker thread.
@@ -112,7 +113,9 @@ class PmemRegions:
 
     def __init__(self, vm: VmFd, ram_end: int) -> None:
         self._vm = vm
-        self.window = layout.pmem_window(ram_end)
+        base, size = layout.pmem_window(ram_end)
+        # The upper half of the window is the hotpluggable memory's (layout.memory_hotplug_region).
+        self.window = (base, size // 2)
         self._regions: dict[int, int] = {}        # start -> size
         nr = vm.check_extension(KVM_CAP_NR_MEMSLOTS) or _DEFAULT_NR_MEMSLOTS
         self._top_slot = nr - 1
