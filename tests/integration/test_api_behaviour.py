@@ -705,3 +705,58 @@ def test_guest_reset_ends_the_process_with_code_0(api: Api, guest_kernel: str) -
     boot(api, guest_kernel, "console=ttyS0 exit=reset")
     assert api.proc.proc.wait(timeout=120) == 0
     assert "testguest: exit reset" in api.proc.output()
+
+
+# -- virtio-pmem after boot (docs/pmem.md): real KVM slots, hot-plug, snapshots ------------------
+
+
+def test_pmem_is_mapped_hot_plugged_and_snapshotted(tmp_path: Path, guest_kernel: str) -> None:
+    """pmem devices become KVM slots at InstanceStart; with --enable-pci they are plugged and
+    unplugged after boot (the unplugged region is reused), PATCH changes the flush limiter, the
+    metrics have Firecracker's groups, and a snapshot restores them where they were."""
+    data, ro, empty = tmp_path / "data.img", tmp_path / "ro.img", tmp_path / "empty.img"
+    for path, size in ((data, 3 << 20), (ro, 2 << 20), (empty, 0)):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    proc = Process(tmp_path, "--enable-pci")
+    try:
+        api = Api(proc)
+        api("PUT", "/metrics", {"metrics_path": str(tmp_path / "metrics.json")})
+        assert api("PUT", "/pmem/data", {"id": "data", "path_on_host": str(data)}).status == 204
+        assert api("PUT", "/pmem/ro", {"id": "ro", "path_on_host": str(ro), "read_only": True}).status == 204
+        boot(api, guest_kernel)
+        hot = {"id": "hot", "path_on_host": str(ro), "read_only": True}
+        assert api("PUT", "/pmem/hot", hot).status == 204
+        resp = api("PUT", "/pmem/bad", {"id": "bad", "path_on_host": str(empty)})
+        assert resp.status == 400 and resp.fault == ("Pmem config error: Unable to create the virtio-pmem "
+                                                     "device: Error backing file size is 0")
+        assert api("DELETE", "/pmem/ro").status == 204          # booted with it, not the root
+        assert api("DELETE", "/pmem/hot").status == 204
+        assert api("PUT", "/pmem/hot", hot).status == 204       # its region is free again
+        limiter = {"bandwidth": {"size": 3 << 20, "refill_time": 1000}}
+        assert api("PATCH", "/pmem/data", {"id": "data", "rate_limiter": limiter}).status == 204
+        pmem = api("GET", "/vm/config").json()["pmem"]
+        assert [p["id"] for p in pmem] == ["data", "hot"] and pmem[0]["rate_limiter"]["bandwidth"]["size"] == 3 << 20
+        assert api("PUT", "/actions", {"action_type": "FlushMetrics"}).status == 204
+        line = json.loads((tmp_path / "metrics.json").read_text().splitlines()[-1])
+        assert {"pmem", "pmem_data", "pmem_hot"} <= set(line) and "pmem_ro" not in line
+        assert set(line["pmem_data"]) == {"activate_fails", "cfg_fails", "event_fails", "queue_event_count",
+                                          "rate_limiter_throttled_events", "rate_limiter_event_count"}
+        assert api("PATCH", "/vm", {"state": "Paused"}).status == 204
+        snap = {"snapshot_path": str(tmp_path / "snap.state"), "mem_file_path": str(tmp_path / "snap.mem")}
+        assert api("PUT", "/snapshot/create", snap).status == 204
+    finally:
+        proc.stop()
+    (tmp_path / "restored").mkdir()
+    second = Process(tmp_path / "restored")
+    try:
+        api = Api(second)
+        load = {"snapshot_path": snap["snapshot_path"],
+                "mem_backend": {"backend_type": "File", "backend_path": snap["mem_file_path"]}}
+        resp = api("PUT", "/snapshot/load", load)
+        assert resp.status == 204, resp.body
+        assert [p["id"] for p in api("GET", "/vm/config").json()["pmem"]] == ["data", "hot"]
+        # The snapshot had a PCI bus: hot-plug works without the flag.
+        assert api("PUT", "/pmem/ro", {"id": "ro", "path_on_host": str(ro), "read_only": True}).status == 204
+    finally:
+        second.stop()
