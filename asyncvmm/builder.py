@@ -822,6 +822,8 @@ def unplug_device(machine: MicroVm, device_id: str, metrics: MetricsRegistry) ->
     if stack is None:               # a device the microVM booted with
         machine.pci.detach(transport)
         metrics.unregister(f"{kind}_{name}")
+        if isinstance(device, VhostUserBlock):
+            metrics.unregister(f"vhost_user_block_{name}")
         if isinstance(device, Pmem):
             # The guest loses the region now; the host mapping goes when the microVM closes.
             machine.pmem_regions.unmap(device.start)

@@ -98,7 +98,9 @@ class Frontend:
         data = p.message(request, payload, need_reply=need_ack)
         try:
             if fds:
-                self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", fds))])
+                self.sock.sendall(data[sent:])      # the fds went with the first byte
             else:
                 self.sock.sendall(data)
             if request not in p.ANSWERED and not need_ack:
