@@ -4,8 +4,9 @@
  *
  *   pci-rng=<n>              n bytes from virtio-rng        -> "pci rng requested= bytes= crc= hex= isr="
  *   pci-blk=<sector>         one sector from virtio-blk     -> "pci blk sector= status= crc= hex="
- *   pci-move=<addr>:<n>      moves virtio-rng's BAR to addr (MEMORY off, BAR, MEMORY on), reads what
- *                            the old base answers now, then n bytes of entropy through the new base
+ *   pci-move=<addr>:<n>[:live]  moves virtio-rng's BAR to addr (MEMORY off, BAR, MEMORY on; with live, the
+ *                            two BAR dwords are written with memory decode on), reads what the old base
+ *                            answers now, then n bytes of entropy through the new base
  *                                                           -> "pci move from= to= readback= old_num_queues=",
  *                                                              then a "pci rng" line
  *   pci-bad-bar=<addr>       programs virtio-rng's BAR over guest RAM at addr, checks that RAM there still
@@ -654,11 +655,16 @@ void pci_blk_action(const char *arg, size_t n)
 }
 
 /* Moves the rng device's BAR; the VMM must move its MMIO mapping and notify ioeventfds along. */
-static int rng_move(uint64_t to)
+static int rng_move(uint64_t to, int live)
 {
         int is64;
 
-        bar_program(&rng, to);
+        if (live) {     /* memory decode stays on: the BAR passes through (new low | old high) */
+                cfg_write32(rng.cfg, bar_reg(&rng), (uint32_t)to);
+                cfg_write32(rng.cfg, bar_reg(&rng) + 4, (uint32_t)(to >> 32));
+        } else {
+                bar_program(&rng, to);
+        }
         uint64_t readback = bar_read(&rng, &is64);
         rng.q.base = rng.q.base - rng.bar + readback;
         rng.bar = readback;
@@ -667,11 +673,12 @@ static int rng_move(uint64_t to)
 
 void pci_move_action(const char *arg, size_t n)
 {
-        const char *f[2];
-        size_t fl[2];
+        const char *f[3];
+        size_t fl[3];
         uint64_t to, want;
+        int nf = split_fields(arg, n, f, fl, 3), live = nf == 3 && word_is(f[2], fl[2], "live");
 
-        if (split_fields(arg, n, f, fl, 2) != 2 || parse_u64(f[0], fl[0], &to) < 0 ||
+        if (nf < 2 || (nf == 3 && !live) || parse_u64(f[0], fl[0], &to) < 0 ||
             parse_rng_count(f[1], fl[1], &want) < 0) {
                 bad_argument("pci-move", arg, n);
                 return;
@@ -684,7 +691,7 @@ void pci_move_action(const char *arg, size_t n)
         }
         uint64_t from = rng.bar;
         notify_before_move = rng.q.base;
-        int ok = rng_move(to) == 0;
+        int ok = rng_move(to, live) == 0;
 
         con_begin("pci move");
         con_kvx("from", from);
@@ -885,6 +892,16 @@ void pci_hostile_action(const char *arg, size_t n)
                 mmio_write16(msix_entry(&rng, 0, PCI_MSIX_ENTRY_DATA), 0x41);   /* not a DWORD */
                 (void)mmio_read32(msix_entry(&rng, 64, 0));                     /* beyond the table */
                 mmio_write32(msix_structure(&rng, PCI_MSIX_PBA), 0xffffffff);    /* PBA is read-only */
+        }
+        /* an unmasked MSI-X vector whose address is no local APIC's */
+        if (rng.msix) {
+                uint16_t ctrl = cfg16(rng.cfg, rng.msix + PCI_MSIX_FLAGS);
+
+                cfg_write16(rng.cfg, rng.msix + PCI_MSIX_FLAGS, ctrl | PCI_MSIX_FLAGS_ENABLE);
+                mmio_write32(msix_entry(&rng, 1, PCI_MSIX_ENTRY_LOWER_ADDR), 0x1000);
+                mmio_write32(msix_entry(&rng, 1, PCI_MSIX_ENTRY_DATA), 0x30);
+                mmio_write32(msix_entry(&rng, 1, PCI_MSIX_ENTRY_VECTOR_CTRL), 0);
+                cfg_write16(rng.cfg, rng.msix + PCI_MSIX_FLAGS, ctrl);
         }
         /* an invalid status transition: DRIVER_OK straight after a reset */
         set_status(&rng, 0);
@@ -1172,7 +1189,7 @@ void pci_bad_bar_action(const char *arg, size_t n)
         }
         con_end();
         /* Back home, where the device must work as before. */
-        if (rng_move(home) < 0) {
+        if (rng_move(home, 0) < 0) {
                 pci_error("BAR-did-not-go-back", rng.bar);
                 return;
         }
