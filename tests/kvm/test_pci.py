@@ -449,6 +449,47 @@ def test_a_restored_pci_microvm_keeps_its_moved_bar_and_its_device(test_guest, t
     assert not any(faults.values()), faults
 
 
+@pytest.mark.kvm
+def test_a_hot_plugged_drive_comes_back_in_its_slot_after_a_snapshot(test_guest, tmp_path):
+    """The restored guest reads on with the slot, BAR and queue it set up before the snapshot."""
+    disk = tmp_path / "disk.img"
+    data = os.urandom(8 * SECTOR)
+    disk.write_bytes(data)
+    snap, mem = tmp_path / "vm.snap", tmp_path / "vm.mem"
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = ApiProcess(tmp_path / "first", args=("--enable-pci",))
+    try:
+        first.configure([
+            ("PUT", "/boot-source", {"kernel_image_path": str(test_guest.elf_pvh),
+                                     "boot_args": "pci-wait=blk:present pci-blk=0 count=60 pci-blk=1 exit=halt"}),
+            ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": MEM_MIB}),
+            ("PUT", "/actions", {"action_type": "InstanceStart"}),
+        ])
+        first.wait_output("testguest: pci wait dev=blk for=present")
+        first.configure([("PUT", "/drives/data", {**drive(disk), "drive_id": "data"})])
+        first.wait_output("testguest: count i=2")
+        first.configure([
+            ("PATCH", "/vm", {"state": "Paused"}),
+            ("PUT", "/snapshot/create", {"snapshot_path": str(snap), "mem_file_path": str(mem)}),
+        ])
+    finally:
+        first.close()
+    second = ApiProcess(tmp_path / "second")
+    try:
+        second.configure([("PUT", "/snapshot/load", {
+            "snapshot_path": str(snap), "resume_vm": True,
+            "mem_backend": {"backend_type": "File", "backend_path": str(mem)}})])
+        second.wait_output("testguest: exit halt", timeout=120)
+        status, config = second("GET", "/vm/config")
+        assert status == 200 and [d["drive_id"] for d in config["drives"]] == ["data"], config
+    finally:
+        second.close()
+    read, = find(parse_lines(second.output()), "pci blk")
+    assert read.number("sector") == 1 and read.number("status") == 0, second.output()
+    assert read.number("crc") == zlib.crc32(data[SECTOR:2 * SECTOR])
+
+
 # -- the peer ----------------------------------------------------------------------------
 
 Q35_ECAM = 0xB000_0000
