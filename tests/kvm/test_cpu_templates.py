@@ -181,3 +181,31 @@ def _decode(body: dict):
 
     from asyncvmm.config import CpuConfig, decode
     return decode(json.dumps(body).encode(), CpuConfig)
+
+
+async def test_a_restored_guest_keeps_its_templated_cpuid(test_guest, tmp_path):
+    """A snapshot restore gives the vCPUs the template's CPUID again (Firecracker restores the
+    CPUID it saved): the guest asks after the restore and reads what it read at boot."""
+    from asyncvmm.client import MicroVM
+    from tests.kvm.conftest import asyncvmm_argv
+    body = {"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+                                 "modifiers": [{"register": "eax", "bitmap": "0b1010"}]}]}
+    snap, mem = str(tmp_path / "vm.snap"), str(tmp_path / "vm.mem")
+    async with MicroVM(test_guest.elf_pvh, "cpuid=0x1 serialecho=1 cpuid=0x1 exit=halt",
+                       binary=asyncvmm_argv(),
+                       config={"machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+                               "cpu-config": body}) as vm:
+        await vm.wait_for_console("testguest: serialecho ready")
+        await vm.client.pause()
+        await vm.client.create_snapshot(snapshot_path=snap, mem_file_path=mem)
+    async with MicroVM(start=False, binary=asyncvmm_argv()) as restored:
+        await restored.client.load_snapshot(snapshot_path=snap, resume_vm=True,
+                                            mem_backend={"backend_type": "File", "backend_path": mem})
+        await restored.write_console("go\n")
+        await restored.wait_for_console("testguest: done")
+    booted = [line for line in find(parse_lines(vm.console.text), "cpuid") if line.fields["ring"] == "0"]
+    after = [line for line in find(parse_lines(restored.console.text), "cpuid")
+             if line.fields["ring"] == "0"]
+    assert len(booted) == 1 and len(after) == 1, restored.console.text
+    assert booted[0].number("eax") & 0xF == 0xA
+    assert after[0].number("eax") == booted[0].number("eax")
