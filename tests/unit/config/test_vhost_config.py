@@ -90,12 +90,14 @@ def test_mmds_is_refused_on_a_vhost_interface_whichever_comes_first():
     with pytest.raises(ConfigError, match="cannot serve the MMDS"):
         set_mmds_config(cfg, MmdsConfig(network_interfaces=["eth0"]))
     plain = NetworkInterfaceConfig(iface_id="eth0", host_dev_name="tap0")
-    cfg = set_mmds_config(insert_network_interface(VmConfig(), plain), MmdsConfig(network_interfaces=["eth0"]))
+    cfg = set_mmds_config(insert_network_interface(VmConfig(), plain),
+                          MmdsConfig(network_interfaces=["eth0"]))
     with pytest.raises(ConfigError) as e:
         insert_network_interface(cfg, vhost_iface())
     assert str(e.value) == VHOST_MMDS
     # MMDS on another interface of the same microVM is fine.
-    cfg = insert_network_interface(cfg, NetworkInterfaceConfig(iface_id="eth1", host_dev_name="tap1", vhost=True))
+    eth1 = NetworkInterfaceConfig(iface_id="eth1", host_dev_name="tap1", vhost=True)
+    cfg = insert_network_interface(cfg, eth1)
     assert cfg.network_interfaces[1].vhost
 
 
@@ -124,5 +126,6 @@ async def test_patching_limiters_and_snapshots_are_refused(ctl, backend, kernel,
                                 NetworkInterfaceUpdateConfig(iface_id="eth0", rx_rate_limiter=LIMIT)))
     await ctl.handle(Action(K.PAUSE))
     with pytest.raises(ControllerError, match="vhost-net interface cannot be snapshotted.*eth0"):
-        await ctl.handle(Action(K.CREATE_SNAPSHOT, SnapshotCreateConfig(snapshot_path="s", mem_file_path="m")))
+        create = SnapshotCreateConfig(snapshot_path="s", mem_file_path="m")
+        await ctl.handle(Action(K.CREATE_SNAPSHOT, create))
     assert "update_network_interface" not in backend.calls and "create_snapshot" not in backend.calls

@@ -21,8 +21,8 @@ from asyncvmm.devices.virtio.net.header import (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_
                                                 VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MAC,
                                                 VIRTIO_NET_F_MRG_RXBUF)
 from asyncvmm.devices.virtio.pci import VirtioPciTransport
-from asyncvmm.devices.virtio.spec import (DEVICE_NEEDS_RESET, DRIVER_OK, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC,
-                                          VIRTIO_F_VERSION_1, bit)
+from asyncvmm.devices.virtio.spec import (DEVICE_NEEDS_RESET, DRIVER_OK, VIRTIO_F_EVENT_IDX,
+                                          VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit)
 from asyncvmm.guestfault import GuestFaultMetrics, GuestFaults
 from asyncvmm.memory import GuestMemory
 from asyncvmm.net.tap import TUN_F_CSUM, TUN_F_TSO4
