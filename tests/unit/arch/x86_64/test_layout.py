@@ -62,3 +62,22 @@ def test_pci_mmio64_window_is_aligned_and_past_all_ram(mem_size: int) -> None:
     assert start % GiB == 0 and start >= 256 * GiB and size == 256 * GiB
     assert not any(overlaps((start, size), r) for r in regions)
     assert start - max(ram_end, 256 * GiB) < GiB
+
+
+def test_memory_hotplug_region_sits_at_the_top_of_the_pmem_window() -> None:
+    assert layout.memory_hotplug_region(256 * MiB, 512 * MiB) == (1024 * GiB - 1 * GiB, 512 * MiB)
+    assert layout.memory_hotplug_region(256 * MiB, 1 * GiB) == (1023 * GiB, 1 * GiB)
+    for size in (0, 256 * GiB + 128 * MiB):
+        with pytest.raises(ValueError):
+            layout.memory_hotplug_region(256 * MiB, size)
+
+
+@given(st.integers(1, layout.MAX_MEM_SIZE), st.integers(1, 2048).map(lambda n: n * 128 * MiB))
+def test_memory_hotplug_region_is_aligned_and_clear_of_ram_and_bars(mem_size: int, size: int) -> None:
+    regions = layout.ram_layout(mem_size)
+    ram_end = max(gpa + n for gpa, n in regions)
+    start, got = layout.memory_hotplug_region(ram_end, size)
+    window, window_size = layout.pmem_window(ram_end)
+    assert got == size and start % GiB == 0
+    assert window <= start and start + size <= window + window_size
+    assert not any(overlaps((start, size), r) for r in [*regions, layout.pci_mmio64_window(ram_end)])
