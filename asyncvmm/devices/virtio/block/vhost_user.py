@@ -130,6 +130,20 @@ class VhostUserBlock(VirtioDevice):
         self.metrics.cfg_fails += 1
         super().write_config(offset, data)
 
+    def config_update(self) -> None:
+        """Read the config space from the back end again and tell the driver (Firecracker's
+        ``PATCH /drives/{id}`` without fields: the back end's disk changed size)."""
+        start = time.monotonic_ns()
+        if self.frontend is None:
+            raise VhostUserBlockError(f"Vhost-user error: the back end is gone ({self.lost})")
+        try:
+            self._config = self.frontend.get_config(0, BLOCK_CONFIG_SPACE_SIZE)
+        except VhostUserError as e:
+            self._lose(str(e), notify=True)
+            raise VhostUserBlockError(f"Vhost-user error: {e}") from None
+        self.config_changed()
+        self.metrics.config_change_time_us = (time.monotonic_ns() - start) // 1000
+
     # -- lifecycle (loop) ---------------------------------------------------------
 
     def activate(self, activation: Activation) -> None:
@@ -179,7 +193,11 @@ class VhostUserBlock(VirtioDevice):
         irqfd = getattr(activation.interrupts, "irqfd", None)
         direct = irqfd(index) if irqfd is not None else None
         if direct is not None:
+            log.info("vhost-user block %s: queue %d completions signal the guest's irqfd directly",
+                     self.drive_id, index)
             return direct.fileno() if hasattr(direct, "fileno") else direct
+        log.info("vhost-user block %s: queue %d completions are relayed to the transport on the loop",
+                 self.drive_id, index)
         evt = EventFd()
         self._call_events.append(evt)
         activation.loop.add_reader(evt.fileno(), self._relay_call, evt, activation, index)
