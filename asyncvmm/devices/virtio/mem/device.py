@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import msgspec
+
 from asyncvmm.devices.virtio.device import Activation, ActivationError, VirtioDevice
 from asyncvmm.devices.virtio.handler import Effect
 from asyncvmm.devices.virtio.mem.handler import Release, SlotChange, VirtioMemHandler
@@ -60,6 +62,21 @@ DEFAULT_SLOT_SIZE_MIB = 128
 
 # Firecracker's VirtioMemError texts (the API prefixes them).
 DEVICE_NOT_ACTIVE = "Device is not active"
+
+
+class VirtioMemState(msgspec.Struct, forbid_unknown_fields=True, tag="virtio-mem-v1"):
+    """The device in a snapshot (untrusted on load): its geometry, the sizes the driver sees,
+    the plugged blocks as ``[first block, count]`` runs, and where the region's memory starts
+    in the memory file."""
+
+    addr: int
+    region_size: int
+    block_size: int
+    slot_size: int
+    usable_region_size: int
+    requested_size: int
+    plugged: list[tuple[int, int]]
+    file_offset: int
 
 
 class VirtioMemError(Exception):
@@ -261,6 +278,59 @@ class VirtioMem(VirtioDevice):
             "plugged_size_mib": self.plugged_size // MiB,
             "requested_size_mib": self.requested_size // MiB,
         }
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def plugged_runs(self) -> list[tuple[int, int]]:
+        """``(first block, count)`` of each run of plugged blocks, in order."""
+        runs: list[tuple[int, int]] = []
+        block = self.plugged.find(1)
+        while block != -1:
+            end = self.plugged.find(0, block)
+            end = len(self.plugged) if end == -1 else end
+            runs.append((block, end - block))
+            block = self.plugged.find(1, end)
+        return runs
+
+    def save_state(self, file_offset: int) -> VirtioMemState:
+        return VirtioMemState(addr=self.addr, region_size=self.region_size, block_size=self.block_size,
+                              slot_size=self.slot_size, usable_region_size=self.usable_region_size,
+                              requested_size=self.requested_size, plugged=self.plugged_runs(),
+                              file_offset=file_offset)
+
+    def restore_state(self, state: VirtioMemState) -> list[Effect]:
+        """Take a snapshot's state, every value checked (nothing changes if one is bad); the
+        slots that must be KVM slots again come back as effects."""
+        geometry = (state.addr, state.region_size, state.block_size, state.slot_size)
+        if geometry != (self.addr, self.region_size, self.block_size, self.slot_size):
+            raise ValueError(f"virtio-mem state: region {geometry} is not the configured "
+                             f"{(self.addr, self.region_size, self.block_size, self.slot_size)}")
+        if (not 0 <= state.usable_region_size <= self.region_size
+                or state.usable_region_size % self.slot_size):
+            raise ValueError(f"virtio-mem state: usable_region_size {state.usable_region_size:#x}")
+        if not 0 <= state.requested_size <= self.region_size or state.requested_size % self.block_size:
+            raise ValueError(f"virtio-mem state: requested_size {state.requested_size:#x}")
+        plugged = bytearray(len(self.plugged))
+        usable_blocks = state.usable_region_size // self.block_size
+        last_end = 0
+        for first, count in state.plugged:
+            if first < last_end or count <= 0 or first + count > usable_blocks:
+                raise ValueError(f"virtio-mem state: plugged run {first}+{count} out of order or "
+                                 f"outside the usable region")
+            plugged[first:first + count] = b"\1" * count
+            last_end = first + count
+        self.plugged = plugged
+        self.plugged_blocks = plugged.count(1)
+        self.usable_region_size, self.requested_size = state.usable_region_size, state.requested_size
+        self._update_config()
+        per_slot = self.slot_size // self.block_size
+        effects: list[Effect] = []
+        for slot in range(len(self.slot_present)):
+            present = plugged.find(1, slot * per_slot, (slot + 1) * per_slot) != -1
+            self.slot_present[slot] = present
+            if present:
+                effects.append(SlotChange(slot, True))
+        return effects
 
     # -- lifecycle ----------------------------------------------------------------------
 

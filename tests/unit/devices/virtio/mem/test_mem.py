@@ -4,8 +4,10 @@ fake driver through virtio-mmio, including requests no honest driver sends."""
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -325,3 +327,74 @@ async def test_malformed_chains_are_answered_without_a_response(rig) -> None:
     assert dev.plugged_size == 0
     # The device still answers honest requests (or was marked for reset, never crashed the loop).
     assert dev.handler is not None
+
+
+# -- snapshots -------------------------------------------------------------------------------
+
+def test_state_round_trip_brings_blocks_and_slots_back() -> None:
+    dev, backing, _ = make_device()
+    active(dev, 300)
+    dev.handle_request(Request(VIRTIO_MEM_REQ_PLUG, ADDR, 3))
+    dev.handle_request(Request(VIRTIO_MEM_REQ_PLUG, ADDR + 256 * MiB, 2))
+    state = dev.save_state(file_offset=16 * MiB)
+    assert state.plugged == [(0, 3), (128, 2)] and state.file_offset == 16 * MiB
+    assert state.usable_region_size == 384 * MiB and state.requested_size == 300 * MiB
+    fresh, fresh_backing, _ = make_device()
+    effects = fresh.restore_state(state)
+    assert effects == [SlotChange(0, True), SlotChange(2, True)]
+    assert fresh.status() == dev.status() and fresh._config == dev._config
+    assert fresh.accessible(0, 3 * BLOCK) and not fresh.accessible(3 * BLOCK, 1)
+    backing.close()
+    fresh_backing.close()
+
+
+@pytest.mark.parametrize("change", [
+    {"addr": ADDR + 128 * MiB}, {"block_size": 4 * MiB}, {"slot_size": 256 * MiB},
+    {"usable_region_size": 100 * MiB}, {"usable_region_size": 1024 * MiB},
+    {"requested_size": 3 * MiB}, {"requested_size": 1024 * MiB},
+    {"plugged": [(2, 1), (0, 1)]}, {"plugged": [(0, 0)]}, {"plugged": [(60, 10)]}, {"plugged": [(-1, 2)]},
+])
+def test_a_bad_state_is_refused_and_changes_nothing(change: dict) -> None:
+    dev, backing, _ = make_device()
+    active(dev, 16)
+    good = dev.save_state(file_offset=0)
+    bad = msgspec.structs.replace(good, **change)
+    fresh, fresh_backing, _ = make_device()
+    before = fresh._config
+    with pytest.raises(ValueError):
+        fresh.restore_state(bad)
+    assert fresh._config == before and fresh.plugged_size == 0
+    backing.close()
+    fresh_backing.close()
+
+
+def test_memory_file_holds_plugged_blocks_and_a_restore_maps_them(tmp_path) -> None:
+    mem = GuestMemory.from_buffers([(0, bytearray(MEM_SIZE))])
+    dev, backing, _ = make_device(mem)
+    active(dev, 8)
+    dev.handle_request(Request(VIRTIO_MEM_REQ_PLUG, ADDR + BLOCK, 2))
+    mem.write(ADDR + BLOCK + 5, b"kept")
+    path = tmp_path / "mem"
+    path.write_bytes(b"r" * MEM_SIZE)                   # boot RAM comes first in the file
+    backing.write_file(str(path), MEM_SIZE, dev.plugged_runs(), BLOCK)
+    assert path.stat().st_size == MEM_SIZE + TOTAL_MIB * MiB
+    with open(path, "rb") as f:
+        f.seek(MEM_SIZE + BLOCK + 5)
+        assert f.read(4) == b"kept"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        slots = Slots()
+        restored = HotplugBacking(ADDR, TOTAL_MIB * MiB, SLOT_MIB * MiB, slots, file=(fd, MEM_SIZE))
+    finally:
+        os.close(fd)                                    # the private mapping keeps the file
+    view = restored.region.view
+    assert bytes(view[BLOCK + 5:BLOCK + 9]) == b"kept"
+    view[BLOCK:BLOCK + 4] = b"COW!"                     # copy-on-write: the file is not written
+    with open(path, "rb") as f:
+        f.seek(MEM_SIZE + BLOCK)
+        assert f.read(4) == bytes(4)
+    # Released blocks read zeros afterwards, not the file's pages.
+    restored.release(BLOCK, BLOCK)
+    assert bytes(view[BLOCK + 5:BLOCK + 9]) == bytes(4)
+    restored.close()
+    backing.close()
