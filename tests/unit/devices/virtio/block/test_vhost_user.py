@@ -271,3 +271,20 @@ async def test_a_back_end_that_refuses_the_memory_table_is_dropped_and_the_guest
     finally:
         dev.close()
         rig.close()
+
+
+async def test_config_update_reads_the_back_ends_config_again_and_interrupts(backend):
+    b, path = backend()
+    dev = VhostUserBlock("vu", path)
+    rig = make_rig(dev, mem=shared_mem())
+    try:
+        await rig.driver.init()
+        b.config = struct.pack("<Q", 4096) + bytes(52)
+        generation = rig.driver.read32(r.VIRTIO_MMIO_CONFIG_GENERATION)
+        dev.config_update()
+        assert rig.driver.read32(r.VIRTIO_MMIO_CONFIG + 0) == 4096
+        assert rig.driver.read32(r.VIRTIO_MMIO_CONFIG_GENERATION) != generation
+        assert rig.driver.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS) & r.VIRTIO_MMIO_INT_CONFIG
+    finally:
+        dev.close()
+        rig.close()
