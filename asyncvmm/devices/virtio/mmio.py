@@ -39,6 +39,7 @@ import asyncio
 import logging
 import struct
 import threading
+import time
 
 import msgspec
 
@@ -103,6 +104,9 @@ _QUEUE_ADDR_REGS = {
     VIRTIO_MMIO_QUEUE_USED_HIGH: ("used_ring", True),
 }
 _U32 = struct.Struct("<I")
+# While InterruptStatus still has the bits being raised, no new edge is sent unless the
+# last one is this old (see VirtioMmioTransport.raise_interrupt).
+REASSERT_S = 0.005
 
 
 class TransportState(msgspec.Struct, forbid_unknown_fields=True, tag="virtio-mmio-v1"):
@@ -134,6 +138,8 @@ class VirtioMmioTransport(VirtioTransport):
         self.irq = irq
         self._isr_lock = threading.Lock()      # interrupt_status: the loop and vCPU threads
         self.interrupt_status = 0
+        self._last_edge = float("-inf")        # time.monotonic() of the last edge sent
+        self.interrupts_coalesced = 0          # raises that found their bits still set
         super().__init__(device, mem=mem, queue_events=queue_events, loop=loop, faults=faults)
 
     def _reset_registers(self) -> None:
@@ -296,8 +302,27 @@ class VirtioMmioTransport(VirtioTransport):
     # -- interrupts (loop thread) -------------------------------------------
 
     def raise_interrupt(self, bits: int) -> None:
+        """Set ``bits`` in InterruptStatus; send an edge only if that sets a bit (§4.2.2).
+
+        The irqfd is an edge, but the register behaves like a level: while a
+        bit is still set the driver has not acknowledged the interrupt that set
+        it, and Linux's handler reads InterruptStatus, writes InterruptACK and
+        only then looks at the rings, so a used buffer added before the ACK is
+        seen by that handler run (the ACK takes the same lock).  A second edge
+        would only interrupt the vCPU again: on this host the irqfd write was
+        44% of the loop's busy time under the block benchmark
+        (docs/benchmarks.md).  An edge is still sent when the last one is
+        older than :data:`REASSERT_S`, so a lost edge (a restore, a masked
+        pin) costs a pause, never a hung device.
+        """
+        now = time.monotonic()
         with self._isr_lock:
-            self.interrupt_status |= bits
+            pending = self.interrupt_status
+            self.interrupt_status = pending | bits
+            if bits & ~pending == 0 and now - self._last_edge < REASSERT_S:
+                self.interrupts_coalesced += 1
+                return
+            self._last_edge = now
         self.irq.trigger()
 
     def _signal_used(self, queue: int | None) -> None:

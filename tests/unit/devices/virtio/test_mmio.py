@@ -304,6 +304,24 @@ async def test_interrupt_ack_clears_only_acknowledged_bits(rig):
     assert struct.unpack("<I", t.read(r.VIRTIO_MMIO_INTERRUPT_STATUS, 4))[0] == 2
 
 
+
+async def test_an_edge_only_when_interrupt_status_gains_a_bit(rig, monkeypatch):
+    t, d = rig.transport, rig.driver
+    now = [100.0]
+    monkeypatch.setattr(r.time, "monotonic", lambda: now[0])
+    t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)
+    t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)             # not acknowledged yet: no second edge
+    assert rig.irq.count == 1 and t.interrupts_coalesced == 1
+    t.raise_interrupt(r.VIRTIO_MMIO_INT_CONFIG)            # a new bit: an edge
+    assert rig.irq.count == 2
+    assert d.ack_interrupts() == r.VIRTIO_MMIO_INT_VRING | r.VIRTIO_MMIO_INT_CONFIG
+    t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)             # acknowledged: an edge again
+    assert rig.irq.count == 3
+    now[0] += 2 * r.REASSERT_S                             # pending too long: an edge lost?
+    t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)
+    assert rig.irq.count == 4
+    assert d.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS) == r.VIRTIO_MMIO_INT_VRING
+
 register_ops = st.lists(st.tuples(
     st.booleans(),                                            # write?
     st.one_of(st.sampled_from([0x14, 0x20, 0x24, 0x30, 0x38, 0x44, 0x50, 0x64, 0x70, 0x80, 0x84,
