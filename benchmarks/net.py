@@ -467,7 +467,11 @@ def _launchers(variant: Variant, netns: str, workdir: Path):
     class QemuNet(QemuMicrovmLauncher):
         def argv(self, spec, wd):
             argv = super().argv(spec, wd) + qemu_net_args(link, vhost=variant.name.endswith("-vhost"))
-            return netns_argv(netns, qemu_pci_argv(argv) if variant.name in PCI_VARIANTS else argv, ip)
+            if variant.name in PCI_VARIANTS:
+                # virtio-net-pci loads an iPXE option ROM by default, which a QEMU without the
+                # ipxe ROMs (the emulated host's) cannot find: it exits before the guest runs.
+                argv = qemu_pci_argv(argv) + ["-global", "virtio-net-pci.romfile="]
+            return netns_argv(netns, argv, ip)
 
     if variant.name.startswith("asyncvmm"):
         # Logs to a file: the console then carries only the guest, as QEMU's does.

@@ -31,6 +31,7 @@ def test_asyncvmm_vhost_sets_the_extension_and_qemu_vhost_turns_vhost_on(tmp_pat
     assert "--enable-pci" in net._launchers(apci, "ns1", tmp_path).argv(spec, tmp_path)
     qpargv = " ".join(net._launchers(qpci, "ns1", tmp_path).argv(spec, tmp_path))
     assert "pcie=on" in qpargv and "virtio-net-pci,disable-legacy=on" in qpargv and "vhost=on" in qpargv
+    assert "-global virtio-net-pci.romfile=" in qpargv      # no option ROM to look for
     # The userspace variants stay as they were.
     assert "vhost" not in net.asyncvmm_interface(a.link)
     assert "vhost=off" in " ".join(net.qemu_net_args(a.link))
