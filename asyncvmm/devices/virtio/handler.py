@@ -174,12 +174,17 @@ class QueueHandler:
         """Drain queue ``index`` and interrupt once if the driver wants it."""
         if self.stopped:
             return None
+        gate = self.act.gate
+        if not gate.enter():                 # the activation was reset
+            return None
         self._draining.append(index)
         try:
-            with self.act.gate.access():
+            try:                             # gate.access() without a generator per batch
                 result = self._drain(index)
                 self.end_of_batch(index)
                 self.notify(index)
+            finally:
+                gate.exit()
         except GateClosedError:
             return None
         except QueueContractError as e:

@@ -165,7 +165,10 @@ class Queue:
 
     def pending(self, mem: GuestMemory) -> int:
         """Chains the driver has made available and the device has not popped."""
-        idx = _U16.unpack_from(self.rings(mem).avail, 2)[0]
+        return self._pending(self.rings(mem))
+
+    def _pending(self, rings: _Rings) -> int:
+        idx = _U16.unpack_from(rings.avail, 2)[0]
         count = (idx - self.next_avail) & 0xFFFF
         if count > self.size:
             # §2.1.2 / §2.7.13: the driver can have at most `size` chains outstanding.
@@ -175,9 +178,9 @@ class Queue:
 
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
         """The next available chain, or ``None`` when the driver has offered nothing new."""
-        if self.avail_idx_seen == self.next_avail and self.pending(mem) == 0:
-            return None
         rings = self.rings(mem)
+        if self.avail_idx_seen == self.next_avail and self._pending(rings) == 0:
+            return None
         # Loads are not reordered with loads on x86, so the ring slot read here
         # is at least as new as the idx read that announced it.
         slot = self.next_avail % self.size
@@ -207,7 +210,7 @@ class Queue:
         # Dekker: our avail_event store must be visible before we re-read avail idx,
         # or a chain added in between is neither seen now nor kicked later.
         full_memory_barrier()
-        return self.pending(mem) > 0
+        return self._pending(rings) > 0
 
     # -- the used side ------------------------------------------------------
 

@@ -92,17 +92,6 @@ def perform(op: IoOp, fdatasync: Callable[[int], None] = os.fdatasync) -> int:
     return done
 
 
-def _run(op: IoOp, gate: DmaGate, fdatasync: Callable[[int], None]) -> int | OSError | _Cancelled:
-    if not gate.enter():
-        return CANCELLED
-    try:
-        return perform(op, fdatasync)
-    except OSError as e:
-        return e
-    finally:
-        gate.exit()
-
-
 class SyncEngine:
     """Runs every op on the calling (loop) thread: :meth:`submit` returns every result."""
 
@@ -115,7 +104,20 @@ class SyncEngine:
         self.fdatasync = fdatasync
 
     def submit(self, ops: list[IoOp]) -> list[tuple[IoOp, object]]:
-        return [(op, _run(op, self.gate, self.fdatasync)) for op in ops]
+        # One gate entry for the batch: the ops run back to back on this thread.
+        gate = self.gate
+        if not gate.enter():
+            return [(op, CANCELLED) for op in ops]
+        done = []
+        try:
+            for op in ops:
+                try:
+                    done.append((op, perform(op, self.fdatasync)))
+                except OSError as e:
+                    done.append((op, e))
+        finally:
+            gate.exit()
+        return done
 
     def close(self) -> None:
         pass

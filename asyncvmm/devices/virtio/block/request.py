@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 
 from asyncvmm.devices.virtio.chain import ChainBuffers, Segments
-from asyncvmm.memory import GuestMemory
+from asyncvmm.memory import GuestMemory, GuestMemoryError
 
 VIRTIO_BLK_T_IN = 0
 VIRTIO_BLK_T_OUT = 1
@@ -125,7 +125,7 @@ def parse(mem: GuestMemory, bufs: ChainBuffers, disk: Disk) -> Request:
     readable, writable = bufs.readable, bufs.writable
     if writable.length == 0:
         raise MissingStatusError("no device-writable status byte")
-    status_at = writable.slice(writable.length - 1, 1)
+    in_data, status_at = writable.split_last_byte()
     if readable.length < _HEADER.size:
         raise HeaderLengthError(f"header of {readable.length} bytes", status_at)
     req_type, _reserved, sector = _HEADER.unpack(_read_header(mem, readable))
@@ -135,13 +135,13 @@ def parse(mem: GuestMemory, bufs: ChainBuffers, disk: Disk) -> Request:
     if req_type == VIRTIO_BLK_T_IN:
         if out_len:
             raise UnexpectedReadableDataError(f"IN with {out_len} readable data bytes", status_at)
-        data = writable.slice(0, in_len)
+        data = in_data
     elif req_type == VIRTIO_BLK_T_OUT:
         if disk.read_only:
             raise ReadOnlyError("OUT to a read-only device", status_at)
         if in_len:
             raise UnexpectedWritableDataError(f"OUT with {in_len} writable data bytes", status_at)
-        data = readable.slice(_HEADER.size, out_len)
+        data = readable.after(_HEADER.size)
     elif req_type == VIRTIO_BLK_T_FLUSH:
         if not disk.flush:
             raise UnsupportedRequestError("FLUSH without VIRTIO_BLK_F_FLUSH", status_at)
@@ -152,7 +152,7 @@ def parse(mem: GuestMemory, bufs: ChainBuffers, disk: Disk) -> Request:
             raise UnexpectedReadableDataError(f"GET_ID with {out_len} readable data bytes", status_at)
         if in_len == 0:
             raise IdBufferError("GET_ID without an id buffer", status_at)
-        return Request(bufs.head, req_type, 0, writable.slice(0, in_len), status_at)
+        return Request(bufs.head, req_type, 0, in_data, status_at)
     else:
         raise UnsupportedRequestError(f"request type {req_type}", status_at)
 
@@ -166,8 +166,11 @@ def parse(mem: GuestMemory, bufs: ChainBuffers, disk: Disk) -> Request:
 
 def _read_header(mem: GuestMemory, readable: Segments) -> bytes:
     addr, n = readable.parts[0]
-    if n >= _HEADER.size and mem.contains(addr, _HEADER.size):
-        return mem.read(addr, _HEADER.size)     # the usual framing: a descriptor of its own
+    if n >= _HEADER.size:
+        try:
+            return mem.read(addr, _HEADER.size)     # the usual framing: a descriptor of its own
+        except GuestMemoryError:                    # a buffer across two adjacent regions
+            pass
     return readable.slice(0, _HEADER.size).read(mem)
 
 

@@ -9,7 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncvmm.devices.virtio.chain import (
+    MAX_CHAIN_BYTES,
     ChainError,
+    ChainLengthError,
     ChainLoopError,
     DescriptorChain,
     DescriptorDirectionError,
@@ -185,3 +187,47 @@ def test_random_tables_give_buffers_or_a_chain_error(guest_mem, table, head, ind
         return
     for addr, length in bufs.readable.parts + bufs.writable.parts:
         assert guest_mem.contains(addr, length)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.lists(descriptor, min_size=SIZE, max_size=SIZE), head=st.integers(0, SIZE - 1),
+       indirect_ok=st.booleans())
+def test_collect_agrees_with_walking_the_chain(guest_mem, table, head, indirect_ok):
+    """collect's one-loop walk gives what iterating the chain gives, error type included."""
+    vq = FakeVirtqueue(guest_mem, Allocator(0x1000, guest_mem.end), 0, SIZE)
+    for i, (addr, length, flags, nxt) in enumerate(table):
+        vq.write_desc(i, addr, length, flags, nxt)
+
+    def outcome(walk):
+        try:
+            return walk(chain(vq, head, indirect_ok=indirect_ok))
+        except ChainError as e:
+            return type(e)
+
+    def iterate(c):
+        readable, writable = Segments(), Segments()
+        for addr, length, flags in c:
+            (writable if flags & W else readable).append(addr, length)
+        return readable.parts, writable.parts
+
+    collected = outcome(collect)
+    expected = outcome(iterate)
+    if collected is ChainLengthError:           # the one check collect adds to the walk
+        assert max(sum(n for _, n in parts) for parts in expected) > MAX_CHAIN_BYTES
+    elif isinstance(collected, type):
+        assert collected == expected
+    else:
+        assert (collected.readable.parts, collected.writable.parts) == expected
+        assert collected.readable.length == sum(n for _, n in expected[0])
+
+
+@settings(max_examples=200)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6), offset=st.integers(0, 60))
+def test_split_last_byte_and_after_are_slices(lengths, offset):
+    seg = Segments([(0x1000 * (i + 1), n) for i, n in enumerate(lengths)])
+    head, tail = seg.split_last_byte()
+    assert (head.parts, head.length) == (seg.slice(0, seg.length - 1).parts, seg.length - 1)
+    assert (tail.parts, tail.length) == (seg.slice(seg.length - 1, 1).parts, 1)
+    for off in (offset % (seg.length + 1), lengths[0]):
+        rest = seg.after(off)
+        assert (rest.parts, rest.length) == (seg.slice(off, seg.length - off).parts, seg.length - off)
