@@ -42,17 +42,18 @@ class DmaGate:
     def is_open(self) -> bool:
         return self._open
 
-    def enter(self) -> bool:
-        """Start an access; ``False`` (and no access) once the gate is closed."""
+    def enter(self, count: int = 1) -> bool:
+        """Start ``count`` accesses; ``False`` (and none) once the gate is closed."""
         with self._cond:
             if not self._open:
                 return False
-            self._inside += 1
+            self._inside += count
             return True
 
-    def exit(self) -> None:
+    def exit(self, count: int = 1) -> None:
+        """End ``count`` accesses (a batch of reaped operations takes the lock once)."""
         with self._cond:
-            self._inside -= 1
+            self._inside -= count
             if self._inside == 0:
                 self._cond.notify_all()
 

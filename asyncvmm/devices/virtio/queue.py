@@ -88,6 +88,9 @@ class _Rings(NamedTuple):
     used: memoryview
     # With dirty page tracking: marks the used ring written (GuestMemory.marker), else None.
     mark_used: Callable[[], None] | None = None
+    # The used ring's idx as a one-element u16 view: ``used_idx[0] = n`` is one machine
+    # store (memory.store_u16), without building two views per used buffer.
+    used_idx: memoryview | None = None
 
 
 @dataclass
@@ -158,7 +161,8 @@ class Queue:
             except GuestMemoryError as e:
                 raise QueueContractError(f"queue areas not in guest memory: {e}") from None
             _, used_addr, used_len, _ = self._areas()[2]
-            rings = self._rings = _Rings(key, desc, avail, used, mem.marker(used_addr, used_len))
+            rings = self._rings = _Rings(key, desc, avail, used, mem.marker(used_addr, used_len),
+                                         used[2:4].cast("H"))
         return rings
 
     # -- the available side -------------------------------------------------
@@ -224,9 +228,10 @@ class Queue:
         self.next_used = (self.next_used + 1) & 0xFFFF
         # x86 keeps stores in order and the GIL keeps ours in program order, so
         # the driver, which reads idx and then the element, never sees the new
-        # idx before the element it covers.  store_u16: the driver polls idx, and
-        # struct.pack_into would briefly show it 0.
-        store_u16(used, 2, self.next_used)
+        # idx before the element it covers.  One store through a u16 view (as
+        # store_u16 does): the driver polls idx, and struct.pack_into would
+        # briefly show it 0.
+        rings.used_idx[0] = self.next_used
 
     def needs_notification(self, mem: GuestMemory) -> bool:
         """Whether the used entries added since the last call deserve an interrupt."""

@@ -59,9 +59,12 @@ IO_URING_OP_SUPPORTED = 1 << 0
 IORING_OP_READV = 1
 IORING_OP_WRITEV = 2
 IORING_OP_FSYNC = 3
+IORING_OP_READ = 22                       # Linux 5.6: one buffer, no iovec array
+IORING_OP_WRITE = 23
 IORING_FSYNC_DATASYNC = 1 << 0
 
 _OPCODE = {IoKind.READ: IORING_OP_READV, IoKind.WRITE: IORING_OP_WRITEV, IoKind.FLUSH: IORING_OP_FSYNC}
+_OPCODE_ONE_BUFFER = {IoKind.READ: IORING_OP_READ, IoKind.WRITE: IORING_OP_WRITE}
 _NEEDED_OPS = {"IORING_OP_READV": IORING_OP_READV, "IORING_OP_WRITEV": IORING_OP_WRITEV,
                "IORING_OP_FSYNC": IORING_OP_FSYNC}
 # struct io_uring_probe { __u8 last_op; __u8 ops_len; __u16 resv; __u32 resv2[3];
@@ -157,6 +160,8 @@ class UringEngine:
             os.close(self.fd)
             raise
         self.depth = params.sq_entries
+        # A one-buffer op (a 4 KiB page, a whole 1 MiB buffer) skips building an iovec array.
+        self._one_buffer = _supports(self.fd, IORING_OP_READ) and _supports(self.fd, IORING_OP_WRITE)
         self.in_flight = 0
         self._pending: dict[int, _Pending] = {}
         self._next_id = 1
@@ -187,11 +192,10 @@ class UringEngine:
 
     def submit(self, ops: list[IoOp]) -> list[tuple[IoOp, object]]:
         """Queue an SQE per op, enter the kernel once, return the ops already finished."""
+        if not self.gate.enter(len(ops)):          # one lock for the batch
+            return [(op, CANCELLED) for op in ops]
         done = []
         for op in ops:
-            if not self.gate.enter():
-                done.append((op, CANCELLED))
-                continue
             self.in_flight += 1
             key, self._next_id = self._next_id, self._next_id + 1
             pend = self._pending[key] = _Pending(op)
@@ -202,18 +206,23 @@ class UringEngine:
     def _queue_sqe(self, key: int, pend: _Pending) -> None:
         op = pend.op
         addr = length = rw_flags = 0
+        opcode = _OPCODE[op.kind]
         if op.kind is IoKind.FLUSH:
             rw_flags = IORING_FSYNC_DATASYNC
         else:
-            bufs = _advance(op.buffers, pend.done)
+            bufs = _advance(op.buffers, pend.done) if pend.done else op.buffers
             # from_buffer pins each guest-memory view until the CQE is reaped.
             pend.pins = [ctypes.c_char.from_buffer(b) for b in bufs]
-            pend.iovs = (iovec * len(bufs))(*[iovec(ctypes.addressof(c), len(b))
-                                              for c, b in zip(pend.pins, bufs)])
-            addr, length = ctypes.addressof(pend.iovs), len(bufs)
+            if len(bufs) == 1 and self._one_buffer:
+                opcode = _OPCODE_ONE_BUFFER[op.kind]
+                addr, length = ctypes.addressof(pend.pins[0]), len(bufs[0])
+            else:
+                pend.iovs = (iovec * len(bufs))(*[iovec(ctypes.addressof(c), len(b))
+                                                  for c, b in zip(pend.pins, bufs)])
+                addr, length = ctypes.addressof(pend.iovs), len(bufs)
         tail = _U32.unpack_from(self.sq_ring, self.sq.tail)[0]
         index = tail & self.sq_mask
-        _SQE.pack_into(self.sqes, index * _SQE.size, _OPCODE[op.kind], 0, 0, op.fd,
+        _SQE.pack_into(self.sqes, index * _SQE.size, opcode, 0, 0, op.fd,
                        op.offset + pend.done, addr, length, rw_flags, key, 0, 0, 0, 0, 0)
         _U32.pack_into(self.sq_ring, self.sq.array + 4 * index, index)
         store_u32(self.sq_ring, self.sq.tail, (tail + 1) & 0xFFFF_FFFF)
@@ -262,6 +271,8 @@ class UringEngine:
             if result is not None:
                 batch.append(result)
         store_u32(self.cq_ring, self.cq.head, head)   # the kernel reads head concurrently
+        if batch:
+            self.gate.exit(len(batch))                # the finished ops no longer touch guest memory
         return batch
 
     def _finish(self, key: int, res: int):
@@ -275,8 +286,7 @@ class UringEngine:
             self._queue_sqe(key, pend)      # continue the transfer from where it stopped
             return None
         del self._pending[key]
-        self.in_flight -= 1
-        self.gate.exit()
+        self.in_flight -= 1                         # _collect exits the gate for the batch
         if res < 0:
             return op, OSError(-res, os.strerror(-res))
         if op.kind is not IoKind.FLUSH and pend.done + res < op.length:
@@ -329,6 +339,25 @@ class UringEngine:
         self.fd = -1
 
 
+def _probe(fd: int) -> bytes:
+    """IORING_REGISTER_PROBE's answer for ring ``fd`` (raises OSError before Linux 5.6)."""
+    probe = (ctypes.c_uint8 * (_PROBE_HEADER + _PROBE_OP * _PROBE_OPS))()
+    _sys(SYS_io_uring_register, fd, IORING_REGISTER_PROBE, ctypes.c_void_p(ctypes.addressof(probe)), _PROBE_OPS)
+    return bytes(probe)
+
+
+def _op_supported(probe: bytes, opcode: int) -> bool:
+    # struct io_uring_probe_op { __u8 op; __u8 resv; __u16 flags; __u32 resv2; }
+    return opcode < probe[1] and bool(probe[_PROBE_HEADER + _PROBE_OP * opcode + 2] & IO_URING_OP_SUPPORTED)
+
+
+def _supports(fd: int, opcode: int) -> bool:
+    try:
+        return _op_supported(_probe(fd), opcode)
+    except OSError:
+        return False
+
+
 def why_io_uring_unavailable() -> str | None:
     """Why this host cannot run :class:`UringEngine`, or ``None`` if it can.
 
@@ -343,17 +372,12 @@ def why_io_uring_unavailable() -> str | None:
     except OSError as e:
         return f"io_uring_setup failed: {e.strerror} (os error {e.errno})"
     try:
-        probe = (ctypes.c_uint8 * (_PROBE_HEADER + _PROBE_OP * _PROBE_OPS))()
         try:
-            _sys(SYS_io_uring_register, fd, IORING_REGISTER_PROBE,
-                 ctypes.c_void_p(ctypes.addressof(probe)), _PROBE_OPS)
+            probe = _probe(fd)
         except OSError as e:
             return f"IORING_REGISTER_PROBE failed: {e.strerror} (os error {e.errno}); Linux 5.6 or later is needed"
-        ops_len = probe[1]
         for name, opcode in _NEEDED_OPS.items():
-            # struct io_uring_probe_op { __u8 op; __u8 resv; __u16 flags; __u32 resv2; }
-            flags = probe[_PROBE_HEADER + _PROBE_OP * opcode + 2] if opcode < ops_len else 0
-            if not flags & IO_URING_OP_SUPPORTED:
+            if not _op_supported(probe, opcode):
                 return f"the kernel's io_uring does not support {name}"
     finally:
         os.close(fd)
