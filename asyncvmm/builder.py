@@ -49,6 +49,7 @@ from .devices.virtio.vsock import Vsock, VsockBackendError, VsockMetrics
 from .devices.virtio.balloon import Balloon, BalloonMetrics
 from .devices.virtio.balloon.device import BalloonState
 from .devices.virtio.mem import VirtioMem, VirtioMemMetrics
+from .devices.virtio.mem.device import VirtioMemState
 from .devices.virtio.mem.backing import HotplugBacking
 from .kvm import Kvm, KvmError, VmFd
 from .kvm.ioctls import KVM_CAP_NR_MEMSLOTS
@@ -80,8 +81,8 @@ HUGE_PAGES_NEED_UFFD = ("a snapshot of a microVM backed by huge pages loads only
                         "memory file onto huge pages")
 
 
-MEMORY_HOTPLUG_SNAPSHOT = ("snapshots of a microVM with memory hotplug (virtio-mem) are not "
-                           "supported yet by asyncvmm")
+MEMORY_HOTPLUG_UFFD = ("a snapshot of a microVM with memory hotplug (virtio-mem) loads only with "
+                       "the File memory backend in asyncvmm")
 
 
 class BuildError(Exception):
@@ -378,9 +379,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                 metrics=_register(ctx.metrics, "balloon", BalloonMetrics())), "balloon")
         memory_hotplug = None
         if config.memory_hotplug is not None:
-            if restore is not None:
-                raise BuildError(MEMORY_HOTPLUG_SNAPSHOT)
-            memory_hotplug = virtio.attach(_virtio_mem(config.memory_hotplug, vm, mem, ctx, stack),
+            memory_hotplug = virtio.attach(_virtio_mem(config.memory_hotplug, vm, mem, ctx, stack, restore),
                                            "memory_hotplug")
         virtio_windows = virtio.windows
         cmdline = kernel_cmdline(config, virtio_windows, pci=pci)
@@ -394,7 +393,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
                               nets=nets, vsock=vsock, balloon=balloon, msr_indices=msr_indices,
                               transports=virtio.transports, transport_ids=virtio.ids,
                               pci=virtio.slots if pci else None, pmems=pmems,
-                              pmem_regions=pmem_regions)
+                              pmem_regions=pmem_regions, memory_hotplug=memory_hotplug)
             _restore_limiters(restore.state, machine)
             _restore_state(restore.state, vm, vcpus, serial, i8042, machine,
                            clock_realtime=restore.clock_realtime, balloon=balloon)
@@ -654,9 +653,11 @@ _SLOTS_KEPT_FOR_PMEM = 64
 
 
 def _virtio_mem(cfg, vm: VmFd, mem: GuestMemory, ctx: BuildContext,
-                stack: contextlib.ExitStack) -> VirtioMem:
+                stack: contextlib.ExitStack, restore: Restore | None = None) -> VirtioMem:
     """The virtio-mem device over its region (layout.memory_hotplug_region); its KVM slots
-    follow the RAM slots and are registered only while a block in them is plugged."""
+    follow the RAM slots and are registered only while a block in them is plugged.  Restored
+    from a snapshot, the region maps the memory file after boot RAM (copy-on-write) and the
+    device takes its plugged blocks back, before its transport restores the queues."""
     size, slot_size = cfg.total_size_mib * MiB, cfg.slot_size_mib * MiB
     try:
         addr, _ = layout.memory_hotplug_region(mem.end, size)
@@ -672,8 +673,19 @@ def _virtio_mem(cfg, vm: VmFd, mem: GuestMemory, ctx: BuildContext,
     def set_region(index: int, gpa: int, length: int, host_addr: int) -> None:
         vm.set_user_memory_region(first_slot + index, gpa, length, host_addr)
 
+    saved, file = None, None
+    if restore is not None:
+        if restore.mem_fd is None:
+            raise BuildError(MEMORY_HOTPLUG_UFFD)
+        try:
+            saved = msgspec.convert(restore.state.devices.get("memory_hotplug"), VirtioMemState)
+        except msgspec.ValidationError as e:
+            raise BuildError(f"the snapshot's memory hotplug state is invalid: {e}") from e
+        if saved.file_offset != mem.total_size or restore.state.memory_file_size < mem.total_size + size:
+            raise BuildError("the snapshot's memory file does not hold the hotpluggable region after RAM")
+        file = (restore.mem_fd, saved.file_offset)
     try:
-        backing = HotplugBacking(addr, size, slot_size, set_region)
+        backing = HotplugBacking(addr, size, slot_size, set_region, file=file)
     except OSError as e:
         raise BuildError(f"Cannot allocate {cfg.total_size_mib} MiB of hotpluggable memory: {e}") from e
     stack.callback(backing.close)
@@ -682,6 +694,13 @@ def _virtio_mem(cfg, vm: VmFd, mem: GuestMemory, ctx: BuildContext,
                        metrics=_register(ctx.metrics, "memory_hotplug", VirtioMemMetrics()))
     backing.region.accessible = device.accessible
     mem.add_hotplug_region(backing.region)
+    if saved is not None:
+        try:
+            slots_back = device.restore_state(saved)
+        except ValueError as e:
+            raise BuildError(f"the snapshot's device state is invalid: {e}") from e
+        for change in slots_back:
+            backing.set_slot(change.index, change.present)
     log.info("Hotpluggable memory: %d MiB at %#x, blocks of %d MiB, KVM slots of %d MiB from slot %d",
              cfg.total_size_mib, addr, cfg.block_size_mib, cfg.slot_size_mib, first_slot)
     return device

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import msgspec
 
 from . import __version__
-from .builder import (MEMORY_HOTPLUG_SNAPSHOT, BuildContext, BuildError, MicroVm, Restore, build_microvm, hotplug_device,
+from .builder import (BuildContext, BuildError, MicroVm, Restore, build_microvm, hotplug_device,
                       unplug_device)
 from .config import ConfigError, SnapshotCreateConfig, SnapshotLoadConfig, VmConfig
 from .config.decode import decode
@@ -312,9 +312,10 @@ class Vmm:
         limits) applied, so the restore opens what the microVM uses now."""
         assert self.machine is not None and self._config is not None
         machine = self.machine
-        if machine.memory_hotplug is not None:
-            # The memory file and the restore would have to carry the hotplug region too.
-            raise BackendError(MEMORY_HOTPLUG_SNAPSHOT[0].upper() + MEMORY_HOTPLUG_SNAPSHOT[1:] + ".")
+        hotplug = machine.memory_hotplug
+        if hotplug is not None and params.snapshot_type == "Diff":
+            raise BackendError("Diff snapshots of a microVM with memory hotplug (virtio-mem) are not "
+                               "supported yet by asyncvmm.")
         await self._quiesce_virtio(machine)
         tracking = self._config.machine_config.track_dirty_pages
         if params.snapshot_type == "Diff" and self._config.machine_config.huge_pages != "None":
@@ -332,6 +333,10 @@ class Vmm:
         for r in machine.mem.regions:
             regions.append(MemoryRegionState(guest_addr=r.guest_addr, size=r.size, file_offset=offset))
             offset += r.size
+        # The hotpluggable region follows boot RAM in the memory file (unplugged blocks: holes).
+        ram_size = offset
+        if hotplug is not None:
+            offset += hotplug.region_size
         state = SnapshotState(
             asyncvmm_version=__version__, snapshot_type=params.snapshot_type,
             config=msgspec.json.encode(config), memory=regions, memory_file_size=offset,
@@ -345,6 +350,7 @@ class Vmm:
                      "rate_limiters": {name: limiter.save_state()
                                        for name, limiter in rate_limiters(machine).items()},
                      **({"balloon": machine.balloon.save_state()} if machine.balloon else {}),
+                     **({"memory_hotplug": hotplug.save_state(ram_size)} if hotplug else {}),
                      **({"pmem": {i: p.save_state() for i, p in machine.pmems.items()}}
                         if machine.pmems else {})},
             mmds=save_mmds(self.mmds_store),
@@ -354,6 +360,9 @@ class Vmm:
                 write_diff_file(params.mem_file_path, machine.mem, dirty)
             else:       # a Full one, or the first Diff of this process: every page
                 write_memory_file(params.mem_file_path, machine.mem)
+                if hotplug is not None:
+                    hotplug.backing.write_file(params.mem_file_path, ram_size, hotplug.plugged_runs(),
+                                               hotplug.block_size)
             write_state_file(params.snapshot_path, state)
         except (OSError, ValueError) as e:
             # The dirty logs were read (and so cleared) above: without a written base, the next
