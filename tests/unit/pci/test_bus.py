@@ -96,7 +96,7 @@ def test_absent_functions_read_all_ones(rig, faults):
     bus.config_write(0, 1, 3, c.PCI_COMMAND, b"\x02\x00")
     bus.config_write(2, 1, 0, c.PCI_COMMAND, b"\x02\x00")
     assert dev.writes == [] and dev.config.command == 0
-    assert faults.metrics.other == 0                          # enumeration is not a fault
+    assert faults.metrics.pci_config == 0                          # enumeration is not a fault
 
 
 def test_present_function_answers(rig):
@@ -113,7 +113,7 @@ def test_bad_accesses_are_guest_faults(rig, faults, offset, size):
     assert bus.config_read(0, 1, 0, offset, size) == b"\xff" * max(size, 0)
     bus.config_write(0, 1, 0, offset, b"\xff" * max(size, 0))
     assert dev.writes == []
-    assert faults.metrics.other == 2
+    assert faults.metrics.pci_config == 2
 
 
 def test_short_answer_is_padded(faults):
@@ -154,7 +154,7 @@ def test_ecam_unaligned(rig, faults):
     assert m.read(ecam(dev=1, reg=1), 2) == b"\xff\xff"
     assert m.read(ecam(dev=1, reg=0xFFE), 4) == b"\xff" * 4
     m.write(ecam(dev=1, reg=5), b"\x02\x00")
-    assert dev.writes == [] and faults.metrics.other == 3
+    assert dev.writes == [] and faults.metrics.pci_config == 3
 
 
 @given(dev=st.integers(0, 31), fn=st.integers(0, 7), reg=st.integers(0, 0xFFF), size=st.sampled_from([1, 2, 4]))
@@ -227,7 +227,7 @@ def test_config_data_misaligned_is_a_fault(rig, faults):
     _outl(io, 0xCF8, cf8(dev=1))
     assert io.read(5, 2) == b"\xff\xff"                            # word at 0xCFD
     io.write(7, b"\x00\x00")                                       # word at 0xCFF
-    assert dev.writes == [] and faults.metrics.other == 2
+    assert dev.writes == [] and faults.metrics.pci_config == 2
 
 
 def test_enable_bit_clear(rig):
