@@ -222,7 +222,9 @@ def test_a_broken_vmm_core_exits_before_serving(tmp_path: Any, monkeypatch: Any)
 
 
 @pytest.mark.parametrize("text,reason", [
-    ('{"pmem": [{"id": "p0", "path_on_host": "/p"}]}', "The pmem device (virtio-pmem) is not supported yet by asyncvmm."),
+    ('{"drives": [{"drive_id": "d", "path_on_host": "/nonexistent", "is_root_device": false}]}',
+     "Drive config error: Unable to create the virtio block device: Virtio backend error: "
+     "Error manipulating the backing file: No such file or directory (os error 2) /nonexistent"),
     ('{\n  "boot-source": }', "invalid character at line 2 column 18"),
     ('{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "vcpu_count": 2}}', "duplicate field `vcpu_count`"),
 ])
