@@ -14,8 +14,10 @@ should happen:
   throttle timer resumes the queue.
 
 The base class's ``carry_out`` does them in order; :meth:`BlockHandler.perform`
-writes guest bytes and collects the ops, which go to the engine in one
-``submit`` at the end of the drain (one ``io_uring_enter`` per batch).
+writes guest bytes and hands the ops on: the Async engine's go to it in one
+``submit`` at the end of the drain (one ``io_uring_enter`` per batch), a Sync
+op is submitted and answered at once (each is its own syscall anyway, and a
+polling driver can refill while the rest of the ring is read).
 Results -- the ones ``submit`` returns, answered in the drain's batch, and
 the ones the engine delivers later from its own loop callback, a batch of
 their own -- are answered on the I/O side (the status byte, then the used
@@ -92,6 +94,7 @@ class BlockHandler(QueueHandler):
         self.queue = act.queues[0]
         self.engine = make_engine(device, act, self._on_io_complete)
         self._uring = isinstance(self.engine, UringEngine)
+        self._sync = isinstance(self.engine, SyncEngine)
         self.timer = ThrottleTimer(act.loop, device.rate_limiter, self._on_throttle_timer)
         self._to_start: list[IoOp] = []
         self._engine_stalled = False
@@ -151,7 +154,14 @@ class BlockHandler(QueueHandler):
         if isinstance(effect, WriteGuest):
             effect.at.write(self.mem, effect.data)
         elif isinstance(effect, StartIo):
-            self._to_start.append(effect.op)
+            if self._sync:
+                # Nothing to batch for Sync (one syscall per op either way), and answering
+                # now lets a polling driver see the completion and refill while the rest
+                # of the ring is read: the device and the driver overlap instead of taking
+                # turns per batch.  The interrupt is still one per batch.
+                self._answer_all(self.engine.submit([effect.op]))
+            else:
+                self._to_start.append(effect.op)
         else:
             return super().perform(queue_index, effect)
         return True
