@@ -187,7 +187,7 @@ void cpuid_action(const char *v, size_t vn);
 void vsock_action(const char *arg, size_t n);
 
 /* ---- pci.c: PCI bus 0 through ECAM, virtio-pci ---- */
-void pci_configure(uint64_t ecam_base);
+void pci_configure(uint64_t ecam_base, uint64_t mmio_base);
 void pci_rng_action(const char *arg, size_t n);
 void pci_blk_action(const char *arg, size_t n);
 void pci_move_action(const char *arg, size_t n);
@@ -199,6 +199,7 @@ void pci_wait_action(const char *arg, size_t n);
 void pci_hostile_action(const char *arg, size_t n);
 void pci_cfgwin_action(const char *arg, size_t n);
 void pci_blk_resize_action(const char *arg, size_t n);
+void pci_blkbench_action(const char *arg, size_t n);
 
 #endif /* __ASSEMBLER__ */
 #endif /* TESTGUEST_H */

@@ -7,12 +7,13 @@
  *   virtio_base=0x..  virtio_stride=0x..  virtio_count=N   where to probe
  *   pmport=0x..  pmmmio=0x..  slptyp=N                     ACPI sleep control
  *   pci_ecam=0x..                                          PCI ECAM base (pci.c)
+ *   pci_mmio=0x..                                          where unassigned BARs go (pci.c)
  * Actions (run in command-line order):
  *   boottimer=1  cpus=N  serialecho=1  blkdev=N  blk=...  blkbench=...  blkreset=...  rng=N  net=...
  *   vsock=...  balloon=<start_mib>:<mib>
  *   pci-rng=N  pci-blk=<sector>  pci-move=<addr>:<n>  pci-bad-bar=<addr>
  *   pci-kick=new|old:<n>  pci-msix=<vector>  pci-cf8=1  pci-wait=<dev>:<present|absent>
- *   pci-hostile=1  pci-cfgwin=1  pci-blk-resize=1          (pci.c)
+ *   pci-hostile=1  pci-cfgwin=1  pci-blk-resize=1  pci-blkbench=...   (pci.c)
  *   mmioflood=<addr>:<count>  count=<n>
  *   cpuid=LEAF[.SUBLEAF]                                   (cpuid.c)
  * Exit (runs last; default halt):
@@ -40,7 +41,7 @@ static size_t cmdline_len;
 static struct {
         struct virtio_params virtio;
         uint64_t pmport, pmmmio, slptyp;
-        uint64_t pci_ecam;
+        uint64_t pci_ecam, pci_mmio;
 } cfg = {
         .virtio = {0xc0001000, 0x1000, 8},
         .pci_ecam = 0xeec00000,                 /* PCI_ECAM_START in asyncvmm/arch/x86_64/layout.py */
@@ -125,6 +126,7 @@ static void apply_setting(const char *k, size_t kn, const char *v, size_t vn)
                 {"pmmmio", &cfg.pmmmio},
                 {"slptyp", &cfg.slptyp},
                 {"pci_ecam", &cfg.pci_ecam},
+                {"pci_mmio", &cfg.pci_mmio},
         };
 
         for (size_t i = 0; i < sizeof(settings) / sizeof(settings[0]); i++)
@@ -219,6 +221,8 @@ static void run_action(const char *k, size_t kn, const char *v, size_t vn)
                 pci_hostile_action(v, vn);
         } else if (key_is(k, kn, "pci-cfgwin")) {
                 pci_cfgwin_action(v, vn);
+        } else if (key_is(k, kn, "pci-blkbench")) {
+                pci_blkbench_action(v, vn);
         } else if (key_is(k, kn, "pci-blk-resize")) {
                 pci_blk_resize_action(v, vn);
         } else if (key_is(k, kn, "mmioflood")) {
@@ -330,7 +334,7 @@ void guest_main(void)
         vdev_configure(&cfg.virtio);
         vsock_configure(&cfg.virtio);
         balloon_configure(&cfg.virtio);
-        pci_configure(cfg.pci_ecam);
+        pci_configure(cfg.pci_ecam, cfg.pci_mmio);
         for_each_token(run_action);
         do_exit();
 }

@@ -47,6 +47,11 @@
  *                            another file), reading it under config_generation (4.1.4.3.1)
  *                                                           -> "pci blk-resize waiting capacity= generation=",
  *                                                              "pci blk-resize capacity= generation= isr="
+ *   pci-blkbench=<mode>:<block>:<amount>:<depth>[:ack]
+ *                            blkbench.c's read benchmark on virtio-blk over this transport: a fresh queue of
+ *                            256 entries with VIRTIO_RING_F_EVENT_IDX if offered, kicks at the notify address;
+ *                            ack reads the ISR byte after each batch (an INTx handler's one exit)
+ *                                                           -> "blkbench start ...", "blkbench done ..."
  *   pci-cf8=1                lists bus 0 again through CONFIG_ADDRESS/CONFIG_DATA (ports 0xcf8/0xcfc) and
  *                            compares every dword and word read with ECAM
  *                                                           -> "pci cf8 functions= mismatches="
@@ -58,7 +63,10 @@
  * Configuration space is read through ECAM (PCI Express 3.0 section 7.2.2: bus << 20 | device << 15 |
  * function << 12 | register) at pci_ecam= (default PCI_ECAM_START of asyncvmm/arch/x86_64/layout.py).
  * The virtio structures must all live in one 64-bit memory BAR, the one the capabilities name (BAR0
- * under asyncvmm, BAR4 under QEMU); "BAR" below means that one.
+ * under asyncvmm, BAR4 under QEMU); "BAR" below means that one.  A BAR found at 0 (nobody assigned
+ * it: QEMU microvm with pcie=on runs no firmware that does) is placed at the next free, size-aligned
+ * address from pci_mmio= (QEMU microvm's 32-bit PCIe window starts at 0xc0000000); without
+ * pci_mmio= such a BAR is an error.
  * BARs are reachable where entry.S maps MMIO: the 3..4 GiB gap and MMIO64_MAP_START..+MMIO64_MAP_SIZE,
  * the start of asyncvmm's 64-bit BAR window for guests below 256 GiB.  Interrupts stay off: no MSI-X
  * vector is assigned (VIRTIO_MSI_NO_VECTOR) and the used ring is polled.
@@ -164,12 +172,14 @@ struct pci_vdev {
         uint32_t pcicfg;        /* config-space offset of the VIRTIO_PCI_CAP_PCI_CFG capability */
         uint32_t msix;          /* config-space offset of the MSI-X capability, 0 if none */
         uint16_t queue_vector;  /* queue 0's MSI-X vector (VIRTIO_MSI_NO_VECTOR: none) */
+        uint16_t queue_size;    /* entries asked for queue 0; 0: VQ_DEFAULT_SIZE */
         uint64_t features;
         int ready;
         struct virtq q;
 };
 
 static uint64_t ecam = ECAM_DEFAULT;
+static uint64_t bar_next;               /* pci_mmio=: where an unassigned BAR goes; 0: nowhere */
 static uint64_t notify_before_move;     /* rng's notify address before the last pci-move */
 static struct pci_vdev rng = {.name = "rng", .type = VIRTIO_ID_RNG, .queue_vector = VIRTIO_MSI_NO_VECTOR};
 static struct pci_vdev blk = {.name = "blk", .type = VIRTIO_ID_BLOCK, .queue_vector = VIRTIO_MSI_NO_VECTOR};
@@ -177,9 +187,10 @@ static uint8_t buf[RNG_MAX] __attribute__((aligned(4096)));
 static struct virtio_blk_req_hdr blk_hdr;
 static volatile uint8_t blk_status;
 
-void pci_configure(uint64_t ecam_base)
+void pci_configure(uint64_t ecam_base, uint64_t mmio_base)
 {
         ecam = ecam_base;
+        bar_next = mmio_base;
 }
 
 static void pci_error(const char *reason, uint64_t value)
@@ -420,6 +431,7 @@ static int setup_queue(struct pci_vdev *d, uint16_t want)
         memset(q, 0, sizeof(*q));
         q->index = 0;
         q->size = max < want ? max : want;
+        q->event_idx = !!(d->features & VIRTIO_RING_F_EVENT_IDX);
         mmio_write16(common(d, VIRTIO_PCI_COMMON_Q_SIZE), q->size);
         /* 4.1.5.1.2.1: the device answers VIRTIO_MSI_NO_VECTOR if it cannot use the vector */
         mmio_write16(common(d, VIRTIO_PCI_COMMON_Q_MSIX), d->queue_vector);
@@ -466,7 +478,7 @@ static int virtio_pci_init(struct pci_vdev *d, uint64_t wanted)
         set_status(d, status);
         if (!(get_status(d) & VIRTIO_CONFIG_S_FEATURES_OK))
                 return fail(d, status, "FEATURES_OK-refused", get_status(d));
-        if (setup_queue(d, VQ_DEFAULT_SIZE) < 0)
+        if (setup_queue(d, d->queue_size ? d->queue_size : VQ_DEFAULT_SIZE) < 0)
                 return fail(d, status, "queue-setup", mmio_read16(common(d, VIRTIO_PCI_COMMON_Q_SIZE)));
         status |= VIRTIO_CONFIG_S_DRIVER_OK;
         set_status(d, status);
@@ -525,6 +537,10 @@ static int pci_ensure(struct pci_vdev *d, uint64_t wanted)
                 return -1;
         }
         d->bar_size = bar_size(d);
+        if (d->bar == 0 && bar_next) {          /* unassigned: place it (a power of two, 6.2.5.1) */
+                d->bar = (bar_next + d->bar_size - 1) & ~(d->bar_size - 1);
+                bar_next = d->bar + d->bar_size;
+        }
         if (!mmio_mapped(d->bar, d->bar_size)) {
                 pci_error("BAR-outside-the-guest-mapping", d->bar);
                 return -1;
@@ -615,6 +631,48 @@ void pci_rng_action(const char *arg, size_t n)
                 rng_read(want);
 }
 
+/* ---- blkbench.c's loop on virtio-blk over virtio-pci ---- */
+
+static struct virtq *blkbench_open_queue(uint16_t qsize, uint64_t extra_features)
+{
+        blk.ready = 0;                  /* reset and set up afresh: indices from 0 */
+        blk.queue_size = qsize;
+        return pci_ensure(&blk, extra_features) < 0 ? 0 : &blk.q;
+}
+
+/* virtio_blk_config.capacity (5.2.4), two 32-bit halves */
+static uint64_t blkbench_capacity(void)
+{
+        return mmio_read32(blk.bar + blk.device) | (uint64_t)mmio_read32(blk.bar + blk.device + 4) << 32;
+}
+
+static void blkbench_ack(struct virtq *q)
+{
+        (void)q;
+        (void)mmio_read8(blk.bar + blk.isr);    /* read to clear (4.1.4.5) */
+}
+
+static int blkbench_broken(struct virtq *q)
+{
+        (void)q;
+        return !!(get_status(&blk) & VIRTIO_CONFIG_S_NEEDS_RESET);
+}
+
+static const struct blkbench_transport pci_transport = {
+        .open_queue = blkbench_open_queue,
+        .capacity = blkbench_capacity,
+        .notify = notify,
+        .ack_interrupt = blkbench_ack,
+        .device_broken = blkbench_broken,
+};
+
+void pci_blkbench_action(const char *arg, size_t n)
+{
+        blkbench_run(&pci_transport, arg, n);
+        blk.ready = 0;                  /* the next use sets up its own 16-entry queue */
+        blk.queue_size = 0;
+}
+
 void pci_blk_action(const char *arg, size_t n)
 {
         uint64_t sector;
@@ -642,8 +700,7 @@ void pci_blk_action(const char *arg, size_t n)
         con_begin("pci blk");
         con_kv("sector", sector);
         /* virtio_blk_config.capacity (5.2.4), two 32-bit halves */
-        con_kv("capacity", mmio_read32(blk.bar + blk.device) |
-                           (uint64_t)mmio_read32(blk.bar + blk.device + 4) << 32);
+        con_kv("capacity", blkbench_capacity());
         con_kv("status", blk_status);
         con_kv("used", used);
         con_puts(" crc=");

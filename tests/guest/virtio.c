@@ -256,7 +256,7 @@ int vq_wait(struct virtq *q, uint32_t *len)
 }
 
 /* 2.7.7.2 / 2.7.10: whether the device asked to hear about this publish. */
-void vq_kick(struct virtq *q, uint16_t old)
+int vq_kick_wanted(struct virtq *q, uint16_t old)
 {
         uint16_t new_idx = q->avail.idx;
 
@@ -269,12 +269,15 @@ void vq_kick(struct virtq *q, uint16_t old)
                                                         sizeof(struct virtq_used_elem) * q->size);
 
                 /* vring_need_event(): did the index move past avail_event? */
-                if ((uint16_t)(new_idx - event - 1) >= (uint16_t)(new_idx - old))
-                        return;
-        } else if (*(volatile uint16_t *)&q->used.flags & VIRTQ_USED_F_NO_NOTIFY) {
-                return;
+                return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
         }
-        wr(q->base, VIRTIO_MMIO_QUEUE_NOTIFY, q->index);
+        return !(*(volatile uint16_t *)&q->used.flags & VIRTQ_USED_F_NO_NOTIFY);
+}
+
+void vq_kick(struct virtq *q, uint16_t old)
+{
+        if (vq_kick_wanted(q, old))
+                wr(q->base, VIRTIO_MMIO_QUEUE_NOTIFY, q->index);
 }
 
 uint16_t vq_used_ready(struct virtq *q)

@@ -155,7 +155,9 @@ int vq_add_chain(struct virtq *q, uint16_t head, const struct vbuf *bufs, int n)
 /* Makes the chains added since the last publish visible (avail->idx);
  * returns the index before, for vq_kick. */
 uint16_t vq_publish(struct virtq *q);
-/* Notifies the device if it wants to hear about avail->idx moving from old. */
+/* Whether the device wants to hear about avail->idx moving from old (EVENT_IDX or NO_NOTIFY). */
+int vq_kick_wanted(struct virtq *q, uint16_t old);
+/* Notifies the device (virtio-mmio QueueNotify) if vq_kick_wanted(). */
 void vq_kick(struct virtq *q, uint16_t old);
 /* Takes one used element if there is one: 1 with its id and length, else 0. */
 int vq_poll_used(struct virtq *q, uint32_t *id, uint32_t *len);
@@ -174,5 +176,18 @@ int vq_device_broken(struct virtq *q);
 struct virtq *blk_open_queue(uint16_t qsize, uint64_t extra_features);
 uint64_t blk_capacity(void);            /* 512-byte sectors, from config space */
 void blk_forget(void);                  /* re-initialise the device on its next use */
+
+/* blkbench.c: the block benchmark's request loop, over either transport.  vdev.c's virtio-mmio
+ * device (blkbench=) and pci.c's virtio-pci one (pci-blkbench=) each supply these. */
+struct blkbench_transport {
+        /* The block device reset and initialised afresh (queue indices from 0) with a queue of at
+         * most qsize entries and extra_features if offered; NULL (the reason printed) if it failed. */
+        struct virtq *(*open_queue)(uint16_t qsize, uint64_t extra_features);
+        uint64_t (*capacity)(void);                     /* 512-byte sectors */
+        void (*notify)(struct virtq *q);                /* the kick's register write */
+        void (*ack_interrupt)(struct virtq *q);         /* what an interrupt handler reads/writes */
+        int (*device_broken)(struct virtq *q);          /* DEVICE_NEEDS_RESET set (a VM exit) */
+};
+void blkbench_run(const struct blkbench_transport *t, const char *arg, size_t n);
 
 #endif
