@@ -207,3 +207,33 @@ def test_variant_selection():
     assert len(report.select_variants(variants, None)) == len(variants)
     with pytest.raises(ValueError, match="nope"):
         report.select_variants(variants, "asyncvmm-sync,nope", default)
+
+
+def test_pci_variants_run_the_same_loop_on_virtio_pci(tmp_path):
+    opts = block.Options(tmp_path / "k", tmp_path / "d.img", (RAND,), (0,), 1.0)
+    assert opts.cmdline(pci=True) == "pci-" + RAND.token + " exit=halt"
+    assert opts.cmdline() == RAND.token + " exit=halt"
+    args = block.qemu_pci_drive(tmp_path / "d.img", "threads")
+    drive = args[args.index("-drive") + 1]
+    assert "cache=writeback" in drive and "aio=threads" in drive and "readonly=on" in drive
+    assert "virtio-blk-pci,drive=bench,disable-legacy=on" in args
+    assert not any(a.startswith("virtio-mmio.") for a in args)
+    argv = block.with_pcie(["qemu", "-M", "microvm,x-option-roms=off", "-m", "128"])
+    assert argv == ["qemu", "-M", "microvm,x-option-roms=off,pcie=on", "-m", "128"]
+    with pytest.raises(ValueError, match="q35"):
+        block.with_pcie(["qemu", "-M", "q35"])
+    # QEMU microvm's ECAM and 32-bit PCIe window; asyncvmm's are the test guest's defaults
+    assert block.MICROVM_PCIE == "pci_ecam=0xe0000000 pci_mmio=0xc0000000"
+    assert {"asyncvmm-sync-pci", "qemu-microvm-pci"} <= set(block.DEFAULT_VARIANTS)
+
+
+def test_pci_ratios_pair_each_transport_with_its_peer_and_with_virtio_mmio():
+    metric = {"unit": "count", "median": 0.0}
+    vdocs = {name: {"metrics": {"r_iops": metric | {"median": m}}}
+             for name, m in [("asyncvmm-sync", 50.0), ("asyncvmm-sync-pci", 60.0), ("qemu-microvm", 100.0),
+                             ("qemu-microvm-pci", 120.0)]}
+    comps, _ = block.comparisons(vdocs, [RAND])
+    ratios = {(c["subject"], c["peer"]): c["ratio"] for c in comps}
+    assert ratios[("asyncvmm-sync-pci", "qemu-microvm-pci")] == 0.5
+    assert ratios[("asyncvmm-sync-pci", "asyncvmm-sync")] == 1.2
+    assert ratios[("qemu-microvm-pci", "qemu-microvm")] == 1.2
