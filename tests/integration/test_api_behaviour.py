@@ -324,44 +324,6 @@ def test_memory_hotplug_before_boot(api: Api) -> None:
         assert resp.fault == "The requested operation is not supported before starting the microVM."
 
 
-def test_pmem_before_boot(api: Api, disk: str) -> None:
-    """PUT /pmem configures (the file opens at InstanceStart), one root device among drives and
-    pmem, PATCH is post-boot only; GET /vm/config lists them in order (docs/pmem.md)."""
-    assert api("PUT", "/pmem/p0", {"id": "p0", "path_on_host": disk, "root_device": True}).status == 204
-    assert api("PUT", "/pmem/p1", {"id": "p1", "path_on_host": "/later", "read_only": True,
-                                   "rate_limiter": {"ops": {"size": 1, "refill_time": 100}}}).status == 204
-    resp = api("PUT", "/pmem/p2", {"id": "p2", "path_on_host": disk, "root_device": True})
-    assert resp.status == 400 and resp.fault == "Pmem config error: A root pmem device already exist"
-    resp = api("PUT", "/drives/rootfs", {"drive_id": "rootfs", "is_root_device": True, "path_on_host": disk})
-    assert resp.status == 400 and resp.fault == ("Drive config error: Attempt to add block as a root device "
-                                                 "while the root device defined as a pmem device")
-    resp = api("PUT", "/pmem/p9", {"id": "p0", "path_on_host": disk})
-    assert resp.status == 400
-    resp = api("PATCH", "/pmem/p0", {"id": "p0", "rate_limiter": {}})
-    assert resp.status == 400 and resp.fault == "The requested operation is not supported before starting the microVM."
-    pmem = api("GET", "/vm/config").json()["pmem"]
-    assert [(p["id"], p["root_device"], p["read_only"]) for p in pmem] == [("p0", True, False), ("p1", False, True)]
-    assert pmem[1]["rate_limiter"]["ops"] == {"size": 1, "refill_time": 100}
-    assert api("PUT", "/boot-source", {"kernel_image_path": disk}).status == 204   # no kernel: never reached
-    resp = api("PUT", "/actions", {"action_type": "InstanceStart"})
-    assert resp.status == 400 and resp.fault.startswith("Start microvm error: Cannot create pmem device: "
-                                                        "Error accessing backing file: No such file")
-
-
-def test_vhost_user_drive_is_refused_without_a_back_end_or_with_a_file_drives_fields(api: Api, tmp_path: Path) -> None:
-    """PUT /drives with `socket` connects to the back end, as Firecracker does (docs/devices.md)."""
-    before = api("GET", "/vm/config").json()
-    resp = api("PUT", "/drives/vu", {"drive_id": "vu", "is_root_device": False, "socket": str(tmp_path / "none")})
-    assert resp.status == 400 and resp.fault == (
-        "Drive config error: Unable to create the virtio block device: Vhost user backend error: "
-        "Vhost-user error: Failed to connect to UDS Unix stream: No such file or directory (os error 2)")
-    resp = api("PUT", "/drives/vu", {"drive_id": "vu", "is_root_device": False, "socket": str(tmp_path / "none"),
-                                     "rate_limiter": {"ops": {"size": 1, "refill_time": 100}}})
-    assert resp.status == 400 and resp.fault == ("Drive config error: Unable to create the virtio block "
-                                                 "device: Invalid block config.")
-    assert api("GET", "/vm/config").json() == before
-
-
 def _leaf(leaf: str = "0x1", register: str = "ecx", bitmap: str = "0b0") -> dict:
     return {"leaf": leaf, "subleaf": "0x0", "flags": 0,
             "modifiers": [{"register": register, "bitmap": bitmap}]}
@@ -409,6 +371,44 @@ def test_cpu_templates_before_boot(api: Api) -> None:
     resp = api("PATCH", "/machine-config", {"cpu_template": "V1N1"})
     assert resp.status == 400
     assert "unknown variant `V1N1`, expected one of `C3`, `T2`, `T2S`, `None`, `T2CL`, `T2A`" in resp.fault
+
+
+def test_vhost_user_drive_is_refused_without_a_back_end_or_with_a_file_drives_fields(api: Api, tmp_path: Path) -> None:
+    """PUT /drives with `socket` connects to the back end, as Firecracker does (docs/devices.md)."""
+    before = api("GET", "/vm/config").json()
+    resp = api("PUT", "/drives/vu", {"drive_id": "vu", "is_root_device": False, "socket": str(tmp_path / "none")})
+    assert resp.status == 400 and resp.fault == (
+        "Drive config error: Unable to create the virtio block device: Vhost user backend error: "
+        "Vhost-user error: Failed to connect to UDS Unix stream: No such file or directory (os error 2)")
+    resp = api("PUT", "/drives/vu", {"drive_id": "vu", "is_root_device": False, "socket": str(tmp_path / "none"),
+                                     "rate_limiter": {"ops": {"size": 1, "refill_time": 100}}})
+    assert resp.status == 400 and resp.fault == ("Drive config error: Unable to create the virtio block "
+                                                 "device: Invalid block config.")
+    assert api("GET", "/vm/config").json() == before
+
+
+def test_pmem_before_boot(api: Api, disk: str) -> None:
+    """PUT /pmem configures (the file opens at InstanceStart), one root device among drives and
+    pmem, PATCH is post-boot only; GET /vm/config lists them in order (docs/pmem.md)."""
+    assert api("PUT", "/pmem/p0", {"id": "p0", "path_on_host": disk, "root_device": True}).status == 204
+    assert api("PUT", "/pmem/p1", {"id": "p1", "path_on_host": "/later", "read_only": True,
+                                   "rate_limiter": {"ops": {"size": 1, "refill_time": 100}}}).status == 204
+    resp = api("PUT", "/pmem/p2", {"id": "p2", "path_on_host": disk, "root_device": True})
+    assert resp.status == 400 and resp.fault == "Pmem config error: A root pmem device already exist"
+    resp = api("PUT", "/drives/rootfs", {"drive_id": "rootfs", "is_root_device": True, "path_on_host": disk})
+    assert resp.status == 400 and resp.fault == ("Drive config error: Attempt to add block as a root device "
+                                                 "while the root device defined as a pmem device")
+    resp = api("PUT", "/pmem/p9", {"id": "p0", "path_on_host": disk})
+    assert resp.status == 400
+    resp = api("PATCH", "/pmem/p0", {"id": "p0", "rate_limiter": {}})
+    assert resp.status == 400 and resp.fault == "The requested operation is not supported before starting the microVM."
+    pmem = api("GET", "/vm/config").json()["pmem"]
+    assert [(p["id"], p["root_device"], p["read_only"]) for p in pmem] == [("p0", True, False), ("p1", False, True)]
+    assert pmem[1]["rate_limiter"]["ops"] == {"size": 1, "refill_time": 100}
+    assert api("PUT", "/boot-source", {"kernel_image_path": disk}).status == 204   # no kernel: never reached
+    resp = api("PUT", "/actions", {"action_type": "InstanceStart"})
+    assert resp.status == 400 and resp.fault.startswith("Start microvm error: Cannot create pmem device: "
+                                                        "Error accessing backing file: No such file")
 
 
 def test_balloon_before_boot(api: Api) -> None:

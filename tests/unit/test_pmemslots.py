@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pathlib
+import shutil
+import tempfile
 
 import pytest
 
@@ -71,15 +74,38 @@ def test_exactly_aligned_file_maps_without_a_tail(tmp_path):
         backing.close()
 
 
-def test_read_only_file_opens_without_write_permission(tmp_path):
-    path = _file(tmp_path, MiB, b"ro")
-    os.chmod(path, 0o444)
-    if os.access(path, os.W_OK):
-        pytest.skip("running as root: permissions do not refuse writes")
+def _check_read_only_file(path: str) -> None:
     with pytest.raises(PmemError, match=r"^Error accessing backing file: Permission denied"):
         PmemBacking(path, read_only=False)
     backing = PmemBacking(path, read_only=True)
     backing.close()
+
+
+def test_read_only_file_opens_without_write_permission():
+    # Root ignores file permissions, so the check runs in a child that became `nobody`
+    # (in a directory that user can enter; pytest's tmp_path is root's alone).
+    tmp = tempfile.mkdtemp(prefix="pmem-ro-")
+    try:
+        os.chmod(tmp, 0o755)
+        path = _file(pathlib.Path(tmp), MiB, b"ro")
+        os.chmod(path, 0o444)
+        if os.access(path, os.W_OK) and os.geteuid() != 0:
+            pytest.fail("the file is writable although its mode is 0444")
+        pid = os.fork()
+        if pid == 0:                                  # the child: never returns into pytest
+            code = 1
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                _check_read_only_file(path)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        shutil.rmtree(tmp)
 
 
 def test_missing_and_empty_files_are_refused(tmp_path):
