@@ -154,7 +154,9 @@ class GuestMemory:
         self._index(self._ram)
         first = self._regions[0] if self._regions else None
         self._low = first if first is not None and first.guest_addr == 0 else None
-        self._low_size = self._low.size if self._low is not None else 0
+        # One past the RAM region at guest address 0 (0: none).  A range below it is RAM with
+        # no lookup: the hot paths (descriptor checks) test against it first.
+        self.low_ram_end = self._low.size if self._low is not None else 0
 
     def _index(self, regions: list[GuestRegion]) -> None:
         self._regions = sorted(regions, key=lambda r: r.guest_addr)
@@ -332,7 +334,7 @@ class GuestMemory:
             raise GuestMemoryError(gpa, length, "negative address or length")
         # Fast path: nearly every access of a guest under 3 GiB hits the low region.
         low = self._low
-        if low is not None and gpa + length <= self._low_size:
+        if low is not None and gpa + length <= self.low_ram_end:
             return low, gpa
         i = bisect.bisect_right(self._starts, gpa) - 1
         if i >= 0:

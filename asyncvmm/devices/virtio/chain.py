@@ -284,6 +284,7 @@ def collect(chain: DescriptorChain) -> ChainBuffers:
     rlen = wlen = 0
     mem = chain.mem
     contains = mem.contains
+    low_end = mem.low_ram_end            # addr and length are unsigned: below it is RAM
     unpack = _DESC.unpack_from
     while not chain._done:
         index = chain._index
@@ -304,7 +305,8 @@ def collect(chain: DescriptorChain) -> ChainBuffers:
             chain._seen_write = True
         elif chain._seen_write:
             raise DescriptorDirectionError("device-readable descriptor after a device-writable one")
-        if length and not contains(addr, length) and not in_guest_memory(mem, addr, length):
+        if (length and addr + length > low_end and not contains(addr, length)
+                and not in_guest_memory(mem, addr, length)):
             raise DescriptorRangeError(f"buffer {addr:#x}+{length:#x} outside guest memory")
         if not length:
             continue

@@ -108,16 +108,17 @@ class SyncEngine:
         gate = self.gate
         if not gate.enter():
             return [(op, CANCELLED) for op in ops]
-        done = []
         try:
-            for op in ops:
-                try:
-                    done.append((op, perform(op, self.fdatasync)))
-                except OSError as e:
-                    done.append((op, e))
+            return [self.run_inside_gate(op) for op in ops]
         finally:
             gate.exit()
-        return done
+
+    def run_inside_gate(self, op: IoOp) -> tuple[IoOp, object]:
+        """Run one op for a caller that already holds the activation's gate (a queue drain)."""
+        try:
+            return op, perform(op, self.fdatasync)
+        except OSError as e:
+            return op, e
 
     def close(self) -> None:
         pass
