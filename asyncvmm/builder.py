@@ -36,7 +36,7 @@ from .devices.legacy.acpi_pm import ACPI_PM_PORT_BASE, ACPI_PM_PORT_SIZE, AcpiPm
 from .devices.legacy.boot_timer import BootTimer
 from .devices.legacy.i8042 import I8042, I8042Metrics, I8042State
 from .devices.legacy.serial import Serial, SerialMetrics, SerialState
-from .devices.rate_limiter import RateLimiter, RateLimiterState
+from .devices.rate_limiter import RateLimiter, RateLimiterState, TokenBucket
 from .devices.virtio.block import Block, BlockFileError, BlockMetrics, UnsupportedEngineError
 from .devices.virtio.block.vhost_user import VhostUserBlock, VhostUserBlockError, VhostUserBlockMetrics
 from .devices.virtio.device import VirtioDevice
@@ -316,9 +316,11 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         faults = GuestFaults(_register(ctx.metrics, "guest_faults", GuestFaultMetrics()))
         pio_bus = Bus("pio", locked=True, faults=faults)
         mmio_bus = Bus("mmio", locked=False, faults=faults)
+        serial_limit = config.serial.rate_limiter if config.serial is not None else None
         serial = Serial(_irq_line(vm, layout.IRQ_COM1, stack), ctx.serial_out,
                         metrics=_register(ctx.metrics, "uart", SerialMetrics()),
-                        on_rx_space=ctx.serial_on_rx_space)
+                        on_rx_space=ctx.serial_on_rx_space,
+                        out_limiter=TokenBucket.from_config(serial_limit) if serial_limit else None)
         pio_bus.insert(layout.COM1_PORT, 8, serial)
         i8042 = I8042(_irq_line(vm, layout.IRQ_I8042, stack), ctx.on_guest_reset,
                       metrics=_register(ctx.metrics, "i8042", I8042Metrics()))

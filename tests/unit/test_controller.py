@@ -500,13 +500,12 @@ async def test_machine_config_defaults_and_no_op_values_are_accepted(ctl: Contro
     assert ctl.config.machine_config.cpu_template is None
 
 
-async def test_built_resources_refuse_the_fields_that_are_not_built(ctl: Controller, tmp_path: Any) -> None:
-    with pytest.raises(ControllerError) as err:
-        await ctl.handle(Action(K.CONFIGURE_SERIAL, SerialConfig(rate_limiter=TokenBucketConfig(size=1, refill_time=1))))
-    assert err.value.message == "Rate limiting the serial console (serial `rate_limiter`) " + NOT_YET
+async def test_every_field_of_the_built_resources_is_accepted(ctl: Controller, tmp_path: Any) -> None:
+    limit = TokenBucketConfig(size=1, refill_time=1)
+    await ctl.handle(Action(K.CONFIGURE_SERIAL, SerialConfig(rate_limiter=limit)))
+    assert ctl.config.serial.rate_limiter == limit          # the builder gives it to the UART
     cfg = await ctl.handle(Action(K.GET_FULL_VM_CONFIG))
-    assert cfg["drives"] == [] and cfg["cpu-config"] is None and "serial" not in cfg
-    # The same resources without those fields are built and accepted.
+    assert cfg["drives"] == [] and cfg["cpu-config"] is None
     await ctl.handle(Action(K.CONFIGURE_SERIAL, SerialConfig(serial_out_path=str(tmp_path / "serial.out"))))
     await ctl.handle(Action(K.PUT_CPU_CONFIGURATION, CpuConfig()))
     await ctl.handle(Action(K.PUT_CPU_CONFIGURATION, CpuConfig(cpuid_modifiers=[], msr_modifiers=[])))

@@ -25,6 +25,7 @@ import msgspec
 
 from ...metrics import MetricGroup
 from ..irq import IrqLine
+from ..rate_limiter import TokenBucket
 
 # Register offsets from the base port (0x3F8 for COM1).
 DATA = 0        # RBR (read) / THR (write); DLL when DLAB is set
@@ -72,6 +73,7 @@ class SerialMetrics(MetricGroup):
     missed_write_count: int = 0
     read_count: int = 0
     write_count: int = 0
+    rate_limiter_dropped_bytes: int = 0   # output bytes the serial rate limiter dropped
 
 
 class SerialState(msgspec.Struct, forbid_unknown_fields=True, tag="serial-v1"):
@@ -97,9 +99,14 @@ def _byte(name: str, value: int) -> int:
 class Serial:
     def __init__(self, irq: IrqLine, out: Callable[[bytes], None] | None,
                  metrics: SerialMetrics | None = None,
-                 on_rx_space: Callable[[], None] | None = None) -> None:
+                 on_rx_space: Callable[[], None] | None = None,
+                 out_limiter: TokenBucket | None = None) -> None:
         self._irq = irq
         self._out = out
+        # PUT /serial rate_limiter: one token per output byte; a byte without one is dropped
+        # (counted, never queued), as Firecracker 1.16 does, so a chatty guest cannot flood
+        # the host's log or disk.
+        self._out_limiter = out_limiter
         self._on_rx_space = on_rx_space
         self.metrics = metrics or SerialMetrics()
         self._lock = threading.Lock()
@@ -213,7 +220,9 @@ class Serial:
         # FCR, LSR and MSR writes have no effect on an always-ready line.
 
     def _transmit(self, value: int) -> None:
-        if self._out is not None:
+        if self._out_limiter is not None and not self._out_limiter.consume(1):
+            self.metrics.rate_limiter_dropped_bytes += 1
+        elif self._out is not None:
             try:
                 self._out(bytes([value]))
                 self.metrics.write_count += 1

@@ -1,6 +1,7 @@
 from hypothesis import given, strategies as st
 
 from asyncvmm.devices.legacy import serial as s
+from asyncvmm.devices.rate_limiter import TokenBucket
 from tests.fakes.irq import CountingIrqLine
 
 
@@ -101,3 +102,20 @@ def test_any_register_sequence_is_safe(ops):
             dev.write(off, bytes([val]))
         else:
             assert len(dev.read(off, 1)) == 1
+
+
+def test_the_output_rate_limiter_drops_bytes_beyond_its_budget_and_counts_them():
+    now = [0]
+    bucket = TokenBucket(4, 1000, clock=lambda: now[0])      # 4 bytes per second
+    dev, irq, out = make(out_limiter=bucket)
+    dev.write(s.IER, bytes([s.IER_THRE]))
+    before = irq.count
+    for b in b"abcdefgh":
+        dev.write(s.DATA, bytes([b]))
+    assert out == b"abcd"
+    assert dev.metrics.rate_limiter_dropped_bytes == 4 and dev.metrics.write_count == 4
+    assert irq.count == before + 8        # a dropped byte still empties the transmitter
+    now[0] += 500_000_000                 # half a second refills two tokens
+    for b in b"xyz":
+        dev.write(s.DATA, bytes([b]))
+    assert out == b"abcdxy" and dev.metrics.rate_limiter_dropped_bytes == 5
