@@ -333,9 +333,9 @@ def test_a_drive_put_after_boot_appears_on_rescan_works_and_unplugs(pci_vm):
     dev = f"/dev/{names[0]}"
     assert guest.run(f"cat /sys/block/{names[0]}/serial").check().output.strip() == "hot"
     guest.run(f"i=0; while [ ! -b {dev} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
-              f"mkdir -p /mnt/hot && mount -t ext4 {dev} /mnt/hot").check()
-    assert guest.run("cat /mnt/hot/from-host.txt").check().output.strip() == f"host-{token}"
-    guest.run(f"echo guest-{token} > /mnt/hot/from-guest.txt && sync && umount /mnt/hot").check()
+              f"mkdir -p /tmp/hot && mount -t ext4 {dev} /tmp/hot").check()
+    assert guest.run("cat /tmp/hot/from-host.txt").check().output.strip() == f"host-{token}"
+    guest.run(f"echo guest-{token} > /tmp/hot/from-guest.txt && sync && umount /tmp/hot").check()
     assert_msix_vectors(guest, bdf, ["config", "req.0"])
     written = subprocess.run([debugfs, "-R", "cat /from-guest.txt", str(image)],
                              capture_output=True, text=True, check=True).stdout
