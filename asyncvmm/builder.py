@@ -294,6 +294,9 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
     if mc.huge_pages != "None" and config.balloon is not None:
         raise BuildError("A balloon device cannot be used with huge pages (as in Firecracker): "
                          "inflating it would give no memory back.")
+    if config.memory_hotplug is not None:
+        for device in [*config.drives, *config.network_interfaces]:
+            _refuse_vhost_with_memory_hotplug(device)
     with contextlib.ExitStack() as stack:
         try:
             kvm = Kvm(ctx.kvm_path)
@@ -343,6 +346,21 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
             virtio = _PciAttach(slots, saved_slots)
         else:
             virtio = _VirtioSlots(vm, mem, mmio_bus, ctx.loop, stack, faults)
+        balloon_device = None
+        if config.balloon is not None:
+            b = config.balloon
+            balloon_device = Balloon(
+                amount_mib=b.amount_mib, deflate_on_oom=b.deflate_on_oom,
+                stats_polling_interval_s=b.stats_polling_interval_s,
+                free_page_hinting=b.free_page_hinting, free_page_reporting=b.free_page_reporting,
+                mem_size_mib=mc.mem_size_mib,
+                metrics=_register(ctx.metrics, "balloon", BalloonMetrics()))
+        balloon = None
+        if balloon_device is not None and pci:
+            # Firecracker 1.16 attaches the balloon first, so on PCI it is 00:01.0 ahead of the
+            # drives (clients work out BDFs from that order).  virtio-mmio keeps the order its
+            # snapshots were taken with.
+            balloon = virtio.attach(balloon_device, "balloon")
         blocks = {}
         # The root device goes first so that it is /dev/vda, as the command line says.
         for drive in sorted(config.drives, key=lambda d: not d.is_root_device):
@@ -370,15 +388,8 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         if config.entropy is not None:
             rng = virtio.attach(Rng(RateLimiter.from_config(config.entropy.rate_limiter),
                                     _register(ctx.metrics, "entropy", EntropyMetrics())), "entropy")
-        balloon = None
-        if config.balloon is not None:
-            b = config.balloon
-            balloon = virtio.attach(Balloon(
-                amount_mib=b.amount_mib, deflate_on_oom=b.deflate_on_oom,
-                stats_polling_interval_s=b.stats_polling_interval_s,
-                free_page_hinting=b.free_page_hinting, free_page_reporting=b.free_page_reporting,
-                mem_size_mib=mc.mem_size_mib,
-                metrics=_register(ctx.metrics, "balloon", BalloonMetrics())), "balloon")
+        if balloon_device is not None and not pci:
+            balloon = virtio.attach(balloon_device, "balloon")
         memory_hotplug = None
         if config.memory_hotplug is not None:
             memory_hotplug = virtio.attach(_virtio_mem(config.memory_hotplug, vm, mem, ctx, stack, restore),
@@ -572,7 +583,16 @@ class _PciAttach:
 
     def __init__(self, slots: PciSlots, saved_slots: dict | None) -> None:
         self.slots = slots
-        self._saved = msgspec.convert(saved_slots, dict[str, int]) if saved_slots is not None else None
+        self._saved = None
+        if saved_slots is not None:
+            try:
+                self._saved = msgspec.convert(saved_slots, dict[str, int])
+            except msgspec.ValidationError as e:
+                raise BuildError(f"the snapshot's PCI slots are invalid: {e}") from None
+            numbers = list(self._saved.values())
+            if any(not 1 <= n <= 31 for n in numbers) or len(set(numbers)) != len(numbers):
+                raise BuildError(f"the snapshot's PCI slots are invalid: {sorted(numbers)} "
+                                 "(each device its own slot in 1..31)")
         self.transports: list = []
         self.ids: list[str] = []
 
@@ -791,12 +811,27 @@ def _register(metrics: MetricsRegistry, name: str, group):
 # -- hot-plug (--enable-pci) ------------------------------------------------------------------
 
 
+VHOST_WITH_MEMORY_HOTPLUG = (
+    "{what} cannot be used with memory hotplug yet: its back end is given the boot memory "
+    "only, and the guest would place buffers in hot-plugged memory it cannot reach")
+
+
+def _refuse_vhost_with_memory_hotplug(device) -> None:
+    if getattr(device, "socket", None) is not None:
+        raise BuildError(VHOST_WITH_MEMORY_HOTPLUG.format(what=f"The vhost-user drive {device.drive_id}"))
+    if getattr(device, "vhost", None):
+        raise BuildError(VHOST_WITH_MEMORY_HOTPLUG.format(
+            what=f"The vhost-net interface {device.iface_id}"))
+
+
 def hotplug_device(machine: MicroVm, ctx: BuildContext, cfg) -> None:
     """Create the device ``cfg`` asks for (a drive, a network interface or a pmem device)
     and put it on the running microVM's PCI bus; the guest finds it when it rescans the
     bus.  A failure leaves the microVM as it was."""
     if machine.pci is None:
         raise BuildError("PCI is not enabled")
+    if machine.memory_hotplug is not None:
+        _refuse_vhost_with_memory_hotplug(cfg)
     if getattr(cfg, "socket", None) is not None and machine.mem.regions[0].shared_fd is None:
         raise BuildError("Vhost user backend error: guest memory is not shared (it is, when a "
                          "vhost-user drive is configured before boot)")
@@ -823,8 +858,15 @@ def hotplug_device(machine: MicroVm, ctx: BuildContext, cfg) -> None:
         else:
             machine.nets[cfg.iface_id] = device
         device_stack = stack.pop_all()
+    if not machine.hotplugged:      # one callback closes whatever is still plugged at the end
+        machine.resources.callback(_close_hotplugged, machine)
     machine.hotplugged[device_id] = device_stack
-    machine.resources.callback(device_stack.close)
+
+
+def _close_hotplugged(machine: MicroVm) -> None:
+    while machine.hotplugged:
+        _, stack = machine.hotplugged.popitem()
+        stack.close()
 
 
 def unplug_device(machine: MicroVm, device_id: str, metrics: MetricsRegistry) -> None:
@@ -835,18 +877,24 @@ def unplug_device(machine: MicroVm, device_id: str, metrics: MetricsRegistry) ->
         index = machine.transport_ids.index(device_id)
     except ValueError:
         raise BuildError("Device not found") from None
-    transport = machine.transports.pop(index)
-    del machine.transport_ids[index]
+    transport = machine.transports[index]
     kind, _, name = device_id.partition(":")
-    device = {"block": machine.blocks, "pmem": machine.pmems}.get(kind, machine.nets).pop(name, None)
-    stack = machine.hotplugged.pop(device_id, None)
-    if stack is None:               # a device the microVM booted with
+    devices = {"block": machine.blocks, "pmem": machine.pmems}.get(kind, machine.nets)
+    device = devices.get(name)
+    stack = machine.hotplugged.get(device_id)
+    # Off the bus first: if that fails the microVM still lists the device, as it still has it.
+    if stack is None:
         machine.pci.detach(transport)
+    else:
+        stack.close()
+        del machine.hotplugged[device_id]
+    del machine.transports[index]
+    del machine.transport_ids[index]
+    devices.pop(name, None)
+    if stack is None:               # a device the microVM booted with
         metrics.unregister(f"{kind}_{name}")
         if isinstance(device, VhostUserBlock):
             metrics.unregister(f"vhost_user_block_{name}")
         if isinstance(device, Pmem):
             # The guest loses the region now; the host mapping goes when the microVM closes.
             machine.pmem_regions.unmap(device.start)
-    else:
-        stack.close()

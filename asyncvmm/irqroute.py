@@ -179,6 +179,7 @@ class GsiRouter(RoutingTable):
                  max_routes: int = KVM_MAX_IRQ_ROUTES) -> None:
         super().__init__(first=first, last=last, max_routes=max_routes)
         self.vm = vm
+        self._kvm_limit = vm.check_extension(KVM_CAP_IRQ_ROUTING)    # KVM_MAX_IRQ_ROUTES
 
     def commit(self) -> None:
         """One ``KVM_SET_GSI_ROUTING`` with the staged table, if it changed since the last one.
@@ -191,8 +192,8 @@ class GsiRouter(RoutingTable):
         try:
             self.vm.set_gsi_routing(to_kvm_entries(routes))
         except KvmError as e:
-            limit = self.vm.check_extension(KVM_CAP_IRQ_ROUTING)    # KVM_MAX_IRQ_ROUTES
-            raise GsiRoutingError(
+            limit = self._kvm_limit       # asked at construction: the loop's seccomp filter
+            raise GsiRoutingError(          # does not allow KVM_CHECK_EXTENSION at run time
                 f"KVM_SET_GSI_ROUTING refused the table of {len(routes)} routes, highest GSI "
                 f"{max(r.gsi for r in routes)} (this KVM takes at most {limit} routes, on GSIs "
                 f"below {limit}): {os.strerror(e.errno)}") from e
@@ -213,6 +214,10 @@ class MsiVectors:
         self.gsis: list[int] = []
         self._eventfds: list[EventFd] = []
         self._reported: list[int | None] = [None] * num_vectors   # the bad address last reported
+        # Whether each irqfd is assigned: it is taken off KVM while its vector is masked, so a
+        # back end signalling the eventfd itself (vhost) cannot get past the mask; KVM injects
+        # a signal that arrived meanwhile when it is assigned again (PCI 3.0 6.8.3.4's pending).
+        self._assigned: list[bool] = []
         self._closed = False
         try:
             for _ in range(num_vectors):
@@ -226,6 +231,7 @@ class MsiVectors:
                     raise
                 self.gsis.append(gsi)
                 self._eventfds.append(efd)
+                self._assigned.append(True)
         except BaseException:
             self.close()
             raise
@@ -265,6 +271,13 @@ class MsiVectors:
             self._router.commit()
         except GsiRoutingError as e:     # a host failure; the guest's write must not fail with it
             log.error("MSI-X vector %d (GSI %d): %s; the route stays staged", vector, gsi, e)
+        if masked == self._assigned[vector]:
+            try:
+                self._router.vm.register_irqfd(self._eventfds[vector].fd, gsi, deassign=masked)
+                self._assigned[vector] = not masked
+            except KvmError as e:        # a host failure, as above
+                log.error("MSI-X vector %d (GSI %d): KVM_IRQFD %s: %s", vector, gsi,
+                          "deassign" if masked else "assign", e)
 
     def close(self) -> None:
         """Deassign the irqfds, drop the routes, free the GSIs and close the eventfds."""
@@ -272,7 +285,9 @@ class MsiVectors:
             return
         self._closed = True
         vm = self._router.vm
-        for efd, gsi in zip(self._eventfds, self.gsis):
+        for efd, gsi, assigned in zip(self._eventfds, self.gsis, self._assigned):
+            if not assigned:
+                continue
             try:
                 vm.register_irqfd(efd.fd, gsi, deassign=True)
             except KvmError as e:                # closing must go on: free what is left

@@ -35,7 +35,7 @@ from .devices.irq import EventFd
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.pci import BAR0_SIZE, VirtioPciTransport
 from .guestfault import GuestFaults
-from .irqroute import GsiRouter, MsiVectors
+from .irqroute import GsiRouter, GsiRoutingError, MsiVectors
 from .kvm import VmFd
 from .memory import GuestMemory
 from .pci.bars import BarAllocationError, BarSpace
@@ -98,7 +98,16 @@ class PciSlots:
     # -- attach / detach -------------------------------------------------------------
 
     def attach(self, device: VirtioDevice, *, slot: int | None = None) -> VirtioPciTransport:
-        """Put ``device`` on the bus (the next free slot, or ``slot`` for a restore)."""
+        """Put ``device`` on the bus (the next free slot, or ``slot`` for a restore).
+
+        Everything that can fail (no slot or BAR space, no GSI, a host refusing an eventfd or
+        irqfd) raises :class:`PciSlotError` and leaves the bus as it was."""
+        try:
+            return self._attach(device, slot)
+        except (OSError, ValueError, GsiRoutingError) as e:   # KvmError is an OSError
+            raise PciSlotError(f"cannot attach {type(device).__name__}: {e}") from e
+
+    def _attach(self, device: VirtioDevice, slot: int | None) -> VirtioPciTransport:
         with contextlib.ExitStack() as stack:
             events = []
             for _ in range(device.num_queues):
@@ -154,7 +163,8 @@ class PciSlots:
     def _route(self, entry: _Attached, vector: int) -> None:
         msix = entry.transport.msix
         address, data = msix.message(vector)
-        entry.vectors.route(vector, address, data, msix.masked(vector))
+        # With MSI-X off a function sends no MSI at all: its irqfds are off KVM like masked ones.
+        entry.vectors.route(vector, address, data, msix.masked(vector) or not msix.enabled)
 
     def _remap(self, entry: _Attached) -> None:
         new = entry.transport.bar_mapping()

@@ -303,6 +303,8 @@ class Vmm:
             unplug_device(self.machine, f"{prefix}:{device_id}", self._metrics)
         except BuildError as e:
             raise BackendError(str(e)) from None
+        except OSError as e:        # the host refused a deassign (KVM, vhost): the device stays
+            raise PciError(f"cannot take {device_id} off the bus: {e}") from None
 
     async def create_snapshot(self, params: SnapshotCreateConfig, config: VmConfig) -> None:
         """Write the paused microVM's state file and memory file (docs/snapshots.md).

@@ -239,6 +239,20 @@ def test_deliver_writes_the_vectors_eventfd_only_when_routed():
         os.eventfd_read(fd_of[24])
 
 
+def test_a_masked_vector_has_its_irqfd_off_kvm_until_unmasked():
+    # A back end writing the eventfd itself (vhost) must not get past the mask: KVM injects
+    # what it wrote meanwhile once the irqfd is assigned again.
+    vm, _, _, v = vectors(2)
+    fd = v.eventfd(0).fd
+    v.route(0, LAPIC_MSG, 0x40, masked=True)
+    assert fd not in vm.irqfds and v.eventfd(1).fd in vm.irqfds
+    v.route(0, LAPIC_MSG, 0x41, masked=True)      # still masked: no second deassign
+    v.route(0, LAPIC_MSG, 0x41, masked=False)
+    assert vm.irqfds[fd] == 24
+    v.close()
+    assert vm.irqfds == {}
+
+
 def test_route_commits_and_masked_vectors_keep_their_route():
     vm, router, _, v = vectors(2)
     v.route(0, LAPIC_MSG, 0x40, masked=False)

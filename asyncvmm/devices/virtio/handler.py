@@ -52,6 +52,7 @@ from asyncvmm.devices.virtio.chain import DescriptorChain
 from asyncvmm.devices.virtio.device import Activation
 from asyncvmm.devices.virtio.gate import GateClosedError
 from asyncvmm.devices.virtio.queue import QueueContractError
+from asyncvmm.memory import GuestMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,9 @@ class QueueHandler:
         except QueueContractError as e:
             self.fail(f"queue {index}: {e}")
             return None
+        except GuestMemoryError as e:       # see guarded()
+            self.fail(f"queue {index}: guest memory gone under a request: {e}")
+            return None
         except Exception:
             log.exception("%s: unexpected error processing queue %d", self.name, index)
             self.fail(f"queue {index}: internal error")
@@ -282,6 +286,10 @@ class QueueHandler:
             pass
         except QueueContractError as e:
             self.fail(str(e))
+        except GuestMemoryError as e:
+            # The guest took memory away under a request (a virtio-mem unplug of the block
+            # holding its status byte): its fault, reported rate-limited, not a traceback.
+            self.fail(f"guest memory gone under a request: {e}")
         except Exception:
             log.exception("%s: unexpected error", self.name)
             self.fail("internal error")

@@ -246,8 +246,9 @@ class VirtioMem(VirtioDevice):
             if present != self.slot_present[slot]:
                 self.slot_present[slot] = present
                 effects.append(SlotChange(slot, present))
-        if plug:      # a slot must be in KVM before the driver hears ACK
-            effects.sort(key=lambda e: not isinstance(e, SlotChange))
+        # A slot must be in KVM before the driver hears ACK of a plug; on an unplug the slot
+        # goes first too, so no vCPU can fault released pages back in between.
+        effects.sort(key=lambda e: not isinstance(e, SlotChange))
         return effects
 
     def _usable_for(self, requested: int) -> int:

@@ -130,9 +130,9 @@ def test_plug_unplug_effects_and_slots() -> None:
     assert dev.plugged_size == 4 * MiB and dev.status()["plugged_size_mib"] == 4
     kind, _, effects = dev.handle_request(Request(VIRTIO_MEM_REQ_UNPLUG, ADDR + 128 * MiB, 1))
     assert kind == VIRTIO_MEM_RESP_ACK
-    assert effects == [Release(128 * MiB, BLOCK), SlotChange(1, False)]
+    assert effects == [SlotChange(1, False), Release(128 * MiB, BLOCK)]   # slot out first
     kind, _, effects = dev.handle_request(Request(VIRTIO_MEM_REQ_UNPLUG_ALL))
-    assert kind == VIRTIO_MEM_RESP_ACK and effects == [Release(0, TOTAL_MIB * MiB), SlotChange(0, False)]
+    assert kind == VIRTIO_MEM_RESP_ACK and effects == [SlotChange(0, False), Release(0, TOTAL_MIB * MiB)]
     assert dev.plugged_size == 0 and dev.usable_region_size == 256 * MiB
     dev.update_requested_size(0)
     dev.handle_request(Request(VIRTIO_MEM_REQ_UNPLUG_ALL))
