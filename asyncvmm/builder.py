@@ -769,7 +769,7 @@ def _net_device(iface, mmds: MmdsNetworkStack | None, ctx: BuildContext,
     try:
         tap = Tap.open(iface.host_dev_name, vnet_hdr=True)
     except TapError as e:
-        raise BuildError(f"Could not create the network device {iface.iface_id}: "
+        raise BuildError(f"Could not create the network device: "
                          f"Open tap device failed: {e}") from e
     stack.callback(tap.close)          # until the device owns it (Net.close closes it too)
     metrics = NetMetrics()
@@ -782,7 +782,7 @@ def _net_device(iface, mmds: MmdsNetworkStack | None, ctx: BuildContext,
                       tx_rate_limiter=RateLimiter.from_config(iface.tx_rate_limiter),
                       mmds=mmds, metrics=metrics)
     except (ValueError, OSError) as e:
-        raise BuildError(f"Could not create the network device {iface.iface_id}: {e}") from e
+        raise BuildError(f"Could not create the network device: {e}") from e
     ctx.metrics.register(f"net_{iface.iface_id}", metrics, aggregate="net")
     stack.callback(ctx.metrics.unregister, f"net_{iface.iface_id}")
     log.info("Network interface %s on tap %s, guest MAC %s%s", iface.iface_id, tap.name,

@@ -946,10 +946,10 @@ async def test_hot_plugged_network_interface(pci: Controller, backend: FakeBacke
     assert backend.calls == calls
     # The tap is the VMM's to open: one another device holds, or one that cannot be made, fails there.
     backend.fail["hotplug_network_interface"] = BackendError(
-        "Could not create the network device eth2: Open tap device failed: Device or resource busy")
+        "Could not create the network device: Open tap device failed: Device or resource busy")
     with pytest.raises(ControllerError) as err:
         await pci.handle(Action(K.INSERT_NETWORK_DEVICE, NetworkInterfaceConfig(iface_id="eth2", host_dev_name="tap1")))
-    assert err.value.message == ("Network config error: Could not create the network device eth2: Open tap "
+    assert err.value.message == ("Network config error: Could not create the network device: Open tap "
                                  "device failed: Device or resource busy")
     assert [n.iface_id for n in pci.config.network_interfaces] == ["eth0", "eth1"]
 
