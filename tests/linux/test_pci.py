@@ -41,15 +41,25 @@ and killed; a fresh process loads the snapshot (without ``--enable-pci``:
 as in Firecracker, the snapshot says the VM has a PCI bus) and resumes it:
 the same functions at the same BARs, a rescan works, the disk reads what was
 written before and takes new writes, and its request vector keeps firing.
+
+A third microVM has vsock, entropy and a balloon on PCI as well: each is a
+virtio-pci function with MSI-X on (the balloon at 00:01.0, Firecracker's
+order), the hwrng reads, a host connection carries a token to a guest
+listener, and inflating the balloon is reported back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import secrets
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
@@ -410,3 +420,81 @@ def test_a_restored_pci_microvm_keeps_its_functions_and_its_disk_works(guests, g
     lines = assert_msix_vectors(second, bdf, ["config", "req.0"])
     assert lines["req.0"].count > fired, (fired, lines["req.0"].text)
     assert second.stop() == 0, second.tail()
+
+
+# --------------------------------------------------------------------------- the other devices on PCI
+
+VIRTIO_PCI_RNG, VIRTIO_PCI_BALLOON, VIRTIO_PCI_VSOCK = 0x1044, 0x1045, 0x1053   # 0x1040 + 4, 5, 19
+
+
+class DevicesLauncher(ApiLauncher):
+    """``--enable-pci`` with vsock, entropy and a balloon besides the root drive."""
+
+    def __init__(self, sock: Path, uds: str) -> None:
+        super().__init__(sock, extra_args=ENABLE_PCI)
+        self.uds = uds
+
+    def config(self, spec):
+        config = super().config(spec)
+        config["vsock"] = {"guest_cid": 3, "uds_path": self.uds}
+        config["entropy"] = {}
+        config["balloon"] = {"amount_mib": 0, "deflate_on_oom": False, "stats_polling_interval_s": 1}
+        return config
+
+
+def test_vsock_entropy_and_the_balloon_work_over_virtio_pci(guests, guest_images, tmp_path):
+    short = Path(tempfile.mkdtemp(prefix="avp", dir="/tmp"))         # sun_path holds 108 bytes
+    try:
+        sock, uds = short / "api.sock", str(short / "v.sock")
+        spec = pci_spec(guest_images, tmp_path)
+        guest = guests.start(DevicesLauncher(sock, uds), spec)
+        guest.wait_for(READY, BOOT_TIMEOUT)
+        wait_for_api(sock, guest)
+        functions = pci_functions(guest)
+        by_id = {(f.vendor, f.device): f for f in functions.values()}
+        for device in (VIRTIO_PCI_BALLOON, VIRTIO_PCI_BLOCK, VIRTIO_PCI_VSOCK, VIRTIO_PCI_RNG):
+            assert by_id[(VIRTIO_VENDOR, device)].driver == "virtio-pci", functions
+        # Firecracker 1.16's order: the balloon first, then the drives, vsock, entropy.
+        assert by_id[(VIRTIO_VENDOR, VIRTIO_PCI_BALLOON)].bdf == "0000:00:01.0", functions
+        for device in (VIRTIO_PCI_BALLOON, VIRTIO_PCI_VSOCK, VIRTIO_PCI_RNG):
+            assert msix_control(config_space(guest, by_id[(VIRTIO_VENDOR, device)].bdf)) \
+                & PCI_MSIX_FLAGS_ENABLE, device
+
+        # entropy: the guest's hwrng is the virtio-pci function and gives bytes
+        assert "virtio_rng" in guest.run("cat /sys/class/misc/hw_random/rng_current").check().output
+        assert guest.run("head -c 256 /dev/hwrng | wc -c").check().output.strip() == "256"
+
+        # vsock: a host connection to a guest listener carries a token
+        token = secrets.token_hex(16)
+        guest.run("(socat -u VSOCK-LISTEN:5000 CREATE:/tmp/vsock-in >/dev/null 2>&1 &)").check()
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(30)
+                s.connect(uds)
+                s.sendall(b"CONNECT 5000\n")
+                reply = s.recv(64)
+                if reply.startswith(b"OK "):
+                    s.sendall(token.encode())
+                    break
+            assert time.monotonic() < deadline, (reply, guest.tail())
+            time.sleep(0.5)
+        for _ in range(60):
+            if guest.run("cat /tmp/vsock-in 2>/dev/null").output.strip() == token:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(guest.tail())
+
+        # balloon: inflating to 64 MiB is reported back by the guest's driver
+        assert api(sock, "PATCH", "/balloon", {"amount_mib": 64})[0] == 204
+        deadline = time.monotonic() + 90
+        while True:
+            status, body = api(sock, "GET", "/balloon/statistics")
+            if status == 200 and json.loads(body).get("actual_mib") == 64:
+                break
+            assert time.monotonic() < deadline, (status, body, guest.tail())
+            time.sleep(1)
+        assert guest.stop() == 0, guest.tail()
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
