@@ -40,6 +40,9 @@ class KvmUnavailableError(KvmError):
     """``/dev/kvm`` is missing, not accessible, or speaks another API version."""
 
 
+_EINTR_RETRIES = 100
+
+
 def _ioctl(fd: int, op: str, request: int, arg: int | ctypes._CData | None = None) -> int:
     if arg is None:
         ptr = None
@@ -47,10 +50,16 @@ def _ioctl(fd: int, op: str, request: int, arg: int | ctypes._CData | None = Non
         ptr = arg
     else:
         ptr = ctypes.addressof(arg)
-    ret = _libc.ioctl(fd, request, ptr)
-    if ret < 0:
-        raise KvmError(op, ctypes.get_errno())
-    return ret
+    # A signal can interrupt an ioctl before KVM did anything (KVM_CREATE_VM was seen failing
+    # with EINTR under load); it is then simply asked again.  KVM_RUN does not come here.
+    for _ in range(_EINTR_RETRIES):
+        ret = _libc.ioctl(fd, request, ptr)
+        if ret >= 0:
+            return ret
+        err = ctypes.get_errno()
+        if err != _errno.EINTR:
+            break
+    raise KvmError(op, err)
 
 
 class _Fd:
