@@ -293,3 +293,22 @@ class QueueHandler:
         except Exception:
             log.exception("%s: unexpected error", self.name)
             self.fail("internal error")
+
+
+class ThrottledQueueHandler(QueueHandler):
+    """A handler whose one queue (0) waits on a rate limiter through ``self.timer``, a
+    :class:`~asyncvmm.devices.rate_limiter.ThrottleTimer` the subclass makes with
+    :meth:`_on_throttle_timer` as its callback (block, pmem, entropy)."""
+
+    metrics: object
+    timer: object
+
+    def _on_throttle_timer(self) -> None:
+        self.metrics.rate_limiter_event_count += 1
+        self.process(0)
+
+    def rate_limiter_updated(self) -> None:
+        """New buckets start full: a stalled queue may go on now."""
+        if self.timer.armed:
+            self.timer.cancel()
+            self.schedule(0)

@@ -54,7 +54,7 @@ from asyncvmm.devices.virtio.block.request import (
 from asyncvmm.devices.virtio.block.uring import UringEngine
 from asyncvmm.devices.virtio.chain import ChainError, DescriptorChain, collect
 from asyncvmm.devices.virtio.device import Activation
-from asyncvmm.devices.virtio.handler import Effect, QueueHandler, Stall, Used
+from asyncvmm.devices.virtio.handler import Effect, ThrottledQueueHandler, Stall, Used
 
 if TYPE_CHECKING:
     from asyncvmm.devices.virtio.block.device import Block
@@ -86,7 +86,7 @@ def _status(at, status: int) -> WriteGuest:
     return WriteGuest(at, bytes([status]))
 
 
-class BlockHandler(QueueHandler):
+class BlockHandler(ThrottledQueueHandler):
     def __init__(self, device: "Block", act: Activation) -> None:
         super().__init__(act, f"block {device.drive_id}")
         self.dev = device
@@ -228,16 +228,6 @@ class BlockHandler(QueueHandler):
             m.write_bytes += req.nbytes
 
     # -- timers and updates -------------------------------------------------
-
-    def _on_throttle_timer(self) -> None:
-        self.metrics.rate_limiter_event_count += 1
-        self.process(0)
-
-    def rate_limiter_updated(self) -> None:
-        """New buckets start full: a stalled queue may go on now."""
-        if self.timer.armed:
-            self.timer.cancel()
-            self.schedule(0)
 
     def on_stop(self) -> None:
         self.timer.cancel()

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from asyncvmm.devices.rate_limiter import ThrottleTimer
 from asyncvmm.devices.virtio.chain import DescriptorChain
 from asyncvmm.devices.virtio.device import Activation
-from asyncvmm.devices.virtio.handler import Effect, QueueHandler, Used
+from asyncvmm.devices.virtio.handler import Effect, ThrottledQueueHandler, Used
 from asyncvmm.devices.virtio.pmem.request import (
     RESP_SIZE,
     VIRTIO_PMEM_RESP_TYPE_EIO,
@@ -52,7 +52,7 @@ class Status(Effect):
     value: int
 
 
-class PmemHandler(QueueHandler):
+class PmemHandler(ThrottledQueueHandler):
     def __init__(self, device: "Pmem", act: Activation) -> None:
         super().__init__(act, "pmem")
         self.dev = device
@@ -120,16 +120,6 @@ class PmemHandler(QueueHandler):
             self._start_write_back()
 
     # -- rate limiter -------------------------------------------------------------
-
-    def _on_throttle_timer(self) -> None:
-        self.metrics.rate_limiter_event_count += 1
-        self.process(0)
-
-    def rate_limiter_updated(self) -> None:
-        """New buckets start full: a stalled queue may go on now."""
-        if self.timer.armed:
-            self.timer.cancel()
-            self.schedule(0)
 
     def on_stop(self) -> None:
         self.timer.cancel()

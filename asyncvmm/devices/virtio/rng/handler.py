@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from asyncvmm.devices.rate_limiter import ThrottleTimer
 from asyncvmm.devices.virtio.chain import ChainError, DescriptorChain, Segments, collect
 from asyncvmm.devices.virtio.device import Activation
-from asyncvmm.devices.virtio.handler import Effect, QueueHandler, Used
+from asyncvmm.devices.virtio.handler import Effect, ThrottledQueueHandler, Used
 
 if TYPE_CHECKING:
     from asyncvmm.devices.virtio.rng.device import Rng
@@ -46,7 +46,7 @@ class Throttled(Effect):
     """The limiter refused the request: arm the throttle timer and stall."""
 
 
-class RngHandler(QueueHandler):
+class RngHandler(ThrottledQueueHandler):
     def __init__(self, device: "Rng", act: Activation) -> None:
         super().__init__(act, "entropy")
         self.dev = device
@@ -92,10 +92,6 @@ class RngHandler(QueueHandler):
             self.timer.arm()
             return False
         return super().perform(queue_index, effect)
-
-    def _on_throttle_timer(self) -> None:
-        self.metrics.rate_limiter_event_count += 1
-        self.process(0)
 
     def on_stop(self) -> None:
         self.timer.cancel()
