@@ -10,11 +10,12 @@ Python:
 
 * kick: the queue's notification eventfd (KVM's ioeventfd on QueueNotify or
   the PCI notify address) becomes the vring's kick fd;
-* call: on virtio-pci the queue's MSI-X vector irqfd
-  (:meth:`Interrupts.irqfd`), so KVM injects the MSI; where the transport
-  must see each notification (virtio-mmio sets InterruptStatus; a PCI vector
-  that is masked or not set up) a call eventfd of our own, read by the loop,
-  which raises the interrupt through the transport;
+* call: the transport's irqfd (:meth:`Interrupts.irqfd`): on virtio-pci the
+  queue's MSI-X vector, on virtio-mmio the device's line (InterruptStatus
+  then reports a used buffer until reset), so KVM injects the interrupt;
+  where the transport must see each notification (a PCI vector that is
+  masked or not set up) a call eventfd of our own, read by the loop, which
+  raises the interrupt through the transport;
 * err: an eventfd the kernel signals when the guest breaks a ring (read by
   the loop: DEVICE_NEEDS_RESET).
 

@@ -62,8 +62,9 @@ class Interrupts(Protocol):
     def irqfd(self, queue: int) -> int | None:
         """An eventfd whose write *is* ``queue``'s used buffer notification, delivered by KVM
         without the loop (virtio-pci: the queue's MSI-X vector's irqfd while it is enabled and
-        unmasked), for a back end outside the VMM (vhost) to signal; ``None`` where the
-        transport must see each notification (virtio-mmio's InterruptStatus, a masked vector):
+        unmasked; virtio-mmio: the device's line, InterruptStatus then reporting a used buffer
+        until reset), for a back end outside the VMM (vhost) to signal; ``None`` where the
+        transport must see each notification (a masked vector, a line without an irqfd):
         then the device relays each one through :meth:`signal_used`."""
 
 

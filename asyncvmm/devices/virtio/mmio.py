@@ -138,6 +138,7 @@ class VirtioMmioTransport(VirtioTransport):
         self.irq = irq
         self._isr_lock = threading.Lock()      # interrupt_status: the loop and vCPU threads
         self.interrupt_status = 0
+        self._backend_signals = False          # a back end outside the VMM writes the irqfd itself
         self._last_edge = float("-inf")        # time.monotonic() of the last edge sent
         self.interrupts_coalesced = 0          # raises that found their bits still set
         super().__init__(device, mem=mem, queue_events=queue_events, loop=loop, faults=faults)
@@ -147,6 +148,7 @@ class VirtioMmioTransport(VirtioTransport):
         self.shm_sel = 0
         with self._isr_lock:
             self.interrupt_status = 0
+            self._backend_signals = False
 
     # -- BusDevice (loop thread) --------------------------------------------
 
@@ -175,8 +177,7 @@ class VirtioMmioTransport(VirtioTransport):
         """InterruptStatus, answered on the vCPU thread; anything else goes to the loop."""
         if offset != VIRTIO_MMIO_INTERRUPT_STATUS or size != 4:
             return None
-        with self._isr_lock:
-            return _U32.pack(self.interrupt_status)
+        return _U32.pack(self._interrupt_status_register())
 
     def write_inline(self, offset: int, data: bytes) -> bool:
         """InterruptACK, handled on the vCPU thread; anything else goes to the loop."""
@@ -184,6 +185,12 @@ class VirtioMmioTransport(VirtioTransport):
             return False
         self._ack_interrupt(_U32.unpack(data)[0])
         return True
+
+    def _interrupt_status_register(self) -> int:
+        with self._isr_lock:
+            if self._backend_signals:
+                return self.interrupt_status | VIRTIO_MMIO_INT_VRING
+            return self.interrupt_status
 
     def _ack_interrupt(self, bits: int) -> None:
         with self._isr_lock:
@@ -208,8 +215,7 @@ class VirtioMmioTransport(VirtioTransport):
         if offset == VIRTIO_MMIO_QUEUE_READY:
             return int(q.ready) if q else 0
         if offset == VIRTIO_MMIO_INTERRUPT_STATUS:
-            with self._isr_lock:
-                return self.interrupt_status
+            return self._interrupt_status_register()
         if offset == VIRTIO_MMIO_STATUS:
             return self.device_status
         if offset in (VIRTIO_MMIO_SHM_LEN_LOW, VIRTIO_MMIO_SHM_LEN_HIGH,
@@ -327,6 +333,23 @@ class VirtioMmioTransport(VirtioTransport):
 
     def _signal_used(self, queue: int | None) -> None:
         self.raise_interrupt(VIRTIO_MMIO_INT_VRING)
+
+    def _queue_irqfd(self, queue: int) -> int | None:
+        """The device's own irqfd, for a back end outside the VMM (vhost-net, vhost-user) to write.
+
+        Such a back end signals without telling the transport, so from now until the driver
+        resets the device InterruptStatus reads with the used-buffer bit set (§4.2.2 lets it be
+        set while any queue may have used buffers; Firecracker does the same for vhost-user).
+        The driver's handler then looks at every ring on each interrupt, finding nothing new at
+        worst, and no signal waits for the loop: without this each one was an eventfd read,
+        a Python callback and an irqfd write on the loop.  Config interrupts still set bit 1.
+        """
+        evt = getattr(self.irq, "eventfd", None)
+        if evt is None:
+            return None
+        with self._isr_lock:
+            self._backend_signals = True
+        return evt.fd
 
     def _signal_config(self) -> None:
         self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)

@@ -21,11 +21,12 @@ plane (:mod:`asyncvmm.devices.vhost_user`), as in Firecracker 1.16:
 * at reset: ``GET_VRING_BASE``, which stops the ring before the driver's
   status write completes.
 
-The call fd.  On virtio-pci it is the queue's MSI-X irqfd
-(``Activation.interrupts.irqfd``), so a completion reaches the guest
-without this process.  On virtio-mmio the transport must set
-InterruptStatus before the interrupt, so the call fd is an eventfd of the
-device's own, read on the loop, each signal relayed as ``signal_used``.
+The call fd is the transport's irqfd (``Activation.interrupts.irqfd``):
+on virtio-pci the queue's MSI-X vector, on virtio-mmio the device's line
+(InterruptStatus then reports a used buffer on every read until reset), so
+a completion reaches the guest without this process.  Where the transport
+has none (a masked vector) it is an eventfd of the device's own, read on
+the loop, each signal relayed as ``signal_used``.
 
 A back end that dies (EOF on the socket) or says something unasked is
 logged once; the device drops the connection, sets DEVICE_NEEDS_RESET and

@@ -430,3 +430,38 @@ async def test_a_flood_of_read_only_register_writes_is_counted_not_logged(caplog
         assert "write of 0x1234 to read-only or unknown register 0x0 ignored" in caplog.records[0].getMessage()
     finally:
         rig.close()
+
+
+async def test_a_back_end_signalling_the_irqfd_itself_keeps_the_used_bit_set_until_reset(guest_mem):
+    # vhost-net and vhost-user write the device's irqfd without the transport: from the
+    # activation that handed the fd out until the driver resets, InterruptStatus reports
+    # a used buffer, so the guest's handler always looks at the rings.
+    from asyncvmm.devices.irq import EventFdIrqLine
+    from tests.fakes.virtio_driver import Allocator, FakeDriver
+
+    device = EchoDevice()
+    line = EventFdIrqLine(5)
+    t = r.VirtioMmioTransport(device, mem=guest_mem, irq=line,
+                              queue_events=[EventFd() for _ in range(device.num_queues)],
+                              loop=asyncio.get_running_loop())
+    d = FakeDriver(t, guest_mem, Allocator(0x1000, guest_mem.end))
+    try:
+        await d.init()
+        assert d.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS) == 0          # not handed out yet
+        assert device.act.interrupts.irqfd(0) == line.eventfd.fd
+        assert d.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS) == r.VIRTIO_MMIO_INT_VRING
+        d.write32(r.VIRTIO_MMIO_INTERRUPT_ACK, r.VIRTIO_MMIO_INT_VRING)
+        assert struct.unpack("<I", t.read_inline(r.VIRTIO_MMIO_INTERRUPT_STATUS, 4))[0] == 1
+        t.raise_interrupt(r.VIRTIO_MMIO_INT_CONFIG)                   # config changes still say so
+        assert d.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS) == 3
+        await d.reset()
+        assert d.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS) == 0
+        assert device.act.interrupts.irqfd(0) is None                 # that activation is over
+    finally:
+        line.eventfd.close()
+
+
+async def test_no_irqfd_for_a_line_without_one(rig):
+    await rig.driver.init()
+    assert rig.transport.device.act.interrupts.irqfd(1) is None
+    assert rig.driver.read32(r.VIRTIO_MMIO_INTERRUPT_STATUS) == 0
