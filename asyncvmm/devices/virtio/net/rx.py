@@ -40,18 +40,19 @@ import logging
 import struct
 
 from asyncvmm.devices.rate_limiter import RateLimiter
-from asyncvmm.devices.virtio.chain import ChainError, Segments, collect
+from asyncvmm.devices.virtio.chain import MAX_CHAIN_BYTES, ChainError, collect
 from asyncvmm.devices.virtio.net.header import (FLAGS_OFFSET, GSO_TYPE_OFFSET, NUM_BUFFERS_OFFSET,
                                                 VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_SIZE)
 from asyncvmm.devices.virtio.net.metrics import NetMetrics
 from asyncvmm.devices.virtio.queue import Queue
-from asyncvmm.devices.virtio.spec import VIRTQ_USED_ELEM_SIZE
-from asyncvmm.memory import GuestMemory, store_u16
+from asyncvmm.devices.virtio.spec import VIRTQ_DESC_F_WRITE, VIRTQ_DESC_SIZE, VIRTQ_USED_ELEM_SIZE
+from asyncvmm.memory import GuestMemory, GuestMemoryError, store_u16
 
 log = logging.getLogger(__name__)
 
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")      # struct virtq_used_elem { le32 id; le32 len; }
+_DESC = struct.Struct("<QIHH")         # struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }
 
 
 class Fit(enum.Enum):
@@ -72,7 +73,8 @@ class RxBuffers:
     def __init__(self, *, mergeable: bool, metrics: NetMetrics) -> None:
         self.mergeable = mergeable
         self.metrics = metrics
-        self._chains: collections.deque[tuple[int, Segments]] = collections.deque()
+        # (head, [(gpa, len), ...] of its writable buffers, their total length)
+        self._chains: collections.deque[tuple[int, list[tuple[int, int]], int]] = collections.deque()
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -83,7 +85,7 @@ class RxBuffers:
         """Bytes the stock can take now (one chain's worth without MRG_RXBUF)."""
         if not self._chains:
             return 0
-        return self._bytes if self.mergeable else self._chains[0][1].length
+        return self._bytes if self.mergeable else self._chains[0][2]
 
     def _fit(self, nbytes: int, queue: Queue) -> Fit | None:
         if not self._chains:
@@ -97,20 +99,58 @@ class RxBuffers:
     def reserve(self, mem: GuestMemory, queue: Queue, nbytes: int) -> Fit:
         """Pop chains until a frame of ``nbytes`` (header included) fits, or say why not."""
         while (fit := self._fit(nbytes, queue)) is None:
-            chain = queue.pop(mem)
-            if chain is None:
+            if not self._take(mem, queue, nbytes):
                 return Fit.SHORT
-            try:
-                bufs = collect(chain)
-            except ChainError:
-                self._unusable(mem, queue, chain.head)
-                continue
-            if bufs.readable.length or bufs.writable.length < VNET_HDR_SIZE:
-                self._unusable(mem, queue, chain.head)
-                continue
-            self._chains.append((chain.head, bufs.writable))
-            self._bytes += bufs.writable.length
         return fit
+
+    def _take(self, mem: GuestMemory, queue: Queue, nbytes: int) -> bool:
+        """Pop available chains into the stock until it holds ``nbytes`` (one chain without
+        MRG_RXBUF) or the ring is empty; ``False`` if it was empty.
+
+        Linux posts each receive buffer as one device-writable descriptor (a page or
+        less with MRG_RXBUF), so a 64 KiB frame takes 16 or more of them: such a chain
+        is read here straight from its descriptor, with the checks :func:`collect`
+        makes for it.  Any other chain (several descriptors, indirect, a buffer above
+        the low RAM that may span regions, a bad head) takes the general walk.
+        """
+        pending = queue.pending(mem)
+        if not pending:
+            return False
+        rings = queue.rings(mem)
+        avail, desc, size = rings.avail, rings.desc, queue.size
+        low_end, contains = mem.low_ram_end, mem.contains
+        chains = self._chains
+        want = nbytes - self._bytes if self.mergeable else 1
+        for _ in range(pending):
+            head = _U16.unpack_from(avail, 4 + 2 * (queue.next_avail % size))[0]
+            if head < size:
+                addr, length, flags, _ = _DESC.unpack_from(desc, head * VIRTQ_DESC_SIZE)
+                if (flags == VIRTQ_DESC_F_WRITE and VNET_HDR_SIZE <= length <= MAX_CHAIN_BYTES
+                        and (addr + length <= low_end or contains(addr, length))):
+                    queue.next_avail = (queue.next_avail + 1) & 0xFFFF
+                    chains.append((head, [(addr, length)], length))
+                    self._bytes += length
+                    want -= length
+                    if want <= 0:
+                        break
+                    continue
+            self._take_walked(mem, queue)
+            break                           # the caller checks the fit again
+        return True
+
+    def _take_walked(self, mem: GuestMemory, queue: Queue) -> None:
+        chain = queue.pop(mem)
+        assert chain is not None            # pending said so
+        try:
+            bufs = collect(chain)
+        except ChainError:
+            self._unusable(mem, queue, chain.head)
+            return
+        if bufs.readable.length or bufs.writable.length < VNET_HDR_SIZE:
+            self._unusable(mem, queue, chain.head)
+            return
+        self._chains.append((chain.head, bufs.writable.parts, bufs.writable.length))
+        self._bytes += bufs.writable.length
 
     @property
     def held_chains(self) -> int:
@@ -123,9 +163,9 @@ class RxBuffers:
 
     def _chains_for(self, nbytes: int) -> int:
         count = room = 0
-        for _, segs in self._chains:
+        for _, _, length in self._chains:
             count += 1
-            room += segs.length
+            room += length
             if room >= nbytes:
                 break
         return count
@@ -137,17 +177,23 @@ class RxBuffers:
         ``num_buffers`` is filled in here before the copy.
         """
         data = memoryview(frame)
-        count = self._chains_for(len(data))
+        total = len(data)
+        count = self._chains_for(total)
         _U16.pack_into(data, NUM_BUFFERS_OFFSET, count)
         offset = 0
         elems = []
+        popleft = self._chains.popleft
         for _ in range(count):
-            head, segs = self._chains.popleft()
-            self._bytes -= segs.length
-            take = min(segs.length, len(data) - offset)
-            segs.write(mem, data[offset:offset + take])
-            elems.append((head, take))
-            offset += take
+            head, parts, length = popleft()
+            self._bytes -= length
+            start = offset
+            for addr, n in parts:
+                if offset == total:
+                    break
+                piece = data[offset:offset + n]
+                _write(mem, addr, piece)
+                offset += len(piece)
+            elems.append((head, offset - start))
         add_used_together(mem, queue, elems)
         return count
 
@@ -218,6 +264,16 @@ class RxPath:
                 return None
         self.waiting_for_buffers = False
         return fit
+
+
+def _write(mem: GuestMemory, addr: int, data: memoryview) -> None:
+    try:
+        mem.write(addr, data)
+    except GuestMemoryError:         # a buffer over adjacent regions (collect allowed it)
+        done = 0
+        for view in mem.views(addr, len(data)):
+            view[:] = data[done:done + len(view)]
+            done += len(view)
 
 
 def add_used_together(mem: GuestMemory, queue: Queue, elems: list[tuple[int, int]]) -> None:

@@ -58,6 +58,24 @@ async def test_mrg_rxbuf_spreads_a_large_frame_over_chains():
     n.close()
 
 
+async def test_mrg_frame_over_one_descriptor_chains_and_a_walked_chain_between():
+    # One-descriptor chains (Linux's) are read straight from the table; a chain of
+    # several descriptors between them takes the general walk: the frame spans all
+    # three in ring order.
+    n = await make_net_rig(post=0)
+    n.post_rx(1, size=1024)
+    n.post_rx(1, size=2048, parts=2)
+    n.post_rx(2, size=1024)
+    n.tap.inject(frame(3500, seq=5))
+    used = await n.driver.wait_used(n.rxq, 3)
+    assert [length for _, length in used] == [1024, 2048, 3512 - 3072]
+    hdr_and_frame = b"".join(n._read_chain(head, length) for head, length in used)
+    assert num_buffers(hdr_and_frame) == 3
+    assert hdr_and_frame[VNET_HDR_SIZE:] == frame(3500, seq=5)
+    assert n.dev.metrics.rx_fails == 0
+    n.close()
+
+
 async def test_mrg_frames_wait_for_enough_buffers_then_arrive_whole():
     n = await make_net_rig()
     n.post_rx(2, size=1536)
