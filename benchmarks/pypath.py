@@ -19,7 +19,10 @@ Workloads (``--workloads``; each repeated ``--repeats`` times, medians):
 * ``net-rx``: 1514-byte frames the host sends, into 2 KiB receive buffers;
 * ``net-rx-gso``: 64 KiB TCP segmentation-offload frames (what a tap with
   TSO on hands over in a bulk host-to-guest transfer) into 4 KiB mergeable
-  receive buffers, 16 per frame, as Linux's virtio-net driver posts them.
+  receive buffers, 16 per frame, as Linux's virtio-net driver posts them;
+* ``net-tx-gso``: 64 KiB TSO frames the guest transmits, each a chain of
+  17 descriptors (the virtio header, then 4 KiB pieces, as a Linux sk_buff's
+  fragments are laid out).
 
 Per workload: ``device_us`` (CPU time inside the device's loop callbacks:
 queue kicks, engine completions, tap readiness, per request), ``process_us``
@@ -63,7 +66,7 @@ _DESC = struct.Struct("<QIHH")
 _HDR = struct.Struct("<IIQ")
 
 WORKLOADS = ("block-sync-qd1", "block-sync-qd32", "block-async-qd1", "block-async-qd32",
-             "net-tx", "net-rx", "net-rx-gso")
+             "net-tx", "net-rx", "net-rx-gso", "net-tx-gso")
 
 
 class DeviceClock:
@@ -231,12 +234,38 @@ async def _run_net(direction: str, count: int, clock: DeviceClock) -> dict:
     rx, tx = Ring(mem, rxq, driver), Ring(mem, txq, driver)
     payload = bytes(VNET_HDR_SIZE) + frame(1514)
     batch, buf_size, chains_per_frame = 64, 2048, 1
-    if direction == "rx-gso":
+    if direction.endswith("-gso"):
         # gso_type TCPV4 (1), gso_size 1448: the tap's header for a 64 KiB TSO segment.
         payload = struct.pack("<BBHHHH", 0, 1, 54, 1448, 0, 0) + bytes(2) + frame(65160)
         batch, buf_size = 8, 4096
         chains_per_frame = -(-len(payload) // buf_size)
-    if direction == "tx":
+    if direction == "tx-gso":
+        # One chain per frame: the 12-byte header, then the frame in 4 KiB pieces.
+        pieces = [payload[:VNET_HDR_SIZE]] + [payload[i:i + 4096]
+                                               for i in range(VNET_HDR_SIZE, len(payload), 4096)]
+        per_chain = len(pieces)
+        free = []
+        for n in range(txq.size // per_chain):
+            head, addr = n * per_chain, BUF_BASE + (128 << 10) * n
+            for i, piece in enumerate(pieces):
+                mem.write(addr, piece)
+                last = i == per_chain - 1
+                _DESC.pack_into(tx.desc, 16 * (head + i), addr, len(piece),
+                                0 if last else VIRTQ_DESC_F_NEXT, 0 if last else head + i + 1)
+                addr += len(piece)
+            free.append(head)
+        clock.ns, cpu0, irq0 = 0, time.process_time(), irq.count
+        while done < count:
+            heads, free = free[:batch], free[batch:]
+            tx.offer(heads)
+            await _until(lambda: struct.unpack_from("<H", tx.used, 2)[0] != tx.last_used)
+            back = tx.take_used()
+            free += back
+            done += len(back)
+            while tap.sent():
+                pass
+            transport.interrupt_status = 0
+    elif direction == "tx":
         for head in range(txq.size):
             addr = BUF_BASE + 2048 * head
             mem.write(addr, payload)
