@@ -386,6 +386,11 @@ class GuestMemory:
         region, off = self._find(gpa, length)
         return bytes(region.view[off:off + length])
 
+    def unpack(self, fmt: struct.Struct, gpa: int) -> tuple:
+        """``fmt.unpack`` of the ``fmt.size`` bytes at ``gpa``, without copying them first."""
+        region, off = self._find(gpa, fmt.size)
+        return fmt.unpack_from(region.view, off)
+
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)
         region, off = self._find(gpa, length)

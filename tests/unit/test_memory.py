@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -32,6 +34,17 @@ def test_read_write_inside_a_region_or_error(gpa, length):
             mem.write(gpa, data)
         with pytest.raises(GuestMemoryError):
             mem.read(gpa, length)
+
+
+@given(st.integers(-16, HIGH_BASE + HIGH + 16))
+def test_unpack_reads_a_struct_inside_a_region_or_errors(gpa):
+    mem, fmt = two_regions(), struct.Struct("<IIQ")
+    if in_ram(gpa, fmt.size):
+        mem.write(gpa, fmt.pack(1, 2, 3))
+        assert mem.unpack(fmt, gpa) == (1, 2, 3)
+    else:
+        with pytest.raises(GuestMemoryError):
+            mem.unpack(fmt, gpa)
 
 
 @pytest.mark.parametrize("gpa,size", [(LOW - 2, 4), (LOW, 1), (HIGH_BASE - 1, 2), (HIGH_BASE + HIGH - 1, 2),

@@ -39,6 +39,9 @@ _DESC = struct.Struct("<QIHH")
 
 # The used ring's len field is le32, so no chain may carry more than this (§2.7.8).
 MAX_CHAIN_BYTES = 0xFFFF_FFFF
+# DescriptorChain.direct_three: of these flags a descriptor before the last has NEXT only,
+# the last has neither.
+_LINKS = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
 
 
 class ChainError(Exception):
@@ -165,6 +168,39 @@ class DescriptorChain:
             raise IndirectTableError(f"indirect table at {addr:#x}+{length:#x} not in one RAM region") from None
         self._in_indirect = True
         self._table, self._table_len, self._index, self._ttl = table, count, 0, count
+
+    def direct_three(self) -> tuple[tuple[int, int, int, int], ...] | None:
+        """The chain's ``(addr, len, flags, next)`` descriptors if it is three direct ones
+        that :func:`collect` would accept, all in the RAM below ``low_ram_end``; else ``None``
+        (walk it with :func:`collect`, which names the defect).  A length may be 0 (which
+        :func:`collect` leaves out of its streams).  Does not advance the chain.
+
+        The usual block request (header, data, status) is this shape; reading its three
+        descriptors here costs no iterator, no :class:`Segments` and no per-descriptor
+        range lookup.
+        """
+        table, size = self._table, self._table_len
+        # Three descriptors fit any table of three or more, so the time-to-live cannot run out.
+        if self._in_indirect or self._index >= size or size < 3:
+            return None
+        unpack = _DESC.unpack_from
+        first = unpack(table, self._index * VIRTQ_DESC_SIZE)
+        if first[2] & _LINKS != VIRTQ_DESC_F_NEXT or first[3] >= size:
+            return None
+        second = unpack(table, first[3] * VIRTQ_DESC_SIZE)
+        if second[2] & _LINKS != VIRTQ_DESC_F_NEXT or second[3] >= size:
+            return None
+        last = unpack(table, second[3] * VIRTQ_DESC_SIZE)
+        if last[2] & _LINKS:
+            return None
+        # §2.7.4.2: readable before writable.
+        if (first[2] & ~second[2] | second[2] & ~last[2]) & VIRTQ_DESC_F_WRITE:
+            return None
+        low_end = self.mem.low_ram_end     # addr and len are unsigned: below it is RAM
+        if (first[0] + first[1] > low_end or second[0] + second[1] > low_end
+                or last[0] + last[1] > low_end or first[1] + second[1] + last[1] > MAX_CHAIN_BYTES):
+            return None
+        return first, second, last
 
     def _checked(self, desc: Descriptor) -> Descriptor:
         if desc.flags & VIRTQ_DESC_F_WRITE:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -231,3 +232,53 @@ def test_split_last_byte_and_after_are_slices(lengths, offset):
     for off in (offset % (seg.length + 1), lengths[0]):
         rest = seg.after(off)
         assert (rest.parts, rest.length) == (seg.slice(off, seg.length - off).parts, seg.length - off)
+
+
+# -- the three-descriptor fast path -------------------------------------------
+
+def test_direct_three_reads_the_usual_request_shape(vq):
+    head = vq.add_chain([Buf(0x10000, 16), Buf(0x20000, 4096, True), Buf(0x30000, 1, True)])
+    c = chain(vq, head)
+    (a0, l0, f0, _), (a1, l1, f1, _), (a2, l2, f2, _) = c.direct_three()
+    assert [(a0, l0, f0 & W), (a1, l1, f1 & W), (a2, l2, f2 & W)] == [
+        (0x10000, 16, 0), (0x20000, 4096, W), (0x30000, 1, W)]
+    assert collect(c).writable.parts == [(0x20000, 4096), (0x30000, 1)]    # the chain is not advanced
+
+
+def test_direct_three_leaves_other_shapes_to_collect(vq):
+    two = vq.add_chain([Buf(0x10000, 16), Buf(0x20000, 4097, True)])
+    four = vq.add_chain([Buf(0x10000, 16), Buf(0x20000, 1), Buf(0x21000, 512, True), Buf(0x30000, 1, True)])
+    indirect = vq.add_indirect_chain([Buf(0x10000, 16), Buf(0x20000, 512, True), Buf(0x30000, 1, True)])
+    for head in (two, four, indirect):
+        assert chain(vq, head).direct_three() is None
+
+
+def _three_links(size: int):
+    """A table of ``size`` whose head links to two more descriptors (``(addr, len)`` each and
+    their indices: mostly distinct ones in the table, sometimes outside it or repeated)."""
+    in_ram = st.tuples(st.integers(0, 0x20000), st.sampled_from([0, 1, 16, 512]))
+    wild = st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1))
+    buf = st.one_of(*[in_ram] * 7, wild)       # one_of picks its branches evenly
+    anywhere = st.lists(st.integers(0, size), min_size=3, max_size=3)
+    at = st.one_of(st.permutations(range(size)).map(lambda p: p[:3]), anywhere) if size >= 3 else anywhere
+    return st.tuples(st.just(size), st.lists(buf, min_size=3, max_size=3), at)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.sampled_from([1, 2, 3, 4, SIZE]).flatmap(_three_links), indirect_ok=st.booleans())
+def test_direct_three_agrees_with_collect(guest_mem, table, indirect_ok):
+    """Whatever direct_three accepts, with any flags, collect accepts with the same buffers."""
+    size, bufs, at = table
+    vq = FakeVirtqueue(guest_mem, Allocator(0x1000, guest_mem.end), 0, size)
+    head = at[0] % size
+    for flags in itertools.product(range(8), repeat=3):
+        for k in range(3):                  # later ones win a shared slot, as a driver's rewrite
+            if at[k] < size:
+                vq.write_desc(at[k], *bufs[k], flags[k], at[(k + 1) % 3])
+        found = chain(vq, head, indirect_ok=indirect_ok).direct_three()
+        if found is None:
+            continue
+        got = collect(chain(vq, head, indirect_ok=indirect_ok))     # raises if it disagrees
+        readable = [(a, n) for a, n, f, _ in found if n and not f & W]
+        writable = [(a, n) for a, n, f, _ in found if n and f & W]
+        assert (got.readable.parts, got.writable.parts) == (readable, writable)

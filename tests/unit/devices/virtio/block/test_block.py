@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from asyncvmm.devices.virtio import mmio as r
 from asyncvmm.devices.virtio.block import Block, BlockFileError, UnsupportedEngineError
 from asyncvmm.devices.virtio.block import device as block_device
+from asyncvmm.devices.virtio.block import handler as block_handler
 from asyncvmm.devices.virtio.block import request as rq
 from asyncvmm.devices.virtio.block.device import (
     VIRTIO_BLK_F_FLUSH,
@@ -339,3 +340,50 @@ async def test_avail_index_jump_needs_reset_and_counts_event_fails(blk):
     assert blk.driver.ack_interrupts() == r.VIRTIO_MMIO_INT_CONFIG
     await blk.driver.reset()
     assert blk.dev.handler is None
+
+
+# -- the usual framing (header, data, status: a descriptor each) ---------------
+
+@pytest.fixture
+def framed_spy(monkeypatch):
+    """Counts the requests the Sync fast path (parse_framed) took."""
+    taken = []
+
+    def spy(*args):
+        framed = rq.parse_framed(*args)
+        if framed is not None:
+            taken.append(framed)
+        return framed
+    monkeypatch.setattr(block_handler, "parse_framed", spy)
+    return taken
+
+
+async def test_usual_framing_reads_and_writes(blk, framed_spy):
+    payload = os.urandom(2048)
+    assert await blk.write(12, payload, rcuts=[16]) == OK
+    status, data = await blk.read(12, 2048, wcuts=[2048])
+    assert status == OK and data == payload
+    used, _ = await blk.request(rq.VIRTIO_BLK_T_IN, 3, read_len=512, wcuts=[512])
+    assert used == 513
+    m = blk.dev.metrics
+    assert (m.read_count, m.read_bytes, m.write_count, m.write_bytes) == (2, 2560, 1, 2048)
+    assert len(framed_spy) == (3 if blk.dev.io_engine == "Sync" else 0)
+
+
+async def test_usual_framing_host_error_and_short_read_are_ioerr(blk):
+    os.truncate(blk.dev.path, 4 * 512)                     # the file shrinks under the device
+    status, _ = await blk.read(8, 512, wcuts=[512])        # at end of file: nothing read
+    assert status == IOERR
+    status, _ = await blk.read(3, 1024, wcuts=[1024])      # half of it read, then end of file
+    assert status == IOERR
+    assert blk.dev.metrics.execute_fails == 2 and blk.dev.metrics.read_count == 0
+    assert not blk.needs_reset()
+
+
+async def test_usual_framing_write_to_read_only_drive_is_refused(disk, framed_spy):
+    b = await make_block_rig(disk, io_engine="Sync", read_only=True)
+    assert await b.write(0, b"x" * 512, rcuts=[16]) == IOERR
+    assert disk.read_bytes() == disk_bytes()
+    assert b.dev.metrics.invalid_reqs_count == 1 and framed_spy == []
+    b.dev.close()
+    b.rig.close()
