@@ -42,13 +42,18 @@ the host side, in the namespace:
 * ``h2g``: ``iperf3 -c <guest> -t S -J``: TCP, host sends, the guest
   receives (the device's RX path);
 * ``g2h``: the same with ``-R``: the guest sends (its TX path);
+* ``h2g_udp`` and ``g2h_udp``: ``iperf3 -u -l 64 -b <rate>``, the same two
+  directions with 64-byte datagrams offered at a fixed packet rate: the small-packet
+  rate each path delivers, and what it loses;
 * ``ping``: ``ping -c N -i I <guest>`` (busybox's, or the system's): ICMP
   echo round trips through the tap, the VMM and the guest kernel.
 
 Throughput is what the receiver counted (iperf3's ``sum_received``), in
-MiB/s.  The VMM process's CPU time during each iperf3 run is split with
-``/proc/<pid>/stat``: ``guest_time`` (its vCPUs running the guest) and the
-rest (exits, device emulation, tap I/O: the VMM's own cost), each per MiB.
+MiB/s, or for UDP in datagrams delivered per second (the receiver's highest
+sequence number minus the gaps below it).  The VMM process's CPU time during
+each iperf3 run is split with ``/proc/<pid>/stat``: ``guest_time`` (its vCPUs
+running the guest) and the rest (exits, device emulation, tap I/O: the VMM's
+own cost), each per MiB (TCP) or per delivered packet (UDP).
 
 Where ``/dev/kvm`` is not hardware KVM (here: kvm_pvm) a Debian guest cannot
 boot in useful time, so ``main`` re-runs this module inside the emulated KVM
@@ -103,6 +108,14 @@ DIRECTIONS = ("h2g", "g2h")
 # has on hardware; 0 leaves the kernels' default.
 MIN_TSO_SEGS = 32
 MIN_TSO_SYSCTL = "/proc/sys/net/ipv4/tcp_min_tso_segs"     # per network namespace
+# Small packets: iperf3 UDP datagrams of 64 bytes of payload (106-byte frames), offered at a fixed
+# rate in both directions.  With -b 0 the sender takes as much of the emulated host's one CPU as
+# the scheduler gives it, and every path then delivered the same ~450 pkt/s guest-to-host (the
+# receiver starved; docs/benchmarks.md).  A fixed rate keeps the sender's share alike for every
+# variant; 5000/s is about the most any path delivered host-to-guest with -b 0, so a slower path
+# shows as loss.  0 means iperf3's -b 0.
+UDP_PAYLOAD = 64
+DEFAULT_UDP_PPS = 5000
 
 
 class RunFailed(RuntimeError):
@@ -122,8 +135,8 @@ class IperfResult:
         return self.received_bytes / MIB / self.seconds
 
 
-def parse_iperf3(text: str) -> IperfResult:
-    """The receiver's byte count and duration from ``iperf3 -J`` output."""
+def _iperf3_end(text: str) -> dict[str, Any]:
+    """The ``end`` object of ``iperf3 -J`` output; RunFailed when iperf3 failed or printed no JSON."""
     try:
         doc = json.loads(text)
     except ValueError:
@@ -133,7 +146,15 @@ def parse_iperf3(text: str) -> IperfResult:
     if doc.get("error"):
         raise RunFailed(f"iperf3: {doc['error']}")
     end = doc.get("end")
-    received = end.get("sum_received") if isinstance(end, dict) else None
+    if not isinstance(end, dict):
+        raise RunFailed("iperf3's JSON has no end")
+    return end
+
+
+def parse_iperf3(text: str) -> IperfResult:
+    """The receiver's byte count and duration from ``iperf3 -J`` output."""
+    end = _iperf3_end(text)
+    received = end.get("sum_received")
     if not isinstance(received, dict):
         raise RunFailed("iperf3's JSON has no end.sum_received")
     try:
@@ -146,6 +167,68 @@ def parse_iperf3(text: str) -> IperfResult:
     retrans = sent.get("retransmits") if isinstance(sent, dict) else None
     ok = isinstance(retrans, int) and not isinstance(retrans, bool) and retrans >= 0
     return IperfResult(nbytes, seconds, retrans if ok else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class UdpResult:
+    """One iperf3 UDP run as its receiver counted it, and what the sender sent."""
+    packets: int                   # the highest sequence number the receiver saw (iperf3's "packets")
+    lost: int                      # gaps below it (iperf3's "lost_packets")
+    seconds: float                 # the receiver's duration
+    sent: int                      # the sender's count; packets still queued at the end never arrive
+
+    @property
+    def delivered(self) -> int:
+        return self.packets - self.lost
+
+    @property
+    def pps(self) -> float:
+        """Packets per second delivered to the receiving socket."""
+        return self.delivered / self.seconds
+
+    @property
+    def loss_pct(self) -> float:
+        """What the sender sent and the receiver never counted, gaps and tail alike."""
+        return 100 * (self.sent - self.delivered) / self.sent
+
+
+def _udp_sum(end: dict[str, Any], key: str) -> dict[str, Any]:
+    part = end.get(key)
+    if not isinstance(part, dict):
+        raise RunFailed(f"iperf3's JSON has no end.{key}")
+    return part
+
+
+def _count(part: dict[str, Any], key: str, where: str) -> int:
+    value = part.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RunFailed(f"iperf3's end.{where}.{key} is not a count: {value!r}")
+    return value
+
+
+def parse_iperf3_udp(text: str) -> UdpResult:
+    """The receiver's packets, losses and duration and the sender's count from ``iperf3 -u -J``.
+
+    Both ``end.sum_received`` and ``end.sum_sent`` are there in either direction (iperf3 3.7 on;
+    the client fetches the server's side).  iperf3's receiver counts the highest sequence number as
+    "packets" and the gaps below it as "lost_packets", so what arrived is the difference.
+    """
+    end = _iperf3_end(text)
+    received, sent = _udp_sum(end, "sum_received"), _udp_sum(end, "sum_sent")
+    packets = _count(received, "packets", "sum_received")
+    lost = _count(received, "lost_packets", "sum_received")
+    sent_packets = _count(sent, "packets", "sum_sent")
+    try:
+        seconds = float(received["seconds"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise RunFailed(f"iperf3's end.sum_received lacks seconds: {received}") from None
+    if not 0 < seconds < float("inf"):
+        raise RunFailed(f"iperf3's receiver ran for {seconds} s")
+    if lost > packets:
+        raise RunFailed(f"iperf3 counted {lost} lost of {packets} packets")
+    if packets == lost:
+        raise RunFailed(f"no UDP datagram arrived ({sent_packets} sent)")
+    return UdpResult(packets, lost, seconds, max(sent_packets, packets - lost))
 
 
 _PING_REPLY = re.compile(r"(?:icmp_)?seq=(\d+) ttl=\d+ time=(\d+(?:\.\d+)?) ms")
@@ -311,15 +394,30 @@ def iperf3_argv(link: Link, seconds: int, direction: str) -> list[str]:
     return argv + (["-R"] if direction == "g2h" else [])
 
 
+def udp_bitrate(pps: int, payload: int = UDP_PAYLOAD) -> int:
+    """iperf3's ``-b`` (bits of payload per second) for ``pps`` datagrams of ``payload`` bytes; 0 stays
+    0 (unlimited)."""
+    if pps < 0:
+        raise ValueError("a packet rate cannot be negative")
+    return pps * payload * 8
+
+
+def iperf3_udp_argv(link: Link, seconds: int, direction: str, pps: int) -> list[str]:
+    """Small datagrams at ``pps`` offered packets per second (0: as fast as the sender can)."""
+    tcp = iperf3_argv(link, seconds, direction)
+    return [*tcp[:3], "-u", "-l", str(UDP_PAYLOAD), "-b", str(udp_bitrate(pps)), *tcp[3:]]
+
+
 def ping_argv(link: Link, count: int, interval_s: float, ping: Sequence[str]) -> list[str]:
     return [*ping, "-c", str(count), "-i", f"{interval_s:g}", "-W", "5", link.guest_ip]
 
 
 # -- metrics ------------------------------------------------------------------------
 
-def round_metrics(iperfs: dict[str, tuple[IperfResult, CpuTicks]], pings: PingResult,
-                  tick_ms: float) -> dict[str, float]:
-    """One round's numbers: ``iperfs`` maps a direction to (result, VMM CPU ticks during it)."""
+def round_metrics(iperfs: dict[str, tuple[IperfResult, CpuTicks]], pings: PingResult, tick_ms: float,
+                  udps: dict[str, tuple[UdpResult, CpuTicks]] | None = None) -> dict[str, float]:
+    """One round's numbers: ``iperfs`` (TCP) and ``udps`` (small datagrams) map a direction to
+    (result, VMM CPU ticks during it).  Per-packet CPU is per packet delivered."""
     out: dict[str, float] = {}
     for direction, (result, cpu) in iperfs.items():
         mib = result.received_bytes / MIB
@@ -330,6 +428,15 @@ def round_metrics(iperfs: dict[str, tuple[IperfResult, CpuTicks]], pings: PingRe
         out[f"{direction}_guest_cpu_ms_per_mib"] = cpu.guest * tick_ms / mib
         if result.retransmits is not None:
             out[f"{direction}_retransmits"] = result.retransmits
+    for direction, (udp, cpu) in (udps or {}).items():
+        pkts = udp.delivered
+        out[f"{direction}_udp_pps"] = udp.pps
+        out[f"{direction}_udp_sent_pps"] = udp.sent / udp.seconds
+        out[f"{direction}_udp_loss_pct"] = udp.loss_pct
+        out[f"{direction}_udp_vmm_cpu_us_per_pkt"] = cpu.own * tick_ms * 1000 / pkts
+        out[f"{direction}_udp_vmm_user_us_per_pkt"] = cpu.own_user * tick_ms * 1000 / pkts
+        out[f"{direction}_udp_vmm_sys_us_per_pkt"] = cpu.system * tick_ms * 1000 / pkts
+        out[f"{direction}_udp_guest_cpu_us_per_pkt"] = cpu.guest * tick_ms * 1000 / pkts
     out["ping_median_us"] = stats.summarize(pings.rtts_us).median
     out["ping_p99_us"] = stats.percentile(pings.rtts_us, 99)
     out["ping_lost"] = pings.lost
@@ -343,12 +450,25 @@ def unit_of(name: str) -> str:
         return "us"
     if name.endswith("_ms_per_mib"):
         return "ms"
+    if name.endswith("_us_per_pkt"):
+        return "us"
+    if name.endswith("_pps"):
+        return "pkt/s"
+    if name.endswith("_pct"):
+        return "%"
     return "count"
+
+
+def higher_is_better(name: str) -> bool:
+    """Rates: bytes or packets per second."""
+    return name.endswith(("_mib_s", "_pps"))
 
 
 COMPARED = ("h2g_mib_s", "g2h_mib_s", "ping_median_us", "ping_p99_us",
             "h2g_vmm_cpu_ms_per_mib", "g2h_vmm_cpu_ms_per_mib",
-            "h2g_guest_cpu_ms_per_mib", "g2h_guest_cpu_ms_per_mib")
+            "h2g_guest_cpu_ms_per_mib", "g2h_guest_cpu_ms_per_mib",
+            "h2g_udp_pps", "g2h_udp_pps", "h2g_udp_vmm_cpu_us_per_pkt", "g2h_udp_vmm_cpu_us_per_pkt",
+            "h2g_udp_guest_cpu_us_per_pkt", "g2h_udp_guest_cpu_us_per_pkt")
 # Each VMM against its peer on the same transport, then what moving asyncvmm onto PCI costs.
 PAIRS = (("asyncvmm", "qemu-microvm", COMPARED),
          ("asyncvmm-pci", "qemu-microvm-pci", COMPARED),
@@ -363,7 +483,7 @@ PAIRS = (("asyncvmm", "qemu-microvm", COMPARED),
 
 def comparisons(vdocs: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     """Per metric, each pair of :data:`PAIRS` that ran; throughput ratios are marked higher_is_better."""
-    return report.compare_pairs(vdocs, PAIRS, higher_is_better=lambda name: name.endswith("_mib_s"))
+    return report.compare_pairs(vdocs, PAIRS, higher_is_better=higher_is_better)
 
 
 def pooled_pings(rtts_us: Sequence[float]) -> dict[str, float]:
@@ -395,6 +515,15 @@ NOTES = [
     "(the kernel on its behalf: tap I/O, eventfds, and KVM handling the vCPU's exits, which the nested "
     "emulation makes expensive for both VMMs). *_guest_cpu_ms_per_mib is guest_time: how hard the guest "
     "worked per MiB (more interrupts or smaller batches show there). All tick-sampled.",
+    "Small packets: *_udp_pps is iperf3 UDP with 64-byte datagrams (-u -l 64), offered at a fixed "
+    "rate (settings.udp_offered_pps; -b 0 when 0) in both directions, counted as datagrams delivered "
+    "to the receiving socket per second (the receiver's highest sequence number minus the gaps). "
+    "*_udp_loss_pct is what the sender sent and the receiver never counted (drops in the tap's queue, "
+    "the device or the receiver's socket, and what was still queued at the end); *_udp_sent_pps what "
+    "the sender managed to offer. *_udp_vmm_cpu_us_per_pkt and *_udp_guest_cpu_us_per_pkt are the "
+    "same CPU split as for TCP, per delivered packet. A fixed offered rate keeps the sender's share of "
+    "the emulated host's one CPU alike for every variant; with -b 0 it would take whatever the VMM "
+    "left it.",
     "TCP's TSO floor: tcp_min_tso_segs is 32 (settings.tcp_min_tso_segs) in every guest and the host "
     "namespace. TCP sizes TSO packets to ~1 ms of its pacing rate; at emulated rates that is ~3 KB, and "
     "without the floor connections fell into a slow steady state of tiny packets (guest-to-host 0.3 vs "
@@ -523,6 +652,7 @@ class Options:
     seconds: int
     pings: int
     ping: tuple[str, ...]          # the ping command: ("busybox", "ping") or ("ping",)
+    udp_pps: int = DEFAULT_UDP_PPS  # offered small-datagram rate; 0: iperf3 -b 0
 
 
 def cpu_ticks(pid: int) -> CpuTicks:
@@ -540,6 +670,13 @@ def iperf(v: Variant, opts: Options, direction: str, seconds: int) -> tuple[Iper
     return parse_iperf3(out), cpu_ticks(v.guest.pid) - before
 
 
+def iperf_udp(v: Variant, opts: Options, direction: str, seconds: int) -> tuple[UdpResult, CpuTicks]:
+    argv = netns_argv(opts.netns, iperf3_udp_argv(v.link, seconds, direction, opts.udp_pps))
+    before = cpu_ticks(v.guest.pid)
+    out = _run(argv, seconds + 120)
+    return parse_iperf3_udp(out), cpu_ticks(v.guest.pid) - before
+
+
 def ping(v: Variant, opts: Options, count: int) -> PingResult:
     argv = netns_argv(opts.netns, ping_argv(v.link, count, PING_INTERVAL_S, opts.ping))
     return parse_ping(_run(argv, count * PING_INTERVAL_S + 120))
@@ -550,6 +687,7 @@ def warm_up(v: Variant, opts: Options) -> None:
     ping(v, opts, 5)
     for direction in DIRECTIONS:
         iperf(v, opts, direction, 1)
+        iperf_udp(v, opts, direction, 1)
 
 
 def measure(v: Variant, opts: Options) -> dict[str, float] | None:
@@ -560,12 +698,13 @@ def measure(v: Variant, opts: Options) -> dict[str, float] | None:
         return None
     try:
         iperfs = {d: iperf(v, opts, d, opts.seconds) for d in DIRECTIONS}
+        udps = {d: iperf_udp(v, opts, d, opts.seconds) for d in DIRECTIONS}
         pings = ping(v, opts, opts.pings)
     except (RunFailed, OSError) as err:
         v.failures.append(str(err))
         print(f"  {v.name}: measurement failed: {err}", file=sys.stderr)
         return None
-    metrics = round_metrics(iperfs, pings, 1000 / os.sysconf("SC_CLK_TCK"))
+    metrics = round_metrics(iperfs, pings, 1000 / os.sysconf("SC_CLK_TCK"), udps)
     for key, value in metrics.items():
         v.samples.setdefault(key, []).append(value)
     v.rtts_us.extend(pings.rtts_us)
@@ -576,6 +715,7 @@ def run_rounds(variants: list[Variant], opts: Options, runs: int,
                log: Callable[[str], None] = print) -> list[list[float]]:
     def describe(vs: list[Variant]) -> str:
         return "; ".join(f"{v.name} h2g {_last(v, 'h2g_mib_s'):.1f} g2h {_last(v, 'g2h_mib_s'):.1f} MiB/s "
+                         f"udp h2g {_last(v, 'h2g_udp_pps'):.0f} g2h {_last(v, 'g2h_udp_pps'):.0f} pkt/s "
                          f"ping {_last(v, 'ping_median_us'):.0f} us" for v in vs)
 
     return interleaved_rounds(variants, runs, lambda v: measure(v, opts), describe=describe, log=log)
@@ -607,11 +747,13 @@ class Settings:
     pings: int
     variants: tuple[str, ...]
     min_tso_segs: int = MIN_TSO_SEGS
+    udp_pps: int = DEFAULT_UDP_PPS
 
     def argv(self) -> list[str]:
         """The same settings as command-line flags (for the run inside the emulated host)."""
         return ["--runs", str(self.runs), "--seconds", str(self.seconds), "--pings", str(self.pings),
-                "--variants", ",".join(self.variants), "--min-tso-segs", str(self.min_tso_segs)]
+                "--variants", ",".join(self.variants), "--min-tso-segs", str(self.min_tso_segs),
+                "--udp-pps", str(self.udp_pps)]
 
 
 def run_direct(settings: Settings, command: str) -> tuple[dict[str, Any], bool]:
@@ -624,9 +766,10 @@ def run_direct(settings: Settings, command: str) -> tuple[dict[str, Any], bool]:
     variants = make_variants(settings.variants)
     load_before = machine.load_average()
     print(f"net benchmark: {settings.runs} rounds of {', '.join(v.name for v in variants)}; iperf3 "
-          f"{settings.seconds} s per direction, {settings.pings} pings; load {load_before}", flush=True)
+          f"{settings.seconds} s per direction (TCP, then UDP at {settings.udp_pps or 'unlimited'} pkt/s), "
+          f"{settings.pings} pings; load {load_before}", flush=True)
     with temporary_netns("avmbench-") as ns, tempfile.TemporaryDirectory(prefix="bench-net-") as tmp:
-        opts = Options(ns, settings.seconds, settings.pings, ping_command())
+        opts = Options(ns, settings.seconds, settings.pings, ping_command(), settings.udp_pps)
         tso = min_tso_command(settings.min_tso_segs)
         if tso:
             _run(netns_argv(ns, ["sh", "-c", tso]), 30)
@@ -669,7 +812,10 @@ def build_document(variants: list[Variant], settings: Settings, opts: Options, c
         settings={"runs": settings.runs, "iperf3_seconds": settings.seconds, "pings": settings.pings,
                   "ping_interval_s": PING_INTERVAL_S, "ping": list(opts.ping), "mem_mib": MEM_MIB,
                   "vcpus": 1, "guest_mac": GUEST_MAC, "tcp_min_tso_segs": settings.min_tso_segs,
-                  "iperf3": [" ".join(iperf3_argv(Link("tapX", 0), settings.seconds, d)) for d in DIRECTIONS]},
+                  "iperf3": [" ".join(iperf3_argv(Link("tapX", 0), settings.seconds, d)) for d in DIRECTIONS],
+                  "udp_payload_bytes": UDP_PAYLOAD, "udp_offered_pps": settings.udp_pps,
+                  "iperf3_udp": [" ".join(iperf3_udp_argv(Link("tapX", 0), settings.seconds, d, settings.udp_pps))
+                                 for d in DIRECTIONS]},
         variants=vdocs, comparisons=comps,
         notes=notes + (NOTES if nested else NOTES[1:]))
 
@@ -678,7 +824,7 @@ def build_document(variants: list[Variant], settings: Settings, opts: Options, c
 
 def hostvm_timeout(settings: Settings) -> float:
     """A generous bound for the whole inner run (boots are 20-60 s each there, iperf3 start-up seconds)."""
-    per_round = 2 * (settings.seconds + 30) + settings.pings * PING_INTERVAL_S + 30
+    per_round = 4 * (settings.seconds + 30) + settings.pings * PING_INTERVAL_S + 30
     return 600 + len(settings.variants) * (300 + settings.runs * per_round)
 
 
@@ -745,6 +891,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--min-tso-segs", type=int, default=MIN_TSO_SEGS,
                    help=f"tcp_min_tso_segs in the guests and the host namespace (default {MIN_TSO_SEGS}; "
                         "0: the kernels' default)")
+    p.add_argument("--udp-pps", type=int, default=DEFAULT_UDP_PPS,
+                   help=f"offered rate of the {UDP_PAYLOAD}-byte UDP runs, packets/s per direction "
+                        f"(default {DEFAULT_UDP_PPS}; 0: iperf3 -b 0, as fast as the sender can)")
     p.add_argument("--mode", choices=("auto", "direct", "hostvm"), default="auto",
                    help="direct: here; hostvm: inside the emulated KVM host; auto: direct on hardware KVM")
     p.add_argument("--hostvm-timeout", type=float, help="seconds for the whole run inside the emulated host")
@@ -757,6 +906,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{name} must be at least 1")
     if args.min_tso_segs < 0:
         p.error("--min-tso-segs cannot be negative")
+    if args.udp_pps < 0:
+        p.error("--udp-pps cannot be negative")
     return args
 
 
@@ -767,7 +918,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         runs=args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS),
         seconds=args.seconds or (QUICK_SECONDS if args.quick else DEFAULT_SECONDS),
         pings=args.pings or (QUICK_PINGS if args.quick else DEFAULT_PINGS),
-        variants=names, min_tso_segs=args.min_tso_segs)
+        variants=names, min_tso_segs=args.min_tso_segs, udp_pps=args.udp_pps)
 
 
 def choose_mode(requested: str, kvm: str, inside: bool) -> str:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks import net, report
-from benchmarks.net import CpuTicks, IperfResult, Link, PingResult, RunFailed
+from benchmarks.net import CpuTicks, IperfResult, Link, PingResult, RunFailed, UdpResult
 
 LINK = Link("bench1", 1)
 
@@ -70,6 +70,69 @@ def test_any_json_gives_a_positive_rate_or_a_run_failure(value):
         return
     assert result.received_bytes > 0 and 0 < result.mib_s < float("inf")
     assert result.retransmits is None or result.retransmits >= 0
+
+
+# -- iperf3 UDP ------------------------------------------------------------------------
+
+def udp_json(received: dict | None, sent: dict | None) -> str:
+    return iperf_json(received, sent, start={"test_start": {"protocol": "UDP", "blksize": 64}})
+
+
+def test_udp_delivered_packets_are_the_highest_sequence_number_minus_the_gaps():
+    # iperf3 3.12, the host sending 64-byte datagrams to the guest: sum_received is the server's view.
+    text = udp_json({"seconds": 2.0, "bytes": 640000, "packets": 10000, "lost_packets": 1000, "jitter_ms": 0.1},
+                    {"seconds": 2.0, "bytes": 700000, "packets": 12000, "lost_packets": 0})
+    result = net.parse_iperf3_udp(text)
+    assert result == UdpResult(packets=10000, lost=1000, seconds=2.0, sent=12000)
+    assert result.delivered == 9000 and result.pps == 4500.0
+    assert result.loss_pct == 25.0                      # 2000 sent after the last arrival count too
+
+
+def test_udp_loss_is_zero_when_everything_sent_arrived():
+    result = net.parse_iperf3_udp(udp_json({"seconds": 1.0, "packets": 500, "lost_packets": 0},
+                                           {"seconds": 1.0, "packets": 500}))
+    assert (result.pps, result.loss_pct) == (500.0, 0.0)
+    # a sender count below what arrived (it cannot be) is read as "all of it arrived"
+    low = net.parse_iperf3_udp(udp_json({"seconds": 1.0, "packets": 500, "lost_packets": 0},
+                                        {"seconds": 1.0, "packets": 400}))
+    assert low.sent == 500 and low.loss_pct == 0.0
+
+
+@pytest.mark.parametrize("text, why", [
+    ("iperf3: error - unable to connect", "no JSON"),
+    (json.dumps({"error": "unable to receive control message"}), "control message"),
+    (json.dumps({"start": {}}), "no end"),
+    (udp_json(None, {"packets": 1}), "no end.sum_received"),
+    (udp_json({"seconds": 1, "packets": 1, "lost_packets": 0}, None), "no end.sum_sent"),
+    (udp_json({"seconds": 1, "packets": 5}, {"packets": 5}), "lost_packets is not a count"),
+    (udp_json({"seconds": 1, "packets": True, "lost_packets": 0}, {"packets": 5}), "packets is not a count"),
+    (udp_json({"seconds": 1, "packets": 5, "lost_packets": -1}, {"packets": 5}), "not a count"),
+    (udp_json({"packets": 5, "lost_packets": 0}, {"packets": 5}), "lacks seconds"),
+    (udp_json({"seconds": 0, "packets": 5, "lost_packets": 0}, {"packets": 5}), "ran for 0.0 s"),
+    (udp_json({"seconds": 1, "packets": 5, "lost_packets": 6}, {"packets": 5}), "6 lost of 5"),
+    (udp_json({"seconds": 1, "packets": 0, "lost_packets": 0}, {"packets": 9}), "no UDP datagram arrived"),
+])
+def test_iperf3_udp_failures_are_run_failures(text, why):
+    with pytest.raises(RunFailed, match=why):
+        net.parse_iperf3_udp(text)
+
+
+udp_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats() | st.text(max_size=4),
+    lambda inner: st.dictionaries(
+        st.sampled_from(["end", "sum_received", "sum_sent", "packets", "lost_packets", "seconds", "error"]),
+        inner, max_size=5),
+    max_leaves=20)
+
+
+@given(udp_values)
+def test_any_udp_json_gives_a_packet_rate_or_a_run_failure(value):
+    try:
+        result = net.parse_iperf3_udp(json.dumps(value))
+    except RunFailed:
+        return
+    assert 0 < result.delivered <= result.sent and 0 < result.pps < float("inf")
+    assert 0 <= result.loss_pct < 100
 
 
 # -- ping ------------------------------------------------------------------------------
@@ -177,6 +240,12 @@ def test_iperf3_and_ping_command_lines():
     assert net.iperf3_argv(LINK, 4, "g2h")[-1] == "-R"
     with pytest.raises(ValueError):
         net.iperf3_argv(LINK, 4, "sideways")
+    assert net.iperf3_udp_argv(LINK, 4, "h2g", 20000) == [
+        "iperf3", "-c", "172.16.1.2", "-u", "-l", "64", "-b", "10240000", "-t", "4", "-J"]
+    assert net.iperf3_udp_argv(LINK, 2, "g2h", 0) == [
+        "iperf3", "-c", "172.16.1.2", "-u", "-l", "64", "-b", "0", "-t", "2", "-J", "-R"]
+    with pytest.raises(ValueError):
+        net.iperf3_udp_argv(LINK, 2, "h2g", -1)
     assert net.ping_argv(LINK, 50, 0.2, ("busybox", "ping")) == [
         "busybox", "ping", "-c", "50", "-i", "0.2", "-W", "5", "172.16.1.2"]
     assert net.netns_argv("ns1", ["iperf3", "-s"], "/sbin/ip") == [
@@ -245,9 +314,31 @@ def test_round_metrics():
                  "g2h_vmm_sys_ms_per_mib": 5.0, "g2h_guest_cpu_ms_per_mib": 15.0,
                  "ping_median_us": 200.0, "ping_p99_us": 300.0, "ping_lost": 1}
     units = {k: net.unit_of(k) for k in m}
+    assert net.round_metrics(iperfs, pings, tick_ms=10.0, udps={}) == m
     assert {k for k, u in units.items() if u == "ms"} == {k for k in m if k.endswith("_ms_per_mib")}
     assert {k for k, u in units.items() if u == "count"} == {"h2g_retransmits", "ping_lost"}
     assert units["h2g_mib_s"] == "MiB/s" and units["ping_p99_us"] == "us"
+
+
+def test_round_metrics_small_packets_per_delivered_packet():
+    iperfs = {"h2g": (IperfResult(1 << 20, 1.0, None), CpuTicks(1, 1, 0))}
+    udps = {"h2g": (UdpResult(packets=3000, lost=1000, seconds=2.0, sent=4000), CpuTicks(user=30, system=10, guest=20)),
+            "g2h": (UdpResult(packets=500, lost=0, seconds=1.0, sent=500), CpuTicks(user=5, system=0, guest=5))}
+    m = net.round_metrics(iperfs, PingResult((1.0,), 1), tick_ms=10.0, udps=udps)
+    udp = {k: v for k, v in m.items() if "_udp_" in k}
+    assert udp == {"h2g_udp_pps": 1000.0, "h2g_udp_sent_pps": 2000.0, "h2g_udp_loss_pct": 50.0,
+                   "h2g_udp_vmm_cpu_us_per_pkt": 100.0, "h2g_udp_vmm_user_us_per_pkt": 50.0,
+                   "h2g_udp_vmm_sys_us_per_pkt": 50.0, "h2g_udp_guest_cpu_us_per_pkt": 100.0,
+                   "g2h_udp_pps": 500.0, "g2h_udp_sent_pps": 500.0, "g2h_udp_loss_pct": 0.0,
+                   "g2h_udp_vmm_cpu_us_per_pkt": 0.0, "g2h_udp_vmm_user_us_per_pkt": 0.0,
+                   "g2h_udp_vmm_sys_us_per_pkt": 0.0, "g2h_udp_guest_cpu_us_per_pkt": 100.0}
+    assert {net.unit_of(k) for k in udp if k.endswith("_per_pkt")} == {"us"}
+    assert net.unit_of("h2g_udp_pps") == "pkt/s" and net.unit_of("g2h_udp_loss_pct") == "%"
+    for k in udp:
+        report.metric([udp[k]], net.unit_of(k))           # every unit is one the report can show
+    assert {k for k in udp if net.higher_is_better(k)} == {
+        "h2g_udp_pps", "h2g_udp_sent_pps", "g2h_udp_pps", "g2h_udp_sent_pps"}
+    assert net.higher_is_better("g2h_mib_s") and not net.higher_is_better("h2g_udp_vmm_cpu_us_per_pkt")
 
 
 def _stat(comm: str, utime: int, stime: int, guest: int) -> str:
@@ -293,13 +384,17 @@ def test_comparisons_pair_each_transport_with_its_peer_and_asyncvmm_pci_with_mmi
 
 
 def test_comparisons_mark_rates_higher_is_better():
-    a = {"h2g_mib_s": [10, 20, 30], "ping_median_us": [400, 500]}
-    q = {"h2g_mib_s": [40], "ping_median_us": [250]}
+    a = {"h2g_mib_s": [10, 20, 30], "ping_median_us": [400, 500], "g2h_udp_pps": [900, 1100],
+         "g2h_udp_vmm_cpu_us_per_pkt": [300]}
+    q = {"h2g_mib_s": [40], "ping_median_us": [250], "g2h_udp_pps": [4000], "g2h_udp_vmm_cpu_us_per_pkt": [100]}
     comps, notes = net.comparisons(_vdocs(a, q))
     by = {c["metric"]: c for c in comps}
     assert by["h2g_mib_s"]["ratio"] == 0.5 and by["h2g_mib_s"]["higher_is_better"]
     assert by["ping_median_us"]["ratio"] == 1.8 and not by["ping_median_us"]["higher_is_better"]
-    assert len(notes) == len(net.COMPARED) - 2 and all("comparison skipped" in n for n in notes)
+    assert by["g2h_udp_pps"]["ratio"] == 0.25 and by["g2h_udp_pps"]["higher_is_better"]
+    assert by["g2h_udp_vmm_cpu_us_per_pkt"]["ratio"] == 3.0
+    assert not by["g2h_udp_vmm_cpu_us_per_pkt"]["higher_is_better"]
+    assert len(notes) == len(net.COMPARED) - 4 and all("comparison skipped" in n for n in notes)
     assert net.comparisons({"asyncvmm": {}}) == ([], [])
 
 
@@ -313,6 +408,11 @@ def test_settings_survive_the_trip_into_the_emulated_host():
     assert s == net.Settings(runs=net.QUICK_RUNS, seconds=net.QUICK_SECONDS, pings=7,
                              variants=("qemu-microvm",))
     assert net.settings_from(net.parse_args(s.argv())) == s
+    assert s.udp_pps == net.DEFAULT_UDP_PPS
+    unlimited = net.settings_from(net.parse_args(["--udp-pps", "0"]))
+    assert unlimited.udp_pps == 0 and net.settings_from(net.parse_args(unlimited.argv())) == unlimited
+    with pytest.raises(SystemExit):
+        net.parse_args(["--udp-pps", "-1"])
     with pytest.raises(SystemExit):
         net.parse_args(["--runs", "0"])
     with pytest.raises(ValueError):
