@@ -157,6 +157,9 @@ class GuestMemory:
         # One past the RAM region at guest address 0 (0: none).  A range below it is RAM with
         # no lookup: the hot paths (descriptor checks) test against it first.
         self.low_ram_end = self._low.size if self._low is not None else 0
+        # Whether track_dirty() ran.  A plain attribute, not a property: every virtqueue's
+        # view cache checks it on each ring access (Queue.rings).
+        self.tracking_dirty = False
 
     def _index(self, regions: list[GuestRegion]) -> None:
         self._regions = sorted(regions, key=lambda r: r.guest_addr)
@@ -293,10 +296,7 @@ class GuestMemory:
                 pages = -(-region.size // DIRTY_PAGE)
                 # Whole u64 words, like KVM's bitmap, so the two combine word by word.
                 region.dirty = bytearray(-(-pages // 64) * 8)
-
-    @property
-    def tracking_dirty(self) -> bool:
-        return bool(self._ram) and self._ram[0].dirty is not None
+        self.tracking_dirty = bool(self._ram)
 
     def marker(self, gpa: int, length: int) -> Callable[[], None] | None:
         """A call that marks ``[gpa, gpa+length)`` written, for an area the VMM writes

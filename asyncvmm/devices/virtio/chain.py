@@ -114,16 +114,13 @@ class DescriptorChain:
                  "_indirect_ok", "_in_indirect", "_done", "_seen_write")
 
     def __init__(self, mem: GuestMemory, table: memoryview, head: int, *, indirect_ok: bool) -> None:
+        # One of these per chain of every device: as few stores as will do.
         self.mem = mem
-        self.head = head
+        self.head = self._index = head
         self._table = table
-        self._table_len = len(table) // VIRTQ_DESC_SIZE
-        self._index = head
-        self._ttl = self._table_len
+        self._table_len = self._ttl = len(table) // VIRTQ_DESC_SIZE
         self._indirect_ok = indirect_ok
-        self._in_indirect = False
-        self._done = False
-        self._seen_write = False
+        self._in_indirect = self._done = self._seen_write = False
 
     def __iter__(self) -> Iterator[Descriptor]:
         return self

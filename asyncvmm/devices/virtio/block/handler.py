@@ -104,6 +104,7 @@ class BlockHandler(ThrottledQueueHandler):
         self.engine = make_engine(device, act, self._on_io_complete)
         self._uring = isinstance(self.engine, UringEngine)
         self._sync = isinstance(self.engine, SyncEngine)
+        self._framed_ok = self._sync and not device.rate_limiter.enabled     # see _run_framed
         self.timer = ThrottleTimer(act.loop, device.rate_limiter, self._on_throttle_timer)
         self._to_start: list[IoOp] = []
         self._engine_stalled = False
@@ -121,7 +122,7 @@ class BlockHandler(ThrottledQueueHandler):
         self.metrics.event_fails += 1
 
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> list[Effect] | bool:
-        if self._sync and not self.dev.rate_limiter.enabled:
+        if self._framed_ok:
             framed = parse_framed(self.mem, chain, self.dev.disk)
             if framed is not None:
                 self._run_framed(chain.head, framed)
@@ -170,8 +171,9 @@ class BlockHandler(ThrottledQueueHandler):
         req_type, offset, data_addr, nbytes, status_addr = req
         mem, m = self.mem, self.metrics
         data = mem.view(data_addr, nbytes)
-        file = self.dev.file
-        fd = file.acquire()
+        # No acquire/release of the file: the op ends before this returns, and a path swap
+        # (the only thing that retires a file) runs on this loop too.
+        fd = self.dev.file.fd
         try:
             if req_type == VIRTIO_BLK_T_IN:
                 done = os.preadv(fd, [data], offset)
@@ -185,8 +187,6 @@ class BlockHandler(ThrottledQueueHandler):
             mem.write(status_addr, _STATUS_BYTE[VIRTIO_BLK_S_IOERR])
             self.queue.add_used(mem, head, 1)
             return
-        finally:
-            file.release()
         mem.write(status_addr, _STATUS_BYTE[VIRTIO_BLK_S_OK])
         if req_type == VIRTIO_BLK_T_IN:
             self.queue.add_used(mem, head, nbytes + 1)
@@ -281,6 +281,10 @@ class BlockHandler(ThrottledQueueHandler):
             m.write_bytes += req.nbytes
 
     # -- timers and updates -------------------------------------------------
+
+    def rate_limiter_updated(self) -> None:
+        self._framed_ok = self._sync and not self.dev.rate_limiter.enabled
+        super().rate_limiter_updated()
 
     def on_stop(self) -> None:
         self.timer.cancel()

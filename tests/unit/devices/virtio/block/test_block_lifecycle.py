@@ -207,6 +207,30 @@ async def test_bandwidth_limiter_counts_bytes_and_patch_disables_it(disk):
     b.rig.close()
 
 
+async def test_a_limiter_patched_in_throttles_the_usual_framing_too(disk):
+    """A Sync drive without a limiter takes its usual requests on the fast path; a PATCH that
+    adds one must bring them under it."""
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock)
+    b = await make_block_rig(disk, io_engine="Sync", rate_limiter=limiter)
+    status, _ = await b.read(0, 512, wcuts=[512])
+    assert status == rq.VIRTIO_BLK_S_OK
+
+    class Spec:                                     # PATCH {"ops": {"size": 2, "refill_time": 10}}
+        bandwidth = None
+        ops = type("B", (), {"size": 2, "refill_time": 10, "one_time_burst": None})()
+    b.dev.update_rate_limiter(Spec())
+    for i in range(4):
+        bufs, _ = b.lay_out(header(rq.VIRTIO_BLK_T_IN, i), 513, wcuts=[512])
+        b.offer(bufs)
+    assert len(await b.driver.wait_used(b.vq, 2)) == 2
+    await settle()
+    assert b.vq.take_used() == []
+    assert b.dev.metrics.rate_limiter_throttled_events >= 1 and b.dev.metrics.read_count == 3
+    b.dev.close()
+    b.rig.close()
+
+
 # -- hostile rings -------------------------------------------------------------
 
 desc = st.tuples(
