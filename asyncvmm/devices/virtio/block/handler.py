@@ -18,12 +18,15 @@ writes guest bytes and hands the ops on: the Async engine's go to it in one
 ``submit`` at the end of the drain (one ``io_uring_enter`` per batch), a Sync
 op is submitted and answered at once (each is its own syscall anyway, and a
 polling driver can refill while the rest of the ring is read).
+
 A Sync drive's usual read or write (header, data, status: a descriptor each, no
 rate limiter) skips the effects altogether: :func:`parse_framed` reads it
 straight from the descriptor table and :meth:`BlockHandler._run_framed` does the
 I/O and answers it in place (the general path's objects and dispatch were most
-of the device's CPU time per request; docs/benchmarks.md).  Anything else, and
-every Async request, takes the general path.
+of the device's CPU time per request; docs/benchmarks.md).  Async requests in
+that framing take the general path from the :class:`Request` it gives
+(:meth:`Request.from_framed`), and every other chain is walked and parsed.
+
 Results -- the ones ``submit`` returns, answered in the drain's batch, and
 the ones the engine delivers later from its own loop callback, a batch of
 their own -- are answered on the I/O side (the status byte, then the used
@@ -122,13 +125,15 @@ class BlockHandler(ThrottledQueueHandler):
         self.metrics.event_fails += 1
 
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> list[Effect] | bool:
-        if self._framed_ok:
-            framed = parse_framed(self.mem, chain, self.dev.disk)
-            if framed is not None:
-                self._run_framed(chain.head, framed)
-                return True
+        framed = parse_framed(self.mem, chain, self.dev.disk)
+        if framed is not None and self._framed_ok:
+            self._run_framed(chain.head, framed)
+            return True
         try:
-            req = parse(self.mem, collect(chain), self.dev.disk)
+            if framed is not None:
+                req = Request.from_framed(chain.head, framed)
+            else:
+                req = parse(self.mem, collect(chain), self.dev.disk)
         except ChainError:
             self.metrics.invalid_reqs_count += 1
             return [Used(chain.head, 0)]

@@ -108,6 +108,15 @@ class Request:
     data: Segments
     status_at: Segments
 
+    @classmethod
+    def from_framed(cls, head: int, framed: Framed) -> Request:
+        """The :class:`Request` :func:`parse` would give for what :func:`parse_framed` read."""
+        req_type, offset, data_addr, nbytes, status_addr = framed
+        data, status_at = Segments(), Segments()
+        data.parts, data.length = [(data_addr, nbytes)], nbytes
+        status_at.parts, status_at.length = [(status_addr, 1)], 1
+        return cls(head, req_type, offset >> SECTOR_SHIFT, data, status_at)
+
     @property
     def offset(self) -> int:
         return self.sector << SECTOR_SHIFT

@@ -160,4 +160,9 @@ def test_parse_framed_agrees_with_parse(guest_mem):
         req_type_, offset, data_addr, nbytes, status_addr = framed
         assert (req_type_, offset, req.data.parts, req.status_at.parts) == (
             req.type, req.offset, [(data_addr, nbytes)], [(status_addr, 1)])
+        same = rq.Request.from_framed(req.head, framed)
+        assert (same.head, same.type, same.sector, same.data.parts, same.data.length,
+                same.status_at.parts, same.status_at.length) == (
+            req.head, req.type, req.sector, req.data.parts, req.data.length,
+            req.status_at.parts, req.status_at.length)
     assert accepted
