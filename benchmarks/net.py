@@ -111,9 +111,10 @@ MIN_TSO_SYSCTL = "/proc/sys/net/ipv4/tcp_min_tso_segs"     # per network namespa
 # Small packets: iperf3 UDP datagrams of 64 bytes of payload (106-byte frames), offered at a fixed
 # rate in both directions.  With -b 0 the sender takes as much of the emulated host's one CPU as
 # the scheduler gives it, and every path then delivered the same ~450 pkt/s guest-to-host (the
-# receiver starved; docs/benchmarks.md).  A fixed rate keeps the sender's share alike for every
-# variant; 5000/s is about the most any path delivered host-to-guest with -b 0, so a slower path
-# shows as loss.  0 means iperf3's -b 0.
+# receiver starved; docs/benchmarks.md).  A fixed rate caps the sender alike for every variant;
+# 5000/s is about the most any path delivered host-to-guest with -b 0.  In the emulated host the
+# senders could not hold it (they share the one CPU with the path): the delivered rate is then the
+# path's whole per-packet cost, and the loss shows where the device drops.  0 means iperf3's -b 0.
 UDP_PAYLOAD = 64
 DEFAULT_UDP_PPS = 5000
 
