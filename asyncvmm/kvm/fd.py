@@ -250,10 +250,12 @@ class VcpuFd(_Fd):
         self.vcpu_id = vcpu_id
         self._run_map = mmap.mmap(fd, run_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_page = s.kvm_run.from_buffer(self._run_map)
+        self._run_view = memoryview(self._run_map)
 
     def close(self) -> None:
         if self.fd >= 0:
             del self.run_page
+            self._run_view.release()
             self._run_map.close()
         super().close()
 
@@ -265,7 +267,7 @@ class VcpuFd(_Fd):
             if err in (_errno.EINTR, _errno.EAGAIN):
                 return Interrupted()
             raise KvmError("KVM_RUN", err)
-        return decode_exit(self.run_page)
+        return decode_exit(self.run_page, self._run_view)
 
     def set_immediate_exit(self, value: bool) -> None:
         self.run_page.immediate_exit = 1 if value else 0
