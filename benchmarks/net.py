@@ -444,20 +444,13 @@ def round_metrics(iperfs: dict[str, tuple[IperfResult, CpuTicks]], pings: PingRe
     return out
 
 
+# A metric's unit, by the end of its name.
+_UNITS = (("_mib_s", "MiB/s"), ("_us", "us"), ("_ms_per_mib", "ms"), ("_us_per_pkt", "us"),
+          ("_pps", "pkt/s"), ("_pct", "%"))
+
+
 def unit_of(name: str) -> str:
-    if name.endswith("_mib_s"):
-        return "MiB/s"
-    if name.endswith("_us"):
-        return "us"
-    if name.endswith("_ms_per_mib"):
-        return "ms"
-    if name.endswith("_us_per_pkt"):
-        return "us"
-    if name.endswith("_pps"):
-        return "pkt/s"
-    if name.endswith("_pct"):
-        return "%"
-    return "count"
+    return next((unit for suffix, unit in _UNITS if name.endswith(suffix)), "count")
 
 
 def higher_is_better(name: str) -> bool:

@@ -212,6 +212,34 @@ def _result(clock: DeviceClock, cpu0: float, interrupts: int, count: int) -> dic
             "interrupts": interrupts / count}
 
 
+def _lay_out_tx(mem: GuestMemory, tx: "Ring", payload: bytes, *, split: bool) -> list[int]:
+    """Write ``payload`` into a chain per free slot of the TX queue; the chains' heads.
+
+    ``split``: the 12-byte header, then the frame in 4 KiB pieces, a descriptor each (a
+    Linux sk_buff's fragments); else the whole payload in one descriptor.
+    """
+    if not split:
+        for head in range(tx.size):
+            addr = BUF_BASE + 2048 * head
+            mem.write(addr, payload)
+            _DESC.pack_into(tx.desc, 16 * head, addr, len(payload), 0, 0)
+        return list(range(tx.size))
+    from asyncvmm.devices.virtio.net.header import VNET_HDR_SIZE
+    pieces = [payload[:VNET_HDR_SIZE]] + [payload[i:i + 4096] for i in range(VNET_HDR_SIZE, len(payload), 4096)]
+    per_chain = len(pieces)
+    heads = []
+    for n in range(tx.size // per_chain):
+        head, addr = n * per_chain, BUF_BASE + (128 << 10) * n
+        for i, piece in enumerate(pieces):
+            mem.write(addr, piece)
+            last = i == per_chain - 1
+            _DESC.pack_into(tx.desc, 16 * (head + i), addr, len(piece),
+                            0 if last else VIRTQ_DESC_F_NEXT, 0 if last else head + i + 1)
+            addr += len(piece)
+        heads.append(head)
+    return heads
+
+
 async def run_net(direction: str, count: int) -> dict:
     clock = DeviceClock()
     _patch(clock)
@@ -239,38 +267,8 @@ async def _run_net(direction: str, count: int, clock: DeviceClock) -> dict:
         payload = struct.pack("<BBHHHH", 0, 1, 54, 1448, 0, 0) + bytes(2) + frame(65160)
         batch, buf_size = 8, 4096
         chains_per_frame = -(-len(payload) // buf_size)
-    if direction == "tx-gso":
-        # One chain per frame: the 12-byte header, then the frame in 4 KiB pieces.
-        pieces = [payload[:VNET_HDR_SIZE]] + [payload[i:i + 4096]
-                                               for i in range(VNET_HDR_SIZE, len(payload), 4096)]
-        per_chain = len(pieces)
-        free = []
-        for n in range(txq.size // per_chain):
-            head, addr = n * per_chain, BUF_BASE + (128 << 10) * n
-            for i, piece in enumerate(pieces):
-                mem.write(addr, piece)
-                last = i == per_chain - 1
-                _DESC.pack_into(tx.desc, 16 * (head + i), addr, len(piece),
-                                0 if last else VIRTQ_DESC_F_NEXT, 0 if last else head + i + 1)
-                addr += len(piece)
-            free.append(head)
-        clock.ns, cpu0, irq0 = 0, time.process_time(), irq.count
-        while done < count:
-            heads, free = free[:batch], free[batch:]
-            tx.offer(heads)
-            await _until(lambda: struct.unpack_from("<H", tx.used, 2)[0] != tx.last_used)
-            back = tx.take_used()
-            free += back
-            done += len(back)
-            while tap.sent():
-                pass
-            transport.interrupt_status = 0
-    elif direction == "tx":
-        for head in range(txq.size):
-            addr = BUF_BASE + 2048 * head
-            mem.write(addr, payload)
-            _DESC.pack_into(tx.desc, 16 * head, addr, len(payload), 0, 0)
-        free = list(range(txq.size))
+    if direction.startswith("tx"):
+        free = _lay_out_tx(mem, tx, payload, split=direction == "tx-gso")
         clock.ns, cpu0, irq0 = 0, time.process_time(), irq.count
         while done < count:
             heads, free = free[:batch], free[batch:]
