@@ -63,8 +63,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from benchmarks import machine, report
-from benchmarks.net import (READY, CpuTicks, RunFailed, parse_cpu_ticks, qemu_pci_argv, run_and_conclude,
-                            run_benchmark_nested, without_pci_off)
+from benchmarks.net import (READY, CpuTicks, RunFailed, cpu_ticks, qemu_pci_argv, run_and_conclude,
+                            run_benchmark_nested, stop_guest, without_pci_off)
 from benchmarks.rounds import interleaved_rounds
 
 NAME = "blockfio"
@@ -375,14 +375,6 @@ NOTES = [
 
 # -- running it (I/O from here on) ------------------------------------------------------
 
-def cpu_ticks(pid: int) -> CpuTicks:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return parse_cpu_ticks(f.read())
-    except OSError as err:
-        raise RunFailed(f"process {pid} is gone: {err}") from None
-
-
 def ensure_data_disk(path: Path, size: int = DISK_BYTES) -> Path:
     """``size`` bytes of random data (rewritten by the write jobs, so made fresh for every run)."""
     with open(path, "wb") as f:
@@ -485,16 +477,6 @@ def boot(v: Variant, images, disk: Path, workdir: Path) -> None:
             raise RunFailed(f"{DEVICE} has {size!r} sectors, not the data disk's {DISK_BYTES // 512}")
     except GuestError as err:
         raise RunFailed(f"{v.name} did not boot: {str(err)[-600:]}") from None
-
-
-def stop_guest(v: Variant) -> None:
-    if v.guest is None:
-        return
-    try:
-        v.guest.stop(timeout=60)
-    finally:
-        v.guest.kill()
-        v.guest = None
 
 
 def measure(v: Variant, jobs: Sequence[Job], seconds: int, backend_pid: int | None) -> dict[str, float] | None:

@@ -654,7 +654,7 @@ def cpu_ticks(pid: int) -> CpuTicks:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             return parse_cpu_ticks(f.read())
     except OSError as err:
-        raise RunFailed(f"the VMM (pid {pid}) is gone: {err}") from None
+        raise RunFailed(f"process {pid} is gone: {err}") from None
 
 
 def iperf(v: Variant, opts: Options, direction: str, seconds: int) -> tuple[IperfResult, CpuTicks]:
