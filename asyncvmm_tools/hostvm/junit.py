@@ -1,6 +1,6 @@
 """Read a pytest JUnit XML report back into per-test outcomes, keyed like pytest's node ids.
 
-Pure: XML text in, outcomes out.  pytest's ``--junitxml`` names a test by
+Pure: XML (or console) text in, outcomes out.  pytest's ``--junitxml`` names a test by
 ``classname`` (the file path as a dotted module plus any classes) and
 ``name`` (the function with its parameter id); :func:`junit_key` maps a
 node id to that pair so the host side can find each inner result.
@@ -8,6 +8,7 @@ node id to that pair so the host side can find each inner result.
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -70,3 +71,61 @@ def parse_junit(xml_text: str) -> dict[tuple[str, str], InnerOutcome]:
             continue   # keep the first bad outcome for a repeated case
         results[key] = InnerOutcome(outcome, message, details, out, err, seconds)
     return results
+
+
+# --------------------------------------------------------------------------- progress on the console
+#
+# The JUnit report is written when the inner pytest ends; a host that freezes
+# mid-run leaves none.  So the inner run also prints a line when each test
+# starts and one with its outcome when it is done, and the host side reads
+# them back from the console: what finished before a freeze keeps its result,
+# and the test that was running is known.
+
+MARK_TEST_START = "asyncvmm-hostvm: test start "
+MARK_TEST_DONE = "asyncvmm-hostvm: test done "
+DONE_MESSAGE_CHARS = 4000   # the console is a slow serial line; the JUnit report has the rest
+
+
+def start_line(nodeid: str) -> str:
+    return MARK_TEST_START + json.dumps(nodeid)
+
+
+def done_line(nodeid: str, outcome: str, message: str, seconds: float) -> str:
+    # JSON keeps it one line whatever the message holds.
+    return MARK_TEST_DONE + json.dumps({"nodeid": nodeid, "outcome": outcome,
+                                        "message": message[-DONE_MESSAGE_CHARS:], "seconds": round(seconds, 1)})
+
+
+@dataclass
+class ConsoleProgress:
+    outcomes: dict[tuple[str, str], InnerOutcome]
+    running: str | None          # the node id started last and not done, if any
+
+
+def parse_progress(console: str) -> ConsoleProgress:
+    """Outcomes and the running test from the console's start/done lines (garbled lines are skipped)."""
+    outcomes: dict[tuple[str, str], InnerOutcome] = {}
+    running = None
+    for line in console.replace("\r\n", "\n").splitlines():
+        for mark in (MARK_TEST_START, MARK_TEST_DONE):
+            at = line.find(mark)
+            if at < 0:
+                continue
+            try:
+                value = json.loads(line[at + len(mark):])
+            except ValueError:
+                continue
+            if mark == MARK_TEST_START and isinstance(value, str):
+                running = value
+            elif mark == MARK_TEST_DONE and isinstance(value, dict) and isinstance(value.get("nodeid"), str):
+                nodeid = value["nodeid"]
+                outcome = value.get("outcome") if value.get("outcome") in ("passed", "failed", "error",
+                                                                           "skipped") else "failed"
+                message = str(value.get("message", ""))
+                first, _, rest = message.partition("\n")
+                seconds = value.get("seconds", 0.0)
+                outcomes[junit_key(nodeid)] = InnerOutcome(
+                    outcome, first, rest, "", "", float(seconds) if isinstance(seconds, (int, float)) else 0.0)
+                if running == nodeid:
+                    running = None
+    return ConsoleProgress(outcomes, running)

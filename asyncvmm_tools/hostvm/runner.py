@@ -10,6 +10,13 @@ writes under ``$ASYNCVMM_HOSTVM_RESULTS`` comes back in ``results_dir``
 when one is given (with ``hostvm-timings.json``); nothing else is left
 behind (the per-run work directory and its job disk are deleted).  QEMU is killed on timeout, on any exception,
 on SIGINT/SIGTERM/SIGHUP and (PDEATHSIG) when this process dies.
+
+TCG itself can freeze (seen with both VMMs under heavy nested I/O): the
+console then goes silent for good.  ``heartbeat=N`` has the job print
+``asyncvmm-hostvm: alive`` every N seconds beside the command, and
+``stall_timeout=S`` kills QEMU when the console has printed nothing for S
+seconds (``HostVmResult.stalled``), so a frozen host costs S seconds, not the
+whole timeout.  Heartbeat lines are left out of ``stdout``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ INITRAMFS_KEEP_S = 24 * 3600
 MARK_KVM = "asyncvmm-hostvm: kvm "
 MARK_START = "asyncvmm-hostvm: job start"
 MARK_EXIT = "asyncvmm-hostvm: job exit="
+MARK_ALIVE = "asyncvmm-hostvm: alive"
 
 
 class HostVmError(RuntimeError):
@@ -58,7 +66,8 @@ class HostVmResult:
     console: str                    # the whole serial console
     stdout: str                     # the console between the job's start and exit markers
     results_dir: Path | None
-    timed_out: bool = False
+    timed_out: bool = False         # killed: the timeout, or the stall watchdog (then stalled too)
+    stalled: bool = False           # killed because the console was silent for stall_timeout
     kvm_line: str = ""              # "kvm ready: /dev/kvm present, nested=1" or "kvm missing..."
     timings: dict = field(default_factory=dict)   # seconds: prepare, boot (to job start), job, total
 
@@ -67,8 +76,8 @@ def in_hostvm() -> bool:
     return os.environ.get(IN_HOSTVM_ENV) == "1"
 
 
-def job_script(argv: list[str], env: dict[str, str], cwd: str) -> str:
-    """The ``job.sh`` the host init runs chrooted: environment, cwd, then ``exec argv``."""
+def job_script(argv: list[str], env: dict[str, str], cwd: str, heartbeat: float = 0.0) -> str:
+    """The ``job.sh`` the host init runs chrooted: environment, cwd, a heartbeat if asked, then ``exec argv``."""
     if not argv:
         raise ValueError("empty command")
     lines = ["#!/bin/sh", "# written by asyncvmm_tools.hostvm.runner"]
@@ -83,13 +92,18 @@ def job_script(argv: list[str], env: dict[str, str], cwd: str) -> str:
             raise ValueError(f"bad environment variable name {key!r}")
         lines.append(f"export {key}={shlex.quote(value)}")
     lines.append(f"cd {shlex.quote(cwd)} || exit 125")
+    if heartbeat > 0:
+        # Its own line, even when it lands inside a line of the command's output; $$ is the
+        # command's pid after the exec, so the beat stops with it.
+        lines.append(f"( while sleep {heartbeat:g} && kill -0 $$ 2>/dev/null; do printf '\\n{MARK_ALIVE}\\n'; "
+                     "done ) &")
     lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
     return "\n".join(lines) + "\n"
 
 
 def split_console(console: str) -> tuple[str, int | None, str]:
     """``(stdout between the markers, exit status from the marker or None, kvm line)``."""
-    text = console.replace("\r\n", "\n")
+    text = console.replace("\r\n", "\n").replace(f"\n{MARK_ALIVE}\n", "")
     kvm = next((l[len("asyncvmm-hostvm: "):] for l in text.splitlines() if l.startswith(MARK_KVM)), "")
     start = text.find(MARK_START + "\n")
     if start < 0:
@@ -144,6 +158,23 @@ def read_job_disk(path: Path, dest: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def wait_watched(child: Child, deadline: float, stall_timeout: float,
+                 last_output: Callable[[], float]) -> tuple[int | None, bool]:
+    """Wait for ``child`` until ``deadline`` (monotonic); give up early when its output has been
+    silent for ``stall_timeout`` s (0: never).  ``(exit status or None, stalled)``; no kill."""
+    while True:
+        now = time.monotonic()
+        step = deadline - now
+        if stall_timeout > 0:
+            quiet_until = last_output() + stall_timeout
+            if now >= quiet_until:
+                return None, True
+            step = min(step, quiet_until - now)
+        rc = child.wait(max(step, 0.0))
+        if rc is not None or time.monotonic() >= deadline:
+            return rc, False
+
+
 @dataclass
 class HostVm:
     """Everything a boot needs, prepared once per session."""
@@ -172,23 +203,25 @@ class HostVm:
 def run_in_hostvm(argv: list[str], *, timeout: float, env: dict[str, str] | None = None,
                   console_log: Path | None = None, cwd: str | None = None,
                   echo: TextIO | None = None, mem_mib: int = 4096, results_dir: Path | None = None,
-                  prepared: HostVm | None = None, interactive: bool = False,
-                  progress: Callable[[str], None] = log.info) -> HostVmResult:
+                  prepared: HostVm | None = None, interactive: bool = False, heartbeat: float = 0.0,
+                  stall_timeout: float = 0.0, progress: Callable[[str], None] = log.info) -> HostVmResult:
     t0 = time.monotonic()
     vm = prepared or HostVm.prepare(progress)
     workdir = Path(tempfile.mkdtemp(prefix="asyncvmm-hostvm-"))
     try:
         return _run(vm, workdir, argv, t0=t0, timeout=timeout, env=env, console_log=console_log, cwd=cwd,
-                    echo=echo, mem_mib=mem_mib, results_dir=results_dir, interactive=interactive)
+                    echo=echo, mem_mib=mem_mib, results_dir=results_dir, interactive=interactive,
+                    heartbeat=heartbeat, stall_timeout=stall_timeout)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)   # the job disk; results go to results_dir
 
 
 def _run(vm: HostVm, workdir: Path, argv: list[str], *, t0: float, timeout: float, env: dict[str, str] | None,
          console_log: Path | None, cwd: str | None, echo: TextIO | None, mem_mib: int,
-         results_dir: Path | None, interactive: bool) -> HostVmResult:
+         results_dir: Path | None, interactive: bool, heartbeat: float = 0.0,
+         stall_timeout: float = 0.0) -> HostVmResult:
     job_disk = workdir / "job.ext4"
-    make_job_disk(job_disk, job_script(argv, env or {}, cwd or str(project_root())))
+    make_job_disk(job_disk, job_script(argv, env or {}, cwd or str(project_root()), heartbeat))
     spec = MachineSpec(
         kernel=vm.kernel.bzimage, initrd=vm.initramfs, accel="tcg", cpu="max", vcpus=1, mem_mib=mem_mib,
         cmdline=host_cmdline(tsc_khz(), [f"avm.epoch={int(time.time())}", f"avm.project={project_root()}"]),
@@ -198,8 +231,10 @@ def _run(vm: HostVm, workdir: Path, argv: list[str], *, t0: float, timeout: floa
     log_file = open(console_log, "wb") if console_log else None
     marks: dict[str, float] = {}
     tail = [b""]
+    last_output = [time.monotonic()]
 
     def sink(data: bytes) -> None:
+        last_output[0] = time.monotonic()
         chunks.append(data)
         if log_file:
             log_file.write(data)
@@ -214,11 +249,11 @@ def _run(vm: HostVm, workdir: Path, argv: list[str], *, t0: float, timeout: floa
 
     t_boot = time.monotonic()
     child = None
-    timed_out = False
+    timed_out = stalled = False
     try:
         with terminate_on_signals():
             child = Child(machine_argv(spec), sink, stdin=sys.stdin if interactive else None)
-            rc = child.wait(timeout)
+            rc, stalled = wait_watched(child, t_boot + timeout, stall_timeout, lambda: last_output[0])
             timed_out = rc is None
     finally:
         if child is not None:
@@ -239,4 +274,4 @@ def _run(vm: HostVm, workdir: Path, argv: list[str], *, t0: float, timeout: floa
     if results_dir is not None:
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / "hostvm-timings.json").write_text(json.dumps(timings))
-    return HostVmResult(returncode, console, stdout, results_dir, timed_out, kvm, timings)
+    return HostVmResult(returncode, console, stdout, results_dir, timed_out, stalled, kvm, timings)

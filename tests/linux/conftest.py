@@ -11,9 +11,15 @@ Every test here is marked ``linux``.  How they run depends on the machine:
   (``pytest <ids> --junitxml``); every proxy then reports its test's inner
   outcome.  A test the inner run did not report (it hung, the host was
   killed, the junit file is missing) fails with the host console's tail --
-  never passes.  The whole inner run has an outer timeout
-  (``ASYNCVMM_HOSTVM_TIMEOUT``, default: boot allowance + per-test timeout
-  per test).
+  never passes.  The inner run prints a console line as each test starts
+  and ends, and the job a heartbeat every 15 s; when the console goes silent
+  for ``STALL_TIMEOUT`` (TCG froze -- seen with QEMU's own VMM too) or the
+  boot runs out of time, QEMU is killed, the finished tests keep their
+  outcomes, and a fresh boot runs the rest.  The test that was running when
+  a host froze runs again once; a second freeze in it fails it.  The whole
+  tier has a budget (``ASYNCVMM_HOSTVM_TIMEOUT``, default: boot allowance +
+  per-test timeout per test, at most ``TIER_BUDGET`` s, so a frozen host
+  fails tests instead of running CI out of time).
 
 ``ASYNCVMM_LINUX_TIER=direct|hostvm`` forces a mode.  Missing prerequisites
 (qemu, images, KVM) go through ``require()``: skips locally, failures under
@@ -38,19 +44,23 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 
 import pytest
 
 from asyncvmm_tools.hostvm import in_hostvm, kvm_kind
-from asyncvmm_tools.hostvm.junit import InnerOutcome, junit_key, parse_junit
+from asyncvmm_tools.hostvm.junit import InnerOutcome, done_line, junit_key, parse_junit, parse_progress, start_line
 from tests import conftest as shared
 from tests.conftest import require
 
 HERE = Path(__file__).resolve().parent
 PER_TEST_TIMEOUT = float(os.environ.get("ASYNCVMM_LINUX_TEST_TIMEOUT", "300"))
 BOOT_ALLOWANCE = 240.0
+TIER_BUDGET = 2700.0     # 45 minutes: CI has 90 for everything
+STALL_TIMEOUT = 150.0    # no console output at all (the job prints a heartbeat every HEARTBEAT s)
+HEARTBEAT = 15.0
 INNER_RESULTS = "/hostvm-job/results"   # asyncvmm_tools.hostvm.hostinit.JOB_MOUNT + /results
 
 
@@ -187,7 +197,7 @@ class InnerRun:
         if shutil.which("qemu-system-x86_64") is None:
             raise MissingPrerequisite("qemu-system-x86_64 is needed to run the linux tier in an emulated KVM host")
         self.workdir = Path(tempfile.mkdtemp(prefix="asyncvmm-linux-tier-"))
-        from asyncvmm_tools.hostvm import HostVm, HostVmError, run_in_hostvm
+        from asyncvmm_tools.hostvm import HostVm, HostVmError
         from asyncvmm_tools.images import ImagesMissingError
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
 
@@ -199,34 +209,78 @@ class InnerRun:
             prepared = HostVm.prepare(progress=say)
         except (HostVmError, ImagesMissingError, OSError) as exc:
             raise MissingPrerequisite(f"cannot prepare the emulated KVM host: {exc}") from exc
-        outer = float(os.environ.get("ASYNCVMM_HOSTVM_TIMEOUT", "0")) or \
-            BOOT_ALLOWANCE + PER_TEST_TIMEOUT * len(self.nodeids)
+        budget = float(os.environ.get("ASYNCVMM_HOSTVM_TIMEOUT", "0")) or \
+            min(BOOT_ALLOWANCE + PER_TEST_TIMEOUT * len(self.nodeids), TIER_BUDGET)
+        deadline = time.monotonic() + budget
+        froze_in: dict[str, int] = {}
+        remaining = list(self.nodeids)
+        boot = 0
+        while remaining:
+            left = deadline - time.monotonic()
+            if left < BOOT_ALLOWANCE / 2:
+                self.failure = (f"the linux tier's budget of {budget:.0f} s ran out before these tests ran "
+                                f"(ASYNCVMM_HOSTVM_TIMEOUT){self.failure}")
+                return
+            boot += 1
+            known = len(self.outcomes)
+            outcome, running = self._boot(prepared, remaining, boot, left, say)
+            if outcome == "complete" or (running is None and len(self.outcomes) == known):
+                return   # done, or a boot that got nowhere: another would not either
+            if running is not None:
+                froze_in[running] = froze_in.get(running, 0) + 1
+                if froze_in[running] >= 2 or outcome == "timeout":
+                    self.outcomes[junit_key(running)] = InnerOutcome(
+                        "failed", f"the emulated host {'froze' if outcome == 'stalled' else 'ran out of time'}"
+                        f" during this test (boot {boot}{', the second time' if froze_in[running] >= 2 else ''})",
+                        self.failure, "", "")
+            remaining = [n for n in remaining if junit_key(n) not in self.outcomes]
+            if remaining:
+                say(f"[linux tier] boot {boot} ended early ({outcome}); {len(remaining)} test(s) go to a new boot")
+
+    def _boot(self, prepared, nodeids: list[str], boot: int, timeout: float, say) -> tuple[str, str | None]:
+        """One boot of the emulated host for ``nodeids``; its outcomes go into ``self.outcomes``.
+
+        Returns ``("complete", None)`` when the inner pytest ended and wrote its report, else
+        ``("stalled" | "timeout" | "no report", <node id that was running or None>)``.
+        """
+        from asyncvmm_tools.hostvm import run_in_hostvm
+        suffix = "" if boot == 1 else f"-{boot}"
+        console_log = self.workdir / f"hostvm-console{suffix}.log"
+        results = self.workdir / f"results{suffix}"
         # Python runs ~20x slower in there: leave out plugins the tier does not use
         # (schemathesis alone costs over a minute of start-up).
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:schemathesis",
                 "-p", "no:anyio", "-rA", "-v",
                 f"--junitxml={INNER_RESULTS}/junit.xml", "-o", "junit_logging=all",
-                "-o", "junit_family=xunit1", *self.nodeids]
+                "-o", "junit_family=xunit1", *nodeids]
         env = {"CI": os.environ.get("CI", ""), "ASYNCVMM_LINUX_TEST_TIMEOUT": str(PER_TEST_TIMEOUT)}
-        say(f"[linux tier] running {len(self.nodeids)} test(s) inside the emulated KVM host "
-            f"(outer timeout {outer:.0f} s; console: {self.workdir / 'hostvm-console.log'})")
-        result = run_in_hostvm(argv, timeout=outer, env=env, prepared=prepared,
-                               console_log=self.workdir / "hostvm-console.log",
-                               results_dir=self.workdir / "results", progress=say)
+        say(f"[linux tier] boot {boot}: running {len(nodeids)} test(s) inside the emulated KVM host "
+            f"(timeout {timeout:.0f} s; console: {console_log})")
+        result = run_in_hostvm(argv, timeout=timeout, env=env, prepared=prepared, console_log=console_log,
+                               results_dir=results, heartbeat=HEARTBEAT, stall_timeout=STALL_TIMEOUT,
+                               progress=say)
         say(f"[linux tier] emulated host: {result.kvm_line or 'no kvm status line'}; "
             f"exit {result.returncode}; timings {fmt_timings(result.timings)}")
-        junit = self.workdir / "results" / "junit.xml"
+        junit = results / "junit.xml"
+        progress = parse_progress(result.console)
         tail = result.console[-6000:]
-        if result.timed_out:
-            self.failure = f"the emulated host was killed after the outer timeout of {outer:.0f} s"
+        if result.stalled:
+            why, state = f"the emulated host froze: its console was silent for {STALL_TIMEOUT:.0f} s", "stalled"
+        elif result.timed_out:
+            why, state = f"the emulated host was killed after {timeout:.0f} s", "timeout"
         elif not junit.exists():
-            self.failure = f"the inner pytest wrote no junit report (exit {result.returncode})"
-        self.failure += f"\n--- emulated host console (tail) ---\n{tail}"
+            why, state = f"the inner pytest wrote no junit report (exit {result.returncode})", "no report"
+        else:
+            why, state = "", "complete"
+        self.failure = f"{why}\n--- emulated host console, boot {boot} (tail) ---\n{tail}"
+        # What the console saw first; the report, when there is one, has the whole story.
+        self.outcomes.update(progress.outcomes)
         if junit.exists():
             try:
-                self.outcomes = parse_junit(junit.read_text(errors="replace"))
+                self.outcomes.update(parse_junit(junit.read_text(errors="replace")))
             except ValueError as exc:
                 self.failure = f"unreadable junit report: {exc}\n{self.failure}"
+        return state, (None if state == "complete" else progress.running)
 
 
 def fmt_timings(t: dict) -> str:
@@ -242,6 +296,49 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     runner = config.stash.get(RUNNER_KEY, None)
     if runner is not None and runner.outcomes is not None and runner.workdir != Path():
         terminalreporter.write_line(f"linux tier ran in the emulated KVM host; logs and junit: {runner.workdir}")
+
+
+# --------------------------------------------------------------------------- progress lines (inside)
+
+_PROGRESS_KEY = pytest.StashKey[dict]()
+_CONFIG: list[pytest.Config] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Historic: called for this conftest too when it registers late.
+    config.stash[_PROGRESS_KEY] = {}
+    _CONFIG[:] = [config]
+
+
+def _progress(config: pytest.Config, line: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)   # on its own line, outside any test's captured output
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logstart(nodeid, location) -> None:
+    if in_hostvm() and _CONFIG:
+        _progress(_CONFIG[0], start_line(nodeid))
+
+
+def pytest_runtest_logreport(report) -> None:
+    if not (in_hostvm() and _CONFIG):
+        return
+    seen = _CONFIG[0].stash[_PROGRESS_KEY].setdefault(report.nodeid, ["passed", "", 0.0])
+    seen[2] += report.duration
+    if report.failed and seen[0] in ("passed", "skipped"):
+        seen[0] = "failed" if report.when == "call" else "error"
+        seen[1] = report.longreprtext
+    elif report.skipped and seen[0] == "passed":
+        seen[0] = "skipped"
+        seen[1] = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longreprtext
+
+
+def pytest_runtest_logfinish(nodeid, location) -> None:
+    if in_hostvm() and _CONFIG:
+        outcome, message, seconds = _CONFIG[0].stash[_PROGRESS_KEY].pop(nodeid, ["error", "no report", 0.0])
+        _progress(_CONFIG[0], done_line(nodeid, outcome, message, seconds))
 
 
 # --------------------------------------------------------------------------- per-test timeout

@@ -6,6 +6,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,36 @@ def test_launchers_build_firecracker_config_and_qemu_argv(tmp_path):
     assert "root=/dev/vda rw" in append and "initcall_blacklist=cmos_init" in append and "reboot=t" in append
     drives = [a for a in q if a.startswith("virtio-blk-device")]
     assert drives[0].endswith("serial=rootfs")          # the root disk first: it becomes /dev/vda
+
+
+def test_heartbeat_lines_are_printed_and_left_out_of_stdout(tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text(job_script(["sh", "-c", "printf 'a'; sleep 0.35; echo b"], {}, str(tmp_path), heartbeat=0.1))
+    out = tmp_path / "out"
+    with open(out, "w") as f:   # a file, not a pipe: the beat may outlive the job by one beat
+        assert subprocess.run(["sh", str(script)], stdout=f, timeout=10).returncode == 0
+    time.sleep(0.3)             # the beat noticed the job is gone and stopped
+    text = out.read_text()
+    assert text.count("asyncvmm-hostvm: alive") >= 2 and out.read_text() == text
+    console = f"asyncvmm-hostvm: job start\n{text}asyncvmm-hostvm: job exit=0\n"
+    assert split_console(console)[:2] == ("ab\n", 0)   # a beat inside a line does not split it
+
+
+def test_a_silent_child_is_given_up_on_after_the_stall_timeout():
+    from asyncvmm_tools.hostvm.process import Child
+    from asyncvmm_tools.hostvm.runner import wait_watched
+    seen = [time.monotonic()]
+
+    def sink(_data):
+        seen[0] = time.monotonic()
+
+    child = Child(["sh", "-c", "for i in 1 2 3 4 5; do echo x; sleep 0.1; done; sleep 60"], sink)
+    try:
+        t0 = time.monotonic()
+        assert wait_watched(child, t0 + 30, 0.6, lambda: seen[0]) == (None, True)
+        assert 0.9 < time.monotonic() - t0 < 10       # the chatter kept it alive, then silence ended it
+        assert wait_watched(child, time.monotonic() + 0.2, 0, lambda: seen[0]) == (None, False)   # plain timeout
+    finally:
+        child.kill()
+    quick = Child(["sh", "-c", "exit 5"], sink)
+    assert wait_watched(quick, time.monotonic() + 10, 5, lambda: seen[0]) == (5, False)

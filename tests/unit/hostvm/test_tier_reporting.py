@@ -53,3 +53,74 @@ def test_skips_keep_their_reason():
     o = parse_junit(xml)[("m", "t")]
     assert isinstance(o, InnerOutcome) and (o.outcome, o.message) == ("skipped", "needs X")
     assert junit_key("m.py::t") == ("m", "t")
+
+
+# --------------------------------------------------------------------------- a host that freezes
+
+from asyncvmm_tools.hostvm import runner as hostvm_runner            # noqa: E402
+from asyncvmm_tools.hostvm.junit import done_line, parse_progress, start_line   # noqa: E402
+
+IDS = [f"tests/linux/test_a.py::test_{n}" for n in "abcd"]
+
+
+def test_console_progress_keeps_finished_tests_and_names_the_running_one():
+    console = "\r\n".join([
+        "noise", start_line(IDS[0]), "tests/linux/test_a.py::test_a " + done_line(IDS[0], "passed", "", 2.5),
+        start_line(IDS[1]), done_line(IDS[1], "failed", "assert 1 == 2\ntraceback", 1.0),
+        start_line(IDS[2]), "asyncvmm-hostvm: test done {garbled", ""])
+    progress = parse_progress(console)
+    assert progress.running == IDS[2]
+    assert progress.outcomes[junit_key(IDS[0])].outcome == "passed"
+    bad = progress.outcomes[junit_key(IDS[1])]
+    assert (bad.outcome, bad.message, bad.details) == ("failed", "assert 1 == 2", "traceback")
+    assert parse_progress(console + "\n" + done_line(IDS[2], "skipped", "why", 0)).running is None
+
+
+class _Config:
+    class pluginmanager:
+        @staticmethod
+        def get_plugin(_name):
+            return None
+
+
+def _fake_boots(monkeypatch, tmp_path, boots):
+    """Each boot: (console lines, junit xml or None, stalled)."""
+    calls = []
+
+    def fake_run(argv, *, timeout, results_dir, **kw):
+        console, junit, stalled = boots[len(calls)]
+        calls.append([a for a in argv if a.startswith("tests/")])
+        if junit is not None:
+            results_dir.mkdir(parents=True, exist_ok=True)
+            (results_dir / "junit.xml").write_text(junit)
+        return hostvm_runner.HostVmResult(None if stalled else 0, "\n".join(console), "", results_dir,
+                                          timed_out=stalled, stalled=stalled)
+
+    monkeypatch.setattr(hostvm_runner.HostVm, "prepare", classmethod(lambda cls, progress=None: object()))
+    monkeypatch.setattr("asyncvmm_tools.hostvm.run_in_hostvm", fake_run)
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(tier.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    return calls
+
+
+def test_a_frozen_host_keeps_what_finished_retries_the_running_test_once_and_runs_the_rest(monkeypatch, tmp_path):
+    junit = ('<testsuite><testcase classname="tests.linux.test_a" name="test_c"/>'
+             '<testcase classname="tests.linux.test_a" name="test_d"><failure message="m">tb</failure>'
+             '</testcase></testsuite>')
+    calls = _fake_boots(monkeypatch, tmp_path, [
+        ([start_line(IDS[0]), done_line(IDS[0], "passed", "", 1), start_line(IDS[1])], None, True),
+        ([start_line(IDS[1])], None, True),                         # the same test freezes it again
+        ([start_line(IDS[2]), done_line(IDS[2], "passed", "", 1)], junit, False),
+    ])
+    run = tier.InnerRun(IDS, _Config())
+    assert [run.outcome(n).outcome for n in IDS] == ["passed", "failed", "passed", "failed"]
+    assert calls == [IDS, IDS[1:], IDS[2:]]
+    assert "froze during this test" in run.outcome(IDS[1]).message
+    assert "tb" in run.outcome(IDS[3]).describe()
+
+
+def test_a_boot_that_gets_nowhere_is_not_repeated(monkeypatch, tmp_path):
+    calls = _fake_boots(monkeypatch, tmp_path, [(["Traceback: the inner pytest could not start"], None, False)])
+    run = tier.InnerRun(IDS, _Config())
+    assert all(run.outcome(n).outcome == "failed" for n in IDS) and len(calls) == 1
+    assert "wrote no junit report" in run.outcome(IDS[0]).describe()
