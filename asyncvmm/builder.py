@@ -40,7 +40,8 @@ from .devices.rate_limiter import RateLimiter, RateLimiterState, TokenBucket
 from .devices.virtio.block import Block, BlockFileError, BlockMetrics, UnsupportedEngineError
 from .devices.virtio.block.vhost_user import VhostUserBlock, VhostUserBlockError, VhostUserBlockMetrics
 from .devices.virtio.device import VirtioDevice
-from .devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, TransportState, VirtioMmioTransport
+from .devices.virtio.mmio import (VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_QUEUE_NOTIFY,
+                                  TransportState, VirtioMmioTransport)
 from .devices.virtio.pci import PciTransportState
 from .devices.virtio.net import Net, NetMetrics
 from .devices.virtio.rng import EntropyMetrics, Rng
@@ -567,13 +568,36 @@ class _VirtioSlots:
             self._vm.register_ioeventfd(evt.fd, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, datamatch=index)
             events.append(evt)
         transport = VirtioMmioTransport(device, mem=self._mem, irq=irq, queue_events=events,
-                                        loop=self._loop, faults=self._faults)
+                                        loop=self._loop, faults=self._faults,
+                                        kernel_vring_ack=self._kernel_vring_ack(base))
         self._stack.callback(getattr(device, "close", device.deactivate))
         self._bus.insert(base, size, transport)
         self.windows.append((base, size, gsi))
         self.transports.append(transport)
         self.ids.append(device_id)
         return device
+
+
+    def _kernel_vring_ack(self, base: int) -> Callable[[bool], bool]:
+        """For a transport whose back end signals the guest itself: KVM completes the
+        driver's InterruptACK write of the used-buffer bit (VirtioMmioTransport._queue_irqfd)."""
+        sink: list[EventFd] = []
+
+        def switch(on: bool) -> bool:
+            try:
+                if not sink:                 # one per window, however often the guest resets
+                    sink.append(EventFd())   # signalled by KVM, never read: only the exit is saved
+                    self._stack.callback(sink[0].close)
+                self._vm.register_ioeventfd(sink[0].fd, base + VIRTIO_MMIO_INTERRUPT_ACK, 4,
+                                            datamatch=VIRTIO_MMIO_INT_VRING, deassign=not on)
+            except (KvmError, OSError) as e:
+                # Nothing is lost: the ACK keeps exiting to the VMM, which answers it.
+                log.warning("virtio-mmio at %#x: KVM could not %s the InterruptACK ioeventfd: %s",
+                            base, "add" if on else "remove", e)
+                return False
+            return True
+
+        return switch
 
 
 class _PciAttach:

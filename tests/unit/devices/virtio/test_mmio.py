@@ -461,6 +461,46 @@ async def test_a_back_end_signalling_the_irqfd_itself_keeps_the_used_bit_set_unt
         line.eventfd.close()
 
 
+async def test_kvm_completes_the_used_bit_ack_while_a_back_end_signals(guest_mem):
+    # The ACK of the bit that always reads set changes nothing, so KVM is asked to complete it
+    # (an ioeventfd with datamatch 1): once per activation, undone at reset; a switch KVM
+    # refuses leaves the ACK exiting to the VMM as before.
+    from asyncvmm.devices.irq import EventFdIrqLine
+    from tests.fakes.virtio_driver import Allocator, FakeDriver
+
+    calls, answer = [], [True]
+
+    def switch(on):
+        calls.append(on)
+        return answer[0]
+
+    device = EchoDevice()
+    line = EventFdIrqLine(5)
+    t = r.VirtioMmioTransport(device, mem=guest_mem, irq=line,
+                              queue_events=[EventFd() for _ in range(device.num_queues)],
+                              loop=asyncio.get_running_loop(), kernel_vring_ack=switch)
+    d = FakeDriver(t, guest_mem, Allocator(0x1000, guest_mem.end))
+    try:
+        await d.init()
+        assert calls == []                                            # no back end yet
+        device.act.interrupts.irqfd(0)
+        device.act.interrupts.irqfd(1)
+        assert calls == [True]                                        # one ioeventfd, not one per queue
+        t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)                    # the ACK never clears it now:
+        before = line.eventfd.read()
+        t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)                    # so every raise is an edge
+        assert before >= 1 and line.eventfd.read() == 1 and t.interrupts_coalesced == 0
+        await d.reset()
+        assert calls == [True, False]
+        await d.init()
+        answer[0] = False                                             # KVM refused: not on, not undone
+        device.act.interrupts.irqfd(0)
+        await d.reset()
+        assert calls == [True, False, True]
+    finally:
+        line.eventfd.close()
+
+
 async def test_no_irqfd_for_a_line_without_one(rig):
     await rig.driver.init()
     assert rig.transport.device.act.interrupts.irqfd(1) is None
