@@ -27,6 +27,45 @@ def drive(path, drive_id="disk0", **kw):
     return d
 
 
+def _interrupt_exits(test_guest, tmp_path, drive: dict, reads: int) -> tuple[int, int]:
+    """(MMIO read exits, MMIO write exits) of a boot doing ``reads`` one-sector reads, each
+    waited for and its interrupt acknowledged (InterruptStatus read, written to InterruptACK)."""
+    metrics = tmp_path / f"{drive['drive_id']}-{reads}-metrics.json"
+    vmm = ApiProcess(tmp_path)
+    try:
+        vmm.configure([
+            ("PUT", "/metrics", {"metrics_path": str(metrics)}),
+            ("PUT", "/boot-source", {"kernel_image_path": str(test_guest.elf_pvh),
+                                     "boot_args": "blk=read:0:1 " * reads + "exit=halt"}),
+            ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64}),
+            ("PUT", f"/drives/{drive['drive_id']}", drive),
+            ("PUT", "/actions", {"action_type": "InstanceStart"}),
+        ])
+        vmm.wait_output("testguest: exit halt", timeout=240)
+        reports = vmm.flush_metrics(metrics)
+    finally:
+        vmm.close()
+    done = find(parse_lines(vmm.output()), "blk read")
+    assert len(done) == reads and all(r.number("status") == 0 for r in done), vmm.output()
+    return (sum(r["vcpu"]["exit_mmio_read"] for r in reports),
+            sum(r["vcpu"]["exit_mmio_write"] for r in reports))
+
+
+def check_acks_stay_in_kvm(test_guest, tmp_path, drive: dict, n: int = 20) -> None:
+    """n more acknowledged requests cost n more InterruptStatus reads and no more write exits:
+    KVM completes the ACK of the used-buffer bit (virtio-mmio ``_ack_vring_in_kernel``)."""
+    reads_1, writes_1 = _interrupt_exits(test_guest, tmp_path, drive, n)
+    reads_2, writes_2 = _interrupt_exits(test_guest, tmp_path, drive, 2 * n)
+    assert reads_2 - reads_1 >= n, (reads_1, reads_2)
+    assert writes_2 - writes_1 < n // 4, (writes_1, writes_2)
+
+
+def test_kvm_completes_the_guests_interrupt_acks(test_guest, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(64 * SECTOR))
+    check_acks_stay_in_kvm(test_guest, tmp_path, drive(disk))
+
+
 @pytest.mark.parametrize("io_engine", ["Sync", "Async"])
 def test_write_flush_read_back_and_host_file_holds_the_pattern(test_guest, tmp_path, io_engine):
     disk = tmp_path / "disk.img"

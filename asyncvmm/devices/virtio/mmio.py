@@ -140,9 +140,11 @@ class VirtioMmioTransport(VirtioTransport):
         self.irq = irq
         self._isr_lock = threading.Lock()      # interrupt_status: the loop and vCPU threads
         self.interrupt_status = 0
-        self._backend_signals = False          # a back end outside the VMM writes the irqfd itself
+        # InterruptStatus reads with the used-buffer bit set until reset: KVM completes its ACK,
+        # or a back end outside the VMM writes the irqfd itself (see _activate, _queue_irqfd).
+        self._vring_always = False
         # Has KVM complete InterruptACK writes of the used-buffer bit alone (True) or stop (False);
-        # answers whether it did.  See _queue_irqfd.
+        # answers whether it did.
         self._kernel_vring_ack = kernel_vring_ack
         self._vring_ack_in_kernel = False
         self._last_edge = float("-inf")        # time.monotonic() of the last edge sent
@@ -154,9 +156,34 @@ class VirtioMmioTransport(VirtioTransport):
         self.shm_sel = 0
         with self._isr_lock:
             self.interrupt_status = 0
-            self._backend_signals = False
+            self._vring_always = False
         if self._vring_ack_in_kernel:
             self._vring_ack_in_kernel = not self._kernel_vring_ack(False)
+
+    def _activate(self) -> None:
+        self._ack_vring_in_kernel()
+        super()._activate()
+
+    def _ack_vring_in_kernel(self) -> None:
+        """Let KVM complete the driver's ACK of the used-buffer bit, which then always reads set.
+
+        Linux's handler costs two exits per interrupt: it reads InterruptStatus and writes
+        what it read to InterruptACK.  With the used-buffer bit reported from activation to
+        reset (§4.2.2: the device has used a buffer in an active queue, or may have), its ACK
+        changes nothing, so an ioeventfd with that datamatch (signalling an eventfd nobody
+        reads) completes it in KVM and only the read still reaches the VMM.  An ACK with the
+        config bit in it is another value and still comes here.  The driver's handler looks
+        at every ring on each interrupt, finding nothing new at worst; raise_interrupt sends
+        an edge for every raise (no coalescing on a bit that never clears), which a Linux
+        driver with EVENT_IDX asks for about once per batch anyway.  Without the kernel's
+        help (no ``kernel_vring_ack``, or KVM refused it) the register keeps the ACK-cleared
+        behaviour.
+        """
+        if self._kernel_vring_ack is not None and not self._vring_ack_in_kernel:
+            self._vring_ack_in_kernel = self._kernel_vring_ack(True)
+        if self._vring_ack_in_kernel:
+            with self._isr_lock:
+                self._vring_always = True
 
     # -- BusDevice (loop thread) --------------------------------------------
 
@@ -196,7 +223,7 @@ class VirtioMmioTransport(VirtioTransport):
 
     def _interrupt_status_register(self) -> int:
         with self._isr_lock:
-            if self._backend_signals:
+            if self._vring_always:
                 return self.interrupt_status | VIRTIO_MMIO_INT_VRING
             return self.interrupt_status
 
@@ -316,7 +343,8 @@ class VirtioMmioTransport(VirtioTransport):
     # -- interrupts (loop thread) -------------------------------------------
 
     def raise_interrupt(self, bits: int) -> None:
-        """Set ``bits`` in InterruptStatus; send an edge only if that sets a bit (§4.2.2).
+        """Set ``bits`` in InterruptStatus; send an edge only if that sets a bit (§4.2.2) -- or
+        always, while the used-buffer bit always reads set (:meth:`_ack_vring_in_kernel`).
 
         The irqfd is an edge, but the register behaves like a level: while a
         bit is still set the driver has not acknowledged the interrupt that set
@@ -333,9 +361,9 @@ class VirtioMmioTransport(VirtioTransport):
         with self._isr_lock:
             pending = self.interrupt_status
             self.interrupt_status = pending | bits
-            # With a back end signalling, the used-buffer bit's ACK may never reach us (KVM
-            # completes it): no coalescing on a bit that might not clear.
-            if bits & ~pending == 0 and now - self._last_edge < REASSERT_S and not self._backend_signals:
+            # A bit that always reads set (KVM completes its ACK, or a back end signals) never
+            # clears: no coalescing on it.
+            if bits & ~pending == 0 and now - self._last_edge < REASSERT_S and not self._vring_always:
                 self.interrupts_coalesced += 1
                 return
             self._last_edge = now
@@ -353,20 +381,14 @@ class VirtioMmioTransport(VirtioTransport):
         The driver's handler then looks at every ring on each interrupt, finding nothing new at
         worst, and no signal waits for the loop: without this each one was an eventfd read,
         a Python callback and an irqfd write on the loop.  Config interrupts still set bit 1.
-
-        Acknowledging that bit changes nothing then, so KVM is asked to complete an
-        InterruptACK write of exactly it (an ioeventfd with that datamatch, signalling an
-        eventfd nobody reads): of the two exits Linux's handler costs per interrupt (read
-        InterruptStatus, write it back to InterruptACK) only the read still reaches the VMM.
-        An ACK with the config bit in it is another value and still comes here.
+        Usually the activation already did this (:meth:`_ack_vring_in_kernel`).
         """
         evt = getattr(self.irq, "eventfd", None)
         if evt is None:
             return None
         with self._isr_lock:
-            self._backend_signals = True
-        if self._kernel_vring_ack is not None and not self._vring_ack_in_kernel:
-            self._vring_ack_in_kernel = self._kernel_vring_ack(True)
+            self._vring_always = True
+        self._ack_vring_in_kernel()
         return evt.fd
 
     def _signal_config(self) -> None:

@@ -461,10 +461,10 @@ async def test_a_back_end_signalling_the_irqfd_itself_keeps_the_used_bit_set_unt
         line.eventfd.close()
 
 
-async def test_kvm_completes_the_used_bit_ack_while_a_back_end_signals(guest_mem):
-    # The ACK of the bit that always reads set changes nothing, so KVM is asked to complete it
-    # (an ioeventfd with datamatch 1): once per activation, undone at reset; a switch KVM
-    # refuses leaves the ACK exiting to the VMM as before.
+async def test_kvm_completes_the_used_bit_ack_from_activation_to_reset(guest_mem):
+    # With KVM completing the ACK of the used-buffer bit (an ioeventfd with datamatch 1), that
+    # bit reads set from DRIVER_OK to reset and every raise is an edge (the bit never clears);
+    # the config bit keeps its ACK.  A switch KVM refuses leaves the ACK-cleared register.
     from asyncvmm.devices.irq import EventFdIrqLine
     from tests.fakes.virtio_driver import Allocator, FakeDriver
 
@@ -480,23 +480,32 @@ async def test_kvm_completes_the_used_bit_ack_while_a_back_end_signals(guest_mem
                               queue_events=[EventFd() for _ in range(device.num_queues)],
                               loop=asyncio.get_running_loop(), kernel_vring_ack=switch)
     d = FakeDriver(t, guest_mem, Allocator(0x1000, guest_mem.end))
+    status = lambda: struct.unpack("<I", t.read_inline(r.VIRTIO_MMIO_INTERRUPT_STATUS, 4))[0]  # noqa: E731
     try:
+        assert status() == 0 and calls == []                        # nothing before DRIVER_OK
         await d.init()
-        assert calls == []                                            # no back end yet
+        assert calls == [True] and status() == r.VIRTIO_MMIO_INT_VRING
         device.act.interrupts.irqfd(0)
         device.act.interrupts.irqfd(1)
         assert calls == [True]                                        # one ioeventfd, not one per queue
-        t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)                    # the ACK never clears it now:
-        before = line.eventfd.read()
-        t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)                    # so every raise is an edge
-        assert before >= 1 and line.eventfd.read() == 1 and t.interrupts_coalesced == 0
+        line.eventfd.read()
+        t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)
+        t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)
+        assert line.eventfd.read() == 2 and t.interrupts_coalesced == 0
+        t.raise_interrupt(r.VIRTIO_MMIO_INT_CONFIG)
+        assert status() == 3
+        t.write_inline(r.VIRTIO_MMIO_INTERRUPT_ACK, struct.pack("<I", 3))   # what still exits
+        assert status() == r.VIRTIO_MMIO_INT_VRING
         await d.reset()
-        assert calls == [True, False]
+        assert calls == [True, False] and status() == 0
+        answer[0] = False                                             # KVM refuses: as before
         await d.init()
-        answer[0] = False                                             # KVM refused: not on, not undone
-        device.act.interrupts.irqfd(0)
+        assert calls == [True, False, True] and status() == 0
+        t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)
+        t.write_inline(r.VIRTIO_MMIO_INTERRUPT_ACK, struct.pack("<I", 1))
+        assert status() == 0
         await d.reset()
-        assert calls == [True, False, True]
+        assert calls == [True, False, True]                           # never on: nothing to undo
     finally:
         line.eventfd.close()
 
