@@ -148,6 +148,7 @@ class VirtioMmioTransport(VirtioTransport):
         self._kernel_vring_ack = kernel_vring_ack
         self._vring_ack_in_kernel = False
         self._last_edge = float("-inf")        # time.monotonic() of the last edge sent
+        self._edge_unseen = False              # no InterruptStatus read since the last edge
         self.interrupts_coalesced = 0          # raises that found their bits still set
         super().__init__(device, mem=mem, queue_events=queue_events, loop=loop, faults=faults)
 
@@ -157,6 +158,7 @@ class VirtioMmioTransport(VirtioTransport):
         with self._isr_lock:
             self.interrupt_status = 0
             self._vring_always = False
+            self._edge_unseen = False
         if self._vring_ack_in_kernel:
             self._vring_ack_in_kernel = not self._kernel_vring_ack(False)
 
@@ -173,9 +175,8 @@ class VirtioMmioTransport(VirtioTransport):
         changes nothing, so an ioeventfd with that datamatch (signalling an eventfd nobody
         reads) completes it in KVM and only the read still reaches the VMM.  An ACK with the
         config bit in it is another value and still comes here.  The driver's handler looks
-        at every ring on each interrupt, finding nothing new at worst; raise_interrupt sends
-        an edge for every raise (no coalescing on a bit that never clears), which a Linux
-        driver with EVENT_IDX asks for about once per batch anyway.  Without the kernel's
+        at every ring on each interrupt, finding nothing new at worst; raise_interrupt
+        coalesces on the status read instead of the ACK.  Without the kernel's
         help (no ``kernel_vring_ack``, or KVM refused it) the register keeps the ACK-cleared
         behaviour.
         """
@@ -223,6 +224,7 @@ class VirtioMmioTransport(VirtioTransport):
 
     def _interrupt_status_register(self) -> int:
         with self._isr_lock:
+            self._edge_unseen = False
             if self._vring_always:
                 return self.interrupt_status | VIRTIO_MMIO_INT_VRING
             return self.interrupt_status
@@ -343,8 +345,9 @@ class VirtioMmioTransport(VirtioTransport):
     # -- interrupts (loop thread) -------------------------------------------
 
     def raise_interrupt(self, bits: int) -> None:
-        """Set ``bits`` in InterruptStatus; send an edge only if that sets a bit (§4.2.2) -- or
-        always, while the used-buffer bit always reads set (:meth:`_ack_vring_in_kernel`).
+        """Set ``bits`` in InterruptStatus; send an edge only if that sets a bit (§4.2.2) -- or,
+        while the used-buffer bit always reads set (:meth:`_ack_vring_in_kernel`), only if the
+        driver has read InterruptStatus since the last edge.
 
         The irqfd is an edge, but the register behaves like a level: while a
         bit is still set the driver has not acknowledged the interrupt that set
@@ -355,18 +358,25 @@ class VirtioMmioTransport(VirtioTransport):
         44% of the loop's busy time under the block benchmark
         (docs/benchmarks.md).  An edge is still sent when the last one is
         older than :data:`REASSERT_S`, so a lost edge (a restore, a masked
-        pin) costs a pause, never a hung device.
+        pin) costs a pause, never a hung device.  When KVM completes the ACK
+        the status read stands in for it: the handler reads the status before
+        it looks at the rings, so a buffer used before that read is seen too.
         """
         now = time.monotonic()
         with self._isr_lock:
             pending = self.interrupt_status
             self.interrupt_status = pending | bits
-            # A bit that always reads set (KVM completes its ACK, or a back end signals) never
-            # clears: no coalescing on it.
-            if bits & ~pending == 0 and now - self._last_edge < REASSERT_S and not self._vring_always:
+            if self._vring_always:
+                # The bit never clears (KVM completes its ACK): the driver has not started on
+                # the last edge while it has not read InterruptStatus since.
+                coalesce = self._edge_unseen
+            else:
+                coalesce = bits & ~pending == 0
+            if coalesce and now - self._last_edge < REASSERT_S:
                 self.interrupts_coalesced += 1
                 return
             self._last_edge = now
+            self._edge_unseen = True
         self.irq.trigger()
 
     def _signal_used(self, queue: int | None) -> None:
