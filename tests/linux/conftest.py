@@ -12,7 +12,7 @@ Every test here is marked ``linux``.  How they run depends on the machine:
   outcome.  A test the inner run did not report (it hung, the host was
   killed, the junit file is missing) fails with the host console's tail --
   never passes.  The inner run prints a console line as each test starts
-  and ends, and the job a heartbeat every 15 s; when the console goes silent
+  and ends, and the job a heartbeat every 10 s; when the console goes silent
   for ``STALL_TIMEOUT`` (TCG froze -- seen with QEMU's own VMM too) or the
   boot runs out of time, QEMU is killed, the finished tests keep their
   outcomes, and a fresh boot runs the rest.  The test that was running when
@@ -59,8 +59,8 @@ HERE = Path(__file__).resolve().parent
 PER_TEST_TIMEOUT = float(os.environ.get("ASYNCVMM_LINUX_TEST_TIMEOUT", "300"))
 BOOT_ALLOWANCE = 240.0
 TIER_BUDGET = 2700.0     # 45 minutes: CI has 90 for everything
-STALL_TIMEOUT = 150.0    # no console output at all (the job prints a heartbeat every HEARTBEAT s)
-HEARTBEAT = 15.0
+STALL_TIMEOUT = 60.0     # no console output at all (the job prints a heartbeat every HEARTBEAT s)
+HEARTBEAT = 10.0
 INNER_RESULTS = "/hostvm-job/results"   # asyncvmm_tools.hostvm.hostinit.JOB_MOUNT + /results
 
 
