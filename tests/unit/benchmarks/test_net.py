@@ -475,13 +475,15 @@ def test_a_benchmark_run_nested_hands_back_the_inner_document_or_says_why_not(mo
 
     seen = {}
 
-    def fake_run_in_hostvm(argv, *, timeout, results_dir, echo, progress, write=True):
-        seen.update(argv=argv, timeout=timeout)
+    def fake_run_in_hostvm(argv, *, timeout, results_dir, echo, progress, heartbeat, stall_timeout, write=True,
+                           stalled=False):
+        seen.update(argv=argv, timeout=timeout, heartbeat=heartbeat, stall_timeout=stall_timeout)
         if write:
             results_dir.mkdir(parents=True)
             (results_dir / "vsock.json").write_text(json.dumps({"benchmark": "vsock", "machine": {"cpus": 1},
                                                                 "load": {}, "variants": {}}))
-        return types.SimpleNamespace(kvm_line="kvm ready", timings={"boot": 1.234}, returncode=0, timed_out=False)
+        return types.SimpleNamespace(kvm_line="kvm ready", timings={"boot": 1.234}, returncode=None if stalled else 0,
+                                     timed_out=stalled, stalled=stalled)
 
     monkeypatch.setattr(hostvm, "run_in_hostvm", fake_run_in_hostvm)
     doc, ok = net.run_benchmark_nested("vsock", ["--quick"], 77.0, "python -m benchmarks.vsock")
@@ -492,6 +494,11 @@ def test_a_benchmark_run_nested_hands_back_the_inner_document_or_says_why_not(mo
     monkeypatch.setattr(hostvm, "run_in_hostvm", lambda *a, **k: fake_run_in_hostvm(*a, **k, write=False))
     assert net.run_benchmark_nested("vsock", [], 5.0, "c") == (None, False)
     assert "left no vsock.json (exit status 0)" in capsys.readouterr().err
+    assert 0 < seen["heartbeat"] < seen["stall_timeout"] < 77.0          # a frozen host ends the run early
+    monkeypatch.setattr(hostvm, "run_in_hostvm", lambda *a, **k: fake_run_in_hostvm(*a, **k, write=False,
+                                                                                    stalled=True))
+    assert net.run_benchmark_nested("vsock", [], 500.0, "c") == (None, False)
+    assert "the emulated host froze: no console output for 60 s" in capsys.readouterr().err
 
 
 def test_run_and_conclude_picks_the_mode_and_writes_unless_told_not_to(monkeypatch, tmp_path, capsys):
