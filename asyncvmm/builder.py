@@ -577,10 +577,9 @@ class _VirtioSlots:
         self.ids.append(device_id)
         return device
 
-
     def _kernel_vring_ack(self, base: int) -> Callable[[bool], bool]:
-        """For a transport whose back end signals the guest itself: KVM completes the
-        driver's InterruptACK write of the used-buffer bit (VirtioMmioTransport._queue_irqfd)."""
+        """The switch by which the window's transport has KVM complete the driver's
+        InterruptACK write of the used-buffer bit (VirtioMmioTransport._let_kvm_ack_vring)."""
         sink: list[EventFd] = []
 
         def switch(on: bool) -> bool:

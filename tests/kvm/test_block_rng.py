@@ -53,7 +53,7 @@ def _interrupt_exits(test_guest, tmp_path, drive: dict, reads: int) -> tuple[int
 
 def check_acks_stay_in_kvm(test_guest, tmp_path, drive: dict, n: int = 20) -> None:
     """n more acknowledged requests cost n more InterruptStatus reads and no more write exits:
-    KVM completes the ACK of the used-buffer bit (virtio-mmio ``_ack_vring_in_kernel``)."""
+    KVM completes the ACK of the used-buffer bit (virtio-mmio ``_let_kvm_ack_vring``)."""
     reads_1, writes_1 = _interrupt_exits(test_guest, tmp_path, drive, n)
     reads_2, writes_2 = _interrupt_exits(test_guest, tmp_path, drive, 2 * n)
     assert reads_2 - reads_1 >= n, (reads_1, reads_2)

@@ -145,11 +145,11 @@ class VirtioMmioTransport(VirtioTransport):
         self._vring_always = False
         # Has KVM complete InterruptACK writes of the used-buffer bit alone (True) or stop (False);
         # answers whether it did.
-        self._kernel_vring_ack = kernel_vring_ack
-        self._vring_ack_in_kernel = False
+        self._kvm_ack_switch = kernel_vring_ack
+        self._kvm_acks_vring = False
         self._last_edge = float("-inf")        # time.monotonic() of the last edge sent
         self._edge_unseen = False              # no InterruptStatus read since the last edge
-        self.interrupts_coalesced = 0          # raises that found their bits still set
+        self.interrupts_coalesced = 0          # raises the driver had not yet looked for
         super().__init__(device, mem=mem, queue_events=queue_events, loop=loop, faults=faults)
 
     def _reset_registers(self) -> None:
@@ -159,14 +159,14 @@ class VirtioMmioTransport(VirtioTransport):
             self.interrupt_status = 0
             self._vring_always = False
             self._edge_unseen = False
-        if self._vring_ack_in_kernel:
-            self._vring_ack_in_kernel = not self._kernel_vring_ack(False)
+        if self._kvm_acks_vring:
+            self._kvm_acks_vring = not self._kvm_ack_switch(False)
 
     def _activate(self) -> None:
-        self._ack_vring_in_kernel()
+        self._let_kvm_ack_vring()
         super()._activate()
 
-    def _ack_vring_in_kernel(self) -> None:
+    def _let_kvm_ack_vring(self) -> None:
         """Let KVM complete the driver's ACK of the used-buffer bit, which then always reads set.
 
         Linux's handler costs two exits per interrupt: it reads InterruptStatus and writes
@@ -180,9 +180,9 @@ class VirtioMmioTransport(VirtioTransport):
         help (no ``kernel_vring_ack``, or KVM refused it) the register keeps the ACK-cleared
         behaviour.
         """
-        if self._kernel_vring_ack is not None and not self._vring_ack_in_kernel:
-            self._vring_ack_in_kernel = self._kernel_vring_ack(True)
-        if self._vring_ack_in_kernel:
+        if self._kvm_ack_switch is not None and not self._kvm_acks_vring:
+            self._kvm_acks_vring = self._kvm_ack_switch(True)
+        if self._kvm_acks_vring:
             with self._isr_lock:
                 self._vring_always = True
 
@@ -346,7 +346,7 @@ class VirtioMmioTransport(VirtioTransport):
 
     def raise_interrupt(self, bits: int) -> None:
         """Set ``bits`` in InterruptStatus; send an edge only if that sets a bit (§4.2.2) -- or,
-        while the used-buffer bit always reads set (:meth:`_ack_vring_in_kernel`), only if the
+        while the used-buffer bit always reads set (:meth:`_let_kvm_ack_vring`), only if the
         driver has read InterruptStatus since the last edge.
 
         The irqfd is an edge, but the register behaves like a level: while a
@@ -391,14 +391,14 @@ class VirtioMmioTransport(VirtioTransport):
         The driver's handler then looks at every ring on each interrupt, finding nothing new at
         worst, and no signal waits for the loop: without this each one was an eventfd read,
         a Python callback and an irqfd write on the loop.  Config interrupts still set bit 1.
-        Usually the activation already did this (:meth:`_ack_vring_in_kernel`).
+        Usually the activation already did this (:meth:`_let_kvm_ack_vring`).
         """
         evt = getattr(self.irq, "eventfd", None)
         if evt is None:
             return None
         with self._isr_lock:
             self._vring_always = True
-        self._ack_vring_in_kernel()
+        self._let_kvm_ack_vring()
         return evt.fd
 
     def _signal_config(self) -> None:
