@@ -229,10 +229,11 @@ class InnerRun:
             if running is not None:
                 froze_in[running] = froze_in.get(running, 0) + 1
                 if froze_in[running] >= 2 or outcome == "timeout":
+                    what = {"stalled": "the emulated host froze", "timeout": "the tier ran out of time",
+                            "no report": "the inner pytest ended without a report"}[outcome]
+                    again = ", the second time" if froze_in[running] >= 2 else ""
                     self.outcomes[junit_key(running)] = InnerOutcome(
-                        "failed", f"the emulated host {'froze' if outcome == 'stalled' else 'ran out of time'}"
-                        f" during this test (boot {boot}{', the second time' if froze_in[running] >= 2 else ''})",
-                        self.failure, "", "")
+                        "failed", f"{what} during this test (boot {boot}{again})", self.failure, "", "")
             remaining = [n for n in remaining if junit_key(n) not in self.outcomes]
             if remaining:
                 say(f"[linux tier] boot {boot} ended early ({outcome}); {len(remaining)} test(s) go to a new boot")
@@ -300,14 +301,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 
 # --------------------------------------------------------------------------- progress lines (inside)
 
-_PROGRESS_KEY = pytest.StashKey[dict]()
 _CONFIG: list[pytest.Config] = []
+_SEEN: dict[str, list] = {}     # node id -> [worst outcome so far, its text, seconds]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Historic: called for this conftest too when it registers late.
-    config.stash[_PROGRESS_KEY] = {}
-    _CONFIG[:] = [config]
+    _CONFIG[:] = [config]       # historic: called for this conftest too when it registers late
 
 
 def _progress(config: pytest.Config, line: str) -> None:
@@ -325,7 +324,7 @@ def pytest_runtest_logstart(nodeid, location) -> None:
 def pytest_runtest_logreport(report) -> None:
     if not (in_hostvm() and _CONFIG):
         return
-    seen = _CONFIG[0].stash[_PROGRESS_KEY].setdefault(report.nodeid, ["passed", "", 0.0])
+    seen = _SEEN.setdefault(report.nodeid, ["passed", "", 0.0])
     seen[2] += report.duration
     if report.failed and seen[0] in ("passed", "skipped"):
         seen[0] = "failed" if report.when == "call" else "error"
@@ -337,7 +336,7 @@ def pytest_runtest_logreport(report) -> None:
 
 def pytest_runtest_logfinish(nodeid, location) -> None:
     if in_hostvm() and _CONFIG:
-        outcome, message, seconds = _CONFIG[0].stash[_PROGRESS_KEY].pop(nodeid, ["error", "no report", 0.0])
+        outcome, message, seconds = _SEEN.pop(nodeid, ["error", "no report", 0.0])
         _progress(_CONFIG[0], done_line(nodeid, outcome, message, seconds))
 
 
