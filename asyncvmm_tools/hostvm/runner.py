@@ -11,8 +11,8 @@ when one is given (with ``hostvm-timings.json``); nothing else is left
 behind (the per-run work directory and its job disk are deleted).  QEMU is killed on timeout, on any exception,
 on SIGINT/SIGTERM/SIGHUP and (PDEATHSIG) when this process dies.
 
-TCG itself can freeze (seen with both VMMs under heavy nested I/O): the
-console then goes silent for good.  ``heartbeat=N`` has the job print
+The emulated host sometimes freezes (docs/testing.md; cause unknown, seen
+with either VMM as the inner one): its console then goes silent for good.  ``heartbeat=N`` has the job print
 ``asyncvmm-hostvm: alive`` every N seconds beside the command, and
 ``stall_timeout=S`` kills QEMU when the console has printed nothing for S
 seconds (``HostVmResult.stalled``), so a frozen host costs S seconds, not the

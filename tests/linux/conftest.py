@@ -13,7 +13,7 @@ Every test here is marked ``linux``.  How they run depends on the machine:
   killed, the junit file is missing) fails with the host console's tail --
   never passes.  The inner run prints a console line as each test starts
   and ends, and the job a heartbeat every 10 s; when the console goes silent
-  for ``STALL_TIMEOUT`` (TCG froze -- seen with QEMU's own VMM too) or the
+  for ``STALL_TIMEOUT`` (the emulated host froze: docs/testing.md) or the
   boot runs out of time, QEMU is killed, the finished tests keep their
   outcomes, and a fresh boot runs the rest.  The test that was running when
   a host froze runs again once; a second freeze in it fails it.  The whole
