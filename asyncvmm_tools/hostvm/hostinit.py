@@ -24,7 +24,8 @@ from ..images.kernel import KernelArtifact
 from ..images.tree import FsTree
 
 # (module, insmod arguments).  kvm_amd: the TCG CPU (-cpu max) is an AMD with SVM.  vgif=0: KVM
-# does not use TCG's virtual GIF, the suspect in the emulated host's freezes (docs/testing.md).
+# does not use TCG's virtual GIF; tried against the emulated host's freezes (docs/testing.md),
+# which it did not end: the fio benchmark froze with it too.
 HOST_MODULES = [("virtio_mmio", ""), ("virtio_blk", ""), ("overlay", ""), ("kvm_amd", "nested=1 vgif=0"),
                 ("tun", ""), ("veth", ""), ("bridge", ""), ("vhost_vsock", ""), ("virtio_rng", ""),
                 ("vhost_net", "")]
