@@ -124,3 +124,11 @@ def test_a_boot_that_gets_nowhere_is_not_repeated(monkeypatch, tmp_path):
     run = tier.InnerRun(IDS, _Config())
     assert all(run.outcome(n).outcome == "failed" for n in IDS) and len(calls) == 1
     assert "wrote no junit report" in run.outcome(IDS[0]).describe()
+
+
+def test_a_tier_out_of_budget_boots_no_more_and_says_why(monkeypatch, tmp_path):
+    calls = _fake_boots(monkeypatch, tmp_path, [([start_line(IDS[0])], None, True)] * 3)
+    monkeypatch.setenv("ASYNCVMM_HOSTVM_TIMEOUT", "1")     # less than half a boot allowance
+    run = tier.InnerRun(IDS, _Config())
+    assert all(run.outcome(n).outcome == "failed" for n in IDS) and calls == []
+    assert "budget of 1 s ran out" in run.outcome(IDS[0]).describe()
