@@ -839,16 +839,13 @@ def run_nested(settings: Settings, command: str, timeout: float | None) -> tuple
     return run_benchmark_nested(NAME, settings.argv(), timeout or hostvm_timeout(settings), command)
 
 
-HOSTVM_HEARTBEAT_S = 10.0
-HOSTVM_STALL_S = 60.0
-
-
 def run_benchmark_nested(name: str, argv: Sequence[str], limit: float,
                          command: str) -> tuple[dict[str, Any] | None, bool]:
     """``python -m benchmarks.<name> argv`` inside the emulated KVM host, for at most ``limit`` s: the
     document it wrote, nested in this machine's facts (:func:`nest_document`), and whether it passed;
     None with the reason printed when it wrote none.  The net and vsock benchmarks' hostvm mode."""
     from asyncvmm_tools.hostvm import HostVmError, run_in_hostvm
+    from asyncvmm_tools.hostvm.runner import FREEZE_HEARTBEAT_S, FREEZE_STALL_S
 
     load_before = machine.load_average()
     inner = [sys.executable, "-m", f"benchmarks.{name}", *argv]
@@ -860,14 +857,14 @@ def run_benchmark_nested(name: str, argv: Sequence[str], limit: float,
             # A frozen emulated host (docs/testing.md) ends the run after a minute of silence,
             # not after `limit`.
             r = run_in_hostvm(inner, timeout=limit, results_dir=results, echo=sys.stdout,
-                              heartbeat=HOSTVM_HEARTBEAT_S, stall_timeout=HOSTVM_STALL_S,
+                              heartbeat=FREEZE_HEARTBEAT_S, stall_timeout=FREEZE_STALL_S,
                               progress=lambda m: print(m, file=sys.stderr, flush=True))
         except HostVmError as err:
             print(f"error: {err}", file=sys.stderr)
             return None, False
         path = results / f"{name}.json"
         if not path.exists():
-            why = (f"the emulated host froze: no console output for {HOSTVM_STALL_S:.0f} s" if r.stalled
+            why = (f"the emulated host froze: no console output for {FREEZE_STALL_S:.0f} s" if r.stalled
                    else "timed out" if r.timed_out else f"exit status {r.returncode}")
             print(f"error: the run inside the emulated host left no {path.name} ({why})", file=sys.stderr)
             return None, False

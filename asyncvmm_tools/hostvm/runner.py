@@ -54,6 +54,10 @@ MARK_KVM = "asyncvmm-hostvm: kvm "
 MARK_START = "asyncvmm-hostvm: job start"
 MARK_EXIT = "asyncvmm-hostvm: job exit="
 MARK_ALIVE = "asyncvmm-hostvm: alive"
+# What the linux tier and the nested benchmarks ask for: a beat every 10 s, given up on after
+# 60 s of silence (six missed beats; long tests kept beating through).
+FREEZE_HEARTBEAT_S = 10.0
+FREEZE_STALL_S = 60.0
 
 
 class HostVmError(RuntimeError):

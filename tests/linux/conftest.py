@@ -13,7 +13,7 @@ Every test here is marked ``linux``.  How they run depends on the machine:
   killed, the junit file is missing) fails with the host console's tail --
   never passes.  The inner run prints a console line as each test starts
   and ends, and the job a heartbeat every 10 s; when the console goes silent
-  for ``STALL_TIMEOUT`` (the emulated host froze: docs/testing.md) or the
+  for ``FREEZE_STALL_S`` (the emulated host froze: docs/testing.md) or the
   boot runs out of time, QEMU is killed, the finished tests keep their
   outcomes, and a fresh boot runs the rest.  The test that was running when
   a host froze runs again once; a second freeze in it fails it.  The whole
@@ -51,6 +51,7 @@ from pathlib import Path
 import pytest
 
 from asyncvmm_tools.hostvm import in_hostvm, kvm_kind
+from asyncvmm_tools.hostvm.runner import FREEZE_HEARTBEAT_S, FREEZE_STALL_S
 from asyncvmm_tools.hostvm.junit import InnerOutcome, done_line, junit_key, parse_junit, parse_progress, start_line
 from tests import conftest as shared
 from tests.conftest import require
@@ -59,8 +60,6 @@ HERE = Path(__file__).resolve().parent
 PER_TEST_TIMEOUT = float(os.environ.get("ASYNCVMM_LINUX_TEST_TIMEOUT", "300"))
 BOOT_ALLOWANCE = 240.0
 TIER_BUDGET = 2700.0     # 45 minutes: CI has 90 for everything
-STALL_TIMEOUT = 60.0     # no console output at all (the job prints a heartbeat every HEARTBEAT s)
-HEARTBEAT = 10.0
 INNER_RESULTS = "/hostvm-job/results"   # asyncvmm_tools.hostvm.hostinit.JOB_MOUNT + /results
 
 
@@ -258,7 +257,7 @@ class InnerRun:
         say(f"[linux tier] boot {boot}: running {len(nodeids)} test(s) inside the emulated KVM host "
             f"(timeout {timeout:.0f} s; console: {console_log})")
         result = run_in_hostvm(argv, timeout=timeout, env=env, prepared=prepared, console_log=console_log,
-                               results_dir=results, heartbeat=HEARTBEAT, stall_timeout=STALL_TIMEOUT,
+                               results_dir=results, heartbeat=FREEZE_HEARTBEAT_S, stall_timeout=FREEZE_STALL_S,
                                progress=say)
         say(f"[linux tier] emulated host: {result.kvm_line or 'no kvm status line'}; "
             f"exit {result.returncode}; timings {fmt_timings(result.timings)}")
@@ -266,7 +265,7 @@ class InnerRun:
         progress = parse_progress(result.console)
         tail = result.console[-6000:]
         if result.stalled:
-            why, state = f"the emulated host froze: its console was silent for {STALL_TIMEOUT:.0f} s", "stalled"
+            why, state = f"the emulated host froze: its console was silent for {FREEZE_STALL_S:.0f} s", "stalled"
         elif result.timed_out:
             why, state = f"the emulated host was killed after {timeout:.0f} s", "timeout"
         elif not junit.exists():

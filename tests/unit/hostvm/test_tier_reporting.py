@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from asyncvmm_tools.hostvm.junit import InnerOutcome, junit_key, parse_junit
+from asyncvmm_tools.hostvm import runner as hostvm_runner
+from asyncvmm_tools.hostvm.junit import InnerOutcome, done_line, junit_key, parse_junit, parse_progress, start_line
 from tests.linux import conftest as tier
 
 
@@ -56,9 +57,6 @@ def test_skips_keep_their_reason():
 
 
 # --------------------------------------------------------------------------- a host that freezes
-
-from asyncvmm_tools.hostvm import runner as hostvm_runner            # noqa: E402
-from asyncvmm_tools.hostvm.junit import done_line, parse_progress, start_line   # noqa: E402
 
 IDS = [f"tests/linux/test_a.py::test_{n}" for n in "abcd"]
 
