@@ -242,13 +242,17 @@ class ForkServer:
             data = conn.recv(protocol.MAX_MESSAGE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            data = b""
+        except OSError as err:
+            data, why = b"", f"its connection failed ({err})"
+        else:
+            why = "it closed its connection"
         if data:
             return                                 # launchers send nothing more; ignore it
         self._selector.unregister(conn)
         for pid, c in self._children.items():
             if c is conn:
+                # Said in the server's log: a VMM that dies with SIGKILL this way is not a crash.
+                _warn(f"the launcher of child {pid} is gone ({why}): killing the child")
                 try:
                     os.kill(pid, signal.SIGKILL)   # not reaped yet, so still our child
                 except ProcessLookupError:

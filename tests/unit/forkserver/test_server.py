@@ -46,7 +46,9 @@ class Zygote:
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
         line = self.proc.stdout.readline()
         assert line.startswith(b"ready"), line + self.proc.stderr.read()
-        self.children: list[int] = []
+        os.set_blocking(self.proc.stderr.fileno(), False)
+        self._pidfds: list[int] = []        # the reported children, for a close() that cannot hit a reused pid
+        self._log = b""
 
     def launch(self, *argv: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
         env = dict(os.environ if env is None else env, **{ENV_VAR: self.path})
@@ -58,18 +60,31 @@ class Zygote:
         line = proc.stdout.readline()
         assert line, proc.stderr.read() if proc.poll() is not None else b"no report"
         state = json.loads(line)
-        self.children.append(state["pid"])
+        try:
+            self._pidfds.append(os.pidfd_open(state["pid"]))
+        except ProcessLookupError:
+            pass                            # gone already: nothing to clean up
         return state
+
+    def log(self) -> str:
+        """What the server has written to its stderr so far (for failure messages)."""
+        try:
+            while chunk := self.proc.stderr.read(65536):
+                self._log += chunk
+        except (BlockingIOError, ValueError):
+            pass
+        return self._log.decode(errors="replace")
 
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        for pid in self.children:
+        for pidfd in self._pidfds:
             try:
-                os.kill(pid, signal.SIGKILL)
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            os.close(pidfd)
 
 
 @pytest.fixture(scope="session")
@@ -229,7 +244,8 @@ def test_bad_requests_are_answered_and_the_server_lives_on(zygote):
     _raw_request(zygote.path, b"garbage", stdio)
     time.sleep(0.2)
     assert len(os.listdir(f"/proc/{zygote.proc.pid}/fd")) == fds_before
-    assert _finish(zygote.launch("exit", "5"))[0] == 5
+    code, _, err = _finish(zygote.launch("exit", "5"))
+    assert code == 5, f"launcher stderr: {err!r}; server log: {zygote.log()!r}"
 
 
 def test_another_uid_is_refused(tmp_path):
