@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
+import mmap
 import os
 from typing import Callable
 
@@ -42,6 +44,7 @@ from .devices.virtio.block.vhost_user import VhostUserBlock, VhostUserBlockError
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.mmio import (VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_QUEUE_NOTIFY,
                                   TransportState, VirtioMmioTransport)
+from .devices.virtio.mmio import PAGE_SIZE as VIRTIO_MMIO_PAGE
 from .devices.virtio.pci import PciTransportState
 from .devices.virtio.net import Net, NetMetrics
 from .devices.virtio.rng import EntropyMetrics, Rng
@@ -54,7 +57,7 @@ from .devices.virtio.mem.device import VirtioMemState
 from .devices.virtio.mem.backing import HotplugBacking
 from .kvm import Kvm, KvmError, VmFd
 from .kvm.ioctls import KVM_CAP_NR_MEMSLOTS
-from .kvm.structs import KVM_MEM_LOG_DIRTY_PAGES
+from .kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from .guestfault import GuestFaultMetrics, GuestFaults
 from .irqroute import GsiRouter
 from .memory import GuestMemory
@@ -395,6 +398,7 @@ def _build(config: VmConfig, ctx: BuildContext) -> MicroVm:
         if config.memory_hotplug is not None:
             memory_hotplug = virtio.attach(_virtio_mem(config.memory_hotplug, vm, mem, ctx, stack, restore),
                                            "memory_hotplug")
+        virtio.map_register_pages()
         virtio_windows = virtio.windows
         cmdline = kernel_cmdline(config, virtio_windows, pci=pci)
         if restore is not None:
@@ -543,7 +547,8 @@ def _restore_state(state: SnapshotState, vm: VmFd, vcpus: list[Vcpu], serial: Se
 
 
 class _VirtioSlots:
-    """Hands out virtio-mmio windows and wires each device's ioeventfds and irqfd."""
+    """Hands out virtio-mmio windows and wires each device's ioeventfds and irqfd, and maps
+    the windows' register pages read-only into the guest (:meth:`map_register_pages`)."""
 
     def __init__(self, vm: VmFd, mem: GuestMemory, bus: Bus, loop: asyncio.AbstractEventLoop,
                  stack: contextlib.ExitStack, faults: GuestFaults) -> None:
@@ -569,7 +574,7 @@ class _VirtioSlots:
             events.append(evt)
         transport = VirtioMmioTransport(device, mem=self._mem, irq=irq, queue_events=events,
                                         loop=self._loop, faults=self._faults,
-                                        kernel_vring_ack=self._kernel_vring_ack(base))
+                                        kernel_vring_ack=_KernelVringAck(self._vm, base, self._stack))
         self._stack.callback(getattr(device, "close", device.deactivate))
         self._bus.insert(base, size, transport)
         self.windows.append((base, size, gsi))
@@ -577,32 +582,84 @@ class _VirtioSlots:
         self.ids.append(device_id)
         return device
 
-    def _kernel_vring_ack(self, base: int) -> Callable[[bool], bool]:
-        """The switch by which the window's transport has KVM complete the driver's
-        InterruptACK write of the used-buffer bit (VirtioMmioTransport._let_kvm_ack_vring)."""
-        sink: list[EventFd] = []
+    def map_register_pages(self) -> None:
+        """One read-only KVM slot over all windows, each page kept current by its transport:
+        the guest's register and config reads never exit (VirtioMmioTransport.attach_register_page).
+        KVM refusing the slot leaves every read exiting to the transport, as before."""
+        if not self.transports:
+            return
+        assert layout.VIRTIO_MMIO_SIZE == VIRTIO_MMIO_PAGE     # the windows are consecutive pages
+        size = len(self.windows) * VIRTIO_MMIO_PAGE
+        pages = mmap.mmap(-1, size)                # shared anonymous: never copied on write
+        view = memoryview(pages)
+        each = [view[i * VIRTIO_MMIO_PAGE:(i + 1) * VIRTIO_MMIO_PAGE] for i in range(len(self.windows))]
 
-        def switch(on: bool) -> bool:
-            try:
-                if not sink:                 # one per window, however often the guest resets
-                    sink.append(EventFd())   # signalled by KVM, never read: only the exit is saved
-                    self._stack.callback(sink[0].close)
-                self._vm.register_ioeventfd(sink[0].fd, base + VIRTIO_MMIO_INTERRUPT_ACK, 4,
-                                            datamatch=VIRTIO_MMIO_INT_VRING, deassign=not on)
-            except (KvmError, OSError) as e:
-                # Nothing is lost: the ACK keeps exiting to the VMM, which answers it.
-                log.warning("virtio-mmio at %#x: KVM could not %s the InterruptACK ioeventfd: %s",
-                            base, "add" if on else "remove", e)
-                return False
-            return True
+        def unmap() -> None:
+            for transport in self.transports:
+                transport.attach_register_page(None)
+            for page in each:
+                page.release()
+            view.release()
+            pages.close()
 
-        return switch
+        self._stack.callback(unmap)
+        for transport, page in zip(self.transports, each):
+            transport.attach_register_page(page)
+        base = self.windows[0][0]
+        slot = _register_page_slot(self._vm)
+        try:
+            self._vm.set_user_memory_region(slot, base, size, ctypes.addressof(ctypes.c_char.from_buffer(pages)),
+                                            KVM_MEM_READONLY)
+        except (KvmError, OSError) as e:
+            log.warning("virtio-mmio: KVM refused the read-only register pages (%s); register reads "
+                        "exit to the VMM", e)
+            for transport in self.transports:
+                transport.attach_register_page(None)
+            return
+        self._stack.callback(self._vm.set_user_memory_region, slot, base, 0, 0, 0)
+
+
+class _KernelVringAck:
+    """KVM completing a window's InterruptACK of the used-buffer bit: an ioeventfd with
+    datamatch 1 on the register, over an eventfd that counts the ACKs
+    (mmio.KernelVringAck; VirtioMmioTransport._let_kvm_ack_vring).  One per window, however
+    often the guest resets the device."""
+
+    def __init__(self, vm: VmFd, base: int, stack: contextlib.ExitStack) -> None:
+        self._vm, self._base, self._stack = vm, base, stack
+        self._counter: EventFd | None = None
+
+    def switch(self, on: bool) -> bool:
+        try:
+            if self._counter is None:
+                self._counter = EventFd()
+                self._stack.callback(self._counter.close)
+            self._vm.register_ioeventfd(self._counter.fd, self._base + VIRTIO_MMIO_INTERRUPT_ACK, 4,
+                                        datamatch=VIRTIO_MMIO_INT_VRING, deassign=not on)
+        except (KvmError, OSError) as e:
+            # Nothing is lost: the ACK keeps exiting to the VMM, which answers it.
+            log.warning("virtio-mmio at %#x: KVM could not %s the InterruptACK ioeventfd: %s",
+                        self._base, "add" if on else "remove", e)
+            return False
+        return True
+
+    def taken(self) -> int:
+        return self._counter.read() if self._counter is not None else 0
+
+
+def _register_page_slot(vm: VmFd) -> int:
+    """The KVM slot of the virtio-mmio register pages: the one just below pmem's reserve."""
+    nr_slots = vm.check_extension(KVM_CAP_NR_MEMSLOTS) or 509
+    return nr_slots - _SLOTS_KEPT_FOR_PMEM - 1
 
 
 class _PciAttach:
     """The builder's view of :class:`PciSlots`: attach in order, or at a snapshot's slots."""
 
     windows: list[tuple[int, int, int]] = []       # no virtio-mmio windows with PCI
+
+    def map_register_pages(self) -> None:
+        """Nothing to map: virtio-pci's registers are in BARs the guest programs (pcislots)."""
 
     def __init__(self, slots: PciSlots, saved_slots: dict | None) -> None:
         self.slots = slots
@@ -711,7 +768,7 @@ def _virtio_mem(cfg, vm: VmFd, mem: GuestMemory, ctx: BuildContext,
     first_slot = len(mem.regions)
     slots = size // slot_size
     nr_slots = vm.check_extension(KVM_CAP_NR_MEMSLOTS) or 509
-    if first_slot + slots > nr_slots - _SLOTS_KEPT_FOR_PMEM:
+    if first_slot + slots > nr_slots - _SLOTS_KEPT_FOR_PMEM - 1:     # and one for _register_page_slot
         raise BuildError(f"Hotpluggable memory needs {slots} KVM memory slots of "
                          f"{cfg.slot_size_mib} MiB; KVM has {nr_slots}: use larger slots")
 

@@ -107,8 +107,22 @@ class VirtioDevice:
     # -- config space (loop) ------------------------------------------------
 
     #: The device-specific configuration (virtio-mmio: at 0x100 of the window);
-    #: subclasses with one replace it whenever it changes.
-    _config: bytes = b""
+    #: subclasses with one replace it whenever it changes, which the transport's
+    #: watcher sees (virtio-mmio mirrors it in the page the guest reads).
+    @property
+    def _config(self) -> bytes:
+        return self.__dict__.get("_config_bytes", b"")
+
+    @_config.setter
+    def _config(self, value: bytes) -> None:
+        self.__dict__["_config_bytes"] = value
+        watcher = self.__dict__.get("_config_watcher")
+        if watcher is not None:
+            watcher()
+
+    def set_config_watcher(self, watcher: Callable[[], None] | None) -> None:
+        """``watcher()`` runs after every replacement of the configuration bytes."""
+        self.__dict__["_config_watcher"] = watcher
 
     def read_config(self, offset: int, size: int) -> bytes:
         """Bytes of the device-specific configuration; past its end, zeros (and a cfg_fails)."""

@@ -18,12 +18,21 @@ activation touches guest memory.  Queue kicks do not come here: KVM signals
 the queue's eventfd directly (an ioeventfd on QueueNotify); a QueueNotify
 that does reach us signals the same eventfd.
 
-The one exception is the interrupt word.  Linux reads InterruptStatus and
-writes InterruptACK on every interrupt, so :meth:`read_inline` /
-:meth:`write_inline` answer those two registers on the vCPU thread itself
-(measured in ``docs/architecture.md``); ``interrupt_status`` is therefore
-shared between the loop (which raises interrupts) and the vCPUs, and only
-it is behind a lock.
+Reads need not exit at all.  The builder maps every window as a read-only
+KVM memory slot over a page that holds what each readable register and the
+configuration space would answer (:meth:`attach_register_page`); the
+transport rewrites that page whenever a value changes (a register write, an
+interrupt, a reset, a config change), before the guest can look again, and
+the guest's reads never leave the vCPU.  Writes still exit (or, for
+QueueNotify and the used-buffer InterruptACK, end in KVM's ioeventfds).
+Without the page (KVM refused the slot) reads exit and are answered here.
+
+The interrupt word is also answered on the vCPU thread: Linux writes
+InterruptACK (and, without the page, reads InterruptStatus) on every
+interrupt, so :meth:`read_inline` / :meth:`write_inline` answer those two
+registers there (measured in ``docs/architecture.md``);
+``interrupt_status`` is therefore shared between the loop (which raises
+interrupts) and the vCPUs, and only it is behind a lock.
 
 What is not about registers (the status state machine, feature
 negotiation, activation, reset, the queues' snapshot state) is shared with
@@ -40,7 +49,7 @@ import logging
 import struct
 import threading
 import time
-from typing import Callable
+from typing import Protocol
 
 import msgspec
 
@@ -105,9 +114,27 @@ _QUEUE_ADDR_REGS = {
     VIRTIO_MMIO_QUEUE_USED_HIGH: ("used_ring", True),
 }
 _U32 = struct.Struct("<I")
+PAGE_SIZE = 0x1000
+# The registers a driver may read (§4.2.2); every other word of the page stays zero.
+_READABLE = (VIRTIO_MMIO_MAGIC_VALUE, VIRTIO_MMIO_VERSION, VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_VENDOR_ID,
+             VIRTIO_MMIO_DEVICE_FEATURES, VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_QUEUE_READY,
+             VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_SHM_LEN_LOW,
+             VIRTIO_MMIO_SHM_LEN_HIGH, VIRTIO_MMIO_SHM_BASE_LOW, VIRTIO_MMIO_SHM_BASE_HIGH,
+             VIRTIO_MMIO_CONFIG_GENERATION)
 # While InterruptStatus still has the bits being raised, no new edge is sent unless the
 # last one is this old (see VirtioMmioTransport.raise_interrupt).
 REASSERT_S = 0.005
+
+
+class KernelVringAck(Protocol):
+    """KVM completing the driver's InterruptACK of the used-buffer bit (an ioeventfd on the
+    register with datamatch 1 over an eventfd that counts them); the builder makes one per window."""
+
+    def switch(self, on: bool) -> bool:
+        """Add (``on``) or remove the ioeventfd; whether KVM did."""
+
+    def taken(self) -> int:
+        """How many such ACKs KVM completed since the last call."""
 
 
 class TransportState(msgspec.Struct, forbid_unknown_fields=True, tag="virtio-mmio-v1"):
@@ -136,21 +163,22 @@ class VirtioMmioTransport(VirtioTransport):
     def __init__(self, device: VirtioDevice, *, mem: GuestMemory, irq: IrqLine,
                  queue_events: list[EventFd], loop: asyncio.AbstractEventLoop,
                  faults: guestfault.GuestFaults | None = None,
-                 kernel_vring_ack: Callable[[bool], bool] | None = None) -> None:
+                 kernel_vring_ack: KernelVringAck | None = None) -> None:
         self.irq = irq
+        self._page: memoryview | None = None   # the guest's read-only view of the registers
+        self._config_len = 0                   # config bytes last written to the page
         self._isr_lock = threading.Lock()      # interrupt_status: the loop and vCPU threads
         self.interrupt_status = 0
         # InterruptStatus reads with the used-buffer bit set until reset: KVM completes its ACK,
         # or a back end outside the VMM writes the irqfd itself (see _activate, _queue_irqfd).
         self._vring_always = False
-        # Has KVM complete InterruptACK writes of the used-buffer bit alone (True) or stop (False);
-        # answers whether it did.
-        self._kvm_ack_switch = kernel_vring_ack
+        self._kernel_ack = kernel_vring_ack
         self._kvm_acks_vring = False
         self._last_edge = float("-inf")        # time.monotonic() of the last edge sent
-        self._edge_unseen = False              # no InterruptStatus read since the last edge
+        self._edge_unseen = False              # the driver has not acknowledged the last edge
         self.interrupts_coalesced = 0          # raises the driver had not yet looked for
         super().__init__(device, mem=mem, queue_events=queue_events, loop=loop, faults=faults)
+        device.set_config_watcher(self._sync_config)
 
     def _reset_registers(self) -> None:
         super()._reset_registers()
@@ -160,7 +188,8 @@ class VirtioMmioTransport(VirtioTransport):
             self._vring_always = False
             self._edge_unseen = False
         if self._kvm_acks_vring:
-            self._kvm_acks_vring = not self._kvm_ack_switch(False)
+            self._kvm_acks_vring = not self._kernel_ack.switch(False)
+        self._sync_page()
 
     def _activate(self) -> None:
         self._let_kvm_ack_vring()
@@ -172,19 +201,77 @@ class VirtioMmioTransport(VirtioTransport):
         Linux's handler costs two exits per interrupt: it reads InterruptStatus and writes
         what it read to InterruptACK.  With the used-buffer bit reported from activation to
         reset (§4.2.2: the device has used a buffer in an active queue, or may have), its ACK
-        changes nothing, so an ioeventfd with that datamatch (signalling an eventfd nobody
-        reads) completes it in KVM and only the read still reaches the VMM.  An ACK with the
+        changes nothing, so an ioeventfd with that datamatch (over an eventfd that counts
+        them) completes it in KVM and only the read still reaches the VMM.  An ACK with the
         config bit in it is another value and still comes here.  The driver's handler looks
         at every ring on each interrupt, finding nothing new at worst; raise_interrupt
-        coalesces on the status read instead of the ACK.  Without the kernel's
-        help (no ``kernel_vring_ack``, or KVM refused it) the register keeps the ACK-cleared
-        behaviour.
+        learns of the ACKs from the ioeventfd's counter (:meth:`KernelVringAck.taken`).
+        With the register page (:meth:`attach_register_page`) the read stays in the vCPU
+        too, and an interrupt costs no exit at all.  Without the kernel's help (no
+        ``kernel_vring_ack``, or KVM refused it) the register keeps the ACK-cleared behaviour.
         """
-        if self._kvm_ack_switch is not None and not self._kvm_acks_vring:
-            self._kvm_acks_vring = self._kvm_ack_switch(True)
+        if self._kernel_ack is not None and not self._kvm_acks_vring:
+            self._kvm_acks_vring = self._kernel_ack.switch(True)
+            if self._kvm_acks_vring:
+                self._kernel_ack.taken()           # ACKs of an earlier activation do not count
         if self._kvm_acks_vring:
-            with self._isr_lock:
-                self._vring_always = True
+            self._set_vring_always()
+
+    def _set_vring_always(self) -> None:
+        with self._isr_lock:
+            self._vring_always = True
+            self._sync_isr()
+
+    # -- the register page ----------------------------------------------------
+
+    def attach_register_page(self, page: memoryview | None) -> None:
+        """Have the guest read the registers from ``page`` (a :data:`PAGE_SIZE` view the
+        builder maps read-only into the guest at this window), kept current from now on;
+        ``None``: reads exit and are answered by :meth:`read` again."""
+        if page is not None and (len(page) != PAGE_SIZE or page.readonly):
+            raise ValueError(f"a register page is {PAGE_SIZE} writable bytes")
+        self._page = page
+        if page is not None:
+            page[:] = bytes(PAGE_SIZE)
+            self._config_len = 0
+            self._sync_page()
+
+    def _sync_page(self) -> None:
+        """Every readable register and the config space into the page (after a register
+        write, a reset, a config change or a restore: none is on the I/O path)."""
+        page = self._page
+        if page is None:
+            return
+        for offset in _READABLE:
+            if offset != VIRTIO_MMIO_INTERRUPT_STATUS:
+                _U32.pack_into(page, offset, self._read_register(offset) & 0xFFFF_FFFF)
+        with self._isr_lock:
+            self._sync_isr()
+        self._sync_config()
+
+    def _sync_isr(self) -> None:
+        """InterruptStatus into the page (the caller holds ``_isr_lock``)."""
+        if self._page is not None:
+            _U32.pack_into(self._page, VIRTIO_MMIO_INTERRUPT_STATUS, self._isr_value())
+
+    def _sync_config(self) -> None:
+        page = self._page
+        if page is None:
+            return
+        config = self.device._config[:PAGE_SIZE - VIRTIO_MMIO_CONFIG]
+        end = VIRTIO_MMIO_CONFIG + len(config)
+        page[VIRTIO_MMIO_CONFIG:end] = config
+        if self._config_len > len(config):         # shorter than before: the rest reads zero
+            page[end:VIRTIO_MMIO_CONFIG + self._config_len] = bytes(self._config_len - len(config))
+        self._config_len = len(config)
+
+    def _on_config_change(self) -> None:
+        super()._on_config_change()
+        self._sync_page()
+
+    def set_needs_reset(self) -> None:
+        super().set_needs_reset()
+        self._sync_page()
 
     # -- BusDevice (loop thread) --------------------------------------------
 
@@ -206,6 +293,8 @@ class VirtioMmioTransport(VirtioTransport):
                         len(data), offset)
             return
         self._write_register(offset, _U32.unpack(data)[0])
+        if offset != VIRTIO_MMIO_QUEUE_NOTIFY:
+            self._sync_page()                       # before the vCPU reads again
 
     # -- InlineRegisters (vCPU threads) -------------------------------------
 
@@ -224,14 +313,19 @@ class VirtioMmioTransport(VirtioTransport):
 
     def _interrupt_status_register(self) -> int:
         with self._isr_lock:
-            self._edge_unseen = False
-            if self._vring_always:
-                return self.interrupt_status | VIRTIO_MMIO_INT_VRING
-            return self.interrupt_status
+            return self._isr_value()
+
+    def _isr_value(self) -> int:
+        if self._vring_always:
+            return self.interrupt_status | VIRTIO_MMIO_INT_VRING
+        return self.interrupt_status
 
     def _ack_interrupt(self, bits: int) -> None:
         with self._isr_lock:
             self.interrupt_status &= ~bits
+            if bits & VIRTIO_MMIO_INT_VRING:
+                self._edge_unseen = False          # its handler is under way
+            self._sync_isr()
 
     # -- registers ----------------------------------------------------------
 
@@ -340,6 +434,7 @@ class VirtioMmioTransport(VirtioTransport):
         self.queues = queues
         with self._isr_lock:
             self.interrupt_status = state.interrupt_status
+        self._sync_page()
         self._resume()
 
     # -- interrupts (loop thread) -------------------------------------------
@@ -347,7 +442,7 @@ class VirtioMmioTransport(VirtioTransport):
     def raise_interrupt(self, bits: int) -> None:
         """Set ``bits`` in InterruptStatus; send an edge only if that sets a bit (§4.2.2) -- or,
         while the used-buffer bit always reads set (:meth:`_let_kvm_ack_vring`), only if the
-        driver has read InterruptStatus since the last edge.
+        driver has acknowledged the last edge.
 
         The irqfd is an edge, but the register behaves like a level: while a
         bit is still set the driver has not acknowledged the interrupt that set
@@ -359,19 +454,24 @@ class VirtioMmioTransport(VirtioTransport):
         (docs/benchmarks.md).  An edge is still sent when the last one is
         older than :data:`REASSERT_S`, so a lost edge (a restore, a masked
         pin) costs a pause, never a hung device.  When KVM completes the ACK
-        the status read stands in for it: the handler reads the status before
-        it looks at the rings, so a buffer used before that read is seen too.
+        its counter says whether the driver's handler has acknowledged the
+        last edge; if not, that handler is still to look at the rings.
         """
         now = time.monotonic()
         with self._isr_lock:
             pending = self.interrupt_status
             self.interrupt_status = pending | bits
             if self._vring_always:
-                # The bit never clears (KVM completes its ACK): the driver has not started on
-                # the last edge while it has not read InterruptStatus since.
-                coalesce = self._edge_unseen
+                # The bit never clears: the driver has not started on the last edge while it
+                # has not acknowledged it (in KVM, counted, or here).
+                if self._edge_unseen and self._kvm_acks_vring and self._kernel_ack.taken():
+                    self._edge_unseen = False
+                # A new config bit gets its edge: the handler may have read the status already.
+                coalesce = self._edge_unseen and not bits & ~pending & VIRTIO_MMIO_INT_CONFIG
             else:
                 coalesce = bits & ~pending == 0
+            if bits & ~pending:
+                self._sync_isr()                    # before the edge
             if coalesce and now - self._last_edge < REASSERT_S:
                 self.interrupts_coalesced += 1
                 return
@@ -396,8 +496,7 @@ class VirtioMmioTransport(VirtioTransport):
         evt = getattr(self.irq, "eventfd", None)
         if evt is None:
             return None
-        with self._isr_lock:
-            self._vring_always = True
+        self._set_vring_always()
         self._let_kvm_ack_vring()
         return evt.fd
 

@@ -54,7 +54,7 @@ class EchoDevice(VirtioDevice):
 
     def __init__(self):
         super().__init__()
-        self.config = bytearray(b"ABCDEFGH")
+        self._config = b"ABCDEFGH"
         self.handler = None
         self.activations = 0
         self.deactivations = 0
@@ -65,11 +65,10 @@ class EchoDevice(VirtioDevice):
         return (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC)
                 | bit(CUSTOM_FEATURE))
 
-    def read_config(self, offset, size):
-        return bytes(self.config[offset:offset + size])
-
     def write_config(self, offset, data):
-        self.config[offset:offset + len(data)] = data
+        config = bytearray(self._config)
+        config[offset:offset + len(data)] = data
+        self._config = bytes(config[:len(self._config)])
 
     def activate(self, act):
         self.activations += 1
@@ -461,57 +460,180 @@ async def test_a_back_end_signalling_the_irqfd_itself_keeps_the_used_bit_set_unt
         line.eventfd.close()
 
 
+class FakeKernelAck:
+    """KVM's side of mmio.KernelVringAck: whether it takes the ioeventfd, and its ACK count."""
+
+    def __init__(self):
+        self.calls, self.answer, self.count = [], True, 0
+
+    def switch(self, on):
+        self.calls.append(on)
+        return self.answer
+
+    def taken(self):
+        n, self.count = self.count, 0
+        return n
+
+
 async def test_kvm_completes_the_used_bit_ack_from_activation_to_reset(guest_mem):
     # With KVM completing the ACK of the used-buffer bit (an ioeventfd with datamatch 1), that
-    # bit reads set from DRIVER_OK to reset and raises coalesce until the driver reads the
-    # status; the config bit keeps its ACK.  A switch KVM refuses leaves the ACK-cleared register.
+    # bit reads set from DRIVER_OK to reset and raises coalesce until KVM has counted an ACK;
+    # the config bit keeps its ACK.  A switch KVM refuses leaves the ACK-cleared register.
     from asyncvmm.devices.irq import EventFdIrqLine
     from tests.fakes.virtio_driver import Allocator, FakeDriver
 
-    calls, answer = [], [True]
-
-    def switch(on):
-        calls.append(on)
-        return answer[0]
-
+    kvm = FakeKernelAck()
     device = EchoDevice()
     line = EventFdIrqLine(5)
     t = r.VirtioMmioTransport(device, mem=guest_mem, irq=line,
                               queue_events=[EventFd() for _ in range(device.num_queues)],
-                              loop=asyncio.get_running_loop(), kernel_vring_ack=switch)
+                              loop=asyncio.get_running_loop(), kernel_vring_ack=kvm)
     d = FakeDriver(t, guest_mem, Allocator(0x1000, guest_mem.end))
     status = lambda: struct.unpack("<I", t.read_inline(r.VIRTIO_MMIO_INTERRUPT_STATUS, 4))[0]  # noqa: E731
     try:
-        assert status() == 0 and calls == []                        # nothing before DRIVER_OK
+        assert status() == 0 and kvm.calls == []                    # nothing before DRIVER_OK
+        kvm.count = 5                                                 # ACKs of an earlier life
         await d.init()
-        assert calls == [True] and status() == r.VIRTIO_MMIO_INT_VRING
+        assert kvm.calls == [True] and status() == r.VIRTIO_MMIO_INT_VRING and kvm.count == 0
         device.act.interrupts.irqfd(0)
         device.act.interrupts.irqfd(1)
-        assert calls == [True]                                        # one ioeventfd, not one per queue
-        status()
+        assert kvm.calls == [True]                                    # one ioeventfd, not one per queue
         line.eventfd.read()
         t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)
-        t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)                    # the driver has not looked yet
-        assert line.eventfd.read() == 1 and t.interrupts_coalesced == 1
-        assert status() == r.VIRTIO_MMIO_INT_VRING                    # it looks (the ACK stays in KVM)
+        t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)                    # not acknowledged yet
+        status()                                                      # reading says nothing
+        t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)
+        assert line.eventfd.read() == 1 and t.interrupts_coalesced == 2
+        kvm.count = 1                                                 # KVM completed its ACK
         t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)                    # a new edge, though the bit is set
-        assert line.eventfd.read() == 1 and t.interrupts_coalesced == 1
-        t.raise_interrupt(r.VIRTIO_MMIO_INT_CONFIG)
-        assert status() == 3
+        assert line.eventfd.read() == 1 and t.interrupts_coalesced == 2
+        t.raise_interrupt(r.VIRTIO_MMIO_INT_CONFIG)                   # a new bit: an edge at once
+        assert status() == 3 and line.eventfd.read() == 1
         t.write_inline(r.VIRTIO_MMIO_INTERRUPT_ACK, struct.pack("<I", 3))   # what still exits
         assert status() == r.VIRTIO_MMIO_INT_VRING
+        t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)                    # that ACK counts too
+        assert line.eventfd.read() == 1 and t.interrupts_coalesced == 2
         await d.reset()
-        assert calls == [True, False] and status() == 0
-        answer[0] = False                                             # KVM refuses: as before
+        assert kvm.calls == [True, False] and status() == 0
+        kvm.answer = False                                            # KVM refuses: as before
         await d.init()
-        assert calls == [True, False, True] and status() == 0
+        assert kvm.calls == [True, False, True] and status() == 0
         t.raise_interrupt(r.VIRTIO_MMIO_INT_VRING)
         t.write_inline(r.VIRTIO_MMIO_INTERRUPT_ACK, struct.pack("<I", 1))
         assert status() == 0
         await d.reset()
-        assert calls == [True, False, True]                           # never on: nothing to undo
+        assert kvm.calls == [True, False, True]                       # never on: nothing to undo
     finally:
         line.eventfd.close()
+
+
+# -- the register page: the guest reads a read-only page the transport keeps current -------
+
+def _page_words(page):
+    return {off: struct.unpack_from("<I", page, off)[0] for off in range(0, r.VIRTIO_MMIO_CONFIG, 4)}
+
+
+def _assert_page_answers_as_reads(t, page):
+    """Every word below the config space, and the config bytes, as a read that exits says."""
+    for off, word in _page_words(page).items():
+        assert word == struct.unpack("<I", t.read(off, 4))[0], hex(off)
+    config = t.device._config
+    assert bytes(page[r.VIRTIO_MMIO_CONFIG:r.VIRTIO_MMIO_CONFIG + len(config)]) == config
+    assert not any(page[r.VIRTIO_MMIO_CONFIG + len(config):])
+
+
+def _paged_rig(device=None, kvm=None):
+    rig = make_rig(device or EchoDevice())
+    if kvm is not None:
+        rig.transport._kernel_ack = kvm
+    page = memoryview(bytearray(r.PAGE_SIZE))
+    rig.transport.attach_register_page(page)
+    return rig, page
+
+
+async def test_the_register_page_answers_as_reads_through_a_whole_device_life():
+    rig, page = _paged_rig(kvm=FakeKernelAck())
+    t, d = rig.transport, rig.driver
+    try:
+        words = _page_words(page)
+        assert words[r.VIRTIO_MMIO_MAGIC_VALUE] == r.MMIO_MAGIC_VALUE and words[r.VIRTIO_MMIO_VERSION] == 2
+        assert words[r.VIRTIO_MMIO_DEVICE_ID] == 42 and words[r.VIRTIO_MMIO_SHM_LEN_LOW] == 0xFFFF_FFFF
+        _assert_page_answers_as_reads(t, page)
+        for sel in (1, 0, 2):                                       # features, per select
+            d.write32(r.VIRTIO_MMIO_DEVICE_FEATURES_SEL, sel)
+            _assert_page_answers_as_reads(t, page)
+        d.add_status(ACKNOWLEDGE)
+        d.add_status(DRIVER)
+        assert d.negotiate()
+        assert _page_words(page)[r.VIRTIO_MMIO_STATUS] == ACKNOWLEDGE | DRIVER | FEATURES_OK
+        for q in (1, 0, 7):                                         # queue size and ready, per select
+            d.write32(r.VIRTIO_MMIO_QUEUE_SEL, q)
+            _assert_page_answers_as_reads(t, page)
+        d.setup_queue(0)
+        assert struct.unpack_from("<I", page, r.VIRTIO_MMIO_QUEUE_READY)[0] == 1
+        d.setup_queue(1)
+        d.add_status(DRIVER_OK)
+        _assert_page_answers_as_reads(t, page)
+        assert struct.unpack_from("<I", page, r.VIRTIO_MMIO_INTERRUPT_STATUS)[0] == r.VIRTIO_MMIO_INT_VRING
+        t.write(r.VIRTIO_MMIO_CONFIG + 1, b"zz")                      # a config write exits
+        assert bytes(page[r.VIRTIO_MMIO_CONFIG:r.VIRTIO_MMIO_CONFIG + 4]) == b"AzzD"
+        gen = struct.unpack_from("<I", page, r.VIRTIO_MMIO_CONFIG_GENERATION)[0]
+        t.device._config = b"new"                                    # the host changes it (shorter)
+        t.device.config_changed()
+        assert struct.unpack_from("<I", page, r.VIRTIO_MMIO_CONFIG_GENERATION)[0] == gen + 1
+        assert struct.unpack_from("<I", page, r.VIRTIO_MMIO_INTERRUPT_STATUS)[0] == 3
+        _assert_page_answers_as_reads(t, page)
+        t.set_needs_reset()
+        assert _page_words(page)[r.VIRTIO_MMIO_STATUS] & DEVICE_NEEDS_RESET
+        await d.reset()
+        _assert_page_answers_as_reads(t, page)
+        assert _page_words(page)[r.VIRTIO_MMIO_STATUS] == 0
+        assert _page_words(page)[r.VIRTIO_MMIO_INTERRUPT_STATUS] == 0
+    finally:
+        rig.close()
+
+
+async def test_the_page_has_the_interrupt_bit_before_the_edge_is_sent():
+    rig, page = _paged_rig()
+    seen = []
+    rig.transport.irq.trigger = lambda: seen.append(struct.unpack_from("<I", page, r.VIRTIO_MMIO_INTERRUPT_STATUS)[0])
+    try:
+        rig.transport.raise_interrupt(r.VIRTIO_MMIO_INT_CONFIG)
+        assert seen == [r.VIRTIO_MMIO_INT_CONFIG]
+        rig.transport.write_inline(r.VIRTIO_MMIO_INTERRUPT_ACK, struct.pack("<I", 2))   # the ACK exits
+        assert struct.unpack_from("<I", page, r.VIRTIO_MMIO_INTERRUPT_STATUS)[0] == 0
+    finally:
+        rig.close()
+
+
+def test_a_register_page_is_one_writable_page_and_can_be_taken_away(rig):
+    with pytest.raises(ValueError):
+        rig.transport.attach_register_page(memoryview(bytearray(100)))
+    with pytest.raises(ValueError):
+        rig.transport.attach_register_page(memoryview(bytes(r.PAGE_SIZE)))
+    page = memoryview(bytearray(b"\xee" * r.PAGE_SIZE))
+    rig.transport.attach_register_page(page)
+    assert not any(page[r.VIRTIO_MMIO_CONFIG + 8:])                # stale bytes cleared
+    rig.transport.attach_register_page(None)                        # KVM refused the slot
+    rig.driver.write32(r.VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1)
+    assert struct.unpack_from("<I", page, r.VIRTIO_MMIO_DEVICE_FEATURES)[0] != \
+        rig.driver.read32(r.VIRTIO_MMIO_DEVICE_FEATURES)             # no longer kept, reads exit
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=register_ops)
+async def test_random_register_traffic_keeps_the_page_equal_to_the_registers(ops):
+    rig, page = _paged_rig(kvm=FakeKernelAck())
+    try:
+        for write, offset, size, value in ops:
+            if write:
+                rig.transport.write(offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+            _assert_page_answers_as_reads(rig.transport, page)
+        await settle()
+        _assert_page_answers_as_reads(rig.transport, page)
+    finally:
+        await rig.driver.reset()
+        rig.close()
 
 
 async def test_no_irqfd_for_a_line_without_one(rig):
