@@ -644,7 +644,8 @@ class _KernelVringAck:
         return True
 
     def taken(self) -> int:
-        return self._counter.read() if self._counter is not None else 0
+        counter = self._counter
+        return counter.read() if counter is not None and counter.fd >= 0 else 0
 
 
 def _register_page_slot(vm: VmFd) -> int:

@@ -230,7 +230,8 @@ class VirtioMmioTransport(VirtioTransport):
         ``None``: reads exit and are answered by :meth:`read` again."""
         if page is not None and (len(page) != PAGE_SIZE or page.readonly):
             raise ValueError(f"a register page is {PAGE_SIZE} writable bytes")
-        self._page = page
+        with self._isr_lock:                       # a vCPU's ACK may be writing the old one
+            self._page = page
         if page is not None:
             page[:] = bytes(PAGE_SIZE)
             self._config_len = 0
@@ -251,8 +252,9 @@ class VirtioMmioTransport(VirtioTransport):
 
     def _sync_isr(self) -> None:
         """InterruptStatus into the page (the caller holds ``_isr_lock``)."""
-        if self._page is not None:
-            _U32.pack_into(self._page, VIRTIO_MMIO_INTERRUPT_STATUS, self._isr_value())
+        page = self._page
+        if page is not None:
+            _U32.pack_into(page, VIRTIO_MMIO_INTERRUPT_STATUS, self._isr_value())
 
     def _sync_config(self) -> None:
         page = self._page
