@@ -56,7 +56,6 @@ from .devices.virtio.mem import VirtioMem, VirtioMemMetrics
 from .devices.virtio.mem.device import VirtioMemState
 from .devices.virtio.mem.backing import HotplugBacking
 from .kvm import Kvm, KvmError, VmFd
-from .kvm.ioctls import KVM_CAP_NR_MEMSLOTS
 from .kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from .guestfault import GuestFaultMetrics, GuestFaults
 from .irqroute import GsiRouter
@@ -66,7 +65,7 @@ from .mmds import (DEFAULT_MMDS_IPV4, MmdsHttpHandler, MmdsMetrics, MmdsNetworkS
                    MmdsVersion, TokenAuthority)
 from .net.tap import Tap, TapError
 from .pcislots import PciSlotError, PciSlots
-from .pmemslots import PmemBacking, PmemError, PmemRegions
+from .pmemslots import PmemBacking, PmemError, PmemRegions, nr_memslots
 from .snapshot import kvmstate
 from .snapshot.memfile import rate_limiters
 from .snapshot.uffd import UffdError, register_and_send
@@ -650,8 +649,7 @@ class _KernelVringAck:
 
 def _register_page_slot(vm: VmFd) -> int:
     """The KVM slot of the virtio-mmio register pages: the one just below pmem's reserve."""
-    nr_slots = vm.check_extension(KVM_CAP_NR_MEMSLOTS) or 509
-    return nr_slots - _SLOTS_KEPT_FOR_PMEM - 1
+    return nr_memslots(vm) - _SLOTS_KEPT_FOR_PMEM - 1
 
 
 class _PciAttach:
@@ -768,7 +766,7 @@ def _virtio_mem(cfg, vm: VmFd, mem: GuestMemory, ctx: BuildContext,
         raise BuildError(f"Cannot place the hotpluggable memory: {e}") from e
     first_slot = len(mem.regions)
     slots = size // slot_size
-    nr_slots = vm.check_extension(KVM_CAP_NR_MEMSLOTS) or 509
+    nr_slots = nr_memslots(vm)
     if first_slot + slots > nr_slots - _SLOTS_KEPT_FOR_PMEM - 1:     # and one for _register_page_slot
         raise BuildError(f"Hotpluggable memory needs {slots} KVM memory slots of "
                          f"{cfg.slot_size_mib} MiB; KVM has {nr_slots}: use larger slots")

@@ -42,6 +42,12 @@ MS_SYNC = 4
 _DEFAULT_NR_MEMSLOTS = 509
 
 
+def nr_memslots(vm: VmFd) -> int:
+    """How many memory slots this VM's KVM offers (its RAM, hotplug, pmem and register-page
+    slots are all numbered within it)."""
+    return vm.check_extension(KVM_CAP_NR_MEMSLOTS) or _DEFAULT_NR_MEMSLOTS
+
+
 class PmemError(Exception):
     """The device cannot be created; the message is Firecracker's ``PmemError`` text."""
 
@@ -117,7 +123,7 @@ class PmemRegions:
         # The upper half of the window is the hotpluggable memory's (layout.memory_hotplug_region).
         self.window = (base, size // 2)
         self._regions: dict[int, int] = {}        # start -> size
-        nr = vm.check_extension(KVM_CAP_NR_MEMSLOTS) or _DEFAULT_NR_MEMSLOTS
+        nr = nr_memslots(vm)
         self._top_slot = nr - 1
         self._slots: dict[int, int] = {}          # start -> KVM slot
 
