@@ -54,7 +54,9 @@ class DmaGate:
         """End ``count`` accesses (a batch of reaped operations takes the lock once)."""
         with self._cond:
             self._inside -= count
-            if self._inside == 0:
+            # Only close() waits, and it closes the gate first: while the gate is open nobody
+            # is waiting, and Condition.notify_all would cost every access its Python-level walk.
+            if self._inside == 0 and not self._open:
                 self._cond.notify_all()
 
     @contextmanager

@@ -279,9 +279,14 @@ class QueueHandler:
         """Run ``fn(*args)`` inside the gate with the same failure handling as :meth:`process`."""
         if self.stopped:
             return
+        gate = self.act.gate
+        if not gate.enter():                 # the activation was reset
+            return
         try:
-            with self.act.gate.access():
+            try:                             # gate.access() without a generator per call
                 fn(*args)
+            finally:
+                gate.exit()
         except GateClosedError:
             pass
         except QueueContractError as e:
