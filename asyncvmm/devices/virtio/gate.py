@@ -34,7 +34,10 @@ class GateClosedError(Exception):
 
 class DmaGate:
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        # enter/exit take the lock itself (its C context manager: they run per access);
+        # close() waits on a condition over the same lock.
+        self._cond = threading.Condition(self._lock)
         self._open = True
         self._inside = 0
 
@@ -44,7 +47,7 @@ class DmaGate:
 
     def enter(self, count: int = 1) -> bool:
         """Start ``count`` accesses; ``False`` (and none) once the gate is closed."""
-        with self._cond:
+        with self._lock:
             if not self._open:
                 return False
             self._inside += count
@@ -52,7 +55,7 @@ class DmaGate:
 
     def exit(self, count: int = 1) -> None:
         """End ``count`` accesses (a batch of reaped operations takes the lock once)."""
-        with self._cond:
+        with self._lock:
             self._inside -= count
             # Only close() waits, and it closes the gate first: while the gate is open nobody
             # is waiting, and Condition.notify_all would cost every access its Python-level walk.

@@ -187,17 +187,22 @@ class NetHandler(QueueHandler):
         full_budget = self.BATCH_PER_WAKEUP_FACTOR * self.rxq.size
         budget = full_budget
         state = RxState.READY
+        rx, mem = self.rx, self.mem
         while budget:
-            if self.rx.held is None:
+            if rx.held is None:
                 # Receiving was going on (not merely waiting for the first buffers)?
-                state = self.rx.ready(self.mem, receiving=self.reading or budget < full_budget)
-                if state is not RxState.READY:
-                    break
+                if not rx.can_take():
+                    state = rx.ready(mem, receiving=self.reading or budget < full_budget)
+                    if state is not RxState.READY:
+                        break
                 frame = self._next_frame()
                 if frame is None:
                     break
-                self.rx.hold(frame)
-            state = self.rx.deliver(self.mem)
+                if rx.place(mem, frame):          # the usual frame: placed, nothing to decide
+                    budget -= 1
+                    continue
+                rx.hold(frame)
+            state = rx.deliver(mem)
             if state is not RxState.READY:
                 break
             budget -= 1

@@ -170,6 +170,29 @@ class RxBuffers:
                 break
         return count
 
+    def place_whole(self, mem: GuestMemory, queue: Queue, frame: memoryview) -> bool:
+        """Copy ``frame`` into the first buffer of the first chain if it fits there whole.
+
+        The usual small frame: one chain, one copy, one used element, none of
+        :meth:`reserve`'s and :meth:`commit`'s walks.  ``False`` (and nothing
+        done): the stock is empty or the frame needs more room; :meth:`reserve`
+        and :meth:`commit` decide.  ``num_buffers`` is filled in as commit does.
+        """
+        chains = self._chains
+        if not chains:
+            return False
+        head, parts, length = chains[0]
+        addr, room = parts[0]
+        total = len(frame)
+        if total > room:
+            return False
+        _U16.pack_into(frame, NUM_BUFFERS_OFFSET, 1)
+        chains.popleft()
+        self._bytes -= length
+        _write(mem, addr, frame)
+        queue.add_used(mem, head, total)
+        return True
+
     def commit(self, mem: GuestMemory, queue: Queue, frame: bytearray | memoryview) -> int:
         """Copy ``frame`` (after :meth:`reserve` said FITS) into the stock; chains used.
 
@@ -219,6 +242,29 @@ class RxPath:
         if self.limiter.is_blocked():
             return RxState.THROTTLED
         return RxState.READY
+
+    def can_take(self) -> bool:
+        """What :meth:`ready` would answer READY to, without its walk: a chain in the stock
+        and no limiter."""
+        return bool(self.buffers.held_chains) and not self.limiter.enabled
+
+    def place(self, mem: GuestMemory, frame: memoryview) -> bool:
+        """Deliver ``frame`` (header included, writable) at once if nothing has to be decided:
+        no limiter, no offload the guest did not negotiate, room in the first buffer of the
+        stock.  ``False``: nothing done; :meth:`hold` it and let :meth:`deliver` decide."""
+        if self.limiter.enabled or (frame[GSO_TYPE_OFFSET] != VIRTIO_NET_HDR_GSO_NONE and not self.guest_gso):
+            return False
+        flags = frame[FLAGS_OFFSET]
+        if not self.guest_csum:
+            frame[FLAGS_OFFSET] = 0   # §5.1.6.4, as deliver() does
+        if not self.buffers.place_whole(mem, self.queue, frame):
+            frame[FLAGS_OFFSET] = flags
+            return False
+        self.waiting_for_buffers = False
+        metrics = self.metrics
+        metrics.rx_packets_count += 1
+        metrics.rx_bytes_count += len(frame) - VNET_HDR_SIZE
+        return True
 
     def hold(self, frame: memoryview) -> None:
         """Take ``frame`` (virtio header included, writable) for the guest."""

@@ -199,3 +199,38 @@ def test_rx_drops_a_frame_too_large_for_the_buffers_and_a_gso_frame_without_gso(
     rx.hold(gso)
     assert rx.deliver(mem) is RxState.READY and rx.held is None
     assert m.rx_fails == 2 and m.rx_packets_count == 0
+
+
+def test_rx_places_a_frame_that_fits_the_first_buffer_at_once(ring):
+    mem, alloc, vq, q = ring
+    head, addr = offer_rx(alloc, vq, 2048)
+    rx, m = rx_path(q, guest_csum=False)
+    assert not rx.can_take()                                  # nothing in the stock yet
+    assert rx.ready(mem, receiving=False) is RxState.READY and rx.can_take()
+    assert rx.place(mem, packet(100, flags=1)) and rx.held is None
+    assert vq.take_used() == [(head, VNET_HDR_SIZE + 100)]
+    got = mem.read(addr, VNET_HDR_SIZE + 100)
+    assert got[0] == 0                                        # NEEDS_CSUM cleared (§5.1.6.4)
+    assert got[NUM_BUFFERS_OFFSET] == 1 and got[VNET_HDR_SIZE:] == frame(100)
+    assert (m.rx_packets_count, m.rx_bytes_count) == (1, 100)
+    assert not rx.can_take() and not rx.place(mem, packet(100))   # the stock is empty now
+
+
+def test_rx_place_leaves_every_decision_to_deliver(ring):
+    """A limiter, a frame larger than the first buffer, a GSO frame the guest cannot take:
+    place() does nothing (flags untouched) and deliver() decides as before."""
+    mem, alloc, vq, q = ring
+    offer_rx(alloc, vq, 64)
+    offer_rx(alloc, vq, 2048)
+    rx, m = rx_path(q, guest_csum=False)
+    assert rx.ready(mem, receiving=False) is RxState.READY
+    big = packet(200, flags=1)
+    assert not rx.place(mem, big) and big[0] == 1 and vq.take_used() == []
+    gso = packet(60)
+    gso[1] = 1                                                # VIRTIO_NET_HDR_GSO_TCPV4
+    assert not rx.place(mem, gso) and vq.take_used() == []
+    clock = Clock()
+    limited, _ = rx_path(q, RateLimiter(ops=TokenBucket(100, 1000, clock=clock), clock=clock))
+    assert limited.ready(mem, receiving=False) is RxState.READY
+    assert not limited.can_take() and not limited.place(mem, packet(60))
+    assert vq.take_used() == [] and m.rx_packets_count == 0
