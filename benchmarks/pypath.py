@@ -16,6 +16,8 @@ Workloads (``--workloads``; each repeated ``--repeats`` times, medians):
   io_uring engine), 1 or 32 in flight;
 * ``net-tx``: 1514-byte frames the guest transmits (a socket stands in for
   the tap, as in the unit tests), 64 per kick;
+* ``net-tx-small``: 106-byte frames the guest transmits one per kick, each
+  waited for (a ping's reply, a small-packet stream at a low rate);
 * ``net-rx``: 1514-byte frames the host sends, into 2 KiB receive buffers;
 * ``net-rx-small``: 106-byte frames (a 64-byte UDP datagram, what the net
   benchmark's small-packet runs carry) sent one at a time, each waited for:
@@ -70,7 +72,7 @@ _DESC = struct.Struct("<QIHH")
 _HDR = struct.Struct("<IIQ")
 
 WORKLOADS = ("block-sync-qd1", "block-sync-qd32", "block-async-qd1", "block-async-qd32",
-             "net-tx", "net-rx", "net-rx-small", "net-rx-gso", "net-tx-gso")
+             "net-tx", "net-tx-small", "net-rx", "net-rx-small", "net-rx-gso", "net-tx-gso")
 
 
 class DeviceClock:
@@ -266,7 +268,7 @@ async def _run_net(direction: str, count: int, clock: DeviceClock) -> dict:
     rx, tx = Ring(mem, rxq, driver), Ring(mem, txq, driver)
     payload = bytes(VNET_HDR_SIZE) + frame(1514)
     batch, buf_size, chains_per_frame = 64, 2048, 1
-    if direction == "rx-small":
+    if direction.endswith("-small"):
         payload, batch = bytes(VNET_HDR_SIZE) + frame(106), 1
     if direction.endswith("-gso"):
         # gso_type TCPV4 (1), gso_size 1448: the tap's header for a 64 KiB TSO segment.
