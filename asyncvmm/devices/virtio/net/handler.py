@@ -19,8 +19,10 @@ is writable.  A malformed chain or a failed tap write costs that frame only
 
 Receive: frames come from the MMDS stack first, then from the tap, whose fd
 is a loop reader *only while the guest can take frames*.  Each frame is read
-into one host buffer and handed to :class:`RxPath`, which charges it to the
-RX rate limiter and copies it into the guest's chains (:class:`RxBuffers`).
+into one host buffer and handed to :class:`RxPath`: a frame with nothing to
+decide (no limiter, no offload to refuse, room in the next buffer) is placed
+at once (:meth:`RxPath.place`); any other is held, charged to the RX rate
+limiter and copied into the guest's chains (:class:`RxBuffers`).
 When the guest has no room, or the limiter is empty, the frame is *held*
 and the tap reader removed: later frames wait in the tap's own queue, so
 nothing is dropped or reordered here (back-pressure).  RxPath answers with an
