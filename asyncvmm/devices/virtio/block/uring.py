@@ -8,7 +8,12 @@ and calls ``io_uring_enter`` to submit; the kernel posts a CQE (``user_data``,
 ``res``) per operation and advances the CQ tail; the application consumes
 CQEs and advances the CQ head.  An eventfd registered with
 ``IORING_REGISTER_EVENTFD`` is signalled for every CQE, so the asyncio loop
-waits on it like any other fd: no threads of ours.
+waits on it like any other fd: no threads of ours.  (Not
+``IORING_REGISTER_EVENTFD_ASYNC``: it would spare the wake-up after a read
+the page cache serves during the enter, but it signals only completions
+posted by io_uring's worker threads, so an op finished by a poll retry -- a
+file that was not ready -- would never wake the loop; the engine's unit test
+with a pipe hangs that way.)
 
 Memory ordering: the kernel reads the SQ tail with acquire semantics and we
 write SQE, array slot, then tail in program order; x86 keeps stores in
