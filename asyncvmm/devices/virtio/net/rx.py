@@ -105,13 +105,17 @@ class RxBuffers:
 
     def _take(self, mem: GuestMemory, queue: Queue, nbytes: int) -> bool:
         """Pop available chains into the stock until it holds ``nbytes`` (one chain without
-        MRG_RXBUF) or the ring is empty; ``False`` if it was empty.
+        MRG_RXBUF), and every further one-descriptor chain the driver has made available;
+        ``False`` if the ring was empty.
 
         Linux posts each receive buffer as one device-writable descriptor (a page or
         less with MRG_RXBUF), so a 64 KiB frame takes 16 or more of them: such a chain
         is read here straight from its descriptor, with the checks :func:`collect`
         makes for it.  Any other chain (several descriptors, indirect, a buffer above
-        the low RAM that may span regions, a bad head) takes the general walk.
+        the low RAM that may span regions, a bad head) takes the general walk, and only
+        while the stock still needs room.  Taking every simple chain at once lets the
+        frames that follow go straight into the stock (:meth:`place_whole`) instead of
+        each popping its own chain first.
         """
         pending = queue.pending(mem)
         if not pending:
@@ -131,10 +135,9 @@ class RxBuffers:
                     chains.append((head, [(addr, length)], length))
                     self._bytes += length
                     want -= length
-                    if want <= 0:
-                        break
                     continue
-            self._take_walked(mem, queue)
+            if want > 0:
+                self._take_walked(mem, queue)
             break                           # the caller checks the fit again
         return True
 

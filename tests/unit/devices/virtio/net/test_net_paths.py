@@ -231,6 +231,31 @@ def test_rx_place_leaves_every_decision_to_deliver(ring):
     assert not rx.place(mem, gso) and vq.take_used() == []
     clock = Clock()
     limited, _ = rx_path(q, RateLimiter(ops=TokenBucket(100, 1000, clock=clock), clock=clock))
+    offer_rx(alloc, vq, 2048)
     assert limited.ready(mem, receiving=False) is RxState.READY
     assert not limited.can_take() and not limited.place(mem, packet(60))
     assert vq.take_used() == [] and m.rx_packets_count == 0
+
+
+def test_rx_takes_every_simple_chain_at_once_and_walks_others_only_when_short(ring):
+    """One-descriptor chains (what Linux posts) all go into the stock on the first look, so
+    the frames after the first are placed without popping; a chain that needs the general
+    walk is left in the ring until the stock needs it."""
+    mem, alloc, vq, q = ring
+    simple = [offer_rx(alloc, vq, 2048) for _ in range(3)]
+    addr = alloc.alloc(2048)
+    walked = vq.add_chain([Buf(addr, 1024, True), Buf(addr + 1024, 1024, True)])
+    vq.offer(walked)
+    rx, m = rx_path(q)
+    assert rx.ready(mem, receiving=False) is RxState.READY
+    assert rx.buffers.held_chains == 3 and q.pending(mem) == 1
+    for _ in range(3):
+        assert rx.can_take() and rx.place(mem, packet(100))
+    assert [head for head, _ in vq.take_used()] == [head for head, _ in simple]
+    assert not rx.can_take()
+    assert rx.ready(mem, receiving=True) is RxState.READY     # now the walked chain is taken
+    assert rx.buffers.held_chains == 1 and q.pending(mem) == 0
+    rx.hold(packet(100))
+    assert rx.deliver(mem) is RxState.READY
+    assert vq.take_used() == [(walked, VNET_HDR_SIZE + 100)]
+    assert m.rx_packets_count == 4 and m.rx_fails == 0
