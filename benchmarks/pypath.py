@@ -21,8 +21,8 @@ Workloads (``--workloads``; each repeated ``--repeats`` times, medians):
 * ``net-rx``: 1514-byte frames the host sends, into 2 KiB receive buffers;
 * ``net-rx-small``: 106-byte frames (a 64-byte UDP datagram, what the net
   benchmark's small-packet runs carry) sent one at a time, each waited for:
-  every frame pays the loop's whole wake-up, as a host sending at a few
-  thousand packets per second makes it do;
+  every frame pays the loop's whole wake-up, as one packet in flight at a
+  time does (a request and its answer);
 * ``net-rx-gso``: 64 KiB TCP segmentation-offload frames (what a tap with
   TSO on hands over in a bulk host-to-guest transfer) into 4 KiB mergeable
   receive buffers, 16 per frame, as Linux's virtio-net driver posts them;
