@@ -86,6 +86,7 @@ class NetHandler(QueueHandler):
                          guest_csum=act.has_feature(VIRTIO_NET_F_GUEST_CSUM),
                          guest_gso=any(act.has_feature(f) for f in GUEST_GSO_FEATURES))
         self._rxbuf = device.rx_buffer
+        self._rxview = memoryview(self._rxbuf)     # frames are slices of it: one view, not one per frame
         self.reading = False                      # the tap fd is a loop reader
         self._waiting_writable = False
         self.rx_timer = ThrottleTimer(act.loop, device.rx_rate_limiter, self._on_rx_timer)
@@ -241,7 +242,7 @@ class NetHandler(QueueHandler):
                 self.metrics.rx_fails += 1            # a runt: nothing the guest could use
                 continue
             self.metrics.rx_count += 1
-            return memoryview(self._rxbuf)[:n]
+            return self._rxview[:n]
 
     def _tap_read_failed(self, err: OSError) -> None:
         self.metrics.tap_read_fails += 1

@@ -249,7 +249,7 @@ class RxPath:
     def can_take(self) -> bool:
         """What :meth:`ready` would answer READY to, without its walk: a chain in the stock
         and no limiter."""
-        return bool(self.buffers.held_chains) and not self.limiter.enabled
+        return bool(self.buffers._chains) and not self.limiter.enabled
 
     def place(self, mem: GuestMemory, frame: memoryview) -> bool:
         """Deliver ``frame`` (header included, writable) at once if nothing has to be decided:
