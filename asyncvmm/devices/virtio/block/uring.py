@@ -127,20 +127,20 @@ _enter.restype = ctypes.c_long
 _enter.argtypes = [ctypes.c_long] * 7
 
 
-def _uring_enter(fd: int, to_submit: int) -> int:
-    ret = _enter(SYS_io_uring_enter, fd, to_submit, 0, 0, 0, 0)
+def _checked(ret: int) -> int:
+    """A raw syscall's result, or its errno as OSError."""
     if ret < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return ret
+
+
+def _uring_enter(fd: int, to_submit: int) -> int:
+    return _checked(_enter(SYS_io_uring_enter, fd, to_submit, 0, 0, 0, 0))
 
 
 def _sys(*args: int | ctypes.c_void_p) -> int:
-    ret = _syscall(*[a if isinstance(a, ctypes.c_void_p) else ctypes.c_long(a) for a in args])
-    if ret < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return ret
+    return _checked(_syscall(*[a if isinstance(a, ctypes.c_void_p) else ctypes.c_long(a) for a in args]))
 
 
 # How long closing (a device reset, VMM exit) waits for the kernel to finish an activation's I/O.

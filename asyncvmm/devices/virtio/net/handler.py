@@ -85,8 +85,7 @@ class NetHandler(QueueHandler):
                          mergeable=act.has_feature(VIRTIO_NET_F_MRG_RXBUF),
                          guest_csum=act.has_feature(VIRTIO_NET_F_GUEST_CSUM),
                          guest_gso=any(act.has_feature(f) for f in GUEST_GSO_FEATURES))
-        self._rxbuf = device.rx_buffer
-        self._rxview = memoryview(self._rxbuf)     # frames are slices of it: one view, not one per frame
+        self._rxview = memoryview(device.rx_buffer)   # frames are slices of it: one view, not one per frame
         self.reading = False                      # the tap fd is a loop reader
         self._waiting_writable = False
         self.rx_timer = ThrottleTimer(act.loop, device.rx_rate_limiter, self._on_rx_timer)
@@ -193,8 +192,8 @@ class NetHandler(QueueHandler):
         rx, mem = self.rx, self.mem
         while budget:
             if rx.held is None:
-                # Receiving was going on (not merely waiting for the first buffers)?
                 if not rx.can_take():
+                    # Receiving was going on (not merely waiting for the first buffers)?
                     state = rx.ready(mem, receiving=self.reading or budget < full_budget)
                     if state is not RxState.READY:
                         break
@@ -232,7 +231,7 @@ class NetHandler(QueueHandler):
             return None
         while True:
             try:
-                n = self.tap.read_into(self._rxbuf)
+                n = self.tap.read_into(self._rxview)
             except OSError as e:
                 self._tap_read_failed(e)
                 return None
