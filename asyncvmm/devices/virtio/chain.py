@@ -39,7 +39,7 @@ _DESC = struct.Struct("<QIHH")
 
 # The used ring's len field is le32, so no chain may carry more than this (§2.7.8).
 MAX_CHAIN_BYTES = 0xFFFF_FFFF
-# DescriptorChain.direct_three: of these flags a descriptor before the last has NEXT only,
+# direct_three: of these flags a descriptor before the last has NEXT only,
 # the last has neither.
 _LINKS = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
 
@@ -167,37 +167,11 @@ class DescriptorChain:
         self._table, self._table_len, self._index, self._ttl = table, count, 0, count
 
     def direct_three(self) -> tuple[tuple[int, int, int, int], ...] | None:
-        """The chain's ``(addr, len, flags, next)`` descriptors if it is three direct ones
-        that :func:`collect` would accept, all in the RAM below ``low_ram_end``; else ``None``
-        (walk it with :func:`collect`, which names the defect).  A length may be 0 (which
-        :func:`collect` leaves out of its streams).  Does not advance the chain.
-
-        The usual block request (header, data, status) is this shape; reading its three
-        descriptors here costs no iterator, no :class:`Segments` and no per-descriptor
-        range lookup.
-        """
-        table, size = self._table, self._table_len
-        # Three descriptors fit any table of three or more, so the time-to-live cannot run out.
-        if self._in_indirect or self._index >= size or size < 3:
+        """:func:`direct_three` for this chain, which must not have been advanced: ``None``
+        inside an indirect table or past the head."""
+        if self._in_indirect or self._index != self.head:
             return None
-        unpack = _DESC.unpack_from
-        first = unpack(table, self._index * VIRTQ_DESC_SIZE)
-        if first[2] & _LINKS != VIRTQ_DESC_F_NEXT or first[3] >= size:
-            return None
-        second = unpack(table, first[3] * VIRTQ_DESC_SIZE)
-        if second[2] & _LINKS != VIRTQ_DESC_F_NEXT or second[3] >= size:
-            return None
-        last = unpack(table, second[3] * VIRTQ_DESC_SIZE)
-        if last[2] & _LINKS:
-            return None
-        # §2.7.4.2: readable before writable.
-        if (first[2] & ~second[2] | second[2] & ~last[2]) & VIRTQ_DESC_F_WRITE:
-            return None
-        low_end = self.mem.low_ram_end     # addr and len are unsigned: below it is RAM
-        if (first[0] + first[1] > low_end or second[0] + second[1] > low_end
-                or last[0] + last[1] > low_end or first[1] + second[1] + last[1] > MAX_CHAIN_BYTES):
-            return None
-        return first, second, last
+        return direct_three(self.mem, self._table, self.head)
 
     def _checked(self, desc: Descriptor) -> Descriptor:
         if desc.flags & VIRTQ_DESC_F_WRITE:
@@ -207,6 +181,40 @@ class DescriptorChain:
         if not in_guest_memory(self.mem, desc.addr, desc.len):
             raise DescriptorRangeError(f"buffer {desc.addr:#x}+{desc.len:#x} outside guest memory")
         return desc
+
+
+def direct_three(mem: GuestMemory, table: memoryview, head: int) -> tuple[tuple[int, int, int, int], ...] | None:
+    """The ``(addr, len, flags, next)`` descriptors of the chain at ``head`` in ``table`` (a
+    queue's descriptor table) if it is three direct ones that :func:`collect` would accept,
+    all in the RAM below ``low_ram_end``; else ``None`` (walk it with :func:`collect`, which
+    names the defect).  A length may be 0 (which :func:`collect` leaves out of its streams).
+
+    The usual block request (header, data, status) is this shape; reading its three
+    descriptors here costs no :class:`DescriptorChain`, no iterator, no :class:`Segments`
+    and no per-descriptor range lookup.
+    """
+    size = len(table) // VIRTQ_DESC_SIZE
+    # Three descriptors fit any table of three or more, so the time-to-live cannot run out.
+    if head >= size or size < 3:
+        return None
+    unpack = _DESC.unpack_from
+    first = unpack(table, head * VIRTQ_DESC_SIZE)
+    if first[2] & _LINKS != VIRTQ_DESC_F_NEXT or first[3] >= size:
+        return None
+    second = unpack(table, first[3] * VIRTQ_DESC_SIZE)
+    if second[2] & _LINKS != VIRTQ_DESC_F_NEXT or second[3] >= size:
+        return None
+    last = unpack(table, second[3] * VIRTQ_DESC_SIZE)
+    if last[2] & _LINKS:
+        return None
+    # §2.7.4.2: readable before writable.
+    if (first[2] & ~second[2] | second[2] & ~last[2]) & VIRTQ_DESC_F_WRITE:
+        return None
+    low_end = mem.low_ram_end     # addr and len are unsigned: below it is RAM
+    if (first[0] + first[1] > low_end or second[0] + second[1] > low_end
+            or last[0] + last[1] > low_end or first[1] + second[1] + last[1] > MAX_CHAIN_BYTES):
+        return None
+    return first, second, last
 
 
 class Segments:

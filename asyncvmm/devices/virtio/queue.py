@@ -183,6 +183,14 @@ class Queue:
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
         """The next available chain, or ``None`` when the driver has offered nothing new."""
         rings = self.rings(mem)
+        head = self.pop_head(rings)
+        if head is None:
+            return None
+        return DescriptorChain(mem, rings.desc, head, indirect_ok=self.indirect_desc)
+
+    def pop_head(self, rings: _Rings) -> int | None:
+        """:meth:`pop` as the chain's head index in ``rings.desc`` (``rings`` is :meth:`rings`),
+        for a device that reads the usual chain straight from the table."""
         if self.avail_idx_seen == self.next_avail and self._pending(rings) == 0:
             return None
         # Loads are not reordered with loads on x86, so the ring slot read here
@@ -192,6 +200,10 @@ class Queue:
         if head >= self.size:
             raise QueueContractError(f"avail ring slot {slot} names descriptor {head}, queue size {self.size}")
         self.next_avail = (self.next_avail + 1) & 0xFFFF
+        return head
+
+    def chain_at(self, mem: GuestMemory, rings: _Rings, head: int) -> DescriptorChain:
+        """The chain :meth:`pop_head` answered ``head`` for, to walk."""
         return DescriptorChain(mem, rings.desc, head, indirect_ok=self.indirect_desc)
 
     def undo_pop(self) -> None:

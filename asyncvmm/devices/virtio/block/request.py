@@ -17,7 +17,8 @@ whose ``status`` is what the device answers and whose ``status_at`` says
 where (``None`` when the chain has no writable byte at all, so nothing can be
 answered but the used-ring entry).  :func:`parse_framed` is the hot path for the
 usual framing (a descriptor each for header, data and status): the same
-answer for the requests it takes, ``None`` for the rest.  No I/O here.
+answer for the requests it takes, ``None`` for the rest (:func:`parse_framed_at` reads it
+straight from the descriptor table).  No I/O here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from asyncvmm.devices.virtio.chain import ChainBuffers, DescriptorChain, Segments
+from asyncvmm.devices.virtio.chain import ChainBuffers, DescriptorChain, Segments, direct_three
 from asyncvmm.devices.virtio.spec import VIRTQ_DESC_F_WRITE
 from asyncvmm.memory import GuestMemory, GuestMemoryError
 
@@ -183,18 +184,27 @@ Framed = tuple[int, int, int, int, int]
 
 
 def parse_framed(mem: GuestMemory, chain: DescriptorChain, disk: Disk) -> Framed | None:
-    """The request if ``chain`` is an IN or OUT in the usual framing that :func:`parse`
-    accepts; ``None`` for anything else, which :func:`parse` then parses or names.
+    """:func:`parse_framed_at` for a chain not yet walked."""
+    descs = chain.direct_three()
+    return None if descs is None else _framed(mem, descs, disk)
+
+
+def parse_framed_at(mem: GuestMemory, table: memoryview, head: int, disk: Disk) -> Framed | None:
+    """The request at ``head`` of the descriptor table ``table`` if it is an IN or OUT in
+    the usual framing that :func:`parse` accepts; ``None`` for anything else, which
+    :func:`parse` then parses or names.
 
     The usual framing is what Linux sends for one segment: the 16-byte header, the data
     and the status byte, a descriptor each.  This is the per-request hot path of every
     read and write, so it answers in plain numbers (:data:`Framed`): no
-    :class:`Segments`, no :class:`Request`.  A test holds it to :func:`parse` over every
-    combination of what it checks.
+    :class:`DescriptorChain`, no :class:`Segments`, no :class:`Request`.  A test holds it
+    to :func:`parse` over every combination of what it checks.
     """
-    descs = chain.direct_three()
-    if descs is None:
-        return None
+    descs = direct_three(mem, table, head)
+    return None if descs is None else _framed(mem, descs, disk)
+
+
+def _framed(mem: GuestMemory, descs, disk: Disk) -> Framed | None:
     (h_addr, h_len, h_flags, _), (d_addr, d_len, d_flags, _), (s_addr, s_len, s_flags, _) = descs
     if (h_len != _HEADER.size or h_flags & VIRTQ_DESC_F_WRITE or s_len != 1
             or not s_flags & VIRTQ_DESC_F_WRITE or d_len == 0 or d_len % SECTOR_SIZE):

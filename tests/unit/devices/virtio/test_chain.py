@@ -23,6 +23,7 @@ from asyncvmm.devices.virtio.chain import (
     NestedIndirectError,
     Segments,
     collect,
+    direct_three,
 )
 from asyncvmm.devices.virtio.spec import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from asyncvmm.memory import GuestMemory
@@ -276,6 +277,7 @@ def test_direct_three_agrees_with_collect(guest_mem, table, indirect_ok):
             if at[k] < size:
                 vq.write_desc(at[k], *bufs[k], flags[k], at[(k + 1) % 3])
         found = chain(vq, head, indirect_ok=indirect_ok).direct_three()
+        assert direct_three(guest_mem, guest_mem.view(vq.desc, 16 * size), head) == found
         if found is None:
             continue
         got = collect(chain(vq, head, indirect_ok=indirect_ok))     # raises if it disagrees

@@ -34,7 +34,7 @@ from tests.unit.devices.virtio.block.conftest import (
     make_block_rig,
     require_io_uring,
 )
-from tests.unit.devices.virtio.block.helpers import cuts
+from tests.unit.devices.virtio.block.helpers import cuts, header
 
 OK, IOERR, UNSUPP = rq.VIRTIO_BLK_S_OK, rq.VIRTIO_BLK_S_IOERR, rq.VIRTIO_BLK_S_UNSUPP
 hypothesis_settings = settings(max_examples=40, deadline=None,
@@ -346,15 +346,19 @@ async def test_avail_index_jump_needs_reset_and_counts_event_fails(blk):
 
 @pytest.fixture
 def framed_spy(monkeypatch):
-    """The requests parse_framed took (Sync then runs them in place, Async builds their Request)."""
+    """The requests parse_framed or parse_framed_at took (Sync runs them in place as it pops
+    them, Async builds their Request)."""
     taken = []
 
-    def spy(*args):
-        framed = rq.parse_framed(*args)
-        if framed is not None:
-            taken.append(framed)
-        return framed
-    monkeypatch.setattr(block_handler, "parse_framed", spy)
+    def spying(parser):
+        def spy(*args):
+            framed = parser(*args)
+            if framed is not None:
+                taken.append(framed)
+            return framed
+        return spy
+    monkeypatch.setattr(block_handler, "parse_framed", spying(rq.parse_framed))
+    monkeypatch.setattr(block_handler, "parse_framed_at", spying(rq.parse_framed_at))
     return taken
 
 
@@ -367,7 +371,35 @@ async def test_usual_framing_reads_and_writes(blk, framed_spy):
     assert used == 513
     m = blk.dev.metrics
     assert (m.read_count, m.read_bytes, m.write_count, m.write_bytes) == (2, 2560, 1, 2048)
-    assert len(framed_spy) == 3               # both engines read these with parse_framed
+    assert len(framed_spy) == 3               # both engines read these in the usual framing
+
+
+async def test_usual_framing_beside_other_chains_in_one_kick(blk, framed_spy):
+    """Framed reads and writes, a GET_ID and a two-descriptor read in one kick: each is
+    answered as it would be alone, in ring order on Sync (whose drain runs framed ones as it
+    pops them and hands the others to handle_chain)."""
+    payload = os.urandom(512)
+    assert await blk.write(4, payload, rcuts=[16]) == rq.VIRTIO_BLK_S_OK   # before the reads of it
+    framed_spy.clear()
+    offered = []
+    for req_type, sector, data, read_len, wcuts in (
+            (rq.VIRTIO_BLK_T_OUT, 9, payload, 0, []),
+            (rq.VIRTIO_BLK_T_GET_ID, 0, b"", 20, []),
+            (rq.VIRTIO_BLK_T_IN, 4, b"", 512, [512]),        # framed: data, then status
+            (rq.VIRTIO_BLK_T_IN, 4, b"", 512, [])):          # data and status in one descriptor
+        bufs, answer = blk.lay_out(header(req_type, sector) + data, read_len + 1,
+                                   [16] if data else [], wcuts)
+        offered.append((blk.offer(bufs, kick=False), answer))
+    blk.driver.kick(blk.vq)
+    used = await blk.driver.wait_used(blk.vq, 4)
+    if blk.dev.io_engine != "Sync":             # io_uring may finish them in any order
+        used.sort(key=lambda e: [h for h, _ in offered].index(e[0]))
+    assert [h for h, _ in used] == [h for h, _ in offered]
+    assert [n for _, n in used] == [1, 21, 513, 513]
+    answers = [answer.read(blk.mem) for _, answer in offered]
+    assert answers[1] == rq.device_id("disk0") + bytes([rq.VIRTIO_BLK_S_OK])
+    assert answers[2] == answers[3] == payload + bytes([rq.VIRTIO_BLK_S_OK])
+    assert len(framed_spy) == 2 if blk.dev.io_engine == "Sync" else len(framed_spy) >= 2
 
 
 async def test_usual_framing_host_error_and_short_read_are_ioerr(blk):

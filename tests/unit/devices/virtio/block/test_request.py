@@ -143,8 +143,8 @@ def test_parse_framed_reads_the_usual_in_and_out(guest_mem):
 
 
 def test_parse_framed_agrees_with_parse(guest_mem):
-    """Whatever parse_framed answers, parse answers the same; what it leaves, parse decides.
-    Every combination of the values each check looks at, around each boundary."""
+    """Whatever parse_framed (or parse_framed_at) answers, parse answers the same; what it
+    leaves, parse decides.  Every combination of the values each check looks at, around each boundary."""
     accepted = 0
     for req_type, sector, data_len, header_len, status_len, read_only, flags in itertools.product(
             [rq.VIRTIO_BLK_T_IN, rq.VIRTIO_BLK_T_OUT, rq.VIRTIO_BLK_T_FLUSH, rq.VIRTIO_BLK_T_GET_ID, 11],
@@ -153,6 +153,8 @@ def test_parse_framed_agrees_with_parse(guest_mem):
         disk = rq.Disk(capacity=64, read_only=read_only, flush=True)
         c = three(guest_mem, header(req_type, sector), data_len, flags, status_len, header_len)
         framed = rq.parse_framed(guest_mem, c, disk)
+        # The same read straight from the table by the head (the Sync drain's way).
+        assert rq.parse_framed_at(guest_mem, c._table, c.head, disk) == framed
         if framed is None:
             continue
         accepted += 1
