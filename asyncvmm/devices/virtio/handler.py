@@ -37,6 +37,11 @@ arrives synchronously inside a drain, carries them out there and leaves the
 notification to that drain's batch.  Devices need no re-entrancy flag of
 their own.
 
+A device whose usual request needs none of this may answer it as the drain
+pops it: :meth:`QueueHandler.take_usual` gets the head and the descriptor
+table before any :class:`DescriptorChain` exists (a Sync drive's reads and
+writes).
+
 ``handle_chain`` may still answer a plain ``bool`` (``True``: consumed and
 answered, ``False``: stall), for devices written before effects.
 """
@@ -110,6 +115,12 @@ class QueueHandler:
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> ChainOutcome:
         """Decide what one chain needs, as effects (or ``True``/``False``: done/stall); no I/O."""
         raise NotImplementedError
+
+    def take_usual(self, queue_index: int, table: memoryview, head: int) -> bool:
+        """Answer the chain at ``head`` of the descriptor table ``table`` at once if it is the
+        device's usual request, read straight from the table (``False``: :meth:`handle_chain`
+        gets it).  For a per-request hot path that needs no :class:`DescriptorChain`."""
+        return False
 
     def perform(self, queue_index: int, effect: Effect) -> bool:
         """Carry out a device-specific effect; ``False``: the backend cannot take it now."""
@@ -205,17 +216,21 @@ class QueueHandler:
         return result
 
     def _drain(self, index: int) -> Drain:
+        mem = self.mem
         queue = self.act.queues[index]
+        rings = queue.rings(mem)
         budget = self.BATCH_PER_WAKEUP_FACTOR * queue.size
         while budget:
-            chain = queue.pop(self.mem)
-            if chain is None:
-                if queue.enable_notification(self.mem):
+            head = queue.pop_head(rings)
+            if head is None:
+                if queue.enable_notification(mem):
                     continue
                 return Drain.EMPTY
             budget -= 1
             self.chains_seen += 1
-            outcome = self.handle_chain(index, chain)
+            if self.take_usual(index, rings.desc, head):
+                continue
+            outcome = self.handle_chain(index, queue.chain_at(mem, rings, head))
             if outcome is True or (outcome is not False and self.carry_out(index, outcome)):
                 continue
             queue.undo_pop()

@@ -20,9 +20,10 @@ op is submitted and answered at once (each is its own syscall anyway, and a
 polling driver can refill while the rest of the ring is read).
 
 A Sync drive's usual read or write (header, data, status: a descriptor each, no
-rate limiter) skips the effects altogether: :func:`parse_framed` reads it
-straight from the descriptor table and :meth:`BlockHandler._run_framed` does the
-I/O and answers it in place (the general path's objects and dispatch were most
+rate limiter) skips the effects altogether: :meth:`BlockHandler.take_usual` reads
+it straight from the descriptor table by its head as the drain pops it
+(:func:`parse_framed_at`) and :meth:`BlockHandler._run_framed` does the I/O and
+answers it in place (the general path's objects and dispatch were most
 of the device's CPU time per request; docs/benchmarks.md).  Async requests in
 that framing take the general path from the :class:`Request` it gives
 (:meth:`Request.from_framed`), and every other chain is walked and parsed.
@@ -67,7 +68,7 @@ from asyncvmm.devices.virtio.block.request import (
 from asyncvmm.devices.virtio.block.uring import UringEngine
 from asyncvmm.devices.virtio.chain import ChainError, DescriptorChain, collect
 from asyncvmm.devices.virtio.device import Activation
-from asyncvmm.devices.virtio.handler import Drain, Effect, ThrottledQueueHandler, Stall, Used
+from asyncvmm.devices.virtio.handler import Effect, ThrottledQueueHandler, Stall, Used
 
 if TYPE_CHECKING:
     from asyncvmm.devices.virtio.block.device import Block
@@ -125,43 +126,19 @@ class BlockHandler(ThrottledQueueHandler):
     def on_event_failure(self) -> None:
         self.metrics.event_fails += 1
 
-    def _drain(self, index: int) -> Drain:
-        """The base class's drain, with a Sync drive's usual requests run as they are popped.
-
-        Such a request (see :meth:`_run_framed`) is read straight from the descriptor table
-        by its head: no :class:`DescriptorChain`, no :meth:`handle_chain`.  Any other chain
-        is walked and handled as the base class does.
-        """
+    def take_usual(self, queue_index: int, table: memoryview, head: int) -> bool:
+        """A Sync drive's usual request (see :meth:`_run_framed`), read straight from the
+        descriptor table by its head and run as it is popped."""
         if not self._framed_ok:
-            return super()._drain(index)
-        queue, mem, disk = self.queue, self.mem, self.dev.disk
-        rings = queue.rings(mem)
-        table = rings.desc
-        budget = self.BATCH_PER_WAKEUP_FACTOR * queue.size
-        while budget:
-            head = queue.pop_head(rings)
-            if head is None:
-                if queue.enable_notification(mem):
-                    continue
-                return Drain.EMPTY
-            budget -= 1
-            self.chains_seen += 1
-            framed = parse_framed_at(mem, table, head, disk)
-            if framed is not None:
-                self._run_framed(head, framed)
-                continue
-            outcome = self.handle_chain(index, queue.chain_at(mem, rings, head))
-            if outcome is True or (outcome is not False and self.carry_out(index, outcome)):
-                continue
-            queue.undo_pop()
-            return Drain.STALLED
-        return Drain.MORE
+            return False
+        framed = parse_framed_at(self.mem, table, head, self.dev.disk)
+        if framed is None:
+            return False
+        self._run_framed(head, framed)
+        return True
 
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> list[Effect] | bool:
-        framed = parse_framed(self.mem, chain, self.dev.disk)
-        if framed is not None and self._framed_ok:
-            self._run_framed(chain.head, framed)
-            return True
+        framed = parse_framed(self.mem, chain, self.dev.disk)    # take_usual ran the Sync ones
         try:
             if framed is not None:
                 req = Request.from_framed(chain.head, framed)
