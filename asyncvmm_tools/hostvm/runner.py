@@ -16,7 +16,10 @@ with either VMM as the inner one): its console then goes silent for good.  ``hea
 ``asyncvmm-hostvm: alive`` every N seconds beside the command, and
 ``stall_timeout=S`` kills QEMU when the console has printed nothing for S
 seconds (``HostVmResult.stalled``), so a frozen host costs S seconds, not the
-whole timeout.  Heartbeat lines are left out of ``stdout``.
+whole timeout.  Before it is killed, QEMU's human monitor (a Unix socket in the
+run's work directory) is asked where the emulated CPU is (:data:`FREEZE_QUERIES`):
+the answers are ``HostVmResult.freeze`` and ``hostvm-freeze.txt`` in
+``results_dir``.  Heartbeat lines are left out of ``stdout``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +62,10 @@ MARK_ALIVE = "asyncvmm-hostvm: alive"
 # 60 s of silence (six missed beats; long tests kept beating through).
 FREEZE_HEARTBEAT_S = 10.0
 FREEZE_STALL_S = 60.0
+# Asked of QEMU's monitor when the host froze: where the CPU is, three times a second apart
+# (one place: stuck there; moving: a loop), then its interrupt controller.
+FREEZE_QUERIES = ("info registers", "x/4i $pc", "info registers", "info registers", "info lapic")
+MONITOR_PROMPT = b"(qemu) "
 
 
 class HostVmError(RuntimeError):
@@ -74,6 +82,7 @@ class HostVmResult:
     stalled: bool = False           # killed because the console was silent for stall_timeout
     kvm_line: str = ""              # "kvm ready: /dev/kvm present, nested=1" or "kvm missing..."
     timings: dict = field(default_factory=dict)   # seconds: prepare, boot (to job start), job, total
+    freeze: str = ""                # when stalled: QEMU's monitor on where the CPU was (FREEZE_QUERIES)
 
 
 def in_hostvm() -> bool:
@@ -179,6 +188,39 @@ def wait_watched(child: Child, deadline: float, stall_timeout: float,
             return rc, False
 
 
+def monitor_dump(path: Path, queries=FREEZE_QUERIES, timeout: float = 5.0, pause: float = 1.0) -> str:
+    """Ask QEMU's human monitor listening at ``path`` each of ``queries`` (``pause`` s apart)
+    and return the answers, each under its ``(qemu) <query>`` line; a failure is said in the
+    text, never raised (this runs while giving up on a frozen host)."""
+    out: list[str] = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            _until_prompt(sock)                       # the banner
+            for i, query in enumerate(queries):
+                if i:
+                    time.sleep(pause)
+                sock.sendall(query.encode() + b"\n")
+                answer = _until_prompt(sock).decode(errors="replace").replace("\r", "")
+                # The monitor echoes the command line first.
+                first, _, rest = answer.partition("\n")
+                out.append(f"(qemu) {query}\n{rest if query in first else answer}".rstrip())
+    except OSError as err:
+        out.append(f"(the monitor at {path} did not answer: {err})")
+    return "\n".join(out) + "\n"
+
+
+def _until_prompt(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(MONITOR_PROMPT):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the monitor closed the connection")
+        data += chunk
+    return data[:-len(MONITOR_PROMPT)]
+
+
 @dataclass
 class HostVm:
     """Everything a boot needs, prepared once per session."""
@@ -215,7 +257,7 @@ def run_in_hostvm(argv: list[str], *, timeout: float, env: dict[str, str] | None
     try:
         return _run(vm, workdir, argv, t0=t0, timeout=timeout, env=env, console_log=console_log, cwd=cwd,
                     echo=echo, mem_mib=mem_mib, results_dir=results_dir, interactive=interactive,
-                    heartbeat=heartbeat, stall_timeout=stall_timeout)
+                    heartbeat=heartbeat, stall_timeout=stall_timeout, progress=progress)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)   # the job disk; results go to results_dir
 
@@ -223,14 +265,16 @@ def run_in_hostvm(argv: list[str], *, timeout: float, env: dict[str, str] | None
 def _run(vm: HostVm, workdir: Path, argv: list[str], *, t0: float, timeout: float, env: dict[str, str] | None,
          console_log: Path | None, cwd: str | None, echo: TextIO | None, mem_mib: int,
          results_dir: Path | None, interactive: bool, heartbeat: float = 0.0,
-         stall_timeout: float = 0.0) -> HostVmResult:
+         stall_timeout: float = 0.0, progress: Callable[[str], None] = log.info) -> HostVmResult:
     job_disk = workdir / "job.ext4"
+    monitor = workdir / "monitor.sock"
     make_job_disk(job_disk, job_script(argv, env or {}, cwd or str(project_root()), heartbeat))
     spec = MachineSpec(
         kernel=vm.kernel.bzimage, initrd=vm.initramfs, accel="tcg", cpu="max", vcpus=1, mem_mib=mem_mib,
         cmdline=host_cmdline(tsc_khz(), [f"avm.epoch={int(time.time())}", f"avm.project={project_root()}"]),
         disks=(Disk(vm.root_disk, ROOT_SERIAL, readonly=True), Disk(job_disk, JOB_SERIAL)),
-        serial="stdio,signal=off")   # Ctrl-C goes to the guest, not to QEMU
+        serial="stdio,signal=off",   # Ctrl-C goes to the guest, not to QEMU
+        extra=("-monitor", f"unix:{monitor},server=on,wait=off"))
     chunks: list[bytes] = []
     log_file = open(console_log, "wb") if console_log else None
     marks: dict[str, float] = {}
@@ -254,11 +298,15 @@ def _run(vm: HostVm, workdir: Path, argv: list[str], *, t0: float, timeout: floa
     t_boot = time.monotonic()
     child = None
     timed_out = stalled = False
+    freeze = ""
     try:
         with terminate_on_signals():
             child = Child(machine_argv(spec), sink, stdin=sys.stdin if interactive else None)
             rc, stalled = wait_watched(child, t_boot + timeout, stall_timeout, lambda: last_output[0])
             timed_out = rc is None
+            if stalled:
+                freeze = monitor_dump(monitor)
+                progress(f"the emulated host froze; its CPU, from QEMU's monitor:\n{freeze}")
     finally:
         if child is not None:
             child.kill()
@@ -278,4 +326,6 @@ def _run(vm: HostVm, workdir: Path, argv: list[str], *, t0: float, timeout: floa
     if results_dir is not None:
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / "hostvm-timings.json").write_text(json.dumps(timings))
-    return HostVmResult(returncode, console, stdout, results_dir, timed_out, stalled, kvm, timings)
+        if freeze:
+            (results_dir / "hostvm-freeze.txt").write_text(freeze)
+    return HostVmResult(returncode, console, stdout, results_dir, timed_out, stalled, kvm, timings, freeze)

@@ -265,7 +265,8 @@ class InnerRun:
         progress = parse_progress(result.console)
         tail = result.console[-6000:]
         if result.stalled:
-            why, state = f"the emulated host froze: its console was silent for {FREEZE_STALL_S:.0f} s", "stalled"
+            why, state = (f"the emulated host froze: its console was silent for {FREEZE_STALL_S:.0f} s "
+                          f"(where its CPU was: {results / 'hostvm-freeze.txt'})"), "stalled"
         elif result.timed_out:
             why, state = f"the emulated host was killed after {timeout:.0f} s", "timeout"
         elif not junit.exists():

@@ -194,3 +194,41 @@ def test_a_silent_child_is_given_up_on_after_the_stall_timeout():
         child.kill()
     quick = Child(["sh", "-c", "exit 5"], sink)
     assert wait_watched(quick, time.monotonic() + 10, 5, lambda: seen[0]) == (5, False)
+
+
+def test_the_monitor_is_asked_where_a_frozen_cpu_is(tmp_path):
+    """monitor_dump speaks QEMU's human monitor: banner, then each query answered up to the
+    next prompt (the command echoed first); a monitor that is not there is said, not raised."""
+    import socket
+    import threading
+    from asyncvmm_tools.hostvm.runner import monitor_dump
+    path = tmp_path / "monitor.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    asked = []
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) ")
+            for _ in range(2):
+                line = b""
+                while not line.endswith(b"\n"):
+                    line += conn.recv(1)
+                query = line.decode().strip()
+                asked.append(query)
+                conn.sendall(f"{query}\r\nanswer to {query}\r\nRIP=ffffffff81000000\r\n(qemu) ".encode())
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        dump = monitor_dump(path, ("info registers", "x/4i $pc"), timeout=5, pause=0.01)
+    finally:
+        t.join(5)
+        server.close()
+    assert asked == ["info registers", "x/4i $pc"]
+    assert dump == ("(qemu) info registers\nanswer to info registers\nRIP=ffffffff81000000\n"
+                    "(qemu) x/4i $pc\nanswer to x/4i $pc\nRIP=ffffffff81000000\n")
+    gone = monitor_dump(tmp_path / "nothing.sock", timeout=1)
+    assert gone.startswith(f"(the monitor at {tmp_path / 'nothing.sock'} did not answer:")
