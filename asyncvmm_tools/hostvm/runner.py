@@ -63,8 +63,13 @@ MARK_ALIVE = "asyncvmm-hostvm: alive"
 FREEZE_HEARTBEAT_S = 10.0
 FREEZE_STALL_S = 60.0
 # Asked of QEMU's monitor when the host froze: where the CPU is, three times a second apart
-# (one place: stuck there; moving: a loop), then its interrupt controller.
-FREEZE_QUERIES = ("info registers", "x/4i $pc", "info registers", "info registers", "info lapic")
+# (one place: stuck there; moving: a loop), then its interrupt controller, then whether an NMI
+# wakes it.  The freezes caught so far (docs/testing.md) were all the same: halted in
+# native_safe_halt with IF set and the local timer's vector pending in IRR above the PPR, never
+# delivered.  An NMI passes where IF and TCG's virtual-interrupt masking do not, but not GIF: the
+# registers after it tell which of the two kept the timer out.
+FREEZE_QUERIES = ("info registers", "x/4i $pc", "info registers", "info registers", "info lapic",
+                  "nmi", "info registers")
 MONITOR_PROMPT = b"(qemu) "
 
 
