@@ -66,8 +66,9 @@ FREEZE_STALL_S = 60.0
 # (one place: stuck there; moving: a loop), then its interrupt controller, then whether an NMI
 # wakes it.  The freezes caught so far (docs/testing.md) were all the same: halted in
 # native_safe_halt with IF set and the local timer's vector pending in IRR above the PPR, never
-# delivered.  An NMI passes where IF and TCG's virtual-interrupt masking do not, but not GIF: the
-# registers after it tell which of the two kept the timer out.
+# delivered.  An NMI passes where IF and TCG's virtual-interrupt masking do not, but not GIF: after
+# the one tried so far the CPU stayed halted (GIF clear); it stays in the dump so that a freeze of
+# another kind would show.
 FREEZE_QUERIES = ("info registers", "x/4i $pc", "info registers", "info registers", "info lapic",
                   "nmi", "info registers")
 MONITOR_PROMPT = b"(qemu) "
