@@ -138,7 +138,8 @@ class BlockHandler(ThrottledQueueHandler):
         return True
 
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> list[Effect] | bool:
-        framed = parse_framed(self.mem, chain, self.dev.disk)    # take_usual ran the Sync ones
+        # With _framed_ok, take_usual already read this chain and found it not framed.
+        framed = None if self._framed_ok else parse_framed(self.mem, chain, self.dev.disk)
         try:
             if framed is not None:
                 req = Request.from_framed(chain.head, framed)
