@@ -11,8 +11,9 @@ when one is given (with ``hostvm-timings.json``); nothing else is left
 behind (the per-run work directory and its job disk are deleted).  QEMU is killed on timeout, on any exception,
 on SIGINT/SIGTERM/SIGHUP and (PDEATHSIG) when this process dies.
 
-The emulated host sometimes freezes (docs/testing.md; cause unknown, seen
-with either VMM as the inner one): its console then goes silent for good.  ``heartbeat=N`` has the job print
+The emulated host sometimes freezes (docs/testing.md: TCG's nested SVM holds
+back its maskable interrupts; seen with either VMM as the inner one, and with
+QEMU 10 as well as 7.2): its console then goes silent for good.  ``heartbeat=N`` has the job print
 ``asyncvmm-hostvm: alive`` every N seconds beside the command, and
 ``stall_timeout=S`` kills QEMU when the console has printed nothing for S
 seconds (``HostVmResult.stalled``), so a frozen host costs S seconds, not the
@@ -63,14 +64,23 @@ MARK_ALIVE = "asyncvmm-hostvm: alive"
 FREEZE_HEARTBEAT_S = 10.0
 FREEZE_STALL_S = 60.0
 # Asked of QEMU's monitor when the host froze: where the CPU is, three times a second apart
-# (one place: stuck there; moving: a loop), then its interrupt controller, then whether an NMI
-# wakes it.  The freezes caught so far (docs/testing.md) were all the same: halted in
-# native_safe_halt with IF set and the local timer's vector pending in IRR above the PPR, never
-# delivered.  An NMI passes where IF and TCG's virtual-interrupt masking do not, but not GIF: after
-# the one tried so far the CPU stayed halted (GIF clear); it stays in the dump so that a freeze of
-# another kind would show.
+# (one place: stuck there; moving: a loop), its interrupt controller, then an NMI and both again.
+# The freezes caught so far (docs/testing.md) were all the same: halted in native_safe_halt with IF
+# set and the local timer's vector pending in IRR above the PPR, never delivered, and CS's cached
+# attributes those a #VMEXIT loads (no interrupt taken since the last one).  The NMI is taken (CS
+# reloaded, the idle loop ran once more and halted again), so GIF is set: it is the maskable
+# interrupts alone that the emulated CPU holds back.  The lapic after it shows whether the NMI
+# handler's own self-IPI (printk's irq_work) is held back too.
+# A host silent this long gets a serial break (the monitor's `chardev-send-break` on its console):
+# the UART's interrupt goes through the I/O APIC into the local APIC from QEMU's main thread, which
+# makes the vCPU look at its local APIC again -- what a freeze needs if its cause is an interrupt
+# request lost between QEMU's threads (docs/testing.md).  Harmless to a host that is only busy: no
+# character follows the break, so it starts no SysRq.  What the CPU and APIC showed just before is
+# kept (``HostVmResult.wakes``, ``hostvm-wakes.txt``).
+WAKE_AFTER_S = 20.0
+WAKE_QUERIES = ("info registers", "info lapic", "chardev-send-break console0")
 FREEZE_QUERIES = ("info registers", "x/4i $pc", "info registers", "info registers", "info lapic",
-                  "nmi", "info registers")
+                  "nmi", "info registers", "info lapic")
 MONITOR_PROMPT = b"(qemu) "
 
 
@@ -89,6 +99,7 @@ class HostVmResult:
     kvm_line: str = ""              # "kvm ready: /dev/kvm present, nested=1" or "kvm missing..."
     timings: dict = field(default_factory=dict)   # seconds: prepare, boot (to job start), job, total
     freeze: str = ""                # when stalled: QEMU's monitor on where the CPU was (FREEZE_QUERIES)
+    wakes: list[str] = field(default_factory=list)   # each silence a break was sent into (WAKE_QUERIES)
 
 
 def in_hostvm() -> bool:
@@ -192,6 +203,34 @@ def wait_watched(child: Child, deadline: float, stall_timeout: float,
         rc = child.wait(max(step, 0.0))
         if rc is not None or time.monotonic() >= deadline:
             return rc, False
+
+
+def wait_waking(child: Child, deadline: float, stall_timeout: float, last_output: Callable[[], float],
+                wake_after: float, wake: Callable[[], str]) -> tuple[int | None, bool, list[str]]:
+    """:func:`wait_watched`, with one more step in each silence: after ``wake_after`` s of it
+    ``wake()`` is called and the wait goes on; the console speaking again ends that silence, and
+    ``stall_timeout`` s of it end the wait as before.  ``(exit status or None, stalled, [what each
+    wake() answered, and whether the console spoke again])``."""
+    woken: list[str] = []
+    if not 0 < wake_after < stall_timeout:
+        return (*wait_watched(child, deadline, stall_timeout, last_output), woken)
+    while True:
+        rc, quiet = wait_watched(child, deadline, wake_after, last_output)
+        if not quiet:
+            return rc, False, woken
+        silent_since = last_output()
+        woken.append(f"after {time.monotonic() - silent_since:.1f} s of console silence:\n{wake()}")
+        while last_output() == silent_since:
+            now = time.monotonic()
+            if now >= silent_since + stall_timeout:
+                woken[-1] += "(the console stayed silent)\n"
+                return None, True, woken
+            if now >= deadline:
+                return None, False, woken
+            rc = child.wait(min(0.5, silent_since + stall_timeout - now, deadline - now))
+            if rc is not None:
+                return rc, False, woken
+        woken[-1] += f"(the console spoke again {last_output() - silent_since:.1f} s into the silence)\n"
 
 
 def monitor_dump(path: Path, queries=FREEZE_QUERIES, timeout: float = 5.0, pause: float = 1.0) -> str:
@@ -305,10 +344,13 @@ def _run(vm: HostVm, workdir: Path, argv: list[str], *, t0: float, timeout: floa
     child = None
     timed_out = stalled = False
     freeze = ""
+    wakes: list[str] = []
     try:
         with terminate_on_signals():
             child = Child(machine_argv(spec), sink, stdin=sys.stdin if interactive else None)
-            rc, stalled = wait_watched(child, t_boot + timeout, stall_timeout, lambda: last_output[0])
+            rc, stalled, wakes = wait_waking(
+                child, t_boot + timeout, stall_timeout, lambda: last_output[0], WAKE_AFTER_S,
+                lambda: _wake(monitor, progress))
             timed_out = rc is None
             if stalled:
                 freeze = monitor_dump(monitor)
@@ -334,4 +376,13 @@ def _run(vm: HostVm, workdir: Path, argv: list[str], *, t0: float, timeout: floa
         (results_dir / "hostvm-timings.json").write_text(json.dumps(timings))
         if freeze:
             (results_dir / "hostvm-freeze.txt").write_text(freeze)
-    return HostVmResult(returncode, console, stdout, results_dir, timed_out, stalled, kvm, timings, freeze)
+        if wakes:
+            (results_dir / "hostvm-wakes.txt").write_text("\n".join(wakes))
+    return HostVmResult(returncode, console, stdout, results_dir, timed_out, stalled, kvm, timings, freeze,
+                        wakes)
+
+
+def _wake(monitor: Path, progress: Callable[[str], None]) -> str:
+    progress(f"[hostvm] the emulated host's console has been silent for {WAKE_AFTER_S:.0f} s: "
+             "sending it a serial break (docs/testing.md)")
+    return monitor_dump(monitor, WAKE_QUERIES, pause=0.0)

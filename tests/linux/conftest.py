@@ -16,7 +16,7 @@ Every test here is marked ``linux``.  How they run depends on the machine:
   for ``FREEZE_STALL_S`` (the emulated host froze: docs/testing.md) or the
   boot runs out of time, QEMU is killed, the finished tests keep their
   outcomes, and a fresh boot runs the rest.  The test that was running when
-  a host froze runs again once; a second freeze in it fails it.  The whole
+  a host froze runs again in the next boot; ``FREEZE_TRIES`` freezes in it fail it.  The whole
   tier has a budget (``ASYNCVMM_HOSTVM_TIMEOUT``, default: boot allowance +
   per-test timeout per test, at most ``TIER_BUDGET`` s, so a frozen host
   fails tests instead of running CI out of time).
@@ -60,6 +60,7 @@ HERE = Path(__file__).resolve().parent
 PER_TEST_TIMEOUT = float(os.environ.get("ASYNCVMM_LINUX_TEST_TIMEOUT", "300"))
 BOOT_ALLOWANCE = 240.0
 TIER_BUDGET = 2700.0     # 45 minutes: CI has 90 for everything
+FREEZE_TRIES = 3         # boots a test may freeze the emulated host in before it fails
 INNER_RESULTS = "/hostvm-job/results"   # asyncvmm_tools.hostvm.hostinit.JOB_MOUNT + /results
 
 
@@ -227,10 +228,10 @@ class InnerRun:
                 return   # done, or a boot that got nowhere: another would not either
             if running is not None:
                 froze_in[running] = froze_in.get(running, 0) + 1
-                if froze_in[running] >= 2 or outcome == "timeout":
+                if froze_in[running] >= FREEZE_TRIES or outcome == "timeout":
                     what = {"stalled": "the emulated host froze", "timeout": "the tier ran out of time",
                             "no report": "the inner pytest ended without a report"}[outcome]
-                    again = ", the second time" if froze_in[running] >= 2 else ""
+                    again = f", {froze_in[running]} times" if froze_in[running] > 1 else ""
                     self.outcomes[junit_key(running)] = InnerOutcome(
                         "failed", f"{what} during this test (boot {boot}{again})", self.failure, "", "")
             remaining = [n for n in remaining if junit_key(n) not in self.outcomes]
@@ -261,6 +262,10 @@ class InnerRun:
                                progress=say)
         say(f"[linux tier] emulated host: {result.kvm_line or 'no kvm status line'}; "
             f"exit {result.returncode}; timings {fmt_timings(result.timings)}")
+        if result.wakes:
+            woke = sum("spoke again" in w for w in result.wakes)
+            say(f"[linux tier] boot {boot}: its console went silent {len(result.wakes)} time(s) and got a "
+                f"serial break; it spoke again after {woke} ({results / 'hostvm-wakes.txt'})")
         junit = results / "junit.xml"
         progress = parse_progress(result.console)
         tail = result.console[-6000:]

@@ -196,6 +196,45 @@ def test_a_silent_child_is_given_up_on_after_the_stall_timeout():
     assert wait_watched(quick, time.monotonic() + 10, 5, lambda: seen[0]) == (5, False)
 
 
+def test_a_silence_gets_a_wake_before_it_is_given_up_on():
+    """After wake_after s of silence wake() is called once; the console speaking again ends that
+    silence (the next one gets its own wake), stall_timeout s of silence end the wait."""
+    from asyncvmm_tools.hostvm.process import Child
+    from asyncvmm_tools.hostvm.runner import wait_waking
+    seen = [time.monotonic()]
+    calls = []
+
+    def sink(_data):
+        seen[0] = time.monotonic()
+
+    def wake():
+        calls.append(time.monotonic())
+        return "answer\n"
+
+    child = Child(["sh", "-c", "echo a; sleep 1.2; echo b; sleep 60"], sink)
+    try:
+        t0 = time.monotonic()
+        rc, stalled, woken = wait_waking(child, t0 + 30, 2.5, lambda: seen[0], 0.5, wake)
+        took = time.monotonic() - t0
+    finally:
+        child.kill()
+    assert (rc, stalled, len(calls)) == (None, True, 2)
+    assert 3.5 < took < 15                      # b at ~1.2 s, then 2.5 s of silence
+    assert re.fullmatch(r"after 0\.\d s of console silence:\nanswer\n\(the console spoke again 1\.\d s into "
+                        r"the silence\)\n", woken[0])
+    assert woken[1].endswith("answer\n(the console stayed silent)\n")
+    # Without a wake step (0, or not shorter than the stall limit) it is wait_watched.
+    quick = Child(["sh", "-c", "exit 3"], sink)
+    assert wait_waking(quick, time.monotonic() + 10, 5, lambda: seen[0], 0, wake) == (3, False, [])
+    quiet = Child(["sh", "-c", "sleep 60"], sink)
+    try:
+        seen[0] = time.monotonic()
+        assert wait_waking(quiet, time.monotonic() + 10, 0.3, lambda: seen[0], 0.3, wake) == (None, True, [])
+    finally:
+        quiet.kill()
+    assert len(calls) == 2
+
+
 def test_the_monitor_is_asked_where_a_frozen_cpu_is(tmp_path):
     """monitor_dump speaks QEMU's human monitor: banner, then each query answered up to the
     next prompt (the command echoed first); a monitor that is not there is said, not raised."""

@@ -101,20 +101,33 @@ def _fake_boots(monkeypatch, tmp_path, boots):
     return calls
 
 
-def test_a_frozen_host_keeps_what_finished_retries_the_running_test_once_and_runs_the_rest(monkeypatch, tmp_path):
+def test_a_frozen_host_keeps_what_finished_retries_the_running_test_and_runs_the_rest(monkeypatch, tmp_path):
     junit = ('<testsuite><testcase classname="tests.linux.test_a" name="test_c"/>'
              '<testcase classname="tests.linux.test_a" name="test_d"><failure message="m">tb</failure>'
              '</testcase></testsuite>')
     calls = _fake_boots(monkeypatch, tmp_path, [
         ([start_line(IDS[0]), done_line(IDS[0], "passed", "", 1), start_line(IDS[1])], None, True),
         ([start_line(IDS[1])], None, True),                         # the same test freezes it again
+        ([start_line(IDS[1])], None, True),                         # and a third time: it fails
         ([start_line(IDS[2]), done_line(IDS[2], "passed", "", 1)], junit, False),
     ])
+    assert tier.FREEZE_TRIES == 3
     run = tier.InnerRun(IDS, _Config())
     assert [run.outcome(n).outcome for n in IDS] == ["passed", "failed", "passed", "failed"]
-    assert calls == [IDS, IDS[1:], IDS[2:]]
-    assert "froze during this test" in run.outcome(IDS[1]).message
+    assert calls == [IDS, IDS[1:], IDS[1:], IDS[2:]]
+    assert "froze during this test (boot 3, 3 times)" in run.outcome(IDS[1]).message
     assert "tb" in run.outcome(IDS[3]).describe()
+
+
+def test_a_test_that_froze_the_host_twice_and_then_passes_passes(monkeypatch, tmp_path):
+    junit = '<testsuite><testcase classname="tests.linux.test_a" name="test_b"/></testsuite>'
+    calls = _fake_boots(monkeypatch, tmp_path, [
+        ([start_line(IDS[1])], None, True),
+        ([start_line(IDS[1])], None, True),
+        ([start_line(IDS[1]), done_line(IDS[1], "passed", "", 1)], junit, False),
+    ])
+    run = tier.InnerRun(IDS[1:2], _Config())
+    assert run.outcome(IDS[1]).outcome == "passed" and calls == [IDS[1:2]] * 3
 
 
 def test_a_boot_that_gets_nowhere_is_not_repeated(monkeypatch, tmp_path):
