@@ -172,6 +172,8 @@ class InnerRun:
         self.failure: str = ""
         self.missing: str = ""  # a prerequisite the run lacked: every test reports it the same way
         self.workdir = Path()   # made when the run starts: collection alone (--co) leaves nothing
+        self.boots = 0
+        self.wakes = [0, 0]      # silences a serial break was sent into, and those it ended
 
     def outcome(self, nodeid: str) -> InnerOutcome:
         """This test's inner outcome; ``require()`` for all alike when a prerequisite is missing."""
@@ -200,9 +202,17 @@ class InnerRun:
         from asyncvmm_tools.hostvm import HostVm, HostVmError
         from asyncvmm_tools.images import ImagesMissingError
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
 
         def say(msg: str) -> None:
-            if reporter is not None:
+            # This runs inside the first proxy's call: past pytest's capture, or a passing
+            # run's log would never show it.
+            if reporter is None:
+                return
+            if capture is None:
+                reporter.write_line(msg)
+                return
+            with capture.global_and_fixture_disabled():
                 reporter.write_line(msg)
 
         try:
@@ -222,6 +232,7 @@ class InnerRun:
                                 f"(ASYNCVMM_HOSTVM_TIMEOUT){self.failure}")
                 return
             boot += 1
+            self.boots = boot
             known = len(self.outcomes)
             outcome, running = self._boot(prepared, remaining, boot, left, say)
             if outcome == "complete" or (running is None and len(self.outcomes) == known):
@@ -266,6 +277,7 @@ class InnerRun:
             woke = sum("spoke again" in w for w in result.wakes)
             say(f"[linux tier] boot {boot}: its console went silent {len(result.wakes)} time(s) and got a "
                 f"serial break; it spoke again after {woke} ({results / 'hostvm-wakes.txt'})")
+            self.wakes = [self.wakes[0] + len(result.wakes), self.wakes[1] + woke]
         junit = results / "junit.xml"
         progress = parse_progress(result.console)
         tail = result.console[-6000:]
@@ -301,7 +313,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             "ASYNCVMM_MINIKERNEL=1 adds them (scripts/test then builds the minimal kernel)")
     runner = config.stash.get(RUNNER_KEY, None)
     if runner is not None and runner.outcomes is not None and runner.workdir != Path():
-        terminalreporter.write_line(f"linux tier ran in the emulated KVM host; logs and junit: {runner.workdir}")
+        sent, woke = runner.wakes
+        terminalreporter.write_line(
+            f"linux tier ran in the emulated KVM host ({runner.boots} boot(s); its console went silent "
+            f"{sent} time(s) and a serial break ended {woke} of those, docs/testing.md); logs and junit: "
+            f"{runner.workdir}")
 
 
 # --------------------------------------------------------------------------- progress lines (inside)

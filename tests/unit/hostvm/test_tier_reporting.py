@@ -82,17 +82,17 @@ class _Config:
 
 
 def _fake_boots(monkeypatch, tmp_path, boots):
-    """Each boot: (console lines, junit xml or None, stalled)."""
+    """Each boot: (console lines, junit xml or None, stalled, *what each serial break's wake answered)."""
     calls = []
 
     def fake_run(argv, *, timeout, results_dir, **kw):
-        console, junit, stalled = boots[len(calls)]
+        console, junit, stalled, *wakes = boots[len(calls)]
         calls.append([a for a in argv if a.startswith("tests/")])
         if junit is not None:
             results_dir.mkdir(parents=True, exist_ok=True)
             (results_dir / "junit.xml").write_text(junit)
         return hostvm_runner.HostVmResult(None if stalled else 0, "\n".join(console), "", results_dir,
-                                          timed_out=stalled, stalled=stalled)
+                                          timed_out=stalled, stalled=stalled, wakes=wakes)
 
     monkeypatch.setattr(hostvm_runner.HostVm, "prepare", classmethod(lambda cls, progress=None: object()))
     monkeypatch.setattr("asyncvmm_tools.hostvm.run_in_hostvm", fake_run)
@@ -128,6 +128,31 @@ def test_a_test_that_froze_the_host_twice_and_then_passes_passes(monkeypatch, tm
     ])
     run = tier.InnerRun(IDS[1:2], _Config())
     assert run.outcome(IDS[1]).outcome == "passed" and calls == [IDS[1:2]] * 3
+
+
+def test_the_serial_breaks_a_boot_needed_are_counted_and_said(monkeypatch, tmp_path):
+    junit = '<testsuite><testcase classname="tests.linux.test_a" name="test_a"/></testsuite>'
+    _fake_boots(monkeypatch, tmp_path, [
+        ([start_line(IDS[0]), done_line(IDS[0], "passed", "", 1)], junit, False,
+         "after 20.0 s of console silence:\n(the console spoke again 20.0 s into the silence)\n",
+         "after 20.0 s of console silence:\n(the console stayed silent)\n")])
+    said = []
+
+    class Reporter:
+        @staticmethod
+        def write_line(line):
+            said.append(line)
+
+    class Config:
+        class pluginmanager:
+            @staticmethod
+            def get_plugin(name):
+                return Reporter if name == "terminalreporter" else None
+
+    run = tier.InnerRun(IDS[:1], Config())
+    assert run.outcome(IDS[0]).outcome == "passed"
+    assert (run.boots, run.wakes) == (1, [2, 1])
+    assert any("went silent 2 time(s) and got a serial break; it spoke again after 1" in line for line in said)
 
 
 def test_a_boot_that_gets_nowhere_is_not_repeated(monkeypatch, tmp_path):
