@@ -72,11 +72,12 @@ FREEZE_STALL_S = 60.0
 # interrupts alone that the emulated CPU holds back.  The lapic after it shows whether the NMI
 # handler's own self-IPI (printk's irq_work) is held back too.
 # A host silent this long gets a serial break (the monitor's `chardev-send-break` on its console):
-# the UART's interrupt goes through the I/O APIC into the local APIC from QEMU's main thread, which
-# makes the vCPU look at its local APIC again -- what a freeze needs if its cause is an interrupt
-# request lost between QEMU's threads (docs/testing.md).  Harmless to a host that is only busy: no
-# character follows the break, so it starts no SysRq.  What the CPU and APIC showed just before is
-# kept (``HostVmResult.wakes``, ``hostvm-wakes.txt``).
+# the UART's interrupt reaches the local APIC from QEMU's main thread, which makes the vCPU look at
+# its APIC again and ends a freeze, an interrupt request lost between QEMU's threads (docs/testing.md,
+# measured).  Harmless to a host that is only busy: no character follows the break, so it starts no
+# SysRq (an interactive run, where a typed key could, gets none).  Runs without a stall limit
+# (`asyncvmm-hostvm run`, the quickstart's boot) get it too.  What the CPU and APIC showed just
+# before is kept (``HostVmResult.wakes``, ``hostvm-wakes.txt``).
 WAKE_AFTER_S = 20.0
 WAKE_QUERIES = ("info registers", "info lapic", "chardev-send-break console0")
 FREEZE_QUERIES = ("info registers", "x/4i $pc", "info registers", "info registers", "info lapic",
@@ -209,10 +210,10 @@ def wait_waking(child: Child, deadline: float, stall_timeout: float, last_output
                 wake_after: float, wake: Callable[[], str]) -> tuple[int | None, bool, list[str]]:
     """:func:`wait_watched`, with one more step in each silence: after ``wake_after`` s of it
     ``wake()`` is called and the wait goes on; the console speaking again ends that silence, and
-    ``stall_timeout`` s of it end the wait as before.  ``(exit status or None, stalled, [what each
-    wake() answered, and whether the console spoke again])``."""
+    ``stall_timeout`` s of it (0: never) end the wait as before.  ``(exit status or None, stalled,
+    [what each wake() answered, and whether the console spoke again])``."""
     woken: list[str] = []
-    if not 0 < wake_after < stall_timeout:
+    if wake_after <= 0 or 0 < stall_timeout <= wake_after:
         return (*wait_watched(child, deadline, stall_timeout, last_output), woken)
     while True:
         rc, quiet = wait_watched(child, deadline, wake_after, last_output)
@@ -220,14 +221,15 @@ def wait_waking(child: Child, deadline: float, stall_timeout: float, last_output
             return rc, False, woken
         silent_since = last_output()
         woken.append(f"after {time.monotonic() - silent_since:.1f} s of console silence:\n{wake()}")
+        give_up = silent_since + stall_timeout if stall_timeout > 0 else deadline
         while last_output() == silent_since:
             now = time.monotonic()
-            if now >= silent_since + stall_timeout:
+            if stall_timeout > 0 and now >= give_up:
                 woken[-1] += "(the console stayed silent)\n"
                 return None, True, woken
             if now >= deadline:
                 return None, False, woken
-            rc = child.wait(min(0.5, silent_since + stall_timeout - now, deadline - now))
+            rc = child.wait(min(0.5, give_up - now, deadline - now))
             if rc is not None:
                 return rc, False, woken
         woken[-1] += f"(the console spoke again {last_output() - silent_since:.1f} s into the silence)\n"
@@ -349,7 +351,8 @@ def _run(vm: HostVm, workdir: Path, argv: list[str], *, t0: float, timeout: floa
         with terminate_on_signals():
             child = Child(machine_argv(spec), sink, stdin=sys.stdin if interactive else None)
             rc, stalled, wakes = wait_waking(
-                child, t_boot + timeout, stall_timeout, lambda: last_output[0], WAKE_AFTER_S,
+                child, t_boot + timeout, stall_timeout, lambda: last_output[0],
+                0.0 if interactive else WAKE_AFTER_S,   # a break then a typed key would be a SysRq
                 lambda: _wake(monitor, progress))
             timed_out = rc is None
             if stalled:

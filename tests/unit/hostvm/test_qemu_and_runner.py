@@ -233,6 +233,18 @@ def test_a_silence_gets_a_wake_before_it_is_given_up_on():
     finally:
         quiet.kill()
     assert len(calls) == 2
+    # Without a stall limit the wake still comes, and nothing gives up but the deadline.
+    quiet = Child(["sh", "-c", "sleep 60"], sink)
+    try:
+        seen[0] = time.monotonic()
+        t0 = time.monotonic()
+        rc, stalled, woken = wait_waking(quiet, t0 + 1.0, 0, lambda: seen[0], 0.3, wake)
+        assert (rc, stalled, len(woken)) == (None, False, 1)
+        assert re.fullmatch(r"after 0\.\d s of console silence:\nanswer\n", woken[0])
+        assert time.monotonic() - t0 < 5
+    finally:
+        quiet.kill()
+    assert len(calls) == 3
 
 
 def test_the_monitor_is_asked_where_a_frozen_cpu_is(tmp_path):
