@@ -69,8 +69,8 @@ FREEZE_STALL_S = 60.0
 # set and the local timer's vector pending in IRR above the PPR, never delivered, and CS's cached
 # attributes those a #VMEXIT loads (no interrupt taken since the last one).  The NMI is taken (CS
 # reloaded, the idle loop ran once more and halted again), so GIF is set: it is the maskable
-# interrupts alone that the emulated CPU holds back.  The lapic after it shows whether the NMI
-# handler's own self-IPI (printk's irq_work) is held back too.
+# interrupts alone that the emulated CPU holds back.  (An NMI does not end a freeze: the host's NMI
+# printk waits for a tick.)  Only a host that a serial break did not wake (below) gets here.
 # A host silent this long gets a serial break (the monitor's `chardev-send-break` on its console):
 # the UART's interrupt reaches the local APIC from QEMU's main thread, which makes the vCPU look at
 # its APIC again and ends a freeze, an interrupt request lost between QEMU's threads (docs/testing.md,
