@@ -845,7 +845,7 @@ def run_benchmark_nested(name: str, argv: Sequence[str], limit: float,
     document it wrote, nested in this machine's facts (:func:`nest_document`), and whether it passed;
     None with the reason printed when it wrote none.  The net and vsock benchmarks' hostvm mode."""
     from asyncvmm_tools.hostvm import HostVmError, run_in_hostvm
-    from asyncvmm_tools.hostvm.runner import FREEZE_HEARTBEAT_S, FREEZE_STALL_S
+    from asyncvmm_tools.hostvm.runner import FREEZE_HEARTBEAT_S, FREEZE_STALL_S, WAKE_AFTER_S
 
     load_before = machine.load_average()
     inner = [sys.executable, "-m", f"benchmarks.{name}", *argv]
@@ -870,7 +870,13 @@ def run_benchmark_nested(name: str, argv: Sequence[str], limit: float,
             return None, False
         inner_doc = json.loads(path.read_text(encoding="utf-8"))
     hostvm = {"kvm": r.kvm_line, "timings_s": {k: round(v, 1) for k, v in r.timings.items()},
-              "inner_exit_status": r.returncode}
+              "inner_exit_status": r.returncode,
+              # Each a freeze a serial break ended (docs/testing.md): whatever ran then lost ~20 s.
+              "silences_woken": sum("spoke again" in w for w in r.wakes)}
+    if r.wakes:
+        print(f"[{name}] note: the emulated host's console went silent {len(r.wakes)} time(s) and got a "
+              f"serial break (a freeze, docs/testing.md); the job running then lost ~{WAKE_AFTER_S:.0f} s",
+              file=sys.stderr, flush=True)
     load = {"before": load_before, "after": machine.load_average()}
     doc = nest_document(inner_doc, machine.describe(), machine.git_state(), load, command, hostvm)
     return doc, r.returncode == 0

@@ -476,14 +476,14 @@ def test_a_benchmark_run_nested_hands_back_the_inner_document_or_says_why_not(mo
     seen = {}
 
     def fake_run_in_hostvm(argv, *, timeout, results_dir, echo, progress, heartbeat, stall_timeout, write=True,
-                           stalled=False):
+                           stalled=False, wakes=()):
         seen.update(argv=argv, timeout=timeout, heartbeat=heartbeat, stall_timeout=stall_timeout)
         if write:
             results_dir.mkdir(parents=True)
             (results_dir / "vsock.json").write_text(json.dumps({"benchmark": "vsock", "machine": {"cpus": 1},
                                                                 "load": {}, "variants": {}}))
         return types.SimpleNamespace(kvm_line="kvm ready", timings={"boot": 1.234}, returncode=None if stalled else 0,
-                                     timed_out=stalled, stalled=stalled)
+                                     timed_out=stalled, stalled=stalled, wakes=list(wakes))
 
     monkeypatch.setattr(hostvm, "run_in_hostvm", fake_run_in_hostvm)
     doc, ok = net.run_benchmark_nested("vsock", ["--quick"], 77.0, "python -m benchmarks.vsock")
@@ -491,6 +491,12 @@ def test_a_benchmark_run_nested_hands_back_the_inner_document_or_says_why_not(mo
     assert doc["benchmark"] == "vsock" and doc["command"] == "python -m benchmarks.vsock"
     assert doc["emulated_host"]["machine"] == {"cpus": 1}
     assert doc["emulated_host"]["timings_s"] == {"boot": 1.2} and doc["emulated_host"]["inner_exit_status"] == 0
+    assert doc["emulated_host"]["silences_woken"] == 0
+    monkeypatch.setattr(hostvm, "run_in_hostvm", lambda *a, **k: fake_run_in_hostvm(
+        *a, **k, wakes=["after 20.0 s of console silence:\n(the console spoke again 20.0 s into the silence)\n"]))
+    doc, ok = net.run_benchmark_nested("vsock", [], 77.0, "c")
+    assert ok and doc["emulated_host"]["silences_woken"] == 1
+    assert "went silent 1 time(s) and got a serial break" in capsys.readouterr().err
     monkeypatch.setattr(hostvm, "run_in_hostvm", lambda *a, **k: fake_run_in_hostvm(*a, **k, write=False))
     assert net.run_benchmark_nested("vsock", [], 5.0, "c") == (None, False)
     assert "left no vsock.json (exit status 0)" in capsys.readouterr().err
