@@ -79,6 +79,7 @@ FREEZE_STALL_S = 60.0
 # (`asyncvmm-hostvm run`, the quickstart's boot) get it too.  What the CPU and APIC showed just
 # before is kept (``HostVmResult.wakes``, ``hostvm-wakes.txt``).
 WAKE_AFTER_S = 20.0
+SPOKE_AGAIN_END = " s into the silence)\n"   # how a wake the console spoke again after ends
 WAKE_QUERIES = ("info registers", "info lapic", "chardev-send-break console0")
 FREEZE_QUERIES = ("info registers", "x/4i $pc", "info registers", "info registers", "info lapic",
                   "nmi", "info registers", "info lapic")
@@ -101,6 +102,11 @@ class HostVmResult:
     timings: dict = field(default_factory=dict)   # seconds: prepare, boot (to job start), job, total
     freeze: str = ""                # when stalled: QEMU's monitor on where the CPU was (FREEZE_QUERIES)
     wakes: list[str] = field(default_factory=list)   # each silence a break was sent into (WAKE_QUERIES)
+
+    @property
+    def woken(self) -> int:
+        """How many of :attr:`wakes` the console spoke again after: freezes the break ended."""
+        return sum(w.endswith(SPOKE_AGAIN_END) for w in self.wakes)
 
 
 def in_hostvm() -> bool:
@@ -232,7 +238,7 @@ def wait_waking(child: Child, deadline: float, stall_timeout: float, last_output
             rc = child.wait(min(0.5, give_up - now, deadline - now))
             if rc is not None:
                 return rc, False, woken
-        woken[-1] += f"(the console spoke again {last_output() - silent_since:.1f} s into the silence)\n"
+        woken[-1] += f"(the console spoke again {last_output() - silent_since:.1f}{SPOKE_AGAIN_END}"
 
 
 def monitor_dump(path: Path, queries=FREEZE_QUERIES, timeout: float = 5.0, pause: float = 1.0) -> str:

@@ -274,10 +274,9 @@ class InnerRun:
         say(f"[linux tier] emulated host: {result.kvm_line or 'no kvm status line'}; "
             f"exit {result.returncode}; timings {fmt_timings(result.timings)}")
         if result.wakes:
-            woke = sum("spoke again" in w for w in result.wakes)
             say(f"[linux tier] boot {boot}: its console went silent {len(result.wakes)} time(s) and got a "
-                f"serial break; it spoke again after {woke} ({results / 'hostvm-wakes.txt'})")
-            self.wakes = [self.wakes[0] + len(result.wakes), self.wakes[1] + woke]
+                f"serial break; it spoke again after {result.woken} ({results / 'hostvm-wakes.txt'})")
+            self.wakes = [self.wakes[0] + len(result.wakes), self.wakes[1] + result.woken]
         junit = results / "junit.xml"
         progress = parse_progress(result.console)
         tail = result.console[-6000:]

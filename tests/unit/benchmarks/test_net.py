@@ -469,8 +469,6 @@ def test_the_host_vm_timeout_grows_with_the_work():
 
 
 def test_a_benchmark_run_nested_hands_back_the_inner_document_or_says_why_not(monkeypatch, capsys):
-    import types
-
     import asyncvmm_tools.hostvm as hostvm
 
     seen = {}
@@ -482,8 +480,8 @@ def test_a_benchmark_run_nested_hands_back_the_inner_document_or_says_why_not(mo
             results_dir.mkdir(parents=True)
             (results_dir / "vsock.json").write_text(json.dumps({"benchmark": "vsock", "machine": {"cpus": 1},
                                                                 "load": {}, "variants": {}}))
-        return types.SimpleNamespace(kvm_line="kvm ready", timings={"boot": 1.234}, returncode=None if stalled else 0,
-                                     timed_out=stalled, stalled=stalled, wakes=list(wakes))
+        return hostvm.HostVmResult(None if stalled else 0, "", "", results_dir, timed_out=stalled, stalled=stalled,
+                                   kvm_line="kvm ready", timings={"boot": 1.234}, wakes=list(wakes))
 
     monkeypatch.setattr(hostvm, "run_in_hostvm", fake_run_in_hostvm)
     doc, ok = net.run_benchmark_nested("vsock", ["--quick"], 77.0, "python -m benchmarks.vsock")

@@ -223,6 +223,8 @@ def test_a_silence_gets_a_wake_before_it_is_given_up_on():
     assert re.fullmatch(r"after 0\.\d s of console silence:\nanswer\n\(the console spoke again 1\.\d s into "
                         r"the silence\)\n", woken[0])
     assert woken[1].endswith("answer\n(the console stayed silent)\n")
+    from asyncvmm_tools.hostvm.runner import HostVmResult
+    assert HostVmResult(0, "", "", None, wakes=woken).woken == 1
     # Without a wake step (0, or not shorter than the stall limit) it is wait_watched.
     quick = Child(["sh", "-c", "exit 3"], sink)
     assert wait_waking(quick, time.monotonic() + 10, 5, lambda: seen[0], 0, wake) == (3, False, [])
